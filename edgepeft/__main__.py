@@ -1,0 +1,5 @@
+import sys
+
+from edgepeft.cli import main
+
+sys.exit(main())

