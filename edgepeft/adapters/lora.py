@@ -157,17 +157,17 @@ def read(name: str, adapter_dir: Path, config: dict, model: nn.Module) -> LoraAd
         raise EdgepeftError(f"{weights_file}: holds no lora_A/lora_B tensors.")
 
     adaptable = _adaptable(model)
-    expected = _expected_targets(config, model, cfg_path)
-    if not expected:
-        raise EdgepeftError(
-            f"{cfg_path}: target_modules={config.get('target_modules')!r} matches no module of the "
-            f"base model. Modules that exist: {module_names_summary(sorted(adaptable))}.")
     unknown = sorted(set(pairs) - set(adaptable))
     if unknown:
         raise EdgepeftError(
             f"{weights_file}: weights for {len(unknown)} module(s) the base model does not have "
             f"(e.g. {unknown[0]!r}): this adapter was made for another base model. Modules that "
-            f"exist: {module_names_summary(sorted(adaptable))}.")
+            f"exist: {module_names_summary(list(adaptable))}.")
+    expected = _expected_targets(config, model, cfg_path)
+    if not expected:
+        raise EdgepeftError(
+            f"{cfg_path}: target_modules={config.get('target_modules')!r} matches no module of the "
+            f"base model. Modules that exist: {module_names_summary(list(adaptable))}.")
     odd = sorted(expected - set(adaptable))
     if odd:
         kind = type(dict(model.named_modules())[odd[0]]).__name__

@@ -63,6 +63,8 @@ def save_tokenizer(base: Path, out: Path) -> dict | None:
     """
     from transformers import AutoTokenizer
 
+    if not any((base / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        return None  # transformers would build an empty tokenizer from the model type
     try:
         tok = AutoTokenizer.from_pretrained(base)
     except (OSError, ValueError, KeyError, TypeError):

@@ -1,0 +1,126 @@
+"""Tiny models and real PEFT adapters, built from configs (no downloads).
+
+Adapters are made by peft itself with ``init_lora_weights=False`` so B != 0: a no-op export
+cannot pass a comparison.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+warnings.filterwarnings("ignore")
+
+VOCAB = 96
+_ATTN = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=128)
+
+# model_type -> tiny config kwargs. Every family here exports and matches peft (tests prove it).
+ARCHS = {
+    "llama": _ATTN,
+    "qwen2": _ATTN,
+    "mistral": {**_ATTN, "sliding_window": None},
+    "gpt2": dict(n_embd=64, n_layer=2, n_head=4, n_positions=128, vocab_size=VOCAB),
+    "qwen3": {**_ATTN, "head_dim": 16},
+    "phi3": {**_ATTN, "pad_token_id": 0},
+}
+
+
+def _quiet():
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def make_base(arch: str, path: Path, tokenizer: bool = False, seed: int = 0, **overrides) -> Path:
+    """Save a tiny randomly initialised causal LM of family ``arch`` to ``path``."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    _quiet()
+    torch.manual_seed(seed)
+    cfg = AutoConfig.for_model(arch, **{**ARCHS[arch], **overrides})
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    if tokenizer:
+        make_tokenizer(path)
+    return path
+
+
+def make_tokenizer(path: Path) -> None:
+    """A word-level tokenizer over VOCAB tokens (``<eos>`` = 2), saved as a fast tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<unk>": 1, "<eos>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>",
+                                   eos_token="<eos>")
+    fast.save_pretrained(path)
+
+
+def linear_leaves(base: Path) -> list[str]:
+    """Leaf names of the adaptable layers (Linear / Conv1D, not the LM head), in model order."""
+    from transformers import AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
+
+    model = AutoModelForCausalLM.from_pretrained(base)
+    head = model.get_output_embeddings()
+    leaves = []
+    for n, m in model.named_modules():
+        if isinstance(m, (torch.nn.Linear, Conv1D)) and m is not head:
+            leaf = n.rsplit(".", 1)[-1]
+            if leaf not in leaves:
+                leaves.append(leaf)
+    return leaves
+
+
+def make_lora(base: Path, out: Path, seed: int = 1, **lora_kwargs) -> Path:
+    """Save a PEFT LoRA adapter with random non-zero A and B for the base at ``base``."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    _quiet()
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    kwargs = dict(r=4, lora_alpha=8, init_lora_weights=False, task_type="CAUSAL_LM")
+    kwargs.update(lora_kwargs)
+    peft_model = get_peft_model(model, LoraConfig(**kwargs))
+    with torch.no_grad():  # peft's non-default init is small; make the deltas clearly visible
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.mul_(4.0)
+    peft_model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def llama_base(tmp_path_factory) -> Path:
+    """A tiny Llama with a word-level tokenizer."""
+    return make_base("llama", tmp_path_factory.mktemp("llama") / "base", tokenizer=True)
+
+
+@pytest.fixture(scope="session")
+def llama_adapters(llama_base, tmp_path_factory) -> dict[str, Path]:
+    """Two LoRA adapters of different ranks and targets over ``llama_base``."""
+    root = tmp_path_factory.mktemp("llama-adapters")
+    return {
+        "chat": make_lora(llama_base, root / "chat", r=4, lora_alpha=8,
+                          target_modules=["q_proj", "v_proj"]),
+        "sql": make_lora(llama_base, root / "sql", seed=2, r=8, lora_alpha=16, use_rslora=True,
+                         target_modules="all-linear", rank_pattern={"o_proj": 2},
+                         alpha_pattern={"down_proj": 4}),
+    }
+
+
+@pytest.fixture(scope="session")
+def llama_side(llama_base, llama_adapters, tmp_path_factory) -> Path:
+    """Side-branch artifact of the tiny Llama with both adapters (exported once per run)."""
+    from edgepeft.export import ExportConfig, export
+
+    out = tmp_path_factory.mktemp("llama-side") / "out"
+    export(ExportConfig(base=llama_base, out=out, adapters=tuple(llama_adapters.items())), quiet=True)
+    return out
