@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import warnings
 from pathlib import Path
 
 from edgepeft.errors import EdgepeftError
@@ -180,6 +182,12 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Library chatter (weight-loading bars, deprecation notes) hides our own output; users can
+    # set these variables themselves to see it again.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
     parser = argparse.ArgumentParser(prog="edgepeft", description="Export PEFT adapters to ONNX for on-device inference: one base graph, swappable adapters.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (fn, add_args) in COMMANDS.items():

@@ -9,6 +9,7 @@ One graph serves prefill and decode: inputs ``input_ids (B, S)``, ``attention_ma
 from __future__ import annotations
 
 import copy
+import logging
 import warnings
 from dataclasses import dataclass
 
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edgepeft.errors import EdgepeftError
 from edgepeft.runtime.manifest import lora_input_names, past_names, present_names
 
 
@@ -155,10 +157,18 @@ def export_graph(model: nn.Module, slots: list[LoraSlot], cache: CacheShape,
         input_names += lora_input_names(slot.module)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(wrapped, (ids, mask, pos, past, lora), dynamo=True,
-                                    dynamic_shapes=dynamic, input_names=input_names,
-                                    output_names=output_names, opset_version=opset,
-                                    optimize=True, verbose=False)
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # e.g. "torchvision is not installed"
+        try:
+            program = torch.onnx.export(wrapped, (ids, mask, pos, past, lora), dynamo=True,
+                                        dynamic_shapes=dynamic, input_names=input_names,
+                                        output_names=output_names, opset_version=opset,
+                                        optimize=True, verbose=False)
+        except Exception as e:  # torch.export / onnxscript raise many types; keep the first line
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise EdgepeftError(
+                f"model_type {model.config.model_type!r}: torch.onnx.export (dynamo) failed: {first} "
+                "This model family does not export with the pinned torch/transformers; see the "
+                "README's list of tested families.") from e
     proto = program.model_proto
     for slot in slots:  # rank-0 defaults: an initializer named like the input makes it optional
         a_name, b_name = lora_input_names(slot.module)
