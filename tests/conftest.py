@@ -26,7 +26,19 @@ ARCHS = {
     "gpt2": dict(n_embd=64, n_layer=2, n_head=4, n_positions=128, vocab_size=VOCAB),
     "qwen3": {**_ATTN, "head_dim": 16},
     "phi3": {**_ATTN, "pad_token_id": 0},
+    "gemma": {**_ATTN, "head_dim": 16},
+    "olmo": _ATTN,
+    "olmo2": _ATTN,
+    "stablelm": _ATTN,
+    "granite": _ATTN,
+    "cohere": _ATTN,
+    "gpt_neox": {k: v for k, v in _ATTN.items() if k != "num_key_value_heads"},
+    "phi": {k: v for k, v in _ATTN.items() if k != "num_key_value_heads"},
+    "falcon": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB,
+                   new_decoder_architecture=False),
 }
+# Families whose merged export is tested too (the rest: side branch, which covers the same export).
+MERGED_ARCHS = ("llama", "qwen2", "mistral", "gpt2")
 
 
 def _quiet():
@@ -105,7 +117,7 @@ def llama_base(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def llama_adapters(llama_base, tmp_path_factory) -> dict[str, Path]:
-    """Two LoRA adapters of different ranks and targets over ``llama_base``."""
+    """Three LoRA adapters over ``llama_base``: different ranks, target styles and scales."""
     root = tmp_path_factory.mktemp("llama-adapters")
     return {
         "chat": make_lora(llama_base, root / "chat", r=4, lora_alpha=8,
@@ -113,6 +125,8 @@ def llama_adapters(llama_base, tmp_path_factory) -> dict[str, Path]:
         "sql": make_lora(llama_base, root / "sql", seed=2, r=8, lora_alpha=16, use_rslora=True,
                          target_modules="all-linear", rank_pattern={"o_proj": 2},
                          alpha_pattern={"down_proj": 4}),
+        "code": make_lora(llama_base, root / "code", seed=3, r=2, lora_alpha=3,
+                          target_modules=r".*\.(k_proj|up_proj)", layers_to_transform=[1]),
     }
 
 

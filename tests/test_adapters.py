@@ -49,6 +49,12 @@ def test_scales_follow_peft(llama, llama_base, llama_adapters):
     assert len({m.scale for m in ours.modules.values()}) == 3  # default, o_proj rank, down_proj alpha
 
 
+def test_regex_targets_and_layers_to_transform(llama, llama_adapters):
+    code = read_adapter("code", llama_adapters["code"], llama)
+    assert sorted(code.modules) == ["model.layers.1.mlp.up_proj", "model.layers.1.self_attn.k_proj"]
+    assert {m.scale for m in code.modules.values()} == {1.5}
+
+
 def test_merge_equals_peft_merge_for_conv1d(tmp_path):
     """GPT-2 Conv1D stores (in, out): the merged weights equal peft's merge_and_unload."""
     from peft import PeftModel

@@ -47,7 +47,7 @@ def test_runtime_imports_no_torch(llama_side):
 
 
 def test_adapters_listed_and_shapes(model):
-    assert model.adapters == ["chat", "sql"]
+    assert model.adapters == ["chat", "sql", "code"]
     assert model.logits(_ids(), adapter="chat").shape == (2, 6, 96)
 
 
@@ -164,7 +164,7 @@ def test_generate_text_uses_the_artifact_tokenizer(model):
 
 
 def test_unknown_adapter_is_named(model):
-    with pytest.raises(EdgepeftError, match=r"'nope' is not in .*it has: chat, sql"):
+    with pytest.raises(EdgepeftError, match=r"'nope' is not in .*it has: chat, sql, code"):
         model.logits(_ids(), adapter="nope")
     with pytest.raises(EdgepeftError, match="must lie in"):
         model.logits([[500]])
