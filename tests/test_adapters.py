@@ -49,10 +49,13 @@ def test_scales_follow_peft(llama, llama_base, llama_adapters):
     assert len({m.scale for m in ours.modules.values()}) == 3  # default, o_proj rank, down_proj alpha
 
 
-def test_regex_targets_and_layers_to_transform(llama, llama_adapters):
+def test_layers_to_transform_and_regex_targets(llama, llama_base, llama_adapters, tmp_path):
     code = read_adapter("code", llama_adapters["code"], llama)
     assert sorted(code.modules) == ["model.layers.1.mlp.up_proj", "model.layers.1.self_attn.k_proj"]
     assert {m.scale for m in code.modules.values()} == {1.5}
+    ad = make_lora(llama_base, tmp_path / "re", target_modules=r"model\.layers\.0\..*(q_proj|down_proj)")
+    regex = read_adapter("re", ad, llama)
+    assert sorted(regex.modules) == ["model.layers.0.mlp.down_proj", "model.layers.0.self_attn.q_proj"]
 
 
 def test_merge_equals_peft_merge_for_conv1d(tmp_path):
