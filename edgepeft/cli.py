@@ -119,6 +119,21 @@ def _inspect_args(p):
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
 
 
+def verify(args) -> int:
+    """Check an artifact's files against its manifest (presence, paths, sha256); exit 1 on any mismatch."""
+    from edgepeft.runtime.manifest import verify as run_verify
+
+    problems = run_verify(Path(args.artifact))
+    for p in problems:
+        print(p)
+    print(f"{args.artifact}: {'OK' if not problems else f'{len(problems)} problem(s)'}")
+    return 0 if not problems else 1
+
+
+def _verify_args(p):
+    p.add_argument("artifact", help="artifact directory")
+
+
 def validate(args) -> int:
     """Check an artifact against the PyTorch base model + peft adapters; exit 1 if a budget breaks.
 
@@ -177,6 +192,7 @@ COMMANDS = {
     "validate": (validate, _validate_args),
     "run": (run, _run_args),
     "inspect": (inspect, _inspect_args),
+    "verify": (verify, _verify_args),
     "demo": (demo, _demo_args),
 }
 

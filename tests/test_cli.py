@@ -24,7 +24,7 @@ def test_help_comes_from_docstrings():
     assert "side (default): one ONNX graph whose LoRA A/B are run-time inputs" in res.stdout
     assert "--adapter NAME=DIR" in res.stdout
     top = subprocess.run([sys.executable, "-m", "edgepeft", "--help"], capture_output=True, text=True)
-    for cmd in ("export", "validate", "run", "inspect", "demo"):
+    for cmd in ("export", "validate", "run", "inspect", "verify", "demo"):
         assert cmd in top.stdout
 
 
@@ -125,3 +125,18 @@ def test_run_inspect_validate(capsys, tmp_path, llama_base, llama_side, llama_ad
                         "--adapter", f"chat={llama_adapters['sql']}", "--report", report)
     assert code == 1 and "FAILED" in out
     assert any(line.startswith("chat ") and "FAIL" in line for line in out.splitlines())
+
+
+def test_verify_finds_every_damaged_file(capsys, tmp_path, llama_side):
+    copy = tmp_path / "art"
+    shutil.copytree(llama_side, copy)
+    code, out, _ = _run(capsys, "verify", copy)
+    assert code == 0 and out.strip().endswith("OK")
+    (copy / "adapters" / "sql.onnx_adapter").unlink()
+    with open(copy / "model.onnx.data", "r+b") as f:
+        f.seek(100)
+        f.write(b"\xff\xfe")
+    code, out, _ = _run(capsys, "verify", copy)
+    assert code == 1
+    assert "sql.onnx_adapter: missing" in out and "model.onnx.data: sha256 differs" in out
+    assert "2 problem(s)" in out

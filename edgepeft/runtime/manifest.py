@@ -108,3 +108,34 @@ def read_manifest(root: Path) -> dict:
     for name in m["adapters"]:
         check_adapter_name(name, str(path))
     return m
+
+
+def verify(root: Path) -> list[str]:
+    """Check every file the manifest names: present, inside ``root``, sha256 as recorded.
+
+    Args:
+        root: the artifact directory.
+
+    Returns:
+        One line per problem; empty when the artifact is intact.
+
+    Raises:
+        EdgepeftError: the manifest itself is missing or unreadable.
+    """
+    m = read_manifest(root)
+    where = str(root / MANIFEST_NAME)
+    graphs = [m["graph"]] if m["mode"] == "side" else [e["graph"] for e in m["adapters"].values()]
+    files = [(g["file"], g["sha256"]) for g in graphs] + [(g["data_file"], g["data_sha256"]) for g in graphs]
+    files += [(e["file"], e["sha256"]) for e in m["adapters"].values() if "file" in e]
+    problems = []
+    for rel, digest in files:
+        try:
+            path = inside(root, rel, where)
+        except EdgepeftError as e:
+            problems.append(str(e))
+            continue
+        if not path.is_file():
+            problems.append(f"{path}: missing")
+        elif sha256_file(path) != digest:
+            problems.append(f"{path}: sha256 differs from the manifest (changed or damaged)")
+    return problems
