@@ -38,6 +38,8 @@ _UNSUPPORTED = {
     "megatron_config": "Megatron-parallel LoRA layers are not exported",
     "arrow_config": "Arrow routing is not exported",
     "use_bdlora": "block-diagonal LoRA is not exported",
+    "kasa_config": "KaSA's singular-value scaling is not exported",
+    "monteclora_config": "MonteCLoRA's sampled weights are not exported",
 }
 
 

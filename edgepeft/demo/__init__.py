@@ -70,11 +70,11 @@ def run_demo(out: Path, force: bool = False, max_new_tokens: int = 8) -> int:
     m = Model(out)
     print("\nSame prompts, one graph, adapter chosen per call:")
     for prompt in PROMPTS:
-        print(f"\n  {json.dumps(prompt)}")
+        print(f"\n  {json.dumps(prompt, ensure_ascii=False)}")
         for label, choice in (("base", None), ("sentiment", "sentiment"), ("numbers", "numbers"),
                               ("mix 50/50", MIX)):
             text = m.generate_text(prompt, max_new_tokens=12, adapter=choice)
-            print(f"    {label:<10} -> {json.dumps(text.splitlines()[0] if text.strip() else text)}")
+            print(f"    {label:<10} -> {json.dumps(text.splitlines()[0] if text.strip() else text, ensure_ascii=False)}")
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(f"\nartifact {out}: {size / 1e6:.0f} MB; export {t_export:.0f}s, validation "
           f"{time.perf_counter() - t1:.0f}s; validation {'PASSED' if result['passed'] else 'FAILED'}")

@@ -242,11 +242,11 @@ def validate(artifact_dir: Path, reference: Path, prompts: list[str] | None = No
 
 def format_report(result: dict) -> str:
     """A plain-text table of a :func:`validate` result, one row per case, failures spelled out."""
-    lines = [f"{'case':<28} {'max|Δlogits|':>12} {'mean KL':>10} {'top-1':>7} {'greedy':>9}  verdict"]
+    lines = [f"{'case':<36} {'max|Δlogits|':>12} {'mean KL':>10} {'top-1':>7} {'greedy':>9}  verdict"]
     for c in result["cases"]:
         greedy = f"{c['greedy_tokens'] - c['greedy_mismatches']}/{c['greedy_tokens']}"
         verdict = "ok" if not c["failures"] else "FAIL: " + "; ".join(c["failures"])
-        lines.append(f"{c['case'][:28]:<28} {c['max_abs_logits']:>12.2e} {c['mean_kl']:>10.2e} "
+        lines.append(f"{c['case'][:36]:<36} {c['max_abs_logits']:>12.2e} {c['mean_kl']:>10.2e} "
                      f"{c['top1_agreement']:>7.2%} {greedy:>9}  {verdict}")
     b = result["budget"]
     lines.append(f"budget ({result['precision']}): max|Δlogits| <= {b['max_abs_logits']:g}, "
