@@ -109,6 +109,46 @@ def make_lora(base: Path, out: Path, seed: int = 1, **lora_kwargs) -> Path:
     return out
 
 
+def make_adapter(base: Path, out: Path, kind: str, seed: int = 1, task: str = "CAUSAL_LM",
+                 **kwargs) -> Path:
+    """Save a PEFT adapter of ``kind`` (lora, dora, ia3, prefix, prompt, p_tuning) with every
+    trained tensor randomized (IA3 away from 1, DoRA magnitudes away from the row norms, heads
+    re-drawn), so no kind can pass a comparison as a no-op."""
+    from peft import (IA3Config, LoraConfig, PrefixTuningConfig, PromptEncoderConfig,
+                      PromptTuningConfig, get_peft_model)
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    _quiet()
+    torch.manual_seed(seed)
+    cls = AutoModelForCausalLM if task == "CAUSAL_LM" else AutoModelForSequenceClassification
+    model = cls.from_pretrained(base)
+    make = {
+        "lora": lambda: LoraConfig(**{"r": 4, "lora_alpha": 8, "init_lora_weights": False, **kwargs}),
+        "dora": lambda: LoraConfig(**{"r": 4, "lora_alpha": 8, "init_lora_weights": False,
+                                      "use_dora": True, **kwargs}),
+        "ia3": lambda: IA3Config(**kwargs),
+        "prefix": lambda: PrefixTuningConfig(**{"num_virtual_tokens": 5, **kwargs}),
+        "prompt": lambda: PromptTuningConfig(**{"num_virtual_tokens": 4, **kwargs}),
+        "p_tuning": lambda: PromptEncoderConfig(**{"num_virtual_tokens": 4, "encoder_hidden_size": 32,
+                                                   **kwargs}),
+    }
+    config = make[kind]()
+    config.task_type = task
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if not p.requires_grad:
+                continue
+            if "lora_B" in n:
+                p.mul_(4.0)
+            elif "ia3_l" in n or "magnitude" in n:
+                p.mul_(1 + 0.5 * torch.randn_like(p))
+            elif "modules_to_save" in n or "embedding" in n:
+                p.copy_(torch.randn_like(p) * 0.5)
+    peft_model.save_pretrained(out)
+    return out
+
+
 @pytest.fixture(scope="session")
 def llama_base(tmp_path_factory) -> Path:
     """A tiny Llama with a word-level tokenizer."""

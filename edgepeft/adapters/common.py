@@ -6,9 +6,12 @@ Nothing here knows an adapter kind; the kind modules (``lora.py``, ...) interpre
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
+from torch import nn
 
 from edgepeft.errors import EdgepeftError
 
@@ -99,3 +102,89 @@ def module_names_summary(names: list[str], limit: int = 12) -> str:
     items = [f"{k} (x{v})" for k, v in counts.items()]
     more = f", ... {len(items) - limit} more" if len(items) > limit else ""
     return ", ".join(items[:limit]) + more
+
+
+@dataclass(frozen=True)
+class SideBranch:
+    """What one adapter feeds the side-branch graph and the runtime; all arrays fp32.
+
+    Attributes:
+        layers: ``{(module, feature): {part: array}}`` for adapted linear layers; features and
+            parts as in ``edgepeft.runtime.manifest.FEATURE_PARTS``.
+        head: ``{parameter name: array}`` of a classification head carried in the adapter.
+        prompt: ``(n_virtual, hidden)`` virtual-token embeddings (encoder prompt tuning).
+        prefix: per decoder layer ``(key, value)``, each ``(1, kv_heads, p, head_dim)``: the KV
+            cache seed of prefix tuning (and of prompt tuning on a decoder).
+        prefix_from_prompt: the prefix was computed through the base weights at export (decoder
+            prompt tuning), so it is exact only while no other adapter changes those weights.
+    """
+
+    layers: dict[tuple[str, str], dict[str, np.ndarray]] = field(default_factory=dict)
+    head: dict[str, np.ndarray] = field(default_factory=dict)
+    prompt: np.ndarray | None = None
+    prefix: list[tuple[np.ndarray, np.ndarray]] | None = None
+    prefix_from_prompt: bool = False
+
+
+def peft_key(key: str) -> str:
+    """A saved PEFT tensor key as the base model's own name (``base_model.model.`` etc. removed)."""
+    for prefix in ("base_model.model.", "base_model."):
+        if key.startswith(prefix):
+            key = key[len(prefix):]
+            break
+    return key.replace(".modules_to_save.default.", ".").replace(".original_module.", ".")
+
+
+def split_head(tensors: dict[str, torch.Tensor], config: dict, model: nn.Module, weights_file: Path,
+               task: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Separate ``modules_to_save`` parameters (a classification head) from adapter tensors.
+
+    Args:
+        tensors: all tensors of the adapter file.
+        config: its ``adapter_config.json``.
+        model: the base model.
+        weights_file: for messages.
+        task: ``"causal-lm"`` or ``"classification"``.
+
+    Returns:
+        (the other tensors, ``{base parameter name: fp32 tensor}`` of the head).
+
+    Raises:
+        EdgepeftError: head parameters on a causal LM (not exported), or whose shapes do not fit.
+    """
+    to_save = [m for m in (config.get("modules_to_save") or []) if m]
+    params = dict(model.named_parameters())
+    head, rest = {}, {}
+    for key, t in tensors.items():
+        name = peft_key(key)
+        module = name.rpartition(".")[0]
+        if to_save and name in params and any(module == m or module.endswith("." + m) or
+                                               module.startswith(m + ".") or f".{m}." in f".{module}."
+                                               for m in to_save):
+            head[name] = t
+        else:
+            rest[key] = t
+    if head and task != "classification":
+        raise EdgepeftError(f"{weights_file}: holds fully trained copies of {', '.join(sorted(head))} "
+                            "(modules_to_save); on a causal LM these are not exported. Retrain "
+                            "without modules_to_save.")
+    for name, t in head.items():
+        if tuple(t.shape) != tuple(params[name].shape):
+            raise EdgepeftError(f"{weights_file}: head parameter {name} has shape {tuple(t.shape)}, the "
+                                f"base model's is {tuple(params[name].shape)} (another number of "
+                                "labels?). Export with a base of the same num_labels.")
+        if not torch.isfinite(t).all():
+            raise EdgepeftError(f"{weights_file}: head parameter {name} contains NaN or Inf.")
+    return rest, {n: t.float() for n, t in head.items()}
+
+
+def head_to_numpy(head: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    return {n: np.ascontiguousarray(t.numpy(), dtype=np.float32) for n, t in head.items()}
+
+
+@torch.no_grad()
+def merge_head(model: nn.Module, head: dict[str, torch.Tensor]) -> None:
+    """Copy a carried classification head into ``model`` (merged mode)."""
+    params = dict(model.named_parameters())
+    for name, t in head.items():
+        params[name].copy_(t)

@@ -1,16 +1,20 @@
-"""PEFT LoRA: ``y = x W^T + s * (x A^T) B^T`` with ``A (r, in)``, ``B (out, r)``.
+"""PEFT LoRA: ``y = x W^T + s * (x A^T) B^T`` with ``A (r, in)``, ``B (out, r)``; and DoRA.
+
+DoRA (``use_dora``) rescales each output row: ``y = g * (x W^T + s (x A^T) B^T) + b`` with
+``g = m / ||W + s B A||_row`` (PEFT's magnitude ``m``, norm detached). As a side branch that is
+``y = base(x) + (g - 1) * (base(x) - b) + (x A^T) (g s B)^T``: the norm is computed here, once.
 
 Every adapter kind module exposes the same names:
-    read(name, adapter_dir, config, model) -> adapter   parse + check against the base model
-    merge(model, adapter, weight)                       fold the adapter into the weights, in place
-    side_arrays(adapter) -> {graph input name: array}   what the side-branch graph is fed
-    manifest_entry(adapter) -> dict                     what ``manifest.json`` records
+    read(name, adapter_dir, config, model, task) -> adapter   parse + check against the base model
+    merge(model, adapter, weight)                 fold the adapter into the weights, in place
+    side(adapter, model) -> SideBranch            what the side-branch graph and runtime are fed
+    manifest_entry(adapter) -> dict               what ``manifest.json`` records
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -18,20 +22,18 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from edgepeft.adapters.common import module_names_summary, read_tensors
+from edgepeft.adapters.common import (SideBranch, head_to_numpy, merge_head, module_names_summary,
+                                      peft_key, read_tensors, split_head)
 from edgepeft.errors import EdgepeftError
-from edgepeft.runtime.manifest import lora_input_names
 
 KIND = "lora"
 
 # adapter_config.json fields PEFT can set that change the maths in ways edgepeft does not export (yet).
 # A truthy value is refused with the reason; silently ignoring any of them would give wrong outputs.
 _UNSUPPORTED = {
-    "use_dora": "DoRA (use_dora) is not supported yet; export a plain LoRA",
     "lora_bias": "lora_bias adds a trained bias to lora_B, which is not exported",
     "target_parameters": "LoRA on nn.Parameter targets (target_parameters) is not exported",
     "layer_replication": "layer_replication changes the base model's layer stack",
-    "modules_to_save": "modules_to_save (fully trained copies of base modules) is not exported yet",
     "trainable_token_indices": "trainable token embeddings are not exported",
     "use_qalora": "QA-LoRA pooling is not exported",
     "alora_invocation_tokens": "activated LoRA (aLoRA) is not exported",
@@ -52,12 +54,14 @@ class LoraModule:
         B: ``(out, r)`` up-projection.
         scale: ``alpha / r`` (or ``alpha / sqrt(r)`` for rsLoRA) for this layer.
         transposed: the base layer stores its weight as ``(in, out)`` (GPT-2 ``Conv1D``).
+        magnitude: DoRA's ``(out,)`` magnitude vector, None for plain LoRA.
     """
 
     A: torch.Tensor
     B: torch.Tensor
     scale: float
     transposed: bool
+    magnitude: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,8 @@ class LoraAdapter:
     rslora: bool
     modules: dict[str, LoraModule]
     kind: str = KIND
+    dora: bool = False
+    head: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def scale(self) -> float:
@@ -117,7 +123,8 @@ def _pattern(patterns: dict, module: str, default):
     return patterns.get(key, default)
 
 
-def read(name: str, adapter_dir: Path, config: dict, model: nn.Module) -> LoraAdapter:
+def read(name: str, adapter_dir: Path, config: dict, model: nn.Module,
+         task: str = "causal-lm") -> LoraAdapter:
     """Read a PEFT LoRA directory and check every tensor against ``model``.
 
     Args:
@@ -125,6 +132,7 @@ def read(name: str, adapter_dir: Path, config: dict, model: nn.Module) -> LoraAd
         adapter_dir: folder with ``adapter_config.json`` and weights.
         config: the parsed ``adapter_config.json``.
         model: the base model (fp32, no PEFT wrappers).
+        task: ``causal-lm`` or ``classification`` (a carried head is allowed only there).
 
     Returns:
         The adapter with per-layer ``A (r, in)``, ``B (out, r)`` and scale, in fp32.
@@ -141,18 +149,20 @@ def read(name: str, adapter_dir: Path, config: dict, model: nn.Module) -> LoraAd
         raise EdgepeftError(f"{cfg_path}: bias={config['bias']!r}: trained biases are not exported. "
                             "Retrain with bias='none'.")
     weights_file, tensors = read_tensors(adapter_dir)
+    tensors, head = split_head(tensors, config, model, weights_file, task)
+    dora = bool(config.get("use_dora"))
 
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
-        body = key.removeprefix("base_model.model.")
-        for part in ("A", "B"):
-            suffix = f".lora_{part}.weight"
-            if body.endswith(suffix):
+        body = peft_key(key)
+        for part, suffix in (("A", ".lora_A.weight"), ("B", ".lora_B.weight"),
+                             ("m", ".lora_magnitude_vector.weight"), ("m", ".lora_magnitude_vector")):
+            if body.endswith(suffix) and (part != "m" or dora):
                 pairs.setdefault(body[: -len(suffix)], {})[part] = t
                 break
         else:
             what = ("LoRA on embeddings" if "lora_embedding" in key else
-                    "a DoRA magnitude" if "lora_magnitude" in key else "an unknown tensor")
+                    "a DoRA magnitude without use_dora" if "lora_magnitude" in key else "an unknown tensor")
             raise EdgepeftError(f"{weights_file}: tensor {key!r} is {what}, which edgepeft does not "
                                 "export. Retrain targeting nn.Linear/Conv1D layers only.")
     if not pairs:
@@ -186,9 +196,11 @@ def read(name: str, adapter_dir: Path, config: dict, model: nn.Module) -> LoraAd
     modules: dict[str, LoraModule] = {}
     for mod_name in sorted(pairs):
         p = pairs[mod_name]
-        if set(p) != {"A", "B"}:
-            raise EdgepeftError(f"{weights_file}: {mod_name} has lora_{'A' if 'A' in p else 'B'} "
-                                "but not its pair. The file is incomplete; save it again.")
+        want = {"A", "B", "m"} if dora else {"A", "B"}
+        if set(p) != want:
+            raise EdgepeftError(f"{weights_file}: {mod_name} has {', '.join(sorted(p))} but needs "
+                                f"{', '.join(sorted(want))} (A, B = lora_A/lora_B, m = DoRA's "
+                                "lora_magnitude_vector). The file is incomplete; save it again.")
         a, b = p["A"].float(), p["B"].float()
         base = adaptable[mod_name]
         out_f, in_f = (base.weight.shape[1], base.weight.shape[0]) if isinstance(base, Conv1D) \
@@ -207,8 +219,22 @@ def read(name: str, adapter_dir: Path, config: dict, model: nn.Module) -> LoraAd
             raise EdgepeftError(f"{weights_file}: {mod_name}: weights contain NaN or Inf.")
         alpha = float(_pattern(config.get("alpha_pattern") or {}, mod_name, alpha0))
         scale = alpha / (math.sqrt(r) if rslora else r)
-        modules[mod_name] = LoraModule(a, b, scale, isinstance(base, Conv1D))
-    return LoraAdapter(name, adapter_dir, weights_file, r0, alpha0, rslora, modules)
+        mag = None
+        if dora:
+            mag = p["m"].float().reshape(-1)
+            if mag.shape != (out_f,) or not torch.isfinite(mag).all():
+                raise EdgepeftError(f"{weights_file}: {mod_name}: DoRA magnitude has shape "
+                                    f"{tuple(p['m'].shape)}, expected ({out_f},), finite.")
+        modules[mod_name] = LoraModule(a, b, scale, isinstance(base, Conv1D), mag)
+    return LoraAdapter(name, adapter_dir, weights_file, r0, alpha0, rslora, modules,
+                       "dora" if dora else KIND, dora, head)
+
+
+def _dora_gain(w: torch.Tensor, m: LoraModule) -> torch.Tensor:
+    """DoRA's per-row gain ``g = magnitude / ||W + s B A||_row`` as PEFT computes it. -> (out,)"""
+    w = w.T if m.transposed else w  # (out, in)
+    norm = torch.linalg.norm(w + m.scale * (m.B @ m.A), dim=1)
+    return m.magnitude / norm
 
 
 @torch.no_grad()
@@ -218,32 +244,52 @@ def merge(model: nn.Module, adapter: LoraAdapter, weight: float = 1.0) -> None:
     Args:
         model: the base model the adapter was read against.
         adapter: from :func:`read`.
-        weight: mixing weight.
+        weight: mixing weight (DoRA: 1 only; its row norm is not linear in the delta).
+
+    Raises:
+        EdgepeftError: a DoRA adapter with a weight other than 1.
     """
+    if adapter.dora and weight != 1.0:
+        raise EdgepeftError(f"adapter {adapter.name!r} is DoRA: it merges with weight 1 only.")
     named = dict(model.named_modules())
     for mod_name, m in adapter.modules.items():
         delta = (weight * m.scale) * (m.B @ m.A)  # (out, in)
         w = named[mod_name].weight
-        w += (delta.T if m.transposed else delta).to(w.dtype)
+        if m.magnitude is not None:
+            g = _dora_gain(w.float(), m)  # (out,)
+            merged = g[:, None] * ((w.T if m.transposed else w).float() + delta)  # (out, in)
+            w.copy_((merged.T if m.transposed else merged).to(w.dtype))
+        else:
+            w += (delta.T if m.transposed else delta).to(w.dtype)
+    merge_head(model, adapter.head)
 
 
-def side_arrays(adapter: LoraAdapter) -> dict[str, np.ndarray]:
-    """Graph inputs for this adapter: ``A (r, in)`` and ``s * B (out, r)``, fp32.
+def _np(t: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray(t.detach().numpy(), dtype=np.float32)
 
-    The scale is folded into B here, so the file alone is exact (onnxruntime's own LoraAdapter
-    can drive the graph without edgepeft).
+
+@torch.no_grad()
+def side(adapter: LoraAdapter, model: nn.Module) -> SideBranch:
+    """Graph inputs: LoRA ``A (r, in)``, ``s B (out, r)``; DoRA also ``g - 1 (out,)`` with ``g s B``.
+
+    The scale (and DoRA's gain) is folded into B here, so the file alone is exact (for LoRA,
+    onnxruntime's own LoraAdapter can drive the graph without edgepeft).
     """
-    arrays = {}
+    named = dict(model.named_modules())
+    layers = {}
     for mod_name, m in adapter.modules.items():
-        a_name, b_name = lora_input_names(mod_name)
-        arrays[a_name] = np.ascontiguousarray(m.A.numpy(), dtype=np.float32)
-        arrays[b_name] = np.ascontiguousarray((m.B * m.scale).numpy(), dtype=np.float32)
-    return arrays
+        if m.magnitude is None:
+            layers[(mod_name, "lora")] = {"A": _np(m.A), "B": _np(m.B * m.scale)}
+        else:
+            g = _dora_gain(named[mod_name].weight.float(), m)  # (out,)
+            layers[(mod_name, "dora")] = {"A": _np(m.A), "B": _np(g[:, None] * m.B * m.scale),
+                                          "mag": _np(g - 1)}
+    return SideBranch(layers=layers, head=head_to_numpy(adapter.head))
 
 
 def manifest_entry(adapter: LoraAdapter) -> dict:
     """What the manifest records for this adapter (besides file and checksum)."""
     ranks = sorted({m.A.shape[0] for m in adapter.modules.values()})
-    return {"kind": KIND, "rank": adapter.rank, "ranks": ranks, "alpha": adapter.alpha,
+    return {"kind": adapter.kind, "rank": adapter.rank, "ranks": ranks, "alpha": adapter.alpha,
             "rslora": adapter.rslora, "scale": adapter.scale, "scale_folded_into_B": True,
-            "targets": sorted(adapter.modules)}
+            "targets": sorted(adapter.modules), "head": sorted(adapter.head)}

@@ -18,15 +18,21 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import torch
 
 import edgepeft
-from edgepeft.adapters import kind_module, read_adapter
+from edgepeft.adapters import kind_module, read_adapter, task_of
+from edgepeft.adapters.common import SideBranch, peft_key, read_config, read_tensors
 from edgepeft.errors import EdgepeftError
-from edgepeft.export.base import fingerprint, load_causal_lm, save_tokenizer
-from edgepeft.export.causal_lm import export_graph, lora_slots, probe_cache
-from edgepeft.runtime.manifest import FORMAT, FORMAT_VERSION, MANIFEST_NAME, sha256_file
+from edgepeft.export import causal_lm, encoder
+from edgepeft.export.base import (detect_task, fingerprint, load_causal_lm, load_classifier,
+                                  save_tokenizer)
+from edgepeft.export.slots import input_specs, plan_slots
+from edgepeft.runtime.manifest import (FORMAT, FORMAT_VERSION, MANIFEST_NAME, PROMPT_INPUT,
+                                       head_input_name, prefix_names, sha256_file, slot_input_name)
 
 MODES = ("side", "merged")
+TASKS = ("auto", "causal-lm", "classification")
 
 
 @dataclass(frozen=True)
@@ -41,6 +47,9 @@ class ExportConfig:
             adapter with its delta folded into the weights).
         force: replace an existing OUT.
         opset: ONNX opset for the exporter, None for its default.
+        task: ``causal-lm`` (``AutoModelForCausalLM``, KV cache, generation), ``classification``
+            (``AutoModelForSequenceClassification``), or ``auto``: the adapters' PEFT task_type,
+            else the base's architecture.
     """
 
     base: Path
@@ -49,8 +58,11 @@ class ExportConfig:
     mode: str = "side"
     force: bool = False
     opset: int | None = None
+    task: str = "auto"
 
     def __post_init__(self):
+        if self.task not in TASKS:
+            raise EdgepeftError(f"--task {self.task!r}: choose one of {', '.join(TASKS)}.")
         if self.mode not in MODES:
             raise EdgepeftError(f"--mode {self.mode!r}: choose one of {', '.join(MODES)}.")
         names = [n for n, _ in self.adapters]
@@ -104,6 +116,47 @@ def _save_adapter(arrays: dict[str, np.ndarray], path: Path) -> None:
     fmt.export_adapter(str(path))
 
 
+def _final_head_param(model) -> str | None:
+    """The weight of the classifier's last linear layer (its rows are the labels), if any."""
+    n = model.config.num_labels
+    names = [name for name, m in model.named_modules()
+             if isinstance(m, torch.nn.Linear) and m.out_features == n and not name.startswith(
+                 model.base_model_prefix + ".")]
+    return f"{names[-1]}.weight" if names else None
+
+
+def _adapter_num_labels(model, adapters: tuple[tuple[str, Path], ...]) -> int | None:
+    """num_labels of the head the adapters carry (they must agree), None if none carries one."""
+    param = _final_head_param(model)
+    if param is None:
+        return None
+    found = {}
+    for name, path in adapters:
+        _, tensors = read_tensors(path) if (path / "adapter_config.json").is_file() else (None, {})
+        for key, t in tensors.items():
+            if peft_key(key) == param and t.ndim == 2:
+                found[name] = int(t.shape[0])
+    if len(set(found.values())) > 1:
+        raise EdgepeftError("the adapters' classification heads have different numbers of labels ("
+                            + ", ".join(f"{n}: {k}" for n, k in found.items())
+                            + "); export them into separate artifacts.")
+    return next(iter(found.values()), None)
+
+
+def load_base(cfg: ExportConfig) -> tuple[str, torch.nn.Module, list[str]]:
+    """Load the base model for the task. Returns (task, model, freshly initialized params)."""
+    for _, path in cfg.adapters:
+        read_config(path)  # a readable error for a missing adapter dir before loading anything
+    task = cfg.task if cfg.task != "auto" else detect_task(cfg.base, [task_of(p) for _, p in cfg.adapters])
+    if task == "causal-lm":
+        return task, load_causal_lm(cfg.base), []
+    model, fresh = load_classifier(cfg.base)
+    labels = _adapter_num_labels(model, cfg.adapters)
+    if labels and labels != model.config.num_labels:
+        model, fresh = load_classifier(cfg.base, labels)
+    return task, model, fresh
+
+
 def export(cfg: ExportConfig, quiet: bool = False) -> dict:
     """Export per ``cfg``; returns the manifest written to ``cfg.out``.
 
@@ -112,16 +165,25 @@ def export(cfg: ExportConfig, quiet: bool = False) -> dict:
     """
     t0 = time.perf_counter()
     _log(f"loading base model {cfg.base}", quiet)
-    model = load_causal_lm(cfg.base)
-    base_fp = fingerprint(model)
-    adapters = [read_adapter(name, path, model) for name, path in cfg.adapters]
-    cache = probe_cache(model)
+    task, model, fresh = load_base(cfg)
+    base_fp = fingerprint(model, fresh)
+    adapters = [read_adapter(name, path, model, task) for name, path in cfg.adapters]
+    if fresh:
+        for a in adapters:
+            missing = sorted(set(fresh) - set(getattr(a, "head", {})))
+            if missing:
+                raise EdgepeftError(
+                    f"{a.source}: the base model {cfg.base} has no trained classification head "
+                    f"({', '.join(missing)} are freshly initialized) and adapter {a.name!r} does not "
+                    "carry one. Train it with PEFT's task_type SEQ_CLS (which saves the head via "
+                    "modules_to_save), or use a base with a trained head.")
+    cache = causal_lm.probe_cache(model) if task == "causal-lm" else None
 
     parent = cfg.out.resolve().parent
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{cfg.out.name}.tmp-", dir=parent))
     try:
-        manifest = _write(cfg, model, adapters, cache, base_fp, tmp, quiet)
+        manifest = _write(cfg, task, model, fresh, adapters, cache, base_fp, tmp, quiet)
         if cfg.out.exists():  # --force: swap the old one out only once the new one is complete
             old = Path(tempfile.mkdtemp(prefix=f".{cfg.out.name}.old-", dir=parent))
             os.replace(cfg.out, old / "x")
@@ -136,48 +198,95 @@ def export(cfg: ExportConfig, quiet: bool = False) -> dict:
     return manifest
 
 
-def _write(cfg, model, adapters, cache, base_fp, tmp: Path, quiet: bool) -> dict:
+def _adapter_arrays(side: SideBranch) -> dict[str, np.ndarray]:
+    """Everything an adapter file holds, by name: graph inputs and the KV-cache seed."""
+    arrays = {}
+    for (module, feature), parts in side.layers.items():
+        for part, value in parts.items():
+            arrays[slot_input_name(feature, module, part)] = value
+    for param, value in side.head.items():
+        arrays[head_input_name(param)] = value
+    if side.prompt is not None:
+        arrays[PROMPT_INPUT] = side.prompt
+    for i, (k, v) in enumerate(side.prefix or []):
+        kn, vn = prefix_names(i)
+        arrays[kn], arrays[vn] = k, v
+    return arrays
+
+
+def _max_length(model, tok: dict | None) -> int:
+    n = int(getattr(model.config, "max_position_embeddings", 0) or 0)
+    if model.config.model_type in ("roberta", "xlm-roberta"):
+        n -= 2  # positions start after padding_idx
+    return n or 512
+
+
+def _graph(task, model, slots, specs, head_params, cache, opset):
+    if task == "causal-lm":
+        return causal_lm.export_graph(model, slots, specs, cache, opset)
+    return encoder.export_graph(model, slots, specs, head_params, opset)
+
+
+def _write(cfg, task, model, fresh, adapters, cache, base_fp, tmp: Path, quiet: bool) -> dict:
     """Write graphs, adapter files, tokenizer and manifest into ``tmp``."""
     text_cfg = model.config.get_text_config()
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "edgepeft_version": edgepeft.__version__,
-        "task": "causal-lm", "mode": cfg.mode, "precision": "fp32", "target": "cpu",
+        "task": task, "mode": cfg.mode, "precision": "fp32", "target": "cpu",
         "base": {"source": str(cfg.base), "model_type": model.config.model_type,
-                 "fingerprint": base_fp, "vocab_size": int(text_cfg.vocab_size),
-                 "eos_token_id": getattr(model.generation_config, "eos_token_id", None)},
-        "kv_cache": {"layers": cache.layers, "kv_heads": list(cache.kv_heads),
-                     "head_dims": list(cache.head_dims)},
-        "graph": None, "lora_slots": [], "adapters": {}, "tokenizer": None,
+                 "fingerprint": base_fp, "vocab_size": int(text_cfg.vocab_size)},
+        "graph": None, "slots": [], "inputs": {}, "adapters": {}, "tokenizer": None,
     }
+    if task == "causal-lm":
+        manifest["base"]["eos_token_id"] = getattr(model.generation_config, "eos_token_id", None)
+        manifest["kv_cache"] = {"layers": cache.layers, "kv_heads": list(cache.kv_heads),
+                                "head_dims": list(cache.head_dims)}
+    else:
+        manifest["base"].update({"num_labels": int(model.config.num_labels), "head_trained": not fresh,
+                                 "max_length": _max_length(model, None),
+                                 "id2label": {str(k): v for k, v in model.config.id2label.items()}})
     tok = save_tokenizer(cfg.base, tmp / "tokenizer")
     if tok is None:
         shutil.rmtree(tmp / "tokenizer", ignore_errors=True)
     manifest["tokenizer"] = tok
 
     if cfg.mode == "side":
-        modules = set().union(*(set(a.modules) for a in adapters)) if adapters else set()
-        slots = lora_slots(model, modules)
-        _log(f"exporting side-branch graph ({len(slots)} LoRA slots, {cache.layers} layers)", quiet)
-        manifest["graph"] = _save_graph(export_graph(model, slots, cache, cfg.opset), tmp, "model.onnx")
-        manifest["lora_slots"] = [{"module": s.module, "in": s.in_features, "out": s.out_features}
-                                  for s in slots]
+        sides = {a.name: kind_module(a).side(a, model) for a in adapters}
+        slots = plan_slots(model, list(sides.values()))
+        head_modules = {p.rpartition(".")[0] for s in sides.values() for p in s.head}
+        head_params = sorted(n for n, _ in model.named_parameters() if n.rpartition(".")[0] in head_modules)
+        prompt_width = (int(model.get_input_embeddings().weight.shape[1])
+                        if any(s.prompt is not None for s in sides.values()) else None)
+        specs = input_specs(slots, model, head_params, prompt_width)
+        _log(f"exporting side-branch graph ({len(slots)} adapted layers, {len(specs)} adapter inputs)", quiet)
+        manifest["graph"] = _save_graph(_graph(task, model, slots, specs, head_params, cache, cfg.opset),
+                                        tmp, "model.onnx")
+        manifest["slots"] = [{"module": s.module, "in": s.in_features, "out": s.out_features,
+                              "features": list(s.features)} for s in slots]
+        manifest["inputs"] = {s.name: s.manifest() for s in specs}
         (tmp / "adapters").mkdir()
         for a in adapters:
+            side = sides[a.name]
+            arrays = _adapter_arrays(side)
             path = tmp / "adapters" / f"{a.name}.onnx_adapter"
-            kind = kind_module(a)
-            _save_adapter(kind.side_arrays(a), path)
-            manifest["adapters"][a.name] = {**kind.manifest_entry(a), "file": f"adapters/{path.name}",
-                                            "sha256": sha256_file(path), "base_fingerprint": base_fp,
-                                            "source": str(a.source.resolve())}
+            _save_adapter(arrays, path)
+            prefix = None
+            if side.prefix:
+                prefix = {"length": int(side.prefix[0][0].shape[2]), "from_prompt": side.prefix_from_prompt}
+            manifest["adapters"][a.name] = {
+                **kind_module(a).manifest_entry(a), "file": f"adapters/{path.name}",
+                "sha256": sha256_file(path), "base_fingerprint": base_fp,
+                "inputs": sorted(n for n in arrays if n in manifest["inputs"]), "prefix": prefix,
+                "source": str(a.source.resolve())}
     else:
         for i, a in enumerate(adapters):
             _log(f"exporting merged graph {i + 1}/{len(adapters)}: {a.name}", quiet)
             merged = copy.deepcopy(model)
             kind_module(a).merge(merged, a)
-            graph = _save_graph(export_graph(merged, [], cache, cfg.opset), tmp, f"merged/{a.name}.onnx")
+            graph = _save_graph(_graph(task, merged, [], [], [], cache, cfg.opset), tmp, f"merged/{a.name}.onnx")
             del merged
             manifest["adapters"][a.name] = {**kind_module(a).manifest_entry(a), "graph": graph,
-                                            "base_fingerprint": base_fp,
+                                            "base_fingerprint": base_fp, "inputs": [], "prefix": None,
                                             "source": str(a.source.resolve())}
         manifest["graph"] = {"per_adapter": True}
     (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")

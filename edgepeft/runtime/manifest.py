@@ -5,9 +5,11 @@ The exporter writes what this module reads; both sides use these names so they c
 Layout of an artifact dir::
 
     manifest.json
-    model.onnx, model.onnx.data            side mode: one base graph, LoRA A/B as inputs
+    model.onnx, model.onnx.data            side mode: one base graph, adapter weights as inputs
     merged/NAME.onnx, merged/NAME.onnx.data merged mode: one graph per adapter
-    adapters/NAME.onnx_adapter             side mode: adapter weights (onnxruntime AdapterFormat)
+    adapters/NAME.onnx_adapter             side mode: adapter arrays (onnxruntime AdapterFormat):
+                                           graph inputs by name, plus ``prefix.{i}.key|value``
+                                           for prefix / decoder prompt tuning (a KV-cache seed)
     tokenizer/tokenizer.json, ...          when the base model has a fast tokenizer
 """
 
@@ -21,14 +23,49 @@ from pathlib import Path
 from edgepeft.errors import EdgepeftError
 
 FORMAT = "edgepeft-artifact"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 ADAPTER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
+# The side branch of one adapted linear layer is a composition of features; each adds graph inputs
+# named ``{feature}.{module}.{part}``. Per part: its mixing rule when several adapters are active,
+#   cat0  concatenate along axis 0 (A, down-projections: the rank axis)
+#   cat1w concatenate along axis 1 after multiplying by the adapter's weight (B, up-projections)
+#   sumw  weighted sum (up-projection biases)
+#   one   at most one active adapter may feed it, with weight 1 (non-linear in the weights).
+# See edgepeft/export/slots.py for the maths.
+FEATURE_PARTS = {
+    "lora": (("A", "cat0"), ("B", "cat1w")),
+    "dora": (("A", "one"), ("B", "one"), ("mag", "one")),
+    "ia3_in": (("scale", "one"),),
+    "ia3_out": (("scale", "one"),),
+    "bottleneck_relu": (("down", "cat0"), ("down_bias", "cat0"), ("up", "cat1w"), ("up_bias", "sumw")),
+    "bottleneck_gelu": (("down", "cat0"), ("down_bias", "cat0"), ("up", "cat1w"), ("up_bias", "sumw")),
+    "bottleneck_silu": (("down", "cat0"), ("down_bias", "cat0"), ("up", "cat1w"), ("up_bias", "sumw")),
+}
+MIX_RULES = ("cat0", "cat1w", "sumw", "one")
+PROMPT_INPUT = "prompt.embeds"  # encoder prompt tuning: (n_virtual, hidden), rule "one"
+
+
+def slot_input_name(feature: str, module: str, part: str) -> str:
+    """Graph input name of one part of a feature of an adapted layer."""
+    return f"{feature}.{module}.{part}"
+
+
 def lora_input_names(module: str) -> tuple[str, str]:
     """Graph input names of one LoRA slot: ``A (r, in)`` and ``B (out, r)``."""
-    return f"lora.{module}.A", f"lora.{module}.B"
+    return slot_input_name("lora", module, "A"), slot_input_name("lora", module, "B")
+
+
+def head_input_name(param: str) -> str:
+    """Graph input of one classification-head parameter (PEFT ``modules_to_save``), rule "one"."""
+    return f"head.{param}"
+
+
+def prefix_names(layer: int) -> tuple[str, str]:
+    """Adapter-file arrays that seed the KV cache of one decoder layer, each ``(1, kv_heads, p, head_dim)``."""
+    return f"prefix.{layer}.key", f"prefix.{layer}.value"
 
 
 def past_names(layer: int) -> tuple[str, str]:

@@ -1,9 +1,11 @@
 """``Model``: an edgepeft artifact in an app. onnxruntime + numpy (+ tokenizers for text) only.
 
-A side-branch artifact is one onnxruntime session; an adapter is a set of graph inputs. Choosing
-an adapter per call only changes which arrays are fed: no session is rebuilt, no base weight is
-copied, and concurrent calls with different adapters do not interfere (each call builds its own
-feed dict; ``InferenceSession.run`` is thread-safe).
+A side-branch artifact is one onnxruntime session; an adapter is a set of graph inputs (and, for
+prefix / decoder prompt tuning, a KV-cache seed). Choosing an adapter per call only changes which
+arrays are fed: no session is rebuilt, no base weight is copied, and concurrent calls with
+different adapters do not interfere (each call builds its own feed dict;
+``InferenceSession.run`` is thread-safe). Inputs an adapter does not feed keep their default
+initializer, the identity, so ``adapter=None`` is the base model.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import numpy as np
 import onnxruntime as ort
 
 from edgepeft.errors import EdgepeftError
-from edgepeft.runtime.manifest import (inside, lora_input_names, past_names, read_manifest,
+from edgepeft.runtime.manifest import (inside, past_names, prefix_names, read_manifest,
                                        sha256_file)
 
 AdapterChoice = str | Mapping[str, float] | None
@@ -100,36 +102,32 @@ class Model:
                  threads: int | None = None):
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
-        if self.manifest["task"] != "causal-lm":
-            raise EdgepeftError(f"{self.path}: task {self.manifest['task']!r} is not supported by "
-                                "this runtime version.")
+        self.task = self.manifest["task"]
+        if self.task not in ("causal-lm", "classification"):
+            raise EdgepeftError(f"{self.path}: task {self.task!r} is not supported by this runtime "
+                                "version.")
         self._providers = list(providers or ["CPUExecutionProvider"])
         self._options = ort.SessionOptions()
-        self._options.log_severity_level = 3  # the LoRA defaults are overridable initializers by design
+        self._options.log_severity_level = 3  # adapter defaults are overridable initializers by design
         if threads:
             self._options.intra_op_num_threads = threads
         self._lock = threading.Lock()
-        self._mixes: OrderedDict[tuple, dict[str, np.ndarray]] = OrderedDict()
+        self._mixes: OrderedDict[tuple, tuple[dict, list | None]] = OrderedDict()
         self._tokenizer = None
-        kv = self.manifest["kv_cache"]
+        kv = self.manifest.get("kv_cache") or {"kv_heads": [], "head_dims": []}
         self._cache = list(zip(kv["kv_heads"], kv["head_dims"]))
         self.merged = self.manifest["mode"] == "merged"
         self._sessions: dict[str | None, ort.InferenceSession] = {}
-        self._arrays: dict[str, dict[str, np.ndarray]] = {}
+        self._inputs: dict[str, dict] = self.manifest.get("inputs", {})
+        self._graph_arrays: dict[str, dict[str, np.ndarray]] = {}
+        self._prefix: dict[str, list[tuple[np.ndarray, np.ndarray]] | None] = {}
         if self.merged:
             for name, entry in self.manifest["adapters"].items():
                 self._sessions[name] = self._session(entry["graph"])
         else:
             self._sessions[None] = self._session(self.manifest["graph"])
-            self._slot_shapes = {}
-            for slot in self.manifest["lora_slots"]:
-                a, b = lora_input_names(slot["module"])
-                self._slot_shapes[a] = (None, slot["in"])
-                self._slot_shapes[b] = (slot["out"], None)
-            self._empty = {n: np.zeros([0 if d is None else d for d in shape], np.float32)
-                           for n, shape in self._slot_shapes.items()}
             for name, entry in self.manifest["adapters"].items():
-                self._arrays[name] = self._load_adapter(name, entry)
+                self._load_adapter(name, entry)
 
     # ---------------------------------------------------------------- loading
     def _session(self, graph: dict) -> ort.InferenceSession:
@@ -141,7 +139,7 @@ class Model:
                 raise EdgepeftError(f"{f}: missing from the artifact. Export it again.")
         return ort.InferenceSession(str(file), self._options, providers=self._providers)
 
-    def _load_adapter(self, name: str, entry: dict) -> dict[str, np.ndarray]:
+    def _load_adapter(self, name: str, entry: dict) -> None:
         where = f"adapter {name!r} of {self.path / 'manifest.json'}"
         file = inside(self.path, entry["file"], where)
         if not file.is_file():
@@ -153,15 +151,32 @@ class Model:
             raise EdgepeftError(f"{file}: made for base {entry.get('base_fingerprint')}, this "
                                 f"artifact's base is {self.manifest['base']['fingerprint']} ({where}).")
         arrays = _read_adapter_file(file, where)
+        graph, prefix = {}, []
         for k, v in arrays.items():
-            shape = self._slot_shapes.get(k)
-            if shape is None:
-                raise EdgepeftError(f"{file}: input {k!r} is not a LoRA slot of this graph ({where}).")
-            if v.ndim != 2 or v.dtype != np.float32 or any(e is not None and e != d
-                                                           for e, d in zip(shape, v.shape)):
+            spec = self._inputs.get(k)
+            if spec is None:
+                if k.startswith("prefix."):
+                    continue
+                raise EdgepeftError(f"{file}: input {k!r} is not an adapter input of this graph ({where}).")
+            shape = spec["shape"]
+            if v.dtype != np.float32 or v.ndim != len(shape) or any(
+                    e is not None and e != d for e, d in zip(shape, v.shape)):
                 raise EdgepeftError(f"{file}: {k} has shape {v.shape} {v.dtype}, the graph takes "
-                                    f"{tuple('r' if d is None else d for d in shape)} float32 ({where}).")
-        return arrays
+                                    f"{tuple('n' if d is None else d for d in shape)} float32 ({where}).")
+            graph[k] = v
+        for i, (h, d) in enumerate(self._cache):
+            kn, vn = prefix_names(i)
+            if kn in arrays or vn in arrays:
+                k, v = arrays.get(kn), arrays.get(vn)
+                if k is None or v is None or k.shape != v.shape or k.ndim != 4 or k.shape[:2] != (1, h) \
+                        or k.shape[3] != d:
+                    raise EdgepeftError(f"{file}: prefix of layer {i} must be key and value of shape "
+                                        f"(1, {h}, p, {d}) ({where}).")
+                prefix.append((k, v))
+        if prefix and len(prefix) != len(self._cache):
+            raise EdgepeftError(f"{file}: prefix covers {len(prefix)} of {len(self._cache)} layers ({where}).")
+        self._graph_arrays[name] = graph
+        self._prefix[name] = prefix or None
 
     # ---------------------------------------------------------------- adapters
     @property
@@ -169,17 +184,20 @@ class Model:
         """Names of the adapters in the artifact."""
         return list(self.manifest["adapters"])
 
-    def _lora_feeds(self, adapter: AdapterChoice) -> dict[str, np.ndarray]:
-        """LoRA inputs for a choice: None (base), a name, or ``{name: weight}`` (a weighted mix).
+    def _feeds(self, adapter: AdapterChoice) -> tuple[dict[str, np.ndarray], list | None]:
+        """Graph feeds and KV-cache seed for None (base), a name, or ``{name: weight}``.
 
-        A mix concatenates along the rank axis: ``[A_1; A_2]`` and ``[w_1 B_1 | w_2 B_2]``
-        (``B`` already carries the scale), which computes ``sum_i w_i s_i B_i A_i`` exactly.
+        A mix follows each input's rule (manifest ``inputs``): LoRA ``A`` / ``B`` concatenate
+        along the rank axis, ``[A_1; A_2]`` and ``[w_1 B_1 | w_2 B_2]`` (``B`` already carries
+        the scale), which computes ``sum_i w_i s_i B_i A_i`` exactly; bottleneck adapters
+        concatenate their hidden units the same way; inputs that do not mix linearly (IA3, DoRA,
+        heads, prompts, prefixes) take one adapter at weight 1.
         """
         if adapter is None:
-            return self._empty
+            return {}, None
         if isinstance(adapter, str):
             self._check_names([adapter])
-            return {**self._empty, **self._arrays[adapter]}
+            return self._graph_arrays[adapter], self._prefix[adapter]
         if not isinstance(adapter, Mapping) or not adapter:
             raise EdgepeftError(f"adapter={adapter!r}: pass None, a name, or a non-empty "
                                 "{name: weight} mix.")
@@ -189,18 +207,55 @@ class Model:
             if key in self._mixes:
                 self._mixes.move_to_end(key)
                 return self._mixes[key]
-        feeds = dict(self._empty)
-        for a_name, b_name in (lora_input_names(s["module"]) for s in self.manifest["lora_slots"]):
-            parts = [(self._arrays[n][a_name], w * self._arrays[n][b_name])
-                     for n, w in key if a_name in self._arrays[n]]
-            if parts:
-                feeds[a_name] = np.concatenate([a for a, _ in parts], axis=0)  # (sum r, in)
-                feeds[b_name] = np.concatenate([b for _, b in parts], axis=1)  # (out, sum r)
+        result = self._combine(key)
         with self._lock:
-            self._mixes[key] = feeds
+            self._mixes[key] = result
             while len(self._mixes) > _MIX_CACHE_SIZE:
                 self._mixes.popitem(last=False)
-        return feeds
+        return result
+
+    def _combine(self, key: tuple[tuple[str, float], ...]) -> tuple[dict, list | None]:
+        parts: dict[str, list[tuple[str, float, np.ndarray]]] = {}
+        for n, w in key:
+            for k, v in self._graph_arrays[n].items():
+                parts.setdefault(k, []).append((n, w, v))
+        feeds = {}
+        for k, group in parts.items():
+            rule = self._inputs[k]["mix"]
+            if rule == "one":
+                if len(group) > 1:
+                    raise EdgepeftError(f"adapters {group[0][0]!r} and {group[1][0]!r} both set {k}, "
+                                        "which does not mix (IA3 / DoRA / head / prompt); combine "
+                                        "at most one of them per call.")
+                if group[0][1] != 1.0:
+                    raise EdgepeftError(f"adapter {group[0][0]!r} sets {k}, which does not scale "
+                                        "linearly; give it weight 1.")
+                feeds[k] = group[0][2]
+            elif rule == "cat0":
+                feeds[k] = np.concatenate([v for _, _, v in group], axis=0)  # (sum r, ...)
+            elif rule == "cat1w":
+                feeds[k] = np.concatenate([np.float32(w) * v for _, w, v in group], axis=1)  # (out, sum r)
+            elif rule == "sumw":
+                feeds[k] = sum(np.float32(w) * v for _, w, v in group).astype(np.float32)
+            else:
+                raise EdgepeftError(f"{self.path / 'manifest.json'}: input {k} has unknown mix rule {rule!r}.")
+        seeded = [(n, w) for n, w in key if self._prefix[n] is not None]
+        prefix = None
+        if seeded:
+            if len(seeded) > 1:
+                raise EdgepeftError(f"adapters {seeded[0][0]!r} and {seeded[1][0]!r} are both prefixes "
+                                    "(prefix / prompt tuning); combine at most one per call.")
+            n, w = seeded[0]
+            if w != 1.0:
+                raise EdgepeftError(f"adapter {n!r} is a prefix (prefix / prompt tuning); give it weight 1.")
+            others = [m for m, _ in key if m != n and self._graph_arrays[m]]
+            if self.manifest["adapters"][n]["prefix"]["from_prompt"] and others:
+                raise EdgepeftError(
+                    f"adapter {n!r} is prompt tuning on a decoder: its virtual tokens were run through "
+                    f"the base weights at export, so it cannot be combined with {others[0]!r}, which "
+                    "changes those weights (PEFT would run the prompt through them too).")
+            prefix = self._prefix[n]
+        return feeds, prefix
 
     def _check_names(self, names: list[str]) -> None:
         unknown = [n for n in names if n not in self.manifest["adapters"]]
@@ -208,23 +263,37 @@ class Model:
             raise EdgepeftError(f"adapter {unknown[0]!r} is not in {self.path}; it has: "
                                 f"{', '.join(self.adapters) or '(none)'}.")
 
-    def _session_for(self, adapter: AdapterChoice) -> tuple[ort.InferenceSession, dict]:
+    def _session_for(self, adapter: AdapterChoice) -> tuple[ort.InferenceSession, dict, list | None]:
         if not self.merged:
-            return self._sessions[None], self._lora_feeds(adapter)
+            return (self._sessions[None], *self._feeds(adapter))
         if isinstance(adapter, str):
             self._check_names([adapter])
-            return self._sessions[adapter], {}
+            return self._sessions[adapter], {}, None
         raise EdgepeftError(f"{self.path} is a merged artifact: one graph per adapter, so only "
                             f"adapter=<name> works (one of {', '.join(self.adapters)}). Export with "
                             "--mode side for the base model and weighted mixes.")
 
+    def _need(self, task: str, method: str) -> None:
+        if self.task != task:
+            other = "classify()" if self.task == "classification" else "logits() / generate()"
+            raise EdgepeftError(f"{self.path} is a {self.task} artifact: {method} needs a {task} "
+                                f"artifact; use {other}.")
+
     # ---------------------------------------------------------------- running
-    def _empty_past(self, batch: int) -> dict[str, np.ndarray]:
+    def _start(self, batch: int, mask: np.ndarray, prefix) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """Initial past (empty, or the adapter's prefix for every row) and the mask it needs."""
         feeds = {}
         for i, (h, d) in enumerate(self._cache):
-            for n in past_names(i):
-                feeds[n] = np.zeros((batch, h, 0, d), np.float32)
-        return feeds
+            names = past_names(i)
+            if prefix is None:
+                feeds[names[0]] = feeds[names[1]] = np.zeros((batch, h, 0, d), np.float32)
+            else:
+                for n, v in zip(names, prefix[i]):
+                    feeds[n] = np.ascontiguousarray(np.broadcast_to(v, (batch, *v.shape[1:])))
+        if prefix is not None:
+            p = prefix[0][0].shape[2]
+            mask = np.concatenate([np.ones((batch, p), np.int64), mask], axis=1)  # (B, p + S)
+        return feeds, mask
 
     def _run(self, session, lora, ids, mask, past) -> list[np.ndarray]:
         pos = positions(mask)[:, -ids.shape[1]:]  # (B, S)
@@ -232,7 +301,7 @@ class Model:
                                   **past, **lora})
 
     def logits(self, input_ids, adapter: AdapterChoice = None, attention_mask=None) -> np.ndarray:
-        """Next-token logits for every position.
+        """Next-token logits for every position (causal LM artifacts).
 
         Args:
             input_ids: ``(B, S)`` ints, or a list of lists (ragged rows are left-padded).
@@ -240,15 +309,17 @@ class Model:
             attention_mask: ``(B, S)`` 0/1, left or right padding; default all ones.
 
         Returns:
-            ``(B, S, vocab)`` float32.
+            ``(B, S, vocab)`` float32 (a prefix adapter's virtual tokens are not included).
         """
-        session, lora = self._session_for(adapter)
+        self._need("causal-lm", "logits()")
+        session, feeds, prefix = self._session_for(adapter)
         ids, mask = batch_inputs(input_ids, attention_mask, self.manifest["base"]["vocab_size"])
-        return self._run(session, lora, ids, mask, self._empty_past(ids.shape[0]))[0]
+        past, mask = self._start(ids.shape[0], mask, prefix)
+        return self._run(session, feeds, ids, mask, past)[0]
 
     def generate(self, input_ids, max_new_tokens: int = 32, adapter: AdapterChoice = None,
                  attention_mask=None, stop_at_eos: bool = True) -> np.ndarray:
-        """Greedy decoding with the KV cache.
+        """Greedy decoding with the KV cache (causal LM artifacts).
 
         Args:
             input_ids: ``(B, S)`` ints or ragged lists (left-padded).
@@ -260,16 +331,17 @@ class Model:
         Returns:
             ``(B, S + n)`` int64: the (padded) prompt followed by ``n <= max_new_tokens`` tokens.
         """
-        session, lora = self._session_for(adapter)
+        self._need("causal-lm", "generate()")
+        session, feeds, prefix = self._session_for(adapter)
         ids, mask = batch_inputs(input_ids, attention_mask, self.manifest["base"]["vocab_size"])
         eos = self.manifest["base"].get("eos_token_id") if stop_at_eos else None
         eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
         out = [ids]
         done = np.zeros(ids.shape[0], bool)
-        past = self._empty_past(ids.shape[0])
+        past, mask = self._start(ids.shape[0], mask, prefix)
         step = ids
         for _ in range(max_new_tokens):
-            logits, *present = self._run(session, lora, step, mask, past)
+            logits, *present = self._run(session, feeds, step, mask, past)
             nxt = logits[:, -1].argmax(-1).astype(np.int64)  # (B,)
             if eos:
                 nxt = np.where(done, next(iter(eos)), nxt)
@@ -281,6 +353,71 @@ class Model:
             mask = np.concatenate([mask, np.ones_like(step)], axis=1)  # (B, P+1)
             past = {n: v for i in range(len(self._cache)) for n, v in zip(past_names(i), present[2 * i:2 * i + 2])}
         return np.concatenate(out, axis=1)
+
+    def classify(self, texts_or_ids, adapter: AdapterChoice = None, attention_mask=None) -> np.ndarray:
+        """Class probabilities (classification artifacts).
+
+        Args:
+            texts_or_ids: a string, a list of strings (tokenized with the artifact's tokenizer,
+                truncated to the model's length, right-padded), ``(B, S)`` ints, or ragged lists of
+                ids (right-padded).
+            adapter: None (the base head; only when the base has a trained one), an adapter name,
+                or ``{name: weight}`` (at most one of them may carry a head).
+            attention_mask: ``(B, S)`` 0/1 with a rectangular ids array; default all ones.
+
+        Returns:
+            ``(B, num_labels)`` float32 probabilities (softmax of the logits).
+        """
+        logits = self.classify_logits(texts_or_ids, adapter, attention_mask)
+        z = np.exp(logits - logits.max(-1, keepdims=True))
+        return (z / z.sum(-1, keepdims=True)).astype(np.float32)
+
+    def classify_logits(self, texts_or_ids, adapter: AdapterChoice = None, attention_mask=None) -> np.ndarray:
+        """Like :meth:`classify`, but the raw logits ``(B, num_labels)``."""
+        self._need("classification", "classify()")
+        base = self.manifest["base"]
+        if adapter is None and not base.get("head_trained", True):
+            raise EdgepeftError(f"{self.path}: the base model has no trained classification head; "
+                                f"choose an adapter ({', '.join(self.adapters)}).")
+        session, feeds, _ = self._session_for(adapter)
+        if not self.merged and not any(k.startswith("head.") for k in feeds) and not base.get("head_trained", True):
+            raise EdgepeftError(f"adapter={adapter!r} carries no classification head and the base has "
+                                "no trained one; include an adapter with a head.")
+        ids, mask = self._encode(texts_or_ids, attention_mask)
+        return session.run(["logits"], {"input_ids": ids, "attention_mask": mask, **feeds})[0]
+
+    def _encode(self, texts_or_ids, attention_mask) -> tuple[np.ndarray, np.ndarray]:
+        limit = self.manifest["base"].get("max_length", 512)
+        if isinstance(texts_or_ids, str):
+            texts_or_ids = [texts_or_ids]
+        if len(texts_or_ids) and isinstance(texts_or_ids[0], str):
+            if attention_mask is not None:
+                raise EdgepeftError("attention_mask goes with token ids; texts are padded here.")
+            rows = [e.ids for e in self.tokenizer.encode_batch(list(texts_or_ids))]
+            rows = [r[:limit - 1] + r[-1:] if len(r) > limit else r for r in rows]  # keep [SEP]/</s>
+        elif isinstance(texts_or_ids, np.ndarray) or (len(texts_or_ids) and isinstance(texts_or_ids[0], (int, np.integer))):
+            ids, mask = batch_inputs(texts_or_ids, attention_mask, self.manifest["base"]["vocab_size"])
+            return ids, mask
+        else:
+            if attention_mask is not None:
+                raise EdgepeftError("attention_mask goes with a rectangular ids array; ragged lists "
+                                    "are padded here.")
+            rows = [list(r) for r in texts_or_ids]
+        if not rows or not all(rows):
+            raise EdgepeftError("classify() needs at least one non-empty text or id sequence.")
+        pad = (self.manifest.get("tokenizer") or {}).get("pad_token_id") or 0
+        longest = max(len(r) for r in rows)
+        ids = np.full((len(rows), longest), pad, np.int64)
+        mask = np.zeros_like(ids)
+        for i, r in enumerate(rows):  # right padding, as encoder tokenizers do
+            ids[i, :len(r)] = r
+            mask[i, :len(r)] = 1
+        vocab = self.manifest["base"]["vocab_size"]
+        if ids.min() < 0 or ids.max() >= vocab:
+            raise EdgepeftError(f"input ids must lie in [0, {vocab}); got {ids.min()}..{ids.max()}.")
+        if longest > limit:
+            raise EdgepeftError(f"sequences of {longest} tokens exceed the model's {limit}.")
+        return ids, mask
 
     # ---------------------------------------------------------------- text
     @property

@@ -1,0 +1,124 @@
+"""PEFT IA3: a learned per-feature scale ``l`` on chosen linear layers.
+
+Attention-like layers scale the output, bias included: ``y = (x W^T + b) * l`` with ``l (out,)``.
+Feed-forward layers (``feedforward_modules``) scale the input: ``y = (x * l) W^T + b``, ``l (in,)``.
+Merged: ``W' = diag(l) W, b' = l * b`` or ``W' = W diag(l)`` — exactly what PEFT's merge does.
+
+Same names as every kind module: ``read``, ``merge``, ``side``, ``manifest_entry``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from edgepeft.adapters.common import (SideBranch, head_to_numpy, merge_head, module_names_summary,
+                                      peft_key, read_tensors, split_head)
+from edgepeft.errors import EdgepeftError
+
+KIND = "ia3"
+
+
+@dataclass(frozen=True)
+class Ia3Module:
+    """One scaled layer: ``scale`` is ``(in,)`` when ``feedforward`` else ``(out,)``."""
+
+    scale: torch.Tensor
+    feedforward: bool
+    transposed: bool
+
+
+@dataclass(frozen=True)
+class Ia3Adapter:
+    """An IA3 adapter read from a PEFT directory and checked against a base model."""
+
+    name: str
+    source: Path
+    weights_file: Path
+    modules: dict[str, Ia3Module]
+    head: dict[str, torch.Tensor] = field(default_factory=dict)
+    kind: str = KIND
+
+
+def read(name: str, adapter_dir: Path, config: dict, model: nn.Module,
+         task: str = "causal-lm") -> Ia3Adapter:
+    """Read a PEFT IA3 directory (``ia3_l`` per layer) and check it against ``model``.
+
+    Raises:
+        EdgepeftError: weights for modules the base lacks or of the wrong size, NaN/Inf, no tensors.
+    """
+    weights_file, tensors = read_tensors(adapter_dir)
+    tensors, head = split_head(tensors, config, model, weights_file, task)
+    ff_names = config.get("feedforward_modules") or []
+    ff_names = [ff_names] if isinstance(ff_names, str) else list(ff_names)
+    named = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))}
+    modules = {}
+    for key, t in tensors.items():
+        body = peft_key(key)
+        if not body.endswith(".ia3_l"):
+            raise EdgepeftError(f"{weights_file}: tensor {key!r} is not an IA3 vector (ia3_l); "
+                                "edgepeft exports IA3 on nn.Linear / Conv1D layers only.")
+        mod = body[: -len(".ia3_l")]
+        if mod not in named:
+            raise EdgepeftError(f"{weights_file}: weights for {mod!r}, which the base model does not "
+                                f"have as a linear layer: this adapter was made for another base. "
+                                f"Linear layers: {module_names_summary(list(named))}.")
+        base = named[mod]
+        transposed = isinstance(base, Conv1D)
+        w = base.weight.T if transposed else base.weight  # (out, in)
+        # PEFT stores (1, in) for feed-forward layers and (out, 1) otherwise.
+        ff = tuple(t.shape) == (1, w.shape[1]) and (
+            any(mod == f or mod.endswith("." + f) for f in ff_names) or tuple(t.shape) != (w.shape[0], 1))
+        if not ff and tuple(t.shape) != (w.shape[0], 1):
+            raise EdgepeftError(f"{weights_file}: {mod}: ia3_l has shape {tuple(t.shape)}, expected "
+                                f"({w.shape[0]}, 1) or (1, {w.shape[1]}) for feed-forward layers.")
+        vec = t.float().reshape(-1)
+        if not torch.isfinite(vec).all():
+            raise EdgepeftError(f"{weights_file}: {mod}: ia3_l contains NaN or Inf.")
+        modules[mod] = Ia3Module(vec, ff, transposed)
+    if not modules:
+        raise EdgepeftError(f"{weights_file}: holds no ia3_l tensors.")
+    return Ia3Adapter(name, adapter_dir, weights_file, dict(sorted(modules.items())), head)
+
+
+@torch.no_grad()
+def merge(model: nn.Module, adapter: Ia3Adapter, weight: float = 1.0) -> None:
+    """Fold the scales into the weights (and, for output scales, the bias), in place.
+
+    Raises:
+        EdgepeftError: a weight other than 1 (a scaled IA3 vector has no PEFT meaning).
+    """
+    if weight != 1.0:
+        raise EdgepeftError(f"adapter {adapter.name!r} is IA3: it merges with weight 1 only.")
+    named = dict(model.named_modules())
+    for mod, m in adapter.modules.items():
+        layer = named[mod]
+        w = layer.weight  # Linear (out, in); Conv1D (in, out)
+        along_out = not m.feedforward
+        if along_out:
+            w.mul_(m.scale[None, :] if m.transposed else m.scale[:, None])
+            if layer.bias is not None:
+                layer.bias.mul_(m.scale)
+        else:
+            w.mul_(m.scale[:, None] if m.transposed else m.scale[None, :])
+    merge_head(model, adapter.head)
+
+
+def side(adapter: Ia3Adapter, model: nn.Module) -> SideBranch:
+    """Graph inputs ``ia3_in.{module}.scale (in,)`` or ``ia3_out.{module}.scale (out,)``."""
+    layers = {(mod, "ia3_in" if m.feedforward else "ia3_out"):
+              {"scale": np.ascontiguousarray(m.scale.numpy(), dtype=np.float32)}
+              for mod, m in adapter.modules.items()}
+    return SideBranch(layers=layers, head=head_to_numpy(adapter.head))
+
+
+def manifest_entry(adapter: Ia3Adapter) -> dict:
+    """What the manifest records for this adapter (besides file and checksum)."""
+    return {"kind": KIND, "targets": sorted(adapter.modules),
+            "feedforward": sorted(n for n, m in adapter.modules.items() if m.feedforward),
+            "head": sorted(adapter.head)}
