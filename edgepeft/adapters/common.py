@@ -158,9 +158,11 @@ def split_head(tensors: dict[str, torch.Tensor], config: dict, model: nn.Module,
     for key, t in tensors.items():
         name = peft_key(key)
         module = name.rpartition(".")[0]
-        if to_save and name in params and any(module == m or module.endswith("." + m) or
-                                               module.startswith(m + ".") or f".{m}." in f".{module}."
-                                               for m in to_save):
+        parts = module.split(".")
+        owners = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]  # the module and its parents
+        # PEFT wraps a module when its name ends with an entry (so "classifier" also takes
+        # DistilBERT's "pre_classifier"); its parameters are saved under the module's name.
+        if to_save and name in params and any(o.endswith(m) for o in owners for m in to_save):
             head[name] = t
         else:
             rest[key] = t

@@ -136,8 +136,8 @@ def input_specs(slots: list[Slot], model: nn.Module, head_params: list[str],
     params = dict(model.named_parameters())
     for p in head_params:
         value = params[p].detach().float().numpy()
-        specs.append(InputSpec(head_input_name(p), value.copy(), value + rng.standard_normal(value.shape) * 0.01,
-                               {}, "one"))
+        sample = (value + rng.standard_normal(value.shape) * 0.01).astype(np.float32)
+        specs.append(InputSpec(head_input_name(p), value.copy(), sample, {}, "one"))
     if prompt_width is not None:
         from edgepeft.runtime.manifest import PROMPT_INPUT
 
