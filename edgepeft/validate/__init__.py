@@ -1,13 +1,18 @@
 """``edgepeft validate``: does the artifact still agree with the PyTorch (peft) model?
 
-Per case (no adapter, each adapter, a weighted mix) both sides run the same left-padded batch;
-real-token positions are compared: max |Δlogits|, mean KL(torch || artifact), top-1 agreement,
-and greedy generations (the torch side recomputes the whole sequence each step, no cache, so the
-artifact's KV cache is checked too). Every case is checked and all failures are reported together.
+Per case (no adapter, each adapter, a weighted LoRA mix, a LoRA + prefix composition) both sides
+run the same inputs. Causal LMs: a left-padded batch, real-token positions compared: max
+|Δlogits|, mean KL(torch || artifact), top-1 agreement, and greedy generations (the torch side
+recomputes the whole sequence each step, no cache, so the artifact's KV cache is checked too).
+PEFT's prompt-learning models ignore position ids, which makes their padded rows depend on the
+padding, so those references run each row unpadded. Classifiers: the same metrics on the class
+logits, plus accuracy on both sides when given a labelled file. Every case is checked and all
+failures are reported together.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -64,6 +69,8 @@ class CaseResult:
     greedy_tokens: int
     greedy_mismatches: int
     failures: tuple[str, ...]
+    accuracy_torch: float | None = None
+    accuracy_artifact: float | None = None
 
 
 def _case_name(choice) -> str:
@@ -85,91 +92,268 @@ def _kl(p_logits: np.ndarray, q_logits: np.ndarray) -> np.ndarray:
     return (np.exp(lp) * (lp - lq)).sum(-1)
 
 
-@torch.no_grad()
-def _torch_logits(model, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    out = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
-                position_ids=torch.from_numpy(positions(mask)), use_cache=False)
-    return out.logits.float().numpy()  # (B, S, V)
+def _positions_t(mask: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(positions(mask))
 
 
-def _torch_greedy(model, ids: np.ndarray, mask: np.ndarray, n: int) -> np.ndarray:
-    """Greedy decoding by full recomputation (no cache): the plain definition. -> (B, n)."""
-    new = []
-    for _ in range(n):
-        nxt = _torch_logits(model, ids, mask)[:, -1].argmax(-1)[:, None].astype(np.int64)  # (B, 1)
-        new.append(nxt)
-        ids = np.concatenate([ids, nxt], 1)
-        mask = np.concatenate([mask, np.ones_like(nxt)], 1)
-    return np.concatenate(new, 1)
+class _Ref:
+    """One PyTorch reference for one adapter choice.
+
+    Attributes:
+        model: the torch model to call (peft's model for peft kinds, edgepeft's bottleneck
+            wrapper for bottleneck adapters, the base for ``None``).
+        prompt_learning: a PEFT prompt-learning model (prefix / prompt / P-tuning): PEFT drops
+            given position ids for prompts, so it is run on each unpadded row alone.
+        prefix: per layer ``(key, value)`` ``(1, H, p, D)`` to seed the cache with (a LoRA +
+            prefix composition, which PEFT cannot run as one model), else None.
+        enter: a context manager factory to run inside (e.g. a mix's merged deltas).
+    """
+
+    def __init__(self, model, prompt_learning=False, prefix=None, enter=None):
+        self.model, self.prompt_learning, self.prefix = model, prompt_learning, prefix
+        self.enter = enter or contextlib.nullcontext
+
+    @torch.no_grad()
+    def logits(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """Causal LM logits ``(B, S, V)`` at every position of the (left-padded) batch."""
+        with self.enter():
+            if self.prompt_learning:
+                out = None
+                for i in range(ids.shape[0]):
+                    real = ids[i][mask[i].astype(bool)]
+                    row = self.model(input_ids=torch.from_numpy(real[None])).logits[0, -len(real):]
+                    if out is None:
+                        out = np.zeros((*ids.shape, row.shape[-1]), np.float32)
+                    out[i, mask[i].astype(bool)] = row.float().numpy()
+                return out
+            kwargs = {}
+            full = mask
+            if self.prefix is not None:
+                from transformers import DynamicCache
+
+                b, p = ids.shape[0], self.prefix[0][0].shape[2]
+                data = [(k.expand(b, -1, -1, -1).clone(), v.expand(b, -1, -1, -1).clone()) for k, v in self.prefix]
+                kwargs["past_key_values"] = DynamicCache(ddp_cache_data=data, config=self.model.config)
+                full = np.concatenate([np.ones((b, p), np.int64), mask], axis=1)  # (B, p + S)
+            out = self.model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(full),
+                             position_ids=_positions_t(full)[:, -ids.shape[1]:], use_cache=bool(kwargs),
+                             **kwargs)
+            return out.logits.float().numpy()  # (B, S, V)
+
+    @torch.no_grad()
+    def classify_logits(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """Classifier logits ``(B, num_labels)`` of a right-padded batch."""
+        with self.enter():
+            out = self.model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))
+            return out.logits.float().numpy()
+
+    def greedy(self, ids: np.ndarray, mask: np.ndarray, n: int) -> np.ndarray:
+        """Greedy decoding by full recomputation (no cache): the plain definition. -> (B, n)."""
+        new = []
+        for _ in range(n):
+            nxt = self.logits(ids, mask)[:, -1].argmax(-1)[:, None].astype(np.int64)  # (B, 1)
+            new.append(nxt)
+            ids = np.concatenate([ids, nxt], 1)
+            mask = np.concatenate([mask, np.ones_like(nxt)], 1)
+        return np.concatenate(new, 1)
 
 
 class _Reference:
-    """The server side: the base model with every adapter loaded through peft."""
+    """The server side: the base model plus every adapter loaded the way its trainer would.
+
+    LoRA / DoRA adapters share one ``PeftModel`` (as in the demo, and cheap on memory); every
+    other kind gets its own model on a copy of the base (PEFT cannot hold IA3 and LoRA, or a
+    prompt and LoRA, in one model). Bottleneck adapters use edgepeft's own torch module.
+    """
 
     def __init__(self, reference: Path, manifest: dict, adapter_dirs: dict[str, Path]):
-        from peft import PeftModel
+        from edgepeft.adapters.common import read_config
+        from edgepeft.export.base import fingerprint, load_causal_lm, load_classifier
 
-        from edgepeft.export.base import fingerprint, load_causal_lm
-
-        base = load_causal_lm(reference)
-        fp = fingerprint(base)
+        self.task = manifest["task"]
+        self.manifest = manifest
+        self.reference = reference
+        if self.task == "causal-lm":
+            base, fresh = load_causal_lm(reference), []
+        else:
+            base, fresh = load_classifier(reference, manifest["base"].get("num_labels"))
+        fp = fingerprint(base, fresh)
         if fp != manifest["base"]["fingerprint"]:
             raise EdgepeftError(f"{reference}: its weights (fingerprint {fp[:19]}...) are not the base "
                                 f"this artifact was exported from ({manifest['base']['fingerprint'][:19]}"
                                 "...). Pass the same --reference folder that export used.")
-        self.model = base
-        for i, (name, path) in enumerate(adapter_dirs.items()):
-            if i == 0:
-                self.model = PeftModel.from_pretrained(base, path, adapter_name=name)
+        self.base = base
+        self.dirs = adapter_dirs
+        self.types = {n: read_config(d).get("peft_type") for n, d in adapter_dirs.items()}
+        self._models: dict[str, object] = {}
+        self._lora = None  # the shared PeftModel of LoRA adapters
+
+    def _fresh_base(self):
+        import copy
+
+        return copy.deepcopy(self.base)
+
+    def _lora_model(self):
+        from peft import PeftModel
+
+        if self._lora is None:
+            model = None
+            for name, path in self.dirs.items():
+                if self.types[name] != "LORA":
+                    continue
+                if model is None:
+                    model = PeftModel.from_pretrained(self._fresh_base(), path, adapter_name=name)
+                else:
+                    model.load_adapter(path, adapter_name=name)
+            self._lora = model.eval()
+        return self._lora
+
+    def _single(self, name: str):
+        """(model, prompt_learning) for one adapter."""
+        if self.types[name] == "LORA":
+            model = self._lora_model()
+            model.set_adapter(name)
+            return model, False
+        if name not in self._models:
+            if self.types[name] == "BOTTLENECK":
+                from edgepeft.adapters.bottleneck import load_bottleneck
+
+                self._models[name] = load_bottleneck(self._fresh_base(), self.dirs[name]).eval()
             else:
-                self.model.load_adapter(path, adapter_name=name)
-        self.model.eval()
+                from peft import PeftModel
 
-    def run(self, choice, fn):
-        """Call ``fn(model)`` with ``choice`` active: None, a name, or a mix merged as Σ w_i ΔW_i."""
+                self._models[name] = PeftModel.from_pretrained(self._fresh_base(), self.dirs[name]).eval()
+        prompt = self.types[name] in ("PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING")
+        return self._models[name], prompt
+
+    def _prefix(self, name: str):
+        from edgepeft.adapters import read_adapter
+
+        adapter = read_adapter(name, self.dirs[name], self.base, self.task)
+        return [(k, v) for k, v in adapter.kv]
+
+    def get(self, choice) -> _Ref:
+        """The reference for None, a name, or a mix / composition ``{name: weight}``."""
         if choice is None:
-            if hasattr(self.model, "disable_adapter"):
-                with self.model.disable_adapter():
-                    return fn(self.model)
-            return fn(self.model)
+            return _Ref(self.base)
         if isinstance(choice, str):
-            self.model.set_adapter(choice)
-            return fn(self.model)
-        from peft.tuners.lora import LoraLayer
+            model, prompt = self._single(choice)
+            return _Ref(model, prompt_learning=prompt)
+        prefixes = [n for n in choice if self.types[n] == "PREFIX_TUNING"]
+        loras = {n: w for n, w in choice.items() if n not in prefixes}
+        if any(self.types[n] != "LORA" for n in loras) or len(prefixes) > 1:
+            raise EdgepeftError(f"no PyTorch reference for the combination {choice}: validate checks "
+                                "LoRA mixes, optionally with one prefix-tuning adapter.")
+        prefix = self._prefix(prefixes[0]) if prefixes else None
+        if not loras:
+            return _Ref(self.base, prefix=prefix)
+        model = self._lora_model()
+        return _Ref(model, prefix=prefix, enter=lambda: _merged_deltas(model, loras))
 
-        applied = []
+
+@contextlib.contextmanager
+def _merged_deltas(model, weights: dict[str, float]):
+    """Run with ``sum_i w_i delta_W_i`` of the named LoRA adapters added to the base weights."""
+    from peft.tuners.lora import LoraLayer
+
+    applied = []
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, LoraLayer):
+                deltas = [w * module.get_delta_weight(n) for n, w in weights.items() if n in module.lora_A]
+                if deltas:
+                    delta = sum(deltas)
+                    module.get_base_layer().weight += delta
+                    applied.append((module, delta))
+    try:
+        with model.disable_adapter():
+            yield
+    finally:
         with torch.no_grad():
-            for module in self.model.modules():
-                if isinstance(module, LoraLayer):
-                    deltas = [w * module.get_delta_weight(n) for n, w in choice.items() if n in module.lora_A]
-                    if deltas:
-                        delta = sum(deltas)
-                        module.get_base_layer().weight += delta
-                        applied.append((module, delta))
-        try:
-            with self.model.disable_adapter():
-                return fn(self.model)
-        finally:
-            with torch.no_grad():
-                for module, delta in applied:
-                    module.get_base_layer().weight -= delta
+            for module, delta in applied:
+                module.get_base_layer().weight -= delta
 
 
 def default_choices(artifact: Model) -> list:
-    """Base, each adapter, and (with 2+ adapters) one mix; merged artifacts: each adapter."""
+    """What validate compares: the base, each adapter, a LoRA mix, a LoRA + prefix composition.
+
+    Merged artifacts: each adapter. Classifiers: the base only when it has a trained head.
+    """
     names = artifact.adapters
     if artifact.merged:
         return list(names)
-    choices: list = [None, *names]
-    if len(names) >= 2:
-        weights = [0.7, 0.3] if len(names) == 2 else [1.0 / len(names)] * len(names)
-        choices.append(dict(zip(names, weights)))
+    entries = artifact.manifest["adapters"]
+    base_ok = artifact.task == "causal-lm" or artifact.manifest["base"].get("head_trained", True)
+    choices: list = ([None] if base_ok else []) + list(names)
+    loras = [n for n in names if entries[n]["kind"] == "lora" and not entries[n].get("head")]
+    if artifact.task == "classification":
+        with_head = [n for n in names if entries[n]["kind"] == "lora" and entries[n].get("head")]
+        loras = loras + with_head[:1]  # a mix can carry one head
+    if len(loras) >= 2:
+        weights = [0.7, 0.3] if len(loras) == 2 else [1.0 / len(loras)] * len(loras)
+        choices.append(dict(zip(loras, weights)))
+    prefixes = [n for n in names if entries[n]["kind"] == "prefix"]
+    if artifact.task == "causal-lm" and prefixes and loras:
+        choices.append({loras[0]: 1.0, prefixes[0]: 1.0})
     return choices
+
+
+def read_labelled(path: Path) -> tuple[list[str], list]:
+    """Texts and labels of a jsonl file with ``{"text": ..., "label": ...}`` rows.
+
+    Raises:
+        EdgepeftError: unreadable file, a row without text or label, or no rows.
+    """
+    if not path.is_file():
+        raise EdgepeftError(f"{path}: labelled file not found (jsonl rows {{\"text\": ..., \"label\": ...}}).")
+    texts, labels = [], []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise EdgepeftError(f"{path}:{i}: not JSON ({e}).") from None
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str) or "label" not in row:
+            raise EdgepeftError(f"{path}:{i}: expected {{\"text\": str, \"label\": ...}}.")
+        texts.append(row["text"])
+        labels.append(row["label"])
+    if not texts:
+        raise EdgepeftError(f"{path}: no rows.")
+    return texts, labels
+
+
+def _label_ids(labels: list, manifest: dict, path: Path) -> np.ndarray:
+    """Labels as class indices: ints as given; strings by the sorted order `edgepeft train` uses."""
+    n = manifest["base"]["num_labels"]
+    if all(isinstance(x, (int, bool)) for x in labels):
+        ids = np.array([int(x) for x in labels])
+    else:
+        names = sorted({str(x) for x in labels})
+        ids = np.array([names.index(str(x)) for x in labels])
+    if ids.min() < 0 or ids.max() >= n:
+        raise EdgepeftError(f"{path}: labels span {ids.min()}..{ids.max()}, the classifier has {n} classes.")
+    return ids
+
+
+def _compare(ort_logits: np.ndarray, pt_logits: np.ndarray, real: np.ndarray, budget: Budget):
+    diff = float(np.abs(ort_logits - pt_logits)[real].max())
+    kl = float(_kl(pt_logits[real], ort_logits[real]).mean())
+    top1 = float((ort_logits.argmax(-1) == pt_logits.argmax(-1))[real].mean())
+    failures = []
+    if not diff <= budget.max_abs_logits:  # also catches NaN
+        failures.append(f"max |Δlogits| {diff:.3g} > {budget.max_abs_logits:g}")
+    if not top1 >= budget.min_top1:
+        failures.append(f"top-1 agreement {top1:.2%} < {budget.min_top1:.2%}")
+    if not kl <= budget.max_kl:
+        failures.append(f"mean KL {kl:.3g} > {budget.max_kl:g}")
+    return diff, kl, top1, failures
 
 
 def validate(artifact_dir: Path, reference: Path, prompts: list[str] | None = None,
              max_new_tokens: int = 32, budget: Budget | None = None,
-             adapter_dirs: dict[str, Path] | None = None, report: Path | None = None) -> dict:
+             adapter_dirs: dict[str, Path] | None = None, report: Path | None = None,
+             labelled: Path | None = None, limit: int | None = None) -> dict:
     """Compare an artifact with its PyTorch reference; see the module docstring.
 
     Args:
@@ -177,10 +361,13 @@ def validate(artifact_dir: Path, reference: Path, prompts: list[str] | None = No
         reference: the base model folder the artifact was exported from.
         prompts: texts (needs the artifact's tokenizer); default: built-in prompts, or seeded random
             token ids when the artifact has no tokenizer.
-        max_new_tokens: greedy tokens compared per prompt.
+        max_new_tokens: greedy tokens compared per prompt (causal LMs).
         budget: bounds; default the artifact precision's.
         adapter_dirs: PEFT dirs per adapter; default the sources recorded at export.
         report: where to write ``report.json``; default ``artifact_dir/report.json``.
+        labelled: classifiers: a jsonl of ``{"text", "label"}`` rows; accuracy is reported for
+            both sides, and its texts are the inputs compared.
+        limit: use at most this many rows of ``labelled``.
 
     Returns:
         The report dict; ``report["passed"]`` is False when any case breaks the budget.
@@ -193,45 +380,20 @@ def validate(artifact_dir: Path, reference: Path, prompts: list[str] | None = No
     dirs.update(adapter_dirs or {})
     for n, d in dirs.items():
         if not (d / "adapter_config.json").is_file():
-            raise EdgepeftError(f"{d}: adapter {n!r}'s PEFT folder is not there (needed as the "
+            raise EdgepeftError(f"{d}: adapter {n!r}'s folder is not there (needed as the "
                                 f"reference). Pass --adapter {n}=DIR.")
-    if manifest.get("tokenizer"):
-        rows = [art.tokenizer.encode(p).ids for p in (prompts or DEFAULT_PROMPTS)]
-    elif prompts:
-        raise EdgepeftError(f"{artifact_dir}: the artifact has no tokenizer, so text prompts cannot "
-                            "be encoded. Leave out --prompts to use random token ids.")
-    else:
-        rng = np.random.default_rng(0)
-        rows = [rng.integers(0, manifest["base"]["vocab_size"], n).tolist() for n in (5, 9, 12, 7)]
-    ids, mask = batch_inputs(rows, vocab=manifest["base"]["vocab_size"])
-    real = mask.astype(bool)
-
+    if labelled is not None and art.task != "classification":
+        raise EdgepeftError(f"--labels: {artifact_dir} is a {art.task} artifact; labelled accuracy is "
+                            "for classifiers.")
     ref = _Reference(reference, manifest, dirs)
-    results = []
-    for choice in default_choices(art):
-        ort_logits = art.logits(ids, adapter=choice, attention_mask=mask)
-        pt_logits = ref.run(choice, lambda m: _torch_logits(m, ids, mask))
-        diff = float(np.abs(ort_logits - pt_logits)[real].max())
-        kl = float(_kl(pt_logits[real], ort_logits[real]).mean())
-        top1 = float((ort_logits.argmax(-1) == pt_logits.argmax(-1))[real].mean())
-        gen = art.generate(ids, max_new_tokens, adapter=choice, attention_mask=mask,
-                           stop_at_eos=False)[:, ids.shape[1]:]
-        pt_gen = ref.run(choice, lambda m: _torch_greedy(m, ids, mask, max_new_tokens))
-        mism = int((gen != pt_gen).sum())
-        failures = []
-        if not diff <= budget.max_abs_logits:  # also catches NaN
-            failures.append(f"max |Δlogits| {diff:.3g} > {budget.max_abs_logits:g}")
-        if not top1 >= budget.min_top1:
-            failures.append(f"top-1 agreement {top1:.2%} < {budget.min_top1:.2%}")
-        if not kl <= budget.max_kl:
-            failures.append(f"mean KL {kl:.3g} > {budget.max_kl:g}")
-        if budget.greedy_must_match and mism:
-            failures.append(f"greedy generation differs at {mism}/{gen.size} tokens")
-        results.append(CaseResult(_case_name(choice), int(real.sum()), diff, kl, top1, int(gen.size),
-                                  mism, tuple(failures)))
-    out = {"artifact": str(artifact_dir), "reference": str(reference),
+    if art.task == "classification":
+        results = _validate_classifier(art, ref, prompts, budget, labelled, limit)
+    else:
+        results = _validate_causal(art, ref, prompts, budget, max_new_tokens)
+    out = {"artifact": str(artifact_dir), "reference": str(reference), "task": art.task,
            "precision": manifest["precision"], "mode": manifest["mode"], "budget": asdict(budget),
-           "prompts": len(rows), "max_new_tokens": max_new_tokens,
+           "max_new_tokens": max_new_tokens if art.task == "causal-lm" else 0,
+           "labelled": str(labelled) if labelled else None,
            "cases": [asdict(r) for r in results],
            "passed": all(not r.failures for r in results),
            "seconds": round(time.perf_counter() - t0, 2)}
@@ -240,16 +402,89 @@ def validate(artifact_dir: Path, reference: Path, prompts: list[str] | None = No
     return out
 
 
+def _validate_causal(art: Model, ref: _Reference, prompts, budget: Budget, max_new_tokens: int):
+    manifest = art.manifest
+    if manifest.get("tokenizer"):
+        rows = [art.tokenizer.encode(p).ids for p in (prompts or DEFAULT_PROMPTS)]
+    elif prompts:
+        raise EdgepeftError(f"{art.path}: the artifact has no tokenizer, so text prompts cannot "
+                            "be encoded. Leave out --prompts to use random token ids.")
+    else:
+        rng = np.random.default_rng(0)
+        rows = [rng.integers(0, manifest["base"]["vocab_size"], n).tolist() for n in (5, 9, 12, 7)]
+    ids, mask = batch_inputs(rows, vocab=manifest["base"]["vocab_size"])
+    real = mask.astype(bool)
+    results = []
+    for choice in default_choices(art):
+        torch_ref = ref.get(choice)
+        ort_logits = art.logits(ids, adapter=choice, attention_mask=mask)
+        diff, kl, top1, failures = _compare(ort_logits, torch_ref.logits(ids, mask), real, budget)
+        gen = art.generate(ids, max_new_tokens, adapter=choice, attention_mask=mask,
+                           stop_at_eos=False)[:, ids.shape[1]:]
+        pt_gen = torch_ref.greedy(ids, mask, max_new_tokens)
+        mism = int((gen != pt_gen).sum())
+        if budget.greedy_must_match and mism:
+            failures.append(f"greedy generation differs at {mism}/{gen.size} tokens")
+        results.append(CaseResult(_case_name(choice), int(real.sum()), diff, kl, top1, int(gen.size),
+                                  mism, tuple(failures)))
+    return results
+
+
+def _validate_classifier(art: Model, ref: _Reference, prompts, budget: Budget, labelled, limit):
+    manifest = art.manifest
+    labels = None
+    if labelled is not None:
+        texts, raw = read_labelled(labelled)
+        texts, raw = (texts[:limit], raw[:limit]) if limit else (texts, raw)
+        labels = _label_ids(raw, manifest, labelled)
+    elif manifest.get("tokenizer"):
+        texts = list(prompts or DEFAULT_PROMPTS)
+    else:
+        texts = None
+    if texts is not None and not manifest.get("tokenizer"):
+        raise EdgepeftError(f"{art.path}: the artifact has no tokenizer, so texts cannot be encoded.")
+    if texts is None:
+        rng = np.random.default_rng(0)
+        batches = [art._encode([rng.integers(5, manifest["base"]["vocab_size"], n).tolist()
+                                for n in (5, 9, 12, 7)], None)]
+    else:
+        batches = [art._encode(texts[i:i + 32], None) for i in range(0, len(texts), 32)]
+    results = []
+    for choice in default_choices(art):
+        torch_ref = ref.get(choice)
+        ort_logits = np.concatenate([art.classify_logits(i, adapter=choice, attention_mask=m)
+                                     for i, m in batches])
+        pt_logits = np.concatenate([torch_ref.classify_logits(i, m) for i, m in batches])
+        real = np.ones(len(ort_logits), bool)
+        diff, kl, top1, failures = _compare(ort_logits, pt_logits, real, budget)
+        acc = (None, None)
+        if labels is not None:
+            acc = (float((pt_logits.argmax(-1) == labels).mean()), float((ort_logits.argmax(-1) == labels).mean()))
+        results.append(CaseResult(_case_name(choice), len(ort_logits), diff, kl, top1, 0, 0,
+                                  tuple(failures), *acc))
+    return results
+
+
 def format_report(result: dict) -> str:
     """A plain-text table of a :func:`validate` result, one row per case, failures spelled out."""
-    lines = [f"{'case':<36} {'max|Δlogits|':>12} {'mean KL':>10} {'top-1':>7} {'greedy':>9}  verdict"]
+    acc = any(c.get("accuracy_torch") is not None for c in result["cases"])
+    gen = result.get("task", "causal-lm") == "causal-lm"
+    head = f"{'case':<36} {'max|Δlogits|':>12} {'mean KL':>10} {'top-1':>7}"
+    head += f" {'greedy':>9}" if gen else ""
+    head += f" {'acc torch':>9} {'acc onnx':>9}" if acc else ""
+    lines = [head + "  verdict"]
     for c in result["cases"]:
-        greedy = f"{c['greedy_tokens'] - c['greedy_mismatches']}/{c['greedy_tokens']}"
+        row = (f"{c['case'][:36]:<36} {c['max_abs_logits']:>12.2e} {c['mean_kl']:>10.2e} "
+               f"{c['top1_agreement']:>7.2%}")
+        if gen:
+            row += f" {str(c['greedy_tokens'] - c['greedy_mismatches']) + '/' + str(c['greedy_tokens']):>9}"
+        if acc:
+            row += f" {c['accuracy_torch']:>9.2%} {c['accuracy_artifact']:>9.2%}"
         verdict = "ok" if not c["failures"] else "FAIL: " + "; ".join(c["failures"])
-        lines.append(f"{c['case'][:36]:<36} {c['max_abs_logits']:>12.2e} {c['mean_kl']:>10.2e} "
-                     f"{c['top1_agreement']:>7.2%} {greedy:>9}  {verdict}")
+        lines.append(f"{row}  {verdict}")
     b = result["budget"]
     lines.append(f"budget ({result['precision']}): max|Δlogits| <= {b['max_abs_logits']:g}, "
-                 f"top-1 >= {b['min_top1']:.0%}, KL <= {b['max_kl']:g}, greedy identical: "
-                 f"{b['greedy_must_match']}  ->  {'PASSED' if result['passed'] else 'FAILED'}")
+                 f"top-1 >= {b['min_top1']:.0%}, KL <= {b['max_kl']:g}"
+                 + (f", greedy identical: {b['greedy_must_match']}" if gen else "")
+                 + f"  ->  {'PASSED' if result['passed'] else 'FAILED'}")
     return "\n".join(lines)
