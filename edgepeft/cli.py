@@ -42,15 +42,20 @@ def _mix(value: str) -> dict[str, float]:
 def export(args) -> int:
     """Export a base model and PEFT adapters to an on-device artifact directory.
 
-    side (default): one ONNX graph whose LoRA A/B are run-time inputs; each adapter is an
-    .onnx_adapter file, swapped or mixed per call. merged: one graph per adapter with its delta
-    folded into the weights (fastest, no swapping). OUT is written atomically.
+    Adapter kinds (from adapter_config.json): LoRA, DoRA, rsLoRA, IA3, prefix tuning, prompt
+    tuning, P-tuning, and edgepeft's bottleneck adapters. Tasks: causal LMs (KV cache,
+    generation) and sequence classifiers (BERT, RoBERTa, DistilBERT; the head travels with the
+    adapter).
+
+    side (default): one ONNX graph whose adapter weights are run-time inputs; each adapter is an
+    .onnx_adapter file, swapped, mixed or composed per call. merged: one graph per adapter with
+    its weights folded in (fastest, no swapping; LoRA, DoRA, IA3 only). OUT is written atomically.
     """
     from edgepeft.export import ExportConfig
     from edgepeft.export import export as run_export
 
     cfg = ExportConfig(base=Path(args.base), out=Path(args.out), adapters=_adapter_pairs(args.adapter),
-                       mode=args.mode, force=args.force, opset=args.opset)
+                       mode=args.mode, force=args.force, opset=args.opset, task=args.task)
     manifest = run_export(cfg, quiet=args.quiet)
     print(f"{args.out}: {manifest['mode']} artifact, adapters: {', '.join(manifest['adapters']) or '(none)'}")
     return 0
@@ -65,6 +70,8 @@ def _export_args(p):
     p.add_argument("--out", required=True, help="artifact directory to create")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    p.add_argument("--task", choices=["auto", "causal-lm", "classification"], default="auto",
+                   help="auto (default): the adapters' PEFT task_type, else the base's architecture")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
 
 
@@ -89,6 +96,43 @@ def _run_args(p):
     p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
 
 
+def classify(args) -> int:
+    """Class probabilities for texts from a classification artifact, per adapter or mix.
+
+    Texts come from --text (repeatable) or --file (one per line). Prints one line per text:
+    the top label, its probability and all probabilities.
+    """
+    from edgepeft.runtime import Model
+
+    m = Model(args.artifact, threads=args.threads)
+    if args.adapter and args.mix:
+        raise EdgepeftError("pass either --adapter or --mix, not both.")
+    texts = list(args.text or [])
+    if args.file:
+        path = Path(args.file)
+        if not path.is_file():
+            raise EdgepeftError(f"{path}: file not found (one text per line).")
+        texts += [t for t in path.read_text(encoding="utf-8").splitlines() if t.strip()]
+    if not texts:
+        raise EdgepeftError("no texts: pass --text TEXT (repeatable) or --file FILE.")
+    probs = m.classify(texts, adapter=_mix(args.mix) if args.mix else args.adapter)
+    names = m.manifest["base"].get("id2label") or {}
+    for text, row in zip(texts, probs):
+        top = int(row.argmax())
+        label = names.get(str(top), str(top))
+        print(f"{label}\t{row[top]:.3f}\t[{', '.join(f'{x:.3f}' for x in row)}]\t{text[:60]}")
+    return 0
+
+
+def _classify_args(p):
+    p.add_argument("artifact", help="classification artifact directory")
+    p.add_argument("--adapter", default=None, help="adapter name (default: the base head, if trained)")
+    p.add_argument("--mix", default=None, metavar="NAME=W,...", help="weighted mix / composition")
+    p.add_argument("--text", action="append", help="a text to classify; repeat for more")
+    p.add_argument("--file", default=None, help="text file, one text per line")
+    p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
+
+
 def inspect(args) -> int:
     """Show what an artifact holds: graph inputs and outputs, adapters, files and sizes."""
     from edgepeft.runtime.manifest import read_manifest
@@ -101,10 +145,23 @@ def inspect(args) -> int:
     print(f"{root}: {m['task']}, mode {m['mode']}, precision {m['precision']}, "
           f"base {m['base']['model_type']} ({m['base']['fingerprint'][:19]}...), "
           f"edgepeft {m['edgepeft_version']}, format {m['format_version']}")
-    print(f"kv cache: {m['kv_cache']['layers']} layers; LoRA slots: {len(m.get('lora_slots', []))}")
+    if m["task"] == "causal-lm":
+        print(f"kv cache: {m['kv_cache']['layers']} layers", end="; ")
+    else:
+        print(f"{m['base']['num_labels']} labels, head trained in base: {m['base']['head_trained']}", end="; ")
+    print(f"adapted layers: {len(m.get('slots', []))}; adapter inputs: {len(m.get('inputs', {}))}")
     for name, a in m["adapters"].items():
-        print(f"adapter {name}: {a['kind']} rank {a['rank']} (ranks {a['ranks']}), alpha {a['alpha']:g}, "
-              f"scale {a['scale']:.4g}{' rsLoRA' if a['rslora'] else ''}, {len(a['targets'])} layers")
+        line = f"adapter {name}: {a['kind']}"
+        if a["kind"] in ("lora", "dora"):
+            line += (f" rank {a['rank']} (ranks {a['ranks']}), alpha {a['alpha']:g}, scale "
+                     f"{a['scale']:.4g}{' rsLoRA' if a['rslora'] else ''}")
+        if a.get("virtual_tokens"):
+            line += f" {a['virtual_tokens']} virtual tokens"
+        if a.get("reduction_factor"):
+            line += f" reduction {a['reduction_factor']}, {a.get('non_linearity')}"
+        line += f", {len(a.get('targets', []))} layers"
+        line += f", head {', '.join(a['head'])}" if a.get("head") else ""
+        print(line)
     total = 0
     for f in sorted(p for p in root.rglob("*") if p.is_file()):
         size = f.stat().st_size
@@ -137,8 +194,10 @@ def _verify_args(p):
 def validate(args) -> int:
     """Check an artifact against the PyTorch base model + peft adapters; exit 1 if a budget breaks.
 
-    Compares, per adapter, per mix and for the base model: max |Δlogits|, mean KL, top-1
-    agreement and greedy generations. Writes report.json into the artifact (or --report).
+    Compares, per adapter, per mix, per LoRA + prefix composition and for the base model:
+    max |Δlogits|, mean KL, top-1 agreement and greedy generations. Classifiers: the same on the
+    class logits; with --labels FILE.jsonl ({"text": ..., "label": ...} rows) the accuracy of
+    both sides too. Writes report.json into the artifact (or --report).
     """
     from edgepeft.validate import format_report
     from edgepeft.validate import validate as run_validate
@@ -153,7 +212,8 @@ def validate(args) -> int:
             raise EdgepeftError(f"{path}: no prompts in it (one prompt per line).")
     result = run_validate(Path(args.artifact), Path(args.reference), prompts=prompts,
                           max_new_tokens=args.max_new_tokens, adapter_dirs=dict(_adapter_pairs(args.adapter)),
-                          report=Path(args.report) if args.report else None)
+                          report=Path(args.report) if args.report else None,
+                          labelled=Path(args.labels) if args.labels else None, limit=args.limit)
     print(json.dumps(result, indent=2) if args.json else format_report(result))
     return 0 if result["passed"] else 1
 
@@ -165,6 +225,9 @@ def _validate_args(p):
     p.add_argument("--adapter", action="append", metavar="NAME=DIR",
                    help="PEFT folder of an adapter (default: the path recorded at export)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="greedy tokens compared per prompt")
+    p.add_argument("--labels", default=None, metavar="FILE.jsonl",
+                   help="classifiers: labelled rows {\"text\", \"label\"}; reports accuracy of torch and artifact")
+    p.add_argument("--limit", type=int, default=None, help="use at most this many labelled rows")
     p.add_argument("--report", default=None, help="where to write report.json (default: in the artifact)")
     p.add_argument("--json", action="store_true", help="print the machine-readable result")
 
@@ -191,6 +254,7 @@ COMMANDS = {
     "export": (export, _export_args),
     "validate": (validate, _validate_args),
     "run": (run, _run_args),
+    "classify": (classify, _classify_args),
     "inspect": (inspect, _inspect_args),
     "verify": (verify, _verify_args),
     "demo": (demo, _demo_args),
