@@ -250,6 +250,57 @@ def _demo_args(p):
     p.add_argument("--max-new-tokens", type=int, default=8, help="greedy tokens compared in validation")
 
 
+def train(args) -> int:
+    """Train a small adapter on CPU from a JSON-lines file, ready for export.
+
+    DATA has one JSON object per line: {"text": ...} trains a causal LM (loss on every token);
+    {"text": ..., "label": ...} trains a sequence classifier (int or string labels; the head is
+    saved with the adapter). lora, dora, ia3, prompt and prefix are saved by peft and load with
+    PeftModel.from_pretrained; bottleneck is edgepeft's Houlsby adapter. OUT is written atomically
+    and also holds train_log.json (config, labels, losses).
+    """
+    from edgepeft.train import TrainConfig
+    from edgepeft.train import train as run_train
+
+    targets = tuple(t.strip() for t in args.target_modules.split(",") if t.strip()) if args.target_modules else None
+    cfg = TrainConfig(kind=args.kind, model=Path(args.model), data=Path(args.data), out=Path(args.out),
+                      task=args.task, epochs=args.epochs, steps=args.steps, lr=args.lr,
+                      batch_size=args.batch_size, max_length=args.max_length, r=args.r,
+                      num_virtual_tokens=args.num_virtual_tokens, reduction_factor=args.reduction_factor,
+                      seed=args.seed, force=args.force, target_modules=targets)
+    s = run_train(cfg, quiet=args.quiet)
+    labels = f", labels {', '.join(s['labels'])}" if s["labels"] else ""
+    print(f"trained {s['kind']} ({s['task']}{labels}): {s['trainable_params']:,} trainable parameters, "
+          f"{s['steps']} steps in {s['seconds']:.1f} s, final loss {s['final_loss']:.4f}")
+    print(f"wrote {s['out']}")
+    return 0
+
+
+def _train_args(p):
+    from edgepeft.train import DEFAULT_LR, KINDS
+
+    p.add_argument("model", help="Hugging Face model folder of the base model (with its tokenizer)")
+    p.add_argument("--data", required=True, help="JSON-lines file: {\"text\": ...} or {\"text\": ..., \"label\": ...} per line")
+    p.add_argument("--kind", required=True, choices=KINDS, help="adapter kind (prefix: causal LM only)")
+    p.add_argument("--out", required=True, help="adapter folder to create")
+    p.add_argument("--task", choices=["auto", "causal-lm", "classification"], default="auto",
+                   help="auto (default): classification when the rows have a label")
+    p.add_argument("--epochs", type=int, default=1, help="passes over the data (default 1)")
+    p.add_argument("--steps", type=int, default=None, help="stop after this many steps (a cap on --epochs)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="learning rate (default per kind: " + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")")
+    p.add_argument("--batch-size", type=int, default=8, help="rows per step (default 8)")
+    p.add_argument("--max-length", type=int, default=128, help="tokens per row, longer texts are truncated (default 128)")
+    p.add_argument("--r", type=int, default=8, help="LoRA/DoRA rank, lora_alpha = 2r (default 8)")
+    p.add_argument("--num-virtual-tokens", type=int, default=8, help="prompt/prefix length (default 8)")
+    p.add_argument("--reduction-factor", type=int, default=16, help="bottleneck size = hidden // this (default 16)")
+    p.add_argument("--target-modules", default=None, metavar="A,B,...",
+                   help="layers to adapt, comma-separated (default: the model family's)")
+    p.add_argument("--seed", type=int, default=0, help="seeds head and adapter init, shuffling, dropout (default 0)")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 COMMANDS = {
     "export": (export, _export_args),
     "validate": (validate, _validate_args),
@@ -258,6 +309,7 @@ COMMANDS = {
     "inspect": (inspect, _inspect_args),
     "verify": (verify, _verify_args),
     "demo": (demo, _demo_args),
+    "train": (train, _train_args),
 }
 
 

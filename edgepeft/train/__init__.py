@@ -10,10 +10,10 @@ Data, one JSON object per line:
 Kinds: ``lora``, ``dora``, ``ia3``, ``prompt``, ``prefix`` are trained and saved with peft
 (``get_peft_model`` + ``save_pretrained``), so the output loads with ``PeftModel.from_pretrained``;
 ``bottleneck`` uses :mod:`edgepeft.adapters.bottleneck` and its own PEFT-shaped format. For
-classification the head (``classifier`` / ``score``) is trained and saved as ``modules_to_save``;
-other randomly initialised head layers (DistilBERT's ``pre_classifier``) stay frozen and unsaved,
-as peft does, so a reader must load the base with the same seed (``torch.manual_seed(seed)``
-before ``from_pretrained``) to reproduce them.
+classification the head is trained and saved as ``modules_to_save``: every top-level module whose
+name ends with ``classifier`` or ``score`` (peft's suffix rule, so DistilBERT's ``pre_classifier``
+too). Randomly initialised head layers outside that rule are neither trained nor saved; the head
+is drawn after ``torch.manual_seed(seed)``, so loading the base the same way reproduces them.
 
 The output folder holds the adapter files and ``train_log.json`` (config, labels, per-step
 losses, seconds). It is written into a temporary sibling folder and renamed at the end.
@@ -322,10 +322,12 @@ def _peft_model(model, cfg: TrainConfig, classification: bool):
 
 
 def _head_modules(model) -> list[str]:
-    """Top-level classification head modules peft would put in ``modules_to_save``."""
-    from torch import nn
+    """Top-level head modules peft trains and saves for SEQ_CLS (``modules_to_save``).
 
-    return [n for n in HEAD_NAMES if isinstance(getattr(model, n, None), nn.Module)]
+    peft matches ``classifier`` / ``score`` as a name *suffix*, so DistilBERT's ``pre_classifier``
+    is trained and saved too (peft 0.21); the same rule here keeps the two formats alike.
+    """
+    return [n for n, _ in model.named_children() if any(n.endswith(h) for h in HEAD_NAMES)]
 
 
 def _encode(tokenizer, data: Dataset, cfg: TrainConfig, classification: bool) -> list[list[int]]:
@@ -344,16 +346,20 @@ def _encode(tokenizer, data: Dataset, cfg: TrainConfig, classification: bool) ->
     return ids_list
 
 
-def _batch(rows: list[list[int]], pad_id: int, labels: list[int] | None):
-    """Right-padded batch: input_ids, attention_mask (B, T) and labels ((B,) ids or (B, T), -100 on pads)."""
+def _batch(rows: list[list[int]], pad_id: int, labels: list[int] | None, left: bool = False):
+    """Padded batch: input_ids, attention_mask (B, T) and labels ((B,) ids or (B, T), -100 on pads).
+
+    Right padding, or left (``left``) where the model pools the last position blindly.
+    """
     import torch
 
     t = max(len(r) for r in rows)
     ids = torch.full((len(rows), t), pad_id, dtype=torch.long)  # (B, T)
     mask = torch.zeros((len(rows), t), dtype=torch.long)  # (B, T)
     for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.tensor(r)
-        mask[i, :len(r)] = 1
+        span = slice(t - len(r), t) if left else slice(0, len(r))
+        ids[i, span] = torch.tensor(r)
+        mask[i, span] = 1
     if labels is not None:
         y = torch.tensor(labels, dtype=torch.long)  # (B,)
     else:
@@ -444,6 +450,9 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
         net = model
     else:
         net = _peft_model(model, cfg, classification)
+    # Decoder classifiers (a ``score`` head) pool the last non-pad token, found from input_ids; with
+    # prompt tuning peft feeds embeddings instead and they pool the last position: pad on the left.
+    left = classification and cfg.kind == "prompt" and hasattr(model, "score")
     params = [p for p in net.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in params)
 
@@ -462,7 +471,7 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
                     break
                 idx = order[start:start + cfg.batch_size]
                 batch = _batch([rows[i] for i in idx], tokenizer.pad_token_id,
-                               [data.labels[i] for i in idx] if classification else None)
+                               [data.labels[i] for i in idx] if classification else None, left)
                 loss = net(**batch).loss
                 if not torch.isfinite(loss):
                     raise EdgepeftError(f"step {len(losses) + 1}: the loss is {loss.item()}; lower --lr "
@@ -494,6 +503,9 @@ def _write_out(cfg: TrainConfig, net, model, classification: bool, log: dict) ->
     out = cfg.out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
     old = None
     try:
         if cfg.kind == "bottleneck":
