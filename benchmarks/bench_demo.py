@@ -32,7 +32,7 @@ What is measured, all in one run so every number saw the same machine load:
 
 2. Adapter swap cost (one subprocess per system, many repeats, medians):
 
-   - edgepeft side branch: ``Model._lora_feeds(name)`` alternating two adapters (what a call with
+   - edgepeft side branch: ``Model._feeds(name)`` alternating two adapters (what a call with
      another ``adapter=`` does before running); an uncached 2-adapter mix (cache cleared each
      time) and a cached one; and a single decode step (32-token KV cache) run right after
      switching the LoRA feeds vs the same step with unchanged feeds (pattern A A B B ...: the
@@ -263,7 +263,7 @@ def ort_step_fn(m, session, lora_of, spec):
     ids = np.asarray([spec["prompt_ids"]], np.int64)
     mask = np.ones_like(ids)
     t = time.perf_counter()
-    _, *present = m._run(session, lora_of(), ids, mask, m._empty_past(1))
+    _, *present = m._run(session, lora_of(), ids, mask, m._start(1, mask, None)[0])
     prefill_ms = (time.perf_counter() - t) * 1e3
     past = {n: v for i in range(len(m._cache)) for n, v in zip(past_names(i), present[2 * i:2 * i + 2])}
     step_ids = ids[:, -1:]
@@ -281,21 +281,21 @@ def worker_swap_side(spec: dict, quick: bool) -> dict:
 
     def feeds_alternating():
         i[0] += 1
-        return m._lora_feeds(names[i[0] % 2])
+        return m._feeds(names[i[0] % 2])[0]
 
     def mix_uncached():
         m._mixes.clear()
-        return m._lora_feeds(MIX)
+        return m._feeds(MIX)[0]
 
     res = {"lora_feeds_name_alternating": timeit_us(feeds_alternating, n),
-           "lora_feeds_none": timeit_us(lambda: m._lora_feeds(None), n),
+           "lora_feeds_none": timeit_us(lambda: m._feeds(None)[0], n),
            "lora_feeds_mix_uncached": timeit_us(mix_uncached, n // 10),
-           "lora_feeds_mix_cached": timeit_us(lambda: m._lora_feeds(MIX), n)}
+           "lora_feeds_mix_cached": timeit_us(lambda: m._feeds(MIX)[0], n)}
     session = m._sessions[None]
     pairs = 15 if quick else 60
-    # the step includes _lora_feeds for the current choice, as generate does at the start of a call
+    # the step includes _feeds for the current choice, as generate does at the start of a call
     cur = ["numbers"]
-    _, step = ort_step_fn(m, session, lambda: m._lora_feeds(cur[0]), spec)
+    _, step = ort_step_fn(m, session, lambda: m._feeds(cur[0])[0], spec)
 
     def choose(name):
         def run():
@@ -615,12 +615,12 @@ def print_tables(result: dict) -> None:
     rows = []
     side = sw.get("swap-side", {})
     if "error" not in side and side:
-        rows += [("edgepeft side: _lora_feeds(name), alternating 2 adapters",
+        rows += [("edgepeft side: _feeds(name), alternating 2 adapters",
                   f"{side['lora_feeds_name_alternating']['median_us']:.1f} us"),
-                 ("edgepeft side: _lora_feeds(None)", f"{side['lora_feeds_none']['median_us']:.1f} us"),
-                 ("edgepeft side: _lora_feeds(50/50 mix), uncached",
+                 ("edgepeft side: _feeds(None)", f"{side['lora_feeds_none']['median_us']:.1f} us"),
+                 ("edgepeft side: _feeds(50/50 mix), uncached",
                   f"{side['lora_feeds_mix_uncached']['median_us']:.1f} us"),
-                 ("edgepeft side: _lora_feeds(50/50 mix), cached",
+                 ("edgepeft side: _feeds(50/50 mix), cached",
                   f"{side['lora_feeds_mix_cached']['median_us']:.1f} us")]
         for key, label in (("step_numbers_vs_sentiment", "numbers<->sentiment"),
                            ("step_numbers_vs_base", "numbers<->base"),

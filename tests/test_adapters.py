@@ -110,8 +110,7 @@ def test_malicious_pickle_runs_nothing(llama, llama_adapters, tmp_path):
 @pytest.mark.parametrize("change, message", [
     ({"peft_type": "LOHA"}, r"peft_type 'LOHA' is not supported\. Supported: LORA"),
     ({"bias": "all"}, r"bias='all'.*Retrain with bias='none'"),
-    ({"use_dora": True}, r"use_dora=True: DoRA"),
-    ({"modules_to_save": ["lm_head"]}, r"modules_to_save"),
+    ({"use_dora": True}, r"has A, B but needs A, B, m .*DoRA's lora_magnitude_vector"),
     ({"target_modules": ["qq_proj"]}, r"matches no module of the base model\. Modules that exist: q_proj \(x2\), k_proj"),
     ({"target_modules": ["q_proj", "v_proj", "k_proj"]}, r"name 2 module\(s\) without weights"),
     ({"r": 5}, r"config says rank 5 .* tensors have rank 4"),
@@ -164,4 +163,17 @@ def test_nan_weights_are_refused(llama, llama_adapters, tmp_path):
     tensors[key][0, 0] = float("nan")
     save_file(tensors, st)
     with pytest.raises(EdgepeftError, match="NaN or Inf"):
+        read_adapter("chat", ad, llama)
+
+
+def test_causal_lm_head_copies_are_refused(llama, llama_adapters, tmp_path):
+    """modules_to_save on a causal LM (a full lm_head copy) is not exported: say so, don't drop it."""
+    from safetensors.torch import load_file, save_file
+
+    ad = _copy(llama_adapters["chat"], tmp_path)
+    _edit_config(ad, modules_to_save=["lm_head"])
+    tensors = load_file(ad / "adapter_model.safetensors")
+    tensors["base_model.model.lm_head.weight"] = llama.lm_head.weight.detach().clone()
+    save_file(tensors, ad / "adapter_model.safetensors")
+    with pytest.raises(EdgepeftError, match=r"lm_head.weight \(modules_to_save\); on a causal LM"):
         read_adapter("chat", ad, llama)

@@ -21,10 +21,10 @@ def _run(capsys, *argv):
 def test_help_comes_from_docstrings():
     res = subprocess.run([sys.executable, "-m", "edgepeft", "export", "--help"], capture_output=True, text=True)
     assert res.returncode == 0
-    assert "side (default): one ONNX graph whose LoRA A/B are run-time inputs" in res.stdout
+    assert "side (default): one ONNX graph whose adapter weights are run-time inputs" in res.stdout
     assert "--adapter NAME=DIR" in res.stdout
     top = subprocess.run([sys.executable, "-m", "edgepeft", "--help"], capture_output=True, text=True)
-    for cmd in ("export", "validate", "run", "inspect", "verify", "demo"):
+    for cmd in ("export", "validate", "run", "classify", "train", "inspect", "verify", "demo"):
         assert cmd in top.stdout
 
 

@@ -78,7 +78,7 @@ def test_mix_is_linear_in_the_weights(model):
     ids = _ids()
     np.testing.assert_allclose(model.logits(ids, adapter={"chat": 1.0}), model.logits(ids, adapter="chat"), atol=1e-5)
     np.testing.assert_allclose(model.logits(ids, adapter={"chat": 0.0, "sql": 0.0}), model.logits(ids), atol=1e-5)
-    feeds = model._lora_feeds({"chat": 0.7, "sql": 0.3})
+    feeds = model._feeds({"chat": 0.7, "sql": 0.3})[0]
     a, b = lora_input_names("model.layers.0.self_attn.q_proj")
     assert feeds[a].shape[0] == 4 + 8 and feeds[b].shape[1] == 4 + 8  # ranks concatenated
 
@@ -130,9 +130,9 @@ def test_swapping_rebuilds_no_session(model):
         model.logits(_ids(), adapter=choice)
     assert model._sessions == {None: session}
     np.testing.assert_array_equal(model.logits(_ids(), adapter="chat"), first)
-    feeds = model._lora_feeds("chat")
+    feeds = model._feeds("chat")[0]
     a, _ = lora_input_names("model.layers.0.self_attn.q_proj")
-    assert feeds[a] is model._arrays["chat"][a]  # fed as loaded: no per-call copies
+    assert feeds[a] is model._graph_arrays["chat"][a]  # fed as loaded: no per-call copies
 
 
 def test_threads_each_get_their_own_adapter(model):
