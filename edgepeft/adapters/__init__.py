@@ -10,15 +10,16 @@ from pathlib import Path
 
 from torch import nn
 
-from edgepeft.adapters import ia3, lora, prefix, prompt
+from edgepeft.adapters import bottleneck, ia3, lora, prefix, prompt
 from edgepeft.adapters.common import read_config
 from edgepeft.errors import EdgepeftError
 from edgepeft.runtime.manifest import check_adapter_name
 
 KINDS = {"LORA": lora, "IA3": ia3, "PREFIX_TUNING": prefix, "PROMPT_TUNING": prompt,
-         "P_TUNING": prompt}
+         "P_TUNING": prompt, "BOTTLENECK": bottleneck}
 # What each adapter dataclass's ``kind`` says -> its module (LoRA with use_dora says "dora").
-_BY_KIND = {"lora": lora, "dora": lora, "ia3": ia3, "prefix": prefix, "prompt": prompt}
+_BY_KIND = {"lora": lora, "dora": lora, "ia3": ia3, "prefix": prefix, "prompt": prompt,
+            "bottleneck": bottleneck}
 
 
 def kind_module(adapter):

@@ -393,17 +393,11 @@ def config_from_json(config: dict, path: Path) -> BottleneckConfig:
         raise EdgepeftError(f"{path}: {e}") from None
 
 
-@torch.no_grad()
-def load_bottleneck(model: nn.Module, adapter_dir: Path) -> nn.Module:
-    """Wrap ``model`` as the adapter directory says and load its weights: the PyTorch reference.
-
-    Args:
-        model: a fresh base model (no adapters), of the class the adapter was trained with
-            (a sequence-classification model when the adapter carries a head).
-        adapter_dir: written by :func:`save_bottleneck` / ``edgepeft train --kind bottleneck``.
+def _parse(model: nn.Module, adapter_dir: Path):
+    """Read and check a bottleneck directory against ``model`` (not modified).
 
     Returns:
-        ``model``, wrapped in place and in eval mode.
+        (config, weights file, ``{module: {part: tensor}}``, ``{head param: tensor}``).
 
     Raises:
         EdgepeftError: missing or unreadable files, target modules the model does not have (the
@@ -474,7 +468,27 @@ def load_bottleneck(model: nn.Module, adapter_dir: Path) -> nn.Module:
         raise EdgepeftError(f"{weights_file}: {len(extra)} tensor(s) the config does not account for "
                             f"(e.g. {extra[0]!r}); target_modules and modules_to_save in {CONFIG_NAME} "
                             "must name every saved module.")
+    return cfg, weights_file, layers, head
 
+
+@torch.no_grad()
+def load_bottleneck(model: nn.Module, adapter_dir: Path) -> nn.Module:
+    """Wrap ``model`` as the adapter directory says and load its weights: the PyTorch reference.
+
+    Args:
+        model: a fresh base model (no adapters), of the class the adapter was trained with
+            (a sequence-classification model when the adapter carries a head).
+        adapter_dir: written by :func:`save_bottleneck` / ``edgepeft train --kind bottleneck``.
+
+    Returns:
+        ``model``, wrapped in place and in eval mode.
+
+    Raises:
+        EdgepeftError: as :func:`_parse`.
+    """
+    cfg, _, layers, head = _parse(model, Path(adapter_dir))
+    linears = _linears(model)
+    params = dict(model.named_parameters())
     for name in cfg.target_modules:
         base = linears[name]
         wrapper = BottleneckAdapter(base, cfg.rank(out_features(base)), cfg.non_linearity)
@@ -487,3 +501,64 @@ def load_bottleneck(model: nn.Module, adapter_dir: Path) -> nn.Module:
     for name, t in head.items():
         params[name].copy_(t.to(params[name].dtype))
     return model.eval()
+
+
+# ---------------------------------------------------------------- export side (kind interface)
+@dataclass(frozen=True)
+class BottleneckRead:
+    """A bottleneck adapter read for export: per module ``down (r, d)``, ``down_bias (r,)``,
+    ``up (d, r)``, ``up_bias (d,)``, fp32, and a carried head."""
+
+    name: str
+    source: Path
+    weights_file: Path
+    config: BottleneckConfig
+    modules: dict[str, dict[str, torch.Tensor]]
+    head: dict[str, torch.Tensor]
+    kind: str = KIND
+
+
+def read(name: str, adapter_dir: Path, config: dict, model: nn.Module,
+         task: str = "causal-lm") -> BottleneckRead:
+    """Read an edgepeft bottleneck directory and check it against ``model``.
+
+    Raises:
+        EdgepeftError: as :func:`load_bottleneck`; a head on a causal LM.
+    """
+    cfg, weights_file, layers, head = _parse(model, Path(adapter_dir))
+    if head and task != "classification":
+        raise EdgepeftError(f"{weights_file}: carries a head ({', '.join(sorted(head))}); on a causal LM "
+                            "that is not exported. Save it without modules_to_save.")
+    modules = {m: {"down": t["adapter_down.weight"].float(), "down_bias": t["adapter_down.bias"].float(),
+                   "up": t["adapter_up.weight"].float(), "up_bias": t["adapter_up.bias"].float()}
+               for m, t in layers.items()}
+    return BottleneckRead(name, Path(adapter_dir), weights_file, cfg, modules,
+                          {n: t.float() for n, t in head.items()})
+
+
+def merge(model: nn.Module, adapter: BottleneckRead, weight: float = 1.0) -> None:
+    """A bottleneck is non-linear in its weights: there is nothing to merge."""
+    raise EdgepeftError(f"adapter {adapter.name!r} is a bottleneck adapter: its branch is non-linear "
+                        "(an activation between two projections), so it cannot be merged. Export it "
+                        "with --mode side.")
+
+
+def side(adapter: BottleneckRead, model: nn.Module):
+    """Graph inputs ``bottleneck_<act>.{module}.down|down_bias|up|up_bias``."""
+    import numpy as np
+
+    from edgepeft.adapters.common import SideBranch, head_to_numpy
+
+    feature = f"bottleneck_{adapter.config.non_linearity}"
+    layers = {(m, feature): {k: np.ascontiguousarray(v.numpy(), np.float32) for k, v in parts.items()}
+              for m, parts in adapter.modules.items()}
+    return SideBranch(layers=layers, head=head_to_numpy(adapter.head))
+
+
+def manifest_entry(adapter: BottleneckRead) -> dict:
+    """What the manifest records for this adapter (besides file and checksum)."""
+    c = adapter.config
+    ranks = sorted({int(p["down"].shape[0]) for p in adapter.modules.values()})
+    return {"kind": KIND, "config": c.config, "reduction_factor": c.reduction_factor, "ranks": ranks,
+            "non_linearity": c.non_linearity, "targets": sorted(adapter.modules),
+            "head": sorted(adapter.head)}

@@ -133,7 +133,7 @@ class _Ref:
 
                 b, p = ids.shape[0], self.prefix[0][0].shape[2]
                 data = [(k.expand(b, -1, -1, -1).clone(), v.expand(b, -1, -1, -1).clone()) for k, v in self.prefix]
-                kwargs["past_key_values"] = DynamicCache(ddp_cache_data=data, config=self.model.config)
+                kwargs["cache"] = DynamicCache(ddp_cache_data=data, config=self.model.config)
                 full = np.concatenate([np.ones((b, p), np.int64), mask], axis=1)  # (B, p + S)
             out = self.model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(full),
                              position_ids=_positions_t(full)[:, -ids.shape[1]:], use_cache=bool(kwargs),
