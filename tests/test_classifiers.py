@@ -1,0 +1,146 @@
+"""Encoder classifiers (BERT, RoBERTa, DistilBERT): every kind, the head swapped with the adapter.
+
+The bases are saved without a classification head (like a sentence encoder such as MiniLM), so
+each adapter must carry its own (PEFT ``modules_to_save``) and a test cannot pass on the base's.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import VOCAB, make_adapter, make_tokenizer
+from edgepeft.errors import EdgepeftError
+from edgepeft.export import ExportConfig, export
+from edgepeft.runtime import Model
+from edgepeft.validate import Budget, validate
+
+TIGHT = Budget(max_abs_logits=1e-4)
+ENCODERS = {
+    "bert": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                 vocab_size=VOCAB, max_position_embeddings=64),
+    "roberta": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                    vocab_size=VOCAB, max_position_embeddings=66, pad_token_id=0),
+    "distilbert": dict(dim=64, n_layers=2, n_heads=4, hidden_dim=128, vocab_size=VOCAB,
+                       max_position_embeddings=64),
+}
+# PEFT has no default targets for DistilBERT; prompt tuning cannot read its config names either.
+EXTRA = {"distilbert": {"lora": {"target_modules": ["q_lin", "v_lin"]},
+                        "dora": {"target_modules": ["q_lin", "v_lin", "lin2"]},
+                        "ia3": {"target_modules": ["q_lin", "v_lin", "lin2"], "feedforward_modules": ["lin2"]},
+                        "prompt": {"token_dim": 64, "num_layers": 2, "num_attention_heads": 4}}}
+HEADS = {"bert": ["classifier"], "roberta": ["classifier"], "distilbert": ["pre_classifier", "classifier"]}
+
+
+def _bottleneck(base, out, arch):
+    from transformers import AutoModelForSequenceClassification
+
+    from edgepeft.adapters.bottleneck import BottleneckConfig, add_bottleneck, save_bottleneck
+
+    torch.manual_seed(7)
+    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=2)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if any(name.startswith(h + ".") for h in HEADS[arch]):
+                p.copy_(torch.randn_like(p) * 0.5)
+    cfg = BottleneckConfig(config="houlsby", reduction_factor=8, non_linearity="gelu")
+    add_bottleneck(model, cfg, init_up_std=1.0)
+    save_bottleneck(model, out, cfg, "SEQ_CLS", str(base), modules_to_save=HEADS[arch])
+    return out
+
+
+@pytest.fixture(scope="module", params=list(ENCODERS))
+def encoder(request, tmp_path_factory):
+    """(arch, base dir, adapters, side artifact, labelled jsonl) for one encoder family."""
+    from transformers import AutoConfig, AutoModel
+
+    arch = request.param
+    root = tmp_path_factory.mktemp(arch)
+    torch.manual_seed(0)
+    base = root / "base"
+    AutoModel.from_config(AutoConfig.for_model(arch, **ENCODERS[arch])).save_pretrained(base)
+    make_tokenizer(base)
+    ads = {k: make_adapter(base, root / k, k, seed=i + 1, task="SEQ_CLS", **EXTRA.get(arch, {}).get(k, {}))
+           for i, k in enumerate(("lora", "dora", "ia3", "prompt"))}
+    ads["bottleneck"] = _bottleneck(base, root / "bottleneck", arch)
+    side = root / "side"
+    export(ExportConfig(base=base, out=side, adapters=tuple(ads.items())), quiet=True)
+    rng = np.random.default_rng(0)
+    rows = [{"text": " ".join(f"w{i}" for i in rng.integers(3, VOCAB, rng.integers(3, 20))),
+             "label": int(rng.integers(0, 2))} for _ in range(40)]
+    labelled = root / "labelled.jsonl"
+    labelled.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return arch, base, ads, side, labelled
+
+
+def test_every_kind_matches_pytorch_with_accuracy(encoder):
+    arch, base, ads, side, labelled = encoder
+    result = validate(side, base, budget=TIGHT, labelled=labelled)
+    cases = {c["case"]: c for c in result["cases"]}
+    assert set(cases) == set(ads)  # no "base": it has no trained head
+    assert result["passed"], {n: c["failures"] for n, c in cases.items()}
+    for c in cases.values():
+        assert c["positions"] == 40 and c["max_abs_logits"] <= 1e-4
+        assert c["accuracy_torch"] == c["accuracy_artifact"]
+
+
+def test_heads_swap_with_adapters(encoder):
+    """Each adapter brings its own head: same inputs, different class probabilities."""
+    _, _, ads, side, _ = encoder
+    m = Model(side)
+    texts = ["w5 w9 w11", "w40 w41 w42 w43 w44 w45 w46", "w7"]
+    probs = {name: m.classify(texts, adapter=name) for name in ads}
+    for p in probs.values():
+        assert p.shape == (3, 2) and np.allclose(p.sum(-1), 1, atol=1e-5) and (p >= 0).all()
+    names = list(probs)
+    for a, b in zip(names, names[1:]):
+        assert np.abs(probs[a] - probs[b]).max() > 1e-3
+    with pytest.raises(EdgepeftError, match="no trained classification head"):
+        m.classify(texts)
+    with pytest.raises(EdgepeftError, match=r"both set head\."):
+        m.classify(texts, adapter={"lora": 1.0, "ia3": 1.0})
+    with pytest.raises(EdgepeftError, match=r"classification artifact: generate\(\)"):
+        m.generate([[5, 6]])
+
+
+def test_padding_does_not_change_a_row(encoder):
+    _, _, ads, side, _ = encoder
+    m = Model(side)
+    rows = [[5, 9, 11, 40], [7, 8], [30, 31, 32, 33, 34, 35, 36]]
+    for name in ads:
+        together = m.classify_logits(rows, adapter=name)
+        alone = np.concatenate([m.classify_logits([r], adapter=name) for r in rows])
+        np.testing.assert_allclose(together, alone, atol=1e-5)
+
+
+def test_merged_classifiers_match_pytorch(encoder, tmp_path):
+    arch, base, ads, _, labelled = encoder
+    out = tmp_path / "merged"
+    export(ExportConfig(base=base, out=out, mode="merged",
+                        adapters=tuple((k, ads[k]) for k in ("lora", "dora", "ia3"))), quiet=True)
+    result = validate(out, base, budget=TIGHT, labelled=labelled)
+    assert [c["case"] for c in result["cases"]] == ["lora", "dora", "ia3"]
+    assert result["passed"], result["cases"]
+
+
+def test_encoder_prefix_and_headless_adapters_are_refused(tmp_path):
+    from transformers import AutoConfig, AutoModel
+
+    base = tmp_path / "base"
+    AutoModel.from_config(AutoConfig.for_model("bert", **ENCODERS["bert"])).save_pretrained(base)
+    prefix = make_adapter(base, tmp_path / "prefix", "prefix", task="SEQ_CLS")
+    with pytest.raises(EdgepeftError, match="prefix tuning is exported for decoders only"):
+        export(ExportConfig(base=base, out=tmp_path / "o1", adapters=(("p", prefix),)), quiet=True)
+    headless = make_adapter(base, tmp_path / "headless", "lora", task="SEQ_CLS", modules_to_save=None)
+    cfg = json.loads((headless / "adapter_config.json").read_text())
+    if cfg.get("modules_to_save"):  # PEFT adds the head for SEQ_CLS; drop it from the file
+        from safetensors.torch import load_file, save_file
+
+        t = {k: v for k, v in load_file(headless / "adapter_model.safetensors").items() if "classifier" not in k}
+        save_file(t, headless / "adapter_model.safetensors")
+    with pytest.raises(EdgepeftError, match="has no trained classification head .* does not carry one"):
+        export(ExportConfig(base=base, out=tmp_path / "o2", adapters=(("h", headless),)), quiet=True)
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
