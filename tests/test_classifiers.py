@@ -31,7 +31,8 @@ ENCODERS = {
 EXTRA = {"distilbert": {"lora": {"target_modules": ["q_lin", "v_lin"]},
                         "dora": {"target_modules": ["q_lin", "v_lin", "lin2"]},
                         "ia3": {"target_modules": ["q_lin", "v_lin", "lin2"], "feedforward_modules": ["lin2"]},
-                        "prompt": {"token_dim": 64, "num_layers": 2, "num_attention_heads": 4}}}
+                        "prompt": {"token_dim": 64, "num_layers": 2, "num_attention_heads": 4},
+                        "p_tuning": {"token_dim": 64, "num_layers": 2, "num_attention_heads": 4}}}
 HEADS = {"bert": ["classifier"], "roberta": ["classifier"], "distilbert": ["pre_classifier", "classifier"]}
 
 
@@ -64,7 +65,7 @@ def encoder(request, tmp_path_factory):
     AutoModel.from_config(AutoConfig.for_model(arch, **ENCODERS[arch])).save_pretrained(base)
     make_tokenizer(base)
     ads = {k: make_adapter(base, root / k, k, seed=i + 1, task="SEQ_CLS", **EXTRA.get(arch, {}).get(k, {}))
-           for i, k in enumerate(("lora", "dora", "ia3", "prompt"))}
+           for i, k in enumerate(("lora", "dora", "ia3", "prompt", "p_tuning"))}
     ads["bottleneck"] = _bottleneck(base, root / "bottleneck", arch)
     side = root / "side"
     export(ExportConfig(base=base, out=side, adapters=tuple(ads.items())), quiet=True)
@@ -144,3 +145,15 @@ def test_encoder_prefix_and_headless_adapters_are_refused(tmp_path):
     with pytest.raises(EdgepeftError, match="has no trained classification head .* does not carry one"):
         export(ExportConfig(base=base, out=tmp_path / "o2", adapters=(("h", headless),)), quiet=True)
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
+
+def test_long_texts_leave_room_for_virtual_tokens(encoder):
+    """Texts are truncated to the model's length minus a prompt adapter's virtual tokens."""
+    _, _, _, side, _ = encoder
+    m = Model(side)
+    long = " ".join(f"w{3 + i % 90}" for i in range(300))
+    for name in ("prompt", "lora"):
+        p = m.classify([long, "w5"], adapter=name)
+        assert p.shape == (2, 2) and np.isfinite(p).all()
+    with pytest.raises(EdgepeftError, match="exceed the model's"):
+        m.classify_logits(np.ones((1, 200), np.int64) * 5, adapter="prompt")

@@ -160,7 +160,7 @@ def test_conv1d_family_kinds(tmp_path):
            "dora": make_adapter(base, tmp_path / "dora", "dora", seed=2, target_modules=["c_attn", "c_proj"],
                                 fan_in_fan_out=True),
            "prefix": make_adapter(base, tmp_path / "prefix", "prefix", seed=3),
-           "bottleneck": _bottleneck(base, tmp_path / "bn", seed=4)}
+           "bottleneck": _bottleneck(base, tmp_path / "bn", config="pfeiffer", act="silu", seed=4)}
     export(ExportConfig(base=base, out=tmp_path / "side", adapters=tuple(ads.items())), quiet=True)
     assert validate(tmp_path / "side", base, max_new_tokens=4, budget=TIGHT)["passed"]
     export(ExportConfig(base=base, out=tmp_path / "merged", mode="merged",

@@ -19,8 +19,8 @@ import numpy as np
 import onnxruntime as ort
 
 from edgepeft.errors import EdgepeftError
-from edgepeft.runtime.manifest import (inside, past_names, prefix_names, read_manifest,
-                                       sha256_file)
+from edgepeft.runtime.manifest import (PROMPT_INPUT, inside, past_names, prefix_names,
+                                       read_manifest, sha256_file)
 
 AdapterChoice = str | Mapping[str, float] | None
 _MIX_CACHE_SIZE = 8
@@ -383,11 +383,14 @@ class Model:
         if not self.merged and not any(k.startswith("head.") for k in feeds) and not base.get("head_trained", True):
             raise EdgepeftError(f"adapter={adapter!r} carries no classification head and the base has "
                                 "no trained one; include an adapter with a head.")
-        ids, mask = self._encode(texts_or_ids, attention_mask)
+        prompt = feeds.get(PROMPT_INPUT)
+        ids, mask = self._encode(texts_or_ids, attention_mask, 0 if prompt is None else prompt.shape[0])
         return session.run(["logits"], {"input_ids": ids, "attention_mask": mask, **feeds})[0]
 
-    def _encode(self, texts_or_ids, attention_mask) -> tuple[np.ndarray, np.ndarray]:
-        limit = self.manifest["base"].get("max_length", 512)
+    def _encode(self, texts_or_ids, attention_mask, reserved: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Right-padded ids and mask; texts truncated to the model's length minus ``reserved``
+        positions (a prompt adapter's virtual tokens)."""
+        limit = self.manifest["base"].get("max_length", 512) - reserved
         if isinstance(texts_or_ids, str):
             texts_or_ids = [texts_or_ids]
         if len(texts_or_ids) and isinstance(texts_or_ids[0], str):
@@ -397,6 +400,9 @@ class Model:
             rows = [r[:limit - 1] + r[-1:] if len(r) > limit else r for r in rows]  # keep [SEP]/</s>
         elif isinstance(texts_or_ids, np.ndarray) or (len(texts_or_ids) and isinstance(texts_or_ids[0], (int, np.integer))):
             ids, mask = batch_inputs(texts_or_ids, attention_mask, self.manifest["base"]["vocab_size"])
+            if ids.shape[1] > limit:
+                raise EdgepeftError(f"sequences of {ids.shape[1]} tokens exceed the model's {limit} "
+                                    f"(after {reserved} virtual tokens); shorten them.")
             return ids, mask
         else:
             if attention_mask is not None:
@@ -416,7 +422,8 @@ class Model:
         if ids.min() < 0 or ids.max() >= vocab:
             raise EdgepeftError(f"input ids must lie in [0, {vocab}); got {ids.min()}..{ids.max()}.")
         if longest > limit:
-            raise EdgepeftError(f"sequences of {longest} tokens exceed the model's {limit}.")
+            raise EdgepeftError(f"sequences of {longest} tokens exceed the model's {limit} (after "
+                                f"{reserved} virtual tokens); shorten them.")
         return ids, mask
 
     # ---------------------------------------------------------------- text

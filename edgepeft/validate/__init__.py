@@ -443,12 +443,14 @@ def _validate_classifier(art: Model, ref: _Reference, prompts, budget: Budget, l
         texts = None
     if texts is not None and not manifest.get("tokenizer"):
         raise EdgepeftError(f"{art.path}: the artifact has no tokenizer, so texts cannot be encoded.")
+    reserved = max([e.get("virtual_tokens") or 0 for e in manifest["adapters"].values()
+                    if e["kind"] == "prompt"] + [0])  # room for a prompt's virtual tokens
     if texts is None:
         rng = np.random.default_rng(0)
         batches = [art._encode([rng.integers(5, manifest["base"]["vocab_size"], n).tolist()
-                                for n in (5, 9, 12, 7)], None)]
+                                for n in (5, 9, 12, 7)], None, reserved)]
     else:
-        batches = [art._encode(texts[i:i + 32], None) for i in range(0, len(texts), 32)]
+        batches = [art._encode(texts[i:i + 32], None, reserved) for i in range(0, len(texts), 32)]
     results = []
     for choice in default_choices(art):
         torch_ref = ref.get(choice)
