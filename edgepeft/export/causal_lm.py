@@ -9,17 +9,13 @@ decoder prompt tuning need no inputs of their own: the runtime seeds ``past``.
 
 from __future__ import annotations
 
-import logging
-import warnings
 from dataclasses import dataclass
 
 import onnx
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from edgepeft.errors import EdgepeftError
-from edgepeft.export.slots import InputSpec, Slot, add_defaults, spec_dims, with_side_branches
+from edgepeft.export.slots import InputSpec, Slot, dynamo_export, spec_dims, with_side_branches
 from edgepeft.runtime.manifest import past_names, present_names
 
 
@@ -110,18 +106,5 @@ def export_graph(model: nn.Module, slots: list[Slot], specs: list[InputSpec], ca
         input_names += past_names(i)
         output_names += present_names(i)
     input_names += names
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # e.g. "torchvision is not installed"
-        try:
-            program = torch.onnx.export(wrapped, (ids, mask, pos, past, adapter), dynamo=True,
-                                        dynamic_shapes=dynamic, input_names=input_names,
-                                        output_names=output_names, opset_version=opset,
-                                        optimize=True, verbose=False)
-        except Exception as e:  # torch.export / onnxscript raise many types; keep the first line
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise EdgepeftError(
-                f"model_type {model.config.model_type!r}: torch.onnx.export (dynamo) failed: {first} "
-                "This model family does not export with the pinned torch/transformers; see the "
-                "README's list of tested families.") from e
-    return add_defaults(program.model_proto, specs)
+    return dynamo_export(wrapped, (ids, mask, pos, past, adapter), dynamic, input_names, output_names,
+                         opset, specs, model.config.model_type)

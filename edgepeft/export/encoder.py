@@ -9,15 +9,12 @@ Output ``logits (B, num_labels)``.
 
 from __future__ import annotations
 
-import logging
-import warnings
 
 import onnx
 import torch
 from torch import nn
 
-from edgepeft.errors import EdgepeftError
-from edgepeft.export.slots import InputSpec, Slot, add_defaults, spec_dims, with_side_branches
+from edgepeft.export.slots import InputSpec, Slot, dynamo_export, spec_dims, with_side_branches
 from edgepeft.runtime.manifest import PROMPT_INPUT
 
 
@@ -69,18 +66,5 @@ def export_graph(model: nn.Module, slots: list[Slot], specs: list[InputSpec], he
     batch, seq = Dim("batch"), Dim("seq", max=int(getattr(model.config, "max_position_embeddings", 512)))
     dynamic = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq},
                "adapter": spec_dims(specs)}
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-        try:
-            program = torch.onnx.export(wrapped, (ids, mask, adapter), dynamo=True, dynamic_shapes=dynamic,
-                                        input_names=["input_ids", "attention_mask", *names],
-                                        output_names=["logits"], opset_version=opset, optimize=True,
-                                        verbose=False)
-        except Exception as e:  # torch.export / onnxscript raise many types; keep the first line
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise EdgepeftError(
-                f"model_type {model.config.model_type!r}: torch.onnx.export (dynamo) failed: {first} "
-                "This classifier family does not export with the pinned torch/transformers; see the "
-                "README's list of tested families.") from e
-    return add_defaults(program.model_proto, specs)
+    return dynamo_export(wrapped, (ids, mask, adapter), dynamic, ["input_ids", "attention_mask", *names],
+                         ["logits"], opset, specs, model.config.model_type)

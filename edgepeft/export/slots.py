@@ -231,3 +231,31 @@ def add_defaults(proto, specs: list[InputSpec]):
     for s in specs:
         proto.graph.initializer.append(onnx.numpy_helper.from_array(s.default, s.name))
     return proto
+
+
+def dynamo_export(wrapped: nn.Module, args: tuple, dynamic: dict, input_names: list[str],
+                  output_names: list[str], opset: int | None, specs: list[InputSpec], model_type: str):
+    """``torch.onnx.export(dynamo=True)`` with quiet logs, readable failures and input defaults.
+
+    Raises:
+        EdgepeftError: the exporter failed (first line of its message, and what to do).
+    """
+    import logging
+    import warnings
+
+    from edgepeft.errors import EdgepeftError
+
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # e.g. "torchvision is not installed"
+        try:
+            program = torch.onnx.export(wrapped, args, dynamo=True, dynamic_shapes=dynamic,
+                                        input_names=input_names, output_names=output_names,
+                                        opset_version=opset, optimize=True, verbose=False)
+        except Exception as e:  # torch.export / onnxscript raise many types; keep the first line
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise EdgepeftError(
+                f"model_type {model_type!r}: torch.onnx.export (dynamo) failed: {first} This model "
+                "family does not export with the pinned torch/transformers; see the README's list "
+                "of tested families.") from e
+    return add_defaults(program.model_proto, specs)
