@@ -53,9 +53,13 @@ def export(args) -> int:
     """
     from edgepeft.export import ExportConfig
     from edgepeft.export import export as run_export
+    from edgepeft.quantize import QuantConfig
 
+    quant = QuantConfig(precision=args.precision, adapter_precision=args.adapter_precision,
+                        calibration=args.calibration, calibration_method=args.calibration_method,
+                        quantize_embeddings=args.quantize_embeddings)
     cfg = ExportConfig(base=Path(args.base), out=Path(args.out), adapters=_adapter_pairs(args.adapter),
-                       mode=args.mode, force=args.force, opset=args.opset, task=args.task)
+                       mode=args.mode, force=args.force, opset=args.opset, task=args.task, quant=quant)
     manifest = run_export(cfg, quiet=args.quiet)
     print(f"{args.out}: {manifest['mode']} artifact, adapters: {', '.join(manifest['adapters']) or '(none)'}")
     return 0
@@ -70,6 +74,16 @@ def _export_args(p):
     p.add_argument("--out", required=True, help="artifact directory to create")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    p.add_argument("--precision", choices=["fp32", "fp16", "int8", "int8-static", "int4"], default="fp32",
+                   help="base weights: fp32 (default), fp16, int8 (dynamic), int8-static (QDQ, calibrated "
+                        "over the base and every adapter), int4 (weight-only); adapter branches stay float")
+    p.add_argument("--adapter-precision", choices=["fp32", "fp16"], default="fp32",
+                   help="storage of adapter files (computed in fp32 either way)")
+    p.add_argument("--calibration", default=None, metavar="FILE_OR_NAME",
+                   help="int8-static: .txt / .jsonl texts or a set in calibration/ (default: 'default')")
+    p.add_argument("--calibration-method", choices=["minmax", "entropy", "percentile"], default="minmax")
+    p.add_argument("--quantize-embeddings", action="store_true",
+                   help="also quantize the token embeddings and LM head (smaller, less accurate)")
     p.add_argument("--task", choices=["auto", "causal-lm", "classification"], default="auto",
                    help="auto (default): the adapters' PEFT task_type, else the base's architecture")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
@@ -210,7 +224,19 @@ def validate(args) -> int:
         prompts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         if not prompts:
             raise EdgepeftError(f"{path}: no prompts in it (one prompt per line).")
-    result = run_validate(Path(args.artifact), Path(args.reference), prompts=prompts,
+    budget = None
+    overrides = {k: getattr(args, k) for k in ("max_abs_logits", "min_top1", "max_kl", "max_accuracy_drop")
+                 if getattr(args, k) is not None}
+    if overrides:
+        from dataclasses import replace
+
+        from edgepeft.runtime.manifest import read_manifest
+        from edgepeft.validate import BUDGETS, Budget
+
+        m = read_manifest(Path(args.artifact))
+        base = Budget(**m["budget"]) if m.get("budget") else BUDGETS[m["precision"]]
+        budget = replace(base, **overrides)
+    result = run_validate(Path(args.artifact), Path(args.reference), prompts=prompts, budget=budget,
                           max_new_tokens=args.max_new_tokens, adapter_dirs=dict(_adapter_pairs(args.adapter)),
                           report=Path(args.report) if args.report else None,
                           labelled=Path(args.labels) if args.labels else None, limit=args.limit)
@@ -228,6 +254,11 @@ def _validate_args(p):
     p.add_argument("--labels", default=None, metavar="FILE.jsonl",
                    help="classifiers: labelled rows {\"text\", \"label\"}; reports accuracy of torch and artifact")
     p.add_argument("--limit", type=int, default=None, help="use at most this many labelled rows")
+    p.add_argument("--max-abs-logits", type=float, default=None, help="override the budget's bound")
+    p.add_argument("--min-top1", type=float, default=None, help="override the budget's top-1 agreement (0..1)")
+    p.add_argument("--max-kl", type=float, default=None, help="override the budget's mean KL")
+    p.add_argument("--max-accuracy-drop", type=float, default=None,
+                   help="override the budget's accuracy drop in points (classifiers with --labels)")
     p.add_argument("--report", default=None, help="where to write report.json (default: in the artifact)")
     p.add_argument("--json", action="store_true", help="print the machine-readable result")
 
@@ -283,6 +314,16 @@ def _train_args(p):
     p.add_argument("--data", required=True, help="JSON-lines file: {\"text\": ...} or {\"text\": ..., \"label\": ...} per line")
     p.add_argument("--kind", required=True, choices=KINDS, help="adapter kind (prefix: causal LM only)")
     p.add_argument("--out", required=True, help="adapter folder to create")
+    p.add_argument("--precision", choices=["fp32", "fp16", "int8", "int8-static", "int4"], default="fp32",
+                   help="base weights: fp32 (default), fp16, int8 (dynamic), int8-static (QDQ, calibrated "
+                        "over the base and every adapter), int4 (weight-only); adapter branches stay float")
+    p.add_argument("--adapter-precision", choices=["fp32", "fp16"], default="fp32",
+                   help="storage of adapter files (computed in fp32 either way)")
+    p.add_argument("--calibration", default=None, metavar="FILE_OR_NAME",
+                   help="int8-static: .txt / .jsonl texts or a set in calibration/ (default: 'default')")
+    p.add_argument("--calibration-method", choices=["minmax", "entropy", "percentile"], default="minmax")
+    p.add_argument("--quantize-embeddings", action="store_true",
+                   help="also quantize the token embeddings and LM head (smaller, less accurate)")
     p.add_argument("--task", choices=["auto", "causal-lm", "classification"], default="auto",
                    help="auto (default): classification when the rows have a label")
     p.add_argument("--epochs", type=int, default=1, help="passes over the data (default 1)")

@@ -13,7 +13,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,9 +25,12 @@ from edgepeft.adapters import kind_module, read_adapter, task_of
 from edgepeft.adapters.common import SideBranch, peft_key, read_config, read_tensors
 from edgepeft.errors import EdgepeftError
 from edgepeft.export import causal_lm, encoder
+from edgepeft.export.calibrate import calibration_feeds
 from edgepeft.export.base import (detect_task, fingerprint, load_causal_lm, load_classifier,
                                   save_tokenizer)
 from edgepeft.export.slots import input_specs, plan_slots
+from edgepeft.quantize import QuantConfig, quantize_graph
+from edgepeft.validate.budgets import BUDGETS
 from edgepeft.runtime.manifest import (FORMAT, FORMAT_VERSION, MANIFEST_NAME, PROMPT_INPUT,
                                        head_input_name, prefix_names, sha256_file, slot_input_name)
 
@@ -50,6 +53,7 @@ class ExportConfig:
         task: ``causal-lm`` (``AutoModelForCausalLM``, KV cache, generation), ``classification``
             (``AutoModelForSequenceClassification``), or ``auto``: the adapters' PEFT task_type,
             else the base's architecture.
+        quant: precision of the graphs and adapter files (``edgepeft.quantize``).
     """
 
     base: Path
@@ -59,6 +63,7 @@ class ExportConfig:
     force: bool = False
     opset: int | None = None
     task: str = "auto"
+    quant: QuantConfig = field(default_factory=QuantConfig)
 
     def __post_init__(self):
         if self.task not in TASKS:
@@ -80,18 +85,32 @@ def _log(msg: str, quiet: bool) -> None:
         print(f"[edgepeft] {msg}", file=sys.stderr, flush=True)
 
 
-def _save_graph(proto: onnx.ModelProto, root: Path, rel: str) -> dict:
-    """Write a graph to ``root/rel`` with its weights as external data beside it.
+def _save_graph(proto: onnx.ModelProto, root: Path, rel: str, quant: QuantConfig | None = None,
+                adapter_inputs: list[str] = (), calibration=None) -> dict:
+    """Write a graph to ``root/rel`` with its weights as external data beside it, quantized per
+    ``quant`` (adapter branches kept float).
 
     Returns:
-        Its manifest entry: files (relative to the artifact root), checksums, inputs, outputs.
+        Its manifest entry: files (relative to the artifact root), checksums, inputs, outputs,
+        and what quantization did.
     """
     path = root / rel
     path.parent.mkdir(parents=True, exist_ok=True)
     data = path.with_name(path.name + ".data")
-    data.unlink(missing_ok=True)  # onnx appends to an existing data file
-    onnx.save_model(proto, path, save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=data.name, size_threshold=1024)
+    quantized = None
+    if quant is None or quant.precision == "fp32":
+        data.unlink(missing_ok=True)  # onnx appends to an existing data file
+        onnx.save_model(proto, path, save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data.name, size_threshold=1024)
+    else:
+        staging = root / ".fp32"
+        staging.mkdir(exist_ok=True)
+        src = staging / path.name
+        onnx.save_model(proto, src, save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=src.name + ".data", size_threshold=1024)
+        quantized = quantize_graph(src, path, quant, list(adapter_inputs), calibration)
+        shutil.rmtree(staging)
+        proto = onnx.load(str(path), load_external_data=False)
 
     def io(values):
         return [{"name": v.name, "shape": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim],
@@ -101,12 +120,25 @@ def _save_graph(proto: onnx.ModelProto, root: Path, rel: str) -> dict:
     return {"file": rel, "data_file": f"{rel}.data",
             "sha256": sha256_file(path), "data_sha256": sha256_file(data),
             "inputs": io(proto.graph.input), "outputs": io(proto.graph.output),
-            "opset": max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))}
+            "opset": max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
+            "ops": _op_counts(proto), "quantization": quantized}
 
 
-def _save_adapter(arrays: dict[str, np.ndarray], path: Path) -> None:
-    """Write an onnxruntime ``.onnx_adapter`` file (AdapterFormat) with the given inputs."""
+def _op_counts(proto: onnx.ModelProto) -> dict[str, int]:
+    """How many nodes of each op type the graph has (shows what quantization made of it)."""
+    counts: dict[str, int] = {}
+    for node in proto.graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def _save_adapter(arrays: dict[str, np.ndarray], path: Path, precision: str = "fp32") -> None:
+    """Write an onnxruntime ``.onnx_adapter`` file (AdapterFormat) with the given inputs
+    (stored as fp16 when ``precision`` says so; the runtime computes the branch in fp32)."""
     import onnxruntime as ort
+
+    if precision == "fp16":
+        arrays = {k: v.astype(np.float16) for k, v in arrays.items()}
 
     values = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in arrays.items()}  # alive until export
     fmt = ort.AdapterFormat()
@@ -232,7 +264,9 @@ def _write(cfg, task, model, fresh, adapters, cache, base_fp, tmp: Path, quiet: 
     text_cfg = model.config.get_text_config()
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "edgepeft_version": edgepeft.__version__,
-        "task": task, "mode": cfg.mode, "precision": "fp32", "target": "cpu",
+        "task": task, "mode": cfg.mode, "precision": cfg.quant.precision,
+        "adapter_precision": cfg.quant.adapter_precision, "target": "cpu",
+        "quantization": asdict(cfg.quant), "budget": asdict(BUDGETS[cfg.quant.precision]),
         "base": {"source": str(cfg.base), "model_type": model.config.model_type,
                  "fingerprint": base_fp, "vocab_size": int(text_cfg.vocab_size)},
         "graph": None, "slots": [], "inputs": {}, "adapters": {}, "tokenizer": None,
@@ -259,8 +293,11 @@ def _write(cfg, task, model, fresh, adapters, cache, base_fp, tmp: Path, quiet: 
                         if any(s.prompt is not None for s in sides.values()) else None)
         specs = input_specs(slots, model, head_params, prompt_width)
         _log(f"exporting side-branch graph ({len(slots)} adapted layers, {len(specs)} adapter inputs)", quiet)
+        calibration = None
+        if cfg.quant.precision == "int8-static":
+            calibration = calibration_feeds(cfg, task, model, adapters, sides, specs, cache, quiet)
         manifest["graph"] = _save_graph(_graph(task, model, slots, specs, head_params, cache, cfg.opset),
-                                        tmp, "model.onnx")
+                                        tmp, "model.onnx", cfg.quant, [x.name for x in specs], calibration)
         manifest["slots"] = [{"module": s.module, "in": s.in_features, "out": s.out_features,
                               "features": list(s.features)} for s in slots]
         manifest["inputs"] = {s.name: s.manifest() for s in specs}
@@ -269,7 +306,7 @@ def _write(cfg, task, model, fresh, adapters, cache, base_fp, tmp: Path, quiet: 
             side = sides[a.name]
             arrays = _adapter_arrays(side)
             path = tmp / "adapters" / f"{a.name}.onnx_adapter"
-            _save_adapter(arrays, path)
+            _save_adapter(arrays, path, cfg.quant.adapter_precision)
             prefix = None
             if side.prefix:
                 prefix = {"length": int(side.prefix[0][0].shape[2]), "from_prompt": side.prefix_from_prompt}
@@ -283,7 +320,11 @@ def _write(cfg, task, model, fresh, adapters, cache, base_fp, tmp: Path, quiet: 
             _log(f"exporting merged graph {i + 1}/{len(adapters)}: {a.name}", quiet)
             merged = copy.deepcopy(model)
             kind_module(a).merge(merged, a)
-            graph = _save_graph(_graph(task, merged, [], [], [], cache, cfg.opset), tmp, f"merged/{a.name}.onnx")
+            calibration = None
+            if cfg.quant.precision == "int8-static":
+                calibration = calibration_feeds(cfg, task, merged, [], {}, [], cache, quiet)
+            graph = _save_graph(_graph(task, merged, [], [], [], cache, cfg.opset), tmp, f"merged/{a.name}.onnx",
+                                cfg.quant, [], calibration)
             del merged
             manifest["adapters"][a.name] = {**kind_module(a).manifest_entry(a), "graph": graph,
                                             "base_fingerprint": base_fp, "inputs": [], "prefix": None,

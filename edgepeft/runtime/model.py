@@ -151,6 +151,8 @@ class Model:
             raise EdgepeftError(f"{file}: made for base {entry.get('base_fingerprint')}, this "
                                 f"artifact's base is {self.manifest['base']['fingerprint']} ({where}).")
         arrays = _read_adapter_file(file, where)
+        # fp16 storage (--adapter-precision fp16) halves the file; the branch computes in fp32.
+        arrays = {k: v.astype(np.float32) if v.dtype == np.float16 else v for k, v in arrays.items()}
         graph, prefix = {}, []
         for k, v in arrays.items():
             spec = self._inputs.get(k)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from edgepeft.errors import EdgepeftError
+from edgepeft.validate.budgets import BUDGETS, Budget
 from edgepeft.runtime.model import Model, batch_inputs, positions
 
 # Default prompts when the caller gives none and the artifact has a tokenizer.
@@ -31,30 +32,6 @@ DEFAULT_PROMPTS = (
     "Number: 4821\nIn words:",
     "def fibonacci(n):",
 )
-
-
-@dataclass(frozen=True)
-class Budget:
-    """Accuracy budget of a precision; a case passes when every bound holds.
-
-    Attributes:
-        max_abs_logits: largest allowed |Δlogits| at any real-token position.
-        min_top1: smallest allowed share of positions whose argmax agrees.
-        max_kl: largest allowed mean KL(torch || artifact) per position.
-        greedy_must_match: greedy generations must be token-identical.
-    """
-
-    max_abs_logits: float = 1e-3
-    min_top1: float = 1.0
-    max_kl: float = 1e-5
-    greedy_must_match: bool = True
-
-    def __post_init__(self):
-        if not (self.max_abs_logits > 0 and 0 <= self.min_top1 <= 1 and self.max_kl >= 0):
-            raise EdgepeftError(f"budget {self}: bounds must be positive and top-1 within [0, 1].")
-
-
-BUDGETS = {"fp32": Budget()}
 
 
 @dataclass(frozen=True)
@@ -341,7 +318,9 @@ def _compare(ort_logits: np.ndarray, pt_logits: np.ndarray, real: np.ndarray, bu
     kl = float(_kl(pt_logits[real], ort_logits[real]).mean())
     top1 = float((ort_logits.argmax(-1) == pt_logits.argmax(-1))[real].mean())
     failures = []
-    if not diff <= budget.max_abs_logits:  # also catches NaN
+    if not np.isfinite(diff):
+        failures.append(f"max |Δlogits| is {diff}")
+    elif budget.max_abs_logits is not None and not diff <= budget.max_abs_logits:
         failures.append(f"max |Δlogits| {diff:.3g} > {budget.max_abs_logits:g}")
     if not top1 >= budget.min_top1:
         failures.append(f"top-1 agreement {top1:.2%} < {budget.min_top1:.2%}")
@@ -375,7 +354,8 @@ def validate(artifact_dir: Path, reference: Path, prompts: list[str] | None = No
     t0 = time.perf_counter()
     art = Model(artifact_dir)
     manifest = art.manifest
-    budget = budget or BUDGETS[manifest["precision"]]
+    if budget is None:
+        budget = Budget(**manifest["budget"]) if manifest.get("budget") else BUDGETS[manifest["precision"]]
     dirs = {n: Path(e["source"]) for n, e in manifest["adapters"].items()}
     dirs.update(adapter_dirs or {})
     for n, d in dirs.items():
@@ -462,6 +442,9 @@ def _validate_classifier(art: Model, ref: _Reference, prompts, budget: Budget, l
         acc = (None, None)
         if labels is not None:
             acc = (float((pt_logits.argmax(-1) == labels).mean()), float((ort_logits.argmax(-1) == labels).mean()))
+            drop = 100 * (acc[0] - acc[1])
+            if drop > budget.max_accuracy_drop:
+                failures.append(f"accuracy drop {drop:.2f} points > {budget.max_accuracy_drop:g}")
         results.append(CaseResult(_case_name(choice), len(ort_logits), diff, kl, top1, 0, 0,
                                   tuple(failures), *acc))
     return results
@@ -485,7 +468,8 @@ def format_report(result: dict) -> str:
         verdict = "ok" if not c["failures"] else "FAIL: " + "; ".join(c["failures"])
         lines.append(f"{row}  {verdict}")
     b = result["budget"]
-    lines.append(f"budget ({result['precision']}): max|Δlogits| <= {b['max_abs_logits']:g}, "
+    bound = "any" if b["max_abs_logits"] is None else f"{b['max_abs_logits']:g}"
+    lines.append(f"budget ({result['precision']}): max|Δlogits| <= {bound}, "
                  f"top-1 >= {b['min_top1']:.0%}, KL <= {b['max_kl']:g}"
                  + (f", greedy identical: {b['greedy_must_match']}" if gen else "")
                  + f"  ->  {'PASSED' if result['passed'] else 'FAILED'}")

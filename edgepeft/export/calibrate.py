@@ -1,0 +1,114 @@
+"""Calibration feeds for static int8: the base and every adapter in turn, one iterator.
+
+onnxruntime's calibrators merge ranges over everything a ``CalibrationDataReader`` yields, so
+yielding each text batch once per adapter choice (base, then each adapter's inputs / prefix)
+makes the activation ranges cover every adapter: none clips because calibration saw only the
+base.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from edgepeft.errors import EdgepeftError
+from edgepeft.runtime.manifest import past_names
+from edgepeft.runtime.model import positions
+
+CALIBRATION_DIR = Path(__file__).resolve().parents[2] / "calibration"
+BATCH = 4
+
+
+def load_texts(source: str | None) -> list[str]:
+    """Texts of a calibration set: a .txt (one per line) or .jsonl (``{"text"}``) file, or the
+    name of a set in ``calibration/`` (default: ``default``).
+
+    Raises:
+        EdgepeftError: the file or set does not exist, or holds no text.
+    """
+    path = Path(source) if source else CALIBRATION_DIR / "default.txt"
+    if source and not path.is_file():
+        named = CALIBRATION_DIR / f"{source}.txt"
+        if not named.is_file():
+            sets = sorted(p.stem for p in CALIBRATION_DIR.glob("*.txt")) if CALIBRATION_DIR.is_dir() else []
+            raise EdgepeftError(f"--calibration {source}: no such file, nor a set in {CALIBRATION_DIR} "
+                                f"(sets: {', '.join(sets) or 'none'}). Pass a .txt (one text per line) "
+                                "or .jsonl ({\"text\": ...}) file.")
+        path = named
+    if not path.is_file():
+        raise EdgepeftError(f"{path}: the default calibration set is missing; pass --calibration FILE.")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    if path.suffix == ".jsonl":
+        texts = []
+        for i, line in enumerate(lines, 1):
+            if line.strip():
+                try:
+                    texts.append(json.loads(line)["text"])
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise EdgepeftError(f"{path}:{i}: expected {{\"text\": ...}}.") from None
+    else:
+        texts = [t for t in lines if t.strip() and not t.startswith("#")]
+    if not texts:
+        raise EdgepeftError(f"{path}: no calibration texts in it.")
+    return texts
+
+
+def _token_rows(cfg, model, texts: list[str], limit: int) -> list[list[int]]:
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(cfg.base)
+        rows = [tok(t, truncation=True, max_length=limit)["input_ids"] for t in texts]
+    except (OSError, ValueError, KeyError, TypeError):  # no tokenizer: seeded random ids
+        rng = np.random.default_rng(0)
+        vocab = model.config.get_text_config().vocab_size
+        rows = [rng.integers(0, vocab, min(limit, 8 + len(t) // 6)).tolist() for t in texts]
+    return [r for r in rows if r]
+
+
+def calibration_feeds(cfg, task: str, model, adapters, sides: dict, specs, cache,
+                      quiet: bool) -> Iterator[dict[str, np.ndarray]]:
+    """Feeds for ``quantize_static``: every text batch with no adapter, then with each adapter."""
+    texts = load_texts(cfg.quant.calibration)
+    names = {s.name for s in specs}
+    rows = _token_rows(cfg, model, texts, 128)
+    choices = [None] + [a.name for a in adapters]
+
+    def feeds():
+        from edgepeft.export import _adapter_arrays
+
+        for choice in choices:
+            side = sides.get(choice) if choice else None
+            graph = {k: v for k, v in _adapter_arrays(side).items() if k in names} if side else {}
+            for i in range(0, len(rows), BATCH):
+                batch = rows[i:i + BATCH]
+                longest = max(len(r) for r in batch)
+                ids = np.zeros((len(batch), longest), np.int64)
+                mask = np.zeros_like(ids)
+                for j, r in enumerate(batch):
+                    if task == "causal-lm":  # left padding, as generation does
+                        ids[j, longest - len(r):], mask[j, longest - len(r):] = r, 1
+                    else:
+                        ids[j, :len(r)], mask[j, :len(r)] = r, 1
+                feed = {"input_ids": ids, "attention_mask": mask, **graph}
+                if task == "causal-lm":
+                    b = len(batch)
+                    prefix = side.prefix if side else None
+                    for layer, (h, d) in enumerate(zip(cache.kv_heads, cache.head_dims)):
+                        kn, vn = past_names(layer)
+                        if prefix:
+                            k, v = prefix[layer]
+                            feed[kn] = np.ascontiguousarray(np.broadcast_to(k, (b, *k.shape[1:])))
+                            feed[vn] = np.ascontiguousarray(np.broadcast_to(v, (b, *v.shape[1:])))
+                        else:
+                            feed[kn] = feed[vn] = np.zeros((b, h, 0, d), np.float32)
+                    if prefix:
+                        mask = np.concatenate([np.ones((b, prefix[0][0].shape[2]), np.int64), mask], 1)
+                        feed["attention_mask"] = mask
+                    feed["position_ids"] = positions(mask)[:, -ids.shape[1]:]
+                yield feed
+
+    return feeds()

@@ -1,0 +1,48 @@
+"""Accuracy budgets per precision (torch-free, so export can record them in the manifest)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from edgepeft.errors import EdgepeftError
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Accuracy budget of a precision; a case passes when every bound holds.
+
+    Attributes:
+        max_abs_logits: largest allowed |Δlogits| at any real-token position; None: no bound
+            (quantized graphs: judged by KL and top-1 instead).
+        min_top1: smallest allowed share of positions (or texts) whose argmax agrees.
+        max_kl: largest allowed mean KL(torch || artifact) per position.
+        greedy_must_match: greedy generations must be token-identical (causal LMs).
+        max_accuracy_drop: classifiers with labels: largest allowed accuracy drop of the artifact
+            against the PyTorch fp32 model, in percentage points.
+    """
+
+    max_abs_logits: float | None = 1e-3
+    min_top1: float = 1.0
+    max_kl: float = 1e-5
+    greedy_must_match: bool = True
+    max_accuracy_drop: float = 0.5
+
+    def __post_init__(self):
+        if not ((self.max_abs_logits is None or self.max_abs_logits > 0) and 0 <= self.min_top1 <= 1
+                and self.max_kl >= 0 and self.max_accuracy_drop >= 0):
+            raise EdgepeftError(f"budget {self}: bounds must be positive and top-1 within [0, 1].")
+
+
+# Default budget per precision, against the PyTorch fp32 model with the same adapter. Written into
+# the manifest at export; `edgepeft validate --max-kl ...` overrides. README: "Accuracy budgets".
+BUDGETS = {
+    "fp32": Budget(),
+    "fp16": Budget(max_abs_logits=None, min_top1=0.99, max_kl=1e-3, greedy_must_match=False,
+                   max_accuracy_drop=0.5),
+    "int8": Budget(max_abs_logits=None, min_top1=0.98, max_kl=0.05, greedy_must_match=False,
+                   max_accuracy_drop=1.0),
+    "int8-static": Budget(max_abs_logits=None, min_top1=0.95, max_kl=0.1, greedy_must_match=False,
+                          max_accuracy_drop=2.0),
+    "int4": Budget(max_abs_logits=None, min_top1=0.90, max_kl=0.2, greedy_must_match=False,
+                   max_accuracy_drop=3.0),
+}
