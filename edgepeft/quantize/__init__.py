@@ -101,11 +101,11 @@ def adapter_nodes(model: onnx.ModelProto, adapter_inputs: Iterable[str]) -> set[
 
 
 def head_nodes(model: onnx.ModelProto, output: str = "logits") -> set[str]:
-    """The token-embedding Gathers and the MatMul that produces ``output`` (the LM head)."""
+    """The token-embedding Gathers (of ``input_ids``) and the MatMul that produces ``output``."""
     producer = {o: n for n in model.graph.node for o in n.output}
     inits = {i.name for i in model.graph.initializer}
-    found = {n.name for n in model.graph.node if n.op_type == "Gather" and n.input and n.input[0] in inits
-             and any(d > 1000 for d in _init_shape(model, n.input[0]))}
+    found = {n.name for n in model.graph.node if n.op_type == "Gather" and len(n.input) > 1
+             and n.input[0] in inits and n.input[1] == "input_ids"}
     tensor, steps = output, 0
     while tensor in producer and steps < 8:  # walk back over e.g. Reshape / Add to the head MatMul
         node = producer[tensor]
@@ -114,13 +114,6 @@ def head_nodes(model: onnx.ModelProto, output: str = "logits") -> set[str]:
             break
         tensor, steps = node.input[0], steps + 1
     return found
-
-
-def _init_shape(model: onnx.ModelProto, name: str) -> list[int]:
-    for i in model.graph.initializer:
-        if i.name == name:
-            return list(i.dims)
-    return []
 
 
 def _weight_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
@@ -146,25 +139,25 @@ def quantize_graph(src: Path, dst: Path, cfg: QuantConfig, adapter_inputs: list[
         EdgepeftError: int8-static without calibration data, or a quantizer failure.
     """
     model = onnx.load(str(src), load_external_data=True)
-    keep = adapter_nodes(model, adapter_inputs)
-    if not cfg.quantize_embeddings:
-        keep |= head_nodes(model)
+    branches = adapter_nodes(model, adapter_inputs)
+    keep = set(branches) if cfg.quantize_embeddings or cfg.precision == "fp16" else branches | head_nodes(model)
+    ops = ["MatMul", "Gemm"] + (["Gather"] if cfg.quantize_embeddings else [])
     weights = [n.name for n in _weight_nodes(model)]
     data = dst.with_name(dst.name + ".data")
     data.unlink(missing_ok=True)  # onnx appends to an existing data file
-    info = {"excluded_nodes": len(keep), "weight_nodes": len(weights),
-            "quantized_nodes": len([w for w in weights if w not in keep])}
+    info = {"adapter_nodes": len(branches), "excluded_nodes": len(keep), "weight_nodes": len(weights),
+            "quantized_weight_nodes": len([w for w in weights if w not in keep])}
     try:
         if cfg.precision == "fp16":
             from onnxruntime.transformers.float16 import convert_float_to_float16
 
-            out = convert_float_to_float16(model, keep_io_types=True, node_block_list=sorted(keep))
+            out = convert_float_to_float16(model, keep_io_types=True, node_block_list=sorted(branches))
             _save(out, dst)
         elif cfg.precision == "int8":
             from onnxruntime.quantization import QuantType, quantize_dynamic
 
             quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=False,
-                             op_types_to_quantize=["MatMul", "Gemm"], nodes_to_exclude=sorted(keep),
+                             op_types_to_quantize=ops, nodes_to_exclude=sorted(keep),
                              use_external_data_format=True, extra_options={"MatMulConstBOnly": True})
         elif cfg.precision == "int8-static":
             if calibration is None:
@@ -175,7 +168,7 @@ def quantize_graph(src: Path, dst: Path, cfg: QuantConfig, adapter_inputs: list[
             method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                       "percentile": CalibrationMethod.Percentile}[cfg.calibration_method]
             quantize_static(str(src), str(dst), _Reader(calibration), quant_format=QuantFormat.QDQ,
-                            op_types_to_quantize=["MatMul", "Gemm"], per_channel=True,
+                            op_types_to_quantize=ops, per_channel=True,
                             activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                             nodes_to_exclude=sorted(keep), use_external_data_format=True,
                             calibrate_method=method,

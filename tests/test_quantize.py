@@ -1,0 +1,179 @@
+"""Quantized artifacts: base weights quantized, adapter branches untouched, adapters still swap
+and mix, budgets enforced, and calibration over every adapter keeps an adapter from clipping."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from conftest import make_adapter, make_base
+from edgepeft.errors import EdgepeftError
+from edgepeft.export import ExportConfig, export
+from edgepeft.quantize import QuantConfig, adapter_nodes, quantize_graph
+from edgepeft.runtime import Model
+from edgepeft.validate import Budget, validate
+
+QUANTIZED_OPS = {"MatMulInteger", "DynamicQuantizeLinear", "QuantizeLinear", "DequantizeLinear",
+                 "MatMulNBits", "QLinearMatMul"}
+# Tiny random models have nearly flat next-token distributions, so top-1 flips on any noise;
+# KL is the meaningful bound here (real-model budgets: README, benchmarks/bench_quant.py).
+LOOSE = Budget(max_abs_logits=None, min_top1=0.0, max_kl=1e-2, greedy_must_match=False)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("quant")
+    base = make_base("llama", root / "base", tokenizer=True)
+    ads = {"lora": make_adapter(base, root / "lora", "lora", target_modules=["q_proj", "v_proj", "o_proj"]),
+           "lora2": make_adapter(base, root / "lora2", "lora", seed=4, r=2, target_modules=["q_proj"]),
+           "ia3": make_adapter(base, root / "ia3", "ia3", seed=2),
+           "prefix": make_adapter(base, root / "prefix", "prefix", seed=3)}
+    fp32 = root / "fp32"
+    export(ExportConfig(base=base, out=fp32, adapters=tuple(ads.items())), quiet=True)
+    rng = np.random.default_rng(1)  # calibration texts in the tiny word-level vocabulary
+    (root / "calib.txt").write_text("\n".join(" ".join(f"w{i}" for i in rng.integers(3, 96, rng.integers(4, 24)))
+                                              for _ in range(48)))
+    return root, base, ads, fp32
+
+
+@pytest.fixture(scope="module", params=["fp16", "int8", "int8-static", "int4"])
+def quantized(request, setup):
+    root, base, ads, _ = setup
+    out = root / request.param
+    calib = str(root / "calib.txt") if request.param == "int8-static" else None
+    export(ExportConfig(base=base, out=out, adapters=tuple(ads.items()),
+                        quant=QuantConfig(precision=request.param, adapter_precision="fp16", calibration=calib)),
+           quiet=True)
+    return request.param, out
+
+
+def test_adapter_branches_stay_float(quantized):
+    precision, out = quantized
+    model = onnx.load(str(out / "model.onnx"), load_external_data=True)
+    m = Model(out)
+    names = list(m.manifest["inputs"])
+    inits = {i.name: i for i in model.graph.initializer}
+    for name in names:  # every adapter input keeps its float identity default
+        assert inits[name].data_type == onnx.TensorProto.FLOAT, name
+    ops = {n.op_type for n in model.graph.node}
+    assert ops & (QUANTIZED_OPS | {"Cast"}), f"{precision}: nothing was quantized"
+    branch = adapter_nodes(model, names)
+    assert branch
+    for node in model.graph.node:
+        if node.name in branch:
+            assert node.op_type not in QUANTIZED_OPS, (precision, node.name, node.op_type)
+    for graph_input in model.graph.input:
+        if graph_input.name in names:
+            assert graph_input.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert m.manifest["precision"] == precision and m.manifest["budget"]["min_top1"] < 1
+
+
+def test_adapters_swap_mix_and_match_pytorch(quantized, setup):
+    precision, out = quantized
+    _, base, _, fp32 = setup
+    q, ref = Model(out), Model(fp32)
+    ids = np.array([[5, 9, 11, 40, 3, 7], [30, 31, 32, 33, 34, 35]])
+    ref_base = ref.logits(ids)
+    for choice in ["lora", "ia3", "prefix", {"lora": 0.7, "lora2": 0.3}, {"lora": 1.0, "prefix": 1.0}]:
+        got, want = q.logits(ids, adapter=choice), ref.logits(ids, adapter=choice)
+        assert np.abs(want - ref_base).max() > 1e-2
+        # the adapter survives quantization: the quantized output is nearer the fp32 output with
+        # the adapter than the fp32 output without it (the adapter's effect, not the noise)
+        assert np.linalg.norm(got - want) < 0.75 * np.linalg.norm(got - ref_base), (precision, choice)
+    np.testing.assert_allclose(q.logits(ids, adapter={"lora": 1.0}), q.logits(ids, adapter="lora"), atol=1e-5)
+    result = validate(out, base, max_new_tokens=4, budget=LOOSE)
+    assert result["passed"], result["cases"]
+    assert len(result["cases"]) == 7  # base, 4 adapters, a mix, a composition
+
+
+def test_budget_is_enforced(quantized, setup):
+    precision, out = quantized
+    _, base, _, _ = setup
+    strict = Budget(max_abs_logits=1e-9, min_top1=1.0, max_kl=0.0)
+    result = validate(out, base, max_new_tokens=2, budget=strict)
+    assert not result["passed"]
+    assert any("max |Δlogits|" in f for c in result["cases"] for f in c["failures"])
+
+
+def test_adapter_files_can_be_stored_fp16(quantized, setup):
+    import onnxruntime as ort
+
+    _, out = quantized
+    _, _, _, fp32 = setup
+    for name in ("lora", "ia3", "prefix"):
+        half = ort.AdapterFormat.read_adapter(str(out / "adapters" / f"{name}.onnx_adapter")).get_parameters()
+        full = ort.AdapterFormat.read_adapter(str(fp32 / "adapters" / f"{name}.onnx_adapter")).get_parameters()
+        assert {v.numpy().dtype for v in half.values()} == {np.dtype(np.float16)}
+        assert {v.numpy().dtype for v in full.values()} == {np.dtype(np.float32)}
+        assert sum(v.numpy().nbytes for v in half.values()) * 2 == sum(v.numpy().nbytes for v in full.values())
+
+
+def _feeds(model: Model, ids: np.ndarray, adapter: str | None) -> dict:
+    mask = np.ones_like(ids)
+    past, mask = model._start(ids.shape[0], mask, None)
+    feeds = model._feeds(adapter)[0] if adapter else {}
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": np.tile(np.arange(ids.shape[1]), (ids.shape[0], 1)),
+            **past, **feeds}
+
+
+def test_calibration_over_every_adapter_prevents_clipping(tmp_path):
+    """An adapter that drives activations far outside the base's range: calibrated on the base
+    alone, int8-static clips it; calibrated the edgepeft way (base + each adapter), it does not."""
+    import onnxruntime as ort
+    from safetensors.torch import load_file, save_file
+
+    base = make_base("llama", tmp_path / "base", tokenizer=True)
+    loud = make_adapter(base, tmp_path / "loud", "lora", target_modules=["v_proj"])
+    t = load_file(loud / "adapter_model.safetensors")
+    save_file({k: v * (30.0 if "lora_B" in k else 1.0) for k, v in t.items()}, loud / "adapter_model.safetensors")
+    out = tmp_path / "fp32"
+    export(ExportConfig(base=base, out=out, adapters=(("loud", loud),)), quiet=True)
+    m = Model(out)
+    rng = np.random.default_rng(0)
+    calib = [rng.integers(3, 96, (2, 12)) for _ in range(6)]
+    test = rng.integers(3, 96, (2, 12))
+    names = list(m.manifest["inputs"])
+    src = out / "model.onnx"
+
+    def quantize(with_adapter: bool, dst):
+        feeds = [_feeds(m, ids, None) for ids in calib]
+        if with_adapter:
+            feeds += [_feeds(m, ids, "loud") for ids in calib]
+        quantize_graph(src, dst, QuantConfig(precision="int8-static"), names, iter(feeds))
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        return ort.InferenceSession(str(dst), opts)
+
+    ref = m.logits(test, adapter="loud")
+    errors = {}
+    for with_adapter in (False, True):
+        session = quantize(with_adapter, tmp_path / f"q{with_adapter}.onnx")
+        got = session.run(["logits"], _feeds(m, test, "loud"))[0]
+        errors[with_adapter] = float(np.abs(got - ref).mean())
+    assert errors[True] * 3 < errors[False], errors
+
+
+def test_quantization_refusals(setup, tmp_path):
+    _, base, ads, _ = setup
+    with pytest.raises(EdgepeftError, match="--precision 'int3'"):
+        QuantConfig(precision="int3")
+    with pytest.raises(EdgepeftError, match="--calibration is for --precision int8-static"):
+        QuantConfig(precision="int8", calibration="default")
+    with pytest.raises(EdgepeftError, match="no such file, nor a set"):
+        export(ExportConfig(base=base, out=tmp_path / "o", adapters=(("lora", ads["lora"]),),
+                            quant=QuantConfig(precision="int8-static", calibration="nope")), quiet=True)
+    assert not (tmp_path / "o").exists()
+
+
+def test_embeddings_and_head_are_kept_unless_asked(setup, tmp_path):
+    _, base, ads, _ = setup
+    sizes = {}
+    for flag in (False, True):
+        out = tmp_path / f"e{flag}"
+        man = export(ExportConfig(base=base, out=out, adapters=(("lora", ads["lora"]),),
+                                  quant=QuantConfig(precision="int8", quantize_embeddings=flag)), quiet=True)
+        sizes[flag] = (out / "model.onnx.data").stat().st_size
+        info = man["graph"]["quantization"]
+        assert info["quantized_weight_nodes"] == info["weight_nodes"] - (0 if flag else 1)
+    assert sizes[True] < sizes[False]
