@@ -164,6 +164,20 @@ def inspect(args) -> int:
     else:
         print(f"{m['base']['num_labels']} labels, head trained in base: {m['base']['head_trained']}", end="; ")
     print(f"adapted layers: {len(m.get('slots', []))}; adapter inputs: {len(m.get('inputs', {}))}")
+    graphs = [("model.onnx", m["graph"])] if m["mode"] == "side" else [
+        (a["graph"]["file"], a["graph"]) for a in m["adapters"].values()]
+    for rel, g in graphs:
+        q = g.get("quantization")
+        size = sum((root / f).stat().st_size for f in (g["file"], g["data_file"]) if (root / f).is_file())
+        line = f"graph {rel}: {size / 1e6:.2f} MB, precision {m['precision']}"
+        if q:
+            line += (f", {q['quantized_weight_nodes']}/{q['weight_nodes']} weight nodes quantized, "
+                     f"{q['adapter_nodes']} adapter-branch nodes kept float")
+        print(line)
+        special = {k: v for k, v in g.get("ops", {}).items() if k in (
+            "MatMul", "Gemm", "MatMulInteger", "DynamicQuantizeLinear", "QuantizeLinear",
+            "DequantizeLinear", "MatMulNBits", "Cast", "Gather")}
+        print("  ops: " + ", ".join(f"{k} x{v}" for k, v in special.items()))
     for name, a in m["adapters"].items():
         line = f"adapter {name}: {a['kind']}"
         if a["kind"] in ("lora", "dora"):
