@@ -157,3 +157,26 @@ def test_long_texts_leave_room_for_virtual_tokens(encoder):
         assert p.shape == (2, 2) and np.isfinite(p).all()
     with pytest.raises(EdgepeftError, match="exceed the model's"):
         m.classify_logits(np.ones((1, 200), np.int64) * 5, adapter="prompt")
+
+
+def test_tokenizer_json_padding_is_ignored(encoder, tmp_path):
+    """sentence-transformers ship tokenizer.json with fixed padding (MiniLM: 128, pads marked
+    real by a naive caller); the runtime pads itself, so texts give the same result as their ids."""
+    import shutil
+
+    from tokenizers import Tokenizer
+
+    _, _, _, side, _ = encoder
+    copy = tmp_path / "art"
+    shutil.copytree(side, copy)
+    path = copy / "tokenizer" / "tokenizer.json"
+    tok = Tokenizer.from_file(str(path))
+    tok.enable_padding(length=40, pad_id=0, pad_token="<pad>")
+    tok.enable_truncation(max_length=40)
+    tok.save(str(path))
+    m = Model(copy)
+    texts = ["w5 w9 w11", "w40 w41 w42 w43 w44 w45 w46"]
+    ids = [[5, 9, 11], [40, 41, 42, 43, 44, 45, 46]]
+    for name in ("lora", "prompt"):
+        np.testing.assert_allclose(m.classify_logits(texts, adapter=name), m.classify_logits(ids, adapter=name),
+                                   atol=1e-6)

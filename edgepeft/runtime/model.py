@@ -439,8 +439,14 @@ class Model:
                                     "had no fast tokenizer); pass token ids instead.")
             from tokenizers import Tokenizer
 
-            self._tokenizer = Tokenizer.from_file(str(inside(self.path, f"{tok['dir']}/tokenizer.json",
-                                                             str(self.path / "manifest.json"))))
+            tokenizer = Tokenizer.from_file(str(inside(self.path, f"{tok['dir']}/tokenizer.json",
+                                                       str(self.path / "manifest.json"))))
+            # A tokenizer.json may carry fixed padding / truncation (sentence-transformers ship
+            # MiniLM padded to 128): the runtime pads and truncates itself, with a mask that marks
+            # pads as pads, so both are switched off here.
+            tokenizer.no_padding()
+            tokenizer.no_truncation()
+            self._tokenizer = tokenizer
         return self._tokenizer
 
     def generate_text(self, prompt: str, max_new_tokens: int = 32, adapter: AdapterChoice = None) -> str:
