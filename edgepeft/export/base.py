@@ -136,6 +136,10 @@ def save_tokenizer(base: Path, out: Path) -> dict | None:
         return None
     if not getattr(tok, "is_fast", False):
         return None
+    # Fixed padding / truncation in tokenizer.json (sentence-transformers: MiniLM pads to 128)
+    # would make other readers of the artifact feed pads as real tokens; the runtime pads itself.
+    tok.backend_tokenizer.no_padding()
+    tok.backend_tokenizer.no_truncation()
     tok.save_pretrained(out)
     if not (out / "tokenizer.json").is_file():
         return None
