@@ -308,7 +308,9 @@ def train(args) -> int:
     from edgepeft.train import train as run_train
 
     targets = tuple(t.strip() for t in args.target_modules.split(",") if t.strip()) if args.target_modules else None
-    cfg = TrainConfig(kind=args.kind, model=Path(args.model), data=Path(args.data), out=Path(args.out),
+    if bool(args.model) == bool(args.model_option):
+        raise EdgepeftError("give the base model once: `edgepeft train BASE ...` or `--model BASE`.")
+    cfg = TrainConfig(kind=args.kind, model=Path(args.model or args.model_option), data=Path(args.data), out=Path(args.out),
                       task=args.task, epochs=args.epochs, steps=args.steps, lr=args.lr,
                       batch_size=args.batch_size, max_length=args.max_length, r=args.r,
                       num_virtual_tokens=args.num_virtual_tokens, reduction_factor=args.reduction_factor,
@@ -324,20 +326,12 @@ def train(args) -> int:
 def _train_args(p):
     from edgepeft.train import DEFAULT_LR, KINDS
 
-    p.add_argument("model", help="Hugging Face model folder of the base model (with its tokenizer)")
+    p.add_argument("model", nargs="?", default=None,
+                   help="Hugging Face model folder of the base model (with its tokenizer); or --model")
+    p.add_argument("--model", dest="model_option", default=None, metavar="BASE", help="same as MODEL")
     p.add_argument("--data", required=True, help="JSON-lines file: {\"text\": ...} or {\"text\": ..., \"label\": ...} per line")
     p.add_argument("--kind", required=True, choices=KINDS, help="adapter kind (prefix: causal LM only)")
     p.add_argument("--out", required=True, help="adapter folder to create")
-    p.add_argument("--precision", choices=["fp32", "fp16", "int8", "int8-static", "int4"], default="fp32",
-                   help="base weights: fp32 (default), fp16, int8 (dynamic), int8-static (QDQ, calibrated "
-                        "over the base and every adapter), int4 (weight-only); adapter branches stay float")
-    p.add_argument("--adapter-precision", choices=["fp32", "fp16"], default="fp32",
-                   help="storage of adapter files (computed in fp32 either way)")
-    p.add_argument("--calibration", default=None, metavar="FILE_OR_NAME",
-                   help="int8-static: .txt / .jsonl texts or a set in calibration/ (default: 'default')")
-    p.add_argument("--calibration-method", choices=["minmax", "entropy", "percentile"], default="minmax")
-    p.add_argument("--quantize-embeddings", action="store_true",
-                   help="also quantize the token embeddings and LM head (smaller, less accurate)")
     p.add_argument("--task", choices=["auto", "causal-lm", "classification"], default="auto",
                    help="auto (default): classification when the rows have a label")
     p.add_argument("--epochs", type=int, default=1, help="passes over the data (default 1)")

@@ -364,8 +364,8 @@ def test_cli_train(bases, data, tmp_path, capsys):
     from edgepeft.cli import main
 
     out = tmp_path / "out"
-    code = main(["train", str(bases["bert"]), "--data", str(data["cls"]), "--kind", "bottleneck", "--out", str(out),
-                 "--steps", "2", "--batch-size", "4", "--quiet"])
+    code = main(["train", "--model", str(bases["bert"]), "--data", str(data["cls"]), "--kind", "bottleneck",
+                 "--out", str(out), "--steps", "2", "--batch-size", "4", "--quiet"])
     stdout, _ = capsys.readouterr()
     assert code == 0
     assert stdout.startswith("trained bottleneck (classification, labels neg, pos): ")
@@ -376,3 +376,7 @@ def test_cli_train(bases, data, tmp_path, capsys):
     _, err = capsys.readouterr()
     assert code == 2 and err.startswith(f"edgepeft train: error: {bad}:3: ") and "Traceback" not in err
     assert not (tmp_path / "o2").exists()
+    code = main(["train", str(bases["llama"]), "--model", str(bases["llama"]), "--data", str(bad), "--kind", "lora",
+                 "--out", str(tmp_path / "o3")])
+    _, err = capsys.readouterr()
+    assert code == 2 and "give the base model once" in err
