@@ -64,9 +64,7 @@ import argparse
 import gc
 import json
 import os
-import platform
 import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -74,6 +72,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine_info, median, timeit_us  # noqa: E402
+
 REPO = HERE.parent
 DEFAULT_OUT = HERE / "results" / "bench_demo.json"
 DEFAULT_ADAPTERS = REPO / "edgepeft" / "demo" / "adapters"
@@ -132,11 +133,6 @@ def contention(before: tuple[float, int, float]) -> dict:
     cpu, ivcsw, wall = cpu_snapshot()
     return {"cpu_per_wall": (cpu - before[0]) / (wall - before[2]), "invol_ctx_switches": ivcsw - before[1],
             "loadavg_1m": os.getloadavg()[0]}
-
-
-def median(xs):
-    xs = [x for x in xs if x is not None]
-    return statistics.median(xs) if xs else None
 
 
 # ------------------------------------------------------------------ decode workers
@@ -226,17 +222,6 @@ def worker_torch(spec: dict, adapter) -> dict:
 
 
 # ------------------------------------------------------------------ swap workers
-def timeit_us(fn, n: int) -> dict:
-    ts = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        ts.append((time.perf_counter() - t) * 1e6)
-    ts.sort()
-    return {"median_us": statistics.median(ts), "p10_us": ts[len(ts) // 10],
-            "p90_us": ts[9 * len(ts) // 10], "n": n}
-
-
 def alternating_steps(step_a, step_b, pairs: int) -> dict:
     """Pattern A A B B A A ...: first of each pair runs right after a switch, second is steady."""
     after, steady = [], []
@@ -466,42 +451,6 @@ def source_sizes(base: Path, adapters_dir: Path) -> dict:
         if f.is_file():
             out[f"peft {n}/adapter_model.safetensors"] = f.stat().st_size / 2**20
     return out
-
-
-def machine_info() -> dict:
-    import importlib.metadata as md
-
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    versions = {}
-    for d in ("torch", "transformers", "peft", "onnxruntime", "onnx", "numpy", "tokenizers", "edgepeft"):
-        try:
-            versions[d] = md.version(d)
-        except md.PackageNotFoundError:
-            versions[d] = None
-    try:
-        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True,
-                                text=True, timeout=10).stdout.strip()
-        dirty = bool(subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "edgepeft"],
-                                    capture_output=True, text=True, timeout=10).stdout.strip())
-    except (OSError, subprocess.SubprocessError):
-        commit, dirty = None, None
-    mem = None
-    try:
-        mem = int(Path("/proc/meminfo").read_text().split()[1]) / 2**20
-    except (OSError, ValueError, IndexError):
-        pass
-    return {"cpu_model": cpu, "cpu_count": os.cpu_count(),
-            "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-            "mem_total_gb": mem, "platform": platform.platform(), "python": sys.version.split()[0],
-            "versions": versions, "git_commit": commit, "edgepeft_tree_dirty": dirty,
-            "loadavg_start": os.getloadavg()}
 
 
 def prompt_ids(base: Path) -> list[int]:

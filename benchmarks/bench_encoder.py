@@ -67,7 +67,6 @@ import argparse
 import hashlib
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -76,6 +75,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine_info, median, timeit_us  # noqa: E402
+
 REPO = HERE.parent
 DEFAULT_OUT = HERE / "results" / "encoder.json"
 DEFAULT_WORK = HERE / "results" / "encoder"
@@ -105,11 +107,6 @@ T_ENTRY = time.perf_counter()
 
 def log(msg: str) -> None:
     print(f"[bench-encoder {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def median(xs):
-    xs = [x for x in xs if x is not None]
-    return statistics.median(xs) if xs else None
 
 
 def peak_rss_mb() -> float:
@@ -358,16 +355,6 @@ def worker_speed(spec: dict, system: str, quick: bool) -> dict:
     return {"system": system, "threads": threads, "load_s": load_s,
             "ready_s": ready_s, "results": out,
             "loadavg_1m": os.getloadavg()[0]}
-
-
-def timeit_us(fn, n: int) -> dict:
-    ts = []
-    for _ in range(n):
-        s = time.perf_counter()
-        fn()
-        ts.append((time.perf_counter() - s) * 1e6)
-    ts.sort()
-    return {"median_us": statistics.median(ts), "p10_us": ts[len(ts) // 10], "p90_us": ts[9 * len(ts) // 10], "n": n}
 
 
 def alternating(call, a: str, b: str, pairs: int) -> dict:
@@ -644,36 +631,6 @@ def speed_and_swap(spec: dict, repeats: int, quick: bool, threads: int) -> dict:
                             "ready_s": median([r["ready_s"] for r in rs])}
     return {"summary": summary, "ratios": ratios, "workers": rss, "swap": swap, "runs": runs,
             "repeats": repeats, "threads": threads}
-
-
-def machine_info() -> dict:
-    import importlib.metadata as md
-
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    versions = {}
-    for d in ("torch", "transformers", "peft", "onnxruntime", "onnx", "numpy", "tokenizers", "edgepeft"):
-        try:
-            versions[d] = md.version(d)
-        except md.PackageNotFoundError:
-            versions[d] = None
-    try:
-        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True,
-                                text=True, timeout=10).stdout.strip()
-        dirty = bool(subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "edgepeft"],
-                                    capture_output=True, text=True, timeout=10).stdout.strip())
-    except (OSError, subprocess.SubprocessError):
-        commit, dirty = None, None
-    return {"cpu_model": cpu, "cpu_count": os.cpu_count(),
-            "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-            "platform": platform.platform(), "python": sys.version.split()[0], "versions": versions,
-            "git_commit": commit, "edgepeft_tree_dirty": dirty, "loadavg_start": os.getloadavg()}
 
 
 # ------------------------------------------------------------------ verdict and tables

@@ -1,0 +1,66 @@
+"""Helpers the benchmarks share: timing, medians, machine description."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def median(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def timeit_us(fn, n: int) -> dict:
+    """Call ``fn`` n times; median, p10, p90 in microseconds."""
+    ts = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        ts.append((time.perf_counter() - t) * 1e6)
+    ts.sort()
+    return {"median_us": statistics.median(ts), "p10_us": ts[len(ts) // 10],
+            "p90_us": ts[9 * len(ts) // 10], "n": n}
+
+
+def machine_info() -> dict:
+    import importlib.metadata as md
+
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions = {}
+    for d in ("torch", "transformers", "peft", "onnxruntime", "onnx", "numpy", "tokenizers", "edgepeft"):
+        try:
+            versions[d] = md.version(d)
+        except md.PackageNotFoundError:
+            versions[d] = None
+    try:
+        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True,
+                                text=True, timeout=10).stdout.strip()
+        dirty = bool(subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "edgepeft"],
+                                    capture_output=True, text=True, timeout=10).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = None, None
+    mem = None
+    try:
+        mem = int(Path("/proc/meminfo").read_text().split()[1]) / 2**20
+    except (OSError, ValueError, IndexError):
+        pass
+    return {"cpu_model": cpu, "cpu_count": os.cpu_count(),
+            "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+            "mem_total_gb": mem, "platform": platform.platform(), "python": sys.version.split()[0],
+            "versions": versions, "git_commit": commit, "edgepeft_tree_dirty": dirty,
+            "loadavg_start": os.getloadavg()}
