@@ -177,3 +177,28 @@ def test_embeddings_and_head_are_kept_unless_asked(setup, tmp_path):
         info = man["graph"]["quantization"]
         assert info["quantized_weight_nodes"] == info["weight_nodes"] - (0 if flag else 1)
     assert sizes[True] < sizes[False]
+
+
+@pytest.mark.parametrize("precision", ["int8", "int8-static", "int4"])
+def test_classifier_heads_still_swap_after_quantization(tmp_path, precision):
+    """A head fed to a Gemm: onnxruntime's quantizers would replace it with a transposed constant
+    copy (cutting the input off); edgepeft rewrites those Gemms first."""
+    from transformers import AutoConfig, AutoModel
+
+    from conftest import VOCAB, make_tokenizer
+
+    base = tmp_path / "bert"
+    AutoModel.from_config(AutoConfig.for_model("bert", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                               intermediate_size=128, vocab_size=VOCAB,
+                                               max_position_embeddings=64)).save_pretrained(base)
+    make_tokenizer(base)
+    ads = {n: make_adapter(base, tmp_path / n, "lora", seed=i + 1, task="SEQ_CLS") for i, n in enumerate(("a", "b"))}
+    fp32, q = tmp_path / "fp32", tmp_path / "q"
+    export(ExportConfig(base=base, out=fp32, adapters=tuple(ads.items())), quiet=True)
+    export(ExportConfig(base=base, out=q, adapters=tuple(ads.items()), quant=QuantConfig(precision=precision)),
+           quiet=True)
+    texts = ["w5 w9 w11", "w40 w41 w42 w43", "w7 w8"]
+    ref, got = Model(fp32), Model(q)
+    for name in ads:
+        np.testing.assert_allclose(got.classify(texts, adapter=name), ref.classify(texts, adapter=name), atol=0.05)
+    assert np.abs(got.classify(texts, adapter="a") - got.classify(texts, adapter="b")).max() > 0.05

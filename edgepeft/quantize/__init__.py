@@ -116,6 +116,40 @@ def head_nodes(model: onnx.ModelProto, output: str = "logits") -> set[str]:
     return found
 
 
+def _untie_adapter_gemms(model: onnx.ModelProto, adapter_inputs: set[str]) -> None:
+    """Rewrite each Gemm that takes an adapter input as ``MatMul(x, Transpose(w)) + b``, in place.
+
+    onnxruntime's quantizers turn ``Gemm(transB=1)`` with an initializer B into a MatMul on a
+    transposed *constant copy* of it; an adapter input has an initializer (its default), so the
+    copy would cut the input off the graph (a classifier head would stop swapping).
+
+    Raises:
+        EdgepeftError: an adapter Gemm with alpha/beta != 1 or transA (the exporter makes none).
+    """
+    helper = onnx.helper
+    nodes = []
+    for node in model.graph.node:
+        if node.op_type != "Gemm" or not adapter_inputs & set(node.input[1:]):
+            nodes.append(node)
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0 or attrs.get("transA", 0):
+            raise EdgepeftError(f"Gemm {node.name} on an adapter input has alpha/beta/transA set; "
+                                "edgepeft cannot keep it float through quantization.")
+        weight = node.input[1]
+        if attrs.get("transB", 0):
+            weight = f"{node.name}/adapter_wT"
+            nodes.append(helper.make_node("Transpose", [node.input[1]], [weight], name=f"{node.name}/adapter_T"))
+        has_bias = len(node.input) > 2 and node.input[2]
+        mm_out = f"{node.name}/adapter_mm" if has_bias else node.output[0]
+        nodes.append(helper.make_node("MatMul", [node.input[0], weight], [mm_out], name=f"{node.name}/adapter_MatMul"))
+        if has_bias:
+            nodes.append(helper.make_node("Add", [mm_out, node.input[2]], [node.output[0]],
+                                          name=f"{node.name}/adapter_Add"))
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+
+
 def _weight_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     inits = {i.name for i in model.graph.initializer}
     return [n for n in model.graph.node if n.op_type in _WEIGHT_OPS and len(n.input) > 1 and n.input[1] in inits]
@@ -139,6 +173,7 @@ def quantize_graph(src: Path, dst: Path, cfg: QuantConfig, adapter_inputs: list[
         EdgepeftError: int8-static without calibration data, or a quantizer failure.
     """
     model = onnx.load(str(src), load_external_data=True)
+    _untie_adapter_gemms(model, set(adapter_inputs))
     branches = adapter_nodes(model, adapter_inputs)
     keep = set(branches) if cfg.quantize_embeddings or cfg.precision == "fp16" else branches | head_nodes(model)
     ops = ["MatMul", "Gemm"] + (["Gather"] if cfg.quantize_embeddings else [])
@@ -156,7 +191,7 @@ def quantize_graph(src: Path, dst: Path, cfg: QuantConfig, adapter_inputs: list[
         elif cfg.precision == "int8":
             from onnxruntime.quantization import QuantType, quantize_dynamic
 
-            quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=False,
+            quantize_dynamic(model, str(dst), weight_type=QuantType.QInt8, per_channel=False,
                              op_types_to_quantize=ops, nodes_to_exclude=sorted(keep),
                              use_external_data_format=True, extra_options={"MatMulConstBOnly": True})
         elif cfg.precision == "int8-static":
@@ -167,7 +202,7 @@ def quantize_graph(src: Path, dst: Path, cfg: QuantConfig, adapter_inputs: list[
 
             method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                       "percentile": CalibrationMethod.Percentile}[cfg.calibration_method]
-            quantize_static(str(src), str(dst), _Reader(calibration), quant_format=QuantFormat.QDQ,
+            quantize_static(model, str(dst), _Reader(calibration), quant_format=QuantFormat.QDQ,
                             op_types_to_quantize=ops, per_channel=True,
                             activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                             nodes_to_exclude=sorted(keep), use_external_data_format=True,
