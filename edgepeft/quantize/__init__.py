@@ -191,7 +191,7 @@ def quantize_graph(src: Path, dst: Path, cfg: QuantConfig, adapter_inputs: list[
         elif cfg.precision == "int8":
             from onnxruntime.quantization import QuantType, quantize_dynamic
 
-            quantize_dynamic(model, str(dst), weight_type=QuantType.QInt8, per_channel=False,
+            quantize_dynamic(model, str(dst), weight_type=QuantType.QInt8, per_channel=True,
                              op_types_to_quantize=ops, nodes_to_exclude=sorted(keep),
                              use_external_data_format=True, extra_options={"MatMulConstBOnly": True})
         elif cfg.precision == "int8-static":
