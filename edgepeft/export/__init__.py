@@ -246,7 +246,7 @@ def _adapter_arrays(side: SideBranch) -> dict[str, np.ndarray]:
     return arrays
 
 
-def _max_length(model, tok: dict | None) -> int:
+def _max_length(model) -> int:
     n = int(getattr(model.config, "max_position_embeddings", 0) or 0)
     if model.config.model_type in ("roberta", "xlm-roberta"):
         n -= 2  # positions start after padding_idx
@@ -277,7 +277,7 @@ def _write(cfg, task, model, fresh, adapters, cache, base_fp, tmp: Path, quiet: 
                                 "head_dims": list(cache.head_dims)}
     else:
         manifest["base"].update({"num_labels": int(model.config.num_labels), "head_trained": not fresh,
-                                 "max_length": _max_length(model, None),
+                                 "max_length": _max_length(model),
                                  "id2label": {str(k): v for k, v in model.config.id2label.items()}})
     tok = save_tokenizer(cfg.base, tmp / "tokenizer")
     if tok is None:
