@@ -125,6 +125,24 @@ class SideBranch:
     prefix: list[tuple[np.ndarray, np.ndarray]] | None = None
     prefix_from_prompt: bool = False
 
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Everything the adapter file holds, by name: graph inputs and the KV-cache seed."""
+        from edgepeft.runtime.manifest import (PROMPT_INPUT, head_input_name, prefix_names,
+                                               slot_input_name)
+
+        out = {}
+        for (module, feature), parts in self.layers.items():
+            for part, value in parts.items():
+                out[slot_input_name(feature, module, part)] = value
+        for param, value in self.head.items():
+            out[head_input_name(param)] = value
+        if self.prompt is not None:
+            out[PROMPT_INPUT] = self.prompt
+        for i, (k, v) in enumerate(self.prefix or []):
+            kn, vn = prefix_names(i)
+            out[kn], out[vn] = k, v
+        return out
+
 
 def peft_key(key: str) -> str:
     """A saved PEFT tensor key as the base model's own name (``base_model.model.`` etc. removed)."""

@@ -22,7 +22,7 @@ import torch
 
 import edgepeft
 from edgepeft.adapters import kind_module, read_adapter, task_of
-from edgepeft.adapters.common import SideBranch, peft_key, read_config, read_tensors
+from edgepeft.adapters.common import peft_key, read_config, read_tensors
 from edgepeft.errors import EdgepeftError
 from edgepeft.export import causal_lm, encoder
 from edgepeft.export.calibrate import calibration_feeds
@@ -31,8 +31,7 @@ from edgepeft.export.base import (detect_task, fingerprint, load_causal_lm, load
 from edgepeft.export.slots import input_specs, plan_slots
 from edgepeft.quantize import QuantConfig, quantize_graph
 from edgepeft.validate.budgets import BUDGETS
-from edgepeft.runtime.manifest import (FORMAT, FORMAT_VERSION, MANIFEST_NAME, PROMPT_INPUT,
-                                       head_input_name, prefix_names, sha256_file, slot_input_name)
+from edgepeft.runtime.manifest import FORMAT, FORMAT_VERSION, MANIFEST_NAME, sha256_file
 
 MODES = ("side", "merged")
 TASKS = ("auto", "causal-lm", "classification")
@@ -230,22 +229,6 @@ def export(cfg: ExportConfig, quiet: bool = False) -> dict:
     return manifest
 
 
-def _adapter_arrays(side: SideBranch) -> dict[str, np.ndarray]:
-    """Everything an adapter file holds, by name: graph inputs and the KV-cache seed."""
-    arrays = {}
-    for (module, feature), parts in side.layers.items():
-        for part, value in parts.items():
-            arrays[slot_input_name(feature, module, part)] = value
-    for param, value in side.head.items():
-        arrays[head_input_name(param)] = value
-    if side.prompt is not None:
-        arrays[PROMPT_INPUT] = side.prompt
-    for i, (k, v) in enumerate(side.prefix or []):
-        kn, vn = prefix_names(i)
-        arrays[kn], arrays[vn] = k, v
-    return arrays
-
-
 def _max_length(model) -> int:
     n = int(getattr(model.config, "max_position_embeddings", 0) or 0)
     if model.config.model_type in ("roberta", "xlm-roberta"):
@@ -304,7 +287,7 @@ def _write(cfg, task, model, fresh, adapters, cache, base_fp, tmp: Path, quiet: 
         (tmp / "adapters").mkdir()
         for a in adapters:
             side = sides[a.name]
-            arrays = _adapter_arrays(side)
+            arrays = side.arrays()
             path = tmp / "adapters" / f"{a.name}.onnx_adapter"
             _save_adapter(arrays, path, cfg.quant.adapter_precision)
             prefix = None

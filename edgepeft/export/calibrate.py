@@ -78,11 +78,9 @@ def calibration_feeds(cfg, task: str, model, adapters, sides: dict, specs, cache
     choices = [None] + [a.name for a in adapters]
 
     def feeds():
-        from edgepeft.export import _adapter_arrays
-
         for choice in choices:
             side = sides.get(choice) if choice else None
-            graph = {k: v for k, v in _adapter_arrays(side).items() if k in names} if side else {}
+            graph = {k: v for k, v in side.arrays().items() if k in names} if side else {}
             for i in range(0, len(rows), BATCH):
                 batch = rows[i:i + BATCH]
                 longest = max(len(r) for r in batch)
