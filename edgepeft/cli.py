@@ -57,7 +57,8 @@ def export(args) -> int:
 
     quant = QuantConfig(precision=args.precision, adapter_precision=args.adapter_precision,
                         calibration=args.calibration, calibration_method=args.calibration_method,
-                        quantize_embeddings=args.quantize_embeddings)
+                        quantize_embeddings=args.quantize_embeddings, int8_scheme=args.int8_scheme,
+                        static_activations=args.static_activations, protect=args.protect)
     cfg = ExportConfig(base=Path(args.base), out=Path(args.out), adapters=_adapter_pairs(args.adapter),
                        mode=args.mode, force=args.force, opset=args.opset, task=args.task, quant=quant)
     manifest = run_export(cfg, quiet=args.quiet)
@@ -75,13 +76,26 @@ def _export_args(p):
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
     p.add_argument("--precision", choices=["fp32", "fp16", "int8", "int8-static", "int4"], default="fp32",
-                   help="base weights: fp32 (default), fp16, int8 (dynamic), int8-static (QDQ, calibrated "
-                        "over the base and every adapter), int4 (weight-only); adapter branches stay float")
+                   help="base weights: fp32 (default), fp16, int8 (see --int8-scheme), int8-static (QDQ, "
+                        "calibrated over the base and every adapter), int4 (weight-only, block-wise, HQQ); "
+                        "adapter branches stay float")
     p.add_argument("--adapter-precision", choices=["fp32", "fp16"], default="fp32",
                    help="storage of adapter files (computed in fp32 either way)")
     p.add_argument("--calibration", default=None, metavar="FILE_OR_NAME",
-                   help="int8-static: .txt / .jsonl texts or a set in calibration/ (default: 'default')")
-    p.add_argument("--calibration-method", choices=["minmax", "entropy", "percentile"], default="minmax")
+                   help="int8-static ranges and --protect sensitivities: .txt / .jsonl texts or a set in "
+                        "calibration/ (default: 'default')")
+    p.add_argument("--calibration-method", choices=["minmax", "entropy", "percentile"], default="minmax",
+                   help="int8-static range estimator")
+    p.add_argument("--int8-scheme", choices=["weight-only", "dynamic"], default="weight-only",
+                   help="int8: weight-only (default; MatMulNBits, float activations) or dynamic (int8 "
+                        "activations on the fly: integer kernels, but activation outliers of decoders ruin it)")
+    p.add_argument("--static-activations", choices=["int16", "int8"], default="int16",
+                   help="int8-static activation type: int16 (default, A16W8, as NPUs run LLMs) or int8 "
+                        "(A8W8; NNAPI needs it; lossy on decoders)")
+    p.add_argument("--protect", type=float, default=0.0, metavar="SHARE",
+                   help="share (0..1) of base MatMuls with the largest measured quantization error on the "
+                        "calibration texts kept at higher precision: 8-bit under int4, float under int8 "
+                        "(default: 0)")
     p.add_argument("--quantize-embeddings", action="store_true",
                    help="also quantize the token embeddings and LM head (smaller, less accurate)")
     p.add_argument("--task", choices=["auto", "causal-lm", "classification"], default="auto",
@@ -223,7 +237,9 @@ def validate(args) -> int:
     """Check an artifact against the PyTorch base model + peft adapters; exit 1 if a budget breaks.
 
     Compares, per adapter, per mix, per LoRA + prefix composition and for the base model:
-    max |Δlogits|, mean KL, top-1 agreement and greedy generations. Classifiers: the same on the
+    max |Δlogits|, mean KL and top-1 agreement at every token position of the prompts and of
+    held-out texts (--texts; default calibration/heldout.txt), and greedy generations from the
+    prompts. Classifiers: the same on the
     class logits; with --labels FILE.jsonl ({"text": ..., "label": ...} rows) the accuracy of
     both sides too. Writes report.json into the artifact (or --report).
     """
@@ -238,6 +254,11 @@ def validate(args) -> int:
         prompts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         if not prompts:
             raise EdgepeftError(f"{path}: no prompts in it (one prompt per line).")
+    texts = None
+    if args.texts:
+        from edgepeft.export.calibrate import load_texts
+
+        texts = load_texts(args.texts, option="--texts")
     budget = None
     overrides = {k: getattr(args, k) for k in ("max_abs_logits", "min_top1", "max_kl", "max_accuracy_drop")
                  if getattr(args, k) is not None}
@@ -245,12 +266,12 @@ def validate(args) -> int:
         from dataclasses import replace
 
         from edgepeft.runtime.manifest import read_manifest
-        from edgepeft.validate import BUDGETS, Budget
+        from edgepeft.validate.budgets import BUDGETS, Budget
 
         m = read_manifest(Path(args.artifact))
         base = Budget(**m["budget"]) if m.get("budget") else BUDGETS[m["precision"]]
         budget = replace(base, **overrides)
-    result = run_validate(Path(args.artifact), Path(args.reference), prompts=prompts, budget=budget,
+    result = run_validate(Path(args.artifact), Path(args.reference), prompts=prompts, texts=texts, budget=budget,
                           max_new_tokens=args.max_new_tokens, adapter_dirs=dict(_adapter_pairs(args.adapter)),
                           report=Path(args.report) if args.report else None,
                           labelled=Path(args.labels) if args.labels else None, limit=args.limit)
@@ -261,7 +282,10 @@ def validate(args) -> int:
 def _validate_args(p):
     p.add_argument("artifact", help="artifact directory")
     p.add_argument("--reference", required=True, help="the base model folder used at export")
-    p.add_argument("--prompts", default=None, help="text file, one prompt per line")
+    p.add_argument("--prompts", default=None, help="text file, one prompt per line (greedy continuations compared)")
+    p.add_argument("--texts", default=None, metavar="FILE_OR_NAME",
+                   help="texts compared at every token position (.txt one per line, or .jsonl "
+                        "{\"text\"}; or a set in calibration/); default: heldout")
     p.add_argument("--adapter", action="append", metavar="NAME=DIR",
                    help="PEFT folder of an adapter (default: the path recorded at export)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="greedy tokens compared per prompt")

@@ -158,8 +158,8 @@ def test_quantization_refusals(setup, tmp_path):
     _, base, ads, _ = setup
     with pytest.raises(EdgepeftError, match="--precision 'int3'"):
         QuantConfig(precision="int3")
-    with pytest.raises(EdgepeftError, match="--calibration is for --precision int8-static"):
-        QuantConfig(precision="int8", calibration="default")
+    with pytest.raises(EdgepeftError, match="--calibration is for integer precisions"):
+        QuantConfig(precision="fp16", calibration="default")
     with pytest.raises(EdgepeftError, match="no such file, nor a set"):
         export(ExportConfig(base=base, out=tmp_path / "o", adapters=(("lora", ads["lora"]),),
                             quant=QuantConfig(precision="int8-static", calibration="nope")), quiet=True)
@@ -202,3 +202,56 @@ def test_classifier_heads_still_swap_after_quantization(tmp_path, precision):
     for name in ads:
         np.testing.assert_allclose(got.classify(texts, adapter=name), ref.classify(texts, adapter=name), atol=0.05)
     assert np.abs(got.classify(texts, adapter="a") - got.classify(texts, adapter="b")).max() > 0.05
+
+
+def _attr(node, name):
+    return next(onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == name)
+
+
+def test_schemes_resolved_for_the_task_and_recorded(quantized):
+    """By default int8 is weight-only (8-bit MatMulNBits), int8-static runs 16-bit activations,
+    int4 is 4-bit MatMulNBits everywhere but the adapter branches; the manifest says so."""
+    precision, out = quantized
+    q = Model(out).manifest["quantization"]
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    nbits = {n.name: _attr(n, "bits") for n in graph.node if n.op_type == "MatMulNBits"}
+    if precision == "int8":
+        assert q["int8_scheme"] == "weight-only" and nbits and set(nbits.values()) == {8}
+    if precision == "int8-static":
+        assert q["static_activations"] == "int16"
+        inits = {i.name: i for i in graph.initializer}
+        zero_points = [inits[n.input[2]] for n in graph.node if n.op_type == "QuantizeLinear" and len(n.input) > 2]
+        assert zero_points and {z.data_type for z in zero_points} == {onnx.TensorProto.UINT16}
+    if precision == "int4":
+        info = Model(out).manifest["graph"]["quantization"]
+        assert q["protect"] == 0 and info["protected_nodes"] == 0
+        assert nbits and set(nbits.values()) == {4} and len(nbits) == info["quantized_weight_nodes"]
+    with pytest.raises(EdgepeftError, match="--int8-scheme is for --precision int8"):
+        QuantConfig(precision="int4", int8_scheme="dynamic")
+
+
+def test_protect_picks_the_matmul_with_the_largest_error(tmp_path):
+    """A v_proj with 30x larger weights (its input is normalised, like q/k's) has by far the largest
+    int4 error: --protect for one MatMul of the 14 must pick exactly that one (found by its
+    weights, not by a node name)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    base = make_base("llama", tmp_path / "base")
+    model = AutoModelForCausalLM.from_pretrained(base)
+    with torch.no_grad():
+        model.model.layers[1].self_attn.v_proj.weight.mul_(30)
+    model.save_pretrained(base)
+    loud = model.model.layers[1].self_attn.v_proj.weight.detach().numpy().T  # (K, N) as the graph holds it
+    fp32, q = tmp_path / "fp32", tmp_path / "int4"
+    export(ExportConfig(base=base, out=fp32), quiet=True)
+    export(ExportConfig(base=base, out=q, quant=QuantConfig(precision="int4", protect=1 / 14)), quiet=True)
+    protected = Model(q).manifest["graph"]["quantization"]["protected"]
+    graph = onnx.load(str(fp32 / "model.onnx"), load_external_data=True).graph
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
+    loud_nodes = [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in inits
+                  and inits[n.input[1]].shape == loud.shape and np.allclose(inits[n.input[1]], loud)]
+    assert len(loud_nodes) == 1 and list(protected) == loud_nodes
+    graph = onnx.load(str(q / "model.onnx"), load_external_data=False).graph
+    bits = sorted(_attr(n, "bits") for n in graph.node if n.op_type == "MatMulNBits")
+    assert bits == [4] * 13 + [8]  # the protected one at 8 bits, the other 13 at 4

@@ -7,6 +7,7 @@ OUT is either absent or complete; on any error the temporary directory is remove
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import os
 import shutil
@@ -84,8 +85,21 @@ def _log(msg: str, quiet: bool) -> None:
         print(f"[edgepeft] {msg}", file=sys.stderr, flush=True)
 
 
+PROBE_BATCHES = 4  # calibration batches (of 4 texts) run to measure each MatMul's sensitivity
+
+
+def _calibration(cfg, quant: QuantConfig, task, model, adapters, sides, specs, cache, quiet):
+    """``(feeds for int8-static or None, a few base feeds for sensitivity or None)``."""
+    calibration = probe = None
+    if quant.precision == "int8-static":
+        calibration = calibration_feeds(cfg, task, model, adapters, sides, specs, cache, quiet)
+    if quant.protect:  # the feeds come base first: the first batches run the base model
+        probe = list(itertools.islice(calibration_feeds(cfg, task, model, [], {}, specs, cache, quiet), PROBE_BATCHES))
+    return calibration, probe
+
+
 def _save_graph(proto: onnx.ModelProto, root: Path, rel: str, quant: QuantConfig | None = None,
-                adapter_inputs: list[str] = (), calibration=None) -> dict:
+                adapter_inputs: list[str] = (), calibration=None, probe=None) -> dict:
     """Write a graph to ``root/rel`` with its weights as external data beside it, quantized per
     ``quant`` (adapter branches kept float).
 
@@ -107,7 +121,7 @@ def _save_graph(proto: onnx.ModelProto, root: Path, rel: str, quant: QuantConfig
         src = staging / path.name
         onnx.save_model(proto, src, save_as_external_data=True, all_tensors_to_one_file=True,
                         location=src.name + ".data", size_threshold=1024)
-        quantized = quantize_graph(src, path, quant, list(adapter_inputs), calibration)
+        quantized = quantize_graph(src, path, quant, list(adapter_inputs), calibration, probe)
         shutil.rmtree(staging)
         proto = onnx.load(str(path), load_external_data=False)
 
@@ -245,11 +259,12 @@ def _graph(task, model, slots, specs, head_params, cache, opset):
 def _write(cfg, task, model, fresh, adapters, cache, base_fp, tmp: Path, quiet: bool) -> dict:
     """Write graphs, adapter files, tokenizer and manifest into ``tmp``."""
     text_cfg = model.config.get_text_config()
+    quant = cfg.quant
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "edgepeft_version": edgepeft.__version__,
-        "task": task, "mode": cfg.mode, "precision": cfg.quant.precision,
-        "adapter_precision": cfg.quant.adapter_precision, "target": "cpu",
-        "quantization": asdict(cfg.quant), "budget": asdict(BUDGETS[cfg.quant.precision]),
+        "task": task, "mode": cfg.mode, "precision": quant.precision,
+        "adapter_precision": quant.adapter_precision, "target": "cpu",
+        "quantization": asdict(quant), "budget": asdict(BUDGETS[quant.precision]),
         "base": {"source": str(cfg.base), "model_type": model.config.model_type,
                  "fingerprint": base_fp, "vocab_size": int(text_cfg.vocab_size)},
         "graph": None, "slots": [], "inputs": {}, "adapters": {}, "tokenizer": None,
@@ -276,11 +291,9 @@ def _write(cfg, task, model, fresh, adapters, cache, base_fp, tmp: Path, quiet: 
                         if any(s.prompt is not None for s in sides.values()) else None)
         specs = input_specs(slots, model, head_params, prompt_width)
         _log(f"exporting side-branch graph ({len(slots)} adapted layers, {len(specs)} adapter inputs)", quiet)
-        calibration = None
-        if cfg.quant.precision == "int8-static":
-            calibration = calibration_feeds(cfg, task, model, adapters, sides, specs, cache, quiet)
+        calibration, probe = _calibration(cfg, quant, task, model, adapters, sides, specs, cache, quiet)
         manifest["graph"] = _save_graph(_graph(task, model, slots, specs, head_params, cache, cfg.opset),
-                                        tmp, "model.onnx", cfg.quant, [x.name for x in specs], calibration)
+                                        tmp, "model.onnx", quant, [x.name for x in specs], calibration, probe)
         manifest["slots"] = [{"module": s.module, "in": s.in_features, "out": s.out_features,
                               "features": list(s.features)} for s in slots]
         manifest["inputs"] = {s.name: s.manifest() for s in specs}
@@ -289,7 +302,7 @@ def _write(cfg, task, model, fresh, adapters, cache, base_fp, tmp: Path, quiet: 
             side = sides[a.name]
             arrays = side.arrays()
             path = tmp / "adapters" / f"{a.name}.onnx_adapter"
-            _save_adapter(arrays, path, cfg.quant.adapter_precision)
+            _save_adapter(arrays, path, quant.adapter_precision)
             prefix = None
             if side.prefix:
                 prefix = {"length": int(side.prefix[0][0].shape[2]), "from_prompt": side.prefix_from_prompt}
@@ -303,11 +316,9 @@ def _write(cfg, task, model, fresh, adapters, cache, base_fp, tmp: Path, quiet: 
             _log(f"exporting merged graph {i + 1}/{len(adapters)}: {a.name}", quiet)
             merged = copy.deepcopy(model)
             kind_module(a).merge(merged, a)
-            calibration = None
-            if cfg.quant.precision == "int8-static":
-                calibration = calibration_feeds(cfg, task, merged, [], {}, [], cache, quiet)
+            calibration, probe = _calibration(cfg, quant, task, merged, [], {}, [], cache, quiet)
             graph = _save_graph(_graph(task, merged, [], [], [], cache, cfg.opset), tmp, f"merged/{a.name}.onnx",
-                                cfg.quant, [], calibration)
+                                quant, [], calibration, probe)
             del merged
             manifest["adapters"][a.name] = {**kind_module(a).manifest_entry(a), "graph": graph,
                                             "base_fingerprint": base_fp, "inputs": [], "prefix": None,

@@ -22,24 +22,29 @@ CALIBRATION_DIR = Path(__file__).resolve().parents[2] / "calibration"
 BATCH = 4
 
 
-def load_texts(source: str | None) -> list[str]:
-    """Texts of a calibration set: a .txt (one per line) or .jsonl (``{"text"}``) file, or the
-    name of a set in ``calibration/`` (default: ``default``).
+def load_texts(source: str | None, default: str = "default", option: str = "--calibration") -> list[str]:
+    """Texts of a text set: a .txt (one per line, ``#`` lines skipped) or .jsonl (``{"text"}``)
+    file, or the name of a set in ``calibration/``.
+
+    Args:
+        source: a file path or a set name; None: the ``default`` set.
+        default: the set used when ``source`` is None.
+        option: the CLI option named in errors.
 
     Raises:
         EdgepeftError: the file or set does not exist, or holds no text.
     """
-    path = Path(source) if source else CALIBRATION_DIR / "default.txt"
+    path = Path(source) if source else CALIBRATION_DIR / f"{default}.txt"
     if source and not path.is_file():
         named = CALIBRATION_DIR / f"{source}.txt"
         if not named.is_file():
             sets = sorted(p.stem for p in CALIBRATION_DIR.glob("*.txt")) if CALIBRATION_DIR.is_dir() else []
-            raise EdgepeftError(f"--calibration {source}: no such file, nor a set in {CALIBRATION_DIR} "
+            raise EdgepeftError(f"{option} {source}: no such file, nor a set in {CALIBRATION_DIR} "
                                 f"(sets: {', '.join(sets) or 'none'}). Pass a .txt (one text per line) "
                                 "or .jsonl ({\"text\": ...}) file.")
         path = named
     if not path.is_file():
-        raise EdgepeftError(f"{path}: the default calibration set is missing; pass --calibration FILE.")
+        raise EdgepeftError(f"{path}: the built-in text set {default!r} is missing; pass {option} FILE.")
     lines = path.read_text(encoding="utf-8").splitlines()
     if path.suffix == ".jsonl":
         texts = []
@@ -52,7 +57,7 @@ def load_texts(source: str | None) -> list[str]:
     else:
         texts = [t for t in lines if t.strip() and not t.startswith("#")]
     if not texts:
-        raise EdgepeftError(f"{path}: no calibration texts in it.")
+        raise EdgepeftError(f"{path}: no texts in it.")
     return texts
 
 

@@ -3,11 +3,23 @@
 Precisions (onnxruntime.quantization and its float16 converter):
     fp32          as exported
     fp16          weights and compute in fp16; adapter branches and the graph's inputs/outputs fp32
-    int8          dynamic: int8 weights of MatMul/Gemm, activations quantized on the fly
-    int8-static   QDQ with activation ranges from calibration data; ranges are collected with the
+    int8          int8 weights; scheme ``weight-only`` (default: MatMulNBits, 8 bits, block-wise,
+                  asymmetric, float activations) or ``dynamic`` (activations quantized on the fly:
+                  integer kernels, but decoders' activation outliers ruin it: SmolLM2-135M KL 1.76
+                  vs 0.0016 weight-only)
+    int8-static   QDQ, int8 weights, int16 (default) or int8 activations with ranges from
+                  calibration data; ranges are collected with the
                   base and with each adapter active in turn (one reader yields them all, so the
                   calibrator merges them), so no adapter's activations clip
-    int4          weight-only, blockwise (MatMulNBits)
+    int4          weight-only, blockwise (MatMulNBits), scales and zero points fitted by HQQ
+                  (half-quadratic optimisation, no calibration data; far below round-to-nearest's
+                  error on SmolLM2, see the README); ``protect`` keeps chosen MatMuls at 8 bits
+
+Sensitivity (``protect``): each base MatMul's quantization error is measured on calibration texts
+(the RMS of ``x (Q(W) - W)`` over real activations ``x``, with ``Q`` simulating the scheme); the
+``protect`` share with the largest error is kept at higher precision: 8-bit under int4 (as
+llama.cpp's Q4_K_M keeps ffn_down / attn_v at 6 bits), float under int8. The error is simulated
+with round-to-nearest (the ranking, not the exact value, matters). Off by default.
 
 Adapter-branch nodes are found from the graph inputs the export named (``lora.*``, ``ia3_*``, ...):
 every node that consumes an adapter input, directly or through layout-only ops (Transpose, Cast,
@@ -16,6 +28,8 @@ Reshape, ...), is excluded. No node name is pattern-matched.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +42,8 @@ from edgepeft.errors import EdgepeftError
 PRECISIONS = ("fp32", "fp16", "int8", "int8-static", "int4")
 ADAPTER_PRECISIONS = ("fp32", "fp16")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+INT8_SCHEMES = ("weight-only", "dynamic")
+STATIC_ACTIVATIONS = ("int16", "int8")
 # Ops an adapter weight passes through before it meets activations: follow them.
 _LAYOUT_OPS = {"Transpose", "Cast", "Reshape", "Unsqueeze", "Squeeze", "Identity", "Concat", "Expand",
                "Flatten"}
@@ -46,7 +62,13 @@ class QuantConfig:
         calibration_method: ``minmax``, ``entropy`` or ``percentile``.
         quantize_embeddings: also quantize the token embedding table and LM head (they dominate
             small models' size; tied in e.g. SmolLM2). Off by default: they cost accuracy.
-        block_size: int4 block size along the input dimension.
+        block_size: int4 / weight-only int8 block size along the input dimension.
+        int8_scheme: ``weight-only`` (default) or ``dynamic``; see the module docstring.
+        static_activations: int8-static activation type: ``int16`` (default, A16W8: activation
+            outliers survive 16-bit ranges; what NPUs such as QNN HTP run LLMs with) or ``int8``
+            (A8W8: integer kernels on CPU and NNAPI, but SmolLM2-135M: top-1 7 %).
+        protect: share (0..1) of base MatMuls, the most sensitive by measured error, kept at
+            higher precision (int4: 8-bit; int8 / int8-static: float). Default 0.
     """
 
     precision: str = "fp32"
@@ -55,6 +77,9 @@ class QuantConfig:
     calibration_method: str = "minmax"
     quantize_embeddings: bool = False
     block_size: int = 32
+    int8_scheme: str = "weight-only"
+    static_activations: str = "int16"
+    protect: float = 0.0
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -64,10 +89,24 @@ class QuantConfig:
         if self.calibration_method not in CALIBRATION_METHODS:
             raise EdgepeftError(f"--calibration-method {self.calibration_method!r}: choose one of "
                                 f"{', '.join(CALIBRATION_METHODS)}.")
-        if self.calibration and self.precision != "int8-static":
-            raise EdgepeftError(f"--calibration is for --precision int8-static, not {self.precision}.")
+        if self.calibration and self.precision in ("fp32", "fp16"):
+            raise EdgepeftError(f"--calibration is for integer precisions, not {self.precision}.")
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
             raise EdgepeftError(f"--block-size {self.block_size}: a power of two >= 16.")
+        if self.int8_scheme not in INT8_SCHEMES:
+            raise EdgepeftError(f"--int8-scheme {self.int8_scheme!r}: choose one of {', '.join(INT8_SCHEMES)}.")
+        if self.int8_scheme != "weight-only" and self.precision != "int8":
+            raise EdgepeftError(f"--int8-scheme is for --precision int8, not {self.precision}.")
+        if self.static_activations not in STATIC_ACTIVATIONS:
+            raise EdgepeftError(f"--static-activations {self.static_activations!r}: choose one of "
+                                f"{', '.join(STATIC_ACTIVATIONS)}.")
+        if self.static_activations != "int16" and self.precision != "int8-static":
+            raise EdgepeftError(f"--static-activations is for --precision int8-static, not {self.precision}.")
+        if not 0 <= self.protect <= 1:
+            raise EdgepeftError(f"--protect {self.protect}: a share between 0 and 1.")
+        if self.protect and self.precision in ("fp32", "fp16"):
+            raise EdgepeftError(f"--protect is for integer precisions, not {self.precision}.")
+
 
 
 def adapter_nodes(model: onnx.ModelProto, adapter_inputs: Iterable[str]) -> set[str]:
@@ -155,8 +194,79 @@ def _weight_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     return [n for n in model.graph.node if n.op_type in _WEIGHT_OPS and len(n.input) > 1 and n.input[1] in inits]
 
 
+def _fake_quant_blocks(w: np.ndarray, bits: int, block: int) -> np.ndarray:
+    """Symmetric round-to-nearest of ``w`` ``(K, N)`` in blocks of ``block`` along K."""
+    k, n = w.shape
+    pad = -k % block
+    wb = np.pad(w, ((0, pad), (0, 0))).reshape(-1, block, n)  # (K/block, block, N)
+    qmax = 2 ** (bits - 1) - 1
+    scale = np.abs(wb).max(1, keepdims=True) / qmax
+    scale[scale == 0] = 1
+    return (np.clip(np.round(wb / scale), -qmax - 1, qmax) * scale).reshape(-1, n)[:k]
+
+
+def _fake_quant_int8(x: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-tensor asymmetric uint8 ``x`` ``(M, K)`` and per-column symmetric int8 ``w`` ``(K, N)``."""
+    lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
+    step = (hi - lo) / 255 or 1.0
+    zero = np.round(-lo / step)
+    xq = (np.clip(np.round(x / step) + zero, 0, 255) - zero) * step
+    scale = np.abs(w).max(0, keepdims=True) / 127
+    scale[scale == 0] = 1
+    return xq, np.round(w / scale) * scale
+
+
+def sensitivity(model: onnx.ModelProto, nodes: list[onnx.NodeProto], probe: list[dict[str, np.ndarray]],
+                cfg: QuantConfig, max_rows: int = 1024) -> dict[str, float]:
+    """Each weight node's output error under ``cfg``'s scheme, on real activations.
+
+    Args:
+        model: the fp32 graph (weights loaded).
+        nodes: MatMul nodes with an initializer B ``(K, N)``.
+        probe: a few feeds of the graph (calibration texts, base model).
+        cfg: precision and scheme.
+        max_rows: activation rows ``x`` used per node (evenly subsampled).
+
+    Returns:
+        ``{node name: RMS of x (Q(W) - W)}``, activation quantization included for int8
+        dynamic / static.
+    """
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    inputs = sorted({n.input[0] for n in nodes})
+    added = [onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in inputs]
+    model.graph.output.extend(added)
+    try:
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    finally:
+        for _ in added:
+            model.graph.output.pop()
+    acts: dict[str, list[np.ndarray]] = {name: [] for name in inputs}
+    for feed in probe:
+        for name, x in zip(inputs, session.run(inputs, feed)):
+            acts[name].append(x.reshape(-1, x.shape[-1]))  # (B*T, K)
+    del session
+    weights = {i.name: i for i in model.graph.initializer}
+    errors = {}
+    for node in nodes:
+        x = np.concatenate(acts[node.input[0]])
+        x = x[np.linspace(0, len(x) - 1, min(len(x), max_rows)).astype(int)]
+        w = numpy_helper.to_array(weights[node.input[1]]).astype(np.float32)
+        if cfg.precision == "int4" or (cfg.precision == "int8" and cfg.int8_scheme == "weight-only"):
+            err = x @ (_fake_quant_blocks(w, 4 if cfg.precision == "int4" else 8, cfg.block_size) - w)
+        else:
+            xq, wq = _fake_quant_int8(x, w)
+            err = xq @ wq - x @ w
+        errors[node.name] = float(np.sqrt(np.mean(np.square(err))))
+    return errors
+
+
 def quantize_graph(src: Path, dst: Path, cfg: QuantConfig, adapter_inputs: list[str],
-                   calibration: Iterator[dict[str, np.ndarray]] | None = None) -> dict:
+                   calibration: Iterator[dict[str, np.ndarray]] | None = None,
+                   probe: list[dict[str, np.ndarray]] | None = None) -> dict:
     """Quantize ``src`` (an fp32 graph with external data) into ``dst`` (external data beside it).
 
     Args:
@@ -165,9 +275,11 @@ def quantize_graph(src: Path, dst: Path, cfg: QuantConfig, adapter_inputs: list[
         cfg: precision and options.
         adapter_inputs: adapter-fed input names; their branches stay float.
         calibration: int8-static: feeds for the graph, base and every adapter in turn.
+        probe: a few base feeds for the sensitivity measurement (needed when ``cfg.protect``).
 
     Returns:
-        ``{"excluded_nodes", "quantized_nodes", "weight_nodes"}`` counts for the manifest.
+        Counts for the manifest (adapter, kept-float, weight, quantized, protected nodes) and the
+        protected nodes' names with their measured errors.
 
     Raises:
         EdgepeftError: int8-static without calibration data, or a quantizer failure.
@@ -177,17 +289,61 @@ def quantize_graph(src: Path, dst: Path, cfg: QuantConfig, adapter_inputs: list[
     branches = adapter_nodes(model, adapter_inputs)
     keep = set(branches) if cfg.quantize_embeddings or cfg.precision == "fp16" else branches | head_nodes(model)
     ops = ["MatMul", "Gemm"] + (["Gather"] if cfg.quantize_embeddings else [])
-    weights = [n.name for n in _weight_nodes(model)]
+    weight_nodes = _weight_nodes(model)
+    weights = [n.name for n in weight_nodes]
+    protected: dict[str, float] = {}
+    if cfg.protect and cfg.precision not in ("fp32", "fp16"):
+        if not probe:
+            raise EdgepeftError(f"--protect {cfg.protect} needs calibration texts to measure sensitivity.")
+        candidates = [n for n in weight_nodes if n.op_type == "MatMul" and n.name not in keep]
+        errors = sensitivity(model, candidates, probe, cfg)
+        count = round(cfg.protect * len(candidates))
+        protected = dict(sorted(errors.items(), key=lambda kv: -kv[1])[:count])
+    float_protect = set(protected) if cfg.precision != "int4" else set()
     data = dst.with_name(dst.name + ".data")
     data.unlink(missing_ok=True)  # onnx appends to an existing data file
-    info = {"adapter_nodes": len(branches), "excluded_nodes": len(keep), "weight_nodes": len(weights),
-            "quantized_weight_nodes": len([w for w in weights if w not in keep])}
+    info = {"adapter_nodes": len(branches), "excluded_nodes": len(keep | float_protect),
+            "weight_nodes": len(weights),
+            "quantized_weight_nodes": len([w for w in weights if w not in keep | float_protect]),
+            "protected_nodes": len(protected),
+            "protected": {k: round(v, 6) for k, v in protected.items()}}
+    keep = keep | float_protect
+    with _quiet_quantizers():
+        _quantize(model, dst, cfg, keep, branches, ops, protected, calibration, src)
+    if not data.is_file():  # small graphs: the quantizer may inline everything; keep the layout
+        _save(onnx.load(str(dst), load_external_data=True), dst)
+    return info
+
+
+@contextlib.contextmanager
+def _quiet_quantizers():
+    """onnxruntime.quantization logs every node at INFO on the root logger; keep errors only."""
+    loggers = [logging.getLogger(), logging.getLogger("onnxruntime.quantization"),
+               logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _quantize(model, dst, cfg, keep, branches, ops, protected, calibration, src) -> None:
     try:
         if cfg.precision == "fp16":
             from onnxruntime.transformers.float16 import convert_float_to_float16
 
             out = convert_float_to_float16(model, keep_io_types=True, node_block_list=sorted(branches))
             _save(out, dst)
+        elif cfg.precision == "int8" and cfg.int8_scheme == "weight-only":
+            from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+            q = MatMulNBitsQuantizer(model, bits=8, block_size=cfg.block_size, is_symmetric=False,
+                                     accuracy_level=0, nodes_to_exclude=sorted(keep))
+            q.process()
+            _save(q.model.model, dst)
         elif cfg.precision == "int8":
             from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -204,15 +360,23 @@ def quantize_graph(src: Path, dst: Path, cfg: QuantConfig, adapter_inputs: list[
                       "percentile": CalibrationMethod.Percentile}[cfg.calibration_method]
             quantize_static(model, str(dst), _Reader(calibration), quant_format=QuantFormat.QDQ,
                             op_types_to_quantize=ops, per_channel=True,
-                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                            activation_type=QuantType.QUInt16 if cfg.static_activations == "int16" else QuantType.QInt8,
+                            weight_type=QuantType.QInt8,
                             nodes_to_exclude=sorted(keep), use_external_data_format=True,
                             calibrate_method=method,
                             extra_options={"MatMulConstBOnly": True, "ActivationSymmetric": False})
         elif cfg.precision == "int4":
-            from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+            from onnxruntime.quantization.matmul_nbits_quantizer import (HQQWeightOnlyQuantConfig,
+                                                                         MatMulNBitsQuantizer)
 
-            q = MatMulNBitsQuantizer(model, bits=4, block_size=cfg.block_size, is_symmetric=True,
-                                     accuracy_level=4, nodes_to_exclude=sorted(keep))
+            if protected:  # the most sensitive at 8 bits first; the 4-bit pass skips them
+                others = sorted(n.name for n in model.graph.node if n.name not in protected)
+                q = MatMulNBitsQuantizer(model, bits=8, block_size=cfg.block_size, is_symmetric=False,
+                                         accuracy_level=0, nodes_to_exclude=others)  # (its nodes_to_include adds, not limits)
+                q.process()
+                model = q.model.model
+            q = MatMulNBitsQuantizer(model, nodes_to_exclude=sorted(keep),
+                                     algo_config=HQQWeightOnlyQuantConfig(block_size=cfg.block_size, bits=4))
             q.process()
             _save(q.model.model, dst)
         else:
@@ -221,9 +385,6 @@ def quantize_graph(src: Path, dst: Path, cfg: QuantConfig, adapter_inputs: list[
         raise
     except Exception as e:  # onnxruntime.quantization raises many types
         raise EdgepeftError(f"{src}: {cfg.precision} quantization failed ({type(e).__name__}: {e}).") from e
-    if not data.is_file():  # small graphs: the quantizer may inline everything; keep the layout
-        _save(onnx.load(str(dst), load_external_data=True), dst)
-    return info
 
 
 def _save(model: onnx.ModelProto, dst: Path) -> None:

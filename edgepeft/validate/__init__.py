@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from edgepeft.errors import EdgepeftError
+from edgepeft.export.calibrate import load_texts
 from edgepeft.validate.budgets import BUDGETS, Budget
 from edgepeft.runtime.model import Model, batch_inputs, positions
 
@@ -32,6 +33,12 @@ DEFAULT_PROMPTS = (
     "Number: 4821\nIn words:",
     "def fibonacci(n):",
 )
+# Held-out texts whose every position is compared (teacher-forced) when the caller gives none:
+# calibration/heldout.txt, never used for calibration. Enough positions (~1,700 on SmolLM2) that
+# a 99 % top-1 bound is not decided by one near-tie.
+DEFAULT_TEXTS = "heldout"
+TEXT_TOKENS = 64  # longest text row compared, in tokens
+BATCH = 8  # rows per forward pass (bounds the (B, T, vocab) logits held at once)
 
 
 @dataclass(frozen=True)
@@ -313,10 +320,16 @@ def _label_ids(labels: list, manifest: dict, path: Path) -> np.ndarray:
     return ids
 
 
-def _compare(ort_logits: np.ndarray, pt_logits: np.ndarray, real: np.ndarray, budget: Budget):
-    diff = float(np.abs(ort_logits - pt_logits)[real].max())
-    kl = float(_kl(pt_logits[real], ort_logits[real]).mean())
-    top1 = float((ort_logits.argmax(-1) == pt_logits.argmax(-1))[real].mean())
+def _stats(ort_logits: np.ndarray, pt_logits: np.ndarray, real: np.ndarray) -> np.ndarray:
+    """Per batch: ``[max |Δlogits|, sum of KL, top-1 agreements, positions]`` over real positions."""
+    o, p = ort_logits[real], pt_logits[real]
+    return np.array([np.abs(o - p).max(), _kl(p, o).sum(), (o.argmax(-1) == p.argmax(-1)).sum(), len(o)])
+
+
+def _verdict(stats: list[np.ndarray], budget: Budget):
+    """Merge per-batch ``_stats`` and judge them: ``(max diff, mean KL, top-1, failures)``."""
+    s = np.stack(stats)
+    diff, kl, top1 = float(s[:, 0].max()), float(s[:, 1].sum() / s[:, 3].sum()), float(s[:, 2].sum() / s[:, 3].sum())
     failures = []
     if not np.isfinite(diff):
         failures.append(f"max |Δlogits| is {diff}")
@@ -330,7 +343,7 @@ def _compare(ort_logits: np.ndarray, pt_logits: np.ndarray, real: np.ndarray, bu
 
 
 def validate(artifact_dir: Path, reference: Path, prompts: list[str] | None = None,
-             max_new_tokens: int = 32, budget: Budget | None = None,
+             texts: list[str] | None = None, max_new_tokens: int = 32, budget: Budget | None = None,
              adapter_dirs: dict[str, Path] | None = None, report: Path | None = None,
              labelled: Path | None = None, limit: int | None = None) -> dict:
     """Compare an artifact with its PyTorch reference; see the module docstring.
@@ -338,8 +351,11 @@ def validate(artifact_dir: Path, reference: Path, prompts: list[str] | None = No
     Args:
         artifact_dir: output of ``edgepeft export``.
         reference: the base model folder the artifact was exported from.
-        prompts: texts (needs the artifact's tokenizer); default: built-in prompts, or seeded random
-            token ids when the artifact has no tokenizer.
+        prompts: causal LMs: texts whose greedy continuations are compared (needs the artifact's
+            tokenizer); default: built-in prompts, or seeded random token ids without a tokenizer.
+        texts: texts whose every token position is compared (top-1, KL, |Δlogits|), with the
+            prompts; classifiers: the texts classified. Default: ``calibration/heldout.txt`` when
+            the artifact has a tokenizer, else seeded random token ids.
         max_new_tokens: greedy tokens compared per prompt (causal LMs).
         budget: bounds; default the artifact precision's.
         adapter_dirs: PEFT dirs per adapter; default the sources recorded at export.
@@ -365,11 +381,13 @@ def validate(artifact_dir: Path, reference: Path, prompts: list[str] | None = No
     if labelled is not None and art.task != "classification":
         raise EdgepeftError(f"--labels: {artifact_dir} is a {art.task} artifact; labelled accuracy is "
                             "for classifiers.")
+    if texts is None and manifest.get("tokenizer"):
+        texts = load_texts(DEFAULT_TEXTS)
     ref = _Reference(reference, manifest, dirs)
     if art.task == "classification":
-        results = _validate_classifier(art, ref, prompts, budget, labelled, limit)
+        results = _validate_classifier(art, ref, prompts or texts, budget, labelled, limit)
     else:
-        results = _validate_causal(art, ref, prompts, budget, max_new_tokens)
+        results = _validate_causal(art, ref, prompts, texts or [], budget, max_new_tokens)
     out = {"artifact": str(artifact_dir), "reference": str(reference), "task": art.task,
            "precision": manifest["precision"], "mode": manifest["mode"], "budget": asdict(budget),
            "max_new_tokens": max_new_tokens if art.task == "causal-lm" else 0,
@@ -382,31 +400,36 @@ def validate(artifact_dir: Path, reference: Path, prompts: list[str] | None = No
     return out
 
 
-def _validate_causal(art: Model, ref: _Reference, prompts, budget: Budget, max_new_tokens: int):
+def _validate_causal(art: Model, ref: _Reference, prompts, texts, budget: Budget, max_new_tokens: int):
     manifest = art.manifest
     if manifest.get("tokenizer"):
-        rows = [art.tokenizer.encode(p).ids for p in (prompts or DEFAULT_PROMPTS)]
-    elif prompts:
+        prompt_rows = [art.tokenizer.encode(p).ids for p in (prompts or DEFAULT_PROMPTS)]
+        text_rows = [art.tokenizer.encode(t).ids[:TEXT_TOKENS] for t in texts]
+    elif prompts or texts:
         raise EdgepeftError(f"{art.path}: the artifact has no tokenizer, so text prompts cannot "
-                            "be encoded. Leave out --prompts to use random token ids.")
+                            "be encoded. Leave out --prompts / --texts to use random token ids.")
     else:
         rng = np.random.default_rng(0)
-        rows = [rng.integers(0, manifest["base"]["vocab_size"], n).tolist() for n in (5, 9, 12, 7)]
-    ids, mask = batch_inputs(rows, vocab=manifest["base"]["vocab_size"])
-    real = mask.astype(bool)
+        prompt_rows = [rng.integers(0, manifest["base"]["vocab_size"], n).tolist() for n in (5, 9, 12, 7)]
+        text_rows = [rng.integers(0, manifest["base"]["vocab_size"], n).tolist() for n in (24, 17, 31, 20)]
+    vocab = manifest["base"]["vocab_size"]
+    ids, mask = batch_inputs(prompt_rows, vocab=vocab)
+    rows = prompt_rows + text_rows  # teacher-forced agreement over every position of all of them
+    batches = [batch_inputs(rows[i:i + BATCH], vocab=vocab) for i in range(0, len(rows), BATCH)]
     results = []
     for choice in default_choices(art):
         torch_ref = ref.get(choice)
-        ort_logits = art.logits(ids, adapter=choice, attention_mask=mask)
-        diff, kl, top1, failures = _compare(ort_logits, torch_ref.logits(ids, mask), real, budget)
+        stats = [_stats(art.logits(i, adapter=choice, attention_mask=m), torch_ref.logits(i, m), m.astype(bool))
+                 for i, m in batches]
+        diff, kl, top1, failures = _verdict(stats, budget)
         gen = art.generate(ids, max_new_tokens, adapter=choice, attention_mask=mask,
                            stop_at_eos=False)[:, ids.shape[1]:]
         pt_gen = torch_ref.greedy(ids, mask, max_new_tokens)
         mism = int((gen != pt_gen).sum())
         if budget.greedy_must_match and mism:
             failures.append(f"greedy generation differs at {mism}/{gen.size} tokens")
-        results.append(CaseResult(_case_name(choice), int(real.sum()), diff, kl, top1, int(gen.size),
-                                  mism, tuple(failures)))
+        results.append(CaseResult(_case_name(choice), int(sum(s[3] for s in stats)), diff, kl, top1,
+                                  int(gen.size), mism, tuple(failures)))
     return results
 
 
@@ -417,8 +440,8 @@ def _validate_classifier(art: Model, ref: _Reference, prompts, budget: Budget, l
         texts, raw = read_labelled(labelled)
         texts, raw = (texts[:limit], raw[:limit]) if limit else (texts, raw)
         labels = _label_ids(raw, manifest, labelled)
-    elif manifest.get("tokenizer"):
-        texts = list(prompts or DEFAULT_PROMPTS)
+    elif manifest.get("tokenizer") and prompts:
+        texts = list(prompts)
     else:
         texts = None
     if texts is not None and not manifest.get("tokenizer"):
@@ -438,7 +461,7 @@ def _validate_classifier(art: Model, ref: _Reference, prompts, budget: Budget, l
                                      for i, m in batches])
         pt_logits = np.concatenate([torch_ref.classify_logits(i, m) for i, m in batches])
         real = np.ones(len(ort_logits), bool)
-        diff, kl, top1, failures = _compare(ort_logits, pt_logits, real, budget)
+        diff, kl, top1, failures = _verdict([_stats(ort_logits, pt_logits, real)], budget)
         acc = (None, None)
         if labels is not None:
             acc = (float((pt_logits.argmax(-1) == labels).mean()), float((ort_logits.argmax(-1) == labels).mean()))

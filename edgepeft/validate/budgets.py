@@ -46,3 +46,4 @@ BUDGETS = {
     "int4": Budget(max_abs_logits=None, min_top1=0.90, max_kl=0.2, greedy_must_match=False,
                    max_accuracy_drop=3.0),
 }
+
