@@ -50,6 +50,10 @@ def export(args) -> int:
     side (default): one ONNX graph whose adapter weights are run-time inputs; each adapter is an
     .onnx_adapter file, swapped, mixed or composed per call. merged: one graph per adapter with
     its weights folded in (fastest, no swapping; LoRA, DoRA, IA3 only). OUT is written atomically.
+
+    An adapter must belong to BASE: one trained by `edgepeft train` on other weights (its
+    edgepeft.json), or whose PEFT base_model_name_or_path names another model folder, is refused
+    unless --allow-base-mismatch.
     """
     from edgepeft.export import ExportConfig
     from edgepeft.export import export as run_export
@@ -60,7 +64,8 @@ def export(args) -> int:
                         quantize_embeddings=args.quantize_embeddings, int8_scheme=args.int8_scheme,
                         static_activations=args.static_activations, protect=args.protect)
     cfg = ExportConfig(base=Path(args.base), out=Path(args.out), adapters=_adapter_pairs(args.adapter),
-                       mode=args.mode, force=args.force, opset=args.opset, task=args.task, quant=quant)
+                       mode=args.mode, force=args.force, opset=args.opset, task=args.task, quant=quant,
+                       allow_base_mismatch=args.allow_base_mismatch)
     manifest = run_export(cfg, quiet=args.quiet)
     print(f"{args.out}: {manifest['mode']} artifact, adapters: {', '.join(manifest['adapters']) or '(none)'}")
     return 0
@@ -100,6 +105,9 @@ def _export_args(p):
                    help="also quantize the token embeddings and LM head (smaller, less accurate)")
     p.add_argument("--task", choices=["auto", "causal-lm", "classification"], default="auto",
                    help="auto (default): the adapters' PEFT task_type, else the base's architecture")
+    p.add_argument("--allow-base-mismatch", action="store_true",
+                   help="export adapters that record another base model (edgepeft.json of `edgepeft "
+                        "train`, or PEFT's base_model_name_or_path) instead of refusing them")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
 
 
@@ -219,7 +227,12 @@ def _inspect_args(p):
 
 
 def verify(args) -> int:
-    """Check an artifact's files against its manifest (presence, paths, sha256); exit 1 on any mismatch."""
+    """Check an artifact against its manifest: files, sha256 and shapes; exit 1 on any mismatch.
+
+    Every file the manifest names must be present, inside the artifact and match its sha256; every
+    shape it states (graph inputs and outputs, adapter inputs, adapted layers, KV cache, vocabulary)
+    must match the ONNX graph, and each adapter file's arrays the inputs they feed.
+    """
     from edgepeft.runtime.manifest import verify as run_verify
 
     problems = run_verify(Path(args.artifact))

@@ -1,12 +1,16 @@
 """``edgepeft export``: base model + PEFT adapters -> an artifact directory.
 
-The artifact is written to a temporary sibling directory and renamed into place at the end, so
-OUT is either absent or complete; on any error the temporary directory is removed.
+The artifact is written to a temporary sibling directory ``.OUT.tmp-XXXXXXXX`` (with a lock file
+``.OUT.tmp-XXXXXXXX.lock`` held while the export runs), synced to disk and renamed into place at the
+end, so OUT is either absent or complete, even when the process is killed; on any error the
+temporary directory is removed. What a killed export leaves behind (its lock is released by the
+kernel) is removed by the next export to the same OUT.
 """
 
 from __future__ import annotations
 
 import copy
+import glob
 import itertools
 import json
 import os
@@ -27,12 +31,17 @@ from edgepeft.adapters.common import peft_key, read_config, read_tensors
 from edgepeft.errors import EdgepeftError
 from edgepeft.export import causal_lm, encoder
 from edgepeft.export.calibrate import calibration_feeds
-from edgepeft.export.base import (detect_task, fingerprint, load_causal_lm, load_classifier,
-                                  save_tokenizer)
+from edgepeft.export.base import (binding_mismatch, detect_task, fingerprint, load_causal_lm,
+                                  load_classifier, save_tokenizer)
 from edgepeft.export.slots import input_specs, plan_slots
 from edgepeft.quantize import QuantConfig, quantize_graph
 from edgepeft.validate.budgets import BUDGETS
-from edgepeft.runtime.manifest import FORMAT, FORMAT_VERSION, MANIFEST_NAME, sha256_file
+from edgepeft.runtime.manifest import FORMAT, FORMAT_VERSION, MANIFEST_NAME, base_tag, sha256_file
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: temporary dirs of killed exports stay (clearly named)
+    fcntl = None
 
 MODES = ("side", "merged")
 TASKS = ("auto", "causal-lm", "classification")
@@ -54,6 +63,8 @@ class ExportConfig:
             (``AutoModelForSequenceClassification``), or ``auto``: the adapters' PEFT task_type,
             else the base's architecture.
         quant: precision of the graphs and adapter files (``edgepeft.quantize``).
+        allow_base_mismatch: export adapters that record another base (see
+            :func:`edgepeft.export.base.binding_mismatch`) instead of refusing them.
     """
 
     base: Path
@@ -64,6 +75,7 @@ class ExportConfig:
     opset: int | None = None
     task: str = "auto"
     quant: QuantConfig = field(default_factory=QuantConfig)
+    allow_base_mismatch: bool = False
 
     def __post_init__(self):
         if self.task not in TASKS:
@@ -145,9 +157,11 @@ def _op_counts(proto: onnx.ModelProto) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def _save_adapter(arrays: dict[str, np.ndarray], path: Path, precision: str = "fp32") -> None:
+def _save_adapter(arrays: dict[str, np.ndarray], path: Path, precision: str = "fp32",
+                  base_fp: str | None = None) -> None:
     """Write an onnxruntime ``.onnx_adapter`` file (AdapterFormat) with the given inputs
-    (stored as fp16 when ``precision`` says so; the runtime computes the branch in fp32)."""
+    (stored as fp16 when ``precision`` says so; the runtime computes the branch in fp32), tagged
+    with the base it belongs to (``adapter_version``, see ``manifest.base_tag``)."""
     import onnxruntime as ort
 
     if precision == "fp16":
@@ -155,7 +169,7 @@ def _save_adapter(arrays: dict[str, np.ndarray], path: Path, precision: str = "f
 
     values = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in arrays.items()}  # alive until export
     fmt = ort.AdapterFormat()
-    fmt.set_adapter_version(1)
+    fmt.set_adapter_version(base_tag(base_fp) if base_fp else 1)
     fmt.set_model_version(FORMAT_VERSION)
     fmt.set_parameters(values)
     fmt.export_adapter(str(path))
@@ -209,10 +223,23 @@ def export(cfg: ExportConfig, quiet: bool = False) -> dict:
         EdgepeftError: bad base model, adapters, or an OUT that exists.
     """
     t0 = time.perf_counter()
+    parent = cfg.out.resolve().parent
+    if parent.is_dir():
+        _remove_stale(parent, cfg.out.name)
     _log(f"loading base model {cfg.base}", quiet)
     task, model, fresh = load_base(cfg)
     base_fp = fingerprint(model, fresh)
     adapters = [read_adapter(name, path, model, task) for name, path in cfg.adapters]
+    for name, path in cfg.adapters:  # after the shapes: a wrong shape has the more precise message
+        why = binding_mismatch(path, cfg.base, base_fp)
+        if why and not cfg.allow_base_mismatch:
+            raise EdgepeftError(
+                f"--adapter {name}={path}: {why}. An adapter applied to weights it was not trained "
+                "on gives wrong outputs without any error. Export it with the base it was trained "
+                "on, or pass --allow-base-mismatch if this base is the right one (e.g. the same "
+                "model saved again).")
+        if why:
+            _log(f"warning: --adapter {name}: {why} (exported anyway: --allow-base-mismatch)", quiet)
     if fresh:
         for a in adapters:
             missing = sorted(set(fresh) - set(getattr(a, "head", {})))
@@ -224,23 +251,102 @@ def export(cfg: ExportConfig, quiet: bool = False) -> dict:
                     "modules_to_save), or use a base with a trained head.")
     cache = causal_lm.probe_cache(model) if task == "causal-lm" else None
 
-    parent = cfg.out.resolve().parent
     parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{cfg.out.name}.tmp-", dir=parent))
+    tmp, lock = _claim_temp(parent, cfg.out.name)
     try:
         manifest = _write(cfg, task, model, fresh, adapters, cache, base_fp, tmp, quiet)
+        _sync_tree(tmp)
         if cfg.out.exists():  # --force: swap the old one out only once the new one is complete
-            old = Path(tempfile.mkdtemp(prefix=f".{cfg.out.name}.old-", dir=parent))
-            os.replace(cfg.out, old / "x")
-            os.replace(tmp, cfg.out)
+            old = Path(f"{tmp}.old")  # covered by the same lock if this process dies here
+            os.replace(cfg.out, old)
+            try:
+                os.replace(tmp, cfg.out)
+            except BaseException:
+                os.replace(old, cfg.out)
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, cfg.out)
+        _sync_dir(parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        _release_temp(lock)
     _log(f"wrote {cfg.out} in {time.perf_counter() - t0:.1f}s", quiet)
     return manifest
+
+
+def _claim_temp(parent: Path, name: str) -> tuple[Path, tuple[int, Path]]:
+    """A new empty directory ``parent/.NAME.tmp-XXXXXXXX`` and its lock file, locked (flock) by
+    this process: the kernel releases the lock when the process dies, however it dies."""
+    while True:
+        fd, lock = tempfile.mkstemp(prefix=f".{name}.tmp-", suffix=".lock", dir=parent)
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if os.fstat(fd).st_nlink == 0:  # a cleaner took it before the lock: draw another
+                os.close(fd)
+                continue
+        tmp = Path(lock[:-len(".lock")])
+        try:
+            tmp.mkdir()
+        except FileExistsError:
+            os.close(fd)
+            os.unlink(lock)
+            continue
+        return tmp, (fd, Path(lock))
+
+
+def _release_temp(lock: tuple[int, Path]) -> None:
+    fd, path = lock
+    path.unlink(missing_ok=True)
+    os.close(fd)
+
+
+def _remove_stale(parent: Path, name: str) -> None:
+    """Remove what killed exports to ``parent/name`` left: temp dirs whose lock nobody holds."""
+    if fcntl is None:
+        return
+    for lock in parent.glob(f".{glob.escape(name)}.tmp-*.lock"):
+        try:
+            fd = os.open(lock, os.O_RDWR)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            continue  # a live export
+        try:
+            tmp = str(lock)[:-len(".lock")]
+            for stale in (Path(tmp), Path(f"{tmp}.old")):
+                shutil.rmtree(stale, ignore_errors=True)
+            lock.unlink(missing_ok=True)
+        finally:
+            os.close(fd)
+
+
+def _sync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return  # not possible everywhere (Windows)
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _sync_tree(root: Path) -> None:
+    """fsync every file and directory under ``root``, so the rename publishes complete files even
+    if the machine goes down right after."""
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            with open(os.path.join(dirpath, f), "rb") as fh:
+                os.fsync(fh.fileno())
+        _sync_dir(Path(dirpath))
 
 
 def _max_length(model) -> int:
@@ -302,7 +408,7 @@ def _write(cfg, task, model, fresh, adapters, cache, base_fp, tmp: Path, quiet: 
             side = sides[a.name]
             arrays = side.arrays()
             path = tmp / "adapters" / f"{a.name}.onnx_adapter"
-            _save_adapter(arrays, path, quant.adapter_precision)
+            _save_adapter(arrays, path, quant.adapter_precision, base_fp)
             prefix = None
             if side.prefix:
                 prefix = {"length": int(side.prefix[0][0].shape[2]), "from_prompt": side.prefix_from_prompt}

@@ -145,3 +145,86 @@ def save_tokenizer(base: Path, out: Path) -> dict | None:
         return None
     return {"dir": out.name, "eos_token_id": tok.eos_token_id, "bos_token_id": tok.bos_token_id,
             "pad_token_id": tok.pad_token_id}
+
+
+# ---------------------------------------------------------------- binding an adapter to its base
+BINDING_NAME = "edgepeft.json"  # written by `edgepeft train` beside the adapter files
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def write_binding(adapter_dir: Path, base: Path, base_fp: str, task: str) -> None:
+    """Record in ``adapter_dir/edgepeft.json`` which base weights (:func:`fingerprint`) an adapter
+    was trained on, so that export can refuse another base of the same shapes."""
+    (adapter_dir / BINDING_NAME).write_text(json.dumps(
+        {"base_fingerprint": base_fp, "base": str(base.resolve()), "task": task}, indent=2) + "\n",
+        encoding="utf-8")
+
+
+def _weights_digest(folder: Path) -> list[str]:
+    """sha256 of the weight files at the top of a model folder (sorted), empty when it has none."""
+    from edgepeft.runtime.manifest import sha256_file
+
+    return sorted(sha256_file(p) for p in folder.iterdir() if p.is_file() and p.suffix in _WEIGHT_SUFFIXES)
+
+
+def _hub_id(base: Path) -> str | None:
+    """``org/name`` when ``base`` is a Hugging Face hub cache snapshot (``models--org--name/...``)."""
+    for part in base.resolve().parts:
+        if part.startswith("models--"):
+            return "/".join(part[len("models--"):].split("--"))
+    return None
+
+
+def binding_mismatch(adapter_dir: Path, base: Path, base_fp: str) -> str | None:
+    """Why the adapter in ``adapter_dir`` was not trained on the base at ``base``, or None.
+
+    In order of strength:
+
+    1. ``edgepeft.json`` (written by ``edgepeft train``): its weight fingerprint must equal
+       ``base_fp``; this is exact, and when it matches nothing else is checked.
+    2. PEFT's ``base_model_name_or_path``, when it names a model folder on this machine: the same
+       folder, or one whose weight files are byte-identical (a copy), is fine; a folder with other
+       weights is a mismatch (a re-saved copy with other bytes too: override it).
+    3. Otherwise (a hub id, or a path from another machine): a mismatch only when ``base`` is a hub
+       cache snapshot of another repository. A base folder with a name of its own says nothing
+       about which model it holds, so that case is accepted.
+
+    Raises:
+        EdgepeftError: an ``edgepeft.json`` that is not readable JSON.
+    """
+    binding = adapter_dir / BINDING_NAME
+    if binding.is_file():
+        try:
+            recorded = json.loads(binding.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise EdgepeftError(f"{binding}: not valid JSON ({e}); delete it or train the adapter "
+                                "again.") from None
+        fp = recorded.get("base_fingerprint") if isinstance(recorded, dict) else None
+        if fp:
+            if fp == base_fp:
+                return None
+            return (f"it was trained on base {recorded.get('base', '?')} with weight fingerprint "
+                    f"{fp[:23]}... ({binding.name}), but {base} has {base_fp[:23]}...")
+    try:
+        from edgepeft.adapters.common import read_config
+
+        named = read_config(adapter_dir).get("base_model_name_or_path")
+    except EdgepeftError:
+        return None
+    if not named or not isinstance(named, str):
+        return None
+    path = Path(named).expanduser()
+    if path.is_dir():
+        if path.resolve() == base.resolve() or not (path / "config.json").is_file():
+            return None
+        theirs, ours = _weights_digest(path), _weights_digest(base)
+        if theirs and ours and theirs != ours:
+            return (f"PEFT recorded base_model_name_or_path {named!r}, a model folder whose weight "
+                    f"files differ from those of {base}")
+        return None
+    hub = _hub_id(base)
+    if hub is None:
+        return None
+    if named.strip("/").lower() == hub.lower() or Path(named).name.lower() == hub.rsplit("/", 1)[-1].lower():
+        return None
+    return f"PEFT recorded base_model_name_or_path {named!r}, but {base} is a snapshot of {hub!r}"

@@ -6,6 +6,11 @@ arrays are fed: no session is rebuilt, no base weight is copied, and concurrent 
 different adapters do not interfere (each call builds its own feed dict;
 ``InferenceSession.run`` is thread-safe). Inputs an adapter does not feed keep their default
 initializer, the identity, so ``adapter=None`` is the base model.
+
+Adapters can be added (:meth:`Model.add_adapter`, from another artifact of the same base) and
+removed (:meth:`Model.remove_adapter`) while other threads run: the loaded adapters are one
+mapping that is replaced, never changed in place, and each call reads it once, so a call sees an
+adapter either wholly or not at all (a call that started before a removal finishes with it).
 """
 
 from __future__ import annotations
@@ -14,25 +19,37 @@ import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import onnxruntime as ort
 
 from edgepeft.errors import EdgepeftError
-from edgepeft.runtime.manifest import (PROMPT_INPUT, inside, past_names, prefix_names,
+from edgepeft.runtime.manifest import (MANIFEST_NAME, PROMPT_INPUT, UNTAGGED, base_tag,
+                                       check_adapter_name, inside, past_names, prefix_names,
                                        read_manifest, sha256_file)
 
 AdapterChoice = str | Mapping[str, float] | None
 _MIX_CACHE_SIZE = 8
 
 
-def _read_adapter_file(path: Path, where: str) -> dict[str, np.ndarray]:
-    """Arrays of an ``.onnx_adapter`` file as numpy (copies, so the file can be closed)."""
+def _read_adapter_file(path: Path, where: str) -> tuple[dict[str, np.ndarray], int]:
+    """Arrays of an ``.onnx_adapter`` file as numpy (copies, so the file can be closed), and its
+    base tag (``adapter_version``)."""
     try:
-        params = ort.AdapterFormat.read_adapter(str(path)).get_parameters()
+        fmt = ort.AdapterFormat.read_adapter(str(path))
+        params = fmt.get_parameters()
     except Exception as e:  # onnxruntime raises its own Fail / RuntimeError types
         raise EdgepeftError(f"{path}: cannot read adapter file ({e}); {where}") from None
-    return {k: np.array(v.numpy(), copy=True) for k, v in params.items()}
+    return {k: np.array(v.numpy(), copy=True) for k, v in params.items()}, fmt.get_adapter_version()
+
+
+class _Adapter(NamedTuple):
+    """A loaded side-branch adapter: its manifest entry, graph feeds and KV-cache seed."""
+
+    entry: dict
+    graph: dict[str, np.ndarray]
+    prefix: list[tuple[np.ndarray, np.ndarray]] | None
 
 
 def batch_inputs(input_ids, attention_mask=None, vocab: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -111,23 +128,25 @@ class Model:
         self._options.log_severity_level = 3  # adapter defaults are overridable initializers by design
         if threads:
             self._options.intra_op_num_threads = threads
-        self._lock = threading.Lock()
-        self._mixes: OrderedDict[tuple, tuple[dict, list | None]] = OrderedDict()
+        self._lock = threading.Lock()  # the mix cache
+        self._edit = threading.Lock()  # add_adapter / remove_adapter, one at a time
+        # key -> (the _Adapter objects it was combined from, result): a hit must be the same objects
+        self._mixes: OrderedDict[tuple, tuple[tuple, tuple[dict, list | None]]] = OrderedDict()
         self._tokenizer = None
         kv = self.manifest.get("kv_cache") or {"kv_heads": [], "head_dims": []}
         self._cache = list(zip(kv["kv_heads"], kv["head_dims"]))
         self.merged = self.manifest["mode"] == "merged"
         self._sessions: dict[str | None, ort.InferenceSession] = {}
         self._inputs: dict[str, dict] = self.manifest.get("inputs", {})
-        self._graph_arrays: dict[str, dict[str, np.ndarray]] = {}
-        self._prefix: dict[str, list[tuple[np.ndarray, np.ndarray]] | None] = {}
+        # name -> _Adapter (side mode). Replaced as a whole on add / remove, never changed in place.
+        self._loaded: dict[str, _Adapter] = {}
         if self.merged:
             for name, entry in self.manifest["adapters"].items():
                 self._sessions[name] = self._session(entry["graph"])
         else:
             self._sessions[None] = self._session(self.manifest["graph"])
-            for name, entry in self.manifest["adapters"].items():
-                self._load_adapter(name, entry)
+            self._loaded = {name: self._load_adapter(name, entry)
+                            for name, entry in self.manifest["adapters"].items()}
 
     # ---------------------------------------------------------------- loading
     def _session(self, graph: dict) -> ort.InferenceSession:
@@ -139,18 +158,25 @@ class Model:
                 raise EdgepeftError(f"{f}: missing from the artifact. Export it again.")
         return ort.InferenceSession(str(file), self._options, providers=self._providers)
 
-    def _load_adapter(self, name: str, entry: dict) -> None:
-        where = f"adapter {name!r} of {self.path / 'manifest.json'}"
-        file = inside(self.path, entry["file"], where)
+    def _load_adapter(self, name: str, entry: dict, root: Path | None = None) -> _Adapter:
+        """Read and check one adapter of the artifact at ``root`` (default: this one)."""
+        root = self.path if root is None else root
+        where = f"adapter {name!r} of {root / MANIFEST_NAME}"
+        file = inside(root, entry["file"], where)
         if not file.is_file():
             raise EdgepeftError(f"{file}: missing ({where}). Export the artifact again.")
         if sha256_file(file) != entry["sha256"]:
             raise EdgepeftError(f"{file}: sha256 does not match the manifest ({where}); the file "
                                 "was changed or damaged. Export the artifact again.")
-        if entry.get("base_fingerprint") != self.manifest["base"]["fingerprint"]:
+        ours = self.manifest["base"]["fingerprint"]
+        if entry.get("base_fingerprint") != ours:
             raise EdgepeftError(f"{file}: made for base {entry.get('base_fingerprint')}, this "
-                                f"artifact's base is {self.manifest['base']['fingerprint']} ({where}).")
-        arrays = _read_adapter_file(file, where)
+                                f"artifact's base is {ours} ({where}).")
+        arrays, tag = _read_adapter_file(file, where)
+        if tag not in UNTAGGED and tag != base_tag(ours):
+            raise EdgepeftError(f"{file}: the file was exported for another base model (its tag "
+                                f"{tag} is not {base_tag(ours)}, from {ours[:23]}...) ({where}). "
+                                "Export the adapter with this artifact's base.")
         # fp16 storage (--adapter-precision fp16) halves the file; the branch computes in fp32.
         arrays = {k: v.astype(np.float32) if v.dtype == np.float16 else v for k, v in arrays.items()}
         graph, prefix = {}, []
@@ -177,14 +203,115 @@ class Model:
                 prefix.append((k, v))
         if prefix and len(prefix) != len(self._cache):
             raise EdgepeftError(f"{file}: prefix covers {len(prefix)} of {len(self._cache)} layers ({where}).")
-        self._graph_arrays[name] = graph
-        self._prefix[name] = prefix or None
+        return _Adapter(entry, graph, prefix or None)
 
     # ---------------------------------------------------------------- adapters
     @property
     def adapters(self) -> list[str]:
-        """Names of the adapters in the artifact."""
+        """Names of the adapters in the artifact (and added ones, less removed ones)."""
         return list(self.manifest["adapters"])
+
+    @property
+    def _graph_arrays(self) -> dict[str, dict[str, np.ndarray]]:
+        return {n: a.graph for n, a in self._loaded.items()}
+
+    @property
+    def _prefix(self) -> dict[str, list | None]:
+        return {n: a.prefix for n, a in self._loaded.items()}
+
+    def add_adapter(self, path: str | Path, name: str | None = None, *, as_name: str | None = None) -> str:
+        """Load an adapter exported into another side-branch artifact of the same base model.
+
+        The adapter is taken with its manifest entry, so ``path`` is either that artifact's
+        directory (``name`` picks the adapter; optional when it holds one) or its
+        ``adapters/NAME.onnx_adapter`` file. The other artifact must have this one's base
+        fingerprint and task, and every input the adapter feeds must be an input of this graph
+        with the shape it has here (adapter files are checked as at load: sha256, base, shapes).
+        Nothing is copied into this artifact's directory. Safe while other threads run calls.
+
+        Args:
+            path: artifact directory or ``.onnx_adapter`` file inside one.
+            name: the adapter's name in that artifact.
+            as_name: its name here (default: ``name``).
+
+        Returns:
+            The name it is available under.
+
+        Raises:
+            EdgepeftError: a merged artifact, another base, an input this graph lacks or shapes
+                that do not fit, a name already in use, or a missing or damaged file.
+        """
+        if self.merged:
+            raise EdgepeftError(f"{self.path} is a merged artifact (one graph per adapter); "
+                                "add_adapter needs a side-branch artifact (--mode side).")
+        root, name = self._find_adapter(Path(path), name)
+        other = read_manifest(root)
+        where = f"{root / MANIFEST_NAME}"
+        ours = self.manifest["base"]["fingerprint"]
+        if other["base"]["fingerprint"] != ours:
+            raise EdgepeftError(f"{where}: exported from base {other['base']['fingerprint'][:23]}..., "
+                                f"{self.path} from {ours[:23]}...: adapter {name!r} was made for other "
+                                "weights. Export it with this artifact's base.")
+        if other["task"] != self.task or other["mode"] != "side":
+            raise EdgepeftError(f"{where}: a {other['task']} {other['mode']} artifact; {self.path} is "
+                                f"a {self.task} side artifact.")
+        new = check_adapter_name(as_name or name, "add_adapter")
+        entry = other["adapters"][name]
+        loaded = self._load_adapter(name, entry, root)
+        with self._edit:
+            if new in self.manifest["adapters"]:
+                raise EdgepeftError(f"adapter {new!r} is already in {self.path}; remove_adapter({new!r}) "
+                                    "first, or pass as_name=.")
+            self._loaded = {**self._loaded, new: loaded._replace(entry={**entry, "artifact": str(root)})}
+            self.manifest = {**self.manifest, "adapters": {**self.manifest["adapters"],
+                                                            new: self._loaded[new].entry}}
+        return new
+
+    def _find_adapter(self, path: Path, name: str | None) -> tuple[Path, str]:
+        """(artifact dir, adapter name) for :meth:`add_adapter`."""
+        if path.is_dir():
+            root = path
+            names = list(read_manifest(root)["adapters"])
+            if name is None:
+                if len(names) != 1:
+                    raise EdgepeftError(f"{path} holds adapters {', '.join(names) or '(none)'}; "
+                                        "pass name= to pick one.")
+                name = names[0]
+        elif path.is_file():
+            root = next((d for d in (path.parent, path.parent.parent) if (d / MANIFEST_NAME).is_file()), None)
+            if root is None:
+                raise EdgepeftError(f"{path}: no {MANIFEST_NAME} beside it or one level up; an adapter "
+                                    "file is added with its artifact's manifest entry.")
+            found = [n for n, e in read_manifest(root)["adapters"].items()
+                     if "file" in e and (root / e["file"]).resolve() == path.resolve()]
+            if not found or (name is not None and name not in found):
+                raise EdgepeftError(f"{path}: not an adapter file listed in {root / MANIFEST_NAME}"
+                                    + (f" under the name {name!r}" if name else "") + ".")
+            name = found[0]
+        else:
+            raise EdgepeftError(f"{path}: not found; pass an artifact directory or an .onnx_adapter file.")
+        adapters = read_manifest(root)["adapters"]
+        if name not in adapters:
+            raise EdgepeftError(f"adapter {name!r} is not in {root}; it has: {', '.join(adapters) or '(none)'}.")
+        return root, name
+
+    def remove_adapter(self, name: str) -> None:
+        """Unload an adapter: later calls that name it raise EdgepeftError; calls already running
+        finish with it. Safe while other threads run calls (the artifact's files are not touched).
+
+        Raises:
+            EdgepeftError: no adapter of that name.
+        """
+        with self._edit:
+            self._check_names([name])
+            if self.merged:
+                self._sessions = {k: v for k, v in self._sessions.items() if k != name}
+            self._loaded = {k: v for k, v in self._loaded.items() if k != name}
+            self.manifest = {**self.manifest, "adapters": {k: v for k, v in self.manifest["adapters"].items()
+                                                           if k != name}}
+        with self._lock:
+            for key in [k for k in self._mixes if any(n == name for n, _ in k)]:
+                del self._mixes[key]
 
     def _feeds(self, adapter: AdapterChoice) -> tuple[dict[str, np.ndarray], list | None]:
         """Graph feeds and KV-cache seed for None (base), a name, or ``{name: weight}``.
@@ -197,29 +324,34 @@ class Model:
         """
         if adapter is None:
             return {}, None
+        loaded = self._loaded  # one snapshot per call: adapters added / removed meanwhile do not show
         if isinstance(adapter, str):
-            self._check_names([adapter])
-            return self._graph_arrays[adapter], self._prefix[adapter]
+            a = loaded.get(adapter)
+            if a is None:
+                self._check_names([adapter], loaded)
+            return a.graph, a.prefix
         if not isinstance(adapter, Mapping) or not adapter:
             raise EdgepeftError(f"adapter={adapter!r}: pass None, a name, or a non-empty "
                                 "{name: weight} mix.")
-        self._check_names(list(adapter))
+        self._check_names(list(adapter), loaded)
         key = tuple(sorted((n, float(w)) for n, w in adapter.items()))
+        used = tuple(loaded[n] for n, _ in key)
         with self._lock:
-            if key in self._mixes:
+            hit = self._mixes.get(key)
+            if hit is not None and all(x is y for x, y in zip(hit[0], used)):
                 self._mixes.move_to_end(key)
-                return self._mixes[key]
-        result = self._combine(key)
+                return hit[1]
+        result = self._combine(key, loaded)
         with self._lock:
-            self._mixes[key] = result
+            self._mixes[key] = (used, result)
             while len(self._mixes) > _MIX_CACHE_SIZE:
                 self._mixes.popitem(last=False)
         return result
 
-    def _combine(self, key: tuple[tuple[str, float], ...]) -> tuple[dict, list | None]:
+    def _combine(self, key: tuple[tuple[str, float], ...], loaded: Mapping[str, _Adapter]) -> tuple[dict, list | None]:
         parts: dict[str, list[tuple[str, float, np.ndarray]]] = {}
         for n, w in key:
-            for k, v in self._graph_arrays[n].items():
+            for k, v in loaded[n].graph.items():
                 parts.setdefault(k, []).append((n, w, v))
         feeds = {}
         for k, group in parts.items():
@@ -241,7 +373,7 @@ class Model:
                 feeds[k] = sum(np.float32(w) * v for _, w, v in group).astype(np.float32)
             else:
                 raise EdgepeftError(f"{self.path / 'manifest.json'}: input {k} has unknown mix rule {rule!r}.")
-        seeded = [(n, w) for n, w in key if self._prefix[n] is not None]
+        seeded = [(n, w) for n, w in key if loaded[n].prefix is not None]
         prefix = None
         if seeded:
             if len(seeded) > 1:
@@ -250,27 +382,30 @@ class Model:
             n, w = seeded[0]
             if w != 1.0:
                 raise EdgepeftError(f"adapter {n!r} is a prefix (prefix / prompt tuning); give it weight 1.")
-            others = [m for m, _ in key if m != n and self._graph_arrays[m]]
-            if self.manifest["adapters"][n]["prefix"]["from_prompt"] and others:
+            others = [m for m, _ in key if m != n and loaded[m].graph]
+            if loaded[n].entry["prefix"]["from_prompt"] and others:
                 raise EdgepeftError(
                     f"adapter {n!r} is prompt tuning on a decoder: its virtual tokens were run through "
                     f"the base weights at export, so it cannot be combined with {others[0]!r}, which "
                     "changes those weights (PEFT would run the prompt through them too).")
-            prefix = self._prefix[n]
+            prefix = loaded[n].prefix
         return feeds, prefix
 
-    def _check_names(self, names: list[str]) -> None:
-        unknown = [n for n in names if n not in self.manifest["adapters"]]
+    def _check_names(self, names: list[str], loaded: Mapping | None = None) -> None:
+        have = self.manifest["adapters"] if loaded is None else loaded
+        unknown = [n for n in names if n not in have]
         if unknown:
             raise EdgepeftError(f"adapter {unknown[0]!r} is not in {self.path}; it has: "
-                                f"{', '.join(self.adapters) or '(none)'}.")
+                                f"{', '.join(have) or '(none)'}.")
 
     def _session_for(self, adapter: AdapterChoice) -> tuple[ort.InferenceSession, dict, list | None]:
         if not self.merged:
             return (self._sessions[None], *self._feeds(adapter))
         if isinstance(adapter, str):
-            self._check_names([adapter])
-            return self._sessions[adapter], {}, None
+            sessions = self._sessions
+            if adapter not in sessions:
+                self._check_names([adapter], sessions)
+            return sessions[adapter], {}, None
         raise EdgepeftError(f"{self.path} is a merged artifact: one graph per adapter, so only "
                             f"adapter=<name> works (one of {', '.join(self.adapters)}). Export with "
                             "--mode side for the base model and weighted mixes.")

@@ -15,8 +15,9 @@ name ends with ``classifier`` or ``score`` (peft's suffix rule, so DistilBERT's 
 too). Randomly initialised head layers outside that rule are neither trained nor saved; the head
 is drawn after ``torch.manual_seed(seed)``, so loading the base the same way reproduces them.
 
-The output folder holds the adapter files and ``train_log.json`` (config, labels, per-step
-losses, seconds). It is written into a temporary sibling folder and renamed at the end.
+The output folder holds the adapter files, ``train_log.json`` (config, labels, per-step
+losses, seconds) and ``edgepeft.json`` (the fingerprint of the base weights, which ``edgepeft
+export`` checks). It is written into a temporary sibling folder and renamed at the end.
 """
 
 from __future__ import annotations
@@ -418,16 +419,20 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
     names = data.names
     try:
         if classification:
-            model = AutoModelForSequenceClassification.from_pretrained(
+            model, info = AutoModelForSequenceClassification.from_pretrained(
                 cfg.model, num_labels=len(names), id2label=dict(enumerate(names)),
                 label2id={n: i for i, n in enumerate(names)}, problem_type="single_label_classification",
-                dtype=torch.float32)
+                dtype=torch.float32, output_loading_info=True)
             model.config.pad_token_id = tokenizer.pad_token_id
+            fresh = sorted(set(info.get("missing_keys", [])) & {n for n, _ in model.named_parameters()})
         else:
-            model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32)
+            model, fresh = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32), []
     except (OSError, ValueError, KeyError) as e:
         raise EdgepeftError(f"{cfg.model}: cannot load it as a "
                             f"{'sequence-classification' if classification else 'causal'} model ({e}).") from None
+    from edgepeft.export.base import fingerprint
+
+    base_fp = fingerprint(model, fresh)  # as export computes it: the weights before any adapter
     vocab = model.get_input_embeddings().num_embeddings
     top = max(max(r) for r in rows)
     if top >= vocab:
@@ -494,11 +499,11 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
            "id2label": dict(enumerate(names)) if names else None,
            "label2id": {n: i for i, n in enumerate(names)} if names else None,
            "losses": losses}
-    _write_out(cfg, net, model, classification, log)
+    _write_out(cfg, net, model, classification, log, base_fp)
     return summary
 
 
-def _write_out(cfg: TrainConfig, net, model, classification: bool, log: dict) -> None:
+def _write_out(cfg: TrainConfig, net, model, classification: bool, log: dict, base_fp: str) -> None:
     """Save the adapter and the log into a temporary sibling of ``cfg.out``, then rename it."""
     out = cfg.out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -519,6 +524,9 @@ def _write_out(cfg: TrainConfig, net, model, classification: bool, log: dict) ->
         else:
             net.save_pretrained(str(tmp))
         (tmp / LOG_NAME).write_text(json.dumps(log, indent=2) + "\n", encoding="utf-8")
+        from edgepeft.export.base import write_binding
+
+        write_binding(tmp, cfg.model, base_fp, "classification" if classification else "causal-lm")
         if out.exists():  # --force: move the old one aside, put the new one in place, then delete
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, old / out.name)
