@@ -252,9 +252,8 @@ def validate(args) -> int:
     Compares, per adapter, per mix, per LoRA + prefix composition and for the base model:
     max |Δlogits|, mean KL and top-1 agreement at every token position of the prompts and of
     held-out texts (--texts; default calibration/heldout.txt), and greedy generations from the
-    prompts. Classifiers: the same on the
-    class logits; with --labels FILE.jsonl ({"text": ..., "label": ...} rows) the accuracy of
-    both sides too. Writes report.json into the artifact (or --report).
+    prompts. Classifiers: the same on the class logits; with --labels FILE.jsonl ({"text": ...,
+    "label": ...} rows) the accuracy of both sides too. Writes report.json into the artifact (or --report).
     """
     from edgepeft.validate import format_report
     from edgepeft.validate import validate as run_validate
