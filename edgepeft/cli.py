@@ -169,6 +169,18 @@ def _classify_args(p):
     p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
 
 
+def _scheme(m: dict) -> str:
+    """`` (weight-only, block 32)``-style detail of a manifest's quantization."""
+    q, p = m.get("quantization") or {}, m["precision"]
+    if p == "int8":
+        return f" ({q.get('int8_scheme', 'dynamic')}" + (f", block {q['block_size']})" if q.get("int8_scheme") == "weight-only" else ")")
+    if p == "int8-static":
+        return f" (int8 weights, {q.get('static_activations', 'int8')} activations, {q.get('calibration_method')})"
+    if p == "int4":
+        return f" (HQQ, block {q.get('block_size')})"
+    return ""
+
+
 def inspect(args) -> int:
     """Show what an artifact holds: graph inputs and outputs, adapters, files and sizes."""
     from edgepeft.runtime.manifest import read_manifest
@@ -191,10 +203,12 @@ def inspect(args) -> int:
     for rel, g in graphs:
         q = g.get("quantization")
         size = sum((root / f).stat().st_size for f in (g["file"], g["data_file"]) if (root / f).is_file())
-        line = f"graph {rel}: {size / 1e6:.2f} MB, precision {m['precision']}"
+        line = f"graph {rel}: {size / 1e6:.2f} MB, precision {m['precision']}{_scheme(m)}"
         if q:
             line += (f", {q['quantized_weight_nodes']}/{q['weight_nodes']} weight nodes quantized, "
                      f"{q['adapter_nodes']} adapter-branch nodes kept float")
+            if q.get("protected_nodes"):
+                line += f", {q['protected_nodes']} protected ({'8-bit' if m['precision'] == 'int4' else 'float'})"
         print(line)
         special = {k: v for k, v in g.get("ops", {}).items() if k in (
             "MatMul", "Gemm", "MatMulInteger", "DynamicQuantizeLinear", "QuantizeLinear",

@@ -289,8 +289,10 @@ def quantize_graph(src: Path, dst: Path, cfg: QuantConfig, adapter_inputs: list[
     branches = adapter_nodes(model, adapter_inputs)
     keep = set(branches) if cfg.quantize_embeddings or cfg.precision == "fp16" else branches | head_nodes(model)
     ops = ["MatMul", "Gemm"] + (["Gather"] if cfg.quantize_embeddings else [])
+    weight_only = cfg.precision == "int4" or (cfg.precision == "int8" and cfg.int8_scheme == "weight-only")
     weight_nodes = _weight_nodes(model)
     weights = [n.name for n in weight_nodes]
+    skipped = {n.name for n in weight_nodes if weight_only and n.op_type != "MatMul"}  # MatMulNBits: MatMul only
     protected: dict[str, float] = {}
     if cfg.protect and cfg.precision not in ("fp32", "fp16"):
         if not probe:
@@ -304,7 +306,7 @@ def quantize_graph(src: Path, dst: Path, cfg: QuantConfig, adapter_inputs: list[
     data.unlink(missing_ok=True)  # onnx appends to an existing data file
     info = {"adapter_nodes": len(branches), "excluded_nodes": len(keep | float_protect),
             "weight_nodes": len(weights),
-            "quantized_weight_nodes": len([w for w in weights if w not in keep | float_protect]),
+            "quantized_weight_nodes": len([w for w in weights if w not in keep | float_protect | skipped]),
             "protected_nodes": len(protected),
             "protected": {k: round(v, 6) for k, v in protected.items()}}
     keep = keep | float_protect
