@@ -190,6 +190,25 @@ def inspect(args) -> int:
     if args.json:
         print(json.dumps(m, indent=2))
         return 0
+    import contextlib
+    import io
+
+    text = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(text):
+            _show(root, m)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        # read_manifest checked what the runtime needs; the rest is description, still data.
+        raise EdgepeftError(f"{root / 'manifest.json'}: cannot show it ({type(e).__name__}: {e}); a "
+                            "descriptive field is missing or of the wrong type. Export the artifact "
+                            "again, or use --json.") from None
+    print(text.getvalue(), end="")
+    return 0
+
+
+def _show(root: Path, m: dict) -> None:
+    from edgepeft.runtime.manifest import inside
+
     print(f"{root}: {m['task']}, mode {m['mode']}, precision {m['precision']}, "
           f"base {m['base']['model_type']} ({m['base']['fingerprint'][:19]}...), "
           f"edgepeft {m['edgepeft_version']}, format {m['format_version']}")
@@ -202,7 +221,8 @@ def inspect(args) -> int:
         (a["graph"]["file"], a["graph"]) for a in m["adapters"].values()]
     for rel, g in graphs:
         q = g.get("quantization")
-        size = sum((root / f).stat().st_size for f in (g["file"], g["data_file"]) if (root / f).is_file())
+        files = [inside(root, f, str(root / "manifest.json")) for f in (g["file"], g["data_file"])]
+        size = sum(f.stat().st_size for f in files if f.is_file())
         line = f"graph {rel}: {size / 1e6:.2f} MB, precision {m['precision']}{_scheme(m)}"
         if q:
             line += (f", {q['quantized_weight_nodes']}/{q['weight_nodes']} weight nodes quantized, "
@@ -210,7 +230,7 @@ def inspect(args) -> int:
             if q.get("protected_nodes"):
                 line += f", {q['protected_nodes']} protected ({'8-bit' if m['precision'] == 'int4' else 'float'})"
         print(line)
-        special = {k: v for k, v in g.get("ops", {}).items() if k in (
+        special = {k: v for k, v in (g.get("ops") or {}).items() if k in (
             "MatMul", "Gemm", "MatMulInteger", "DynamicQuantizeLinear", "QuantizeLinear",
             "DequantizeLinear", "MatMulNBits", "Cast", "Gather")}
         print("  ops: " + ", ".join(f"{k} x{v}" for k, v in special.items()))
@@ -232,7 +252,6 @@ def inspect(args) -> int:
         total += size
         print(f"  {size / 1e6:10.2f} MB  {f.relative_to(root)}")
     print(f"  {total / 1e6:10.2f} MB  total")
-    return 0
 
 
 def _inspect_args(p):

@@ -30,6 +30,8 @@ def kind_module(adapter):
 def task_of(adapter_dir: Path) -> str | None:
     """``causal-lm`` / ``classification`` from an adapter's PEFT ``task_type``, None if unset."""
     task_type = read_config(adapter_dir).get("task_type")
+    if not isinstance(task_type, str):
+        return None
     return {"CAUSAL_LM": "causal-lm", "SEQ_CLS": "classification"}.get(task_type)
 
 
@@ -51,7 +53,7 @@ def read_adapter(name: str, adapter_dir: Path, model: nn.Module, task: str = "ca
     check_adapter_name(name, f"--adapter {name}={adapter_dir}")
     config = read_config(adapter_dir)
     peft_type = config.get("peft_type")
-    if peft_type not in KINDS:
+    if not isinstance(peft_type, str) or peft_type not in KINDS:
         raise EdgepeftError(f"{adapter_dir / 'adapter_config.json'}: peft_type {peft_type!r} is not "
                             f"supported. Supported: {', '.join(KINDS)}.")
     return KINDS[peft_type].read(name, adapter_dir, config, model, task)

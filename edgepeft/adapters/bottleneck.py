@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from edgepeft.adapters.common import (CONFIG_NAME, SAFETENSORS_NAME, module_names_summary, read_config,
-                                      read_tensors)
+from edgepeft.adapters.common import (CONFIG_NAME, SAFETENSORS_NAME, config_names, module_names_summary,
+                                      read_config, read_tensors)
 from edgepeft.errors import EdgepeftError
 
 KIND = "bottleneck"
@@ -79,7 +79,7 @@ class BottleneckConfig:
 
     def __post_init__(self):
         where = "BottleneckConfig"
-        if self.config not in CONFIGS:
+        if not isinstance(self.config, str) or self.config not in CONFIGS:
             raise EdgepeftError(f"{where}: config={self.config!r} is not one of {', '.join(CONFIGS)}.")
         if isinstance(self.reduction_factor, bool) or not isinstance(self.reduction_factor, int) \
                 or self.reduction_factor < 1:
@@ -90,7 +90,7 @@ class BottleneckConfig:
                                                  self.bottleneck_size < 1):
             raise EdgepeftError(f"{where}: bottleneck_size={self.bottleneck_size!r}: expected an "
                                 "integer >= 1, or None to derive it from reduction_factor.")
-        if self.non_linearity not in ACTIVATIONS:
+        if not isinstance(self.non_linearity, str) or self.non_linearity not in ACTIVATIONS:
             raise EdgepeftError(f"{where}: non_linearity={self.non_linearity!r} is not one of "
                                 f"{', '.join(ACTIVATIONS)}.")
         if self.target_modules is not None:
@@ -425,7 +425,7 @@ def _parse(model: nn.Module, adapter_dir: Path):
 
     params = dict(model.named_parameters())
     head: dict[str, torch.Tensor] = {}
-    to_save = config.get("modules_to_save") or []
+    to_save = config_names(config, "modules_to_save", cfg_path)
     if to_save:
         try:
             wanted_head = head_parameters(model, to_save)
@@ -441,6 +441,8 @@ def _parse(model: nn.Module, adapter_dir: Path):
                 raise EdgepeftError(f"{weights_file}: {key} has shape {tuple(t.shape)}, the model's "
                                     f"{name} is {tuple(params[name].shape)} (another number of labels?). "
                                     "Load with a model of the same num_labels.")
+            if not torch.isfinite(t).all():
+                raise EdgepeftError(f"{weights_file}: {key} contains NaN or Inf.")
             head[name] = t
 
     layers: dict[str, dict[str, torch.Tensor]] = {}

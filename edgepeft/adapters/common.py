@@ -6,6 +6,8 @@ Nothing here knows an adapter kind; the kind modules (``lora.py``, ...) interpre
 from __future__ import annotations
 
 import json
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from edgepeft.errors import EdgepeftError
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
 LEGACY_BIN_NAME = "adapter_model.bin"
+MAX_CONFIG_BYTES = 16 << 20  # PEFT configs are a few KB; refuse anything absurd before reading it
 
 
 def read_config(adapter_dir: Path) -> dict:
@@ -39,14 +42,99 @@ def read_config(adapter_dir: Path) -> dict:
     if not path.is_file():
         raise EdgepeftError(f"{path}: missing. An adapter directory needs {CONFIG_NAME} as written "
                             "by PeftModel.save_pretrained.")
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise EdgepeftError(f"{path}: {size:,} bytes, too large for an adapter config (at most "
+                            f"{MAX_CONFIG_BYTES:,}). Re-save the adapter with PeftModel.save_pretrained.")
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise EdgepeftError(f"{path}: not valid JSON ({e}). Re-save the adapter with "
-                            "PeftModel.save_pretrained.") from None
+    except (ValueError, RecursionError) as e:  # JSON and UTF-8 errors, over-long numbers, deep nesting
+        raise EdgepeftError(f"{path}: not valid JSON ({type(e).__name__}: {str(e)[:200]}). Re-save "
+                            "the adapter with PeftModel.save_pretrained.") from None
     if not isinstance(config, dict):
         raise EdgepeftError(f"{path}: expected a JSON object, found {type(config).__name__}.")
     return config
+
+
+def config_int(config: dict, key: str, default: int, path: Path, minimum: int = 1) -> int:
+    """An integer field of ``adapter_config.json`` (null or absent: ``default``).
+
+    Raises:
+        EdgepeftError: not an integer, or below ``minimum``.
+    """
+    value = config.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise EdgepeftError(f"{path}: {key}={_short(value)}: expected an integer >= {minimum}. Re-save "
+                            "the adapter with PEFT.")
+    return value
+
+
+def config_float(config: dict, key: str, default: float, path: Path) -> float:
+    """A finite number field of ``adapter_config.json`` (null or absent: ``default``).
+
+    Raises:
+        EdgepeftError: not a number, or not finite as a float.
+    """
+    value = config.get(key)
+    if value is None:
+        return float(default)
+    try:
+        ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(float(value))
+    except OverflowError:  # an integer past float range
+        ok = False
+    if not ok:
+        raise EdgepeftError(f"{path}: {key}={_short(value)}: expected a finite number. Re-save the "
+                            "adapter with PEFT.")
+    return float(value)
+
+
+def config_names(config: dict, key: str, path: Path) -> list[str]:
+    """A module-name list field of ``adapter_config.json``: null, one string or a list of strings.
+
+    Raises:
+        EdgepeftError: any other type.
+    """
+    value = config.get(key)
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise EdgepeftError(f"{path}: {key}={_short(value)}: expected a module name or a list of "
+                            "module names. Re-save the adapter with PEFT.")
+    return value
+
+
+def config_pattern(config: dict, key: str, path: Path) -> dict[str, int | float]:
+    """``rank_pattern`` / ``alpha_pattern``: ``{module name or regex: number}``.
+
+    Raises:
+        EdgepeftError: not such a dict.
+    """
+    value = config.get(key) or {}
+    if not isinstance(value, dict) or not all(_plain_number(v) for v in value.values()):
+        raise EdgepeftError(f"{path}: {key}={_short(value)}: expected {{module: number}}. Re-save the "
+                            "adapter with PEFT.")
+    for pattern in value:
+        try:
+            re.compile(rf"(.*\.)?({pattern})$")  # how PEFT's get_pattern_key matches it
+        except re.error as e:
+            raise EdgepeftError(f"{path}: {key} key {_short(pattern)} is not a valid regular expression "
+                                f"({e}). Re-save the adapter with PEFT.") from None
+    return value
+
+
+def _plain_number(v) -> bool:
+    if isinstance(v, bool):
+        return False
+    return (isinstance(v, int) and abs(v) < 2**63) or (isinstance(v, float) and math.isfinite(v))
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def read_tensors(adapter_dir: Path) -> tuple[Path, dict[str, torch.Tensor]]:
@@ -170,7 +258,7 @@ def split_head(tensors: dict[str, torch.Tensor], config: dict, model: nn.Module,
     Raises:
         EdgepeftError: head parameters on a causal LM (not exported), or whose shapes do not fit.
     """
-    to_save = [m for m in (config.get("modules_to_save") or []) if m]
+    to_save = [m for m in config_names(config, "modules_to_save", weights_file.parent / CONFIG_NAME) if m]
     params = dict(model.named_parameters())
     head, rest = {}, {}
     for key, t in tensors.items():

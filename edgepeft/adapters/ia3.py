@@ -17,8 +17,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from edgepeft.adapters.common import (SideBranch, head_to_numpy, merge_head, module_names_summary,
-                                      peft_key, read_tensors, split_head)
+from edgepeft.adapters.common import (SideBranch, config_names, head_to_numpy, merge_head,
+                                      module_names_summary, peft_key, read_tensors, split_head)
 from edgepeft.errors import EdgepeftError
 
 KIND = "ia3"
@@ -54,8 +54,7 @@ def read(name: str, adapter_dir: Path, config: dict, model: nn.Module,
     """
     weights_file, tensors = read_tensors(adapter_dir)
     tensors, head = split_head(tensors, config, model, weights_file, task)
-    ff_names = config.get("feedforward_modules") or []
-    ff_names = [ff_names] if isinstance(ff_names, str) else list(ff_names)
+    ff_names = config_names(config, "feedforward_modules", adapter_dir / "adapter_config.json")
     named = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))}
     modules = {}
     for key, t in tensors.items():

@@ -22,8 +22,9 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from edgepeft.adapters.common import (SideBranch, head_to_numpy, merge_head, module_names_summary,
-                                      peft_key, read_tensors, split_head)
+from edgepeft.adapters.common import (SideBranch, config_float, config_int, config_names,
+                                      config_pattern, head_to_numpy, merge_head,
+                                      module_names_summary, peft_key, read_tensors, split_head)
 from edgepeft.errors import EdgepeftError
 
 KIND = "lora"
@@ -102,16 +103,20 @@ def _expected_targets(config: dict, model: nn.Module, path: Path) -> set[str]:
     if not target:
         raise EdgepeftError(f"{path}: target_modules is empty; PEFT records the adapted modules "
                             "there. Re-save the adapter with PEFT.")
+    config_names(config, "target_modules", path)  # a name, a regex or a list of names
     known = {f for f in LoraConfig.__dataclass_fields__}
+    # PEFT's own matching rules, run on fields of an untrusted file: whatever PEFT raises on a
+    # field of the wrong type or a broken regex means "PEFT rejects this config".
     try:
         cfg = LoraConfig(**{k: v for k, v in config.items() if k in known and k != "peft_type"})
-    except (TypeError, ValueError) as e:
-        raise EdgepeftError(f"{path}: PEFT rejects this LoRA config ({e}).") from None
-    found = set()
-    for n in dict(model.named_modules()):
-        hit = check_target_module_exists(cfg, n)
-        if hit and type(hit).__name__ != "_ExcludedModule":
-            found.add(n)
+        found = set()
+        for n in dict(model.named_modules()):
+            hit = check_target_module_exists(cfg, n)
+            if hit and type(hit).__name__ != "_ExcludedModule":
+                found.add(n)
+    except Exception as e:  # noqa: BLE001 - TypeError, ValueError, re.error, AttributeError, ...
+        raise EdgepeftError(f"{path}: PEFT rejects this LoRA config ({type(e).__name__}: "
+                            f"{str(e)[:200]}). Re-save the adapter with PEFT.") from None
     return found
 
 
@@ -190,9 +195,11 @@ def read(name: str, adapter_dir: Path, config: dict, model: nn.Module,
         raise EdgepeftError(f"{weights_file}: target_modules name {len(missing)} module(s) without "
                             f"weights (e.g. {missing[0]!r}). The file is incomplete; save it again.")
 
-    r0 = int(config.get("r", 8))
-    alpha0 = float(config.get("lora_alpha", 8))
+    r0 = config_int(config, "r", 8, cfg_path)
+    alpha0 = config_float(config, "lora_alpha", 8, cfg_path)
     rslora = bool(config.get("use_rslora", False))
+    rank_pattern = config_pattern(config, "rank_pattern", cfg_path)
+    alpha_pattern = config_pattern(config, "alpha_pattern", cfg_path)
     modules: dict[str, LoraModule] = {}
     for mod_name in sorted(pairs):
         p = pairs[mod_name]
@@ -211,13 +218,18 @@ def read(name: str, adapter_dir: Path, config: dict, model: nn.Module,
                 f"{weights_file}: {mod_name}: expected lora_A (r, {in_f}) and lora_B ({out_f}, r), "
                 f"found {tuple(a.shape)} and {tuple(b.shape)}: this adapter was made for a base "
                 "model with other layer sizes.")
-        r_cfg = int(_pattern(config.get("rank_pattern") or {}, mod_name, r0))
+        if r < 1:
+            raise EdgepeftError(f"{weights_file}: {mod_name}: lora_A has rank 0 (shape "
+                                f"{tuple(a.shape)}); the file is damaged. Save the adapter again.")
+        r_cfg = int(_pattern(rank_pattern, mod_name, r0))
         if r_cfg != r:
             raise EdgepeftError(f"{weights_file}: {mod_name}: config says rank {r_cfg} "
                                 f"(r / rank_pattern) but the tensors have rank {r}.")
-        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-            raise EdgepeftError(f"{weights_file}: {mod_name}: weights contain NaN or Inf.")
-        alpha = float(_pattern(config.get("alpha_pattern") or {}, mod_name, alpha0))
+        for part, t in (("lora_A", a), ("lora_B", b)):
+            if not torch.isfinite(t).all():
+                raise EdgepeftError(f"{weights_file}: {mod_name}.{part}.weight contains NaN or Inf; "
+                                    "the training diverged. Retrain or use an earlier checkpoint.")
+        alpha = float(_pattern(alpha_pattern, mod_name, alpha0))
         scale = alpha / (math.sqrt(r) if rslora else r)
         mag = None
         if dora:

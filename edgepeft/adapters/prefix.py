@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgepeft.adapters.common import SideBranch, read_tensors
+from edgepeft.adapters.common import SideBranch, config_int, read_tensors
 from edgepeft.errors import EdgepeftError
 
 KIND = "prefix"
@@ -52,7 +52,7 @@ def read(name: str, adapter_dir: Path, config: dict, model: nn.Module,
         raise EdgepeftError(f"{cfg_path}: prefix tuning is exported for decoders only; PEFT itself "
                             "cannot run it on BERT-family encoders with transformers 5 (no "
                             "past_key_values there). Use prompt tuning or LoRA for classifiers.")
-    if int(config.get("num_transformer_submodules") or 1) != 1:
+    if (config_int(config, "num_transformer_submodules", 1, cfg_path, minimum=0) or 1) != 1:
         raise EdgepeftError(f"{cfg_path}: num_transformer_submodules != 1 (encoder-decoder); "
                             "edgepeft exports decoder-only prefixes.")
     weights_file, tensors = read_tensors(adapter_dir)
@@ -62,7 +62,7 @@ def read(name: str, adapter_dir: Path, config: dict, model: nn.Module,
     from edgepeft.export.causal_lm import probe_cache
 
     cache = probe_cache(model)
-    p = int(config.get("num_virtual_tokens") or 0)
+    p = config_int(config, "num_virtual_tokens", 0, cfg_path, minimum=0)
     emb = tensors["prompt_embeddings"].float()  # (p, 2 * L * H * D)
     width = 2 * sum(h * d for h, d in zip(cache.kv_heads, cache.head_dims))
     if len(set(zip(cache.kv_heads, cache.head_dims))) != 1:

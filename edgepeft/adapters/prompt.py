@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgepeft.adapters.common import (SideBranch, head_to_numpy, read_tensors, split_head)
+from edgepeft.adapters.common import (SideBranch, config_int, head_to_numpy, read_tensors,
+                                      split_head)
 from edgepeft.errors import EdgepeftError
 
 KIND = "prompt"
@@ -51,7 +52,7 @@ def read(name: str, adapter_dir: Path, config: dict, model: nn.Module,
         EdgepeftError: encoder-decoder configs, embeddings of another width, NaN/Inf.
     """
     cfg_path = adapter_dir / "adapter_config.json"
-    if int(config.get("num_transformer_submodules") or 1) != 1:
+    if (config_int(config, "num_transformer_submodules", 1, cfg_path, minimum=0) or 1) != 1:
         raise EdgepeftError(f"{cfg_path}: num_transformer_submodules != 1 (encoder-decoder); "
                             "edgepeft exports prompts for decoders and encoders only.")
     weights_file, tensors = read_tensors(adapter_dir)
@@ -61,7 +62,7 @@ def read(name: str, adapter_dir: Path, config: dict, model: nn.Module,
                             f"{', '.join(sorted(tensors)) or 'none'}.")
     emb = tensors["prompt_embeddings"].float()
     hidden = model.get_input_embeddings().weight.shape[1]
-    n = int(config.get("num_virtual_tokens") or 0)
+    n = config_int(config, "num_virtual_tokens", 0, cfg_path, minimum=0)
     if n < 1 or tuple(emb.shape) != (n, hidden):
         raise EdgepeftError(f"{weights_file}: prompt_embeddings has shape {tuple(emb.shape)}, this base "
                             f"model needs ({n}, {hidden}) (num_virtual_tokens, hidden size). The "

@@ -25,6 +25,7 @@ from edgepeft.errors import EdgepeftError
 FORMAT = "edgepeft-artifact"
 FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
+MAX_MANIFEST_BYTES = 64 << 20  # a manifest is tens of KB; refuse absurd sizes before reading
 ADAPTER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -143,21 +144,129 @@ def read_manifest(root: Path) -> dict:
     if not path.is_file():
         raise EdgepeftError(f"{path}: missing; {root} is not an edgepeft artifact (or its export "
                             "did not finish). Export it again.")
+    size = path.stat().st_size
+    if size > MAX_MANIFEST_BYTES:
+        raise EdgepeftError(f"{path}: {size:,} bytes, too large for a manifest (at most "
+                            f"{MAX_MANIFEST_BYTES:,}); the artifact is damaged. Export it again.")
     try:
         m = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise EdgepeftError(f"{path}: not valid JSON ({e}). Export the artifact again.") from None
+    except (ValueError, RecursionError) as e:  # JSON and UTF-8 errors, over-long numbers, deep nesting
+        raise EdgepeftError(f"{path}: not valid JSON ({type(e).__name__}: {str(e)[:200]}). Export the "
+                            "artifact again.") from None
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise EdgepeftError(f"{path}: not an edgepeft manifest (format != {FORMAT!r}).")
-    if m.get("format_version") != FORMAT_VERSION:
-        raise EdgepeftError(f"{path}: format_version {m.get('format_version')!r}; this edgepeft "
+    if type(m.get("format_version")) is not int or m["format_version"] != FORMAT_VERSION:
+        raise EdgepeftError(f"{path}: format_version {_short(m.get('format_version'))}; this edgepeft "
                             f"reads version {FORMAT_VERSION}. Use the matching edgepeft version.")
     for key in ("task", "mode", "base", "graph", "adapters"):
         if key not in m:
             raise EdgepeftError(f"{path}: key {key!r} missing. Export the artifact again.")
+    _check_fields(m, path)
     for name in m["adapters"]:
         check_adapter_name(name, str(path))
     return m
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _is_int(v, minimum: int = 0) -> bool:
+    return type(v) is int and minimum <= v < 2**63
+
+
+def _check_fields(m: dict, path: Path) -> None:
+    """The types of every field the runtime, ``verify`` and ``inspect`` rely on.
+
+    A manifest is data: one edited by hand or damaged must end in a readable refusal here, not in a
+    KeyError or TypeError deep inside the runtime.
+
+    Raises:
+        EdgepeftError: naming the first field that is missing or of the wrong type.
+    """
+    def need(ok: bool, field: str, what: str, value=None) -> None:
+        if not ok:
+            raise EdgepeftError(f"{path}: {field} = {_short(value)}: expected {what}. The manifest was "
+                                "edited or damaged; export the artifact again.")
+
+    def is_str(v) -> bool:
+        return isinstance(v, str)
+
+    def graph(g, field: str) -> None:
+        need(isinstance(g, dict), field, "an object", g)
+        for key in ("file", "data_file", "sha256", "data_sha256"):
+            need(is_str(g.get(key)), f"{field}.{key}", "a string", g.get(key))
+        for key in ("ops", "quantization"):
+            need(g.get(key) is None or isinstance(g[key], dict), f"{field}.{key}", "an object or null", g.get(key))
+
+    need(m["task"] in ("causal-lm", "classification") if is_str(m["task"]) else False, "task",
+         "'causal-lm' or 'classification'", m["task"])
+    need(m["mode"] in ("side", "merged") if is_str(m["mode"]) else False, "mode", "'side' or 'merged'", m["mode"])
+    for key in ("precision", "edgepeft_version"):
+        need(is_str(m.get(key)), key, "a string", m.get(key))
+    base = m["base"]
+    need(isinstance(base, dict), "base", "an object", base)
+    for key in ("fingerprint", "model_type"):
+        need(is_str(base.get(key)), f"base.{key}", "a string", base.get(key))
+    need(_is_int(base.get("vocab_size"), 1), "base.vocab_size", "an integer >= 1", base.get("vocab_size"))
+    eos = base.get("eos_token_id")
+    need(eos is None or _is_int(eos) or (isinstance(eos, list) and all(_is_int(e) for e in eos)),
+         "base.eos_token_id", "null, a token id or a list of them", eos)
+    if m["task"] == "classification":
+        need(_is_int(base.get("num_labels"), 1), "base.num_labels", "an integer >= 1", base.get("num_labels"))
+        need(isinstance(base.get("head_trained", True), bool), "base.head_trained", "true or false",
+             base.get("head_trained"))
+        need(_is_int(base.get("max_length", 512), 1), "base.max_length", "an integer >= 1", base.get("max_length"))
+        need(isinstance(base.get("id2label") or {}, dict), "base.id2label", "an object", base.get("id2label"))
+    else:
+        kv = m.get("kv_cache")
+        need(isinstance(kv, dict), "kv_cache", "an object", kv)
+        heads, dims = kv.get("kv_heads"), kv.get("head_dims")
+        need(isinstance(heads, list) and all(_is_int(h, 1) for h in heads), "kv_cache.kv_heads",
+             "a list of integers >= 1", heads)
+        need(isinstance(dims, list) and all(_is_int(d, 1) for d in dims) and len(dims) == len(heads),
+             "kv_cache.head_dims", f"a list of {len(heads)} integers >= 1", dims)
+        need(kv.get("layers") == len(heads) and _is_int(kv.get("layers")), "kv_cache.layers",
+             f"the integer {len(heads)}", kv.get("layers"))
+    tok = m.get("tokenizer")
+    need(tok is None or (isinstance(tok, dict) and is_str(tok.get("dir"))), "tokenizer",
+         "null or an object with a 'dir' string", tok)
+    if tok:
+        for key in ("pad_token_id", "eos_token_id", "bos_token_id"):
+            need(tok.get(key) is None or _is_int(tok[key]), f"tokenizer.{key}", "null or a token id", tok.get(key))
+    inputs = m.get("inputs", {})
+    need(isinstance(inputs, dict), "inputs", "an object", inputs)
+    for name, spec in inputs.items():
+        need(isinstance(spec, dict) and spec.get("mix") in MIX_RULES if isinstance(spec, dict)
+             and is_str(spec.get("mix")) else False, f"inputs[{name!r}].mix", f"one of {MIX_RULES}", spec)
+        shape = spec.get("shape")
+        need(isinstance(shape, list) and all(d is None or _is_int(d) for d in shape),
+             f"inputs[{name!r}].shape", "a list of sizes (null: varies per adapter)", shape)
+    need(isinstance(m.get("slots", []), list), "slots", "a list", m.get("slots"))
+    need(m.get("budget") is None or isinstance(m["budget"], dict), "budget", "an object", m.get("budget"))
+    if m["mode"] == "side":
+        graph(m["graph"], "graph")
+    adapters = m["adapters"]
+    need(isinstance(adapters, dict), "adapters", "an object {name: entry}", adapters)
+    for name, e in adapters.items():
+        field = f"adapters[{name!r}]"
+        need(isinstance(e, dict), field, "an object", e)
+        need(is_str(e.get("kind")), f"{field}.kind", "a string", e.get("kind"))
+        for key in ("targets", "head"):
+            need(isinstance(e.get(key, []), list), f"{field}.{key}", "a list", e.get(key))
+        if m["mode"] == "merged":
+            graph(e.get("graph"), f"{field}.graph")
+            continue
+        for key in ("file", "sha256", "base_fingerprint"):
+            need(is_str(e.get(key)), f"{field}.{key}", "a string", e.get(key))
+        feeds = e.get("inputs", [])
+        need(isinstance(feeds, list) and all(is_str(n) and n in inputs for n in feeds), f"{field}.inputs",
+             "a list of names from 'inputs'", feeds)
+        prefix = e.get("prefix")
+        need(prefix is None or (isinstance(prefix, dict) and _is_int(prefix.get("length"), 1)
+                                and isinstance(prefix.get("from_prompt"), bool)),
+             f"{field}.prefix", "null or {length: integer >= 1, from_prompt: true/false}", prefix)
 
 
 def verify(root: Path) -> list[str]:

@@ -39,9 +39,10 @@ def _read_adapter_file(path: Path, where: str) -> tuple[dict[str, np.ndarray], i
     try:
         fmt = ort.AdapterFormat.read_adapter(str(path))
         params = fmt.get_parameters()
+        return {k: np.array(v.numpy(), copy=True) for k, v in params.items()}, fmt.get_adapter_version()
     except Exception as e:  # onnxruntime raises its own Fail / RuntimeError types
-        raise EdgepeftError(f"{path}: cannot read adapter file ({e}); {where}") from None
-    return {k: np.array(v.numpy(), copy=True) for k, v in params.items()}, fmt.get_adapter_version()
+        raise EdgepeftError(f"{path}: cannot read adapter file ({e}); {where}. Export the artifact "
+                            "again.") from None
 
 
 class _Adapter(NamedTuple):
@@ -50,6 +51,83 @@ class _Adapter(NamedTuple):
     entry: dict
     graph: dict[str, np.ndarray]
     prefix: list[tuple[np.ndarray, np.ndarray]] | None
+
+
+# Protobuf field numbers (onnx.proto) of the messages that can hold a TensorProto, for
+# :func:`external_data_locations`: {message: {field: sub-message}}.
+_PB_MESSAGES = {
+    "model": {7: "graph", 25: "function"},  # ModelProto.graph, .functions
+    "function": {7: "node"},  # FunctionProto.node
+    "graph": {1: "node", 5: "tensor", 15: "sparse"},  # GraphProto.node, .initializer, .sparse_initializer
+    "node": {5: "attr"},  # NodeProto.attribute
+    "attr": {5: "tensor", 6: "graph", 10: "tensor", 11: "graph", 22: "sparse", 23: "sparse"},
+    "sparse": {1: "tensor", 2: "tensor"},  # SparseTensorProto.values, .indices
+}
+_PB_TENSOR_EXTERNAL_DATA = 13  # TensorProto.external_data: repeated {key = 1, value = 2}
+
+
+def _pb_fields(buf: memoryview, path: Path):
+    """(field number, value) of one protobuf message; value is a memoryview for length-delimited."""
+    def varint(i: int) -> tuple[int, int]:
+        out = shift = 0
+        while True:
+            if i >= len(buf) or shift > 63:
+                raise EdgepeftError(f"{path}: not a valid ONNX file (truncated or damaged). Export the "
+                                    "artifact again.")
+            b = buf[i]
+            out |= (b & 0x7F) << shift
+            i, shift = i + 1, shift + 7
+            if b < 0x80:
+                return out, i
+
+    i = 0
+    while i < len(buf):
+        key, i = varint(i)
+        wire, value = key & 7, None
+        if wire == 0:
+            value, i = varint(i)
+        elif wire == 1:
+            i += 8
+        elif wire == 5:
+            i += 4
+        elif wire == 2:
+            size, i = varint(i)
+            value, i = buf[i:i + size], i + size
+        else:
+            i = len(buf) + 1
+        if i > len(buf):
+            raise EdgepeftError(f"{path}: not a valid ONNX file (truncated or damaged). Export the "
+                                "artifact again.")
+        yield key >> 3, value
+
+
+def external_data_locations(path: Path) -> list[str]:
+    """The ``location`` of every tensor stored outside the ``.onnx`` file, read without onnx.
+
+    Walks initializers, sparse initializers and tensors in node attributes, subgraphs (If / Loop /
+    Scan bodies) and functions included.
+
+    Raises:
+        EdgepeftError: the file is not a parseable ONNX protobuf.
+    """
+    locations = []
+    stack = [("model", memoryview(path.read_bytes()), 0)]
+    while stack:
+        kind, buf, depth = stack.pop()
+        if depth > 64:
+            raise EdgepeftError(f"{path}: ONNX graph nested more than 64 levels deep; refused.")
+        for field, value in _pb_fields(buf, path):
+            if not isinstance(value, memoryview):
+                continue
+            if kind == "tensor":
+                if field == _PB_TENSOR_EXTERNAL_DATA:
+                    entry = dict(_pb_fields(value, path))
+                    if isinstance(entry.get(1), memoryview) and bytes(entry[1]) == b"location":
+                        loc = entry.get(2)
+                        locations.append(bytes(loc).decode("utf-8", "replace") if isinstance(loc, memoryview) else "")
+            elif field in _PB_MESSAGES[kind]:
+                stack.append((_PB_MESSAGES[kind][field], value, depth + 1))
+    return locations
 
 
 def batch_inputs(input_ids, attention_mask=None, vocab: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -140,6 +218,7 @@ class Model:
         self._inputs: dict[str, dict] = self.manifest.get("inputs", {})
         # name -> _Adapter (side mode). Replaced as a whole on add / remove, never changed in place.
         self._loaded: dict[str, _Adapter] = {}
+        self._graph_inputs: dict[str, list] = {}  # adapter inputs of the side graph: name -> shape
         if self.merged:
             for name, entry in self.manifest["adapters"].items():
                 self._sessions[name] = self._session(entry["graph"])
@@ -156,7 +235,48 @@ class Model:
         for f in (file, data):
             if not f.is_file():
                 raise EdgepeftError(f"{f}: missing from the artifact. Export it again.")
-        return ort.InferenceSession(str(file), self._options, providers=self._providers)
+        # The graph proto is small (weights live in the data file), so checking it costs little and
+        # keeps a damaged or edited graph from reaching onnxruntime. `edgepeft verify` checks all.
+        if sha256_file(file) != graph["sha256"]:
+            raise EdgepeftError(f"{file}: sha256 does not match the manifest ({where}); the file was "
+                                "changed or damaged. Export the artifact again.")
+        for loc in external_data_locations(file):
+            target = (file.parent / loc).resolve()
+            if not loc or Path(loc).is_absolute() or not target.is_relative_to(self.path.resolve()):
+                raise EdgepeftError(f"{file}: external data location {loc!r} points outside the "
+                                    f"artifact directory {self.path}; the artifact is tampered with. "
+                                    "Export it again.")
+        try:
+            session = ort.InferenceSession(str(file), self._options, providers=self._providers)
+        except Exception as e:  # onnxruntime's Fail, InvalidProtobuf, InvalidGraph, NoSuchFile, ...
+            raise EdgepeftError(f"{file}: onnxruntime cannot load it ({type(e).__name__}: "
+                                f"{str(e)[:300]}). Export the artifact again.") from None
+        self._check_graph(file, session)
+        return session
+
+    def _check_graph(self, file: Path, session: ort.InferenceSession) -> None:
+        """The manifest's KV cache, vocabulary and adapter inputs must be the graph's own."""
+        where = f"{self.path / 'manifest.json'}"
+        inputs = {i.name: i.shape for i in session.get_inputs()}
+        overridable = {i.name: i.shape for i in session.get_overridable_initializers()}
+        if self.task == "causal-lm":
+            layers = sum(1 for n in inputs if n.startswith("past.") and n.endswith(".key"))
+            bad = layers != len(self._cache) or any(
+                inputs.get(past_names(i)[0], [None] * 4)[1::2] != [h, d] for i, (h, d) in enumerate(self._cache))
+            if bad:
+                raise EdgepeftError(f"{where}: kv_cache does not match the KV-cache inputs of {file} "
+                                    f"({layers} layers); the manifest was edited. Export the artifact again.")
+        outputs = {o.name: o.shape for o in session.get_outputs()}
+        vocab = (outputs.get("logits") or [None])[-1]
+        if self.task == "causal-lm" and isinstance(vocab, int) and vocab != self.manifest["base"]["vocab_size"]:
+            raise EdgepeftError(f"{where}: base.vocab_size is {self.manifest['base']['vocab_size']}, the "
+                                f"graph {file} has {vocab}. Export the artifact again.")
+        if not self.merged:
+            missing = sorted(set(self._inputs) - set(overridable))
+            if missing:
+                raise EdgepeftError(f"{where}: input {missing[0]!r} is not an adapter input of {file}. "
+                                    "Export the artifact again.")
+            self._graph_inputs = overridable
 
     def _load_adapter(self, name: str, entry: dict, root: Path | None = None) -> _Adapter:
         """Read and check one adapter of the artifact at ``root`` (default: this one)."""
@@ -180,29 +300,56 @@ class Model:
         # fp16 storage (--adapter-precision fp16) halves the file; the branch computes in fp32.
         arrays = {k: v.astype(np.float32) if v.dtype == np.float16 else v for k, v in arrays.items()}
         graph, prefix = {}, []
+        sizes: dict[str, tuple[int, str]] = {}  # symbolic dim of the graph (a rank) -> (size, input)
         for k, v in arrays.items():
             spec = self._inputs.get(k)
             if spec is None:
                 if k.startswith("prefix."):
                     continue
                 raise EdgepeftError(f"{file}: input {k!r} is not an adapter input of this graph ({where}).")
-            shape = spec["shape"]
+            shape = self._graph_inputs.get(k, spec["shape"])
             if v.dtype != np.float32 or v.ndim != len(shape) or any(
-                    e is not None and e != d for e, d in zip(shape, v.shape)):
+                    isinstance(e, int) and e != d for e, d in zip(shape, v.shape)):
                 raise EdgepeftError(f"{file}: {k} has shape {v.shape} {v.dtype}, the graph takes "
-                                    f"{tuple('n' if d is None else d for d in shape)} float32 ({where}).")
+                                    f"{tuple(d if isinstance(d, int) else 'n' for d in shape)} float32 ({where}).")
+            for e, d in zip(shape, v.shape):
+                if isinstance(e, str):
+                    seen = sizes.setdefault(e, (d, k))
+                    if seen[0] != d:
+                        raise EdgepeftError(f"{file}: {k} has {d} along {e}, {seen[1]} has {seen[0]}; "
+                                            f"they must agree ({where}). Export the artifact again.")
             graph[k] = v
+        # Inputs that share a rank (LoRA A and B, a bottleneck's four parts) come together or not at all.
+        for k, shape in self._graph_inputs.items():
+            if k not in graph and any(isinstance(e, str) and e in sizes for e in shape):
+                raise EdgepeftError(f"{file}: has {sizes[next(e for e in shape if e in sizes)][1]} but "
+                                    f"not {k}, which goes with it ({where}). Export the artifact again.")
+        listed = entry.get("inputs")
+        if listed is not None and set(listed) != set(graph):
+            odd = sorted(set(listed) ^ set(graph))[0]
+            raise EdgepeftError(f"{file}: its inputs differ from the manifest's list (e.g. {odd!r}) "
+                                f"({where}). Export the artifact again.")
         for i, (h, d) in enumerate(self._cache):
             kn, vn = prefix_names(i)
             if kn in arrays or vn in arrays:
                 k, v = arrays.get(kn), arrays.get(vn)
                 if k is None or v is None or k.shape != v.shape or k.ndim != 4 or k.shape[:2] != (1, h) \
-                        or k.shape[3] != d:
+                        or k.shape[3] != d or k.dtype != np.float32 or v.dtype != np.float32:
                     raise EdgepeftError(f"{file}: prefix of layer {i} must be key and value of shape "
-                                        f"(1, {h}, p, {d}) ({where}).")
+                                        f"(1, {h}, p, {d}) float32 ({where}).")
                 prefix.append((k, v))
         if prefix and len(prefix) != len(self._cache):
             raise EdgepeftError(f"{file}: prefix covers {len(prefix)} of {len(self._cache)} layers ({where}).")
+        stray = sorted(k for k in arrays if k.startswith("prefix.") and k not in
+                       {n for i in range(len(prefix)) for n in prefix_names(i)})
+        if stray:
+            raise EdgepeftError(f"{file}: array {stray[0]!r} is not a KV-cache layer of this model ({where}).")
+        if prefix and len({(k.shape[2], v.shape[2]) for k, v in prefix}) != 1:
+            raise EdgepeftError(f"{file}: prefix layers have different lengths ({where}).")
+        if bool(prefix) != bool(entry.get("prefix")) or (
+                prefix and entry["prefix"]["length"] != prefix[0][0].shape[2]):
+            raise EdgepeftError(f"{file}: its prefix does not match the manifest's 'prefix' entry "
+                                f"({where}). Export the artifact again.")
         return _Adapter(entry, graph, prefix or None)
 
     # ---------------------------------------------------------------- adapters
@@ -574,8 +721,14 @@ class Model:
                                     "had no fast tokenizer); pass token ids instead.")
             from tokenizers import Tokenizer
 
-            tokenizer = Tokenizer.from_file(str(inside(self.path, f"{tok['dir']}/tokenizer.json",
-                                                       str(self.path / "manifest.json"))))
+            file = inside(self.path, f"{tok['dir']}/tokenizer.json", str(self.path / "manifest.json"))
+            if not file.is_file():
+                raise EdgepeftError(f"{file}: missing from the artifact. Export it again.")
+            try:
+                tokenizer = Tokenizer.from_file(str(file))
+            except Exception as e:  # tokenizers raises a bare Exception on bad JSON
+                raise EdgepeftError(f"{file}: cannot read the tokenizer ({str(e)[:200]}). Export the "
+                                    "artifact again.") from None
             # A tokenizer.json may carry fixed padding / truncation (sentence-transformers ship
             # MiniLM padded to 128): the runtime pads and truncates itself, with a mask that marks
             # pads as pads, so both are switched off here.
