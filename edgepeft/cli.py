@@ -286,7 +286,10 @@ def validate(args) -> int:
     max |Δlogits|, mean KL and top-1 agreement at every token position of the prompts and of
     held-out texts (--texts; default calibration/heldout.txt), and greedy generations from the
     prompts. Classifiers: the same on the class logits; with --labels FILE.jsonl ({"text": ...,
-    "label": ...} rows) the accuracy of both sides too. Writes report.json into the artifact (or --report).
+    "label": ...} rows) the accuracy of both sides too. Writes report.json into the artifact (or
+    --report) and beside it report.md and report.html (one file, plots embedded: |Δlogits|
+    distribution, top-1 agreement and KL by token position, accuracy of both sides). Progress goes
+    to stderr (--quiet: none); --json prints only the result on stdout.
     """
     from edgepeft.validate import format_report
     from edgepeft.validate import validate as run_validate
@@ -319,7 +322,8 @@ def validate(args) -> int:
     result = run_validate(Path(args.artifact), Path(args.reference), prompts=prompts, texts=texts, budget=budget,
                           max_new_tokens=args.max_new_tokens, adapter_dirs=dict(_adapter_pairs(args.adapter)),
                           report=Path(args.report) if args.report else None,
-                          labelled=Path(args.labels) if args.labels else None, limit=args.limit)
+                          labelled=Path(args.labels) if args.labels else None, limit=args.limit,
+                          quiet=args.quiet)
     print(json.dumps(result, indent=2) if args.json else format_report(result))
     return 0 if result["passed"] else 1
 
@@ -342,8 +346,11 @@ def _validate_args(p):
     p.add_argument("--max-kl", type=float, default=None, help="override the budget's mean KL")
     p.add_argument("--max-accuracy-drop", type=float, default=None,
                    help="override the budget's accuracy drop in points (classifiers with --labels)")
-    p.add_argument("--report", default=None, help="where to write report.json (default: in the artifact)")
+    p.add_argument("--report", default=None,
+                   help="where to write report.json, with report.md and report.html beside it "
+                        "(default: in the artifact)")
     p.add_argument("--json", action="store_true", help="print the machine-readable result")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def demo(args) -> int:

@@ -15,7 +15,6 @@ import itertools
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -34,6 +33,7 @@ from edgepeft.export.calibrate import calibration_feeds
 from edgepeft.export.base import (binding_mismatch, detect_task, fingerprint, load_causal_lm,
                                   load_classifier, save_tokenizer)
 from edgepeft.export.slots import input_specs, plan_slots
+from edgepeft.progress import bar, write
 from edgepeft.quantize import QuantConfig, quantize_graph
 from edgepeft.validate.budgets import BUDGETS
 from edgepeft.runtime.manifest import FORMAT, FORMAT_VERSION, MANIFEST_NAME, base_tag, sha256_file
@@ -94,7 +94,7 @@ class ExportConfig:
 
 def _log(msg: str, quiet: bool) -> None:
     if not quiet:
-        print(f"[edgepeft] {msg}", file=sys.stderr, flush=True)
+        write(f"[edgepeft] {msg}")  # on stderr, above any progress bar
 
 
 PROBE_BATCHES = 4  # calibration batches (of 4 texts) run to measure each MatMul's sensitivity
@@ -106,14 +106,14 @@ def _calibration(cfg, quant: QuantConfig, task, model, adapters, sides, specs, c
     if quant.precision == "int8-static":
         calibration = calibration_feeds(cfg, task, model, adapters, sides, specs, cache, quiet)
     if quant.protect:  # the feeds come base first: the first batches run the base model
-        probe = list(itertools.islice(calibration_feeds(cfg, task, model, [], {}, specs, cache, quiet), PROBE_BATCHES))
+        probe = list(itertools.islice(calibration_feeds(cfg, task, model, [], {}, specs, cache, True), PROBE_BATCHES))
     return calibration, probe
 
 
 def _save_graph(proto: onnx.ModelProto, root: Path, rel: str, quant: QuantConfig | None = None,
-                adapter_inputs: list[str] = (), calibration=None, probe=None) -> dict:
+                adapter_inputs: list[str] = (), calibration=None, probe=None, quiet: bool = True) -> dict:
     """Write a graph to ``root/rel`` with its weights as external data beside it, quantized per
-    ``quant`` (adapter branches kept float).
+    ``quant`` (adapter branches kept float; ``quiet``: no bar over the quantization stages).
 
     Returns:
         Its manifest entry: files (relative to the artifact root), checksums, inputs, outputs,
@@ -133,7 +133,7 @@ def _save_graph(proto: onnx.ModelProto, root: Path, rel: str, quant: QuantConfig
         src = staging / path.name
         onnx.save_model(proto, src, save_as_external_data=True, all_tensors_to_one_file=True,
                         location=src.name + ".data", size_threshold=1024)
-        quantized = quantize_graph(src, path, quant, list(adapter_inputs), calibration, probe)
+        quantized = quantize_graph(src, path, quant, list(adapter_inputs), calibration, probe, quiet=quiet)
         shutil.rmtree(staging)
         proto = onnx.load(str(path), load_external_data=False)
 
@@ -399,7 +399,8 @@ def _write(cfg, task, model, fresh, adapters, cache, base_fp, tmp: Path, quiet: 
         _log(f"exporting side-branch graph ({len(slots)} adapted layers, {len(specs)} adapter inputs)", quiet)
         calibration, probe = _calibration(cfg, quant, task, model, adapters, sides, specs, cache, quiet)
         manifest["graph"] = _save_graph(_graph(task, model, slots, specs, head_params, cache, cfg.opset),
-                                        tmp, "model.onnx", quant, [x.name for x in specs], calibration, probe)
+                                        tmp, "model.onnx", quant, [x.name for x in specs], calibration, probe,
+                                        quiet=quiet)
         manifest["slots"] = [{"module": s.module, "in": s.in_features, "out": s.out_features,
                               "features": list(s.features)} for s in slots]
         manifest["inputs"] = {s.name: s.manifest() for s in specs}
@@ -418,13 +419,13 @@ def _write(cfg, task, model, fresh, adapters, cache, base_fp, tmp: Path, quiet: 
                 "inputs": sorted(n for n in arrays if n in manifest["inputs"]), "prefix": prefix,
                 "source": str(a.source.resolve())}
     else:
-        for i, a in enumerate(adapters):
+        for i, a in enumerate(bar(adapters, desc="merged graphs", unit="graph", quiet=quiet)):
             _log(f"exporting merged graph {i + 1}/{len(adapters)}: {a.name}", quiet)
             merged = copy.deepcopy(model)
             kind_module(a).merge(merged, a)
             calibration, probe = _calibration(cfg, quant, task, merged, [], {}, [], cache, quiet)
             graph = _save_graph(_graph(task, merged, [], [], [], cache, cfg.opset), tmp, f"merged/{a.name}.onnx",
-                                quant, [], calibration, probe)
+                                quant, [], calibration, probe, quiet=quiet)
             del merged
             manifest["adapters"][a.name] = {**kind_module(a).manifest_entry(a), "graph": graph,
                                             "base_fingerprint": base_fp, "inputs": [], "prefix": None,

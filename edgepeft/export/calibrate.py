@@ -76,13 +76,24 @@ def _token_rows(cfg, model, texts: list[str], limit: int) -> list[list[int]]:
 
 def calibration_feeds(cfg, task: str, model, adapters, sides: dict, specs, cache,
                       quiet: bool) -> Iterator[dict[str, np.ndarray]]:
-    """Feeds for ``quantize_static``: every text batch with no adapter, then with each adapter."""
+    """Feeds for ``quantize_static``: every text batch with no adapter, then with each adapter.
+
+    Unless ``quiet``, a bar on stderr counts the batches as the quantizer takes them.
+    """
     texts = load_texts(cfg.quant.calibration)
     names = {s.name for s in specs}
     rows = _token_rows(cfg, model, texts, 128)
     choices = [None] + [a.name for a in adapters]
 
     def feeds():
+        from edgepeft.progress import bar
+
+        with bar(total=len(choices) * -(-len(rows) // BATCH), desc="calibrate", unit="batch", quiet=quiet) as done:
+            for feed in batches():
+                yield feed
+                done.update()
+
+    def batches():
         for choice in choices:
             side = sides.get(choice) if choice else None
             graph = {k: v for k, v in side.arrays().items() if k in names} if side else {}

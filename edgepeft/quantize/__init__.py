@@ -266,7 +266,7 @@ def sensitivity(model: onnx.ModelProto, nodes: list[onnx.NodeProto], probe: list
 
 def quantize_graph(src: Path, dst: Path, cfg: QuantConfig, adapter_inputs: list[str],
                    calibration: Iterator[dict[str, np.ndarray]] | None = None,
-                   probe: list[dict[str, np.ndarray]] | None = None) -> dict:
+                   probe: list[dict[str, np.ndarray]] | None = None, quiet: bool = True) -> dict:
     """Quantize ``src`` (an fp32 graph with external data) into ``dst`` (external data beside it).
 
     Args:
@@ -276,6 +276,7 @@ def quantize_graph(src: Path, dst: Path, cfg: QuantConfig, adapter_inputs: list[
         adapter_inputs: adapter-fed input names; their branches stay float.
         calibration: int8-static: feeds for the graph, base and every adapter in turn.
         probe: a few base feeds for the sensitivity measurement (needed when ``cfg.protect``).
+        quiet: no progress bar over the stages (load, sensitivity, quantize) on stderr.
 
     Returns:
         Counts for the manifest (adapter, kept-float, weight, quantized, protected nodes) and the
@@ -284,7 +285,13 @@ def quantize_graph(src: Path, dst: Path, cfg: QuantConfig, adapter_inputs: list[
     Raises:
         EdgepeftError: int8-static without calibration data, or a quantizer failure.
     """
+    from edgepeft.progress import bar
+
+    measure = bool(cfg.protect and cfg.precision not in ("fp32", "fp16"))
+    stages = bar(total=2 + measure, desc=f"quantize {cfg.precision}", unit="stage", quiet=quiet)
+    stages.set_postfix_str("load")
     model = onnx.load(str(src), load_external_data=True)
+    stages.update()
     _untie_adapter_gemms(model, set(adapter_inputs))
     branches = adapter_nodes(model, adapter_inputs)
     keep = set(branches) if cfg.quantize_embeddings or cfg.precision == "fp16" else branches | head_nodes(model)
@@ -298,7 +305,9 @@ def quantize_graph(src: Path, dst: Path, cfg: QuantConfig, adapter_inputs: list[
         if not probe:
             raise EdgepeftError(f"--protect {cfg.protect} needs calibration texts to measure sensitivity.")
         candidates = [n for n in weight_nodes if n.op_type == "MatMul" and n.name not in keep]
+        stages.set_postfix_str("sensitivity")
         errors = sensitivity(model, candidates, probe, cfg)
+        stages.update()
         count = round(cfg.protect * len(candidates))
         protected = dict(sorted(errors.items(), key=lambda kv: -kv[1])[:count])
     float_protect = set(protected) if cfg.precision != "int4" else set()
@@ -310,10 +319,15 @@ def quantize_graph(src: Path, dst: Path, cfg: QuantConfig, adapter_inputs: list[
             "protected_nodes": len(protected),
             "protected": {k: round(v, 6) for k, v in protected.items()}}
     keep = keep | float_protect
-    with _quiet_quantizers():
-        _quantize(model, dst, cfg, keep, branches, ops, protected, calibration, src)
-    if not data.is_file():  # small graphs: the quantizer may inline everything; keep the layout
-        _save(onnx.load(str(dst), load_external_data=True), dst)
+    stages.set_postfix_str("quantize")
+    try:
+        with _quiet_quantizers():
+            _quantize(model, dst, cfg, keep, branches, ops, protected, calibration, src)
+        if not data.is_file():  # small graphs: the quantizer may inline everything; keep the layout
+            _save(onnx.load(str(dst), load_external_data=True), dst)
+        stages.update()
+    finally:
+        stages.close()
     return info
 
 

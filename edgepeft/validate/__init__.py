@@ -8,6 +8,10 @@ PEFT's prompt-learning models ignore position ids, which makes their padded rows
 padding, so those references run each row unpadded. Classifiers: the same metrics on the class
 logits, plus accuracy on both sides when given a labelled file. Every case is checked and all
 failures are reported together.
+
+Besides ``report.json``, validate writes ``report.md`` and a self-contained ``report.html`` (plots
+of the per-position distributions, see :mod:`edgepeft.validate.report`). ``report.json`` keeps
+those distributions summarized (histograms, per-position means), never the raw arrays.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import contextlib
 import json
 import time
 from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +28,7 @@ import torch
 
 from edgepeft.errors import EdgepeftError
 from edgepeft.export.calibrate import load_texts
+from edgepeft.progress import bar
 from edgepeft.validate.budgets import BUDGETS, Budget
 from edgepeft.runtime.model import Model, batch_inputs, positions
 
@@ -39,6 +45,8 @@ DEFAULT_PROMPTS = (
 DEFAULT_TEXTS = "heldout"
 TEXT_TOKENS = 64  # longest text row compared, in tokens
 BATCH = 8  # rows per forward pass (bounds the (B, T, vocab) logits held at once)
+HIST_BINS_PER_DECADE = 8  # log-spaced histogram bins of |Δlogits| and KL in the report
+MAX_POSITION_BINS = 128  # more distinct token positions than this are grouped into equal ranges
 
 
 @dataclass(frozen=True)
@@ -55,6 +63,7 @@ class CaseResult:
     failures: tuple[str, ...]
     accuracy_torch: float | None = None
     accuracy_artifact: float | None = None
+    distributions: dict | None = None  # summaries for the report plots, see _distributions
 
 
 def _case_name(choice) -> str:
@@ -320,10 +329,81 @@ def _label_ids(labels: list, manifest: dict, path: Path) -> np.ndarray:
     return ids
 
 
-def _stats(ort_logits: np.ndarray, pt_logits: np.ndarray, real: np.ndarray) -> np.ndarray:
-    """Per batch: ``[max |Δlogits|, sum of KL, top-1 agreements, positions]`` over real positions."""
+def _per_position(ort_logits: np.ndarray, pt_logits: np.ndarray, real: np.ndarray) -> dict[str, np.ndarray]:
+    """At each real position: max |Δlogits| over the vocabulary (or classes), KL(torch || artifact)
+    and whether the argmaxes agree, each ``(N,)``."""
     o, p = ort_logits[real], pt_logits[real]
-    return np.array([np.abs(o - p).max(), _kl(p, o).sum(), (o.argmax(-1) == p.argmax(-1)).sum(), len(o)])
+    return {"diff": np.abs(o - p).max(-1), "kl": _kl(p, o), "match": o.argmax(-1) == p.argmax(-1)}
+
+
+def _stats(ort_logits: np.ndarray, pt_logits: np.ndarray, real: np.ndarray,
+           rows: list | None = None) -> np.ndarray:
+    """Per batch: ``[max |Δlogits|, sum of KL, top-1 agreements, positions]`` over real positions.
+
+    ``rows``: when given, the batch's :func:`_per_position` arrays are appended to it.
+    """
+    d = _per_position(ort_logits, pt_logits, real)
+    if rows is not None:
+        rows.append(d)
+    return np.array([d["diff"].max(), d["kl"].sum(), d["match"].sum(), len(d["kl"])])
+
+
+def _sig(x: float) -> float:
+    """4 significant digits: enough for a plot, small in report.json."""
+    return float(f"{x:.4g}")
+
+
+def _log_hist(x: np.ndarray) -> dict:
+    """A histogram over log-spaced bins (``HIST_BINS_PER_DECADE`` per decade) of ``x``'s positive
+    values; zeros (exact agreement, or KL rounding below 0) and non-finite values counted apart.
+
+    Returns:
+        ``{"log10_lo", "bins_per_decade", "counts", "zeros", "nonfinite", "p50", "p99", "max"}``;
+        bin ``i`` spans ``10 ** (log10_lo + [i, i + 1] / bins_per_decade)``.
+    """
+    finite = x[np.isfinite(x)]
+    pos = finite[finite > 0]
+    out = {"log10_lo": None, "bins_per_decade": HIST_BINS_PER_DECADE, "counts": [],
+           "zeros": int((finite <= 0).sum()), "nonfinite": int(len(x) - len(finite)),
+           "p50": None, "p99": None, "max": None}
+    if len(finite):
+        out.update(p50=_sig(np.quantile(finite, 0.5)), p99=_sig(np.quantile(finite, 0.99)),
+                   max=_sig(finite.max()))
+    if len(pos):
+        k = HIST_BINS_PER_DECADE
+        lo = int(np.floor(np.log10(pos.min()) * k))
+        hi = max(int(np.ceil(np.log10(pos.max()) * k)), lo + 1)
+        idx = np.clip(np.floor(np.log10(pos) * k).astype(int) - lo, 0, hi - lo - 1)
+        out.update(log10_lo=lo / k, counts=np.bincount(idx, minlength=hi - lo).tolist())
+    return out
+
+
+def _by_position(pos: np.ndarray, diff: np.ndarray, kl: np.ndarray, match: np.ndarray) -> dict:
+    """Means per token position (grouped into ranges of ``width`` when there are more than
+    ``MAX_POSITION_BINS``): ``{"width", "position", "count", "top1", "mean_kl", "mean_abs_logits"}``."""
+    width = max(1, int(np.ceil((pos.max() + 1) / MAX_POSITION_BINS))) if len(pos) else 1
+    key = pos // width
+    out = {"width": width, "position": [], "count": [], "top1": [], "mean_kl": [], "mean_abs_logits": []}
+    for k in np.unique(key):
+        sel = key == k
+        out["position"].append(int(k * width))
+        out["count"].append(int(sel.sum()))
+        out["top1"].append(_sig(match[sel].mean()))
+        out["mean_kl"].append(_sig(kl[sel].mean()))
+        out["mean_abs_logits"].append(_sig(diff[sel].mean()))
+    return out
+
+
+def _distributions(rows: list[dict], pos: np.ndarray | None = None) -> dict:
+    """Summaries of the :func:`_per_position` rows of one case for the report: histograms of
+    |Δlogits| and KL, and for causal LMs (``pos``: each row's token position) per-position means."""
+    diff = np.concatenate([r["diff"] for r in rows])
+    kl = np.concatenate([r["kl"] for r in rows])
+    out = {"abs_logits": _log_hist(diff), "kl": _log_hist(kl)}
+    if pos is not None:
+        match = np.concatenate([r["match"] for r in rows])
+        out["by_position"] = _by_position(pos, diff, kl, match)
+    return out
 
 
 def _verdict(stats: list[np.ndarray], budget: Budget):
@@ -345,7 +425,7 @@ def _verdict(stats: list[np.ndarray], budget: Budget):
 def validate(artifact_dir: Path, reference: Path, prompts: list[str] | None = None,
              texts: list[str] | None = None, max_new_tokens: int = 32, budget: Budget | None = None,
              adapter_dirs: dict[str, Path] | None = None, report: Path | None = None,
-             labelled: Path | None = None, limit: int | None = None) -> dict:
+             labelled: Path | None = None, limit: int | None = None, quiet: bool = False) -> dict:
     """Compare an artifact with its PyTorch reference; see the module docstring.
 
     Args:
@@ -363,9 +443,11 @@ def validate(artifact_dir: Path, reference: Path, prompts: list[str] | None = No
         labelled: classifiers: a jsonl of ``{"text", "label"}`` rows; accuracy is reported for
             both sides, and its texts are the inputs compared.
         limit: use at most this many rows of ``labelled``.
+        quiet: no progress bar (over the cases, on stderr).
 
     Returns:
-        The report dict; ``report["passed"]`` is False when any case breaks the budget.
+        The report dict; ``report["passed"]`` is False when any case breaks the budget. Written
+        to ``report`` (JSON), and beside it as ``.md`` and ``.html``.
     """
     t0 = time.perf_counter()
     art = Model(artifact_dir)
@@ -385,22 +467,28 @@ def validate(artifact_dir: Path, reference: Path, prompts: list[str] | None = No
         texts = load_texts(DEFAULT_TEXTS)
     ref = _Reference(reference, manifest, dirs)
     if art.task == "classification":
-        results = _validate_classifier(art, ref, prompts or texts, budget, labelled, limit)
+        results = _validate_classifier(art, ref, prompts or texts, budget, labelled, limit, quiet)
     else:
-        results = _validate_causal(art, ref, prompts, texts or [], budget, max_new_tokens)
+        results = _validate_causal(art, ref, prompts, texts or [], budget, max_new_tokens, quiet)
     out = {"artifact": str(artifact_dir), "reference": str(reference), "task": art.task,
            "precision": manifest["precision"], "mode": manifest["mode"], "budget": asdict(budget),
            "max_new_tokens": max_new_tokens if art.task == "causal-lm" else 0,
            "labelled": str(labelled) if labelled else None,
            "cases": [asdict(r) for r in results],
            "passed": all(not r.failures for r in results),
-           "seconds": round(time.perf_counter() - t0, 2)}
+           "seconds": round(time.perf_counter() - t0, 2),
+           "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     report = report or artifact_dir / "report.json"
     report.write_text(json.dumps(out, indent=2) + "\n")
+    from edgepeft.validate.report import write_html, write_markdown
+
+    write_markdown(out, report.with_suffix(".md"))
+    write_html(out, report.with_suffix(".html"))
     return out
 
 
-def _validate_causal(art: Model, ref: _Reference, prompts, texts, budget: Budget, max_new_tokens: int):
+def _validate_causal(art: Model, ref: _Reference, prompts, texts, budget: Budget, max_new_tokens: int,
+                     quiet: bool = True):
     manifest = art.manifest
     if manifest.get("tokenizer"):
         prompt_rows = [art.tokenizer.encode(p).ids for p in (prompts or DEFAULT_PROMPTS)]
@@ -416,11 +504,15 @@ def _validate_causal(art: Model, ref: _Reference, prompts, texts, budget: Budget
     ids, mask = batch_inputs(prompt_rows, vocab=vocab)
     rows = prompt_rows + text_rows  # teacher-forced agreement over every position of all of them
     batches = [batch_inputs(rows[i:i + BATCH], vocab=vocab) for i in range(0, len(rows), BATCH)]
+    pos = np.concatenate([positions(m)[m.astype(bool)] for _, m in batches])  # of every compared row
     results = []
-    for choice in default_choices(art):
+    cases = bar(default_choices(art), desc="validate", unit="case", quiet=quiet)
+    for choice in cases:
+        cases.set_postfix_str(_case_name(choice))
         torch_ref = ref.get(choice)
-        stats = [_stats(art.logits(i, adapter=choice, attention_mask=m), torch_ref.logits(i, m), m.astype(bool))
-                 for i, m in batches]
+        rows_of_case: list[dict] = []
+        stats = [_stats(art.logits(i, adapter=choice, attention_mask=m), torch_ref.logits(i, m), m.astype(bool),
+                        rows_of_case) for i, m in batches]
         diff, kl, top1, failures = _verdict(stats, budget)
         gen = art.generate(ids, max_new_tokens, adapter=choice, attention_mask=mask,
                            stop_at_eos=False)[:, ids.shape[1]:]
@@ -429,11 +521,14 @@ def _validate_causal(art: Model, ref: _Reference, prompts, texts, budget: Budget
         if budget.greedy_must_match and mism:
             failures.append(f"greedy generation differs at {mism}/{gen.size} tokens")
         results.append(CaseResult(_case_name(choice), int(sum(s[3] for s in stats)), diff, kl, top1,
-                                  int(gen.size), mism, tuple(failures)))
+                                  int(gen.size), mism, tuple(failures),
+                                  distributions=_distributions(rows_of_case, pos)))
+    cases.close()
     return results
 
 
-def _validate_classifier(art: Model, ref: _Reference, prompts, budget: Budget, labelled, limit):
+def _validate_classifier(art: Model, ref: _Reference, prompts, budget: Budget, labelled, limit,
+                         quiet: bool = True):
     manifest = art.manifest
     labels = None
     if labelled is not None:
@@ -455,13 +550,16 @@ def _validate_classifier(art: Model, ref: _Reference, prompts, budget: Budget, l
     else:
         batches = [art._encode(texts[i:i + 32], None, reserved) for i in range(0, len(texts), 32)]
     results = []
-    for choice in default_choices(art):
+    cases = bar(default_choices(art), desc="validate", unit="case", quiet=quiet)
+    for choice in cases:
+        cases.set_postfix_str(_case_name(choice))
         torch_ref = ref.get(choice)
         ort_logits = np.concatenate([art.classify_logits(i, adapter=choice, attention_mask=m)
                                      for i, m in batches])
         pt_logits = np.concatenate([torch_ref.classify_logits(i, m) for i, m in batches])
         real = np.ones(len(ort_logits), bool)
-        diff, kl, top1, failures = _verdict([_stats(ort_logits, pt_logits, real)], budget)
+        rows_of_case: list[dict] = []
+        diff, kl, top1, failures = _verdict([_stats(ort_logits, pt_logits, real, rows_of_case)], budget)
         acc = (None, None)
         if labels is not None:
             acc = (float((pt_logits.argmax(-1) == labels).mean()), float((ort_logits.argmax(-1) == labels).mean()))
@@ -469,7 +567,8 @@ def _validate_classifier(art: Model, ref: _Reference, prompts, budget: Budget, l
             if drop > budget.max_accuracy_drop:
                 failures.append(f"accuracy drop {drop:.2f} points > {budget.max_accuracy_drop:g}")
         results.append(CaseResult(_case_name(choice), len(ort_logits), diff, kl, top1, 0, 0,
-                                  tuple(failures), *acc))
+                                  tuple(failures), *acc, distributions=_distributions(rows_of_case)))
+    cases.close()
     return results
 
 

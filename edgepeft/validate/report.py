@@ -1,0 +1,300 @@
+"""``report.md`` and a self-contained ``report.html`` of a :func:`edgepeft.validate.validate` result.
+
+Both have a header (artifact, reference, precision, budget, date), a summary table, and per case
+(adapter, mix, composition, base) a verdict line per budget bound: the measured number, the bound,
+PASS or FAIL. The HTML adds one figure per case, a PNG embedded as a base64 data URI (no other
+files): the distribution of max |Δlogits| per position, and for causal LMs top-1 agreement and
+mean KL by token position; for classifiers the KL per text and, with labelled data, the accuracy of
+torch and artifact. matplotlib draws them with the Agg canvas (no display, no global backend).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+from pathlib import Path
+
+TORCH, ARTIFACT, BOUND, DATA = "#4C72B0", "#DD8452", "#C44E52", "#4C72B0"
+STYLE = {"font.size": 9.5, "axes.titlesize": 10, "axes.labelsize": 9.5, "xtick.labelsize": 8.5,
+         "ytick.labelsize": 8.5, "legend.fontsize": 8.5, "axes.spines.top": False,
+         "axes.spines.right": False, "axes.grid": True, "grid.alpha": 0.3, "grid.linewidth": 0.6,
+         "font.family": "DejaVu Sans"}
+
+
+def bounds(result: dict, case: dict) -> list[tuple[str, str, str, bool | None]]:
+    """The budget checks of one case: ``(what, measured, bound, ok)``; ``ok`` is None for a
+    measurement the budget does not bound. Same comparisons as ``edgepeft.validate._verdict``."""
+    b = result["budget"]
+    rows = []
+    diff = case["max_abs_logits"]
+    finite = math.isfinite(diff)
+    if b["max_abs_logits"] is None:
+        rows.append(("max |Δlogits|", f"{diff:.3g}", "no bound", None if finite else False))
+    else:
+        rows.append(("max |Δlogits|", f"{diff:.3g}", f"≤ {b['max_abs_logits']:g}",
+                     finite and diff <= b["max_abs_logits"]))
+    top1 = case["top1_agreement"]
+    rows.append(("top-1 agreement", f"{top1:.2%}", f"≥ {b['min_top1']:.2%}", top1 >= b["min_top1"]))
+    kl = case["mean_kl"]
+    rows.append(("mean KL(torch ‖ artifact)", f"{kl:.3g}", f"≤ {b['max_kl']:g}", kl <= b["max_kl"]))
+    if result.get("task", "causal-lm") == "causal-lm" and case["greedy_tokens"]:
+        same = case["greedy_tokens"] - case["greedy_mismatches"]
+        must = b["greedy_must_match"]
+        rows.append(("greedy tokens identical", f"{same}/{case['greedy_tokens']}",
+                     "all" if must else "not required", case["greedy_mismatches"] == 0 if must else None))
+    if case.get("accuracy_torch") is not None:
+        drop = 100 * (case["accuracy_torch"] - case["accuracy_artifact"])
+        rows.append(("accuracy drop", f"{drop:.2f} points (torch {case['accuracy_torch']:.2%}, "
+                     f"artifact {case['accuracy_artifact']:.2%})", f"≤ {b['max_accuracy_drop']:g} points",
+                     drop <= b["max_accuracy_drop"]))
+    return rows
+
+
+def _mark(ok: bool | None) -> str:
+    return {True: "PASS", False: "FAIL", None: "info"}[ok]
+
+
+def _budget_text(result: dict) -> str:
+    b = result["budget"]
+    parts = [f"max |Δlogits| ≤ {b['max_abs_logits']:g}" if b["max_abs_logits"] is not None else "max |Δlogits| unbounded",
+             f"top-1 ≥ {b['min_top1']:.2%}", f"mean KL ≤ {b['max_kl']:g}"]
+    if result.get("task", "causal-lm") == "causal-lm":
+        parts.append("greedy identical" if b["greedy_must_match"] else "greedy may differ")
+    if result.get("labelled"):
+        parts.append(f"accuracy drop ≤ {b['max_accuracy_drop']:g} points")
+    return ", ".join(parts)
+
+
+def _header(result: dict) -> list[tuple[str, str]]:
+    rows = [("artifact", result["artifact"]), ("reference", result["reference"]),
+            ("task", result.get("task", "causal-lm")),
+            ("precision", f"{result['precision']} ({result.get('mode', 'side')} mode)"),
+            ("budget", _budget_text(result))]
+    if result.get("labelled"):
+        rows.append(("labelled data", result["labelled"]))
+    rows.append(("date", f"{result.get('date', '?')} ({result.get('seconds', 0):.1f} s)"))
+    return rows
+
+
+def _summary_cells(result: dict, case: dict) -> list[str]:
+    cells = [case["case"], str(case["positions"]), f"{case['max_abs_logits']:.2e}", f"{case['mean_kl']:.2e}",
+             f"{case['top1_agreement']:.2%}"]
+    if result.get("task", "causal-lm") == "causal-lm":
+        cells.append(f"{case['greedy_tokens'] - case['greedy_mismatches']}/{case['greedy_tokens']}")
+    if case.get("accuracy_torch") is not None:
+        cells.append(f"{case['accuracy_torch']:.2%} / {case['accuracy_artifact']:.2%}")
+    cells.append("PASS" if not case["failures"] else "FAIL")
+    return cells
+
+
+def _summary_head(result: dict) -> list[str]:
+    causal = result.get("task", "causal-lm") == "causal-lm"
+    head = ["case", "positions" if causal else "texts", "max |Δlogits|", "mean KL", "top-1"]
+    if causal:
+        head.append("greedy")
+    if any(c.get("accuracy_torch") is not None for c in result["cases"]):
+        head.append("accuracy torch / artifact")
+    return head + ["verdict"]
+
+
+def write_markdown(result: dict, path: Path) -> Path:
+    """Write ``path`` (Markdown): header, summary table, per case a verdict line per bound."""
+    verdict = "PASSED" if result["passed"] else "FAILED"
+    out = [f"# edgepeft validate: {verdict}", ""]
+    out += [f"- **{k}**: {_md(v)}" for k, v in _header(result)]
+    head = _summary_head(result)
+    out += ["", "## Summary", "", "| " + " | ".join(_md(h) for h in head) + " |", "|" + "---|" * len(head)]
+    for c in result["cases"]:
+        cells = _summary_cells(result, c)
+        cells = cells[:len(head) - 1] + ["—"] * (len(head) - len(cells)) + cells[-1:]
+        out.append("| " + " | ".join(_md(x) for x in cells) + " |")
+    out += ["", "Plots: report.html beside this file.", ""]
+    for c in result["cases"]:
+        out += [f"## {_md(c['case'])}: {'PASS' if not c['failures'] else 'FAIL'}", ""]
+        for what, value, bound, ok in bounds(result, c):
+            out.append(f"- {_mark(ok)}: {what} {_md(value)} (bound: {bound})")
+        for f in c["failures"]:
+            out.append(f"- failure: {_md(f)}")
+        d = (c.get("distributions") or {}).get("abs_logits")
+        if d and d.get("p50") is not None:
+            out.append(f"- |Δlogits| per {'position' if result.get('task', 'causal-lm') == 'causal-lm' else 'text'}"
+                       f" (max over {'vocabulary' if result.get('task', 'causal-lm') == 'causal-lm' else 'classes'}):"
+                       f" median {d['p50']:.3g}, 99th percentile {d['p99']:.3g}, max {d['max']:.3g}")
+        out.append("")
+    path.write_text("\n".join(out), encoding="utf-8")
+    return path
+
+
+def _md(text: str) -> str:
+    return str(text).replace("|", "\\|")
+
+
+def _hist(ax, h: dict, bound: float | None, what: str, unit_of: str) -> None:
+    """A histogram stored by ``edgepeft.validate._log_hist`` on a log x axis."""
+    import numpy as np
+
+    counts = h.get("counts") or []
+    if counts:
+        edges = 10 ** (h["log10_lo"] + np.arange(len(counts) + 1) / h["bins_per_decade"])
+        ax.stairs(counts, edges, fill=True, color=DATA, alpha=0.85)
+        ax.set_xscale("log")
+        lo, hi = math.log10(edges[0]), math.log10(edges[-1])
+        if bound is not None:
+            ax.axvline(bound, color=BOUND, ls="--", lw=1.2, label=f"bound {bound:g}")
+            lo, hi = min(lo, math.log10(bound)), max(hi, math.log10(bound))
+        if hi - lo < 1:  # at least a decade in view, so there is a 10^k label
+            lo, hi = math.floor(lo), max(math.ceil(hi), math.floor(lo) + 1)
+        pad = 0.05 * (hi - lo)  # the bound and the outer bins off the frame
+        ax.set_xlim(10.0 ** (lo - pad), 10.0 ** (hi + pad))
+        from matplotlib.ticker import LogLocator, NullFormatter
+
+        ax.xaxis.set_major_locator(LogLocator(base=10, numticks=8))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    from matplotlib.ticker import MaxNLocator
+
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    notes = []
+    if h.get("zeros"):
+        notes.append(f"{h['zeros']} exactly 0 (not shown)")
+    if h.get("nonfinite"):
+        notes.append(f"{h['nonfinite']} not finite (not shown)")
+    if not counts and not notes:
+        notes.append("no data")
+    for note in notes:  # as legend entries: "best" keeps them off the bars and the bound
+        ax.plot([], [], " ", label=note)
+    if notes or (counts and bound is not None):
+        if counts:
+            ax.set_ylim(0, max(counts) * (1.1 + 0.12 * (len(notes) + (bound is not None))))  # legend room
+        ax.legend(loc="best", frameon=False)
+    ax.set_xlabel(what)
+    ax.set_ylabel(unit_of)
+
+
+def _figure(result: dict, case: dict):
+    """The case's figure: 2-3 small panels side by side (see the module docstring)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    causal = result.get("task", "causal-lm") == "causal-lm"
+    d = case.get("distributions") or {}
+    b = result["budget"]
+    acc = case.get("accuracy_torch") is not None
+    panels = 3 if causal or acc else 2
+    fig = Figure(figsize=(3.7 * panels, 3.1), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, panels, squeeze=False)[0]
+    verdict = "PASS" if not case["failures"] else "FAIL"
+    fig.suptitle(f"{case['case']}: {verdict}", fontsize=11, fontweight="bold",
+                 color="#1a7f37" if verdict == "PASS" else "#c62828")
+    unit = "positions" if causal else "texts"
+    _hist(axes[0], d.get("abs_logits") or {}, b["max_abs_logits"], "|Δlogits| (logit units, log scale)",
+          unit)
+    axes[0].set_title(f"max |Δlogits| per {'position' if causal else 'text'} "
+                      f"(over {'vocabulary' if causal else 'classes'})")
+    if causal:
+        pos = d.get("by_position") or {}
+        x = pos.get("position") or []
+        width = pos.get("width", 1)
+        marker = dict(marker="o", ms=2.5) if len(x) <= 64 else {}
+        axes[1].axhline(100 * b["min_top1"], color=BOUND, ls="--", lw=1.2, label=f"bound ≥ {b['min_top1']:.0%}")
+        axes[1].plot(x, [100 * v for v in pos.get("top1", [])], color=DATA, lw=1.4, **marker, label="measured")
+        lo = min([100 * v for v in pos.get("top1", [])] + [100 * b["min_top1"]])
+        axes[1].set_ylim(max(0, lo - max(2, (100 - lo) * 0.15)), 100 + max(0.5, (100 - lo) * 0.08))
+        axes[1].set_title("top-1 agreement by token position")
+        axes[1].set_ylabel("agreement (%)")
+        axes[1].legend(loc="best", frameon=False)
+        kl = pos.get("mean_kl", [])
+        shown = [(p, v) for p, v in zip(x, kl) if v > 0]
+        axes[2].axhline(b["max_kl"], color=BOUND, ls="--", lw=1.2, label=f"bound on the mean {b['max_kl']:g}")
+        if shown:
+            axes[2].plot(*zip(*shown), color=DATA, lw=1.4, **marker, label="measured")
+            axes[2].set_yscale("log")
+            lo, hi = (math.log10(f([v for _, v in shown] + [b["max_kl"]])) for f in (min, max))
+            span = max(hi - lo, 1)
+            axes[2].set_ylim(10 ** (lo - 0.08 * span), 10 ** (hi + 0.4 * span))  # bound in view, legend above
+        else:
+            axes[2].plot(x, kl, color=DATA, lw=1.4, label="measured")
+        axes[2].set_title("mean KL(torch ‖ artifact) by token position")
+        axes[2].set_ylabel("KL (nats, log scale)" if shown else "KL (nats)")
+        axes[2].legend(loc="upper right", frameon=False)
+        for ax in axes[1:]:
+            ax.set_xlabel("token position" + (f" (groups of {width})" if width > 1 else ""))
+    else:
+        _hist(axes[1], d.get("kl") or {}, None, "KL (nats, log scale)", "texts")
+        axes[1].set_title("KL(torch ‖ artifact) per text")
+        if acc:
+            vals = [100 * case["accuracy_torch"], 100 * case["accuracy_artifact"]]
+            bars = axes[2].bar(["torch", "artifact"], vals, color=[TORCH, ARTIFACT], width=0.55)
+            axes[2].bar_label(bars, labels=[f"{v:.1f}%" for v in vals], padding=2, fontsize=9)
+            axes[2].set_ylim(0, 112)
+            axes[2].set_ylabel("accuracy (%)")
+            axes[2].set_title("accuracy on the labelled texts")
+            axes[2].grid(axis="x", visible=False)
+    return fig
+
+
+def figure_png(result: dict, case: dict) -> bytes:
+    """The case's figure as PNG bytes."""
+    import matplotlib
+
+    with matplotlib.rc_context(STYLE):
+        fig = _figure(result, case)
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+CSS = """
+body{font-family:-apple-system,"Segoe UI",Helvetica,Arial,sans-serif;color:#222;max-width:1180px;
+margin:24px auto;padding:0 16px;line-height:1.4}
+h1{font-size:22px;margin-bottom:8px}h2{font-size:17px;margin:28px 0 8px}
+table{border-collapse:collapse;font-size:13.5px;margin:6px 0}
+td,th{border-bottom:1px solid #ddd;padding:4px 10px;text-align:left;vertical-align:top}
+th{background:#f4f4f4}td.num{text-align:right;font-variant-numeric:tabular-nums}
+table.meta td:first-child{color:#666;width:120px}
+.PASS,.PASSED{color:#1a7f37;font-weight:600}.FAIL,.FAILED{color:#c62828;font-weight:600}.info{color:#666}
+.badge{display:inline-block;padding:1px 8px;border-radius:10px;font-size:13px;margin-left:8px;color:#fff}
+.badge.PASS{background:#1a7f37}.badge.FAIL{background:#c62828}
+ul.fail{color:#c62828;font-size:13.5px;margin:4px 0}
+img{max-width:100%;height:auto;display:block;margin-top:8px}
+section{border-top:1px solid #e5e5e5}
+"""
+
+
+def write_html(result: dict, path: Path) -> Path:
+    """Write ``path``: the Markdown content plus one embedded PNG figure per case, one file."""
+    e = html.escape
+    verdict = "PASSED" if result["passed"] else "FAILED"
+    out = ["<!doctype html>", '<html lang="en"><head><meta charset="utf-8">',
+           f"<title>edgepeft validate: {verdict}: {e(result['artifact'])}</title>",
+           f"<style>{CSS}</style></head><body>",
+           f'<h1>edgepeft validate: <span class="{verdict}">{verdict}</span></h1>', '<table class="meta">']
+    out += [f"<tr><td>{e(k)}</td><td>{e(str(v))}</td></tr>" for k, v in _header(result)]
+    out.append("</table><h2>Summary</h2><table><tr>"
+               + "".join(f"<th>{e(h)}</th>" for h in _summary_head(result)) + "</tr>")
+    ncols = len(_summary_head(result))
+    for c in result["cases"]:
+        cells = _summary_cells(result, c)
+        cells = cells[:ncols - 1] + ["—"] * (ncols - len(cells)) + cells[-1:]
+        out.append("<tr>" + "".join(f'<td class="num">{e(x)}</td>' for x in cells[:-1])
+                   .replace('<td class="num">', "<td>", 1)
+                   + f'<td class="{cells[-1]}">{cells[-1]}</td></tr>')
+    out.append("</table>")
+    for c in result["cases"]:
+        v = "PASS" if not c["failures"] else "FAIL"
+        out.append(f'<section><h2>{e(c["case"])}<span class="badge {v}">{v}</span></h2>')
+        out.append("<table><tr><th>bound</th><th>measured</th><th>budget</th><th>verdict</th></tr>")
+        for what, value, bound, ok in bounds(result, c):
+            m = _mark(ok)
+            out.append(f"<tr><td>{e(what)}</td><td>{e(value)}</td><td>{e(bound)}</td>"
+                       f'<td class="{m}">{m}</td></tr>')
+        out.append("</table>")
+        if c["failures"]:
+            out.append('<ul class="fail">' + "".join(f"<li>{e(f)}</li>" for f in c["failures"]) + "</ul>")
+        png = base64.b64encode(figure_png(result, c)).decode("ascii")
+        out.append(f'<img alt="{e(c["case"])}: distributions" src="data:image/png;base64,{png}"></section>')
+    out.append("</body></html>")
+    path.write_text("\n".join(out) + "\n", encoding="utf-8")
+    return path
