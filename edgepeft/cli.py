@@ -62,6 +62,7 @@ def export(args) -> int:
     quant = QuantConfig(precision=args.precision, adapter_precision=args.adapter_precision,
                         calibration=args.calibration, calibration_method=args.calibration_method,
                         quantize_embeddings=args.quantize_embeddings, int8_scheme=args.int8_scheme,
+                        block_size=args.block_size,
                         static_activations=args.static_activations, protect=args.protect)
     cfg = ExportConfig(base=Path(args.base), out=Path(args.out), adapters=_adapter_pairs(args.adapter),
                        mode=args.mode, force=args.force, opset=args.opset, task=args.task, quant=quant,
@@ -97,6 +98,9 @@ def _export_args(p):
     p.add_argument("--static-activations", choices=["int16", "int8"], default="int16",
                    help="int8-static activation type: int16 (default, A16W8, as NPUs run LLMs) or int8 "
                         "(A8W8; NNAPI needs it; lossy on decoders)")
+    p.add_argument("--block-size", type=int, default=None,
+                   help="int4 / weight-only int8: weights per scale along the input dimension, a power of "
+                        "two >= 16 (default: 16 for int8, 32 for int4)")
     p.add_argument("--protect", type=float, default=0.0, metavar="SHARE",
                    help="share (0..1) of base MatMuls with the largest measured quantization error on the "
                         "calibration texts kept at higher precision: 8-bit under int4, float under int8 "

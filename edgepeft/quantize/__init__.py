@@ -62,7 +62,9 @@ class QuantConfig:
         calibration_method: ``minmax``, ``entropy`` or ``percentile``.
         quantize_embeddings: also quantize the token embedding table and LM head (they dominate
             small models' size; tied in e.g. SmolLM2). Off by default: they cost accuracy.
-        block_size: int4 / weight-only int8 block size along the input dimension.
+        block_size: int4 / weight-only int8 block size along the input dimension; None: 16 for
+            int8 (SmolLM2-135M KL 0.0016 -> 0.0010 against 32, ~13 % more bytes per weight), 32
+            for int4.
         int8_scheme: ``weight-only`` (default) or ``dynamic``; see the module docstring.
         static_activations: int8-static activation type: ``int16`` (default, A16W8: activation
             outliers survive 16-bit ranges; what NPUs such as QNN HTP run LLMs with) or ``int8``
@@ -76,7 +78,7 @@ class QuantConfig:
     calibration: str | None = None
     calibration_method: str = "minmax"
     quantize_embeddings: bool = False
-    block_size: int = 32
+    block_size: int | None = None
     int8_scheme: str = "weight-only"
     static_activations: str = "int16"
     protect: float = 0.0
@@ -91,6 +93,8 @@ class QuantConfig:
                                 f"{', '.join(CALIBRATION_METHODS)}.")
         if self.calibration and self.precision in ("fp32", "fp16"):
             raise EdgepeftError(f"--calibration is for integer precisions, not {self.precision}.")
+        if self.block_size is None:
+            object.__setattr__(self, "block_size", 16 if self.precision == "int8" else 32)
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
             raise EdgepeftError(f"--block-size {self.block_size}: a power of two >= 16.")
         if self.int8_scheme not in INT8_SCHEMES:

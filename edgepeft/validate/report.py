@@ -207,11 +207,13 @@ def _figure(result: dict, case: dict):
         axes[1].legend(loc="best", frameon=False)
         kl = pos.get("mean_kl", [])
         shown = [(p, v) for p, v in zip(x, kl) if v > 0]
-        axes[2].axhline(b["max_kl"], color=BOUND, ls="--", lw=1.2, label=f"bound on the mean {b['max_kl']:g}")
+        if b["max_kl"] > 0:  # a zero bound has no place on a log axis
+            axes[2].axhline(b["max_kl"], color=BOUND, ls="--", lw=1.2, label=f"bound on the mean {b['max_kl']:g}")
         if shown:
             axes[2].plot(*zip(*shown), color=DATA, lw=1.4, **marker, label="measured")
             axes[2].set_yscale("log")
-            lo, hi = (math.log10(f([v for _, v in shown] + [b["max_kl"]])) for f in (min, max))
+            vals = [v for _, v in shown] + ([b["max_kl"]] if b["max_kl"] > 0 else [])
+            lo, hi = (math.log10(f(vals)) for f in (min, max))
             span = max(hi - lo, 1)
             axes[2].set_ylim(10 ** (lo - 0.08 * span), 10 ** (hi + 0.4 * span))  # bound in view, legend above
         else:
