@@ -255,3 +255,38 @@ def test_protect_picks_the_matmul_with_the_largest_error(tmp_path):
     graph = onnx.load(str(q / "model.onnx"), load_external_data=False).graph
     bits = sorted(_attr(n, "bits") for n in graph.node if n.op_type == "MatMulNBits")
     assert bits == [4] * 13 + [8]  # the protected one at 8 bits, the other 13 at 4
+
+
+def test_integer_zero_points_rewrite_is_exact(setup):
+    """HQQ's float zero points, split into uint8 zero points + a block-sum offset, give the same
+    logits (the rewrite that lets onnxruntime's fast 4-bit kernels run HQQ weights)."""
+    import copy
+
+    import onnxruntime as ort
+    from onnxruntime.quantization.matmul_nbits_quantizer import (HQQWeightOnlyQuantConfig,
+                                                                 MatMulNBitsQuantizer)
+
+    from edgepeft.quantize import integer_zero_points
+
+    _, _, _, fp32 = setup
+    model = onnx.load(str(fp32 / "model.onnx"), load_external_data=True)
+    inits = {i.name for i in model.graph.initializer}
+    weights = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits]
+    q = MatMulNBitsQuantizer(model, nodes_to_exclude=[n.name for n in model.graph.node if n.name not in weights],
+                             algo_config=HQQWeightOnlyQuantConfig(block_size=32, bits=4))
+    q.process()
+    hqq = q.model.model
+    rewritten = copy.deepcopy(hqq)
+    assert integer_zero_points(rewritten) == len(weights) > 0
+    zps = {i.name: i.data_type for i in rewritten.graph.initializer}
+    assert {zps[n.input[3]] for n in rewritten.graph.node if n.op_type == "MatMulNBits"} == {onnx.TensorProto.UINT8}
+    m = Model(fp32)
+    ids = np.array([[5, 9, 11, 40, 3, 7], [30, 31, 32, 33, 34, 35]])
+    feeds = _feeds(m, ids, None)
+    outs = []
+    for graph in (hqq, rewritten):
+        sess = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+        names = {i.name for i in sess.get_inputs()}
+        outs.append(sess.run(["logits"], {k: v for k, v in feeds.items() if k in names})[0])
+    assert np.abs(outs[0]).max() > 0.1
+    np.testing.assert_allclose(outs[1], outs[0], atol=1e-4)
