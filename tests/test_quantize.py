@@ -290,3 +290,30 @@ def test_integer_zero_points_rewrite_is_exact(setup):
         outs.append(sess.run(["logits"], {k: v for k, v in feeds.items() if k in names})[0])
     assert np.abs(outs[0]).max() > 0.1
     np.testing.assert_allclose(outs[1], outs[0], atol=1e-4)
+
+
+def test_int8_sensitivity_counts_the_kernels_activation_rounding():
+    """int8 weight-only computes with int8 activations (accuracy_level 4), per block of K: an
+    activation outlier coarsens its whole block. Two MatMuls with equal weights, one fed an input
+    whose channel 0 is 100x (its weight row is 0, so weights alone see no difference): the
+    measured error must single it out."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgepeft.quantize import sensitivity
+
+    rng = np.random.default_rng(0)
+    k, n = 64, 32
+    w = rng.normal(size=(k, n)).astype(np.float32)
+    w[0] = 0.0
+    nodes = [helper.make_node("MatMul", [x, f"w{x}"], [f"y{x}"], name=f"mm_{x}") for x in "ab"]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(x, TensorProto.FLOAT, [None, k]) for x in "ab"],
+                              [helper.make_tensor_value_info(f"y{x}", TensorProto.FLOAT, [None, n]) for x in "ab"],
+                              [numpy_helper.from_array(w, f"w{x}") for x in "ab"])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    smooth = rng.normal(size=(128, k)).astype(np.float32)
+    loud = smooth.copy()
+    loud[:, 0] *= 100
+    errors = sensitivity(model, list(model.graph.node), [{"a": smooth, "b": loud}], QuantConfig(precision="int8"))
+    assert errors["mm_b"] > 5 * errors["mm_a"] > 0, errors
+    weights_only = sensitivity(model, list(model.graph.node), [{"a": smooth, "b": loud}], QuantConfig(precision="int4"))
+    assert weights_only["mm_b"] == pytest.approx(weights_only["mm_a"], rel=1e-3)

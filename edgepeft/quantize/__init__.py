@@ -209,34 +209,32 @@ def _fake_quant_blocks(w: np.ndarray, bits: int, block: int) -> np.ndarray:
     return (np.clip(np.round(wb / scale), -qmax - 1, qmax) * scale).reshape(-1, n)[:k]
 
 
-def _fake_quant_int8(x: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-tensor asymmetric uint8 ``x`` ``(M, K)`` and per-column symmetric int8 ``w`` ``(K, N)``."""
+def _fake_quant_int8(x: np.ndarray, w: np.ndarray, act_bits: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """Per-tensor asymmetric ``act_bits`` ``x`` ``(M, K)`` and per-column symmetric int8 ``w`` ``(K, N)``."""
+    top = 2 ** act_bits - 1
     lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
-    step = (hi - lo) / 255 or 1.0
+    step = (hi - lo) / top or 1.0
     zero = np.round(-lo / step)
-    xq = (np.clip(np.round(x / step) + zero, 0, 255) - zero) * step
+    xq = (np.clip(np.round(x / step) + zero, 0, top) - zero) * step
     scale = np.abs(w).max(0, keepdims=True) / 127
     scale[scale == 0] = 1
     return xq, np.round(w / scale) * scale
 
 
-def sensitivity(model: onnx.ModelProto, nodes: list[onnx.NodeProto], probe: list[dict[str, np.ndarray]],
-                cfg: QuantConfig, max_rows: int = 1024) -> dict[str, float]:
-    """Each weight node's output error under ``cfg``'s scheme, on real activations.
+def activations(model: onnx.ModelProto, nodes: list[onnx.NodeProto], probe: list[dict[str, np.ndarray]],
+                max_rows: int = 1024) -> dict[str, np.ndarray]:
+    """The real inputs ``x`` of ``nodes`` on ``probe`` feeds, by input name.
 
     Args:
         model: the fp32 graph (weights loaded).
-        nodes: MatMul nodes with an initializer B ``(K, N)``.
+        nodes: MatMul nodes; their first input is captured.
         probe: a few feeds of the graph (calibration texts, base model).
-        cfg: precision and scheme.
-        max_rows: activation rows ``x`` used per node (evenly subsampled).
+        max_rows: rows kept per input (evenly subsampled).
 
     Returns:
-        ``{node name: RMS of x (Q(W) - W)}``, activation quantization included for int8
-        dynamic / static.
+        ``{input name: x (rows, K)}``.
     """
     import onnxruntime as ort
-    from onnx import numpy_helper
 
     inputs = sorted({n.input[0] for n in nodes})
     added = [onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in inputs]
@@ -253,16 +251,54 @@ def sensitivity(model: onnx.ModelProto, nodes: list[onnx.NodeProto], probe: list
         for name, x in zip(inputs, session.run(inputs, feed)):
             acts[name].append(x.reshape(-1, x.shape[-1]))  # (B*T, K)
     del session
+    out = {}
+    for name, xs in acts.items():
+        x = np.concatenate(xs)
+        out[name] = x[np.linspace(0, len(x) - 1, min(len(x), max_rows)).astype(int)]
+    return out
+
+
+def _fake_quant_rows(x: np.ndarray, block: int) -> np.ndarray:
+    """What MatMulNBits' int8 compute (accuracy_level 4) does to ``x`` ``(M, K)``: symmetric int8
+    per row in blocks of ``block`` along K."""
+    m, k = x.shape
+    xb = np.pad(x, ((0, 0), (0, -k % block))).reshape(m, -1, block)  # (M, K/block, block)
+    scale = np.abs(xb).max(-1, keepdims=True) / 127
+    scale[scale == 0] = 1
+    return (np.round(xb / scale) * scale).reshape(m, -1)[:, :k]
+
+
+def sensitivity(model: onnx.ModelProto, nodes: list[onnx.NodeProto], probe: list[dict[str, np.ndarray]],
+                cfg: QuantConfig, max_rows: int = 1024) -> dict[str, float]:
+    """Each weight node's output error under ``cfg``'s scheme, on real activations.
+
+    Args:
+        model: the fp32 graph (weights loaded).
+        nodes: MatMul nodes with an initializer B ``(K, N)``.
+        probe: a few feeds of the graph (calibration texts, base model).
+        cfg: precision and scheme.
+        max_rows: activation rows ``x`` used per node (evenly subsampled).
+
+    Returns:
+        ``{node name: RMS of Q(x) Q(W) - x W}``: ``Q(x)`` is the activation rounding of the
+        scheme's kernel (int8 weight-only computes in int8, blocks along K; int8 dynamic: 8-bit
+        per tensor; int8-static: 8 or 16-bit per tensor), identity for int4 (fp32 compute).
+    """
+    from onnx import numpy_helper
+
+    acts = activations(model, nodes, probe, max_rows)
     weights = {i.name: i for i in model.graph.initializer}
     errors = {}
     for node in nodes:
-        x = np.concatenate(acts[node.input[0]])
-        x = x[np.linspace(0, len(x) - 1, min(len(x), max_rows)).astype(int)]
+        x = acts[node.input[0]]
         w = numpy_helper.to_array(weights[node.input[1]]).astype(np.float32)
-        if cfg.precision == "int4" or (cfg.precision == "int8" and cfg.int8_scheme == "weight-only"):
-            err = x @ (_fake_quant_blocks(w, 4 if cfg.precision == "int4" else 8, cfg.block_size) - w)
+        if cfg.precision == "int4":
+            err = x @ (_fake_quant_blocks(w, 4, cfg.block_size) - w)
+        elif cfg.precision == "int8" and cfg.int8_scheme == "weight-only":
+            err = _fake_quant_rows(x, cfg.block_size) @ _fake_quant_blocks(w, 8, cfg.block_size) - x @ w
         else:
-            xq, wq = _fake_quant_int8(x, w)
+            bits = 16 if cfg.precision == "int8-static" and cfg.static_activations == "int16" else 8
+            xq, wq = _fake_quant_int8(x, w, bits)
             err = xq @ wq - x @ w
         errors[node.name] = float(np.sqrt(np.mean(np.square(err))))
     return errors
@@ -337,15 +373,20 @@ def quantize_graph(src: Path, dst: Path, cfg: QuantConfig, adapter_inputs: list[
 
 @contextlib.contextmanager
 def _quiet_quantizers():
-    """onnxruntime.quantization logs every node at INFO on the root logger; keep errors only."""
+    """onnxruntime.quantization logs every node at INFO on the root logger, and its calibration
+    sessions warn once per adapter input that has a default; keep errors only."""
+    import onnxruntime as ort
+
     loggers = [logging.getLogger(), logging.getLogger("onnxruntime.quantization"),
                logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
+    ort.set_default_logger_severity(3)
     try:
         yield
     finally:
+        ort.set_default_logger_severity(2)  # onnxruntime's default; it has no getter
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
 
