@@ -35,13 +35,20 @@ class Budget:
 
 # Default budget per precision, against the PyTorch fp32 model with the same adapter. Written into
 # the manifest at export; `edgepeft validate --max-kl ...` overrides. README: "Accuracy budgets".
+# Causal LMs are judged at every position of free text, where a 135M model is often unsure: any
+# int8 *compute* (activations rounded to 8 bits, as llama.cpp's Q8_0 dot products do) flips 3 %
+# of SmolLM2-135M's top-1 tokens at KL 0.003-0.005, with exact weights (HQQ on the Q4_1 grid:
+# KL 0 in fp32 compute), so int8's top-1 bound is 96 %, its KL bound 0.01 (was 98 % / 0.05).
+# A16W8 static (per-tensor activations, per-channel weights, what NPUs run) lands at 93-94 %,
+# KL 0.01-0.02: bound 92 % / 0.03 (was 95 % / 0.1). A broken scheme still fails by far: int8
+# dynamic KL 0.65, A8W8 static top-1 7 %.
 BUDGETS = {
     "fp32": Budget(),
     "fp16": Budget(max_abs_logits=None, min_top1=0.99, max_kl=1e-3, greedy_must_match=False,
                    max_accuracy_drop=0.5),
-    "int8": Budget(max_abs_logits=None, min_top1=0.98, max_kl=0.05, greedy_must_match=False,
+    "int8": Budget(max_abs_logits=None, min_top1=0.96, max_kl=0.01, greedy_must_match=False,
                    max_accuracy_drop=1.0),
-    "int8-static": Budget(max_abs_logits=None, min_top1=0.95, max_kl=0.1, greedy_must_match=False,
+    "int8-static": Budget(max_abs_logits=None, min_top1=0.92, max_kl=0.03, greedy_must_match=False,
                           max_accuracy_drop=2.0),
     "int4": Budget(max_abs_logits=None, min_top1=0.90, max_kl=0.2, greedy_must_match=False,
                    max_accuracy_drop=3.0),
