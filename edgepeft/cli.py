@@ -106,7 +106,8 @@ def _export_args(p):
                         "calibration texts kept at higher precision: 8-bit under int4, float under int8 "
                         "(default: 0)")
     p.add_argument("--quantize-embeddings", action="store_true",
-                   help="also quantize the token embeddings and LM head (smaller, less accurate)")
+                   help="also quantize the LM head (untied if tied) and the token embeddings: 4-bit "
+                        "under int4, 8-bit under int8 dynamic/static, float under int8 weight-only")
     p.add_argument("--task", choices=["auto", "causal-lm", "classification"], default="auto",
                    help="auto (default): the adapters' PEFT task_type, else the base's architecture")
     p.add_argument("--allow-base-mismatch", action="store_true",

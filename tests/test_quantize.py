@@ -317,3 +317,35 @@ def test_int8_sensitivity_counts_the_kernels_activation_rounding():
     assert errors["mm_b"] > 5 * errors["mm_a"] > 0, errors
     weights_only = sensitivity(model, list(model.graph.node), [{"a": smooth, "b": loud}], QuantConfig(precision="int4"))
     assert weights_only["mm_b"] == pytest.approx(weights_only["mm_a"], rel=1e-3)
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_tied_embedding_and_head_quantized_when_asked(tmp_path, precision):
+    """A tied LM head (MatMul over Transpose(embedding)) is untied and quantized by the scheme
+    with --quantize-embeddings; under int4 the embedding Gather becomes 4-bit too. The logits stay
+    close to the fp32 artifact's and the adapter still applies."""
+    base = make_base("llama", tmp_path / "base", tokenizer=True, tie_word_embeddings=True)
+    lora = make_adapter(base, tmp_path / "lora", "lora", target_modules=["q_proj", "v_proj"])
+    outs = {}
+    for name, quant in (("fp32", QuantConfig()), ("plain", QuantConfig(precision=precision)),
+                        ("emb", QuantConfig(precision=precision, quantize_embeddings=True))):
+        outs[name] = tmp_path / name
+        export(ExportConfig(base=base, out=outs[name], adapters=(("lora", lora),), quant=quant), quiet=True)
+    graph = onnx.load(str(outs["emb"] / "model.onnx"), load_external_data=False).graph
+    ops = {n.op_type for n in graph.node}
+    producer = {o: n for n in graph.node for o in n.output}
+    head = producer["logits"]
+    head = producer[head.input[0]] if head.op_type == "Sub" else head  # int4: the zero-point rewrite
+    assert head.op_type == "MatMulNBits"  # untied and quantized
+    assert ("GatherBlockQuantized" in ops) == (precision == "int4")
+    size = {k: (v / "model.onnx.data").stat().st_size for k, v in outs.items()}
+    assert size["emb"] < size["plain"] < size["fp32"]
+    ids = np.array([[5, 9, 11, 40, 3, 7], [30, 31, 32, 33, 34, 35]])
+    ref, q = Model(outs["fp32"]), Model(outs["emb"])
+    for adapter in (None, "lora"):
+        a, b = ref.logits(ids, adapter=adapter), q.logits(ids, adapter=adapter)
+        pa = np.exp(a - a.max(-1, keepdims=True))
+        pa /= pa.sum(-1, keepdims=True)
+        kl = (pa * (np.log(pa) - (b - b.max(-1, keepdims=True) - np.log(np.exp(b - b.max(-1, keepdims=True)).sum(-1, keepdims=True))))).sum(-1)
+        assert kl.mean() < 1e-2, (adapter, kl.mean())
+    assert np.abs(q.logits(ids, adapter="lora") - q.logits(ids)).max() > 1e-3
