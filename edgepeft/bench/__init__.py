@@ -270,6 +270,7 @@ def summarize(rows: list[dict], runs: list[dict], task: str, batch_sizes: list[i
             for b in batch_sizes:
                 xs = [x for r in rs for x in r[f"batch{b}_ms"]]
                 s[f"batch{b}_ms_p50"], s[f"batch{b}_ms_p95"] = percentile(xs, 50), percentile(xs, 95)
+            s["cpu_per_wall"] = median([r.get("cpu_per_wall") for r in rs])
         out[row["key"]] = s
     return out
 
@@ -518,14 +519,14 @@ def format_bench(result: dict) -> str:
                      f"{c['prompt_tokens']}-token prompt, {c['new_tokens']} greedy tokens, {c['threads']} threads; "
                      f"medians of {c['repeats']} fresh processes per row (round-robin)")
         head = (f"{'system':<16}{'case':<26}{'prefill p50':>12}{'p95 ms':>8}{'decode tok/s':>13}"
-                f"{'vs torch':>9}{'vs merged':>10}{'load s':>8}{'peak RSS MB':>12}")
+                f"{'vs torch':>9}{'vs merged':>10}{'load s':>8}{'peak RSS MB':>12}{'CPU/wall':>9}")
     else:
         bs = c["batch_sizes"]
         lines.append(f"{result['artifact']}: classifier, {result['mode']}, {result['precision']}; latency per "
                      f"batch (token ids in, logits out), batch sizes {', '.join(map(str, bs))}; {c['threads']} "
                      f"threads; medians of {c['repeats']} fresh processes per row (round-robin)")
         head = f"{'system':<16}{'case':<26}" + "".join(f"{f'b{b} p50':>9}{'p95 ms':>8}{'vs torch':>9}{'vs merged':>10}"
-                                                      for b in bs) + f"{'load s':>8}{'peak RSS MB':>12}"
+                                                      for b in bs) + f"{'load s':>8}{'peak RSS MB':>12}{'CPU/wall':>9}"
     lines += [head, "-" * len(head)]
     for v in s.values():
         line = f"{v['system']:<16}{v['case'][:25]:<26}"
@@ -538,10 +539,12 @@ def format_bench(result: dict) -> str:
             for b in c["batch_sizes"]:
                 line += (f"{_f(v[f'batch{b}_ms_p50'], '9.2f')}{_f(v[f'batch{b}_ms_p95'], '8.2f')}"
                          f"{_f(vt.get(f'batch{b}'), '8.2f', 'x'):>9}{_f(vm.get(f'batch{b}'), '9.2f', 'x'):>10}")
-        line += f"{_f(v['load_s'], '8.2f')}{_f(v['peak_rss_mb'], '12.0f')}"
+        line += f"{_f(v['load_s'], '8.2f')}{_f(v['peak_rss_mb'], '12.0f')}{_f(v.get('cpu_per_wall'), '9.2f')}"
         lines.append(line)
     lines.append("(vs torch / vs merged: speed ratio of medians, >1 = this row is faster; "
-                 + ("decode tok/s" if task == "causal-lm" else "latency") + f". Merged reference: {c['merged_note']})")
+                 + ("decode tok/s" if task == "causal-lm" else "latency") + f". Merged reference: {c['merged_note']}."
+                 f" CPU/wall: CPU seconds per second of the timed calls; well below {c['threads']} threads means "
+                 "other processes took the cores)")
     sw = result["swap"]
     rows = swap_rows(result)
     if rows:

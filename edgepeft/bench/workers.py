@@ -161,6 +161,7 @@ def _classify_rows(spec: dict, call) -> dict:
     import numpy as np
 
     out = {}
+    mark = cpu_mark()
     for b, batch in spec["batches"].items():
         ids, mask = np.asarray(batch["ids"], np.int64), np.asarray(batch["mask"], np.int64)
         call(ids, mask)  # warm-up
@@ -170,6 +171,7 @@ def _classify_rows(spec: dict, call) -> dict:
             call(ids, mask)
             ts.append((time.perf_counter() - t) * 1e3)
         out[f"batch{b}_ms"] = ts
+    out["cpu_per_wall"] = cpu_per_wall(mark)
     return out
 
 
