@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -113,7 +112,10 @@ def md_cls(res: dict) -> list[str]:
 def markdown(res: dict, title: str) -> str:
     from edgepeft.bench import memory_rows, swap_rows
 
-    lines = [f"### {title}", ""]
+    c, m = res["config"], res["machine"]
+    lines = [f"### {title}", "",
+             f"<!-- {res['date']}: {c['repeats']} repeats, {c['threads']} thread(s), {m['cpu']}, "
+             f"load average at the end {m['loadavg_end'][0]:.1f} -->", ""]
     lines += md_lm(res) if res["task"] == "causal-lm" else md_cls(res)
     lines += ["", "| adapter swap | median |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in swap_rows(res)]
@@ -165,8 +167,9 @@ def main(argv=None) -> int:
                             threads=args.threads)
             print("\n" + format_bench(cls), flush=True)
             md.append(markdown(cls, TITLES["bench_minilm"]))
-    head = (f"<!-- python benchmarks/bench_demo.py --reuse --repeats {args.repeats}; "
-            f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs, {time.perf_counter() - t0:.0f} s -->\n\n")
+    head = (f"<!-- python benchmarks/bench_demo.py --reuse --repeats {args.repeats}"
+            + (f" --threads {args.threads}" if args.threads else "")
+            + f"; {time.perf_counter() - t0:.0f} s -->\n\n")
     (RESULTS / "bench_demo.md").write_text(head + "\n".join(md))
     log(f"wrote {RESULTS / 'bench_demo.md'} ({time.perf_counter() - t0:.0f} s)")
     return 0

@@ -481,7 +481,8 @@ def run_bench(artifact: Path, out: Path | None = None, compare_torch: Path | Non
                                                                  dirs if compare_torch is not None else {}),
         "runs": runs,
         "machine": {"platform": platform.platform(), "python": sys.version.split()[0],
-                    "cpu": _cpu_model(), "cpus_usable": threads if threads else None,
+                    "cpu": _cpu_model(),
+                    "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
                     "loadavg_end": os.getloadavg()},
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
@@ -516,20 +517,20 @@ def format_bench(result: dict) -> str:
     lines = []
     if task == "causal-lm":
         lines.append(f"{result['artifact']}: causal LM, {result['mode']}, {result['precision']}; batch 1, "
-                     f"{c['prompt_tokens']}-token prompt, {c['new_tokens']} greedy tokens, {c['threads']} threads; "
+                     f"{c['prompt_tokens']}-token prompt, {c['new_tokens']} greedy tokens, {_threads(c['threads'])}; "
                      f"medians of {c['repeats']} fresh processes per row (round-robin)")
-        head = (f"{'system':<16}{'case':<26}{'prefill p50':>12}{'p95 ms':>8}{'decode tok/s':>13}"
+        head = (f"{'system':<16}{'case':<30}{'prefill p50':>12}{'p95 ms':>8}{'decode tok/s':>13}"
                 f"{'vs torch':>9}{'vs merged':>10}{'load s':>8}{'peak RSS MB':>12}{'CPU/wall':>9}")
     else:
         bs = c["batch_sizes"]
         lines.append(f"{result['artifact']}: classifier, {result['mode']}, {result['precision']}; latency per "
-                     f"batch (token ids in, logits out), batch sizes {', '.join(map(str, bs))}; {c['threads']} "
-                     f"threads; medians of {c['repeats']} fresh processes per row (round-robin)")
-        head = f"{'system':<16}{'case':<26}" + "".join(f"{f'b{b} p50':>9}{'p95 ms':>8}{'vs torch':>9}{'vs merged':>10}"
+                     f"batch (token ids in, logits out), batch sizes {', '.join(map(str, bs))}; "
+                     f"{_threads(c['threads'])}; medians of {c['repeats']} fresh processes per row (round-robin)")
+        head = f"{'system':<16}{'case':<30}" + "".join(f"{f'b{b} p50':>9}{'p95 ms':>8}{'vs torch':>9}{'vs merged':>10}"
                                                       for b in bs) + f"{'load s':>8}{'peak RSS MB':>12}{'CPU/wall':>9}"
     lines += [head, "-" * len(head)]
     for v in s.values():
-        line = f"{v['system']:<16}{v['case'][:25]:<26}"
+        line = f"{v['system']:<16}{v['case'][:29]:<30}"
         vt, vm = v.get("vs_torch", {}), v.get("vs_merged", {})
         if task == "causal-lm":
             line += (f"{_f(v['prefill_ms_p50'], '12.1f')}{_f(v['prefill_ms_p95'], '8.1f')}"
@@ -559,6 +560,10 @@ def format_bench(result: dict) -> str:
     if "files" in result:
         lines += ["", f"wrote {result['files']['json']} and {result['files']['png']} ({result['seconds']:.0f} s)"]
     return "\n".join(lines)
+
+
+def _threads(n: int) -> str:
+    return f"{n} thread" + ("s" if n != 1 else "")
 
 
 def _t(ms: float | None) -> str:

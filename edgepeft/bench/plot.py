@@ -28,14 +28,14 @@ def _figure(result: dict):
     from matplotlib.figure import Figure
 
     s = list(result["summary"].values())
-    labels = [f"{v['system'].replace('edgepeft-', '')}: {v['case'][:22]}" for v in s]
+    labels = [f"{v['system'].replace('edgepeft-', '')}: {v['case'][:30]}" for v in s]
     colors = [COLORS.get(v["system"], "#888") for v in s]
     fig = Figure(figsize=(12, 3.2 + 0.55 * len(s)), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(2, 2)
     c = result["config"]
     fig.suptitle(f"edgepeft bench: {Path(result['artifact']).name} ({result['task']}, {result['mode']}, "
-                 f"{result['precision']}, {c['threads']} threads, medians of {c['repeats']})", fontsize=11)
+                 f"{result['precision']}, {c['threads']} thread{'s' if c['threads'] != 1 else ''}, medians of {c['repeats']})", fontsize=11)
     if result["task"] == "causal-lm":
         _bars(axes[0][0], labels, [v["decode_tok_s"] for v in s], colors,
               f"decode tokens/s (batch 1, {c['new_tokens']} tokens; higher is better)", "tokens/s")
