@@ -39,8 +39,8 @@ def lm(tmp_path_factory):
     export(ExportConfig(base=base, out=side, adapters=(("chat", chat), ("sql", sql))), quiet=True)
     out = root / "bench-out"
     p = subprocess.run([sys.executable, "-m", "edgepeft", "bench", str(side), "--compare-torch", str(base),
-                        "--repeats", "2", "--prefill-samples", "3", "--new-tokens", "5", "--prompt-tokens", "6", "--threads", "1",
-                        "--out", str(out), "--json"], capture_output=True, text=True, env=_env(root / "cache"),
+                        "--repeats", "2", "--prefill-samples", "3", "--new-tokens", "5", "--prompt-tokens", "6",
+                        "--threads", "1", "--out", str(out), "--json"], capture_output=True, text=True, env=_env(root / "cache"),
                        timeout=1200)
     assert p.returncode == 0, p.stderr[-3000:]
     return {"base": base, "side": side, "out": out, "cache": root / "cache", "result": json.loads(p.stdout),
