@@ -123,6 +123,18 @@ def test_lm_table_reuses_cached_merged(lm, tmp_path, capsys):
     assert (tmp_path / "b" / "bench.png").read_bytes().startswith(PNG)
 
 
+def test_merged_artifact_bench(lm, tmp_path, capsys):
+    """A merged artifact is benchmarked as itself: one row per adapter, no side swap."""
+    merged = next((lm["cache"] / "edgepeft" / "bench-merged").iterdir())
+    code = main(["bench", str(merged), "--repeats", "1", "--prefill-samples", "2", "--new-tokens", "3",
+                 "--prompt-tokens", "4", "--out", str(tmp_path / "b"), "--json", "--quiet"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    r = json.loads(out)
+    assert r["mode"] == "merged" and set(r["summary"]) == {"edgepeft-merged:sql"} and r["swap"] == {}
+    assert r["summary"]["edgepeft-merged:sql"]["decode_tok_s"] > 0
+
+
 def test_classifier_bench(tmp_path, capsys):
     """Classifiers: latency per batch instead of decode tok/s; no base row (untrained head)."""
     from transformers import AutoConfig, AutoModel

@@ -414,7 +414,8 @@ def run_bench(artifact: Path, out: Path | None = None, compare_torch: Path | Non
         r["key"] = f"{r['system']}:{r['case']}"
     merged_key = f"edgepeft-merged:{merged_name}" if merged_path is not None else None
 
-    spec = {"artifact": str(root), "merged": str(merged_path) if merged_path else None, "task": task,
+    merged_dir = root if manifest["mode"] == "merged" else merged_path  # what "merged" rows load
+    spec = {"artifact": str(root), "merged": str(merged_dir) if merged_dir else None, "task": task,
             "threads": threads, "base": str(base) if base else None, "adapter_dirs": dirs,
             "adapters": [n for n in manifest["adapters"]], "fingerprint": manifest["base"]["fingerprint"],
             "num_labels": manifest["base"].get("num_labels"), "merged_adapter": merged_name,
