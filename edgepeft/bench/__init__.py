@@ -545,7 +545,7 @@ def format_bench(result: dict) -> str:
         lines.append(line)
     lines.append("(vs torch / vs merged: speed ratio of medians, >1 = this row is faster; "
                  + ("decode tok/s" if task == "causal-lm" else "latency") + f". Merged reference: {c['merged_note']}."
-                 f" CPU/wall: CPU seconds per second of the timed calls; well below {c['threads']} threads means "
+                 f" CPU/wall: CPU seconds per second of the timed calls; well below {_threads(c['threads'])} means "
                  "other processes took the cores)")
     sw = result["swap"]
     rows = swap_rows(result)
