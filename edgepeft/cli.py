@@ -358,6 +358,67 @@ def _validate_args(p):
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def bench(args) -> int:
+    """Measure an artifact's speed, memory and size per adapter and mix, side by side in one run.
+
+    Causal LMs (batch 1, a fixed prompt): prefill latency p50/p95, decode tokens/s of greedy
+    generation. Classifiers: latency per batch (token ids in, logits out) p50/p95 at each
+    --batch-sizes. For every row: session load time and peak RSS of its own process. Plus adapter
+    swap latency, resident memory added per loaded adapter, and sizes on disk.
+
+    Rows: the artifact for the base model, each adapter and a mix of its LoRA adapters; a merged
+    graph of one adapter ("vs merged"; taken from --merged DIR, or exported once into
+    ~/.cache/edgepeft/bench-merged when the base folder is known: --compare-torch or the one
+    recorded at export; --merged no skips it); with --compare-torch BASE, PyTorch eager fp32 +
+    peft for the same choices. Every row of every repeat runs in a fresh subprocess, one at a
+    time, round-robin; ratios are speed ratios of medians (>1: the row is faster).
+
+    Prints tables (--json: the result as JSON) and writes bench.json and bench.png into --out
+    (default ARTIFACT/bench). Progress goes to stderr (--quiet: none).
+    """
+    from edgepeft.bench import format_bench, run_bench
+
+    try:
+        sizes = tuple(int(x) for x in args.batch_sizes.split(",") if x.strip())
+    except ValueError:
+        raise EdgepeftError(f"--batch-sizes {args.batch_sizes!r}: expected integers, e.g. 1,16.") from None
+    result = run_bench(Path(args.artifact), out=Path(args.out) if args.out else None,
+                       compare_torch=Path(args.compare_torch) if args.compare_torch else None,
+                       merged=args.merged, merged_adapter=args.merged_adapter, repeats=args.repeats,
+                       prefill_samples=args.prefill_samples, new_tokens=args.new_tokens,
+                       prompt_tokens=args.prompt_tokens, batch_sizes=sizes, batch_samples=args.batch_samples,
+                       threads=args.threads, adapter_dirs=dict(_adapter_pairs(args.adapter)), quiet=args.quiet)
+    print(json.dumps(result, indent=2) if args.json else format_bench(result))
+    return 0
+
+
+def _bench_args(p):
+    p.add_argument("artifact", help="artifact directory")
+    p.add_argument("--compare-torch", default=None, metavar="BASE",
+                   help="base model folder: also measure PyTorch eager + peft, with ratios")
+    p.add_argument("--adapter", action="append", metavar="NAME=DIR",
+                   help="PEFT folder of an adapter for PyTorch (default: the path recorded at export)")
+    p.add_argument("--merged", default="auto", metavar="auto|no|DIR",
+                   help="the merged reference: auto (default: exported once into a cache when the base "
+                        "folder is known), no, or an existing merged artifact")
+    p.add_argument("--merged-adapter", default=None, metavar="NAME",
+                   help="adapter of the merged reference (default: the largest LoRA/DoRA/IA3 one)")
+    p.add_argument("--repeats", type=int, default=5, help="fresh processes per row, round-robin (default 5)")
+    p.add_argument("--prefill-samples", type=int, default=10,
+                   help="causal LM: timed prefills per process (default 10)")
+    p.add_argument("--new-tokens", type=int, default=64, help="causal LM: greedy tokens timed (default 64)")
+    p.add_argument("--prompt-tokens", type=int, default=32, help="causal LM: prompt length (default 32)")
+    p.add_argument("--batch-sizes", default="1,16", metavar="B,...",
+                   help="classifier: batch sizes timed (default 1,16)")
+    p.add_argument("--batch-samples", type=int, default=20,
+                   help="classifier: timed calls per batch size and process (default 20)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="onnxruntime / torch threads (default: the usable cores)")
+    p.add_argument("--out", default=None, help="folder for bench.json and bench.png (default ARTIFACT/bench)")
+    p.add_argument("--json", action="store_true", help="print the machine-readable result")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+
+
 def demo(args) -> int:
     """Run the main job on SmolLM2-135M-Instruct with the two shipped LoRA adapters.
 
@@ -434,6 +495,7 @@ def _train_args(p):
 COMMANDS = {
     "export": (export, _export_args),
     "validate": (validate, _validate_args),
+    "bench": (bench, _bench_args),
     "run": (run, _run_args),
     "classify": (classify, _classify_args),
     "inspect": (inspect, _inspect_args),

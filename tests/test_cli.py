@@ -24,7 +24,7 @@ def test_help_comes_from_docstrings():
     assert "side (default): one ONNX graph whose adapter weights are run-time inputs" in res.stdout
     assert "--adapter NAME=DIR" in res.stdout
     top = subprocess.run([sys.executable, "-m", "edgepeft", "--help"], capture_output=True, text=True)
-    for cmd in ("export", "validate", "run", "classify", "train", "inspect", "verify", "demo"):
+    for cmd in ("export", "validate", "run", "classify", "train", "inspect", "verify", "demo", "bench"):
         assert cmd in top.stdout
 
 

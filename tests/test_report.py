@@ -63,8 +63,9 @@ def test_reports_beside_json_quiet(capsys, tmp_path, causal):
     result = json.loads(report.read_text())
     md, html = (report.with_suffix(".md").read_text(), report.with_suffix(".html").read_text())
     assert [c["case"] for c in result["cases"]] == CASES
-    # Self-contained: one embedded PNG per case, nothing loaded from elsewhere.
-    assert html.count(PNG) == len(CASES)
+    # Self-contained: one embedded PNG per case and the all-cases one, nothing loaded from elsewhere.
+    assert html.count(PNG) == len(CASES) + 1
+    assert html.index("<h2>At a glance</h2>") < html.index("<section>")
     assert not re.search(r"(src|href)=\"(?!data:)", html)
     assert _sections(html) == {c: "PASS" for c in CASES}
     for c in CASES:
@@ -99,7 +100,7 @@ def test_strict_budget_fails_json_and_bar(capsys, tmp_path, causal):
     assert "edgepeft validate: FAILED" in md and "edgepeft validate: " in html and "FAILED" in html
     assert md.count("- FAIL: max |Δlogits|") == len(CASES) and "(bound: ≤ 1e-12)" in md
     assert html.count('<td class="FAIL">FAIL</td>') == 2 * len(CASES)  # summary row + the bound row
-    assert html.count(PNG) == len(CASES)
+    assert html.count(PNG) == len(CASES) + 1
 
 
 def test_classifier_report_with_accuracy(capsys, tmp_path_factory):
@@ -123,7 +124,7 @@ def test_classifier_report_with_accuracy(capsys, tmp_path_factory):
     code, out, err = _run(capsys, "validate", art, "--reference", base, "--labels", labelled, "--quiet")
     assert code == 0 and err == ""
     html, md = (art / "report.html").read_text(), (art / "report.md").read_text()
-    assert html.count(PNG) == 2 and _sections(html) == {"pos": "PASS", "neg": "PASS"}
+    assert html.count(PNG) == 3 and _sections(html) == {"pos": "PASS", "neg": "PASS"}
     assert "accuracy drop" in md and "accuracy torch / artifact" in html and str(labelled) in md
     cases = json.loads((art / "report.json").read_text())["cases"]
     assert all("by_position" not in c["distributions"] and c["accuracy_torch"] is not None for c in cases)

@@ -248,6 +248,117 @@ def figure_png(result: dict, case: dict) -> bytes:
     return buf.getvalue()
 
 
+PASS_C, FAIL_C = "#1a7f37", "#c62828"
+
+
+def _overview(result: dict):
+    """All cases in one figure, one row per case: the |Δlogits| distribution as a ridgeline (log x,
+    with the bound), top-1 agreement and mean KL as bars against their bounds, and with labelled
+    data the accuracy of both sides. The per-case figures below give the detail."""
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    cases = result["cases"]
+    causal = result.get("task", "causal-lm") == "causal-lm"
+    b = result["budget"]
+    acc = any(c.get("accuracy_torch") is not None for c in cases)
+    n = len(cases)
+    panels = 4 if acc else 3
+    fig = Figure(figsize=(3.9 * panels if acc else 12.5, 1.1 + 0.42 * max(n, 2)), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, panels, squeeze=False, gridspec_kw={"width_ratios": [1.5] + [1] * (panels - 1)})[0]
+    ys = np.arange(n)
+    colors = [PASS_C if not c["failures"] else FAIL_C for c in cases]
+    labels = [c["case"] if len(c["case"]) <= 36 else c["case"][:35] + "…" for c in cases]
+
+    ax = axes[0]  # ridgeline of each case's |Δlogits| histogram
+    lo = hi = None
+    for i, c in enumerate(cases):
+        h = (c.get("distributions") or {}).get("abs_logits") or {}
+        counts = h.get("counts") or []
+        if not counts:
+            continue
+        edges = 10 ** (h["log10_lo"] + np.arange(len(counts) + 1) / h["bins_per_decade"])
+        top = max(counts) or 1
+        ax.stairs(i - 0.42 * np.asarray(counts) / top, edges, baseline=i, fill=True, color=colors[i], alpha=0.55)
+        if h.get("p50") is not None and h["p50"] > 0:
+            ax.plot([h["p50"]], [i], "|", color="#222", ms=9, mew=1.5)
+        lo = edges[0] if lo is None else min(lo, edges[0])
+        hi = edges[-1] if hi is None else max(hi, edges[-1])
+    if b["max_abs_logits"] is not None:
+        ax.axvline(b["max_abs_logits"], color=BOUND, ls="--", lw=1.2, label=f"bound {b['max_abs_logits']:g}")
+        lo = b["max_abs_logits"] if lo is None else min(lo, b["max_abs_logits"])
+        hi = b["max_abs_logits"] if hi is None else max(hi, b["max_abs_logits"])
+    if lo is not None:
+        ax.set_xscale("log")
+        ax.set_xlim(lo / 1.6, hi * 1.6)
+    ax.plot([], [], "|", color="#222", ms=9, mew=1.5, label="median")
+    ax.legend(loc="lower right", frameon=True, framealpha=0.85, fontsize=7.5)
+    ax.set_title(f"|Δlogits| per {'position' if causal else 'text'}: distribution", fontsize=9.5)
+    ax.set_xlabel("logit units, log scale")
+
+    top1 = [100 * c["top1_agreement"] for c in cases]
+    ax = axes[1]
+    floor = min(top1 + [100 * b["min_top1"]])
+    left = max(0.0, floor - max(1.0, (100 - floor) * 0.6))
+    ax.barh(ys, [t - left for t in top1], left=left, color=colors, height=0.55)
+    for i, t in enumerate(top1):
+        ax.text(left + (100 - left) * 0.02, i, f"{t:.2f}%", va="center", fontsize=8, color="white", fontweight="bold")
+    ax.axvline(100 * b["min_top1"], color=BOUND, ls="--", lw=1.2, label=f"bound ≥ {b['min_top1']:.0%}")
+    ax.set_xlim(left, 100 + (100 - left) * 0.02)
+    ax.set_title("top-1 agreement", fontsize=9.5)
+    ax.set_xlabel("%")
+    ax.legend(loc="lower right", frameon=True, framealpha=0.85, fontsize=7.5)
+
+    ax = axes[2]
+    kls = [c["mean_kl"] for c in cases]
+    shown = [k for k in kls if k > 0] + ([b["max_kl"]] if b["max_kl"] > 0 else [])
+    floor = min(shown) / 10 if shown else 1e-12
+    ax.barh(ys, [max(k, floor) - floor for k in kls], left=floor, color=colors, height=0.55)
+    for i, k in enumerate(kls):
+        ax.text(max(k, floor) * 1.3, i, f"{k:.2g}", va="center", fontsize=8)
+    if b["max_kl"] > 0:
+        ax.axvline(b["max_kl"], color=BOUND, ls="--", lw=1.2, label=f"bound {b['max_kl']:g}")
+        ax.legend(loc="lower right", frameon=True, framealpha=0.85, fontsize=7.5)
+    ax.set_xscale("log")
+    ax.set_xlim(floor, max(shown + [floor * 10]) * 30)
+    ax.set_title("mean KL(torch ‖ artifact)", fontsize=9.5)
+    ax.set_xlabel("nats, log scale")
+
+    if acc:
+        ax = axes[3]
+        t = [100 * (c.get("accuracy_torch") or 0) for c in cases]
+        a = [100 * (c.get("accuracy_artifact") or 0) for c in cases]
+        ax.barh(ys - 0.15, t, height=0.3, color=TORCH, label="torch")
+        ax.barh(ys + 0.15, a, height=0.3, color=ARTIFACT, label="artifact")
+        for i, (x, y) in enumerate(zip(t, a)):
+            ax.text(max(x, y) + 1, i, f"{x:.1f} / {y:.1f}", va="center", fontsize=8)
+        ax.set_xlim(0, 125)
+        ax.set_title("accuracy: torch / artifact", fontsize=9.5)
+        ax.set_xlabel("%")
+        ax.legend(loc="lower right", frameon=True, framealpha=0.85, fontsize=7.5)
+    for k, ax in enumerate(axes):
+        ax.set_ylim(n - 0.5, -0.6)
+        ax.set_yticks(ys, labels if k == 0 else [""] * n)
+        ax.grid(axis="y", visible=False)
+    for tick, col in zip(axes[0].get_yticklabels(), colors):
+        tick.set_color(col)
+        tick.set_fontweight("bold")
+    return fig
+
+
+def overview_png(result: dict) -> bytes:
+    """The all-cases figure as PNG bytes."""
+    import matplotlib
+
+    with matplotlib.rc_context(STYLE):
+        fig = _overview(result)
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
 CSS = """
 body{font-family:-apple-system,"Segoe UI",Helvetica,Arial,sans-serif;color:#222;max-width:1180px;
 margin:24px auto;padding:0 16px;line-height:1.4}
@@ -261,7 +372,7 @@ table.meta td:first-child{color:#666;width:120px}
 .badge.PASS{background:#1a7f37}.badge.FAIL{background:#c62828}
 ul.fail{color:#c62828;font-size:13.5px;margin:4px 0}
 img{max-width:100%;height:auto;display:block;margin-top:8px}
-section{border-top:1px solid #e5e5e5}
+section{border-top:1px solid #e5e5e5}p.note{color:#555;font-size:13px;margin:2px 0}
 """
 
 
@@ -284,6 +395,11 @@ def write_html(result: dict, path: Path) -> Path:
                    .replace('<td class="num">', "<td>", 1)
                    + f'<td class="{cells[-1]}">{cells[-1]}</td></tr>')
     out.append("</table>")
+    if result["cases"]:
+        png = base64.b64encode(overview_png(result)).decode("ascii")
+        out.append('<h2>At a glance</h2><p class="note">One row per case (green: passes its budget, red: '
+                   "breaks it); dashed red lines are the budget's bounds. Per-case detail below.</p>"
+                   f'<img alt="all cases: distributions and agreement" src="data:image/png;base64,{png}">')
     for c in result["cases"]:
         v = "PASS" if not c["failures"] else "FAIL"
         out.append(f'<section><h2>{e(c["case"])}<span class="badge {v}">{v}</span></h2>')
