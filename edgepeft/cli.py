@@ -54,21 +54,36 @@ def export(args) -> int:
     An adapter must belong to BASE: one trained by `edgepeft train` on other weights (its
     edgepeft.json), or whose PEFT base_model_name_or_path names another model folder, is refused
     unless --allow-base-mismatch.
+
+    --target NAME_OR_FILE (default cpu-x86_64; `edgepeft targets` lists them) sets the providers
+    the runtime uses, the opset, the default precision, an ORT-format bundle (model.ort +
+    required_operators_and_types.config) and a partition report (partitions.json); an adapter
+    above the target's max_rank is refused. Explicit options win over the target's defaults.
     """
     from edgepeft.export import ExportConfig
     from edgepeft.export import export as run_export
     from edgepeft.quantize import QuantConfig
+    from edgepeft.targets import load_target, quant_defaults
+    from edgepeft.targets.bundle import summary_lines
 
-    quant = QuantConfig(precision=args.precision, adapter_precision=args.adapter_precision,
+    target = load_target(args.target)
+    quant = QuantConfig(**quant_defaults(target, args.precision, args.int8_scheme, args.static_activations),
+                        adapter_precision=args.adapter_precision,
                         calibration=args.calibration, calibration_method=args.calibration_method,
-                        quantize_embeddings=args.quantize_embeddings, int8_scheme=args.int8_scheme,
-                        block_size=args.block_size,
-                        static_activations=args.static_activations, protect=args.protect)
+                        quantize_embeddings=args.quantize_embeddings,
+                        block_size=args.block_size, protect=args.protect)
     cfg = ExportConfig(base=Path(args.base), out=Path(args.out), adapters=_adapter_pairs(args.adapter),
                        mode=args.mode, force=args.force, opset=args.opset, task=args.task, quant=quant,
-                       allow_base_mismatch=args.allow_base_mismatch)
+                       allow_base_mismatch=args.allow_base_mismatch, target=target)
     manifest = run_export(cfg, quiet=args.quiet)
     print(f"{args.out}: {manifest['mode']} artifact, adapters: {', '.join(manifest['adapters']) or '(none)'}")
+    t = manifest["target"]
+    print(f"target {t['name']}: {', '.join(t['providers'])}, {manifest['precision']}"
+          + (", model.ort" if t["ort_format"] else ""))
+    for line in summary_lines(t.get("partitions") or {}):
+        print(line)
+    for key, why in t["not_applied"].items():
+        print(f"target {t['name']}: {key} NOT applied: {why}")
     return 0
 
 
@@ -80,9 +95,11 @@ def _export_args(p):
                    help="side: adapters as run-time inputs of one graph (default); merged: one graph per adapter")
     p.add_argument("--out", required=True, help="artifact directory to create")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
-    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
-    p.add_argument("--precision", choices=["fp32", "fp16", "int8", "int8-static", "int4"], default="fp32",
-                   help="base weights: fp32 (default), fp16, int8 (see --int8-scheme), int8-static (QDQ, "
+    p.add_argument("--target", default=None, metavar="NAME_OR_FILE",
+                   help="deployment profile: a name from `edgepeft targets` or a .toml file (default: cpu-x86_64)")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the target's)")
+    p.add_argument("--precision", choices=["fp32", "fp16", "int8", "int8-static", "int4"], default=None,
+                   help="base weights (default: the target's, fp32 for cpu-x86_64): fp32, fp16, int8 (see --int8-scheme), int8-static (QDQ, "
                         "calibrated over the base and every adapter), int4 (weight-only, block-wise, HQQ); "
                         "adapter branches stay float")
     p.add_argument("--adapter-precision", choices=["fp32", "fp16"], default="fp32",
@@ -92,11 +109,11 @@ def _export_args(p):
                         "calibration/ (default: 'default')")
     p.add_argument("--calibration-method", choices=["minmax", "entropy", "percentile"], default="minmax",
                    help="int8-static range estimator")
-    p.add_argument("--int8-scheme", choices=["weight-only", "dynamic"], default="weight-only",
-                   help="int8: weight-only (default; MatMulNBits, float activations) or dynamic (int8 "
+    p.add_argument("--int8-scheme", choices=["weight-only", "dynamic"], default=None,
+                   help="int8: weight-only (default unless the target says; MatMulNBits, float activations) or dynamic (int8 "
                         "activations on the fly: integer kernels, but activation outliers of decoders ruin it)")
-    p.add_argument("--static-activations", choices=["int16", "int8"], default="int16",
-                   help="int8-static activation type: int16 (default, A16W8, as NPUs run LLMs) or int8 "
+    p.add_argument("--static-activations", choices=["int16", "int8"], default=None,
+                   help="int8-static activation type: int16 (default unless the target says, A16W8, as NPUs run LLMs) or int8 "
                         "(A8W8; NNAPI needs it; lossy on decoders)")
     p.add_argument("--block-size", type=int, default=None,
                    help="int4 / weight-only int8: weights per scale along the input dimension, a power of "
@@ -222,6 +239,17 @@ def _show(root: Path, m: dict) -> None:
     else:
         print(f"{m['base']['num_labels']} labels, head trained in base: {m['base']['head_trained']}", end="; ")
     print(f"adapted layers: {len(m.get('slots', []))}; adapter inputs: {len(m.get('inputs', {}))}")
+    t = m.get("target")
+    if isinstance(t, dict):
+        from edgepeft.targets.bundle import summary_lines
+
+        print(f"target {t['name']}: providers {', '.join(t.get('providers', []))}"
+              + (f", ORT format ({t.get('ort_optimization')} optimizations)" if t.get("ort_format") else "")
+              + (f", max_rank {t['max_rank']}" if t.get("max_rank") else ""))
+        for line in summary_lines(t.get("partitions") or {}):
+            print(f"  {line}")
+        for key, why in (t.get("not_applied") or {}).items():
+            print(f"  {key} NOT applied: {why}")
     graphs = [("model.onnx", m["graph"])] if m["mode"] == "side" else [
         (a["graph"]["file"], a["graph"]) for a in m["adapters"].values()]
     for rel, g in graphs:
@@ -492,8 +520,38 @@ def _train_args(p):
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def targets(args) -> int:
+    """List the target profiles, one line each; with NAME_OR_FILE, every field of one profile.
+
+    Profiles are TOML files in targets/ (pass your own file to --target). Columns: name,
+    providers, default precision, bundle format, shapes, LoRA rank limit, description.
+    """
+    from dataclasses import fields
+
+    from edgepeft.targets import Target, field_help, load_target, shipped
+
+    if not args.profile:
+        for t in shipped():
+            print(t.line())
+        return 0
+    t = load_target(args.profile)
+    helps = dict(field_help())
+    for f in fields(Target):
+        value = getattr(t, f.name)
+        print(f"{f.name} = {list(value) if isinstance(value, tuple) else value!r}\n    {helps[f.name]}")
+    for key, why in t.not_applied().items():
+        print(f"NOT applied by this version: {key}: {why}")
+    return 0
+
+
+def _targets_args(p):
+    p.add_argument("profile", nargs="?", default=None, metavar="NAME_OR_FILE",
+                   help="show every field of this profile (a name or a .toml file)")
+
+
 COMMANDS = {
     "export": (export, _export_args),
+    "targets": (targets, _targets_args),
     "validate": (validate, _validate_args),
     "bench": (bench, _bench_args),
     "run": (run, _run_args),

@@ -36,6 +36,7 @@ from edgepeft.export.slots import input_specs, plan_slots
 from edgepeft.progress import bar, write
 from edgepeft.quantize import QuantConfig, quantize_graph
 from edgepeft.validate.budgets import BUDGETS
+from edgepeft.targets import Target, check_ranks, load_target, quant_defaults
 from edgepeft.runtime.manifest import FORMAT, FORMAT_VERSION, MANIFEST_NAME, base_tag, sha256_file
 
 try:
@@ -58,13 +59,18 @@ class ExportConfig:
         mode: ``side`` (one base graph, adapters as run-time inputs) or ``merged`` (one graph per
             adapter with its delta folded into the weights).
         force: replace an existing OUT.
-        opset: ONNX opset for the exporter, None for its default.
+        opset: ONNX opset for the exporter; None: the target's (and if it names none, the
+            exporter's default).
         task: ``causal-lm`` (``AutoModelForCausalLM``, KV cache, generation), ``classification``
             (``AutoModelForSequenceClassification``), or ``auto``: the adapters' PEFT task_type,
             else the base's architecture.
-        quant: precision of the graphs and adapter files (``edgepeft.quantize``).
+        quant: precision of the graphs and adapter files (``edgepeft.quantize``); None: the
+            target's default precision and schemes.
         allow_base_mismatch: export adapters that record another base (see
             :func:`edgepeft.export.base.binding_mismatch`) instead of refusing them.
+        target: the deployment profile (``edgepeft.targets``): providers recorded for the
+            runtime, opset, default precision, ORT-format bundle, partition report, max_rank;
+            None: ``cpu-x86_64``.
     """
 
     base: Path
@@ -74,10 +80,17 @@ class ExportConfig:
     force: bool = False
     opset: int | None = None
     task: str = "auto"
-    quant: QuantConfig = field(default_factory=QuantConfig)
+    quant: QuantConfig | None = None
     allow_base_mismatch: bool = False
+    target: Target | None = None
 
     def __post_init__(self):
+        if self.target is None:
+            object.__setattr__(self, "target", load_target(None))
+        if self.quant is None:
+            object.__setattr__(self, "quant", QuantConfig(**quant_defaults(self.target, None, None, None)))
+        if self.opset is None:
+            object.__setattr__(self, "opset", self.target.opset)
         if self.task not in TASKS:
             raise EdgepeftError(f"--task {self.task!r}: choose one of {', '.join(TASKS)}.")
         if self.mode not in MODES:
@@ -277,6 +290,29 @@ def export(cfg: ExportConfig, quiet: bool = False) -> dict:
     return manifest
 
 
+def _bundle(target: Target, manifest: dict, tmp: Path, quiet: bool) -> None:
+    """What the target adds to the artifact: ``.ort`` graphs + the minimal build's operator
+    config, and ``partitions.json`` (estimated accelerator coverage); all listed with checksums
+    under ``manifest["target"]["files"]``."""
+    from edgepeft.targets.bundle import PARTITIONS, convert_to_ort, partition_report
+
+    graphs = ([manifest["graph"]] if manifest["mode"] == "side"
+              else [a["graph"] for a in manifest["adapters"].values()])
+    files = []
+    if target.ort_format:
+        _log(f"converting {len(graphs)} graph(s) to ORT format ({target.ort_optimization} optimizations)", quiet)
+        files.append(convert_to_ort(tmp, graphs, target))
+    if target.partition_report:
+        _log(f"estimating partitions for {', '.join(target.partition_report)}", quiet)
+        report = {g["file"]: partition_report(tmp / g["file"], target.partition_report) for g in graphs}
+        (tmp / PARTITIONS).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        files.append({"file": PARTITIONS, "sha256": sha256_file(tmp / PARTITIONS)})
+        manifest["target"]["partitions"] = report
+    manifest["target"]["files"] = files
+    for key, why in target.not_applied().items():
+        _log(f"target {target.name}: {key} not applied: {why}", quiet)
+
+
 def _claim_temp(parent: Path, name: str) -> tuple[Path, tuple[int, Path]]:
     """A new empty directory ``parent/.NAME.tmp-XXXXXXXX`` and its lock file, locked (flock) by
     this process: the kernel releases the lock when the process dies, however it dies."""
@@ -369,7 +405,7 @@ def _write(cfg, task, model, fresh, adapters, cache, base_fp, tmp: Path, quiet: 
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "edgepeft_version": edgepeft.__version__,
         "task": task, "mode": cfg.mode, "precision": quant.precision,
-        "adapter_precision": quant.adapter_precision, "target": "cpu",
+        "adapter_precision": quant.adapter_precision, "target": cfg.target.manifest(),
         "quantization": asdict(quant), "budget": asdict(BUDGETS[quant.precision]),
         "base": {"source": str(cfg.base), "model_type": model.config.model_type,
                  "fingerprint": base_fp, "vocab_size": int(text_cfg.vocab_size)},
@@ -390,6 +426,7 @@ def _write(cfg, task, model, fresh, adapters, cache, base_fp, tmp: Path, quiet: 
 
     if cfg.mode == "side":
         sides = {a.name: kind_module(a).side(a, model) for a in adapters}
+        check_ranks(cfg.target, sides)  # before the slow graph export
         slots = plan_slots(model, list(sides.values()))
         head_modules = {p.rpartition(".")[0] for s in sides.values() for p in s.head}
         head_params = sorted(n for n, _ in model.named_parameters() if n.rpartition(".")[0] in head_modules)
@@ -431,5 +468,6 @@ def _write(cfg, task, model, fresh, adapters, cache, base_fp, tmp: Path, quiet: 
                                             "base_fingerprint": base_fp, "inputs": [], "prefix": None,
                                             "source": str(a.source.resolve())}
         manifest["graph"] = {"per_adapter": True}
+    _bundle(cfg.target, manifest, tmp, quiet)
     (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return manifest

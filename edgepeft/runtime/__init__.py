@@ -9,6 +9,6 @@
     Model("cls/").classify(["a warm film"], adapter="sentiment")   # (B, num_labels)
 """
 
-from edgepeft.runtime.model import Model
+from edgepeft.runtime.model import Model, ProviderFallbackWarning
 
-__all__ = ["Model"]
+__all__ = ["Model", "ProviderFallbackWarning"]

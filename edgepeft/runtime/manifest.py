@@ -6,6 +6,9 @@ Layout of an artifact dir::
 
     manifest.json
     model.onnx, model.onnx.data            side mode: one base graph, adapter weights as inputs
+    model.ort                              targets with ort_format: the same graph in ORT format
+    required_operators_and_types.config    ... and the operators an ORT minimal build must include
+    partitions.json                        targets with partition_report: accelerator coverage
     merged/NAME.onnx, merged/NAME.onnx.data merged mode: one graph per adapter
     adapters/NAME.onnx_adapter             side mode: adapter arrays (onnxruntime AdapterFormat):
                                            graph inputs by name, plus ``prefix.{i}.key|value``
@@ -199,6 +202,9 @@ def _check_fields(m: dict, path: Path) -> None:
             need(is_str(g.get(key)), f"{field}.{key}", "a string", g.get(key))
         for key in ("ops", "quantization"):
             need(g.get(key) is None or isinstance(g[key], dict), f"{field}.{key}", "an object or null", g.get(key))
+        ort = g.get("ort")
+        need(ort is None or (isinstance(ort, dict) and is_str(ort.get("file")) and is_str(ort.get("sha256"))),
+             f"{field}.ort", "null or {file, sha256} strings", ort)
 
     need(m["task"] in ("causal-lm", "classification") if is_str(m["task"]) else False, "task",
          "'causal-lm' or 'classification'", m["task"])
@@ -245,6 +251,17 @@ def _check_fields(m: dict, path: Path) -> None:
              f"inputs[{name!r}].shape", "a list of sizes (null: varies per adapter)", shape)
     need(isinstance(m.get("slots", []), list), "slots", "a list", m.get("slots"))
     need(m.get("budget") is None or isinstance(m["budget"], dict), "budget", "an object", m.get("budget"))
+    target = m.get("target")
+    need(target is None or is_str(target) or isinstance(target, dict), "target", "a name or an object", target)
+    if isinstance(target, dict):
+        need(is_str(target.get("name")), "target.name", "a string", target.get("name"))
+        providers = target.get("providers", [])
+        need(isinstance(providers, list) and all(is_str(p) for p in providers), "target.providers",
+             "a list of provider names", providers)
+        files = target.get("files", [])
+        need(isinstance(files, list) and all(isinstance(f, dict) and is_str(f.get("file")) and
+                                             is_str(f.get("sha256")) for f in files),
+             "target.files", "a list of {file, sha256}", files)
     if m["mode"] == "side":
         graph(m["graph"], "graph")
     adapters = m["adapters"]
@@ -269,6 +286,19 @@ def _check_fields(m: dict, path: Path) -> None:
              f"{field}.prefix", "null or {length: integer >= 1, from_prompt: true/false}", prefix)
 
 
+def target_files(m: dict) -> list[dict]:
+    """``{file, sha256}`` of the files a target added (ORT operator config, partitions.json)."""
+    target = m.get("target")
+    return list(target.get("files", [])) if isinstance(target, dict) else []
+
+
+def target_providers(m: dict) -> list[str]:
+    """The execution providers the artifact's target asks for, in order (old manifests: CPU)."""
+    target = m.get("target")
+    providers = list(target.get("providers") or []) if isinstance(target, dict) else []
+    return providers or ["CPUExecutionProvider"]
+
+
 def verify(root: Path) -> list[str]:
     """Check every file the manifest names: present, inside ``root``, sha256 as recorded; and
     every shape the manifest states: graph inputs and outputs as in the ONNX files, adapter
@@ -289,6 +319,8 @@ def verify(root: Path) -> list[str]:
     graphs = [m["graph"]] if m["mode"] == "side" else [e["graph"] for e in m["adapters"].values()]
     files = [(g["file"], g["sha256"]) for g in graphs] + [(g["data_file"], g["data_sha256"]) for g in graphs]
     files += [(e["file"], e["sha256"]) for e in m["adapters"].values() if "file" in e]
+    files += [(g["ort"]["file"], g["ort"]["sha256"]) for g in graphs if g.get("ort")]
+    files += [(f["file"], f["sha256"]) for f in target_files(m)]
     problems = []
     for rel, digest in files:
         try:

@@ -16,6 +16,7 @@ adapter either wholly or not at all (a call that started before a removal finish
 from __future__ import annotations
 
 import threading
+import warnings
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -27,9 +28,15 @@ import onnxruntime as ort
 from edgepeft.errors import EdgepeftError
 from edgepeft.runtime.manifest import (MANIFEST_NAME, PROMPT_INPUT, UNTAGGED, base_tag,
                                        check_adapter_name, inside, past_names, prefix_names,
-                                       read_manifest, sha256_file)
+                                       read_manifest, sha256_file, target_providers)
 
 AdapterChoice = str | Mapping[str, float] | None
+FORMATS = ("auto", "onnx", "ort")
+
+
+class ProviderFallbackWarning(RuntimeWarning):
+    """An execution provider the artifact's target (or the caller) asks for is not in this
+    onnxruntime build; the model runs on the providers that are, CPU last."""
 _MIX_CACHE_SIZE = 8
 
 
@@ -185,8 +192,12 @@ class Model:
 
     Args:
         path: the artifact directory written by ``edgepeft export``.
-        providers: onnxruntime execution providers, default CPU.
+        providers: onnxruntime execution providers in order; None: the artifact's target's
+            (manifest). Those this onnxruntime build lacks are dropped with one
+            :class:`ProviderFallbackWarning`; CPU always comes last.
         threads: intra-op threads, default onnxruntime's choice.
+        format: ``auto`` (default: the ``.ort`` graph when the artifact has one, else ``.onnx``),
+            ``onnx``, or ``ort`` (an error if the artifact has no ``.ort``).
 
     Raises:
         EdgepeftError: a missing or altered file (checksums), an adapter whose shapes do not match
@@ -194,14 +205,19 @@ class Model:
     """
 
     def __init__(self, path: str | Path, providers: Sequence[str] | None = None,
-                 threads: int | None = None):
+                 threads: int | None = None, format: str = "auto"):
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
         self.task = self.manifest["task"]
         if self.task not in ("causal-lm", "classification"):
             raise EdgepeftError(f"{self.path}: task {self.task!r} is not supported by this runtime "
                                 "version.")
-        self._providers = list(providers or ["CPUExecutionProvider"])
+        if format not in FORMATS:
+            raise EdgepeftError(f"format={format!r}: choose one of {', '.join(FORMATS)}.")
+        self._format = format
+        self.format = None  # "onnx" or "ort": what the sessions were loaded from
+        self.providers = self._choose_providers(providers)
+        self._providers = self.providers
         self._options = ort.SessionOptions()
         self._options.log_severity_level = 3  # adapter defaults are overridable initializers by design
         if threads:
@@ -228,8 +244,28 @@ class Model:
                             for name, entry in self.manifest["adapters"].items()}
 
     # ---------------------------------------------------------------- loading
+    def _choose_providers(self, providers: Sequence[str] | None) -> list[str]:
+        """The wanted providers this build has, in order, CPU last; one warning for the rest."""
+        wanted = list(providers) if providers else target_providers(self.manifest)
+        available = ort.get_available_providers()
+        chosen = [p for p in wanted if p in available and p != "CPUExecutionProvider"]
+        chosen.append("CPUExecutionProvider")
+        missing = [p for p in wanted if p not in available]
+        if missing:
+            source = "asked for" if providers else "the artifact's target asks for"
+            warnings.warn(f"{self.path}: {source} {', '.join(missing)}, which this onnxruntime build "
+                          f"does not have (it has {', '.join(available)}); running on "
+                          f"{', '.join(chosen)}.", ProviderFallbackWarning, stacklevel=3)
+        return chosen
+
     def _session(self, graph: dict) -> ort.InferenceSession:
         where = f"{self.path / 'manifest.json'}"
+        if graph.get("ort") and self._format != "onnx":
+            return self._ort_session(graph, where)
+        if self._format == "ort":
+            raise EdgepeftError(f"{self.path}: the artifact has no .ort graph for {graph['file']}; export "
+                                "it with a target that has ort_format = true (e.g. --target cpu-arm64), "
+                                "or load it with format='auto'.")
         file = inside(self.path, graph["file"], where)
         data = inside(self.path, graph["data_file"], where)
         for f in (file, data):
@@ -240,6 +276,7 @@ class Model:
         if sha256_file(file) != graph["sha256"]:
             raise EdgepeftError(f"{file}: sha256 does not match the manifest ({where}); the file was "
                                 "changed or damaged. Export the artifact again.")
+        self.format = "onnx"
         for loc in external_data_locations(file):
             target = (file.parent / loc).resolve()
             if not loc or Path(loc).is_absolute() or not target.is_relative_to(self.path.resolve()):
@@ -249,6 +286,24 @@ class Model:
         try:
             session = ort.InferenceSession(str(file), self._options, providers=self._providers)
         except Exception as e:  # onnxruntime's Fail, InvalidProtobuf, InvalidGraph, NoSuchFile, ...
+            raise EdgepeftError(f"{file}: onnxruntime cannot load it ({type(e).__name__}: "
+                                f"{str(e)[:300]}). Export the artifact again.") from None
+        self._check_graph(file, session)
+        return session
+
+    def _ort_session(self, graph: dict, where: str) -> ort.InferenceSession:
+        """A session on the graph's ``.ort`` file (weights inside it: no external data)."""
+        file = inside(self.path, graph["ort"]["file"], where)
+        if not file.is_file():
+            raise EdgepeftError(f"{file}: missing from the artifact. Export it again.")
+        # Weights live inside an .ort file, so this hashes the whole model once per load.
+        if sha256_file(file) != graph["ort"]["sha256"]:
+            raise EdgepeftError(f"{file}: sha256 does not match the manifest ({where}); the file was "
+                                "changed or damaged. Export the artifact again.")
+        self.format = "ort"
+        try:
+            session = ort.InferenceSession(str(file), self._options, providers=self._providers)
+        except Exception as e:
             raise EdgepeftError(f"{file}: onnxruntime cannot load it ({type(e).__name__}: "
                                 f"{str(e)[:300]}). Export the artifact again.") from None
         self._check_graph(file, session)
