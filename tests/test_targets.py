@@ -213,3 +213,26 @@ def test_rank_above_max_rank_is_refused(llama_base, llama_adapters, tmp_path, ca
     for part in ("adapter 'sql'", "rank 8", "max_rank 4", "'small-npu'"):
         assert part in err, err
     assert not out.exists() and not list(tmp_path.glob(".out.tmp-*"))
+
+
+def test_merged_artifact_gets_one_ort_per_graph(llama_base, llama_adapters, tmp_path):
+    """Merged mode: merged/NAME.ort beside each merged/NAME.onnx, one operator config for all."""
+    from edgepeft.export import ExportConfig, export
+    from edgepeft.runtime.manifest import verify as check
+
+    profile = tmp_path / "arm-fp32.toml"
+    profile.write_text('providers = ["XnnpackExecutionProvider", "CPUExecutionProvider"]\nplatform = "arm64"\n'
+                       'ort_format = true\n')
+    out = tmp_path / "merged"
+    adapters = (("chat", llama_adapters["chat"]), ("code", llama_adapters["code"]))
+    m = export(ExportConfig(base=llama_base, out=out, adapters=adapters, mode="merged",
+                            target=load_target(profile)), quiet=True)
+    assert [a["graph"]["ort"]["file"] for a in m["adapters"].values()] == ["merged/chat.ort", "merged/code.ort"]
+    assert (out / "required_operators_and_types.config").is_file() and check(out) == []
+    ids = np.random.default_rng(1).integers(3, 96, (1, 5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ProviderFallbackWarning)
+        via_ort, via_onnx = Model(out), Model(out, format="onnx")
+    assert via_ort.format == "ort"
+    for name in ("chat", "code"):
+        np.testing.assert_allclose(via_ort.logits(ids, adapter=name), via_onnx.logits(ids, adapter=name), atol=1e-5)
