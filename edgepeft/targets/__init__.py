@@ -144,11 +144,11 @@ class Target:
     def line(self) -> str:
         """One line for ``edgepeft targets``."""
         eps = ", ".join(p.removesuffix("ExecutionProvider") for p in self.providers)
-        shapes = (f"static b{self.batch} s{'/'.join(map(str, self.sequence_buckets))}"
-                  + (f" ctx{self.context_length}" if self.context_length else "")) if self.static_shapes else "dynamic"
+        shapes = (f"wants static b{self.batch} s{'/'.join(map(str, self.sequence_buckets))}"
+                  + (f" c{self.context_length}" if self.context_length else "")) if self.static_shapes else "dynamic"
         rank = f"rank<={self.max_rank}" if self.max_rank else "any rank"
-        return (f"{self.name:<14} {eps:<14} {self.precision:<11} {'ort' if self.ort_format else 'onnx':<4} "
-                f"{shapes:<24} {rank:<11} {self.description}")
+        return (f"{self.name:<14} {eps:<13} {self.precision:<11} {'+ort' if self.ort_format else 'onnx':<4} "
+                f"{shapes:<27} {rank:<9} {self.description}")
 
 
 def _type_name(t) -> str:

@@ -472,6 +472,7 @@ def validate(artifact_dir: Path, reference: Path, prompts: list[str] | None = No
         results = _validate_causal(art, ref, prompts, texts or [], budget, max_new_tokens, quiet)
     out = {"artifact": str(artifact_dir), "reference": str(reference), "task": art.task,
            "precision": manifest["precision"], "mode": manifest["mode"], "budget": asdict(budget),
+           "graph_format": art.format, "providers": art.providers,
            "max_new_tokens": max_new_tokens if art.task == "causal-lm" else 0,
            "labelled": str(labelled) if labelled else None,
            "cases": [asdict(r) for r in results],
@@ -594,5 +595,6 @@ def format_report(result: dict) -> str:
     lines.append(f"budget ({result['precision']}): max|Δlogits| <= {bound}, "
                  f"top-1 >= {b['min_top1']:.0%}, KL <= {b['max_kl']:g}"
                  + (f", greedy identical: {b['greedy_must_match']}" if gen else "")
-                 + f"  ->  {'PASSED' if result['passed'] else 'FAILED'}")
+                 + f"  ->  {'PASSED' if result['passed'] else 'FAILED'}"
+                 + (f" (.{result['graph_format']} graph)" if result.get("graph_format") else ""))
     return "\n".join(lines)
