@@ -236,3 +236,23 @@ def test_merged_artifact_gets_one_ort_per_graph(llama_base, llama_adapters, tmp_
     assert via_ort.format == "ort"
     for name in ("chat", "code"):
         np.testing.assert_allclose(via_ort.logits(ids, adapter=name), via_onnx.logits(ids, adapter=name), atol=1e-5)
+
+
+def test_partition_report_survives_a_transpose_without_perm(tmp_path):
+    """The fp16 converter writes Transpose nodes without 'perm'; onnxruntime's checker indexes
+    attribute[0] of every Transpose, so the report failed on every fp16 graph."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from edgepeft.targets.bundle import partition_report
+
+    graph = helper.make_graph(
+        [helper.make_node("Transpose", ["x"], ["t"]), helper.make_node("Relu", ["t"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 2])])
+    path = tmp_path / "t.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]), path)
+    report = partition_report(path, ("nnapi", "coreml"))
+    assert "error" not in report, report
+    assert report["nnapi"]["as_exported"] == {**report["nnapi"]["as_exported"], "nodes": 2, "supported_nodes": 2,
+                                              "partitions": 1, "supported_pct": 100.0}

@@ -98,6 +98,7 @@ def _report(path: Path, accelerators: list[str]) -> dict:
         optimized = Path(d) / path.name
         optimize_model(path, optimized, use_external_initializers=True)
         model = ModelProtoWithShapeInfo(optimized).model_with_shape_info
+    _explicit_transpose_perms(model)
     report = {}
     for acc in accelerators:
         entry = {}
@@ -119,6 +120,23 @@ def _report(path: Path, accelerators: list[str]) -> dict:
             }
         report[acc] = entry
     return report
+
+
+def _explicit_transpose_perms(model) -> None:
+    """Give each Transpose without attributes its default ``perm`` (the reversed axes), which it
+    means anyway: onnxruntime's checker reads ``node.attribute[0]`` of every Transpose and fails
+    on one without (the fp16 converter writes such nodes). The graph is only analysed, never run."""
+    import onnx
+
+    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in
+             list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output)
+             if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape")}
+    ranks.update({t.name: len(t.dims) for t in model.graph.initializer})
+    for node in model.graph.node:
+        if node.op_type == "Transpose" and not node.attribute:
+            rank = ranks.get(node.input[0])
+            perm = list(range(rank))[::-1] if rank else [0]  # unknown rank: read as 1, under any limit
+            node.attribute.append(onnx.helper.make_attribute("perm", perm))
 
 
 def summary_lines(partitions: dict) -> list[str]:
