@@ -32,12 +32,12 @@ from edgepeft.runtime.manifest import (MANIFEST_NAME, PROMPT_INPUT, UNTAGGED, ba
 
 AdapterChoice = str | Mapping[str, float] | None
 FORMATS = ("auto", "onnx", "ort")
+_MIX_CACHE_SIZE = 8
 
 
 class ProviderFallbackWarning(RuntimeWarning):
     """An execution provider the artifact's target (or the caller) asks for is not in this
     onnxruntime build; the model runs on the providers that are, CPU last."""
-_MIX_CACHE_SIZE = 8
 
 
 def _read_adapter_file(path: Path, where: str) -> tuple[dict[str, np.ndarray], int]:
