@@ -78,8 +78,9 @@ def export(args) -> int:
     manifest = run_export(cfg, quiet=args.quiet)
     print(f"{args.out}: {manifest['mode']} artifact, adapters: {', '.join(manifest['adapters']) or '(none)'}")
     t = manifest["target"]
-    print(f"target {t['name']}: {', '.join(t['providers'])}, {manifest['precision']}"
-          + (", model.ort" if t["ort_format"] else ""))
+    if t["ort_format"] or t.get("partitions") or t["not_applied"]:  # the default adds nothing to say
+        print(f"target {t['name']}: {', '.join(t['providers'])}, {manifest['precision']}"
+              + (", model.ort" if t["ort_format"] else ""))
     for line in summary_lines(t.get("partitions") or {}):
         print(line)
     for key, why in t["not_applied"].items():
