@@ -4,30 +4,14 @@ from __future__ import annotations
 
 import os
 import platform
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
+from edgepeft.bench.workers import median, timeit_us
+
 REPO = Path(__file__).resolve().parent.parent
-
-
-def median(xs):
-    xs = [x for x in xs if x is not None]
-    return statistics.median(xs) if xs else None
-
-
-def timeit_us(fn, n: int) -> dict:
-    """Call ``fn`` n times; median, p10, p90 in microseconds."""
-    ts = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        ts.append((time.perf_counter() - t) * 1e6)
-    ts.sort()
-    return {"median_us": statistics.median(ts), "p10_us": ts[len(ts) // 10],
-            "p90_us": ts[9 * len(ts) // 10], "n": n}
+__all__ = ["REPO", "machine_info", "median", "timeit_us"]
 
 
 def machine_info() -> dict:

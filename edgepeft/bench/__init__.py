@@ -55,6 +55,7 @@ from pathlib import Path
 import numpy as np
 
 from edgepeft.errors import EdgepeftError
+from edgepeft.runtime.model import case_name
 
 MERGEABLE = ("lora", "dora", "ia3")
 PROMPT_TEXT = ("The quick brown fox jumps over the lazy dog while the old farmer counts his sheep, "
@@ -72,14 +73,6 @@ def _log(msg: str, quiet: bool) -> None:
         from edgepeft.progress import write
 
         write(f"[bench {time.strftime('%H:%M:%S')}] {msg}")
-
-
-def case_name(choice) -> str:
-    if choice is None:
-        return "base"
-    if isinstance(choice, str):
-        return choice
-    return "mix(" + ",".join(f"{k}={v:g}" for k, v in choice.items()) + ")"
 
 
 def percentile(xs: list[float], q: float) -> float | None:

@@ -65,12 +65,14 @@ def median(xs):
 
 
 def timeit_us(fn, n: int) -> dict:
+    """Call ``fn`` n times; median, p10, p90 in microseconds."""
     ts = []
     for _ in range(n):
         t = time.perf_counter()
         fn()
         ts.append((time.perf_counter() - t) * 1e6)
-    return {"median_us": median(ts), "n": n}
+    ts.sort()
+    return {"median_us": median(ts), "p10_us": ts[len(ts) // 10], "p90_us": ts[9 * len(ts) // 10], "n": n}
 
 
 def cpu_per_wall(before: tuple[float, float]) -> float:

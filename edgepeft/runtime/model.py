@@ -137,6 +137,15 @@ def external_data_locations(path: Path) -> list[str]:
     return locations
 
 
+def case_name(choice) -> str:
+    """How reports name an adapter choice: ``base``, the adapter's name, or ``mix(a=0.7,b=0.3)``."""
+    if choice is None:
+        return "base"
+    if isinstance(choice, str):
+        return choice
+    return "mix(" + ",".join(f"{k}={v:g}" for k, v in choice.items()) + ")"
+
+
 def batch_inputs(input_ids, attention_mask=None, vocab: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Normalize ids to ``(B, S)`` int64 ids and mask; ragged lists of rows are left-padded.
 

@@ -30,7 +30,7 @@ from edgepeft.errors import EdgepeftError
 from edgepeft.export.calibrate import load_texts
 from edgepeft.progress import bar
 from edgepeft.validate.budgets import BUDGETS, Budget
-from edgepeft.runtime.model import Model, batch_inputs, positions
+from edgepeft.runtime.model import Model, batch_inputs, case_name, positions
 
 # Default prompts when the caller gives none and the artifact has a tokenizer.
 DEFAULT_PROMPTS = (
@@ -64,14 +64,6 @@ class CaseResult:
     accuracy_torch: float | None = None
     accuracy_artifact: float | None = None
     distributions: dict | None = None  # summaries for the report plots, see _distributions
-
-
-def _case_name(choice) -> str:
-    if choice is None:
-        return "base"
-    if isinstance(choice, str):
-        return choice
-    return "mix(" + ",".join(f"{k}={v:g}" for k, v in choice.items()) + ")"
 
 
 def _kl(p_logits: np.ndarray, q_logits: np.ndarray) -> np.ndarray:
@@ -509,7 +501,7 @@ def _validate_causal(art: Model, ref: _Reference, prompts, texts, budget: Budget
     results = []
     cases = bar(default_choices(art), desc="validate", unit="case", quiet=quiet)
     for choice in cases:
-        cases.set_postfix_str(_case_name(choice))
+        cases.set_postfix_str(case_name(choice))
         torch_ref = ref.get(choice)
         rows_of_case: list[dict] = []
         stats = [_stats(art.logits(i, adapter=choice, attention_mask=m), torch_ref.logits(i, m), m.astype(bool),
@@ -521,7 +513,7 @@ def _validate_causal(art: Model, ref: _Reference, prompts, texts, budget: Budget
         mism = int((gen != pt_gen).sum())
         if budget.greedy_must_match and mism:
             failures.append(f"greedy generation differs at {mism}/{gen.size} tokens")
-        results.append(CaseResult(_case_name(choice), int(sum(s[3] for s in stats)), diff, kl, top1,
+        results.append(CaseResult(case_name(choice), int(sum(s[3] for s in stats)), diff, kl, top1,
                                   int(gen.size), mism, tuple(failures),
                                   distributions=_distributions(rows_of_case, pos)))
     cases.close()
@@ -553,7 +545,7 @@ def _validate_classifier(art: Model, ref: _Reference, prompts, budget: Budget, l
     results = []
     cases = bar(default_choices(art), desc="validate", unit="case", quiet=quiet)
     for choice in cases:
-        cases.set_postfix_str(_case_name(choice))
+        cases.set_postfix_str(case_name(choice))
         torch_ref = ref.get(choice)
         ort_logits = np.concatenate([art.classify_logits(i, adapter=choice, attention_mask=m)
                                      for i, m in batches])
@@ -567,7 +559,7 @@ def _validate_classifier(art: Model, ref: _Reference, prompts, budget: Budget, l
             drop = 100 * (acc[0] - acc[1])
             if drop > budget.max_accuracy_drop:
                 failures.append(f"accuracy drop {drop:.2f} points > {budget.max_accuracy_drop:g}")
-        results.append(CaseResult(_case_name(choice), len(ort_logits), diff, kl, top1, 0, 0,
+        results.append(CaseResult(case_name(choice), len(ort_logits), diff, kl, top1, 0, 0,
                                   tuple(failures), *acc, distributions=_distributions(rows_of_case)))
     cases.close()
     return results
