@@ -176,8 +176,8 @@ def untie_head(model: onnx.ModelProto, output: str = "logits") -> str | None:
 
     producer = {o: n for n in model.graph.node for o in n.output}
     inits = {i.name: i for i in model.graph.initializer}
-    head = [producer[o] for o in producer if producer[o].name in head_nodes(model, output)
-            and producer[o].op_type == "MatMul"]
+    names = head_nodes(model, output)
+    head = [n for n in model.graph.node if n.name in names and n.op_type == "MatMul"]
     if not head or head[0].input[1] in inits or head[0].input[1] not in producer:
         return None
     node, transpose = head[0], producer[head[0].input[1]]
