@@ -37,7 +37,8 @@ from edgepeft.progress import bar, write
 from edgepeft.quantize import QuantConfig, quantize_graph
 from edgepeft.validate.budgets import BUDGETS
 from edgepeft.targets import Target, check_ranks, load_target, quant_defaults
-from edgepeft.runtime.manifest import FORMAT, FORMAT_VERSION, MANIFEST_NAME, base_tag, sha256_file
+from edgepeft.runtime.manifest import (FORMAT, FORMAT_VERSION, MANIFEST_NAME, base_tag, graph_entries,
+                                       sha256_file)
 
 try:
     import fcntl
@@ -150,16 +151,37 @@ def _save_graph(proto: onnx.ModelProto, root: Path, rel: str, quant: QuantConfig
         shutil.rmtree(staging)
         proto = onnx.load(str(path), load_external_data=False)
 
+    return _graph_entry(proto, root, rel, f"{rel}.data", quantized)
+
+
+def _graph_entry(proto: onnx.ModelProto, root: Path, rel: str, data_rel: str, quantized: dict | None) -> dict:
+    """The manifest entry of the graph ``root/rel`` (``proto``, its weights in ``root/data_rel``)."""
     def io(values):
         return [{"name": v.name, "shape": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim],
                  "dtype": onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name}
                 for v in values]
 
-    return {"file": rel, "data_file": f"{rel}.data",
-            "sha256": sha256_file(path), "data_sha256": sha256_file(data),
+    return {"file": rel, "data_file": data_rel,
+            "sha256": sha256_file(root / rel), "data_sha256": sha256_file(root / data_rel),
             "inputs": io(proto.graph.input), "outputs": io(proto.graph.output),
             "opset": max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
             "ops": _op_counts(proto), "quantization": quantized}
+
+
+def _static_graphs(target: Target, task: str, graph: dict, root: Path) -> dict:
+    """Fixed-shape copies of the side graph, one per sequence bucket (``edgepeft.targets.static``),
+    added to ``graph["buckets"]``; returns the manifest's ``static`` entry."""
+    from edgepeft.targets.static import write_bucket_graphs
+
+    context = target.context_length if task == "causal-lm" else None
+    graph["buckets"] = []
+    for seq, rel in write_bucket_graphs(root, graph["file"], task, target.batch, target.sequence_buckets,
+                                        context, target.max_rank):
+        proto = onnx.load(str(root / rel), load_external_data=False)
+        graph["buckets"].append({"seq": seq, **_graph_entry(proto, root, rel, graph["data_file"],
+                                                             graph["quantization"])})
+    return {"batch": target.batch, "buckets": list(target.sequence_buckets), "context": context,
+            "max_rank": target.max_rank}
 
 
 def _op_counts(proto: onnx.ModelProto) -> dict[str, int]:
@@ -296,12 +318,13 @@ def _bundle(target: Target, manifest: dict, tmp: Path, quiet: bool) -> None:
     under ``manifest["target"]["files"]``."""
     from edgepeft.targets.bundle import PARTITIONS, convert_to_ort, partition_report
 
-    graphs = ([manifest["graph"]] if manifest["mode"] == "side"
-              else [a["graph"] for a in manifest["adapters"].values()])
+    graphs = graph_entries(manifest)
+    # Static artifacts run the bucket graphs; the dynamic one stays as the reference (and "before").
+    runnable = manifest["graph"]["buckets"] if manifest.get("static") else graphs
     files = []
     if target.ort_format:
-        _log(f"converting {len(graphs)} graph(s) to ORT format ({target.ort_optimization} optimizations)", quiet)
-        files.append(convert_to_ort(tmp, graphs, target))
+        _log(f"converting {len(runnable)} graph(s) to ORT format ({target.ort_optimization} optimizations)", quiet)
+        files.append(convert_to_ort(tmp, runnable, target))
     if target.partition_report:
         _log(f"estimating partitions for {', '.join(target.partition_report)}", quiet)
         report = {g["file"]: partition_report(tmp / g["file"], target.partition_report) for g in graphs}
@@ -309,7 +332,7 @@ def _bundle(target: Target, manifest: dict, tmp: Path, quiet: bool) -> None:
         files.append({"file": PARTITIONS, "sha256": sha256_file(tmp / PARTITIONS)})
         manifest["target"]["partitions"] = report
     manifest["target"]["files"] = files
-    for key, why in target.not_applied().items():
+    for key, why in target.not_applied(manifest["mode"]).items():
         _log(f"target {target.name}: {key} not applied: {why}", quiet)
 
 
@@ -405,7 +428,7 @@ def _write(cfg, task, model, fresh, adapters, cache, base_fp, tmp: Path, quiet: 
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "edgepeft_version": edgepeft.__version__,
         "task": task, "mode": cfg.mode, "precision": quant.precision,
-        "adapter_precision": quant.adapter_precision, "target": cfg.target.manifest(),
+        "adapter_precision": quant.adapter_precision, "target": cfg.target.manifest(cfg.mode),
         "quantization": asdict(quant), "budget": asdict(BUDGETS[quant.precision]),
         "base": {"source": str(cfg.base), "model_type": model.config.model_type,
                  "fingerprint": base_fp, "vocab_size": int(text_cfg.vocab_size)},
@@ -432,12 +455,20 @@ def _write(cfg, task, model, fresh, adapters, cache, base_fp, tmp: Path, quiet: 
         head_params = sorted(n for n, _ in model.named_parameters() if n.rpartition(".")[0] in head_modules)
         prompt_width = (int(model.get_input_embeddings().weight.shape[1])
                         if any(s.prompt is not None for s in sides.values()) else None)
+        if cfg.target.static_shapes and prompt_width is not None and task == "classification":
+            raise EdgepeftError(f"target {cfg.target.name!r} fixes every shape, but prompt tuning on an "
+                                "encoder puts a prompt of the adapter's own length before the tokens. "
+                                "Export prompt-tuning adapters with a target without static_shapes "
+                                "(e.g. --target cpu-arm64).")
         specs = input_specs(slots, model, head_params, prompt_width)
         _log(f"exporting side-branch graph ({len(slots)} adapted layers, {len(specs)} adapter inputs)", quiet)
         calibration, probe = _calibration(cfg, quant, task, model, adapters, sides, specs, cache, quiet)
         manifest["graph"] = _save_graph(_graph(task, model, slots, specs, head_params, cache, cfg.opset),
                                         tmp, "model.onnx", quant, [x.name for x in specs], calibration, probe,
                                         quiet=quiet)
+        if cfg.target.static_shapes:
+            _log(f"writing fixed-shape graphs for sequence buckets {list(cfg.target.sequence_buckets)}", quiet)
+            manifest["static"] = _static_graphs(cfg.target, task, manifest["graph"], tmp)
         manifest["slots"] = [{"module": s.module, "in": s.in_features, "out": s.out_features,
                               "features": list(s.features)} for s in slots]
         manifest["inputs"] = {s.name: s.manifest() for s in specs}

@@ -264,6 +264,23 @@ def _check_fields(m: dict, path: Path) -> None:
              "target.files", "a list of {file, sha256}", files)
     if m["mode"] == "side":
         graph(m["graph"], "graph")
+        static = m.get("static")
+        need(static is None or (isinstance(static, dict) and _is_int(static.get("batch"), 1)
+                                and _is_int(static.get("max_rank"), 1)
+                                and (static.get("context") is None or _is_int(static["context"], 2))),
+             "static", "null or {batch, max_rank, context} integers", static)
+        buckets = m["graph"].get("buckets")
+        if static is not None:
+            need(isinstance(buckets, list) and buckets and [isinstance(b, dict) and b.get("seq") for b in buckets]
+                 == static.get("buckets") and all(_is_int(b["seq"], 1) for b in buckets),
+                 "graph.buckets", "one graph per static.buckets length, in order", buckets)
+            for i, b in enumerate(buckets):
+                graph(b, f"graph.buckets[{i}]")
+                if m["task"] == "causal-lm":
+                    need(static.get("context") is not None and b["seq"] < static["context"],
+                         f"graph.buckets[{i}].seq", "a length below static.context", b["seq"])
+        else:
+            need(buckets is None, "graph.buckets", "absent without 'static'", buckets)
     adapters = m["adapters"]
     need(isinstance(adapters, dict), "adapters", "an object {name: entry}", adapters)
     for name, e in adapters.items():
@@ -284,6 +301,14 @@ def _check_fields(m: dict, path: Path) -> None:
         need(prefix is None or (isinstance(prefix, dict) and _is_int(prefix.get("length"), 1)
                                 and isinstance(prefix.get("from_prompt"), bool)),
              f"{field}.prefix", "null or {length: integer >= 1, from_prompt: true/false}", prefix)
+
+
+def graph_entries(m: dict) -> list[dict]:
+    """Every graph entry of a manifest: the side graph and its static buckets, or one per merged
+    adapter."""
+    if m["mode"] != "side":
+        return [e["graph"] for e in m["adapters"].values()]
+    return [m["graph"], *(m["graph"].get("buckets") or [])]
 
 
 def target_files(m: dict) -> list[dict]:
@@ -316,8 +341,9 @@ def verify(root: Path) -> list[str]:
     """
     m = read_manifest(root)
     where = str(root / MANIFEST_NAME)
-    graphs = [m["graph"]] if m["mode"] == "side" else [e["graph"] for e in m["adapters"].values()]
-    files = [(g["file"], g["sha256"]) for g in graphs] + [(g["data_file"], g["data_sha256"]) for g in graphs]
+    graphs = graph_entries(m)
+    files = [(g["file"], g["sha256"]) for g in graphs]
+    files += list(dict.fromkeys((g["data_file"], g["data_sha256"]) for g in graphs))  # buckets share one
     files += [(e["file"], e["sha256"]) for e in m["adapters"].values() if "file" in e]
     files += [(g["ort"]["file"], g["ort"]["sha256"]) for g in graphs if g.get("ort")]
     files += [(f["file"], f["sha256"]) for f in target_files(m)]
@@ -429,6 +455,15 @@ def _shape_problems(root: Path, m: dict, graphs: list[dict]) -> list[str]:
                                               for e, d in zip(s, g["shape"])):
             problems.append(f"{where}: adapter input {name} is listed as "
                             f"{tuple('n' if d is None else d for d in s)}, the graph takes {g['shape']}")
+    static = m.get("static")
+    for b in m["graph"].get("buckets") or [] if static else ():
+        io = actual.get(b["file"])
+        for name, spec in inputs.items() if io is not None else ():
+            want = [static["max_rank"] if d is None else d for d in spec["shape"]]
+            got = (io[0].get(name) or {}).get("shape")
+            if got != want:
+                problems.append(f"{where}: adapter input {name} should be {want} in the fixed-shape graph "
+                                f"{b['file']} (ranks padded to max_rank {static['max_rank']}), it is {got}")
     for slot in m.get("slots", []):
         for name, s in _slot_shapes(slot):
             spec = inputs.get(name)

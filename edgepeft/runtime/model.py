@@ -7,6 +7,10 @@ different adapters do not interfere (each call builds its own feed dict;
 ``InferenceSession.run`` is thread-safe). Inputs an adapter does not feed keep their default
 initializer, the identity, so ``adapter=None`` is the base model.
 
+A static-shape artifact (a target with ``static_shapes``: NNAPI, Core ML, QNN) has one session per
+sequence bucket; the runtime pads what it is given to the fixed shapes and slides a fixed window
+of KV cache (see :meth:`Model._static_prefill`), so calls look the same as on a dynamic artifact.
+
 Adapters can be added (:meth:`Model.add_adapter`, from another artifact of the same base) and
 removed (:meth:`Model.remove_adapter`) while other threads run: the loaded adapters are one
 mapping that is replaced, never changed in place, and each call reads it once, so a call sees an
@@ -244,11 +248,21 @@ class Model:
         # name -> _Adapter (side mode). Replaced as a whole on add / remove, never changed in place.
         self._loaded: dict[str, _Adapter] = {}
         self._graph_inputs: dict[str, list] = {}  # adapter inputs of the side graph: name -> shape
+        # Static shapes: {seq: session}, the fixed shape of each adapter input, zeros for the unfed.
+        self._static = None if self.merged else self.manifest.get("static")
+        self._buckets: dict[int, ort.InferenceSession] = {}
+        self._fixed: dict[str, tuple[int, ...]] = {}
+        self._zeros: dict[str, np.ndarray] = {}
         if self.merged:
             for name, entry in self.manifest["adapters"].items():
                 self._sessions[name] = self._session(entry["graph"])
+        elif self._static:
+            for entry in self.manifest["graph"]["buckets"]:
+                self._buckets[entry["seq"]] = self._session(entry)
+            self._sessions[None] = self._buckets[max(self._buckets)]
         else:
             self._sessions[None] = self._session(self.manifest["graph"])
+        if not self.merged:
             self._loaded = {name: self._load_adapter(name, entry)
                             for name, entry in self.manifest["adapters"].items()}
 
@@ -335,7 +349,19 @@ class Model:
         if self.task == "causal-lm" and isinstance(vocab, int) and vocab != self.manifest["base"]["vocab_size"]:
             raise EdgepeftError(f"{where}: base.vocab_size is {self.manifest['base']['vocab_size']}, the "
                                 f"graph {file} has {vocab}. Export the artifact again.")
-        if not self.merged:
+        if not self.merged and self._static:
+            # Ranks are fixed at max_rank: those inputs have no default (the runtime feeds zeros).
+            fixed = {k: v for k, v in {**inputs, **overridable}.items() if k in self._inputs}
+            missing = sorted(set(self._inputs) - set(fixed))
+            if missing or any(isinstance(d, str) for v in fixed.values() for d in v):
+                raise EdgepeftError(f"{where}: input {(missing or [next(iter(fixed))])[0]!r} is not a "
+                                    f"fixed-shape adapter input of {file}. Export the artifact again.")
+            self._fixed = {k: tuple(v) for k, v in fixed.items()}
+            self._zeros = {k: np.zeros(v, np.float32) for k, v in self._fixed.items() if k not in overridable}
+            # Adapter files are checked against the dynamic graph's shapes (ranks vary there).
+            self._graph_inputs = {i["name"]: i["shape"] for i in self.manifest["graph"]["inputs"]
+                                  if i["name"] in self._inputs}
+        elif not self.merged:
             missing = sorted(set(self._inputs) - set(overridable))
             if missing:
                 raise EdgepeftError(f"{where}: input {missing[0]!r} is not an adapter input of {file}. "
@@ -534,13 +560,15 @@ class Model:
         heads, prompts, prefixes) take one adapter at weight 1.
         """
         if adapter is None:
-            return {}, None
+            return self._zeros, None
         loaded = self._loaded  # one snapshot per call: adapters added / removed meanwhile do not show
         if isinstance(adapter, str):
             a = loaded.get(adapter)
             if a is None:
                 self._check_names([adapter], loaded)
-            return a.graph, a.prefix
+            if not self._static:
+                return a.graph, a.prefix
+            adapter = {adapter: 1.0}  # padded to the fixed ranks once, cached with the mixes
         if not isinstance(adapter, Mapping) or not adapter:
             raise EdgepeftError(f"adapter={adapter!r}: pass None, a name, or a non-empty "
                                 "{name: weight} mix.")
@@ -600,7 +628,27 @@ class Model:
                     f"the base weights at export, so it cannot be combined with {others[0]!r}, which "
                     "changes those weights (PEFT would run the prompt through them too).")
             prefix = loaded[n].prefix
-        return feeds, prefix
+        return (self._pad(feeds, key) if self._static else feeds), prefix
+
+    def _pad(self, feeds: dict[str, np.ndarray], key) -> dict[str, np.ndarray]:
+        """Zero-pad every feed to its fixed shape (ranks to max_rank) and add zeros for the rest:
+        zero rows of A / columns of B add nothing, so the result is exact."""
+        out = dict(self._zeros)
+        for k, v in feeds.items():
+            shape = self._fixed[k]
+            if v.shape == shape:
+                out[k] = v
+                continue
+            if len(v.shape) != len(shape) or any(d > e for d, e in zip(v.shape, shape)):
+                names = " + ".join(f"{n}" for n, _ in key)
+                raise EdgepeftError(
+                    f"{names}: input {k} needs shape {v.shape}, above the fixed {shape} of this "
+                    f"static-shape artifact (ranks of a mix add up; max_rank {self._static['max_rank']}). "
+                    "Mix fewer adapters, or export with a profile with a larger max_rank.")
+            z = np.zeros(shape, np.float32)
+            z[tuple(slice(0, d) for d in v.shape)] = v
+            out[k] = z
+        return out
 
     def _check_names(self, names: list[str], loaded: Mapping | None = None) -> None:
         have = self.manifest["adapters"] if loaded is None else loaded
@@ -662,8 +710,120 @@ class Model:
         self._need("causal-lm", "logits()")
         session, feeds, prefix = self._session_for(adapter)
         ids, mask = batch_inputs(input_ids, attention_mask, self.manifest["base"]["vocab_size"])
+        if self._static:
+            return np.concatenate([self._static_prefill(feeds, i, m, prefix)[0]
+                                   for i, m in self._row_groups(ids, mask)])[:ids.shape[0]]
         past, mask = self._start(ids.shape[0], mask, prefix)
         return self._run(session, feeds, ids, mask, past)[0]
+
+    # ---------------------------------------------------------------- static shapes
+    def _row_groups(self, ids: np.ndarray, mask: np.ndarray):
+        """``(ids, mask)`` in groups of the fixed batch; the last group is filled up with copies of
+        its last row (their outputs are dropped)."""
+        b = self._static["batch"]
+        for g in range(0, ids.shape[0], b):
+            i, m = ids[g:g + b], mask[g:g + b]
+            if i.shape[0] < b:
+                fill = b - i.shape[0]
+                i = np.concatenate([i, np.repeat(i[-1:], fill, 0)])
+                m = np.concatenate([m, np.repeat(m[-1:], fill, 0)])
+            yield i, m
+
+    def _chunks(self, length: int) -> list[int]:
+        """Bucket sizes that cover ``length`` prompt tokens: the longest bucket while it fits,
+        then the shortest one that holds the rest (left-padded)."""
+        buckets = sorted(self._buckets)
+        out, left = [], length
+        while left > 0:
+            s = buckets[-1] if left >= buckets[-1] else next(b for b in buckets if b >= left)
+            out.append(s)
+            left -= min(s, left)
+        return out
+
+    def _static_prefill(self, feeds: dict, ids: np.ndarray, mask: np.ndarray, prefix,
+                        new_tokens: int = 0) -> tuple[np.ndarray, list]:
+        """Run a prompt through the bucket graphs on a fixed KV window.
+
+        The window holds ``C = static.context`` positions per layer, newest last, with a 0/1 mask
+        of which slots hold a token: a call of bucket ``S`` takes the window's last ``C - S``
+        slots as past and appends ``S`` new ones; a prompt chunk shorter than its bucket is
+        left-padded with masked slots. A prefix adapter's keys / values start the window.
+
+        Args:
+            ids, mask: ``(B, L)`` with ``B`` the fixed batch.
+            new_tokens: slots to keep free for :meth:`generate`.
+
+        Returns:
+            ``logits (B, L, V)`` of the real positions and the window ``[kv dict, mask (B, C)]``.
+
+        Raises:
+            EdgepeftError: prompt (in padded chunks), prefix and new tokens do not fit the window.
+        """
+        c, b = self._static["context"], ids.shape[0]
+        chunks = self._chunks(ids.shape[1])
+        p = 0 if prefix is None else prefix[0][0].shape[2]
+        need = p + sum(chunks) + new_tokens * min(self._buckets)
+        if need > c:
+            raise EdgepeftError(
+                f"{self.path}: a prompt of {ids.shape[1]} tokens (run as bucket(s) {chunks})"
+                + (f", a prefix of {p}" if p else "") + (f" and {new_tokens} new tokens" if new_tokens else "")
+                + f" need {need} slots of the fixed KV cache, which has context_length {c}. Shorten "
+                "the prompt, generate fewer tokens, or export with a profile with a larger context_length.")
+        kv = {}
+        for i, (h, d) in enumerate(self._cache):
+            for j, n in enumerate(past_names(i)):
+                kv[n] = np.zeros((b, h, c, d), np.float32)
+                if p:
+                    kv[n][:, :, c - p:] = prefix[i][j]  # (1, h, p, d) broadcast over rows
+        window = [kv, np.zeros((b, c), np.int64)]
+        window[1][:, c - p:] = 1 if p else 0
+        out, at = [], 0
+        for s in chunks:
+            real = min(s, ids.shape[1] - at)
+            pad = s - real
+            step_ids = np.concatenate([np.zeros((b, pad), np.int64), ids[:, at:at + real]], 1)  # (B, S)
+            step_mask = np.concatenate([np.zeros((b, pad), np.int64), mask[:, at:at + real]], 1)
+            out.append(self._static_step(feeds, step_ids, step_mask, window)[:, pad:])
+            at += real
+        return np.concatenate(out, axis=1), window
+
+    def _static_step(self, feeds: dict, ids: np.ndarray, mask: np.ndarray, window: list) -> np.ndarray:
+        """One call of the graph of bucket ``S = ids.shape[1]``; slides ``window`` in place."""
+        s = ids.shape[1]
+        kv, wmask = window
+        full = np.concatenate([wmask[:, s:], mask], axis=1)  # (B, C): the slots the past keeps + new
+        logits, *present = self._buckets[s].run(None, {
+            "input_ids": ids, "attention_mask": full, "position_ids": positions(full)[:, -s:],
+            **{n: v[:, :, s:] for n, v in kv.items()}, **feeds})  # past: (B, H, C - S, D)
+        window[0] = {n: v for i in range(len(self._cache))
+                     for n, v in zip(past_names(i), present[2 * i:2 * i + 2])}  # (B, H, C, D)
+        window[1] = full
+        return logits
+
+    def _static_generate(self, feeds, ids, mask, prefix, max_new_tokens, eos) -> np.ndarray:
+        """:meth:`generate` on the bucket graphs, one group of the fixed batch at a time."""
+        groups = []
+        first = min(self._buckets)
+        for gi, gm in self._row_groups(ids, mask):
+            logits, window = self._static_prefill(feeds, gi, gm, prefix, max_new_tokens)
+            out, done = [gi], np.zeros(gi.shape[0], bool)
+            for step in range(max_new_tokens):
+                nxt = logits[:, -1].argmax(-1).astype(np.int64)  # (B,)
+                if eos:
+                    nxt = np.where(done, next(iter(eos)), nxt)
+                    done |= np.isin(nxt, list(eos))
+                out.append(nxt[:, None])
+                if done.all() or step == max_new_tokens - 1:
+                    break
+                pad = np.zeros((gi.shape[0], first - 1), np.int64)
+                one = np.ones((gi.shape[0], 1), np.int64)
+                logits = self._static_step(feeds, np.concatenate([pad, nxt[:, None]], 1),
+                                           np.concatenate([pad, one], 1), window)
+            groups.append(np.concatenate(out, axis=1))
+        width = max(g.shape[1] for g in groups)
+        fill = next(iter(eos)) if eos else 0
+        groups = [np.pad(g, ((0, 0), (0, width - g.shape[1])), constant_values=fill) for g in groups]
+        return np.concatenate(groups)[:ids.shape[0]]
 
     def generate(self, input_ids, max_new_tokens: int = 32, adapter: AdapterChoice = None,
                  attention_mask=None, stop_at_eos: bool = True) -> np.ndarray:
@@ -684,6 +844,8 @@ class Model:
         ids, mask = batch_inputs(input_ids, attention_mask, self.manifest["base"]["vocab_size"])
         eos = self.manifest["base"].get("eos_token_id") if stop_at_eos else None
         eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        if self._static:
+            return self._static_generate(feeds, ids, mask, prefix, max_new_tokens, eos)
         out = [ids]
         done = np.zeros(ids.shape[0], bool)
         past, mask = self._start(ids.shape[0], mask, prefix)
@@ -733,12 +895,22 @@ class Model:
                                 "no trained one; include an adapter with a head.")
         prompt = feeds.get(PROMPT_INPUT)
         ids, mask = self._encode(texts_or_ids, attention_mask, 0 if prompt is None else prompt.shape[0])
-        return session.run(["logits"], {"input_ids": ids, "attention_mask": mask, **feeds})[0]
+        if not self._static:
+            return session.run(["logits"], {"input_ids": ids, "attention_mask": mask, **feeds})[0]
+        # Right-pad to the shortest bucket that holds the longest row, in groups of the fixed batch.
+        s = next(b for b in sorted(self._buckets) if b >= ids.shape[1])
+        pad = (self.manifest.get("tokenizer") or {}).get("pad_token_id") or 0
+        ids = np.pad(ids, ((0, 0), (0, s - ids.shape[1])), constant_values=pad)  # (B, S)
+        mask = np.pad(mask, ((0, 0), (0, s - mask.shape[1])))
+        return np.concatenate([self._buckets[s].run(["logits"], {"input_ids": i, "attention_mask": m, **feeds})[0]
+                               for i, m in self._row_groups(ids, mask)])[:ids.shape[0]]
 
     def _encode(self, texts_or_ids, attention_mask, reserved: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """Right-padded ids and mask; texts truncated to the model's length minus ``reserved``
         positions (a prompt adapter's virtual tokens)."""
         limit = self.manifest["base"].get("max_length", 512) - reserved
+        if self._static:
+            limit = min(limit, max(self._buckets))  # the longest fixed-shape graph
         if isinstance(texts_or_ids, str):
             texts_or_ids = [texts_or_ids]
         if len(texts_or_ids) and isinstance(texts_or_ids[0], str):

@@ -2,8 +2,8 @@
 
 A profile is data. ``edgepeft export --target NAME_OR_FILE`` applies one (``cpu-x86_64`` by
 default); the manifest records the resolved fields, and what of them this version does not apply
-yet (``not_applied``: static shapes and the accelerator's fp16 compute; see the README's Targets
-section). torch-free: the runtime and ``edgepeft targets`` use it too.
+yet (``not_applied``: the accelerator's fp16 compute, static shapes of merged graphs; see the
+README's Targets section). torch-free: the runtime and ``edgepeft targets`` use it too.
 """
 
 from __future__ import annotations
@@ -54,9 +54,10 @@ class Target:
     partition_report: tuple[str, ...] = _f(
         f"accelerators whose node coverage and partitions are estimated into partitions.json "
         f"({', '.join(ACCELERATORS)})", ())
-    static_shapes: bool = _f("the accelerator needs fixed shapes (batch, sequence buckets, fixed KV "
-                             "cache, LoRA ranks padded to max_rank); recorded, NOT applied by this "
-                             "version: the graph stays dynamic", False)
+    static_shapes: bool = _f("the accelerator needs fixed shapes: side-branch artifacts get a graph "
+                             "per sequence bucket with fixed batch, a fixed KV cache of "
+                             "context_length (decoders) and LoRA ranks padded to max_rank; the "
+                             "runtime pads and slides the cache (merged artifacts stay dynamic)", False)
     batch: int = _f("static shapes: batch size", 1)
     sequence_buckets: tuple[int, ...] = _f("static shapes: the sequence lengths a graph is built "
                                            "for (prompts are padded up to the next one)", ())
@@ -117,28 +118,31 @@ class Target:
                                 "lengths >= 1 in increasing order.")
         if self.static_shapes and not self.sequence_buckets:
             raise EdgepeftError(f"{where}: static_shapes needs sequence_buckets (e.g. [1, 64, 128]).")
-        if self.context_length is not None and self.sequence_buckets and self.context_length < self.sequence_buckets[-1]:
-            raise EdgepeftError(f"{where}: context_length {self.context_length} is shorter than the "
-                                f"longest sequence bucket {self.sequence_buckets[-1]}.")
+        if self.static_shapes and (self.context_length is None or self.max_rank is None):
+            raise EdgepeftError(f"{where}: static_shapes needs context_length (the fixed KV cache of "
+                                "decoders) and max_rank (the fixed LoRA rank).")
+        if self.context_length is not None and self.sequence_buckets and self.context_length <= self.sequence_buckets[-1]:
+            raise EdgepeftError(f"{where}: context_length {self.context_length} must be longer than "
+                                f"the longest sequence bucket {self.sequence_buckets[-1]} (the past "
+                                "tokens need room).")
 
-    def not_applied(self) -> dict[str, str]:
-        """Fields this version records but does not apply, with why (the manifest keeps this)."""
+    def not_applied(self, mode: str = "side") -> dict[str, str]:
+        """Fields this version records but does not apply to a ``mode`` export, with why (the
+        manifest keeps this)."""
         out = {}
-        if self.static_shapes:
-            out["static_shapes"] = (f"asked for batch {self.batch}, sequence buckets "
-                                    f"{list(self.sequence_buckets)}, context {self.context_length}, LoRA "
-                                    f"ranks padded to {self.max_rank}; this version exports dynamic shapes "
-                                    "(accelerators that need fixed shapes run only what partitions.json "
-                                    "counts as supported, the rest on CPU)")
+        if self.static_shapes and mode == "merged":
+            out["static_shapes"] = ("merged graphs are exported with dynamic shapes (static shapes "
+                                    "apply to side-branch artifacts); accelerators that need fixed "
+                                    "shapes run only what partitions.json counts as supported")
         if self.fp16 == "accelerator":
             out["fp16"] = "fp16 compute on the accelerator is a provider option the app sets; not set by the runtime"
         return out
 
-    def manifest(self) -> dict:
-        """The resolved fields, as the manifest records them."""
+    def manifest(self, mode: str = "side") -> dict:
+        """The resolved fields, as the manifest of a ``mode`` export records them."""
         d = asdict(self)
         d = {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
-        d["not_applied"] = self.not_applied()
+        d["not_applied"] = self.not_applied(mode)
         return d
 
     def line(self) -> str:

@@ -48,6 +48,8 @@ def convert_to_ort(root: Path, graphs: list[dict], target: Target) -> dict:
         for rel in (g["file"], g["data_file"]):
             dst = stage / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
+            if dst.exists():  # a weights file the static bucket graphs share
+                continue
             try:
                 os.link(root / rel, dst)
             except OSError:

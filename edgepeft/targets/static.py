@@ -1,0 +1,175 @@
+"""Static-shape graphs for accelerators: one fixed-shape copy of the side graph per sequence bucket.
+
+A profile with ``static_shapes = true`` (NNAPI, Core ML, QNN) gets, beside the dynamic
+``model.onnx``, a graph ``model.s{S}.onnx`` per bucket ``S`` in which every axis is a number:
+
+=================  ===========================  =====================================
+input / output     dynamic graph                bucket graph (batch B, context C)
+=================  ===========================  =====================================
+input_ids          (batch, seq)                 (B, S)
+attention_mask     (batch, total_seq)           (B, C)        decoders: the whole window
+past.{i}.*         (batch, H, past_seq, D)      (B, H, C - S, D)
+present.{i}.*      (batch, H, past_seq+seq, D)  (B, H, C, D)
+LoRA / DoRA A, B   (r, in), (out, r)            (max_rank, in), (out, max_rank)
+bottleneck parts   (r, out), (r,), (out, r)     max_rank in place of r
+encoders           input_ids / mask (batch, seq) (B, S)
+=================  ===========================  =====================================
+
+The bucket graphs are the dynamic graph's nodes with the shapes written in: they point at the
+same weights file (``model.onnx.data``), so they cost a few kilobytes each; onnxruntime folds the
+shape arithmetic at load (or in the ``.ort`` conversion) once the shapes are numbers. Zero rows
+of A (columns of B) add nothing, so an adapter of rank ``r <= max_rank``, or a mix whose ranks
+sum to at most ``max_rank``, zero-padded by the runtime, computes exactly what it computes
+unpadded. The KV cache is a fixed window of ``C`` positions, newest last; the runtime keeps it,
+slides it by ``S`` per call and masks the empty slots (``edgepeft.runtime.model``).
+
+torch-free (``onnx`` only).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import onnx
+
+from edgepeft.errors import EdgepeftError
+
+_RANK = re.compile(r"^rank_")
+
+
+def bucket_file(seq: int) -> str:
+    return f"model.s{seq}.onnx"
+
+
+def bucket_dims(task: str, batch: int, seq: int, context: int | None) -> dict[str, int]:
+    """The dynamic graph's named axes and their values in the graph of bucket ``seq``."""
+    dims = {"batch": batch, "seq": seq}
+    if task == "causal-lm":
+        dims.update(past_seq=context - seq, total_seq=context)
+    return dims
+
+
+def _value(param: str, dims: dict[str, int], max_rank: int | None, where: str) -> int:
+    if param in dims:
+        return dims[param]
+    if _RANK.match(param):
+        if max_rank is None:
+            raise EdgepeftError(f"{where}: axis {param!r} varies per adapter, and the target sets no "
+                                "max_rank to fix it at. Add max_rank to the profile.")
+        return max_rank
+    if re.fullmatch(r"[A-Za-z_][\w]*( [+\-] [A-Za-z_][\w]*)+", param):  # e.g. "past_seq + seq"
+        tokens = param.split()
+        total = _value(tokens[0], dims, max_rank, where)
+        for op, name in zip(tokens[1::2], tokens[2::2]):
+            v = _value(name, dims, max_rank, where)
+            total = total + v if op == "+" else total - v
+        return total
+    raise EdgepeftError(f"{where}: axis {param!r} cannot be fixed by the target's static shapes "
+                        "(batch, sequence buckets, context_length, max_rank). "
+                        + ("Prompt tuning on an encoder feeds a prompt of its own length; export it "
+                           "with a target without static_shapes." if param == "prompt_len" else
+                           "Export with a target without static_shapes."))
+
+
+def fix_shapes(proto: onnx.ModelProto, dims: dict[str, int], max_rank: int | None,
+               where: str) -> onnx.ModelProto:
+    """A copy of ``proto`` (weights stay external, untouched) with every input and output axis fixed.
+
+    Adapter inputs with a rank axis lose their default initializer (zero rank, which no longer
+    fits): the runtime feeds zeros of the fixed shape for the adapters that do not use them.
+    Intermediate shapes (``value_info``) are dropped; onnxruntime infers them from the inputs.
+
+    Raises:
+        EdgepeftError: an axis that none of ``dims`` / max_rank fixes (e.g. a prompt length).
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    accelerator_rewrites(out.graph)  # needs the value types, which value_info has
+    del out.graph.value_info[:]
+    ranked = set()
+    for v in list(out.graph.input) + list(out.graph.output):
+        for d in v.type.tensor_type.shape.dim:
+            if d.dim_param:
+                if _RANK.match(d.dim_param):
+                    ranked.add(v.name)
+                d.dim_value = _value(d.dim_param, dims, max_rank, where)  # clears dim_param (oneof)
+    keep = [t for t in out.graph.initializer if t.name not in ranked]
+    del out.graph.initializer[:]
+    out.graph.initializer.extend(keep)
+    return out
+
+
+def accelerator_rewrites(graph: onnx.GraphProto) -> dict[str, int]:
+    """Rewrite ops that NNAPI / Core ML lack into ones they run, exactly (same IEEE results):
+
+    - ``Reciprocal(x)`` -> ``Div(1, x)``: RMSNorm's ``rsqrt`` exports as Reciprocal(Sqrt), which
+      NNAPI lacks, so every norm split the graph into another partition;
+    - ``Neg(x)`` -> ``Mul(x, -1)``: rotary embeddings' ``rotate_half``; Core ML lacks Neg.
+
+    Returns:
+        How many nodes of each op were rewritten.
+    """
+    from onnx import TensorProto, helper
+
+    types = _elem_types(graph)
+    counts = {"Reciprocal": 0, "Neg": 0}
+    consts = {}
+
+    def const(value: float, dtype: int) -> str:
+        name = f"edgepeft.const.{value:g}.{dtype}"
+        if name not in consts:
+            consts[name] = helper.make_tensor(name, dtype, [], [value])
+        return name
+
+    for node in graph.node:
+        if node.op_type not in counts or node.domain not in ("", "ai.onnx"):
+            continue
+        dtype = types.get(node.input[0])
+        if dtype not in (TensorProto.FLOAT, TensorProto.FLOAT16):
+            continue  # integers (shape arithmetic), or a type the graph does not state: leave it
+        if node.op_type == "Reciprocal":
+            node.op_type, inputs = "Div", [const(1.0, dtype), node.input[0]]
+        else:
+            node.op_type, inputs = "Mul", [node.input[0], const(-1.0, dtype)]
+        del node.input[:]
+        node.input.extend(inputs)
+        counts["Reciprocal" if node.op_type == "Div" else "Neg"] += 1
+    graph.initializer.extend(consts.values())
+    return counts
+
+
+def _elem_types(graph: onnx.GraphProto) -> dict[str, int]:
+    """Element type of every value the graph declares (inputs, outputs, value_info, initializers)."""
+    types = {v.name: v.type.tensor_type.elem_type for v in list(graph.input) + list(graph.output)
+             + list(graph.value_info)}
+    types.update({t.name: t.data_type for t in graph.initializer})
+    return types
+
+
+def write_bucket_graphs(root: Path, rel: str, task: str, batch: int, buckets: tuple[int, ...],
+                        context: int | None, max_rank: int | None) -> list[tuple[int, str]]:
+    """Write ``model.s{S}.onnx`` beside ``root/rel`` for every bucket, sharing its weights file.
+
+    Returns:
+        ``(seq, relative file)`` per bucket.
+
+    Raises:
+        EdgepeftError: a decoder without context_length, a bucket that leaves no room for past
+            tokens, or an axis the target cannot fix.
+    """
+    if task == "causal-lm" and context is None:
+        raise EdgepeftError("static shapes for a decoder need the target's context_length (the "
+                            "fixed KV cache). Add it to the profile.")
+    proto = onnx.load(str(root / rel), load_external_data=False)
+    written = []
+    for seq in buckets:
+        if task == "causal-lm" and seq >= context:
+            raise EdgepeftError(f"sequence bucket {seq} leaves no room in context_length {context}; "
+                                "make context_length larger than every bucket.")
+        fixed = fix_shapes(proto, bucket_dims(task, batch, seq, context), max_rank,
+                           f"static shapes (bucket {seq})")
+        name = (Path(rel).parent / bucket_file(seq)).as_posix()
+        onnx.save_model(fixed, str(root / name))  # external data refs unchanged: model.onnx.data
+        written.append((seq, name))
+    return written
