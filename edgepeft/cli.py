@@ -268,6 +268,12 @@ def _show(root: Path, m: dict) -> None:
             "MatMul", "Gemm", "MatMulInteger", "DynamicQuantizeLinear", "QuantizeLinear",
             "DequantizeLinear", "MatMulNBits", "Cast", "Gather")}
         print("  ops: " + ", ".join(f"{k} x{v}" for k, v in special.items()))
+    st = m.get("static")
+    if st:
+        print(f"static shapes: batch {st['batch']}, buckets {'/'.join(map(str, st['buckets']))}"
+              + (f", context {st['context']}" if st.get("context") else "") + f", max_rank {st['max_rank']}: "
+              + ", ".join(b.get("ort", {}).get("file") or b["file"] for b in m["graph"]["buckets"])
+              + f" (weights shared with {m['graph']['data_file']})")
     for name, a in m["adapters"].items():
         line = f"adapter {name}: {a['kind']}"
         if a["kind"] in ("lora", "dora"):

@@ -30,7 +30,8 @@ def test_every_shipped_profile_parses():
     assert all(targets[n].ort_format for n in SHIPPED - {"cpu-x86_64"})
     for n in ("android-nnapi", "android-qnn", "ios-coreml"):  # accelerators that need fixed shapes
         assert targets[n].static_shapes and targets[n].max_rank
-        assert "static_shapes" in targets[n].not_applied()
+        assert "static_shapes" not in targets[n].not_applied()  # applied to side-branch artifacts
+        assert "static_shapes" in targets[n].not_applied("merged")
     assert load_target(None).name == DEFAULT_TARGET
     assert load_target(TARGETS_DIR / "ios-coreml.toml") == targets["ios-coreml"]
     assert [k for k, _ in field_help()][:3] == ["name", "description", "providers"]
@@ -44,7 +45,7 @@ def test_targets_command_lists_all(capsys):
     assert lines[0].startswith("cpu-x86_64")
     assert main(["targets", "android-qnn"]) == 0
     out = capsys.readouterr().out
-    assert "precision = 'int8-static'" in out and "NOT applied by this version: static_shapes" in out
+    assert "precision = 'int8-static'" in out and "static_shapes = True" in out
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -119,8 +120,11 @@ def nnapi_out(llama_base, llama_adapters, tmp_path_factory):
 
 def test_ort_bundle_files_and_report(nnapi_out):
     out, printed = nnapi_out
-    for f in ("model.ort", "required_operators_and_types.config", "partitions.json", "model.onnx"):
+    for f in ("model.s1.ort", "model.s128.ort", "required_operators_and_types.config", "partitions.json",
+              "model.onnx", "model.s1.onnx", "model.s128.onnx"):
         assert (out / f).is_file(), f
+    # the accelerator runs the bucket graphs: no .ort of the dynamic graph, one weights file for all
+    assert not (out / "model.ort").exists() and [p.name for p in out.glob("*.data")] == ["model.onnx.data"]
     assert not (out / ".ort-in").exists() and not (out / ".ort-out").exists()
     config = (out / "required_operators_and_types.config").read_text()
     assert "ai.onnx;20;" in config and "MatMul" in config
@@ -128,19 +132,27 @@ def test_ort_bundle_files_and_report(nnapi_out):
     t = m["target"]
     assert t["name"] == "android-nnapi" and t["providers"][0] == "NnapiExecutionProvider"
     assert {f["file"] for f in t["files"]} == {"required_operators_and_types.config", "partitions.json"}
-    assert m["graph"]["ort"]["file"] == "model.ort"
-    assert "static_shapes" in t["not_applied"]
-    report = json.loads((out / "partitions.json").read_text())["model.onnx"]
+    assert [b["ort"]["file"] for b in m["graph"]["buckets"]] == ["model.s1.ort", "model.s128.ort"]
+    assert m["static"] == {"batch": 1, "buckets": [1, 128], "context": 512, "max_rank": 64}
+    assert "static_shapes" not in t["not_applied"]
+    reports = json.loads((out / "partitions.json").read_text())
+    assert set(reports) == {"model.onnx", "model.s1.onnx", "model.s128.onnx"}
+    report = reports["model.onnx"]
     assert set(report) == {"nnapi", "coreml"}
     for acc, e in report.items():
         a, f = e["as_exported"], e["if_shapes_fixed"]
         assert a["nodes"] > 50 and 0 <= a["supported_pct"] <= f["supported_pct"] <= 100
         assert f["partitions"] >= 1 and f["unsupported_ops"]
+        after = reports["model.s128.onnx"][acc]["as_exported"]  # fixed shapes + rewrites, really
+        assert after["supported_pct"] > a["supported_pct"] + 50 and after["nodes_unsupported_by_dynamic_shape"] == 0
+        assert "ai.onnx:Reciprocal" not in after["unsupported_ops"] and "ai.onnx:Neg" not in after["unsupported_ops"]
     assert t["partitions"]["model.onnx"] == report
-    assert "partitions model.onnx nnapi:" in printed and "static_shapes NOT applied" in printed
+    assert "partitions model.s128.onnx nnapi:" in printed and "NOT applied" not in printed.replace("fp16 NOT", "")
 
 
-def test_ort_runs_on_cpu_and_matches_onnx_with_swaps_and_mixes(nnapi_out):
+def test_ort_runs_on_cpu_and_matches_onnx_with_swaps_and_mixes(nnapi_out, llama_side):
+    """The static .ort bundle (ranks padded to 64, a 512-slot KV window) against the dynamic
+    artifact of the same base and adapters (default target)."""
     out, _ = nnapi_out
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -148,8 +160,8 @@ def test_ort_runs_on_cpu_and_matches_onnx_with_swaps_and_mixes(nnapi_out):
     assert ort_model.format == "ort" and ort_model.providers == ["CPUExecutionProvider"]
     fallback = [w for w in caught if issubclass(w.category, ProviderFallbackWarning)]
     assert len(fallback) == 1 and "NnapiExecutionProvider" in str(fallback[0].message)
-    onnx_model = Model(out, format="onnx")
-    assert onnx_model.format == "onnx"
+    onnx_model = Model(llama_side)
+    assert onnx_model.format == "onnx" and not onnx_model._static
     ids = np.random.default_rng(0).integers(3, 96, (2, 7))
     mask = np.ones_like(ids)
     mask[1, :3] = 0
@@ -158,9 +170,10 @@ def test_ort_runs_on_cpu_and_matches_onnx_with_swaps_and_mixes(nnapi_out):
     for choice in ("chat", "sql", None, "sql", {"chat": 0.7, "sql": 0.3}, "chat", {"sql": 1.0, "chat": 1.0}):
         got = ort_model.logits(ids, adapter=choice, attention_mask=mask)
         want = onnx_model.logits(ids, adapter=choice, attention_mask=mask)
-        np.testing.assert_allclose(got, want, atol=1e-5)
+        real = mask.astype(bool)  # what a padded slot's query computes is meaningless either way
+        np.testing.assert_allclose(got[real], want[real], atol=1e-5)
         if choice is not None:
-            assert np.abs(got - base).max() > 1e-2, choice  # the adapter really acts on the .ort
+            assert np.abs(got - base)[real].max() > 1e-2, choice  # the adapter really acts on the .ort
     np.testing.assert_array_equal(ort_model.generate(ids, 6, adapter={"chat": 0.5, "sql": 0.5}, attention_mask=mask),
                                   onnx_model.generate(ids, 6, adapter={"chat": 0.5, "sql": 0.5}, attention_mask=mask))
 
@@ -177,20 +190,20 @@ def test_explicit_providers_fall_back_with_one_warning(llama_side):
 def test_verify_covers_bundle_files(nnapi_out, tmp_path):
     out, _ = nnapi_out
     assert verify(out) == []
-    for rel in ("model.ort", "required_operators_and_types.config", "partitions.json"):
+    for rel in ("model.s1.ort", "model.s128.onnx", "required_operators_and_types.config", "partitions.json"):
         copy = tmp_path / rel.replace(".", "_")
         shutil.copytree(out, copy)
         with open(copy / rel, "ab") as f:
             f.write(b"\0")
-        problems = verify(copy)
-        assert len(problems) == 1 and rel in problems[0], problems
+        problems = verify(copy)  # a damaged .onnx is also unreadable: a second line, same file
+        assert 1 <= len(problems) <= 2 and all(rel in p for p in problems), problems
         (copy / rel).unlink()
         assert any("missing" in p for p in verify(copy))
     copy = tmp_path / "ort-damaged"
     shutil.copytree(out, copy)
-    with open(copy / "model.ort", "ab") as f:
+    with open(copy / "model.s128.ort", "ab") as f:
         f.write(b"\0")
-    with pytest.raises(EdgepeftError, match="model.ort: sha256"):
+    with pytest.raises(EdgepeftError, match="model.s128.ort: sha256"):
         Model(copy)
 
 
@@ -199,7 +212,8 @@ def test_inspect_shows_target_and_partitions(nnapi_out, capsys):
     assert main(["inspect", str(out)]) == 0
     text = capsys.readouterr().out
     assert "target android-nnapi: providers NnapiExecutionProvider, CPUExecutionProvider" in text
-    assert "partitions model.onnx coreml:" in text and "model.ort" in text
+    assert "partitions model.onnx coreml:" in text and "partitions model.s128.onnx coreml:" in text
+    assert "model.s128.ort" in text and "static shapes: batch 1, buckets 1/128, context 512, max_rank 64" in text
 
 
 def test_rank_above_max_rank_is_refused(llama_base, llama_adapters, tmp_path, capsys):
@@ -256,3 +270,118 @@ def test_partition_report_survives_a_transpose_without_perm(tmp_path):
     assert "error" not in report, report
     assert report["nnapi"]["as_exported"] == {**report["nnapi"]["as_exported"], "nodes": 2, "supported_nodes": 2,
                                               "partitions": 1, "supported_pct": 100.0}
+
+
+SMALL_NPU = """providers = ["NnapiExecutionProvider", "CPUExecutionProvider"]
+platform = "arm64"
+static_shapes = true
+batch = 2
+sequence_buckets = [1, 4]
+context_length = 24
+max_rank = 10
+"""
+
+
+@pytest.fixture(scope="module")
+def small_static(llama_base, llama_adapters, tmp_path_factory):
+    """Batch 2, buckets 1 / 4, a 24-slot KV window, max_rank 10: prompts run in several chunks and
+    row groups; sql (k_proj rank 8) + code (2) fill layer 1's k_proj exactly, chat (q_proj rank
+    4) + sql (8) overflow the fixed rank."""
+    from edgepeft.export import ExportConfig, export
+
+    root = tmp_path_factory.mktemp("small-static")
+    (root / "small-npu.toml").write_text(SMALL_NPU)
+    out = root / "out"
+    export(ExportConfig(base=llama_base, out=out, adapters=tuple(llama_adapters.items()),
+                        target=load_target(root / "small-npu.toml")), quiet=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ProviderFallbackWarning)
+        return Model(out)
+
+
+def test_static_graphs_fix_every_shape_and_share_the_weights(small_static):
+    import onnx
+
+    out = small_static.path
+    m = small_static.manifest
+    assert verify(out) == []
+    dynamic = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    for b, seq in zip(m["graph"]["buckets"], (1, 4)):
+        g = onnx.load(str(out / b["file"]), load_external_data=False)
+        shapes = {v.name: [d.dim_value if d.HasField("dim_value") else d.dim_param
+                           for d in v.type.tensor_type.shape.dim] for v in list(g.graph.input) + list(g.graph.output)}
+        assert all(isinstance(d, int) and d > 0 for s in shapes.values() for d in s), shapes
+        assert shapes["input_ids"] == [2, seq] and shapes["attention_mask"] == [2, 24]
+        assert shapes["past.0.key"][2] == 24 - seq and shapes["present.0.key"][2] == 24
+        assert shapes["lora.model.layers.0.self_attn.q_proj.A"] == [10, 64]
+        assert shapes["lora.model.layers.0.self_attn.q_proj.B"] == [64, 10]
+        assert b["data_file"] == "model.onnx.data" and b["data_sha256"] == m["graph"]["data_sha256"]
+        ops = {n.op_type for n in g.graph.node}
+        assert "Reciprocal" not in ops and "Reciprocal" in {n.op_type for n in dynamic.graph.node}
+        assert (out / b["file"]).stat().st_size < 2 * (out / "model.onnx").stat().st_size
+    # a file the bucket graphs point at, outside the artifact, is refused as for the dynamic graph
+    assert {p.name for p in out.glob("*.data")} == {"model.onnx.data"}
+
+
+def test_static_runtime_matches_the_dynamic_artifact(small_static, llama_side):
+    """Padding (ranks to 10, chunks to buckets 4 / 1, rows to batch 2) and the sliding KV window
+    are exact: logits and greedy tokens equal the dynamic graph's, for base, swaps and mixes."""
+    dynamic = Model(llama_side)
+    rng = np.random.default_rng(3)
+    rows = [list(rng.integers(3, 96, n)) for n in (3, 9, 6)]  # 9 tokens: chunks 4 + 4 + 1; 3 rows: 2 groups
+    mask = np.array([[0] * (9 - len(r)) + [1] * len(r) for r in rows], bool)
+    base = small_static.logits(rows)
+    for choice in (None, "chat", "sql", "code", "chat", {"chat": 0.6, "code": 0.4}, {"sql": 0.5, "code": 0.5}):
+        got, want = small_static.logits(rows, adapter=choice), dynamic.logits(rows, adapter=choice)
+        assert got.shape == want.shape == (3, 9, 96)
+        np.testing.assert_allclose(got[mask], want[mask], atol=1e-5, err_msg=str(choice))
+        if choice is not None:
+            assert np.abs(got - base)[mask].max() > 1e-2, choice
+        np.testing.assert_array_equal(small_static.generate(rows, 5, adapter=choice, stop_at_eos=False),
+                                      dynamic.generate(rows, 5, adapter=choice, stop_at_eos=False))
+
+
+def test_static_runtime_refuses_what_does_not_fit(small_static):
+    with pytest.raises(EdgepeftError, match=r"chat \+ sql: input lora\..* needs shape \(\d+, 12\), above the fixed \(\d+, 10\).*max_rank 10"):
+        small_static.logits([[5, 6, 7]], adapter={"chat": 0.5, "sql": 0.5})  # q_proj: rank 4 + 8
+    with pytest.raises(EdgepeftError, match=r"9 tokens \(run as bucket\(s\) \[4, 4, 1\]\) and 20 new "
+                                            r"tokens need 29 slots .* context_length 24"):
+        small_static.generate([list(range(3, 12))], 20)
+    assert small_static.generate([list(range(3, 12))], 15, stop_at_eos=False).shape == (1, 24)
+
+
+def test_static_encoder_pads_to_buckets(tmp_path):
+    """An encoder classifier on a static profile: one graph per bucket, texts right-padded to the
+    shortest bucket that holds them, LoRA rank 4 and a bottleneck of 8 padded to max_rank 10."""
+    from transformers import AutoConfig, AutoModel
+
+    from conftest import make_adapter, make_tokenizer
+    from edgepeft.export import ExportConfig, export
+    from test_classifiers import ENCODERS, _bottleneck
+
+    import torch
+
+    torch.manual_seed(0)
+    base = tmp_path / "bert"
+    AutoModel.from_config(AutoConfig.for_model("bert", **ENCODERS["bert"])).save_pretrained(base)
+    make_tokenizer(base)
+    ads = {"lora": make_adapter(base, tmp_path / "lora", "lora", task="SEQ_CLS"),
+           "bottleneck": _bottleneck(base, tmp_path / "bottleneck", "bert")}
+    profile = tmp_path / "enc-npu.toml"
+    profile.write_text(SMALL_NPU.replace("[1, 4]", "[8, 16]"))
+    dyn, st = tmp_path / "dyn", tmp_path / "static"
+    export(ExportConfig(base=base, out=dyn, adapters=tuple(ads.items())), quiet=True)
+    export(ExportConfig(base=base, out=st, adapters=tuple(ads.items()), target=load_target(profile)), quiet=True)
+    assert verify(st) == []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ProviderFallbackWarning)
+        static = Model(st)
+    assert sorted(static._buckets) == [8, 16]
+    texts = ["w5 w9 w11", "w40 w41 w42 w43 w44 w45 w46 w47 w48 w49 w50", "w7"]  # 5, 13, 3 tokens
+    for adapter in ("lora", "bottleneck"):
+        np.testing.assert_allclose(static.classify_logits(texts, adapter=adapter),
+                                   Model(dyn).classify_logits(texts, adapter=adapter), atol=1e-5)
+    prompt = make_adapter(base, tmp_path / "prompt", "prompt", task="SEQ_CLS")
+    rc = main(["export", str(base), "--adapter", f"p={prompt}", "--out", str(tmp_path / "p"),
+               "--target", str(profile), "--quiet"])
+    assert rc == 2 and not (tmp_path / "p").exists()
