@@ -339,7 +339,9 @@ def test_tied_embedding_and_head_quantized_when_asked(tmp_path, precision):
     assert head.op_type == "MatMulNBits"  # untied and quantized
     assert ("GatherBlockQuantized" in ops) == (precision == "int4")
     size = {k: (v / "model.onnx.data").stat().st_size for k, v in outs.items()}
-    assert size["emb"] < size["plain"] < size["fp32"]
+    assert size["emb"] < size["fp32"] and size["plain"] < size["fp32"]
+    if precision == "int4":  # int8 keeps the Gather's float table beside the 8-bit head: no smaller
+        assert size["emb"] < size["plain"]  # than "plain", whose tied table is stored once
     ids = np.array([[5, 9, 11, 40, 3, 7], [30, 31, 32, 33, 34, 35]])
     ref, q = Model(outs["fp32"]), Model(outs["emb"])
     for adapter in (None, "lora"):
@@ -349,3 +351,49 @@ def test_tied_embedding_and_head_quantized_when_asked(tmp_path, precision):
         kl = (pa * (np.log(pa) - (b - b.max(-1, keepdims=True) - np.log(np.exp(b - b.max(-1, keepdims=True)).sum(-1, keepdims=True))))).sum(-1)
         assert kl.mean() < 1e-2, (adapter, kl.mean())
     assert np.abs(q.logits(ids, adapter="lora") - q.logits(ids)).max() > 1e-3
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int4"])
+def test_tied_table_stored_once(tmp_path, precision):
+    """A tied head reads E^T and the token Gather takes columns of it: one copy of the table in the
+    data file and in the .ort (onnxruntime used to fold Transpose(E) into a second one), and the
+    logits equal PyTorch's."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from edgepeft.targets import load_target
+
+    base = make_base("llama", tmp_path / "base", tokenizer=True, tie_word_embeddings=True)
+    lora = make_adapter(base, tmp_path / "lora", "lora", target_modules=["q_proj", "v_proj"])
+    profile = tmp_path / "arm.toml"
+    profile.write_text('platform = "arm64"\nort_format = true\n')
+    out = tmp_path / "out"
+    export(ExportConfig(base=base, out=out, adapters=(("lora", lora),), quant=QuantConfig(precision=precision),
+                        target=load_target(profile)), quiet=True)
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    vocab, d = 96, 64
+    tables = [t for t in graph.initializer if sorted(t.dims) == sorted([vocab, d])]
+    assert [list(t.dims) for t in tables] == [[d, vocab]]  # E^T only
+    producer = {o: n for n in graph.node for o in n.output}
+    assert not any(n.op_type == "Transpose" and n.input[0] == tables[0].name for n in graph.node)
+    gather = next(n for n in graph.node if n.op_type == "Gather" and n.input[1] == "input_ids")
+    assert gather.input[0] == tables[0].name and onnx.helper.get_attribute_value(gather.attribute[0]) == 1
+    # what onnxruntime makes of it at load (and in the .ort): still one copy, no folded transpose
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(out / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+    folded = onnx.load(str(tmp_path / "optimized.onnx"), load_external_data=False).graph.initializer
+    assert len([t for t in folded if sorted(t.dims) == sorted([vocab, d])]) == 1
+    assert producer["logits"].op_type in ("MatMul", "Sub")
+    ids = np.array([[5, 9, 11, 40, 3, 7], [30, 31, 32, 33, 34, 35]])
+    with torch.no_grad():
+        want = AutoModelForCausalLM.from_pretrained(base).eval()(torch.from_numpy(ids)).logits.numpy()
+    got = Model(out, format="onnx").logits(ids)
+    if precision == "fp32":
+        np.testing.assert_allclose(got, want, atol=1e-5)
+        np.testing.assert_allclose(Model(out).logits(ids, adapter="lora"), Model(out, format="onnx").logits(ids, adapter="lora"), atol=1e-5)
+    else:
+        assert np.abs(got - want).max() < 0.2

@@ -368,7 +368,7 @@ def test_static_encoder_pads_to_buckets(tmp_path):
     ads = {"lora": make_adapter(base, tmp_path / "lora", "lora", task="SEQ_CLS"),
            "bottleneck": _bottleneck(base, tmp_path / "bottleneck", "bert")}
     profile = tmp_path / "enc-npu.toml"
-    profile.write_text(SMALL_NPU.replace("[1, 4]", "[8, 16]"))
+    profile.write_text(SMALL_NPU.replace("[1, 4]", "[1, 8, 16]"))  # 1: dropped for encoders
     dyn, st = tmp_path / "dyn", tmp_path / "static"
     export(ExportConfig(base=base, out=dyn, adapters=tuple(ads.items())), quiet=True)
     export(ExportConfig(base=base, out=st, adapters=tuple(ads.items()), target=load_target(profile)), quiet=True)

@@ -34,7 +34,7 @@ from edgepeft.export.base import (binding_mismatch, detect_task, fingerprint, lo
                                   load_classifier, save_tokenizer)
 from edgepeft.export.slots import input_specs, plan_slots
 from edgepeft.progress import bar, write
-from edgepeft.quantize import QuantConfig, quantize_graph
+from edgepeft.quantize import QuantConfig, tied_table, quantize_graph, store_tied_table_once
 from edgepeft.validate.budgets import BUDGETS
 from edgepeft.targets import Target, check_ranks, load_target, quant_defaults
 from edgepeft.runtime.manifest import (FORMAT, FORMAT_VERSION, MANIFEST_NAME, base_tag, graph_entries,
@@ -138,6 +138,7 @@ def _save_graph(proto: onnx.ModelProto, root: Path, rel: str, quant: QuantConfig
     data = path.with_name(path.name + ".data")
     quantized = None
     if quant is None or quant.precision == "fp32":
+        store_tied_table_once(proto)
         data.unlink(missing_ok=True)  # onnx appends to an existing data file
         onnx.save_model(proto, path, save_as_external_data=True, all_tensors_to_one_file=True,
                         location=data.name, size_threshold=1024)
@@ -150,6 +151,13 @@ def _save_graph(proto: onnx.ModelProto, root: Path, rel: str, quant: QuantConfig
         quantized = quantize_graph(src, path, quant, list(adapter_inputs), calibration, probe, quiet=quiet)
         shutil.rmtree(staging)
         proto = onnx.load(str(path), load_external_data=False)
+        if tied_table(proto):  # a float tied head the quantizers left alone (checked without weights)
+            proto = onnx.load(str(path))
+            store_tied_table_once(proto)
+            data.unlink()
+            onnx.save_model(proto, path, save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data.name, size_threshold=1024)
+            proto = onnx.load(str(path), load_external_data=False)
 
     return _graph_entry(proto, root, rel, f"{rel}.data", quantized)
 
@@ -174,14 +182,16 @@ def _static_graphs(target: Target, task: str, graph: dict, root: Path) -> dict:
     from edgepeft.targets.static import write_bucket_graphs
 
     context = target.context_length if task == "causal-lm" else None
+    buckets = target.sequence_buckets
+    if task == "classification":  # a classifier's input holds at least [CLS] and [SEP]
+        buckets = tuple(s for s in buckets if s > 1) or buckets
     graph["buckets"] = []
-    for seq, rel in write_bucket_graphs(root, graph["file"], task, target.batch, target.sequence_buckets,
+    for seq, rel in write_bucket_graphs(root, graph["file"], task, target.batch, buckets,
                                         context, target.max_rank):
         proto = onnx.load(str(root / rel), load_external_data=False)
         graph["buckets"].append({"seq": seq, **_graph_entry(proto, root, rel, graph["data_file"],
                                                              graph["quantization"])})
-    return {"batch": target.batch, "buckets": list(target.sequence_buckets), "context": context,
-            "max_rank": target.max_rank}
+    return {"batch": target.batch, "buckets": list(buckets), "context": context, "max_rank": target.max_rank}
 
 
 def _op_counts(proto: onnx.ModelProto) -> dict[str, int]:

@@ -193,6 +193,77 @@ def untie_head(model: onnx.ModelProto, output: str = "logits") -> str | None:
     return node.name
 
 
+def tied_table(model: onnx.ModelProto, output: str = "logits") -> tuple[str, str] | None:
+    """``(E, E^T source)`` when the token Gathers read a table ``E`` that the LM head reads
+    transposed: ``MatMul(h, Transpose(E))`` (source: the Transpose's output), or an initializer of
+    the transposed shape that the exporter folded from it (source: its name; equality is checked
+    by :func:`store_tied_table_once`, which has the weights). None otherwise; needs no weights."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    inits = {i.name: i for i in model.graph.initializer}
+    names = head_nodes(model, output)
+    head = [n for n in model.graph.node if n.name in names and n.op_type == "MatMul"]
+    gathers = [n for n in model.graph.node if n.name in names and n.op_type == "Gather"]
+    if not head or len({g.input[0] for g in gathers}) != 1 or any(
+            a.name == "axis" and a.i != 0 for g in gathers for a in g.attribute):
+        return None
+    table, b = gathers[0].input[0], head[0].input[1]
+    if b in inits:
+        return (table, b) if list(inits[b].dims) == list(inits[table].dims)[::-1] else None
+    transpose = producer.get(b)
+    if transpose is None or transpose.op_type != "Transpose" or transpose.input[0] != table:
+        return None
+    perm = [list(a.ints) for a in transpose.attribute if a.name == "perm"]
+    return (table, b) if not perm or perm[0] == [1, 0] else None
+
+
+def store_tied_table_once(model: onnx.ModelProto, output: str = "logits") -> bool:
+    """Keep one copy of a tied embedding / LM head table, as ``E^T (d, vocab)``, in place.
+
+    A tied head exports as ``MatMul(h, Transpose(E))`` (or with that Transpose folded into a
+    second initializer by the exporter, for small tables); onnxruntime folds the Transpose into
+    a second float copy of the table (113 MB for SmolLM2 in fp32), at every session load and
+    inside every ``.ort`` file. Here the head reads ``E^T`` and each token Gather becomes
+    ``Transpose(Gather(E^T, ids, axis=1))``: ``(d, B, S) -> (B, S, d)``, the same rows, exactly.
+
+    Returns:
+        Whether the graph had such a table (then only ``E^T`` is stored).
+    """
+    from onnx import numpy_helper
+
+    found = tied_table(model, output)
+    if found is None:
+        return False
+    table, b = found
+    inits = {i.name: i for i in model.graph.initializer}
+    if b in inits:  # folded by the exporter: the same numbers, transposed?
+        if not np.array_equal(numpy_helper.to_array(inits[b]), numpy_helper.to_array(inits[table]).T):
+            return False
+        transposed = b
+    else:
+        untie_head(model, output)  # appends E.T, points the head at it, drops the Transpose
+        transposed = f"{table}.T"
+    helper = onnx.helper
+    nodes = []
+    for node in model.graph.node:
+        nodes.append(node)
+        if node.op_type != "Gather" or node.input[0] != table:
+            continue
+        gathered = node.output[0]
+        node.input[0] = transposed
+        node.output[0] = f"{gathered}/columns"  # (d, B, S)
+        del node.attribute[:]
+        node.attribute.append(helper.make_attribute("axis", 1))
+        nodes.append(helper.make_node("Transpose", [node.output[0]], [gathered], perm=[1, 2, 0],
+                                      name=f"{node.name}/rows"))  # (B, S, d)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    if not any(table in n.input for n in model.graph.node):
+        keep = [i for i in model.graph.initializer if i.name != table]
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(keep)
+    return True
+
+
 def _untie_adapter_gemms(model: onnx.ModelProto, adapter_inputs: set[str]) -> None:
     """Rewrite each Gemm that takes an adapter input as ``MatMul(x, Transpose(w)) + b``, in place.
 
