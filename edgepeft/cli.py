@@ -79,8 +79,15 @@ def export(args) -> int:
     print(f"{args.out}: {manifest['mode']} artifact, adapters: {', '.join(manifest['adapters']) or '(none)'}")
     t = manifest["target"]
     if t["ort_format"] or t.get("partitions") or t["not_applied"]:  # the default adds nothing to say
+        from edgepeft.runtime.manifest import graph_entries
+
+        orts = [g["ort"]["file"] for g in graph_entries(manifest) if g.get("ort")]
+        st = manifest.get("static")
         print(f"target {t['name']}: {', '.join(t['providers'])}, {manifest['precision']}"
-              + (", model.ort" if t["ort_format"] else ""))
+              + (f", {', '.join(orts)}" if orts else "")
+              + (f"; static shapes: batch {st['batch']}, buckets {'/'.join(map(str, st['buckets']))}"
+                 + (f", context {st['context']}" if st.get("context") else "") + f", max_rank {st['max_rank']}"
+                 if st else ""))
     for line in summary_lines(t.get("partitions") or {}):
         print(line)
     for key, why in t["not_applied"].items():

@@ -147,6 +147,7 @@ def test_ort_bundle_files_and_report(nnapi_out):
         assert after["supported_pct"] > a["supported_pct"] + 50 and after["nodes_unsupported_by_dynamic_shape"] == 0
         assert "ai.onnx:Reciprocal" not in after["unsupported_ops"] and "ai.onnx:Neg" not in after["unsupported_ops"]
     assert t["partitions"]["model.onnx"] == report
+    assert "model.s1.ort, model.s128.ort; static shapes: batch 1, buckets 1/128, context 512, max_rank 64" in printed
     assert "partitions model.s128.onnx nnapi:" in printed and "NOT applied" not in printed.replace("fp16 NOT", "")
 
 
