@@ -346,7 +346,7 @@ def test_static_runtime_refuses_what_does_not_fit(small_static):
     with pytest.raises(EdgepeftError, match=r"chat \+ sql: input lora\..* needs shape \(\d+, 12\), above the fixed \(\d+, 10\).*max_rank 10"):
         small_static.logits([[5, 6, 7]], adapter={"chat": 0.5, "sql": 0.5})  # q_proj: rank 4 + 8
     with pytest.raises(EdgepeftError, match=r"9 tokens \(run as bucket\(s\) \[4, 4, 1\]\) and 20 new "
-                                            r"tokens need 29 slots .* context_length 24"):
+                                            r"tokens take 29 slots .* context_length 24"):
         small_static.generate([list(range(3, 12))], 20)
     assert small_static.generate([list(range(3, 12))], 15, stop_at_eos=False).shape == (1, 24)
 

@@ -137,16 +137,20 @@ def run_ort(spec: dict, system: str, choice) -> dict:
         t = time.perf_counter()
         m.logits(ids, adapter=choice)
         prefill.append((time.perf_counter() - t) * 1e3)
-    key = None if system == "side" else choice
-    real = m._sessions[key]
     stamps: list[float] = []
 
-    def timed_run(*a, **kw):
-        out = real.run(*a, **kw)
-        stamps.append(time.perf_counter())
-        return out
+    def timed(real):
+        def timed_run(*a, **kw):
+            out = real.run(*a, **kw)
+            stamps.append(time.perf_counter())
+            return out
+        return SimpleNamespace(run=timed_run)
 
-    m._sessions[key] = SimpleNamespace(run=timed_run)
+    if m._static:  # one session per sequence bucket: time them all
+        m._buckets = {s: timed(sess) for s, sess in m._buckets.items()}
+    else:
+        key = None if system == "side" else choice
+        m._sessions[key] = timed(m._sessions[key])
     n = spec["new_tokens"]
     m.generate(ids, n, adapter=choice, stop_at_eos=False)  # warm-up
     stamps.clear()
@@ -280,6 +284,13 @@ def _step_fn(m, session, feeds_of, spec):
         return lambda: session.run(["logits"], {"input_ids": ids, "attention_mask": mask, **feeds_of()})
     ids = np.asarray([spec["prompt_ids"]], np.int64)
     mask = np.ones_like(ids)
+    if m._static:  # the fixed KV window after the prompt; each step starts from it again
+        ids, mask = next(m._row_groups(ids, mask))
+        _, (kv, wmask) = m._static_prefill(feeds_of(), ids, mask, None)
+        pad = np.zeros((ids.shape[0], min(m._buckets) - 1), np.int64)
+        step_ids = np.concatenate([pad, ids[:, -1:]], 1)
+        step_mask = np.concatenate([pad, np.ones((ids.shape[0], 1), np.int64)], 1)
+        return lambda: m._static_step(feeds_of(), step_ids, step_mask, [kv, wmask])
     _, *present = m._run(session, feeds_of(), ids, mask, m._start(1, mask, None)[0])
     past = {n: v for i in range(len(m._cache)) for n, v in zip(past_names(i), present[2 * i:2 * i + 2])}
     step_ids, mask1 = ids[:, -1:], np.ones((1, ids.shape[1] + 1), np.int64)

@@ -767,7 +767,7 @@ class Model:
             raise EdgepeftError(
                 f"{self.path}: a prompt of {ids.shape[1]} tokens (run as bucket(s) {chunks})"
                 + (f", a prefix of {p}" if p else "") + (f" and {new_tokens} new tokens" if new_tokens else "")
-                + f" need {need} slots of the fixed KV cache, which has context_length {c}. Shorten "
+                + f" take {need} slots of the fixed KV cache, which has context_length {c}. Shorten "
                 "the prompt, generate fewer tokens, or export with a profile with a larger context_length.")
         kv = {}
         for i, (h, d) in enumerate(self._cache):
