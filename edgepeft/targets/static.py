@@ -105,7 +105,12 @@ def accelerator_rewrites(graph: onnx.GraphProto) -> dict[str, int]:
 
     - ``Reciprocal(x)`` -> ``Div(1, x)``: RMSNorm's ``rsqrt`` exports as Reciprocal(Sqrt), which
       NNAPI lacks, so every norm split the graph into another partition;
-    - ``Neg(x)`` -> ``Mul(x, -1)``: rotary embeddings' ``rotate_half``; Core ML lacks Neg.
+    - ``Neg(x)`` -> ``Mul(x, -1)``: rotary embeddings' ``rotate_half``; Core ML lacks Neg;
+    - ``Where(IsNaN(p), 0, p)`` after ``p = Softmax(scores + bias)`` -> ``p``: the exporter's
+      guard for rows where every key is masked (``-inf``); NNAPI and Core ML lack IsNaN, so each
+      layer split the graph twice. Removed only when ``bias`` is ``Where(mask, 0, c)`` with a
+      finite ``c`` (transformers uses the float minimum): then no row is all ``-inf``, ``p`` has
+      no NaN from the mask, and the guard never fires.
 
     Returns:
         How many nodes of each op were rewritten.
@@ -113,7 +118,7 @@ def accelerator_rewrites(graph: onnx.GraphProto) -> dict[str, int]:
     from onnx import TensorProto, helper
 
     types = _elem_types(graph)
-    counts = {"Reciprocal": 0, "Neg": 0}
+    counts = {"Reciprocal": 0, "Neg": 0, "IsNaN": _drop_nan_guards(graph)}
     consts = {}
 
     def const(value: float, dtype: int) -> str:
@@ -137,6 +142,62 @@ def accelerator_rewrites(graph: onnx.GraphProto) -> dict[str, int]:
         counts["Reciprocal" if node.op_type == "Div" else "Neg"] += 1
     graph.initializer.extend(consts.values())
     return counts
+
+
+def _constant(graph: onnx.GraphProto, name: str, producer: dict):
+    """The value of an initializer or Constant node output, else None."""
+    from onnx import numpy_helper
+
+    for t in graph.initializer:
+        if t.name == name:
+            return numpy_helper.to_array(t) if not t.external_data else None
+    node = producer.get(name)
+    if node is not None and node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+        return numpy_helper.to_array(node.attribute[0].t)
+    return None
+
+
+def _drop_nan_guards(graph: onnx.GraphProto) -> int:
+    """Remove ``Where(IsNaN(p), 0, p)`` guards after masked softmaxes with a finite mask (see
+    :func:`accelerator_rewrites`); returns how many."""
+    import numpy as np
+
+    producer = {o: n for n in graph.node for o in n.output}
+    renamed, dropped = {}, set()
+    for where in graph.node:
+        if where.op_type != "Where" or len(where.input) != 3:
+            continue
+        guard, zero, p = (producer.get(where.input[0]), _constant(graph, where.input[1], producer), where.input[2])
+        softmax = producer.get(p)
+        if (guard is None or guard.op_type != "IsNaN" or guard.input[0] != p or zero is None
+                or np.any(zero != 0) or softmax is None or softmax.op_type != "Softmax"):
+            continue
+        add = producer.get(softmax.input[0])
+        if add is None or add.op_type != "Add":
+            continue
+        biases = [producer.get(i) for i in add.input]
+        finite = False
+        for b in biases:
+            if b is not None and b.op_type == "Where" and len(b.input) == 3:
+                on, off = _constant(graph, b.input[1], producer), _constant(graph, b.input[2], producer)
+                finite = on is not None and off is not None and bool(np.all(np.isfinite(on)) and np.all(np.isfinite(off)))
+        if not finite:
+            continue
+        renamed[where.output[0]] = p
+        dropped.update({id(where), id(guard)})
+    if not renamed:
+        return 0
+    keep = [n for n in graph.node if id(n) not in dropped]
+    for n in keep:
+        for i, name in enumerate(n.input):
+            if name in renamed:
+                n.input[i] = renamed[name]
+    for o in graph.output:
+        if o.name in renamed:  # never: a guard feeds the next MatMul, not an output
+            raise ValueError(f"graph output {o.name} is a NaN guard")
+    del graph.node[:]
+    graph.node.extend(keep)
+    return len(renamed)
 
 
 def _elem_types(graph: onnx.GraphProto) -> dict[str, int]:
