@@ -147,6 +147,7 @@ def test_ort_bundle_files_and_report(nnapi_out):
         after = reports["model.s128.onnx"][acc]["as_exported"]  # fixed shapes + rewrites, really
         assert after["supported_pct"] > a["supported_pct"] + 50 and after["nodes_unsupported_by_dynamic_shape"] == 0
         assert "ai.onnx:Reciprocal" not in after["unsupported_ops"] and "ai.onnx:Neg" not in after["unsupported_ops"]
+        assert after["partitions"] <= 3 < e["if_shapes_fixed"]["partitions"]  # the rewrites join them
     assert t["partitions"]["model.onnx"] == report
     assert "model.s1.ort, model.s128.ort; static shapes: batch 1, buckets 1/128, context 512, max_rank 64" in printed
     assert "partitions model.s128.onnx nnapi:" in printed and "NOT applied" not in printed.replace("fp16 NOT", "")
@@ -320,6 +321,8 @@ def test_static_graphs_fix_every_shape_and_share_the_weights(small_static):
         assert b["data_file"] == "model.onnx.data" and b["data_sha256"] == m["graph"]["data_sha256"]
         ops = {n.op_type for n in g.graph.node}
         assert "Reciprocal" not in ops and "Reciprocal" in {n.op_type for n in dynamic.graph.node}
+        expands = [sum(n.op_type == "Expand" for n in x.graph.node) for x in (dynamic, g)]
+        assert expands[1] <= expands[0] - 4  # repeat_kv of k and v in both layers became Concats
         assert (out / b["file"]).stat().st_size < 2 * (out / "model.onnx").stat().st_size
     # a file the bucket graphs point at, outside the artifact, is refused as for the dynamic graph
     assert {p.name for p in out.glob("*.data")} == {"model.onnx.data"}

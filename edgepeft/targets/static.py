@@ -97,7 +97,46 @@ def fix_shapes(proto: onnx.ModelProto, dims: dict[str, int], max_rank: int | Non
     keep = [t for t in out.graph.initializer if t.name not in ranked]
     del out.graph.initializer[:]
     out.graph.initializer.extend(keep)
+    _expands_to_concats(out)
     return out
+
+
+def _expands_to_concats(model: onnx.ModelProto) -> int:
+    """``Expand`` that repeats one axis of size 1 ``n`` times -> ``Concat`` of ``n`` copies along it,
+    in place; the same numbers. Grouped-query attention's ``repeat_kv`` exports as such an Expand
+    (with a computed shape) in every layer, and neither NNAPI nor Core ML takes Expand, so each
+    layer was a partition of its own. Shapes come from onnx's shape inference on the fixed graph;
+    an Expand whose shapes it cannot tell, or that broadcasts more than one axis, stays.
+
+    Returns:
+        How many Expands were rewritten.
+    """
+    inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+
+    def dims(v):
+        d = [x.dim_value if x.HasField("dim_value") else None for x in v.type.tensor_type.shape.dim]
+        return d if v.type.tensor_type.HasField("shape") and None not in d else None
+
+    shapes = {v.name: dims(v) for v in list(inferred.graph.value_info) + list(inferred.graph.input)
+              + list(inferred.graph.output)}
+    done = 0
+    for node in model.graph.node:
+        if node.op_type != "Expand" or node.domain not in ("", "ai.onnx"):
+            continue
+        src, dst = shapes.get(node.input[0]), shapes.get(node.output[0])
+        if not src or not dst or len(src) != len(dst):
+            continue
+        grown = [i for i, (a, b) in enumerate(zip(src, dst)) if a != b]
+        if len(grown) != 1 or src[grown[0]] != 1:
+            continue
+        x = node.input[0]
+        del node.input[:]
+        node.input.extend([x] * dst[grown[0]])
+        node.op_type = "Concat"
+        del node.attribute[:]
+        node.attribute.append(onnx.helper.make_attribute("axis", grown[0]))
+        done += 1
+    return done
 
 
 def accelerator_rewrites(graph: onnx.GraphProto) -> dict[str, int]:
@@ -106,6 +145,8 @@ def accelerator_rewrites(graph: onnx.GraphProto) -> dict[str, int]:
     - ``Reciprocal(x)`` -> ``Div(1, x)``: RMSNorm's ``rsqrt`` exports as Reciprocal(Sqrt), which
       NNAPI lacks, so every norm split the graph into another partition;
     - ``Neg(x)`` -> ``Mul(x, -1)``: rotary embeddings' ``rotate_half``; Core ML lacks Neg;
+    - (after the shapes are fixed) ``Expand`` of one size-1 axis -> ``Concat`` of copies
+      (:func:`_expands_to_concats`): grouped-query attention's ``repeat_kv``;
     - ``Where(IsNaN(p), 0, p)`` after ``p = Softmax(scores + bias)`` -> ``p``: the exporter's
       guard for rows where every key is masked (``-inf``); NNAPI and Core ML lack IsNaN, so each
       layer split the graph twice. Removed only when ``bias`` is ``Where(mask, 0, c)`` with a
