@@ -71,10 +71,11 @@ def export(args) -> int:
                         adapter_precision=args.adapter_precision,
                         calibration=args.calibration, calibration_method=args.calibration_method,
                         quantize_embeddings=args.quantize_embeddings,
-                        block_size=args.block_size, protect=args.protect)
+                        block_size=args.block_size, protect=args.protect,
+                        accuracy_level=args.accuracy_level, head_bits=args.head_bits)
     cfg = ExportConfig(base=Path(args.base), out=Path(args.out), adapters=_adapter_pairs(args.adapter),
                        mode=args.mode, force=args.force, opset=args.opset, task=args.task, quant=quant,
-                       allow_base_mismatch=args.allow_base_mismatch, target=target)
+                       allow_base_mismatch=args.allow_base_mismatch, target=target, graph=args.graph)
     manifest = run_export(cfg, quiet=args.quiet)
     print(f"{args.out}: {manifest['mode']} artifact, adapters: {', '.join(manifest['adapters']) or '(none)'}")
     t = manifest["target"]
@@ -101,6 +102,11 @@ def _export_args(p):
                    help="a PEFT adapter folder under a name; repeat for more")
     p.add_argument("--mode", choices=["side", "merged"], default="side",
                    help="side: adapters as run-time inputs of one graph (default); merged: one graph per adapter")
+    p.add_argument("--graph", choices=["generic", "fused"], default="generic",
+                   help="generic: the traced model, every architecture and adapter kind (default); fused: "
+                        "Llama-family causal LMs with LoRA, built from onnxruntime's fused kernels "
+                        "(GroupQueryAttention, in-place KV cache, packed q|k|v and gate|up): several times "
+                        "faster decoding on CPU")
     p.add_argument("--out", required=True, help="artifact directory to create")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("--target", default=None, metavar="NAME_OR_FILE",
@@ -130,6 +136,12 @@ def _export_args(p):
                    help="share (0..1) of base MatMuls with the largest measured quantization error on the "
                         "calibration texts kept at higher precision: 8-bit under int4, float under int8 "
                         "(default: 0)")
+    p.add_argument("--accuracy-level", type=int, choices=[0, 4], default=0,
+                   help="int4: MatMulNBits compute, 0 = float activations (default), 4 = activations rounded to "
+                        "int8 per block (integer dot products: ~3x faster per MatMul on x86, a little more error)")
+    p.add_argument("--head-bits", type=int, choices=[4, 8], default=None,
+                   help="int4: quantize the LM head (untied if tied) to 8 or 4 bits; the token table stays "
+                        "float (default: float head)")
     p.add_argument("--quantize-embeddings", action="store_true",
                    help="also quantize the LM head (untied if tied) and the token embeddings: 4-bit "
                         "under int4, 8-bit under int8 dynamic/static, float under int8 weight-only")
@@ -207,7 +219,8 @@ def _scheme(m: dict) -> str:
     if p == "int8-static":
         return f" (int8 weights, {q.get('static_activations', 'int8')} activations, {q.get('calibration_method')})"
     if p == "int4":
-        return f" (HQQ, block {q.get('block_size')})"
+        return (f" (HQQ, block {q.get('block_size')}" + (", int8 compute" if q.get("accuracy_level") == 4 else "")
+                + (f", {q['head_bits']}-bit head" if q.get("head_bits") else "") + ")")
     return ""
 
 
@@ -265,6 +278,8 @@ def _show(root: Path, m: dict) -> None:
         files = [inside(root, f, str(root / "manifest.json")) for f in (g["file"], g["data_file"])]
         size = sum(f.stat().st_size for f in files if f.is_file())
         line = f"graph {rel}: {size / 1e6:.2f} MB, precision {m['precision']}{_scheme(m)}"
+        if g.get("layout") == "fused":
+            line += ", fused layout (GroupQueryAttention, one in-place KV buffer)"
         if q:
             line += (f", {q['quantized_weight_nodes']}/{q['weight_nodes']} weight nodes quantized, "
                      f"{q['adapter_nodes']} adapter-branch nodes kept float")
@@ -273,7 +288,7 @@ def _show(root: Path, m: dict) -> None:
         print(line)
         special = {k: v for k, v in (g.get("ops") or {}).items() if k in (
             "MatMul", "Gemm", "MatMulInteger", "DynamicQuantizeLinear", "QuantizeLinear",
-            "DequantizeLinear", "MatMulNBits", "Cast", "Gather")}
+            "DequantizeLinear", "MatMulNBits", "Cast", "Gather", "GatherBlockQuantized", "GroupQueryAttention")}
         print("  ops: " + ", ".join(f"{k} x{v}" for k, v in special.items()))
     st = m.get("static")
     if st:

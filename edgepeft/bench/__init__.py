@@ -228,8 +228,9 @@ def _merged_artifact(root: Path, manifest: dict, merged: str | Path, adapter: st
     if not (src / "adapter_config.json").is_file():
         return None, adapter, f"adapter folder {src} of {adapter!r} not found: pass --adapter {adapter}=DIR"
     entry = manifest["adapters"][adapter]
+    graph = "fused" if manifest["graph"].get("layout") == "fused" else "generic"  # compare like with like
     key = hashlib.sha256(json.dumps([manifest["base"]["fingerprint"], entry["sha256"], manifest["precision"],
-                                     manifest.get("quantization")], sort_keys=True).encode()).hexdigest()[:16]
+                                     manifest.get("quantization"), graph], sort_keys=True).encode()).hexdigest()[:16]
     path = _cache_dir() / f"{adapter}-{manifest['precision']}-{key}"
     try:
         ok = read_manifest(path)["mode"] == "merged"
@@ -241,7 +242,7 @@ def _merged_artifact(root: Path, manifest: dict, merged: str | Path, adapter: st
     path.parent.mkdir(parents=True, exist_ok=True)
     res = _spawn("export-merged", {"base": str(base), "out": str(path), "adapter": adapter,
                                    "adapter_dir": str(src), "precision": manifest["precision"],
-                                   "quantization": manifest.get("quantization")})
+                                   "quantization": manifest.get("quantization"), "graph": graph})
     return path, adapter, f"exported in {res['export_s']:.0f} s: {path}"
 
 

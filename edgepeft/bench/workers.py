@@ -140,11 +140,15 @@ def run_ort(spec: dict, system: str, choice) -> dict:
     stamps: list[float] = []
 
     def timed(real):
-        def timed_run(*a, **kw):
-            out = real.run(*a, **kw)
-            stamps.append(time.perf_counter())
-            return out
-        return SimpleNamespace(run=timed_run)
+        def stamped(method):
+            def call(*a, **kw):
+                out = method(*a, **kw)
+                stamps.append(time.perf_counter())
+                return out
+            return call
+        # fused graphs run through I/O binding (edgepeft.runtime.fused)
+        return SimpleNamespace(run=stamped(real.run), run_with_iobinding=stamped(real.run_with_iobinding),
+                               io_binding=real.io_binding)
 
     if m._static:  # one session per sequence bucket: time them all
         m._buckets = {s: timed(sess) for s, sess in m._buckets.items()}
@@ -284,6 +288,18 @@ def _step_fn(m, session, feeds_of, spec):
         return lambda: session.run(["logits"], {"input_ids": ids, "attention_mask": mask, **feeds_of()})
     ids = np.asarray([spec["prompt_ids"]], np.int64)
     mask = np.ones_like(ids)
+    if m.fused:  # one KV buffer; each step rebinds the current adapter and runs the next token
+        from edgepeft.runtime import fused
+
+        kv = fused.Cache(session, m._cache, 1, ids.shape[1] + 1)
+        kv.bind_adapter(m._values(feeds_of()))
+        kv.run(ids, np.array([ids.shape[1]]))
+        step_ids, total = ids[:, -1:], np.array([ids.shape[1] + 1])
+
+        def step():  # always the same slot: every step is the first after the prompt
+            kv.bind_adapter(m._values(feeds_of()))
+            return kv.run(step_ids, total)
+        return step
     if m._static:  # the fixed KV window after the prompt; each step starts from it again
         ids, mask = next(m._row_groups(ids, mask))
         _, (kv, wmask) = m._static_prefill(feeds_of(), ids, mask, None)
@@ -448,8 +464,8 @@ def export_merged(spec: dict) -> dict:
     q["precision"] = spec["precision"]
     t = time.perf_counter()
     export(ExportConfig(base=Path(spec["base"]), out=Path(spec["out"]), mode="merged", force=True,
-                        adapters=((spec["adapter"], Path(spec["adapter_dir"])),), quant=QuantConfig(**q)),
-           quiet=True)
+                        adapters=((spec["adapter"], Path(spec["adapter_dir"])),), quant=QuantConfig(**q),
+                        graph=spec.get("graph", "generic")), quiet=True)
     return {"export_s": time.perf_counter() - t}
 
 

@@ -36,6 +36,8 @@ ADAPTER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # named ``{feature}.{module}.{part}``. Per part: its mixing rule when several adapters are active,
 #   cat0  concatenate along axis 0 (A, down-projections: the rank axis)
 #   cat1w concatenate along axis 1 after multiplying by the adapter's weight (B, up-projections)
+#   cat1  concatenate along axis 1 (A^T of the fused graph: its rank axis is the last)
+#   cat0w concatenate along axis 0 after multiplying by the adapter's weight (B^T of the fused graph)
 #   sumw  weighted sum (up-projection biases)
 #   one   at most one active adapter may feed it, with weight 1 (non-linear in the weights).
 # See edgepeft/export/slots.py for the maths.
@@ -48,7 +50,10 @@ FEATURE_PARTS = {
     "bottleneck_gelu": (("down", "cat0"), ("down_bias", "cat0"), ("up", "cat1w"), ("up_bias", "sumw")),
     "bottleneck_silu": (("down", "cat0"), ("down_bias", "cat0"), ("up", "cat1w"), ("up_bias", "sumw")),
 }
-MIX_RULES = ("cat0", "cat1w", "sumw", "one")
+MIX_RULES = ("cat0", "cat1w", "cat1", "cat0w", "sumw", "one")
+# A graph's layout: None (the traced model: attention_mask, position_ids, past grows by concat) or
+# "fused" (edgepeft.export.fused: seqlens_k, total_sequence_length, right padding, one KV buffer).
+LAYOUTS = (None, "fused")
 PROMPT_INPUT = "prompt.embeds"  # encoder prompt tuning: (n_virtual, hidden), rule "one"
 
 
@@ -205,6 +210,7 @@ def _check_fields(m: dict, path: Path) -> None:
         ort = g.get("ort")
         need(ort is None or (isinstance(ort, dict) and is_str(ort.get("file")) and is_str(ort.get("sha256"))),
              f"{field}.ort", "null or {file, sha256} strings", ort)
+        need(g.get("layout") in LAYOUTS, f"{field}.layout", f"one of {LAYOUTS}", g.get("layout"))
 
     need(m["task"] in ("causal-lm", "classification") if is_str(m["task"]) else False, "task",
          "'causal-lm' or 'classification'", m["task"])

@@ -30,6 +30,7 @@ import numpy as np
 import onnxruntime as ort
 
 from edgepeft.errors import EdgepeftError
+from edgepeft.runtime import fused
 from edgepeft.runtime.manifest import (MANIFEST_NAME, PROMPT_INPUT, UNTAGGED, base_tag,
                                        check_adapter_name, inside, past_names, prefix_names,
                                        read_manifest, sha256_file, target_providers)
@@ -240,11 +241,15 @@ class Model:
         # key -> (the _Adapter objects it was combined from, result): a hit must be the same objects
         self._mixes: OrderedDict[tuple, tuple[tuple, tuple[dict, list | None]]] = OrderedDict()
         self._tokenizer = None
+        self._ort_values: dict[int, tuple[dict, dict]] = {}  # id(feeds) -> (feeds, OrtValues): fused graphs
         kv = self.manifest.get("kv_cache") or {"kv_heads": [], "head_dims": []}
         self._cache = list(zip(kv["kv_heads"], kv["head_dims"]))
         self.merged = self.manifest["mode"] == "merged"
+        # fused layout (edgepeft.export.fused): right padding, seqlens_k, one in-place KV buffer
+        self.fused = self.manifest["graph"].get("layout") == "fused"
         self._sessions: dict[str | None, ort.InferenceSession] = {}
         self._inputs: dict[str, dict] = self.manifest.get("inputs", {})
+        self._identity = {k: np.zeros([d or 0 for d in v["shape"]], np.float32) for k, v in self._inputs.items()}
         # name -> _Adapter (side mode). Replaced as a whole on add / remove, never changed in place.
         self._loaded: dict[str, _Adapter] = {}
         self._graph_inputs: dict[str, list] = {}  # adapter inputs of the side graph: name -> shape
@@ -606,6 +611,10 @@ class Model:
                 feeds[k] = group[0][2]
             elif rule == "cat0":
                 feeds[k] = np.concatenate([v for _, _, v in group], axis=0)  # (sum r, ...)
+            elif rule == "cat1":
+                feeds[k] = np.concatenate([v for _, _, v in group], axis=1)  # (in, sum r)
+            elif rule == "cat0w":
+                feeds[k] = np.concatenate([np.float32(w) * v for _, w, v in group], axis=0)  # (sum r, out)
             elif rule == "cat1w":
                 feeds[k] = np.concatenate([np.float32(w) * v for _, w, v in group], axis=1)  # (out, sum r)
             elif rule == "sumw":
@@ -649,6 +658,21 @@ class Model:
             z[tuple(slice(0, d) for d in v.shape)] = v
             out[k] = z
         return out
+
+    def _values(self, feeds: dict[str, np.ndarray]) -> dict[str, ort.OrtValue]:
+        """OrtValues over ``feeds`` (an adapter's or a cached mix's arrays), made once per feeds
+        object: binding them later copies nothing. Kept while the feeds object is cached."""
+        with self._lock:
+            hit = self._ort_values.get(id(feeds))
+            if hit is not None and hit[0] is feeds:
+                return hit[1]
+            # every adapter input, the unfed ones rank-0 (the identity): a reused binding keeps no
+            # input of the previous choice
+            values = fused.ort_values({**self._identity, **feeds})
+            self._ort_values[id(feeds)] = (feeds, values)  # holds feeds: its id stays unique
+            while len(self._ort_values) > 2 * _MIX_CACHE_SIZE + len(self._loaded) + 1:
+                self._ort_values.pop(next(iter(self._ort_values)))
+            return values
 
     def _check_names(self, names: list[str], loaded: Mapping | None = None) -> None:
         have = self.manifest["adapters"] if loaded is None else loaded
@@ -713,6 +737,8 @@ class Model:
         if self._static:
             return np.concatenate([self._static_prefill(feeds, i, m, prefix)[0]
                                    for i, m in self._row_groups(ids, mask)])[:ids.shape[0]]
+        if self.fused:
+            return fused.logits(session, self._cache, self._values(feeds), ids, mask)
         past, mask = self._start(ids.shape[0], mask, prefix)
         return self._run(session, feeds, ids, mask, past)[0]
 
@@ -846,6 +872,8 @@ class Model:
         eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
         if self._static:
             return self._static_generate(feeds, ids, mask, prefix, max_new_tokens, eos)
+        if self.fused:
+            return fused.generate(session, self._cache, self._values(feeds), ids, mask, max_new_tokens, eos)
         out = [ids]
         done = np.zeros(ids.shape[0], bool)
         past, mask = self._start(ids.shape[0], mask, prefix)
