@@ -8,6 +8,8 @@ Setup (issue 8): a 32-token prompt, 64 greedy tokens, batch 1, 2 threads, the ``
 (LoRA r=16 on q/k/v/o) active, ``sentiment`` (r=8 on q/v) loaded beside it for the swap and the
 memory figures. Each row runs in its own process (peak RSS is the process's ``VmHWM``); decode
 tok/s is ``(tokens - 1) / (last step end - first step end)``, the median of ``--runs`` generations.
+The rows take turns, ``--rounds`` times (a fresh process each time), and each figure is the median
+over the rounds: the machine is shared, and a row measured only at a busy moment would look slow.
 
 Rows: PyTorch eager fp32 + peft; edgepeft's generic graph (traced) fp32 / int4 side; the fused
 graph (``--graph fused``) fp32 / int4 (``--accuracy-level 4 --head-bits 8``), each side and
@@ -348,7 +350,8 @@ def markdown(res: dict) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--reuse", action="store_true", help="reuse exported artifacts when they exist")
-    ap.add_argument("--runs", type=int, default=7, help="generations per row, median (default 7)")
+    ap.add_argument("--runs", type=int, default=7, help="generations per row and round, median (default 7)")
+    ap.add_argument("--rounds", type=int, default=3, help="times the rows take turns, a fresh process each (default 3)")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
@@ -371,7 +374,8 @@ def main(argv=None) -> int:
     spec = {"runs": args.runs, "new_tokens": args.new_tokens, "threads": args.threads,
             "prompt": _prompt_ids(args.prompt_tokens), "swap_pairs": args.swap_pairs}
     names = args.only or list(ROWS)
-    res = {"date": time.strftime("%Y-%m-%d %H:%M"), "config": {k: v for k, v in spec.items() if k != "prompt"},
+    res = {"date": time.strftime("%Y-%m-%d %H:%M"),
+           "config": {**{k: v for k, v in spec.items() if k != "prompt"}, "rounds": args.rounds},
            "machine": machine_info(), "rows": {}}
     exported = {}
     for name in names:
@@ -379,19 +383,27 @@ def main(argv=None) -> int:
         exported[name] = _export(name, args.reuse)
     OUT.mkdir(parents=True, exist_ok=True)
     lspec = _llamacpp_spec({**spec, "convert_lora": args.convert_lora})
+    jobs = {}  # row -> (worker kind, spec)
     if isinstance(lspec, str):
         res["rows"]["llama.cpp-q4_1"] = {"skipped": lspec}
     else:
-        print("[bench_speed] llama.cpp", file=sys.stderr, flush=True)
-        res["rows"]["llama.cpp-q4_1"] = _spawn("llamacpp", lspec)
+        jobs["llama.cpp-q4_1"] = ("llamacpp", lspec)
     if not args.skip_torch:
-        print("[bench_speed] PyTorch + peft", file=sys.stderr, flush=True)
-        res["rows"]["torch-fp32-peft"] = _spawn("torch", spec)
+        jobs["torch-fp32-peft"] = ("torch", spec)
     for name in names:
-        print(f"[bench_speed] run {name}", file=sys.stderr, flush=True)
-        path, secs = exported[name]
-        row = _spawn("ort", {**spec, "artifact": str(path)})
-        row.update({"export_s": round(secs, 1), "size_mb": _size_mb(path)})
+        jobs[name] = ("ort", {**spec, "artifact": str(exported[name][0])})
+    rounds: dict[str, list[dict]] = {name: [] for name in jobs}
+    for r in range(args.rounds):
+        for name, (kind, job) in jobs.items():
+            print(f"[bench_speed] round {r + 1}/{args.rounds}: {name}", file=sys.stderr, flush=True)
+            rounds[name].append(_spawn(kind, job))
+    for name, runs in rounds.items():
+        ok = [x for x in runs if "error" not in x]
+        row = {k: statistics.median(x[k] for x in ok) if isinstance(ok[0][k], (int, float)) else ok[-1][k]
+               for k in ok[0]} if ok else runs[-1]
+        row["rounds"] = {"decode_tok_s": [x.get("decode_tok_s") for x in runs]}
+        if name in exported:
+            row.update({"export_s": round(exported[name][1], 1), "size_mb": _size_mb(exported[name][0])})
         res["rows"][name] = row
     for name in names:
         row, merged = res["rows"][name], res["rows"].get(name.replace("-side", "-merged"))

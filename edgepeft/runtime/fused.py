@@ -83,6 +83,8 @@ class Cache:
         self._seqlens = np.zeros(batch, np.int32)
         self._total = np.zeros((), np.int32)
         self._bound: Mapping | None = None
+        self._step_bound = False
+        self._step_logits: np.ndarray | None = None  # (B, 1, V), decode steps write here
 
     def bind_adapter(self, values: Mapping[str, ort.OrtValue]) -> None:
         """Point the adapter inputs at ``values`` (already OrtValues: nothing is copied)."""
@@ -104,25 +106,29 @@ class Cache:
         """
         if int(lengths.max()) > self.slots:
             raise EdgepeftError(f"the KV buffer holds {self.slots} tokens; this step needs {int(lengths.max())}.")
-        if ids.shape[1] == 1:  # decode: the bound step buffers, rewritten in place
+        b = self.binding
+        if ids.shape[1] == 1:  # decode: inputs and logits in bound buffers, rewritten in place
             self._step_ids[:] = ids
             self._seqlens[:] = lengths - 1
             self._total[...] = int(lengths.max())
-            if not getattr(self, "_step_bound", False):
-                b = self.binding
+            if not self._step_bound:
                 b.bind_ortvalue_input("input_ids", ort.OrtValue.ortvalue_from_numpy(self._step_ids))
                 b.bind_ortvalue_input("seqlens_k", ort.OrtValue.ortvalue_from_numpy(self._seqlens))
                 b.bind_ortvalue_input("total_sequence_length", ort.OrtValue.ortvalue_from_numpy(self._total))
+                if self._step_logits is None:
+                    vocab = self.session.get_outputs()[0].shape[-1]
+                    self._step_logits = np.empty((ids.shape[0], 1, vocab), np.float32)  # (B, 1, V)
+                b.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(self._step_logits))
                 self._step_bound = True
-        else:
-            b = self.binding
-            b.bind_cpu_input("input_ids", np.ascontiguousarray(ids, np.int64))
-            b.bind_cpu_input("seqlens_k", (lengths - 1).astype(np.int32))
-            b.bind_cpu_input("total_sequence_length", np.array(int(lengths.max()), np.int32))
-            self._step_bound = False
-        self.binding.bind_output("logits")
-        self.session.run_with_iobinding(self.binding)
-        return self.binding.get_outputs()[0].numpy()
+            self.session.run_with_iobinding(b)
+            return self._step_logits.copy()
+        b.bind_cpu_input("input_ids", np.ascontiguousarray(ids, np.int64))
+        b.bind_cpu_input("seqlens_k", (lengths - 1).astype(np.int32))
+        b.bind_cpu_input("total_sequence_length", np.array(int(lengths.max()), np.int32))
+        b.bind_output("logits")
+        self._step_bound = False
+        self.session.run_with_iobinding(b)
+        return b.get_outputs()[0].numpy()
 
 
 def ort_values(feeds: Mapping[str, np.ndarray]) -> dict[str, ort.OrtValue]:
