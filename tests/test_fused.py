@@ -159,3 +159,20 @@ def test_fused_cli_exit_2_on_other_architectures(tmp_path, capsys):
     base = make_base("gpt2", tmp_path / "gpt2")
     rc = main(["export", str(base), "--graph", "fused", "--out", str(tmp_path / "out")])
     assert rc == 2 and "model_type 'gpt2'" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_bench_runs_on_a_fused_artifact(fused_side, tmp_path, capsys):
+    """`edgepeft bench` times a fused artifact (its runs go through I/O binding) and its swaps."""
+    import json
+
+    from edgepeft.cli import main
+
+    code = main(["bench", str(fused_side), "--merged", "no", "--repeats", "1", "--prefill-samples", "2",
+                 "--new-tokens", "3", "--prompt-tokens", "4", "--threads", "1", "--out", str(tmp_path / "b"),
+                 "--json", "--quiet"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    r = json.loads(out)
+    assert all(v["decode_tok_s"] > 0 for v in r["summary"].values()) and len(r["summary"]) >= 4
+    steps = r["swap"]["swap-side"]["steps"]
+    assert steps["after_swap_ms"] > 0 and steps["steady_ms"] > 0

@@ -24,7 +24,6 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 T_ENTRY = time.perf_counter()  # before onnxruntime / torch are imported
 
@@ -139,16 +138,24 @@ def run_ort(spec: dict, system: str, choice) -> dict:
         prefill.append((time.perf_counter() - t) * 1e3)
     stamps: list[float] = []
 
-    def timed(real):
-        def stamped(method):
-            def call(*a, **kw):
-                out = method(*a, **kw)
-                stamps.append(time.perf_counter())
-                return out
-            return call
-        # fused graphs run through I/O binding (edgepeft.runtime.fused)
-        return SimpleNamespace(run=stamped(real.run), run_with_iobinding=stamped(real.run_with_iobinding),
-                               io_binding=real.io_binding)
+    class timed:
+        """The session, with a time stamp after each run (fused graphs run with I/O binding)."""
+
+        def __init__(self, real):
+            self.real = real
+
+        def __getattr__(self, name):
+            return getattr(self.real, name)
+
+        def run(self, *a, **kw):
+            out = self.real.run(*a, **kw)
+            stamps.append(time.perf_counter())
+            return out
+
+        def run_with_iobinding(self, *a, **kw):
+            out = self.real.run_with_iobinding(*a, **kw)
+            stamps.append(time.perf_counter())
+            return out
 
     if m._static:  # one session per sequence bucket: time them all
         m._buckets = {s: timed(sess) for s, sess in m._buckets.items()}

@@ -116,8 +116,7 @@ class Cache:
                 b.bind_ortvalue_input("seqlens_k", ort.OrtValue.ortvalue_from_numpy(self._seqlens))
                 b.bind_ortvalue_input("total_sequence_length", ort.OrtValue.ortvalue_from_numpy(self._total))
                 if self._step_logits is None:
-                    vocab = self.session.get_outputs()[0].shape[-1]
-                    self._step_logits = np.empty((ids.shape[0], 1, vocab), np.float32)  # (B, 1, V)
+                    self._step_logits = np.empty((ids.shape[0], 1, self._vocab()), np.float32)  # (B, 1, V)
                 b.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(self._step_logits))
                 self._step_bound = True
             self.session.run_with_iobinding(b)
@@ -129,6 +128,12 @@ class Cache:
         self._step_bound = False
         self.session.run_with_iobinding(b)
         return b.get_outputs()[0].numpy()
+
+    def _vocab(self) -> int:
+        for out in self.session.get_outputs():
+            if out.name == "logits" and isinstance(out.shape[-1], int):
+                return out.shape[-1]
+        raise EdgepeftError("the fused graph's logits output has no fixed vocabulary size.")
 
 
 def ort_values(feeds: Mapping[str, np.ndarray]) -> dict[str, ort.OrtValue]:
