@@ -461,7 +461,8 @@ def quantize_graph(src: Path, dst: Path, cfg: QuantConfig, adapter_inputs: list[
     branches = adapter_nodes(model, adapter_inputs)
     keep = set(branches) if cfg.quantize_embeddings or cfg.precision == "fp16" else branches | head_nodes(model)
     if cfg.head_bits:  # the head MatMul is quantized (below); the token Gather stays float
-        keep -= {n.name for n in model.graph.node if n.name in head_nodes(model) and n.op_type == "MatMul"}
+        head = head_nodes(model)
+        keep -= {n.name for n in model.graph.node if n.name in head and n.op_type == "MatMul"}
     ops = ["MatMul", "Gemm"] + (["Gather"] if cfg.quantize_embeddings else [])
     weight_only = cfg.precision == "int4" or (cfg.precision == "int8" and cfg.int8_scheme == "weight-only")
     weight_nodes = _weight_nodes(model)
@@ -557,9 +558,10 @@ def _quantize(model, dst, cfg, keep, branches, ops, protected, calibration, src)
             from onnxruntime.quantization.matmul_nbits_quantizer import (HQQWeightOnlyQuantConfig,
                                                                          MatMulNBitsQuantizer)
 
-            head = {n.name for n in model.graph.node if n.op_type == "MatMul" and n.name in head_nodes(model)}
             if cfg.head_bits == 8:  # 8-bit: protected like the most sensitive MatMuls
-                protected = {**protected, **{h: 0.0 for h in head}}
+                head = head_nodes(model)
+                protected = {**protected, **{n.name: 0.0 for n in model.graph.node
+                                             if n.op_type == "MatMul" and n.name in head}}
             if protected:  # the most sensitive at 8 bits first; the 4-bit pass skips them
                 others = sorted(n.name for n in model.graph.node if n.name not in protected)
                 q = MatMulNBitsQuantizer(model, bits=8, block_size=cfg.block_size, is_symmetric=False,
@@ -571,8 +573,8 @@ def _quantize(model, dst, cfg, keep, branches, ops, protected, calibration, src)
             q.process()
             model = q.model.model
             integer_zero_points(model)
-            for node in model.graph.node:  # the compute type of every MatMulNBits (8-bit ones: 4 already)
-                if node.op_type == "MatMulNBits" and cfg.accuracy_level:
+            for node in model.graph.node if cfg.accuracy_level else ():  # every MatMulNBits' compute type
+                if node.op_type == "MatMulNBits":
                     attrs = [a for a in node.attribute if a.name != "accuracy_level"]
                     del node.attribute[:]
                     node.attribute.extend([*attrs, onnx.helper.make_attribute("accuracy_level", cfg.accuracy_level)])
@@ -619,9 +621,10 @@ def gather_uint8(model: onnx.ModelProto, block: int) -> int:
     from onnx import numpy_helper
 
     inits = {i.name: i for i in model.graph.initializer}
+    head = head_nodes(model)
     count, done = 0, {}
     for node in list(model.graph.node):
-        if node.op_type != "Gather" or node.name not in head_nodes(model) or node.input[0] not in inits:
+        if node.op_type != "Gather" or node.name not in head or node.input[0] not in inits:
             continue
         if any(a.name == "axis" and a.i != 0 for a in node.attribute):
             continue
