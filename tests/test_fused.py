@@ -176,3 +176,20 @@ def test_bench_runs_on_a_fused_artifact(fused_side, tmp_path, capsys):
     assert all(v["decode_tok_s"] > 0 for v in r["summary"].values()) and len(r["summary"]) >= 4
     steps = r["swap"]["swap-side"]["steps"]
     assert steps["after_swap_ms"] > 0 and steps["steady_ms"] > 0
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "mistral"])
+def test_other_llama_family_members(arch, tmp_path):
+    """qwen2 (q/k/v biases) and mistral (no sliding window) build the same fused graph."""
+    from conftest import make_base, make_lora
+
+    base = make_base(arch, tmp_path / "base")
+    lora = make_lora(base, tmp_path / "lora", target_modules="all-linear")
+    outs = {}
+    for graph in ("fused", "generic"):
+        outs[graph] = tmp_path / graph
+        export(ExportConfig(base=base, out=outs[graph], adapters=(("a", lora),), graph=graph), quiet=True)
+    ids = np.random.default_rng(2).integers(3, 96, (2, 6))
+    for choice in (None, "a"):
+        np.testing.assert_allclose(Model(outs["fused"]).logits(ids, choice), Model(outs["generic"]).logits(ids, choice),
+                                   atol=1e-5, rtol=0)

@@ -175,7 +175,7 @@ def build_graph(model: torch.nn.Module, sides: dict[str, SideBranch], opset: int
     """
     check_supported(model, sides)
     cfg = model.config
-    sd = {k: v for k, v in model.state_dict().items()}
+    sd = model.state_dict()
     n_layers, hidden = cfg.num_hidden_layers, cfg.hidden_size
     heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
     head_dim = getattr(cfg, "head_dim", None) or hidden // heads
