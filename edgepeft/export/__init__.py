@@ -218,21 +218,36 @@ def _op_counts(proto: onnx.ModelProto) -> dict[str, int]:
 
 
 def _save_adapter(arrays: dict[str, np.ndarray], path: Path, precision: str = "fp32",
-                  base_fp: str | None = None) -> None:
-    """Write an onnxruntime ``.onnx_adapter`` file (AdapterFormat) with the given inputs
-    (stored as fp16 when ``precision`` says so; the runtime computes the branch in fp32), tagged
-    with the base it belongs to (``adapter_version``, see ``manifest.base_tag``)."""
+                  base_fp: str | None = None) -> dict:
+    """Write one adapter's arrays twice: an onnxruntime ``.onnx_adapter`` file (AdapterFormat, read
+    by the Python runtime) and a ``.safetensors`` file beside it (read by runtimes that have no
+    AdapterFormat reader, e.g. onnxruntime's JavaScript API). Both are stored as fp16 when
+    ``precision`` says so (the runtimes compute the branch in fp32) and tagged with the base they
+    belong to (``adapter_version``; safetensors metadata ``base_tag``, see ``manifest.base_tag``).
+
+    Returns:
+        The manifest entry's file fields: ``file``, ``sha256`` and ``safetensors: {file, sha256}``.
+    """
     import onnxruntime as ort
+    from safetensors.numpy import save_file
 
     if precision == "fp16":
         arrays = {k: v.astype(np.float16) for k, v in arrays.items()}
+    tag = base_tag(base_fp) if base_fp else 1
 
     values = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in arrays.items()}  # alive until export
     fmt = ort.AdapterFormat()
-    fmt.set_adapter_version(base_tag(base_fp) if base_fp else 1)
+    fmt.set_adapter_version(tag)
     fmt.set_model_version(FORMAT_VERSION)
     fmt.set_parameters(values)
     fmt.export_adapter(str(path))
+    st = path.with_suffix(".safetensors")
+    save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(st),
+              metadata={"format": "edgepeft-adapter", "format_version": str(FORMAT_VERSION), "base_tag": str(tag)})
+    os.chmod(st, path.stat().st_mode & 0o777)  # safetensors writes 0600; match the other files
+    rel = f"{path.parent.name}/{path.name}"
+    return {"file": rel, "sha256": sha256_file(path),
+            "safetensors": {"file": f"{path.parent.name}/{st.name}", "sha256": sha256_file(st)}}
 
 
 def _final_head_param(model) -> str | None:
@@ -477,10 +492,9 @@ def _write_fused(cfg, model, adapters, base_fp, manifest: dict, tmp: Path, quiet
     for a in adapters:
         arrays = fused.pack_adapter(sides[a.name], used, outs, ins)
         path = tmp / "adapters" / f"{a.name}.onnx_adapter"
-        _save_adapter(arrays, path, quant.adapter_precision, base_fp)
+        files = _save_adapter(arrays, path, quant.adapter_precision, base_fp)
         manifest["adapters"][a.name] = {
-            **kind_module(a).manifest_entry(a), "file": f"adapters/{path.name}", "sha256": sha256_file(path),
-            "base_fingerprint": base_fp, "inputs": sorted(arrays), "prefix": None, "source": str(a.source.resolve())}
+            **kind_module(a).manifest_entry(a), **files, "base_fingerprint": base_fp, "inputs": sorted(arrays), "prefix": None, "source": str(a.source.resolve())}
 
 
 def _write(cfg, task, model, fresh, adapters, cache, base_fp, tmp: Path, quiet: bool) -> dict:
@@ -544,13 +558,12 @@ def _write(cfg, task, model, fresh, adapters, cache, base_fp, tmp: Path, quiet: 
             side = sides[a.name]
             arrays = side.arrays()
             path = tmp / "adapters" / f"{a.name}.onnx_adapter"
-            _save_adapter(arrays, path, quant.adapter_precision, base_fp)
+            files = _save_adapter(arrays, path, quant.adapter_precision, base_fp)
             prefix = None
             if side.prefix:
                 prefix = {"length": int(side.prefix[0][0].shape[2]), "from_prompt": side.prefix_from_prompt}
             manifest["adapters"][a.name] = {
-                **kind_module(a).manifest_entry(a), "file": f"adapters/{path.name}",
-                "sha256": sha256_file(path), "base_fingerprint": base_fp,
+                **kind_module(a).manifest_entry(a), **files, "base_fingerprint": base_fp,
                 "inputs": sorted(n for n in arrays if n in manifest["inputs"]), "prefix": prefix,
                 "source": str(a.source.resolve())}
     else:

@@ -13,6 +13,8 @@ Layout of an artifact dir::
     adapters/NAME.onnx_adapter             side mode: adapter arrays (onnxruntime AdapterFormat):
                                            graph inputs by name, plus ``prefix.{i}.key|value``
                                            for prefix / decoder prompt tuning (a KV-cache seed)
+    adapters/NAME.safetensors              the same arrays as safetensors (metadata ``base_tag``), for
+                                           runtimes without an AdapterFormat reader (JavaScript)
     tokenizer/tokenizer.json, ...          when the base model has a fast tokenizer
 """
 
@@ -300,6 +302,9 @@ def _check_fields(m: dict, path: Path) -> None:
             continue
         for key in ("file", "sha256", "base_fingerprint"):
             need(is_str(e.get(key)), f"{field}.{key}", "a string", e.get(key))
+        st = e.get("safetensors")
+        need(st is None or (isinstance(st, dict) and is_str(st.get("file")) and is_str(st.get("sha256"))),
+             f"{field}.safetensors", "null or {file, sha256} strings", st)
         feeds = e.get("inputs", [])
         need(isinstance(feeds, list) and all(is_str(n) and n in inputs for n in feeds), f"{field}.inputs",
              "a list of names from 'inputs'", feeds)
@@ -351,6 +356,8 @@ def verify(root: Path) -> list[str]:
     files = [(g["file"], g["sha256"]) for g in graphs]
     files += list(dict.fromkeys((g["data_file"], g["data_sha256"]) for g in graphs))  # buckets share one
     files += [(e["file"], e["sha256"]) for e in m["adapters"].values() if "file" in e]
+    files += [(e["safetensors"]["file"], e["safetensors"]["sha256"]) for e in m["adapters"].values()
+              if e.get("safetensors")]
     files += [(g["ort"]["file"], g["ort"]["sha256"]) for g in graphs if g.get("ort")]
     files += [(f["file"], f["sha256"]) for f in target_files(m)]
     problems = []
@@ -483,6 +490,41 @@ def _shape_problems(root: Path, m: dict, graphs: list[dict]) -> list[str]:
     return problems
 
 
+_ST_DTYPES = {"F32": "tensor(float)", "F16": "tensor(float16)"}
+
+
+def _safetensors_problems(root: Path, entry: dict, params: dict, tag: int, where: str) -> list[str]:
+    """The ``.safetensors`` twin of an adapter file holds the same names, shapes and dtypes (header
+    only: 8-byte little-endian length, then JSON) and the same base tag."""
+    st = entry.get("safetensors")
+    if not st:
+        return []
+    try:
+        path = inside(root, st["file"], where)
+    except EdgepeftError:
+        return []
+    if not path.is_file():
+        return []
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if n > MAX_MANIFEST_BYTES:
+                raise ValueError(f"header of {n:,} bytes")
+            header = json.loads(f.read(n))
+        meta = header.pop("__metadata__", {}) or {}
+        got = {k: (_ST_DTYPES.get(v["dtype"], v["dtype"]), list(v["shape"])) for k, v in header.items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        return [f"{path}: not a readable safetensors file ({type(e).__name__}: {e})"]
+    want = {k: (v.data_type(), list(v.shape())) for k, v in params.items()}
+    problems = []
+    if got != want:
+        diff = sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))
+        problems.append(f"{path}: differs from {entry['file']} in {', '.join(diff[:5])} ({where})")
+    if meta.get("base_tag") != str(tag):
+        problems.append(f"{path}: base tag {meta.get('base_tag')}, {entry['file']} has {tag} ({where})")
+    return problems
+
+
 def _adapter_file_problems(root: Path, name: str, entry: dict, m: dict, inputs: dict, kv: dict) -> list[str]:
     """An adapter file's arrays against the inputs it feeds, its prefix, and its base tag."""
     where = f"adapter {name!r} of {root / MANIFEST_NAME}"
@@ -523,6 +565,7 @@ def _adapter_file_problems(root: Path, name: str, entry: dict, m: dict, inputs: 
                                 f"{tuple('n' if d is None else d for d in s)} float ({where})")
         elif not k.startswith("prefix."):
             problems.append(f"{path}: {k!r} is not an adapter input of this graph ({where})")
+    problems += _safetensors_problems(root, entry, params, tag, where)
     prefix = entry.get("prefix")
     for i, (h, d) in enumerate(zip(kv["kv_heads"], kv["head_dims"])):
         for n in prefix_names(i):
