@@ -1,0 +1,10 @@
+/** Backend-independent core: pass an onnxruntime-common API object and a Source to Model.open. */
+export { EdgepeftError } from './errors.js';
+export { Model } from './model.js';
+export type { AdapterChoice, LoadOptions, Logits, OrtApi, Stats } from './model.js';
+export type { Mix } from './mix.js';
+export type { Source } from './source.js';
+export type { TextTokenizer } from './tokenizer.js';
+export { readManifest, baseTag, FORMAT_VERSION } from './manifest.js';
+export type { Manifest } from './manifest.js';
+export { parseSafetensors } from './safetensors.js';

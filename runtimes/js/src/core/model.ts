@@ -1,0 +1,642 @@
+/** `Model`: an edgepeft artifact, run with any onnxruntime JS backend (node, web, react-native).
+ *
+ * Same numbers and refusals as the Python runtime (edgepeft/runtime/model.py). A side artifact is
+ * one session; an adapter is a set of graph feeds (and, for prefix / decoder prompt tuning, a
+ * KV-cache seed). Choosing an adapter per call only changes which tensors are fed: no session is
+ * rebuilt; the feeds (ort Tensors) of each choice are built once and cached.
+ *
+ * Scope: the default graph layout with a dynamic KV cache (causal-lm) and classification, side and
+ * merged mode. Refused: graph layout "fused" and static-shape artifacts (manifest "static"). */
+import type { InferenceSession, Tensor } from 'onnxruntime-common';
+import { EdgepeftError } from './errors.js';
+import { baseTag, MANIFEST_NAME, PROMPT_INPUT, readManifest } from './manifest.js';
+import type { AdapterEntry, GraphEntry, Manifest } from './manifest.js';
+import { combine, mixKey } from './mix.js';
+import type { LoadedAdapter, Mix } from './mix.js';
+import { decodeFloats, externalDataLocations, takeInitializers } from './onnxproto.js';
+import type { DefaultTensor } from './onnxproto.js';
+import { parseSafetensors } from './safetensors.js';
+import type { Array32 } from './safetensors.js';
+import { sha256Hex } from './sha256.js';
+import type { Source } from './source.js';
+import { inside } from './source.js';
+import { loadTokenizer } from './tokenizer.js';
+import type { TextTokenizer } from './tokenizer.js';
+
+/** The onnxruntime-common API object an entry point passes in (onnxruntime-node / -web / -react-native). */
+export interface OrtApi {
+  InferenceSession: { create(buffer: Uint8Array, options?: InferenceSession.SessionOptions): Promise<InferenceSession> };
+  Tensor: typeof Tensor;
+}
+
+export type AdapterChoice = string | Mix | null | undefined;
+
+export interface LoadOptions {
+  /** Extra onnxruntime session options (execution providers, threads, ...). */
+  sessionOptions?: InferenceSession.SessionOptions;
+}
+
+export interface Logits { data: Float32Array; dims: number[] }
+
+export interface Stats {
+  /** Time to build (or fetch from the cache) the feeds of the adapter choice: the swap cost. */
+  feedsMs: number;
+  prefillMs: number;
+  decodeMs: number;
+  newTokens: number;
+}
+
+const MIX_CACHE_SIZE = 8;
+type Feeds = Record<string, Tensor>;
+interface Choice { feeds: Feeds; prefix: [Array32, Array32][] | null; promptLength: number; hasHead: boolean }
+
+const now = () => (globalThis.performance ?? Date).now();
+
+/** CPython's iteration order of a small set of ints (what `next(iter(eos))` picks in Python). */
+function pySetFirst(values: number[]): number {
+  const uniq = [...new Set(values)];
+  let size = 8;
+  while (uniq.length * 5 >= size * 3) size *= 2;
+  const table: (number | undefined)[] = new Array(size);
+  for (const v of uniq) {
+    let i = v % size;
+    while (table[i] !== undefined) i = (i + 1) % size;
+    table[i] = v;
+  }
+  return table.find((v) => v !== undefined)!;
+}
+
+export class Model {
+  readonly manifest: Manifest;
+  readonly task: 'causal-lm' | 'classification';
+  readonly merged: boolean;
+  /** Timing of the last logits() / generate() / classify() call. */
+  stats: Stats = { feedsMs: 0, prefillMs: 0, decodeMs: 0, newTokens: 0 };
+  private readonly source: Source;
+  private readonly ort: OrtApi;
+  private readonly where: string;
+  private readonly cache: [number, number][];
+  private sessions = new Map<string | null, InferenceSession>();
+  private defaults: Feeds = {};
+  private loaded = new Map<string, LoadedAdapter>();
+  private graphShapes: Record<string, (string | number | null)[]> = {};
+  private single = new Map<string, Choice>();
+  private mixes = new Map<string, { used: LoadedAdapter[]; choice: Choice }>();
+  private base: Choice | null = null;
+  private tok: TextTokenizer | null = null;
+  private tokError: EdgepeftError | null = null;
+
+  protected constructor(source: Source, ort: OrtApi, manifest: Manifest) {
+    this.source = source;
+    this.ort = ort;
+    this.manifest = manifest;
+    this.task = manifest.task;
+    this.merged = manifest.mode === 'merged';
+    this.where = source.describe(MANIFEST_NAME);
+    const kv = manifest.kv_cache ?? { kv_heads: [], head_dims: [] };
+    this.cache = kv.kv_heads.map((h, i) => [h, kv.head_dims[i]]);
+  }
+
+  /** Load an artifact from `source` with the onnxruntime API `ort`. Entry points (node.ts, web.ts,
+   * react-native.ts) call this with their Source and backend. */
+  static async open(source: Source, ort: OrtApi, options: LoadOptions = {}): Promise<Model> {
+    const manifest = await readManifest(source);
+    const m = new (this as unknown as new (s: Source, o: OrtApi, m: Manifest) => Model)(source, ort, manifest);
+    await m.init(options);
+    await m.loadTok();
+    return m;
+  }
+
+  private async init(options: LoadOptions): Promise<void> {
+    const m = this.manifest;
+    if (m.static != null) {
+      throw new EdgepeftError(`${this.where}: a static-shape artifact (target with static_shapes) is not supported ` +
+        'by the JS runtime yet; export without a static target (e.g. --target cpu-x86_64 or cpu-arm64).');
+    }
+    const graphs = this.merged ? Object.values(m.adapters).map((e) => e.graph!) : [m.graph];
+    if (graphs.some((g) => g.layout === 'fused')) {
+      throw new EdgepeftError(`${this.where}: graph layout "fused" is not supported by the JS runtime yet; ` +
+        'export without --graph fused.');
+    }
+    if (this.merged) {
+      for (const [name, entry] of Object.entries(m.adapters)) {
+        this.sessions.set(name, await this.session(entry.graph!, new Set(), options));
+      }
+      return;
+    }
+    const names = new Set(Object.keys(m.inputs));
+    this.sessions.set(null, await this.session(m.graph, names, options));
+    for (const i of m.graph.inputs ?? []) if (names.has(i.name)) this.graphShapes[i.name] = i.shape;
+    for (const [name, entry] of Object.entries(m.adapters)) this.loaded.set(name, await this.loadAdapter(name, entry));
+  }
+
+  // ------------------------------------------------------------------ loading
+  private async readChecked(rel: string, sha256: string, where: string): Promise<Uint8Array> {
+    const path = inside(rel, where, this.source.describe(''));
+    let bytes: Uint8Array;
+    try {
+      bytes = await this.source.read(path);
+    } catch (e) {
+      throw new EdgepeftError(`${this.source.describe(path)}: missing or unreadable (${(e as Error)?.message ?? e}) ` +
+        `(${where}). Export the artifact again.`);
+    }
+    if ((await sha256Hex(bytes)) !== sha256) {
+      throw new EdgepeftError(`${this.source.describe(path)}: sha256 does not match the manifest (${where}); the file ` +
+        'was changed or damaged. Export the artifact again.');
+    }
+    return bytes;
+  }
+
+  private async session(graph: GraphEntry, adapterInputs: Set<string>, options: LoadOptions): Promise<InferenceSession> {
+    const file = inside(graph.file, this.where, this.source.describe(''));
+    const bytes = await this.readChecked(file, graph.sha256, this.where);
+    const dir = file.includes('/') ? file.slice(0, file.lastIndexOf('/') + 1) : '';
+    const locations = [...new Set(externalDataLocations(bytes, this.source.describe(file)))];
+    for (const loc of locations) {
+      try {
+        if (!loc) throw new Error('empty');
+        inside(dir + loc, this.where, this.source.describe(''));
+      } catch {
+        throw new EdgepeftError(`${this.source.describe(file)}: external data location ${JSON.stringify(loc)} points ` +
+          'outside the artifact directory; the artifact is tampered with. Export it again.');
+      }
+    }
+    const { model, defaults } = takeInitializers(bytes, adapterInputs, this.source.describe(file));
+    const missing = [...adapterInputs].filter((n) => !defaults.has(n)).sort();
+    if (missing.length) {
+      throw new EdgepeftError(`${this.where}: input '${missing[0]}' is not an adapter input of ` +
+        `${this.source.describe(file)}. Export the artifact again.`);
+    }
+    const folder = this.source.folder?.(dir.replace(/\/$/, ''));
+    const data = new Map<string, Uint8Array>();
+    for (const loc of folder === undefined ? locations : []) {
+      const rel = inside(dir + loc, this.where, '');
+      try {
+        data.set(loc, await this.source.read(rel));
+      } catch (e) {
+        throw new EdgepeftError(`${this.source.describe(rel)}: missing from the artifact (${(e as Error)?.message ?? e}). ` +
+          'Export it again.');
+      }
+    }
+    for (const [name, t] of defaults) this.defaults[name] = this.tensor(await this.defaultValue(t, data, dir, file), name);
+    const user = options.sessionOptions ?? {};
+    const weights: InferenceSession.SessionOptions = folder === undefined
+      ? { externalData: [...data].map(([path, d]) => ({ path, data: d })) }
+      : { extra: { ...(user.extra as object), session: { ...((user.extra as any)?.session),
+          model_external_initializers_file_folder_path: folder } } };
+    let session: InferenceSession;
+    try {
+      session = await this.ort.InferenceSession.create(model, { logSeverityLevel: 3, ...user, ...weights });
+    } catch (e) {
+      throw new EdgepeftError(`${this.source.describe(file)}: onnxruntime cannot load it ` +
+        `(${String((e as Error)?.message ?? e).slice(0, 300)}). Export the artifact again.`);
+    }
+    this.checkGraph(file, session);
+    return session;
+  }
+
+  private async defaultValue(t: DefaultTensor, data: Map<string, Uint8Array>, dir: string, file: string): Promise<Array32> {
+    if (t.data) return { data: t.data, dims: t.dims };
+    const ext = t.external!;
+    const what = `${this.source.describe(file)}: external data of an adapter input`;
+    let bytes = data.get(ext.location);
+    if (!bytes) {
+      const rel = inside(dir + ext.location, this.where, '');
+      bytes = this.source.readRange ? await this.source.readRange(rel, ext.offset, ext.length)
+        : (await this.source.read(rel)).subarray(ext.offset);
+      ext.offset = 0;
+    }
+    if (ext.offset + ext.length > bytes.length) {
+      throw new EdgepeftError(`${what} lies outside ${this.source.describe(dir + ext.location)}; the artifact is damaged. Export it again.`);
+    }
+    const count = t.dims.reduce((a, b) => a * b, 1);
+    return { data: decodeFloats(bytes.subarray(ext.offset, ext.offset + ext.length), ext.dtype, count, what), dims: t.dims };
+  }
+
+  private checkGraph(file: string, session: InferenceSession): void {
+    const inputs = new Set(session.inputNames);
+    if (this.task === 'causal-lm') {
+      const layers = session.inputNames.filter((n) => n.startsWith('past.') && n.endsWith('.key')).length;
+      if (layers !== this.cache.length || this.cache.some((_, i) => !inputs.has(`past.${i}.key`) || !inputs.has(`past.${i}.value`))) {
+        throw new EdgepeftError(`${this.where}: kv_cache does not match the KV-cache inputs of ${this.source.describe(file)} ` +
+          `(${layers} layers); the manifest was edited. Export the artifact again.`);
+      }
+    }
+    if (!session.outputNames.includes('logits')) {
+      throw new EdgepeftError(`${this.source.describe(file)}: has no 'logits' output. Export the artifact again.`);
+    }
+  }
+
+  private async loadAdapter(name: string, entry: AdapterEntry): Promise<LoadedAdapter> {
+    const where = `adapter '${name}' of ${this.where}`;
+    const st = entry.safetensors;
+    if (!st) {
+      throw new EdgepeftError(`${where}: has no .safetensors file (only ${entry.file}, which onnxruntime's JS API ` +
+        'cannot read); export the artifact again with this edgepeft version.');
+    }
+    const bytes = await this.readChecked(st.file, st.sha256, where);
+    const file = this.source.describe(inside(st.file, where, ''));
+    const ours = this.manifest.base.fingerprint;
+    if (entry.base_fingerprint !== ours) {
+      throw new EdgepeftError(`${file}: made for base ${entry.base_fingerprint}, this artifact's base is ${ours} (${where}).`);
+    }
+    const { tensors, metadata } = parseSafetensors(bytes, file);
+    if (metadata.format !== 'edgepeft-adapter' || metadata.base_tag !== String(baseTag(ours))) {
+      throw new EdgepeftError(`${file}: the file was exported for another base model or is not an edgepeft adapter ` +
+        `(format ${JSON.stringify(metadata.format)}, base tag ${JSON.stringify(metadata.base_tag)}, expected ` +
+        `${baseTag(ours)} from ${ours.slice(0, 23)}...) (${where}). Export the adapter with this artifact's base.`);
+    }
+    const graph = new Map<string, Array32>();
+    const sizes = new Map<string, [number, string]>();
+    for (const [k, v] of tensors) {
+      const spec = this.manifest.inputs[k];
+      if (!spec) {
+        if (k.startsWith('prefix.')) continue;
+        throw new EdgepeftError(`${file}: input '${k}' is not an adapter input of this graph (${where}).`);
+      }
+      const shape = this.graphShapes[k] ?? spec.shape;
+      if (v.dims.length !== shape.length || shape.some((e, i) => typeof e === 'number' && e !== v.dims[i])) {
+        throw new EdgepeftError(`${file}: ${k} has shape (${v.dims.join(', ')}), the graph takes ` +
+          `(${shape.map((d) => (typeof d === 'number' ? d : 'n')).join(', ')}) float32 (${where}).`);
+      }
+      shape.forEach((e, i) => {
+        if (typeof e !== 'string') return;
+        const seen = sizes.get(e) ?? [v.dims[i], k];
+        sizes.set(e, seen);
+        if (seen[0] !== v.dims[i]) {
+          throw new EdgepeftError(`${file}: ${k} has ${v.dims[i]} along ${e}, ${seen[1]} has ${seen[0]}; they must ` +
+            `agree (${where}). Export the artifact again.`);
+        }
+      });
+      graph.set(k, v);
+    }
+    for (const [k, shape] of Object.entries(this.graphShapes)) {
+      const e = shape.find((d) => typeof d === 'string' && sizes.has(d));
+      if (!graph.has(k) && e !== undefined) {
+        throw new EdgepeftError(`${file}: has ${sizes.get(e as string)![1]} but not ${k}, which goes with it (${where}). ` +
+          'Export the artifact again.');
+      }
+    }
+    const listed = entry.inputs;
+    if (listed) {
+      const odd = [...listed.filter((n) => !graph.has(n)), ...[...graph.keys()].filter((n) => !listed.includes(n))].sort();
+      if (odd.length) {
+        throw new EdgepeftError(`${file}: its inputs differ from the manifest's list (e.g. '${odd[0]}') (${where}). ` +
+          'Export the artifact again.');
+      }
+    }
+    const prefix: [Array32, Array32][] = [];
+    this.cache.forEach(([h, d], i) => {
+      const k = tensors.get(`prefix.${i}.key`), v = tensors.get(`prefix.${i}.value`);
+      if (!k && !v) return;
+      const ok = (x?: Array32) => x && x.dims.length === 4 && x.dims[0] === 1 && x.dims[1] === h && x.dims[3] === d;
+      if (!ok(k) || !ok(v) || k!.dims.join() !== v!.dims.join()) {
+        throw new EdgepeftError(`${file}: prefix of layer ${i} must be key and value of shape (1, ${h}, p, ${d}) float32 (${where}).`);
+      }
+      prefix.push([k!, v!]);
+    });
+    if (prefix.length && prefix.length !== this.cache.length) {
+      throw new EdgepeftError(`${file}: prefix covers ${prefix.length} of ${this.cache.length} layers (${where}).`);
+    }
+    const known = new Set(prefix.flatMap((_, i) => [`prefix.${i}.key`, `prefix.${i}.value`]));
+    const stray = [...tensors.keys()].filter((k) => k.startsWith('prefix.') && !known.has(k)).sort();
+    if (stray.length) throw new EdgepeftError(`${file}: array '${stray[0]}' is not a KV-cache layer of this model (${where}).`);
+    if (prefix.length && new Set(prefix.map(([k, v]) => `${k.dims[2]},${v.dims[2]}`)).size !== 1) {
+      throw new EdgepeftError(`${file}: prefix layers have different lengths (${where}).`);
+    }
+    if (Boolean(prefix.length) !== Boolean(entry.prefix) || (prefix.length && entry.prefix!.length !== prefix[0][0].dims[2])) {
+      throw new EdgepeftError(`${file}: its prefix does not match the manifest's 'prefix' entry (${where}). Export the artifact again.`);
+    }
+    return { name, entry, graph, prefix: prefix.length ? prefix : null };
+  }
+
+  // ------------------------------------------------------------------ adapters
+  /** Names of the adapters in the artifact. */
+  get adapters(): string[] {
+    return Object.keys(this.manifest.adapters);
+  }
+
+  private tensor(a: Array32, name = ''): Tensor {
+    return new this.ort.Tensor('float32', a.data, a.dims);
+  }
+
+  private checkNames(names: string[], have: Iterable<string>): void {
+    const all = [...have];
+    const unknown = names.filter((n) => !all.includes(n));
+    if (unknown.length) {
+      throw new EdgepeftError(`adapter '${unknown[0]}' is not in ${this.source.describe('')}; it has: ` +
+        `${all.join(', ') || '(none)'}.`);
+    }
+  }
+
+  private choiceOf(feeds: Map<string, Array32>, prefix: [Array32, Array32][] | null): Choice {
+    const out: Feeds = { ...this.defaults };
+    for (const [k, v] of feeds) out[k] = this.tensor(v, k);
+    const prompt = feeds.get(PROMPT_INPUT);
+    return { feeds: out, prefix, promptLength: prompt ? prompt.dims[0] : 0,
+             hasHead: [...feeds.keys()].some((k) => k.startsWith('head.')) };
+  }
+
+  /** Feeds (every adapter input: the choice's arrays, the defaults for the rest) and KV-cache seed,
+   * built once per choice and cached (names: always; mixes: the last 8). */
+  private feeds(adapter: AdapterChoice): Choice {
+    if (adapter === null || adapter === undefined) {
+      return (this.base ??= this.choiceOf(new Map(), null));
+    }
+    if (typeof adapter === 'string') {
+      const a = this.loaded.get(adapter);
+      if (!a) this.checkNames([adapter], this.loaded.keys());
+      let c = this.single.get(adapter);
+      if (!c) {
+        c = this.choiceOf(a!.graph, a!.prefix);
+        this.single.set(adapter, c);
+      }
+      return c;
+    }
+    if (typeof adapter !== 'object' || Array.isArray(adapter) || !Object.keys(adapter).length ||
+        Object.values(adapter).some((w) => typeof w !== 'number' || !Number.isFinite(w))) {
+      throw new EdgepeftError(`adapter=${JSON.stringify(adapter)}: pass null, a name, or a non-empty {name: weight} ` +
+        'mix with finite numeric weights.');
+    }
+    this.checkNames(Object.keys(adapter), this.loaded.keys());
+    const key = mixKey(adapter);
+    const id = JSON.stringify(key);
+    const used = key.map(([n]) => this.loaded.get(n)!);
+    const hit = this.mixes.get(id);
+    if (hit && hit.used.every((x, i) => x === used[i])) {
+      this.mixes.delete(id);
+      this.mixes.set(id, hit);
+      return hit.choice;
+    }
+    const { feeds, prefix } = combine(key, this.loaded, this.manifest.inputs, this.where);
+    const choice = this.choiceOf(feeds, prefix);
+    this.mixes.set(id, { used, choice });
+    while (this.mixes.size > MIX_CACHE_SIZE) this.mixes.delete(this.mixes.keys().next().value!);
+    return choice;
+  }
+
+  private sessionFor(adapter: AdapterChoice): [InferenceSession, Choice] {
+    if (!this.merged) {
+      const t = now();
+      const c = this.feeds(adapter);
+      this.stats = { feedsMs: now() - t, prefillMs: 0, decodeMs: 0, newTokens: 0 };
+      return [this.sessions.get(null)!, c];
+    }
+    if (typeof adapter === 'string') {
+      if (!this.sessions.has(adapter)) this.checkNames([adapter], [...this.sessions.keys()] as string[]);
+      this.stats = { feedsMs: 0, prefillMs: 0, decodeMs: 0, newTokens: 0 };
+      return [this.sessions.get(adapter)!, { feeds: {}, prefix: null, promptLength: 0, hasHead: false }];
+    }
+    throw new EdgepeftError(`${this.source.describe('')} is a merged artifact: one graph per adapter, so only ` +
+      `adapter: '<name>' works (one of ${this.adapters.join(', ')}). Export with --mode side for the base model ` +
+      'and weighted mixes.');
+  }
+
+  private need(task: string, method: string): void {
+    if (this.task !== task) {
+      const other = this.task === 'classification' ? 'classify()' : 'logits() / generate()';
+      throw new EdgepeftError(`${this.source.describe('')} is a ${this.task} artifact: ${method} needs a ${task} ` +
+        `artifact; use ${other}.`);
+    }
+  }
+
+  // ------------------------------------------------------------------ running
+  /** Rows -> (B, S) ids and mask; ragged rows are left-padded (Python's batch_inputs). A mask is
+   * accepted with rectangular rows. */
+  private batch(ids: number[][] | number[], attentionMask?: number[][] | null): { ids: number[][]; mask: number[][] } {
+    let rows = ids as number[][];
+    if (ids.length && typeof ids[0] === 'number') rows = [ids as number[]];
+    if (!Array.isArray(rows) || !rows.length || !rows.every((r) => Array.isArray(r))) {
+      throw new EdgepeftError('input ids must be a non-empty list of rows of token ids (number[][]).');
+    }
+    const longest = Math.max(...rows.map((r) => r.length));
+    let mask: number[][];
+    if (attentionMask) {
+      if (rows.some((r) => r.length !== longest) || attentionMask.length !== rows.length ||
+          attentionMask.some((r) => r.length !== longest)) {
+        throw new EdgepeftError('attentionMask goes with rectangular ids of the same shape; for ragged rows leave ' +
+          'it out (they are left-padded).');
+      }
+      mask = attentionMask.map((r) => r.map(Number));
+    } else {
+      mask = rows.map((r) => [...new Array(longest - r.length).fill(0), ...new Array(r.length).fill(1)]);
+      rows = rows.map((r) => [...new Array(longest - r.length).fill(0), ...r]);
+    }
+    if (longest === 0) {
+      throw new EdgepeftError(`input_ids must be (batch, seq) with batch, seq >= 1; got (${rows.length}, 0).`);
+    }
+    const vocab = this.manifest.base.vocab_size;
+    const flat = rows.flat();
+    if (flat.some((v) => !Number.isInteger(v) || v < 0 || v >= vocab)) {
+      throw new EdgepeftError(`input_ids must lie in [0, ${vocab}); got ${Math.min(...flat)}..${Math.max(...flat)}.`);
+    }
+    return { ids: rows, mask };
+  }
+
+  private int64(rows: number[][]): Tensor {
+    const b = rows.length, s = rows[0]?.length ?? 0;
+    const data = new BigInt64Array(b * s);
+    rows.forEach((r, i) => r.forEach((v, j) => { data[i * s + j] = BigInt(v); }));
+    return new this.ort.Tensor('int64', data, [b, s]);
+  }
+
+  /** Initial past (empty, or the adapter's prefix for every row) and the mask it needs. */
+  private start(batch: number, mask: number[][], prefix: [Array32, Array32][] | null): { past: Feeds; mask: number[][] } {
+    const past: Feeds = {};
+    this.cache.forEach(([h, d], i) => {
+      if (!prefix) {
+        past[`past.${i}.key`] = new this.ort.Tensor('float32', new Float32Array(0), [batch, h, 0, d]);
+        past[`past.${i}.value`] = new this.ort.Tensor('float32', new Float32Array(0), [batch, h, 0, d]);
+        return;
+      }
+      prefix[i].forEach((v, j) => {
+        const data = new Float32Array(batch * v.data.length);
+        for (let r = 0; r < batch; r++) data.set(v.data, r * v.data.length);
+        past[`past.${i}.${j ? 'value' : 'key'}`] = new this.ort.Tensor('float32', data, [batch, ...v.dims.slice(1)]);
+      });
+    });
+    if (prefix) {
+      const p = prefix[0][0].dims[2];
+      mask = mask.map((r) => [...new Array(p).fill(1), ...r]);
+    }
+    return { past, mask };
+  }
+
+  private async run(session: InferenceSession, feeds: Feeds, ids: number[][], mask: number[][], past: Feeds) {
+    const s = ids[0].length;
+    const pos = mask.map((r) => {  // transformers' positions: real tokens before; padded slots get 1
+      let c = -1;
+      return r.map((v) => { c += v; return v === 0 ? 1 : c; }).slice(-s);
+    });
+    return session.run({ input_ids: this.int64(ids), attention_mask: this.int64(mask),
+                         position_ids: this.int64(pos), ...past, ...feeds });
+  }
+
+  /** Next-token logits for every position (causal-lm): (B, S, vocab), left padding for ragged rows. */
+  async logits(ids: number[][] | number[], opts: { adapter?: AdapterChoice; attentionMask?: number[][] | null } = {}): Promise<Logits> {
+    this.need('causal-lm', 'logits()');
+    const [session, choice] = this.sessionFor(opts.adapter);
+    const b = this.batch(ids, opts.attentionMask);
+    const { past, mask } = this.start(b.ids.length, b.mask, choice.prefix);
+    const t = now();
+    const out = await this.run(session, choice.feeds, b.ids, mask, past);
+    this.stats.prefillMs = now() - t;
+    return { data: out.logits.data as Float32Array, dims: [...out.logits.dims] };
+  }
+
+  /** Greedy decoding with the KV cache (causal-lm). Returns the (left-padded) prompt rows followed
+   * by n <= maxNewTokens tokens, like Python's generate; a row stops at the base's EOS (later
+   * positions repeat EOS) unless stopAtEos is false. */
+  async generate(ids: number[][] | number[], opts: { maxNewTokens?: number; adapter?: AdapterChoice;
+                 attentionMask?: number[][] | null; stopAtEos?: boolean } = {}): Promise<number[][]> {
+    this.need('causal-lm', 'generate()');
+    const maxNew = opts.maxNewTokens ?? 32;
+    const [session, choice] = this.sessionFor(opts.adapter);
+    const b = this.batch(ids, opts.attentionMask);
+    const e = opts.stopAtEos === false ? null : this.manifest.base.eos_token_id;
+    const eos = e == null ? [] : Array.isArray(e) ? e : [e];
+    const fill = eos.length ? pySetFirst(eos) : 0;
+    const out = b.ids.map((r) => r.slice());
+    const done = out.map(() => false);
+    let { past, mask } = this.start(b.ids.length, b.mask, choice.prefix);
+    let step = b.ids;
+    const t0 = now();
+    let t1 = t0, n = 0;
+    for (let it = 0; it < maxNew; it++) {
+      const res = await this.run(session, choice.feeds, step, mask, past);
+      if (it === 0) t1 = now();
+      const [B, S, V] = res.logits.dims as number[];
+      const data = res.logits.data as Float32Array;
+      const next = [];
+      for (let r = 0; r < B; r++) {
+        const base = (r * S + S - 1) * V;
+        let best = 0;
+        for (let v = 1; v < V; v++) if (data[base + v] > data[base + best]) best = v;  // first max, as argmax
+        let tok = best;
+        if (eos.length) {
+          if (done[r]) tok = fill;
+          if (eos.includes(tok)) done[r] = true;
+        }
+        next.push(tok);
+        out[r].push(tok);
+      }
+      n++;
+      if (done.every(Boolean) && eos.length) break;
+      step = next.map((x) => [x]);
+      mask = mask.map((r) => [...r, 1]);
+      past = {};
+      this.cache.forEach((_, i) => {
+        past[`past.${i}.key`] = res[`present.${i}.key`];
+        past[`past.${i}.value`] = res[`present.${i}.value`];
+      });
+    }
+    const end = now();
+    this.stats = { ...this.stats, prefillMs: t1 - t0, decodeMs: end - t1, newTokens: n };
+    return out;
+  }
+
+  // ------------------------------------------------------------------ classification
+  /** Class probabilities (softmax of classifyLogits), (B, num_labels) row-major. */
+  async classify(textsOrIds: string | string[] | number[][] | number[], opts: { adapter?: AdapterChoice } = {}): Promise<Logits> {
+    const lg = await this.classifyLogits(textsOrIds, opts);
+    const [B, L] = lg.dims;
+    const data = new Float32Array(B * L);
+    for (let r = 0; r < B; r++) {
+      const row = lg.data.subarray(r * L, (r + 1) * L);
+      const mx = Math.max(...row);
+      const z = Array.from(row, (x) => Math.exp(x - mx));
+      const sum = z.reduce((a, x) => a + x, 0);
+      z.forEach((x, j) => { data[r * L + j] = x / sum; });
+    }
+    return { data, dims: [B, L] };
+  }
+
+  /** Index of the largest logit per row (the predicted label id). */
+  static argmax(x: Logits): number[] {
+    const [B, L] = x.dims;
+    return Array.from({ length: B }, (_, r) => {
+      let best = 0;
+      for (let j = 1; j < L; j++) if (x.data[r * L + j] > x.data[r * L + best]) best = j;
+      return best;
+    });
+  }
+
+  /** Raw classification logits (B, num_labels): texts are tokenized and right-padded, ragged id rows right-padded. */
+  async classifyLogits(textsOrIds: string | string[] | number[][] | number[], opts: { adapter?: AdapterChoice } = {}): Promise<Logits> {
+    this.need('classification', 'classify()');
+    const base = this.manifest.base;
+    const adapter = opts.adapter;
+    if (adapter == null && !(base.head_trained ?? true)) {
+      throw new EdgepeftError(`${this.source.describe('')}: the base model has no trained classification head; ` +
+        `choose an adapter (${this.adapters.join(', ')}).`);
+    }
+    const [session, choice] = this.sessionFor(adapter);
+    if (!this.merged && !choice.hasHead && !(base.head_trained ?? true)) {
+      throw new EdgepeftError(`adapter=${JSON.stringify(adapter)} carries no classification head and the base has ` +
+        'no trained one; include an adapter with a head.');
+    }
+    const { ids, mask } = await this.encode(textsOrIds, choice.promptLength);
+    const t = now();
+    const out = await session.run({ input_ids: this.int64(ids), attention_mask: this.int64(mask), ...choice.feeds });
+    this.stats.prefillMs = now() - t;
+    return { data: out.logits.data as Float32Array, dims: [...out.logits.dims] };
+  }
+
+  private async encode(input: string | string[] | number[][] | number[], reserved: number): Promise<{ ids: number[][]; mask: number[][] }> {
+    const limit = (this.manifest.base.max_length ?? 512) - reserved;
+    let rows: number[][];
+    if (typeof input === 'string') input = [input];
+    if (input.length && typeof input[0] === 'string') {
+      const tok = this.tokenizer;
+      rows = (input as string[]).map((t) => tok.encode(t));
+      rows = rows.map((r) => (r.length > limit ? [...r.slice(0, limit - 1), ...r.slice(-1)] : r));  // keep [SEP]
+    } else if (input.length && typeof input[0] === 'number') {
+      rows = [input as number[]];
+    } else {
+      rows = (input as number[][]).map((r) => [...r]);
+    }
+    if (!rows.length || !rows.every((r) => r.length)) {
+      throw new EdgepeftError('classify() needs at least one non-empty text or id sequence.');
+    }
+    const pad = this.manifest.tokenizer?.pad_token_id || 0;
+    const longest = Math.max(...rows.map((r) => r.length));
+    const vocab = this.manifest.base.vocab_size;
+    const flat = rows.flat();
+    if (flat.some((v) => !Number.isInteger(v) || v < 0 || v >= vocab)) {
+      throw new EdgepeftError(`input ids must lie in [0, ${vocab}); got ${Math.min(...flat)}..${Math.max(...flat)}.`);
+    }
+    if (longest > limit) {
+      throw new EdgepeftError(`sequences of ${longest} tokens exceed the model's ${limit} (after ${reserved} virtual ` +
+        'tokens); shorten them.');
+    }
+    return { ids: rows.map((r) => [...r, ...new Array(longest - r.length).fill(pad)]),
+             mask: rows.map((r) => [...new Array(r.length).fill(1), ...new Array(longest - r.length).fill(0)]) };
+  }
+
+  // ------------------------------------------------------------------ text
+  /** The artifact's tokenizer (loaded with the model; throws EdgepeftError when the artifact has
+   * none or @huggingface/tokenizers cannot build it). */
+  get tokenizer(): TextTokenizer {
+    if (this.tok) return this.tok;
+    throw this.tokError ?? new EdgepeftError(`${this.source.describe('')}: the artifact has no tokenizer (the base ` +
+      'model had no fast tokenizer); pass token ids instead.');
+  }
+
+  private async loadTok(): Promise<void> {
+    const t = this.manifest.tokenizer;
+    if (!t) return;
+    try {
+      this.tok = await loadTokenizer(this.source, t.dir, this.where);
+    } catch (e) {
+      this.tokError = e instanceof EdgepeftError ? e : new EdgepeftError(String(e));
+    }
+  }
+
+  /** Tokenize `prompt`, generate, and decode only the new tokens (special tokens skipped). */
+  async generateText(prompt: string, opts: { maxNewTokens?: number; adapter?: AdapterChoice } = {}): Promise<string> {
+    const tok = this.tokenizer;
+    const ids = tok.encode(prompt);
+    const out = await this.generate([ids], { maxNewTokens: opts.maxNewTokens ?? 32, adapter: opts.adapter });
+    return tok.decode(out[0].slice(ids.length), true);
+  }
+}

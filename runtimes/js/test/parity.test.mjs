@@ -1,0 +1,174 @@
+// Parity of the JS runtime with the Python runtime (tests/test_js_runtime.py writes the cases).
+// Run: EDGEPEFT_JS_CASES=<dir with cases.json> node --test test/parity.test.mjs
+import assert from 'node:assert/strict';
+import { cpSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { after, describe, test } from 'node:test';
+import { Model as Core } from '../dist/core/index.js';
+import { EdgepeftError, Model, ort } from '../dist/node.js';
+
+const dir = process.env.EDGEPEFT_JS_CASES;
+if (!dir) throw new Error('set EDGEPEFT_JS_CASES to the dir tests/test_js_runtime.py wrote (python tests/test_js_runtime.py DIR)');
+const { artifacts } = JSON.parse(readFileSync(join(dir, 'cases.json'), 'utf8'));
+
+const f32 = (b64) => {
+  const buf = Buffer.from(b64, 'base64');
+  return new Float32Array(buf.buffer.slice(buf.byteOffset, buf.byteOffset + buf.byteLength));
+};
+const name = (a) => (a == null ? 'base' : typeof a === 'string' ? a : `mix(${Object.entries(a).map(([k, v]) => `${k}=${v}`).join(',')})`);
+
+function maxDiff(got, dims, want, wantDims) {
+  assert.deepEqual(dims, wantDims, 'dims');
+  assert.equal(got.length, want.length);
+  let m = 0;
+  for (let i = 0; i < got.length; i++) {
+    const d = Math.abs(got[i] - want[i]);
+    if (!(d <= m)) m = Number.isNaN(d) ? Infinity : d;
+  }
+  return m;
+}
+
+const models = new Map();
+async function load(art) {
+  if (!models.has(art.dir)) models.set(art.dir, await Model.load(art.dir));
+  return models.get(art.dir);
+}
+
+for (const [key, art] of Object.entries(artifacts)) {
+  describe(`${key} (${art.task}, tol ${art.tol})`, () => {
+    test('adapters listed as in Python', async () => {
+      assert.deepEqual((await load(art)).adapters, art.adapters);
+    });
+    for (const c of art.logits ?? []) {
+      test(`logits ${name(c.adapter)} ids=${JSON.stringify(c.ids)}${c.mask ? ' mask' : ''}`, async (t) => {
+        const m = await load(art);
+        const got = await m.logits(c.ids, { adapter: c.adapter, attentionMask: c.mask });
+        const d = maxDiff(got.data, got.dims, f32(c.data), c.dims);
+        t.diagnostic(`max|diff| ${d.toExponential(2)}`);
+        assert.ok(d <= art.tol, `max |diff| ${d} > ${art.tol}`);
+      });
+    }
+    for (const c of art.generate ?? []) {
+      test(`greedy ${name(c.adapter)}`, async () => {
+        const m = await load(art);
+        assert.deepEqual(await m.generate(c.ids, { maxNewTokens: c.max_new_tokens, adapter: c.adapter }), c.out);
+        assert.ok(m.stats.newTokens >= 1 && m.stats.prefillMs >= 0 && m.stats.decodeMs >= 0 && m.stats.feedsMs >= 0);
+      });
+    }
+    for (const c of art.generate_text ?? []) {
+      test(`generateText ${name(c.adapter)}`, async () => {
+        const m = await load(art);
+        assert.equal(await m.generateText(c.prompt, { maxNewTokens: c.max_new_tokens, adapter: c.adapter }), c.out);
+      });
+    }
+    for (const c of art.classify ?? []) {
+      test(`classify ${name(c.adapter)} ${JSON.stringify(c.input)}`, async (t) => {
+        const m = await load(art);
+        const lg = await m.classifyLogits(c.input, { adapter: c.adapter });
+        const d = maxDiff(lg.data, lg.dims, f32(c.logits), c.dims);
+        const p = await m.classify(c.input, { adapter: c.adapter });
+        const dp = maxDiff(p.data, p.dims, f32(c.probs), c.dims);
+        t.diagnostic(`max|diff| logits ${d.toExponential(2)} probs ${dp.toExponential(2)}`);
+        assert.ok(d <= art.tol && dp <= art.tol, `max |diff| ${d} / ${dp} > ${art.tol}`);
+        assert.deepEqual(Model.argmax(lg), c.labels);
+      });
+    }
+  });
+}
+
+describe('core with a plain Source (the browser path: weights passed as externalData bytes)', () => {
+  test('side artifact, a mix and a prefix: same logits', async (t) => {
+    const art = artifacts.side;
+    const source = { read: async (rel) => new Uint8Array(readFileSync(join(art.dir, rel))), describe: (rel) => `mem:${rel}` };
+    const m = await Core.open(source, ort);
+    for (const c of art.logits.filter((c) => typeof c.adapter === 'object' && c.adapter !== null)) {
+      const got = await m.logits(c.ids, { adapter: c.adapter, attentionMask: c.mask });
+      const d = maxDiff(got.data, got.dims, f32(c.data), c.dims);
+      t.diagnostic(`${name(c.adapter)} max|diff| ${d.toExponential(2)}`);
+      assert.ok(d <= art.tol);
+    }
+  });
+});
+
+describe('refusals', () => {
+  const tmp = mkdtempSync(join(tmpdir(), 'edgepeft-js-'));
+  after(() => rmSync(tmp, { recursive: true, force: true }));
+  const side = artifacts.side.dir;
+  const copy = (label, edit) => {
+    const d = join(tmp, label);
+    cpSync(side, d, { recursive: true });
+    edit?.(d);
+    return d;
+  };
+  const editManifest = (d, fn) => {
+    const p = join(d, 'manifest.json');
+    const m = JSON.parse(readFileSync(p, 'utf8'));
+    fn(m);
+    writeFileSync(p, JSON.stringify(m));
+  };
+  const refuses = async (d, re) => {
+    await assert.rejects(Model.load(d), (e) => {
+      assert.ok(e instanceof EdgepeftError, `not an EdgepeftError: ${e}`);
+      assert.match(e.message, re);
+      return true;
+    });
+  };
+
+  test('tampered adapter file: sha256, naming the file', async () => {
+    const d = copy('tampered', (d) => {
+      const p = join(d, 'adapters', 'chat.safetensors');
+      const b = readFileSync(p);
+      b[b.length - 3] ^= 0xff;
+      writeFileSync(p, b);
+    });
+    await refuses(d, /chat\.safetensors: sha256 does not match the manifest .*Export the artifact again/);
+  });
+  test('tampered graph: sha256', async () => {
+    const d = copy('graph', (d) => {
+      const p = join(d, 'model.onnx');
+      const b = readFileSync(p);
+      b[b.length - 1] ^= 0xff;
+      writeFileSync(p, b);
+    });
+    await refuses(d, /model\.onnx: sha256 does not match the manifest/);
+  });
+  test('another format_version', async () => {
+    await refuses(copy('v3', (d) => editManifest(d, (m) => { m.format_version = 3; })),
+      /manifest\.json: format_version 3; this runtime reads version 2/);
+  });
+  test('a damaged manifest field', async () => {
+    await refuses(copy('field', (d) => editManifest(d, (m) => { m.base.vocab_size = 'x'; })),
+      /manifest\.json: base\.vocab_size = "x": expected an integer >= 1/);
+  });
+  test('adapter for another base (tag / fingerprint)', async () => {
+    await refuses(copy('otherbase', (d) => editManifest(d, (m) => { m.adapters.chat.base_fingerprint = 'sha256:00'; })),
+      /chat\.safetensors: made for base sha256:00/);
+  });
+  test('fused layout and static shapes: not supported yet', async () => {
+    await refuses(copy('fused', (d) => editManifest(d, (m) => { m.graph.layout = 'fused'; })),
+      /graph layout "fused" is not supported by the JS runtime yet; export without --graph fused/);
+    await refuses(copy('static', (d) => editManifest(d, (m) => { m.static = { batch: 1, max_rank: 8, context: 64, buckets: [8] }; })),
+      /static-shape artifact .* not supported by the JS runtime yet/);
+  });
+  test('unknown adapter lists the adapters; bad mixes are refused as in Python', async () => {
+    const m = await load(artifacts.side);
+    await assert.rejects(m.logits([[5, 6]], { adapter: 'nope' }),
+      (e) => e instanceof EdgepeftError && /adapter 'nope' is not in .*it has: chat, sql, prefix, houlsby, ia3\./.test(e.message));
+    await assert.rejects(m.logits([[5, 6]], { adapter: { chat: 1, nope: 1 } }), /adapter 'nope' is not in/);
+    await assert.rejects(m.logits([[5, 6]], { adapter: { ia3: 0.5 } }), /does not scale linearly; give it weight 1/);
+    await assert.rejects(m.logits([[5, 6]], { adapter: { prefix: 0.5 } }), /is a prefix .*give it weight 1/);
+    await assert.rejects(m.logits([[5, 600]]), /input_ids must lie in \[0, 96\)/);
+    await assert.rejects(m.classify(['w5']), /causal-lm artifact: classify\(\) needs a classification artifact/);
+    const merged = await load(artifacts.merged);
+    await assert.rejects(merged.logits([[5, 6]], { adapter: { chat: 1 } }), /merged artifact: one graph per adapter/);
+  });
+  test('swapping adapters reuses the cached feeds (no rebuild)', async () => {
+    const m = await load(artifacts.side);
+    await m.logits([[5, 6]], { adapter: { chat: 0.7, sql: 0.3 } });
+    const first = m.feeds({ chat: 0.7, sql: 0.3 });
+    await m.logits([[5, 6]], { adapter: 'chat' });
+    assert.equal(m.feeds({ sql: 0.3, chat: 0.7 }), first);
+    assert.equal(m.feeds('chat'), m.feeds('chat'));
+  });
+});

@@ -1,0 +1,177 @@
+"""The TypeScript runtime (runtimes/js) against the Python runtime on the same artifacts.
+
+Tiny artifacts are exported here (a LoRA / prefix / bottleneck / IA3 side artifact in fp32 and in
+int8 with fp16 adapter files, a merged artifact, an encoder classifier), the Python runtime's
+outputs on fixed inputs are written to a cases dir, and ``node --test`` runs
+``runtimes/js/test/parity.test.mjs`` on them: logits within 1e-5 (fp32), greedy ids and texts
+identical, classify labels identical, and the refusals (tampered file, other format version,
+unknown adapter).
+
+Needs the package built: ``(cd runtimes/js && npm ci && npm run build)``; without it the test
+fails (it does not skip), so CI cannot pass without running the JS side.
+
+Run the builder alone (for JS development): ``python tests/test_js_runtime.py OUT_DIR``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import VOCAB, make_adapter, make_base, make_lora, make_tokenizer  # noqa: E402
+
+JS = Path(__file__).resolve().parents[1] / "runtimes" / "js"
+PARITY = JS / "test" / "parity.test.mjs"
+BUILD_HINT = "run `(cd runtimes/js && npm ci && npm run build)` first"
+# int8 graphs: onnxruntime 1.32 (Python) and 1.30 (node) may pick other integer kernels; the max
+# |diff| observed on these artifacts is reported by the node test (see its output).
+INT8_TOL = 1e-4
+
+
+def _f32(a) -> str:
+    """Little-endian float32 bytes of ``a`` as base64 (exact, compact)."""
+    return base64.b64encode(np.ascontiguousarray(a, dtype="<f4").tobytes()).decode()
+
+
+def _bottleneck(base: Path, out: Path, task: str = "CAUSAL_LM", heads=None, seed: int = 5) -> Path:
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from edgepeft.adapters.bottleneck import BottleneckConfig, add_bottleneck, save_bottleneck
+
+    torch.manual_seed(seed)
+    if task == "CAUSAL_LM":
+        model = AutoModelForCausalLM.from_pretrained(base)
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=2)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if any(name.startswith(h + ".") for h in heads):
+                    p.copy_(torch.randn_like(p) * 0.5)
+    cfg = BottleneckConfig(config="houlsby", reduction_factor=8, non_linearity="gelu")
+    add_bottleneck(model, cfg, init_up_std=1.0)
+    save_bottleneck(model, out, cfg, task, str(base), **({"modules_to_save": heads} if heads else {}))
+    return out
+
+
+def _lm_cases(path: Path, choices: list, tol: float, text: bool = True) -> dict:
+    from edgepeft.runtime import Model
+
+    m = Model(path)
+    ragged = [[5, 9, 11, 40, 3, 7], [30, 31, 32]]  # left-padded by both runtimes
+    rect = [[12, 13, 14, 15], [60, 61, 62, 63]]
+    logits, gens, texts = [], [], []
+    for choice in choices:
+        for ids in (ragged, rect):
+            out = m.logits(ids, adapter=choice)
+            logits.append({"adapter": choice, "ids": ids, "dims": list(out.shape), "data": _f32(out)})
+        gens.append({"adapter": choice, "ids": ragged, "max_new_tokens": 6,
+                     "out": m.generate(ragged, max_new_tokens=6, adapter=choice).tolist()})
+        if text:
+            prompt = "w5 w9 w11 w40"
+            texts.append({"adapter": choice, "prompt": prompt, "max_new_tokens": 5,
+                          "out": m.generate_text(prompt, max_new_tokens=5, adapter=choice)})
+    # a mask given explicitly (right padding) on the first choice
+    mask = [[1, 1, 1, 1], [1, 1, 0, 0]]
+    out = m.logits(np.array(rect), adapter=choices[0], attention_mask=np.array(mask))
+    logits.append({"adapter": choices[0], "ids": rect, "mask": mask, "dims": list(out.shape), "data": _f32(out)})
+    return {"dir": str(path), "task": "causal-lm", "tol": tol, "adapters": m.adapters,
+            "logits": logits, "generate": gens, "generate_text": texts}
+
+
+def build_cases(root: Path) -> Path:
+    """Export the tiny artifacts under ``root`` and write ``root/cases.json``."""
+    from edgepeft.export import ExportConfig, export
+    from edgepeft.quantize import QuantConfig
+    from edgepeft.runtime import Model
+
+    root.mkdir(parents=True, exist_ok=True)
+    base = make_base("llama", root / "base", tokenizer=True)
+    ads = {
+        "chat": make_lora(base, root / "chat", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+        "sql": make_lora(base, root / "sql", seed=2, r=8, lora_alpha=16, use_rslora=True,
+                         target_modules="all-linear", rank_pattern={"o_proj": 2}),
+        "prefix": make_adapter(base, root / "prefix", "prefix", seed=3),
+        "houlsby": _bottleneck(base, root / "houlsby"),
+        "ia3": make_adapter(base, root / "ia3", "ia3", seed=4),
+    }
+    side, int8, merged = root / "side", root / "int8", root / "merged"
+    export(ExportConfig(base=base, out=side, adapters=tuple(ads.items())), quiet=True)
+    export(ExportConfig(base=base, out=int8, adapters=tuple(ads.items()),
+                        quant=QuantConfig(precision="int8", int8_scheme="dynamic", adapter_precision="fp16")),
+           quiet=True)
+    export(ExportConfig(base=base, out=merged, adapters=(("chat", ads["chat"]),), mode="merged"), quiet=True)
+    choices = [None, "chat", "sql", "prefix", "houlsby", "ia3", {"chat": 0.7, "sql": 0.3},
+               {"chat": 0.5, "houlsby": 0.25}, {"chat": 1.0, "prefix": 1.0}]
+    artifacts = {"side": _lm_cases(side, choices, 1e-5),
+                 "int8": _lm_cases(int8, [None, "chat", "prefix", "houlsby", {"chat": 0.7, "sql": 0.3}],
+                                   INT8_TOL),
+                 "merged": _lm_cases(merged, ["chat"], 1e-5)}
+
+    # an encoder classifier with a LoRA (its own head) and a bottleneck (its own head)
+    from transformers import AutoConfig, AutoModel
+
+    torch.manual_seed(0)
+    enc = root / "bert"
+    AutoModel.from_config(AutoConfig.for_model(
+        "bert", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+        vocab_size=VOCAB, max_position_embeddings=64)).save_pretrained(enc)
+    make_tokenizer(enc)
+    cls_ads = {"lora": make_adapter(enc, root / "cls-lora", "lora", seed=1, task="SEQ_CLS"),
+               "bottleneck": _bottleneck(enc, root / "cls-bottleneck", "SEQ_CLS", ["classifier"], seed=7)}
+    cls = root / "cls"
+    export(ExportConfig(base=enc, out=cls, adapters=tuple(cls_ads.items())), quiet=True)
+    m = Model(cls)
+    texts = ["w5 w9 w11", "w40 w41 w42 w43 w44 w45 w46", "w7"]
+    ids = [[5, 9, 11], [40, 41, 42, 43, 44]]
+    cases = []
+    for choice in ("lora", "bottleneck", {"bottleneck": 1.0}):
+        for inp in (texts, ids):
+            lg = m.classify_logits(inp, adapter=choice)
+            probs = m.classify(inp, adapter=choice)
+            cases.append({"adapter": choice, "input": inp, "dims": list(lg.shape), "logits": _f32(lg),
+                          "probs": _f32(probs), "labels": lg.argmax(-1).tolist()})
+    artifacts["cls"] = {"dir": str(cls), "task": "classification", "tol": 1e-5, "adapters": m.adapters,
+                        "classify": cases}
+    out = root / "cases.json"
+    out.write_text(json.dumps({"artifacts": artifacts}))
+    return out
+
+
+def _node() -> str:
+    """The node binary, after checking the package is installed and built (fails, never skips)."""
+    missing = [p for p in (JS / "node_modules" / "onnxruntime-node", JS / "dist" / "node.js") if not p.exists()]
+    if missing:
+        pytest.fail(f"{missing[0]} is missing: the JS runtime is not installed / built; {BUILD_HINT}.")
+    node = shutil.which("node")
+    if node is None:
+        pytest.fail("node is not on PATH; install Node.js 20+ to test runtimes/js.")
+    return node
+
+
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory) -> Path | None:
+    if not (JS / "dist" / "node.js").exists():
+        return None  # the test fails with the build hint, without spending time on exports
+    return build_cases(tmp_path_factory.mktemp("js-parity"))
+
+
+def test_js_runtime_matches_python(cases):
+    node = _node()
+    res = subprocess.run([node, "--test", "--test-reporter=spec", str(PARITY)], capture_output=True, text=True,
+                         timeout=300, cwd=JS, env={**os.environ, "EDGEPEFT_JS_CASES": str(cases.parent)})
+    print(res.stdout[-8000:])
+    assert res.returncode == 0, f"node --test failed ({res.returncode}):\n{res.stdout[-12000:]}\n{res.stderr[-4000:]}"
+
+
+if __name__ == "__main__":
+    print(build_cases(Path(sys.argv[1])))
