@@ -7,6 +7,7 @@ import { join } from 'node:path';
 import { after, describe, test } from 'node:test';
 import { Model as Core } from '../dist/core/index.js';
 import { EdgepeftError, Model, ort } from '../dist/node.js';
+import { Model as RNModel } from '../dist/react-native.js';
 
 const dir = process.env.EDGEPEFT_JS_CASES;
 if (!dir) throw new Error('set EDGEPEFT_JS_CASES to the dir tests/test_js_runtime.py wrote (python tests/test_js_runtime.py DIR)');
@@ -88,6 +89,21 @@ describe('core with a plain Source (the browser path: weights passed as external
       t.diagnostic(`${name(c.adapter)} max|diff| ${d.toExponential(2)}`);
       assert.ok(d <= art.tol);
     }
+  });
+});
+
+describe('react-native entry (onnxruntime-node standing in for onnxruntime-react-native: same onnxruntime-common API)', () => {
+  test('Model.load(ort, {read, describe}): same greedy ids and mix logits', async (t) => {
+    const art = artifacts.side;
+    const source = { read: async (rel) => new Uint8Array(readFileSync(join(art.dir, rel))), describe: (rel) => `rn:${rel}` };
+    const m = await RNModel.load(ort, source);
+    const c = art.logits.find((c) => typeof c.adapter === 'object' && c.adapter !== null);
+    const got = await m.logits(c.ids, { adapter: c.adapter, attentionMask: c.mask });
+    const d = maxDiff(got.data, got.dims, f32(c.data), c.dims);
+    t.diagnostic(`${name(c.adapter)} max|diff| ${d.toExponential(2)}`);
+    assert.ok(d <= art.tol);
+    const g = art.generate[0];
+    assert.deepEqual(await m.generate(g.ids, { maxNewTokens: g.max_new_tokens, adapter: g.adapter }), g.out);
   });
 });
 
