@@ -16,5 +16,8 @@ if [ "$major" -lt 20 ]; then
   echo "runtimes/js/setup.sh: node $(node --version) is too old; install Node.js 20 or newer (https://nodejs.org)." >&2
   exit 2
 fi
+# onnxruntime-node's install script fetches CUDA binaries from api.nuget.org unless told not to
+# (.npmrc says so too, for a bare `npm ci`; newer npm versions will stop reading that key).
+export ONNXRUNTIME_NODE_INSTALL=skip
 npm ci --no-audit --no-fund --loglevel=error
 npm run build
