@@ -253,8 +253,25 @@ def _set(path: list, value):
     return edit
 
 
+def _rewrite_twin(art: Path, name: str, drop: str | None = None, tag: str | None = None) -> None:
+    """Rewrite adapter ``name``'s safetensors twin (one array dropped, or another base tag) and
+    record its new sha256, so only the contents check can catch it."""
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    path = art / "adapters" / f"{name}.safetensors"
+    with safe_open(str(path), "np") as f:
+        arrays = {k: f.get_tensor(k) for k in f.keys() if k != drop}
+        meta = f.metadata()
+    save_file(arrays, str(path), metadata={**meta, **({"base_tag": tag} if tag else {})})
+    _edit_manifest(art, _set(["adapters", name, "safetensors", "sha256"], sha256_file(path)))
+
+
 A_Q = "lora.model.layers.0.self_attn.q_proj.A"
 DAMAGES = {
+    "safetensors twin byte": lambda a: _flip(a / "adapters" / "sql.safetensors", 300),
+    "safetensors twin array": lambda a: _rewrite_twin(a, "chat", drop=A_Q),
+    "safetensors twin base tag": lambda a: _rewrite_twin(a, "chat", tag="12345"),
     "graph data byte": lambda a: _flip(a / "model.onnx.data", 1000),
     "graph file byte": lambda a: _flip(a / "model.onnx", 200),
     "adapter file byte": lambda a: _flip(a / "adapters" / "sql.onnx_adapter", 300),
@@ -267,6 +284,23 @@ DAMAGES = {
     "prefix length": None,  # on side_b, below
     "adapter inputs listed": lambda a: _edit_manifest(a, _set(["adapters", "chat", "inputs"], [A_Q])),
 }
+
+
+def test_safetensors_twin_holds_the_adapter_arrays(llama_side):
+    """JS runtimes read adapters/NAME.safetensors: the same arrays as the .onnx_adapter, same base tag."""
+    import onnxruntime as ort
+    from safetensors import safe_open
+
+    m = json.loads((llama_side / "manifest.json").read_text())
+    for name, entry in m["adapters"].items():
+        fmt = ort.AdapterFormat.read_adapter(str(llama_side / entry["file"]))
+        want = {k: v.numpy() for k, v in fmt.get_parameters().items()}
+        with safe_open(str(llama_side / entry["safetensors"]["file"]), "np") as f:
+            assert f.metadata()["base_tag"] == str(fmt.get_adapter_version())
+            got = {k: f.get_tensor(k) for k in f.keys()}
+        assert sorted(got) == sorted(want), name
+        for k in want:
+            np.testing.assert_array_equal(got[k], want[k], err_msg=f"{name}: {k}")
 
 
 @pytest.mark.parametrize("damage", sorted(DAMAGES))
