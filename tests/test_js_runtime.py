@@ -1,11 +1,12 @@
 """The TypeScript runtime (runtimes/js) against the Python runtime on the same artifacts.
 
 Tiny artifacts are exported here (a LoRA / prefix / bottleneck / IA3 side artifact in fp32 and in
-int8 with fp16 adapter files, a merged artifact, an encoder classifier), the Python runtime's
+int8 with fp16 adapter files, a merged artifact, an encoder classifier, a static-shape artifact
+with LoRAs of ranks 4 / 8 / 2), the Python runtime's
 outputs on fixed inputs are written to a cases dir, and ``node --test`` runs
 ``runtimes/js/test/parity.test.mjs`` on them: logits within 1e-5 (fp32), greedy ids and texts
 identical, classify labels identical, and the refusals (tampered file, other format version,
-unknown adapter).
+unknown adapter; on the static artifact: KV window overflow and a mix above max_rank).
 
 Needs the package built: ``(cd runtimes/js && npm ci && npm run build)``; without it the test
 fails (it does not skip), so CI cannot pass without running the JS side.
@@ -21,6 +22,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -88,6 +90,56 @@ def _lm_cases(path: Path, choices: list, tol: float, text: bool = True) -> dict:
             "logits": logits, "generate": gens, "generate_text": texts}
 
 
+# A static-shape target as in tests/test_targets.py: batch 2, buckets 1 / 4, a 24-slot KV window,
+# max_rank 10 (chat q_proj rank 4 + sql 8 overflow it; chat + code fit).
+SMALL_NPU = """providers = ["NnapiExecutionProvider", "CPUExecutionProvider"]
+platform = "arm64"
+static_shapes = true
+batch = 2
+sequence_buckets = [1, 4]
+context_length = 24
+max_rank = 10
+"""
+
+
+def _static_cases(root: Path, base: Path, ads: dict) -> dict:
+    """A static-shape artifact (fp32): logits of a ragged batch (3 rows: 2 row groups; 9 tokens:
+    chunks 4 + 4 + 1), greedy ids, and the two refusals (KV window overflow, mix above max_rank)."""
+    from edgepeft.errors import EdgepeftError
+    from edgepeft.export import ExportConfig, export
+    from edgepeft.runtime import Model
+    from edgepeft.targets import load_target
+
+    ads = {**ads, "code": make_lora(base, root / "code", seed=3, r=2, lora_alpha=3,
+                                    target_modules=["k_proj", "up_proj"], layers_to_transform=[1])}
+    (root / "small-npu.toml").write_text(SMALL_NPU)
+    out = root / "static"
+    export(ExportConfig(base=base, out=out, adapters=tuple(ads.items()),
+                        target=load_target(root / "small-npu.toml")), quiet=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = Model(out)
+    rows = [[5, 9, 11, 40, 3, 7, 8, 20, 21], [30, 31, 32], [60, 61, 62, 63, 64, 65]]
+    logits, gens, refusals = [], [], []
+    for choice in (None, "chat", "sql", {"chat": 0.6, "code": 0.4}):
+        out_ = m.logits(rows, adapter=choice)
+        logits.append({"adapter": choice, "ids": rows, "dims": list(out_.shape), "data": _f32(out_)})
+        gens.append({"adapter": choice, "ids": rows, "max_new_tokens": 5,
+                     "out": m.generate(rows, max_new_tokens=5, adapter=choice).tolist()})
+    for call in ({"method": "generate", "ids": [list(range(3, 12))], "max_new_tokens": 20, "adapter": "chat"},
+                 {"method": "logits", "ids": [[5, 6, 7]], "adapter": {"chat": 0.5, "sql": 0.5}}):
+        try:
+            if call["method"] == "generate":
+                m.generate(call["ids"], max_new_tokens=call["max_new_tokens"], adapter=call["adapter"])
+            else:
+                m.logits(call["ids"], adapter=call["adapter"])
+        except EdgepeftError as e:
+            refusals.append({**call, "message": str(e).replace(str(out), "<dir>")})
+    assert len(refusals) == 2, refusals
+    return {"dir": str(out), "task": "causal-lm", "tol": 1e-5, "adapters": m.adapters, "logits": logits,
+            "generate": gens, "refusals": refusals}
+
+
 def build_cases(root: Path) -> Path:
     """Export the tiny artifacts under ``root`` and write ``root/cases.json``."""
     from edgepeft.export import ExportConfig, export
@@ -142,6 +194,27 @@ def build_cases(root: Path) -> Path:
                           "probs": _f32(probs), "labels": lg.argmax(-1).tolist()})
     artifacts["cls"] = {"dir": str(cls), "task": "classification", "tol": 1e-5, "adapters": m.adapters,
                         "classify": cases}
+    # the same encoder on a static profile: one graph per bucket (8, 16), texts right-padded to one
+    from edgepeft.targets import load_target
+
+    (root / "small-npu-enc.toml").write_text(SMALL_NPU.replace("[1, 4]", "[1, 8, 16]"))
+    cls_static = root / "cls-static"
+    export(ExportConfig(base=enc, out=cls_static, adapters=tuple(cls_ads.items()),
+                        target=load_target(root / "small-npu-enc.toml")), quiet=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # NNAPI is not in this onnxruntime build: CPU runs
+        ms = Model(cls_static)
+    long_ids = [list(range(3, 15)), [5, 9, 11]]  # 12 tokens: the 16 bucket
+    static_cases = []
+    for choice in ("lora", "bottleneck"):
+        for inp in (texts, long_ids):
+            lg = ms.classify_logits(inp, adapter=choice)
+            probs = ms.classify(inp, adapter=choice)
+            static_cases.append({"adapter": choice, "input": inp, "dims": list(lg.shape), "logits": _f32(lg),
+                                 "probs": _f32(probs), "labels": lg.argmax(-1).tolist()})
+    artifacts["cls-static"] = {"dir": str(cls_static), "task": "classification", "tol": 1e-5,
+                               "adapters": ms.adapters, "classify": static_cases}
+    artifacts["static"] = _static_cases(root, base, {"chat": ads["chat"], "sql": ads["sql"]})
     out = root / "cases.json"
     out.write_text(json.dumps({"artifacts": artifacts}))
     return out

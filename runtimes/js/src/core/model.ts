@@ -6,7 +6,8 @@
  * rebuilt; the feeds (ort Tensors) of each choice are built once and cached.
  *
  * Scope: the default graph layout with a dynamic KV cache (causal-lm) and classification, side and
- * merged mode. Refused: graph layout "fused" and static-shape artifacts (manifest "static"). */
+ * merged mode, and static-shape artifacts (manifest "static": one session per sequence bucket, see
+ * static.ts). Refused: graph layout "fused". */
 import type { InferenceSession, Tensor } from 'onnxruntime-common';
 import { EdgepeftError } from './errors.js';
 import { baseTag, MANIFEST_NAME, PROMPT_INPUT, readManifest } from './manifest.js';
@@ -18,6 +19,8 @@ import type { DefaultTensor } from './onnxproto.js';
 import { parseSafetensors } from './safetensors.js';
 import type { Array32 } from './safetensors.js';
 import { sha256Hex } from './sha256.js';
+import { padFeeds, StaticRunner } from './static.js';
+import type { StaticSpec } from './static.js';
 import type { Source } from './source.js';
 import { inside } from './source.js';
 import { loadTokenizer } from './tokenizer.js';
@@ -85,6 +88,11 @@ export class Model {
   private base: Choice | null = null;
   private tok: TextTokenizer | null = null;
   private tokError: EdgepeftError | null = null;
+  /** Static shapes: the bucket graphs' runner, and each adapter input's fixed shape (ranks at max_rank). */
+  private static: StaticRunner | null = null;
+  private staticSpec: StaticSpec | null = null;
+  private buckets = new Map<number, InferenceSession>();
+  private fixed: Record<string, number[]> = {};
 
   protected constructor(source: Source, ort: OrtApi, manifest: Manifest) {
     this.source = source;
@@ -109,10 +117,6 @@ export class Model {
 
   private async init(options: LoadOptions): Promise<void> {
     const m = this.manifest;
-    if (m.static != null) {
-      throw new EdgepeftError(`${this.where}: a static-shape artifact (target with static_shapes) is not supported ` +
-        'by the JS runtime yet; export without a static target (e.g. --target cpu-x86_64 or cpu-arm64).');
-    }
     const graphs = this.merged ? Object.values(m.adapters).map((e) => e.graph!) : [m.graph];
     if (graphs.some((g) => g.layout === 'fused')) {
       throw new EdgepeftError(`${this.where}: graph layout "fused" is not supported by the JS runtime yet; ` +
@@ -125,9 +129,32 @@ export class Model {
       return;
     }
     const names = new Set(Object.keys(m.inputs));
-    this.sessions.set(null, await this.session(m.graph, names, options));
+    if (m.static != null) {
+      await this.initStatic(names, options);
+    } else {
+      this.sessions.set(null, await this.session(m.graph, names, options));
+    }
     for (const i of m.graph.inputs ?? []) if (names.has(i.name)) this.graphShapes[i.name] = i.shape;
     for (const [name, entry] of Object.entries(m.adapters)) this.loaded.set(name, await this.loadAdapter(name, entry));
+  }
+
+  /** One session per bucket (each a graph of its own over the shared weights file); adapter inputs
+   * the graphs give no default (ranks fixed at max_rank) are fed zeros of their fixed shape. */
+  private async initStatic(names: Set<string>, options: LoadOptions): Promise<void> {
+    const m = this.manifest;
+    const spec = m.static as StaticSpec;
+    for (const entry of (m.graph.buckets ?? []) as (GraphEntry & { seq: number })[]) {
+      this.buckets.set(entry.seq, await this.session(entry, names, options, true));
+    }
+    this.sessions.set(null, this.buckets.get(Math.max(...this.buckets.keys()))!);
+    for (const [k, v] of Object.entries(m.inputs)) this.fixed[k] = v.shape.map((d) => d ?? spec.max_rank);
+    for (const [k, shape] of Object.entries(this.fixed)) {
+      if (this.defaults[k]) continue;
+      const size = shape.reduce((a, b) => a * b, 1);
+      this.defaults[k] = this.tensor({ data: new Float32Array(size), dims: shape }, k);
+    }
+    this.staticSpec = spec;
+    this.static = new StaticRunner(this.ort.Tensor, spec, this.buckets, this.cache, this.source.describe(''));
   }
 
   // ------------------------------------------------------------------ loading
@@ -147,7 +174,8 @@ export class Model {
     return bytes;
   }
 
-  private async session(graph: GraphEntry, adapterInputs: Set<string>, options: LoadOptions): Promise<InferenceSession> {
+  private async session(graph: GraphEntry, adapterInputs: Set<string>, options: LoadOptions,
+                        fixedShapes = false): Promise<InferenceSession> {
     const file = inside(graph.file, this.where, this.source.describe(''));
     const bytes = await this.readChecked(file, graph.sha256, this.where);
     const dir = file.includes('/') ? file.slice(0, file.lastIndexOf('/') + 1) : '';
@@ -163,7 +191,7 @@ export class Model {
     }
     const { model, defaults } = takeInitializers(bytes, adapterInputs, this.source.describe(file));
     const missing = [...adapterInputs].filter((n) => !defaults.has(n)).sort();
-    if (missing.length) {
+    if (missing.length && !fixedShapes) {
       throw new EdgepeftError(`${this.where}: input '${missing[0]}' is not an adapter input of ` +
         `${this.source.describe(file)}. Export the artifact again.`);
     }
@@ -192,6 +220,13 @@ export class Model {
         `(${String((e as Error)?.message ?? e).slice(0, 300)}). Export the artifact again.`);
     }
     this.checkGraph(file, session);
+    if (fixedShapes) {  // static graphs: an adapter input without a default must be a graph input
+      const bad = missing.find((n) => !session.inputNames.includes(n));
+      if (bad) {
+        throw new EdgepeftError(`${this.where}: input '${bad}' is not a fixed-shape adapter input of ` +
+          `${this.source.describe(file)}. Export the artifact again.`);
+      }
+    }
     return session;
   }
 
@@ -329,8 +364,9 @@ export class Model {
     }
   }
 
-  private choiceOf(feeds: Map<string, Array32>, prefix: [Array32, Array32][] | null): Choice {
+  private choiceOf(feeds: Map<string, Array32>, prefix: [Array32, Array32][] | null, names: string[] = []): Choice {
     const out: Feeds = { ...this.defaults };
+    if (this.staticSpec) feeds = padFeeds(feeds, this.fixed, names, this.staticSpec.max_rank);
     for (const [k, v] of feeds) out[k] = this.tensor(v, k);
     const prompt = feeds.get(PROMPT_INPUT);
     return { feeds: out, prefix, promptLength: prompt ? prompt.dims[0] : 0,
@@ -348,7 +384,7 @@ export class Model {
       if (!a) this.checkNames([adapter], this.loaded.keys());
       let c = this.single.get(adapter);
       if (!c) {
-        c = this.choiceOf(a!.graph, a!.prefix);
+        c = this.choiceOf(a!.graph, a!.prefix, [adapter]);
         this.single.set(adapter, c);
       }
       return c;
@@ -369,7 +405,7 @@ export class Model {
       return hit.choice;
     }
     const { feeds, prefix } = combine(key, this.loaded, this.manifest.inputs, this.where);
-    const choice = this.choiceOf(feeds, prefix);
+    const choice = this.choiceOf(feeds, prefix, key.map(([n]) => n));
     this.mixes.set(id, { used, choice });
     while (this.mixes.size > MIX_CACHE_SIZE) this.mixes.delete(this.mixes.keys().next().value!);
     return choice;
@@ -477,6 +513,12 @@ export class Model {
     this.need('causal-lm', 'logits()');
     const [session, choice] = this.sessionFor(opts.adapter);
     const b = this.batch(ids, opts.attentionMask);
+    if (this.static) {
+      const t = now();
+      const out = await this.static.logits(choice.feeds, b.ids, b.mask, choice.prefix);
+      this.stats.prefillMs = now() - t;
+      return out;
+    }
     const { past, mask } = this.start(b.ids.length, b.mask, choice.prefix);
     const t = now();
     const out = await this.run(session, choice.feeds, b.ids, mask, past);
@@ -496,6 +538,12 @@ export class Model {
     const e = opts.stopAtEos === false ? null : this.manifest.base.eos_token_id;
     const eos = e == null ? [] : Array.isArray(e) ? e : [e];
     const fill = eos.length ? pySetFirst(eos) : 0;
+    if (this.static) {
+      const t = now();
+      const res = await this.static.generate(choice.feeds, b.ids, b.mask, choice.prefix, maxNew, eos, fill);
+      this.stats = { ...this.stats, prefillMs: 0, decodeMs: now() - t, newTokens: res.newTokens };
+      return res.out;
+    }
     const out = b.ids.map((r) => r.slice());
     const done = out.map(() => false);
     let { past, mask } = this.start(b.ids.length, b.mask, choice.prefix);
@@ -577,13 +625,31 @@ export class Model {
     }
     const { ids, mask } = await this.encode(textsOrIds, choice.promptLength);
     const t = now();
+    if (this.static) {  // right-pad to the shortest bucket that holds the longest row, in row groups
+      const s = [...this.buckets.keys()].sort((a, b) => a - b).find((x) => x >= ids[0].length)!;
+      const pad = this.manifest.tokenizer?.pad_token_id || 0;
+      const groups = this.static.rowGroups(ids.map((r) => [...r, ...new Array(s - r.length).fill(pad)]),
+        mask.map((r) => [...r, ...new Array(s - r.length).fill(0)]));
+      const parts: Float32Array[] = [];
+      let L = 0;
+      for (const [i, m] of groups) {
+        const out = await this.buckets.get(s)!.run({ input_ids: this.int64(i), attention_mask: this.int64(m), ...choice.feeds });
+        L = out.logits.dims[1];
+        parts.push((out.logits.data as Float32Array).slice());
+      }
+      const data = new Float32Array(ids.length * L);
+      parts.forEach((x, g) => data.set(x.subarray(0, Math.min(x.length, data.length - g * x.length)), g * x.length));
+      this.stats.prefillMs = now() - t;
+      return { data, dims: [ids.length, L] };
+    }
     const out = await session.run({ input_ids: this.int64(ids), attention_mask: this.int64(mask), ...choice.feeds });
     this.stats.prefillMs = now() - t;
     return { data: out.logits.data as Float32Array, dims: [...out.logits.dims] };
   }
 
   private async encode(input: string | string[] | number[][] | number[], reserved: number): Promise<{ ids: number[][]; mask: number[][] }> {
-    const limit = (this.manifest.base.max_length ?? 512) - reserved;
+    let limit = (this.manifest.base.max_length ?? 512) - reserved;
+    if (this.static) limit = Math.min(limit, Math.max(...this.buckets.keys()));  // the longest fixed-shape graph
     let rows: number[][];
     if (typeof input === 'string') input = [input];
     if (input.length && typeof input[0] === 'string') {
