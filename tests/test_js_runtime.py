@@ -31,6 +31,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import VOCAB, make_adapter, make_base, make_lora, make_tokenizer  # noqa: E402
+# the static-shape target: batch 2, buckets 1 / 4, a 24-slot KV window, max_rank 10 (chat q_proj
+# rank 4 + sql 8 overflow it; chat + code fit)
+from test_targets import SMALL_NPU  # noqa: E402
 
 JS = Path(__file__).resolve().parents[1] / "runtimes" / "js"
 PARITY = JS / "test" / "parity.test.mjs"
@@ -88,18 +91,6 @@ def _lm_cases(path: Path, choices: list, tol: float, text: bool = True) -> dict:
     logits.append({"adapter": choices[0], "ids": rect, "mask": mask, "dims": list(out.shape), "data": _f32(out)})
     return {"dir": str(path), "task": "causal-lm", "tol": tol, "adapters": m.adapters,
             "logits": logits, "generate": gens, "generate_text": texts}
-
-
-# A static-shape target as in tests/test_targets.py: batch 2, buckets 1 / 4, a 24-slot KV window,
-# max_rank 10 (chat q_proj rank 4 + sql 8 overflow it; chat + code fit).
-SMALL_NPU = """providers = ["NnapiExecutionProvider", "CPUExecutionProvider"]
-platform = "arm64"
-static_shapes = true
-batch = 2
-sequence_buckets = [1, 4]
-context_length = 24
-max_rank = 10
-"""
 
 
 def _static_cases(root: Path, base: Path, ads: dict) -> dict:

@@ -19,7 +19,7 @@ import type { DefaultTensor } from './onnxproto.js';
 import { parseSafetensors } from './safetensors.js';
 import type { Array32 } from './safetensors.js';
 import { sha256Hex } from './sha256.js';
-import { padFeeds, StaticRunner } from './static.js';
+import { padFeeds, pickNext, StaticRunner } from './static.js';
 import type { StaticSpec } from './static.js';
 import type { Source } from './source.js';
 import { inside } from './source.js';
@@ -553,21 +553,7 @@ export class Model {
     for (let it = 0; it < maxNew; it++) {
       const res = await this.run(session, choice.feeds, step, mask, past);
       if (it === 0) t1 = now();
-      const [B, S, V] = res.logits.dims as number[];
-      const data = res.logits.data as Float32Array;
-      const next = [];
-      for (let r = 0; r < B; r++) {
-        const base = (r * S + S - 1) * V;
-        let best = 0;
-        for (let v = 1; v < V; v++) if (data[base + v] > data[base + best]) best = v;  // first max, as argmax
-        let tok = best;
-        if (eos.length) {
-          if (done[r]) tok = fill;
-          if (eos.includes(tok)) done[r] = true;
-        }
-        next.push(tok);
-        out[r].push(tok);
-      }
+      const next = pickNext(res.logits.data as Float32Array, res.logits.dims as number[], out, done, eos, fill);
       n++;
       if (done.every(Boolean) && eos.length) break;
       step = next.map((x) => [x]);

@@ -10,6 +10,27 @@ import type { InferenceSession, Tensor } from 'onnxruntime-common';
 import { EdgepeftError } from './errors.js';
 import type { Array32 } from './safetensors.js';
 
+/** Greedy next token of every row from the last position of logits (B, S, V), appended to `out`;
+ * with EOS ids, a finished row repeats `fill` and `done` marks rows that produced an EOS. */
+export function pickNext(data: Float32Array, dims: number[], out: number[][], done: boolean[],
+                         eos: number[], fill: number): number[] {
+  const [B, S, V] = dims;
+  const next: number[] = [];
+  for (let r = 0; r < B; r++) {
+    const base = (r * S + S - 1) * V;
+    let best = 0;
+    for (let v = 1; v < V; v++) if (data[base + v] > data[base + best]) best = v;  // first max, as argmax
+    let tok = best;
+    if (eos.length) {
+      if (done[r]) tok = fill;
+      if (eos.includes(tok)) done[r] = true;
+    }
+    next.push(tok);
+    out[r].push(tok);
+  }
+  return next;
+}
+
 export interface StaticSpec { batch: number; max_rank: number; context: number }
 type Rows = number[][];
 type Prefix = [Array32, Array32][] | null;
@@ -185,20 +206,7 @@ export class StaticRunner {
       let data = pre.data, dims = pre.dims;
       const out = gi.map((r) => r.slice()), done = gi.map(() => false);
       for (let step = 0; step < maxNew; step++) {
-        const [B, S, V] = dims;
-        const next: number[] = [];
-        for (let r = 0; r < B; r++) {
-          const base = (r * S + S - 1) * V;
-          let best = 0;
-          for (let v = 1; v < V; v++) if (data[base + v] > data[base + best]) best = v;  // first max, as argmax
-          let tok = best;
-          if (eos.length) {
-            if (done[r]) tok = fill;
-            if (eos.includes(tok)) done[r] = true;
-          }
-          next.push(tok);
-          out[r].push(tok);
-        }
+        const next = pickNext(data, dims, out, done, eos, fill);
         newTokens = Math.max(newTokens, step + 1);
         if (done.every(Boolean) || step === maxNew - 1) break;
         const pad = new Array(first - 1).fill(0);
