@@ -493,17 +493,22 @@ def _shape_problems(root: Path, m: dict, graphs: list[dict]) -> list[str]:
 _ST_DTYPES = {"F32": "tensor(float)", "F16": "tensor(float16)"}
 
 
+def _present(root: Path, rel: str, where: str) -> Path | None:
+    """The file ``rel`` inside ``root`` when it is there; None when it is missing or outside (the
+    file checks of :func:`verify` report those)."""
+    try:
+        path = inside(root, rel, where)
+    except EdgepeftError:
+        return None
+    return path if path.is_file() else None
+
+
 def _safetensors_problems(root: Path, entry: dict, params: dict, tag: int, where: str) -> list[str]:
     """The ``.safetensors`` twin of an adapter file holds the same names, shapes and dtypes (header
     only: 8-byte little-endian length, then JSON) and the same base tag."""
     st = entry.get("safetensors")
-    if not st:
-        return []
-    try:
-        path = inside(root, st["file"], where)
-    except EdgepeftError:
-        return []
-    if not path.is_file():
+    path = _present(root, st["file"], where) if st else None
+    if path is None:
         return []
     try:
         with open(path, "rb") as f:
@@ -528,11 +533,8 @@ def _safetensors_problems(root: Path, entry: dict, params: dict, tag: int, where
 def _adapter_file_problems(root: Path, name: str, entry: dict, m: dict, inputs: dict, kv: dict) -> list[str]:
     """An adapter file's arrays against the inputs it feeds, its prefix, and its base tag."""
     where = f"adapter {name!r} of {root / MANIFEST_NAME}"
-    try:
-        path = inside(root, entry["file"], where)
-    except EdgepeftError:
-        return []
-    if not path.is_file():
+    path = _present(root, entry["file"], where)
+    if path is None:
         return []
     import onnxruntime as ort
 
