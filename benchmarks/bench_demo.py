@@ -52,7 +52,7 @@ def log(msg: str) -> None:
 def same_export(path: Path, base: Path, mode: str, adapters) -> bool:
     """``path`` holds an artifact of this edgepeft's format made from these base and adapter folders."""
     from edgepeft.errors import EdgepeftError
-    from edgepeft.runtime.manifest import read_manifest
+    from edgepeft.contract import read_manifest
 
     try:
         m = read_manifest(path)

@@ -47,7 +47,7 @@ def _artifact(path: str | None) -> Path:
     from edgepeft.demo import ADAPTERS, ADAPTERS_DIR
     from edgepeft.demo.data import smollm2_dir
     from edgepeft.export import ExportConfig, export
-    from edgepeft.runtime.manifest import read_manifest
+    from edgepeft.contract import read_manifest
 
     out = RESULTS / "js" / "demo"
     try:

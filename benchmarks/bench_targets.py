@@ -58,7 +58,7 @@ def _coverage(manifest: dict) -> dict:
 
 def run_one(model: str, target: str, base: Path, adapters: dict, reuse: bool, limit: int | None) -> dict:
     from edgepeft.export import ExportConfig, export
-    from edgepeft.runtime.manifest import read_manifest
+    from edgepeft.contract import read_manifest
     from edgepeft.targets import load_target
     from edgepeft.validate import validate
 

@@ -80,7 +80,7 @@ def export(args) -> int:
     print(f"{args.out}: {manifest['mode']} artifact, adapters: {', '.join(manifest['adapters']) or '(none)'}")
     t = manifest["target"]
     if t["ort_format"] or t.get("partitions") or t["not_applied"]:  # the default adds nothing to say
-        from edgepeft.runtime.manifest import graph_entries
+        from edgepeft.contract import graph_entries
 
         orts = [g["ort"]["file"] for g in graph_entries(manifest) if g.get("ort")]
         st = manifest.get("static")
@@ -226,7 +226,7 @@ def _scheme(m: dict) -> str:
 
 def inspect(args) -> int:
     """Show what an artifact holds: graph inputs and outputs, adapters, files and sizes."""
-    from edgepeft.runtime.manifest import read_manifest
+    from edgepeft.contract import read_manifest
 
     root = Path(args.artifact)
     m = read_manifest(root)
@@ -250,7 +250,7 @@ def inspect(args) -> int:
 
 
 def _show(root: Path, m: dict) -> None:
-    from edgepeft.runtime.manifest import inside
+    from edgepeft.contract import inside
 
     print(f"{root}: {m['task']}, mode {m['mode']}, precision {m['precision']}, "
           f"base {m['base']['model_type']} ({m['base']['fingerprint'][:19]}...), "
@@ -328,7 +328,7 @@ def verify(args) -> int:
     shape it states (graph inputs and outputs, adapter inputs, adapted layers, KV cache, vocabulary)
     must match the ONNX graph, and each adapter file's arrays the inputs they feed.
     """
-    from edgepeft.runtime.manifest import verify as run_verify
+    from edgepeft.contract import verify as run_verify
 
     problems = run_verify(Path(args.artifact))
     for p in problems:
@@ -375,7 +375,7 @@ def validate(args) -> int:
     if overrides:
         from dataclasses import replace
 
-        from edgepeft.runtime.manifest import read_manifest
+        from edgepeft.contract import read_manifest
         from edgepeft.validate.budgets import BUDGETS, Budget
 
         m = read_manifest(Path(args.artifact))

@@ -10,7 +10,7 @@ from edgepeft.errors import EdgepeftError
 from edgepeft.export import ExportConfig, export
 from edgepeft.quantize import QuantConfig
 from edgepeft.runtime import Model, fused
-from edgepeft.runtime.manifest import past_names
+from edgepeft.contract import past_names
 
 from conftest import make_adapter
 

@@ -30,7 +30,7 @@ from edgepeft.errors import EdgepeftError
 from edgepeft.export import ExportConfig, export
 from edgepeft.export.base import load_causal_lm
 from edgepeft.runtime import Model
-from edgepeft.runtime.manifest import sha256_file, verify
+from edgepeft.contract import sha256_file, verify
 
 CASES = {}  # test name -> max_examples, summed by test_enough_cases
 

@@ -15,7 +15,7 @@ import pytest
 
 from edgepeft.errors import EdgepeftError
 from edgepeft.runtime import Model
-from edgepeft.runtime.manifest import lora_input_names
+from edgepeft.contract import lora_input_names
 
 
 @pytest.fixture(scope="module")

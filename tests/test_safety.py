@@ -30,7 +30,7 @@ from conftest import make_adapter, make_base, make_lora
 from edgepeft.cli import main
 from edgepeft.errors import EdgepeftError
 from edgepeft.runtime import Model
-from edgepeft.runtime.manifest import sha256_file
+from edgepeft.contract import sha256_file
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -25,7 +25,7 @@ from edgepeft.cli import main
 from edgepeft.errors import EdgepeftError
 from edgepeft.export.base import load_causal_lm, load_classifier
 from edgepeft.runtime import Model
-from edgepeft.runtime.manifest import sha256_file, verify
+from edgepeft.contract import sha256_file, verify
 
 
 def _copy(src: Path, dst: Path) -> Path:

@@ -13,7 +13,7 @@ import pytest
 from edgepeft.cli import main
 from edgepeft.errors import EdgepeftError
 from edgepeft.runtime import Model, ProviderFallbackWarning
-from edgepeft.runtime.manifest import verify
+from edgepeft.contract import verify
 from edgepeft.targets import (DEFAULT_TARGET, TARGETS_DIR, field_help, load_target, quant_defaults,
                               shipped, shipped_names)
 
@@ -235,7 +235,7 @@ def test_rank_above_max_rank_is_refused(llama_base, llama_adapters, tmp_path, ca
 def test_merged_artifact_gets_one_ort_per_graph(llama_base, llama_adapters, tmp_path):
     """Merged mode: merged/NAME.ort beside each merged/NAME.onnx, one operator config for all."""
     from edgepeft.export import ExportConfig, export
-    from edgepeft.runtime.manifest import verify as check
+    from edgepeft.contract import verify as check
 
     profile = tmp_path / "arm-fp32.toml"
     profile.write_text('providers = ["XnnpackExecutionProvider", "CPUExecutionProvider"]\nplatform = "arm64"\n'

@@ -13,7 +13,7 @@ from torch import nn
 from edgepeft.adapters import bottleneck, ia3, lora, prefix, prompt
 from edgepeft.adapters.common import read_config
 from edgepeft.errors import EdgepeftError
-from edgepeft.runtime.manifest import check_adapter_name
+from edgepeft.contract import check_adapter_name
 
 KINDS = {"LORA": lora, "IA3": ia3, "PREFIX_TUNING": prefix, "PROMPT_TUNING": prompt,
          "P_TUNING": prompt, "BOTTLENECK": bottleneck}

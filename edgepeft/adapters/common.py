@@ -198,7 +198,7 @@ class SideBranch:
 
     Attributes:
         layers: ``{(module, feature): {part: array}}`` for adapted linear layers; features and
-            parts as in ``edgepeft.runtime.manifest.FEATURE_PARTS``.
+            parts as in ``edgepeft.contract.FEATURE_PARTS``.
         head: ``{parameter name: array}`` of a classification head carried in the adapter.
         prompt: ``(n_virtual, hidden)`` virtual-token embeddings (encoder prompt tuning).
         prefix: per decoder layer ``(key, value)``, each ``(1, kv_heads, p, head_dim)``: the KV
@@ -215,7 +215,7 @@ class SideBranch:
 
     def arrays(self) -> dict[str, np.ndarray]:
         """Everything the adapter file holds, by name: graph inputs and the KV-cache seed."""
-        from edgepeft.runtime.manifest import (PROMPT_INPUT, head_input_name, prefix_names,
+        from edgepeft.contract import (PROMPT_INPUT, head_input_name, prefix_names,
                                                slot_input_name)
 
         out = {}

@@ -91,7 +91,7 @@ def _tokenizer(root: Path, manifest: dict):
         return None
     from tokenizers import Tokenizer
 
-    from edgepeft.runtime.manifest import inside
+    from edgepeft.contract import inside
 
     file = inside(root, f"{tok['dir']}/tokenizer.json", str(root / "manifest.json"))
     try:
@@ -187,7 +187,7 @@ def _pick_merged_adapter(manifest: dict, root: Path, wanted: str | None) -> str 
             raise EdgepeftError(f"--merged-adapter {wanted!r}: a {entries[wanted]['kind']} adapter cannot "
                                 f"be merged (only {', '.join(MERGEABLE)}).")
         return wanted
-    from edgepeft.runtime.manifest import inside
+    from edgepeft.contract import inside
 
     ok = [n for n, e in entries.items() if e["kind"] in MERGEABLE]
 
@@ -201,7 +201,7 @@ def _pick_merged_adapter(manifest: dict, root: Path, wanted: str | None) -> str 
 def _merged_artifact(root: Path, manifest: dict, merged: str | Path, adapter: str | None, base: Path | None,
                      adapter_dirs: dict, quiet: bool) -> tuple[Path | None, str | None, str]:
     """(merged artifact dir or None, its adapter, a note on where it came from / why none)."""
-    from edgepeft.runtime.manifest import read_manifest
+    from edgepeft.contract import read_manifest
 
     if manifest["mode"] != "side" or merged == "no":
         return None, None, "not compared" if merged == "no" else "the artifact is merged itself"
@@ -293,7 +293,7 @@ def add_ratios(summary: dict, task: str, batch_sizes: list[int], merged_key: str
 
 
 def sizes_mb(root: Path, manifest: dict, merged: Path | None, adapter_dirs: dict) -> dict:
-    from edgepeft.runtime.manifest import inside
+    from edgepeft.contract import inside
 
     mb = lambda p: p.stat().st_size / 2**20 if p.is_file() else None  # noqa: E731
     where = str(root / "manifest.json")
@@ -351,7 +351,7 @@ def run_bench(artifact: Path, out: Path | None = None, compare_torch: Path | Non
             that is not the artifact's, or a worker that failed.
     """
     from edgepeft.progress import bar
-    from edgepeft.runtime.manifest import read_manifest
+    from edgepeft.contract import read_manifest
 
     t_start = time.perf_counter()
     root = Path(artifact)

@@ -287,7 +287,7 @@ def _step_fn(m, session, feeds_of, spec):
     prompt's KV cache, fixed (causal LM), or the batch-1 classification."""
     import numpy as np
 
-    from edgepeft.runtime.manifest import past_names
+    from edgepeft.contract import past_names
 
     if spec["task"] == "classification":
         b = spec["batches"]["1"]

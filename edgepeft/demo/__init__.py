@@ -27,7 +27,7 @@ MIX = {"sentiment": 0.5, "numbers": 0.5}
 
 def _same_export(out: Path, base: Path, adapters: dict[str, Path]) -> bool:
     """True when ``out`` already holds a side artifact of this base with these adapter files."""
-    from edgepeft.runtime.manifest import read_manifest
+    from edgepeft.contract import read_manifest
 
     try:
         m = read_manifest(out)

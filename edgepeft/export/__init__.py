@@ -37,7 +37,7 @@ from edgepeft.progress import bar, write
 from edgepeft.quantize import QuantConfig, tied_table, quantize_graph, store_tied_table_once
 from edgepeft.validate.budgets import BUDGETS
 from edgepeft.targets import Target, check_ranks, load_target, quant_defaults
-from edgepeft.runtime.manifest import (FORMAT, FORMAT_VERSION, MANIFEST_NAME, base_tag, graph_entries,
+from edgepeft.contract import (FORMAT, FORMAT_VERSION, MANIFEST_NAME, base_tag, graph_entries,
                                        sha256_file)
 
 try:

@@ -162,7 +162,7 @@ def write_binding(adapter_dir: Path, base: Path, base_fp: str, task: str) -> Non
 
 def _weights_digest(folder: Path) -> list[str]:
     """sha256 of the weight files at the top of a model folder (sorted), empty when it has none."""
-    from edgepeft.runtime.manifest import sha256_file
+    from edgepeft.contract import sha256_file
 
     return sorted(sha256_file(p) for p in folder.iterdir() if p.is_file() and p.suffix in _WEIGHT_SUFFIXES)
 

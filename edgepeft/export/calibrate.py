@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from edgepeft.errors import EdgepeftError
-from edgepeft.runtime.manifest import past_names
+from edgepeft.contract import past_names
 from edgepeft.runtime.model import positions
 
 CALIBRATION_DIR = Path(__file__).resolve().parents[2] / "calibration"

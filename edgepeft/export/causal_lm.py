@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from edgepeft.export.slots import InputSpec, Slot, dynamo_export, spec_dims, with_side_branches
-from edgepeft.runtime.manifest import past_names, present_names
+from edgepeft.contract import past_names, present_names
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from edgepeft.export.slots import InputSpec, Slot, dynamo_export, spec_dims, with_side_branches
-from edgepeft.runtime.manifest import PROMPT_INPUT
+from edgepeft.contract import PROMPT_INPUT
 
 
 class _EncoderWrapper(nn.Module):

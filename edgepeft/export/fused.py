@@ -32,7 +32,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edgepeft.adapters.common import SideBranch
 from edgepeft.errors import EdgepeftError
-from edgepeft.runtime.manifest import past_names, present_names
+from edgepeft.contract import past_names, present_names
 
 GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",),
           "gate_up": ("gate_proj", "up_proj"), "down": ("down_proj",)}

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgepeft.adapters.common import SideBranch
-from edgepeft.runtime.manifest import FEATURE_PARTS, head_input_name, slot_input_name
+from edgepeft.contract import FEATURE_PARTS, head_input_name, slot_input_name
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
 SAMPLE_RANK = 7  # sample size of every dynamic rank axis in the export (>= 2, unlike other dims)
@@ -52,7 +52,7 @@ class InputSpec:
         default: the identity value (an initializer of the graph).
         sample: the value traced by the exporter.
         dynamic: ``{axis: dim name}`` of axes that vary per adapter (ranks, prompt length).
-        mix: mixing rule, see ``edgepeft.runtime.manifest.FEATURE_PARTS``.
+        mix: mixing rule, see ``edgepeft.contract.FEATURE_PARTS``.
     """
 
     name: str
@@ -139,7 +139,7 @@ def input_specs(slots: list[Slot], model: nn.Module, head_params: list[str],
         sample = (value + rng.standard_normal(value.shape) * 0.01).astype(np.float32)
         specs.append(InputSpec(head_input_name(p), value.copy(), sample, {}, "one"))
     if prompt_width is not None:
-        from edgepeft.runtime.manifest import PROMPT_INPUT
+        from edgepeft.contract import PROMPT_INPUT
 
         specs.append(InputSpec(PROMPT_INPUT, np.zeros((0, prompt_width), np.float32),
                                (rng.standard_normal((4, prompt_width)) * 0.1).astype(np.float32),

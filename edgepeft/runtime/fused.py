@@ -16,7 +16,7 @@ import numpy as np
 import onnxruntime as ort
 
 from edgepeft.errors import EdgepeftError
-from edgepeft.runtime.manifest import past_names, present_names
+from edgepeft.contract import past_names, present_names
 
 
 def right_align(ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

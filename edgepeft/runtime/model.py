@@ -31,7 +31,7 @@ import onnxruntime as ort
 
 from edgepeft.errors import EdgepeftError
 from edgepeft.runtime import fused
-from edgepeft.runtime.manifest import (MANIFEST_NAME, PROMPT_INPUT, UNTAGGED, base_tag,
+from edgepeft.contract import (MANIFEST_NAME, PROMPT_INPUT, UNTAGGED, base_tag,
                                        check_adapter_name, inside, past_names, prefix_names,
                                        read_manifest, sha256_file, target_providers)
 

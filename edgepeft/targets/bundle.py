@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from edgepeft.errors import EdgepeftError
-from edgepeft.runtime.manifest import sha256_file
+from edgepeft.contract import sha256_file
 from edgepeft.targets import PLATFORMS, Target
 
 ORT_CONFIG = "required_operators_and_types.config"

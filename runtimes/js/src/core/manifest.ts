@@ -1,4 +1,4 @@
-/** The artifact contract (edgepeft/runtime/manifest.py): read manifest.json and check every field
+/** The artifact contract (edgepeft/contract/): read manifest.json and check every field
  * the runtime relies on, with the same refusals as Python's read_manifest. */
 import { EdgepeftError } from './errors.js';
 import type { Source } from './source.js';

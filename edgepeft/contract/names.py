@@ -1,0 +1,121 @@
+"""Names of the artifact contract: file names, graph input/output names, adapter names, the
+base tag, checksums and paths inside an artifact. numpy-free, torch-free.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+
+from edgepeft.errors import EdgepeftError
+
+FORMAT = "edgepeft-artifact"
+FORMAT_VERSION = 2
+MANIFEST_NAME = "manifest.json"
+MAX_MANIFEST_BYTES = 64 << 20  # a manifest is tens of KB; refuse absurd sizes before reading
+ADAPTER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+# The side branch of one adapted linear layer is a composition of features; each adds graph inputs
+# named ``{feature}.{module}.{part}``. Per part: its mixing rule when several adapters are active,
+#   cat0  concatenate along axis 0 (A, down-projections: the rank axis)
+#   cat1w concatenate along axis 1 after multiplying by the adapter's weight (B, up-projections)
+#   cat1  concatenate along axis 1 (A^T of the fused graph: its rank axis is the last)
+#   cat0w concatenate along axis 0 after multiplying by the adapter's weight (B^T of the fused graph)
+#   sumw  weighted sum (up-projection biases)
+#   one   at most one active adapter may feed it, with weight 1 (non-linear in the weights).
+# See edgepeft/export/slots.py for the maths.
+FEATURE_PARTS = {
+    "lora": (("A", "cat0"), ("B", "cat1w")),
+    "dora": (("A", "one"), ("B", "one"), ("mag", "one")),
+    "ia3_in": (("scale", "one"),),
+    "ia3_out": (("scale", "one"),),
+    "bottleneck_relu": (("down", "cat0"), ("down_bias", "cat0"), ("up", "cat1w"), ("up_bias", "sumw")),
+    "bottleneck_gelu": (("down", "cat0"), ("down_bias", "cat0"), ("up", "cat1w"), ("up_bias", "sumw")),
+    "bottleneck_silu": (("down", "cat0"), ("down_bias", "cat0"), ("up", "cat1w"), ("up_bias", "sumw")),
+}
+MIX_RULES = ("cat0", "cat1w", "cat1", "cat0w", "sumw", "one")
+# A graph's layout: None (the traced model: attention_mask, position_ids, past grows by concat) or
+# "fused" (edgepeft.export.fused: seqlens_k, total_sequence_length, right padding, one KV buffer).
+LAYOUTS = (None, "fused")
+PROMPT_INPUT = "prompt.embeds"  # encoder prompt tuning: (n_virtual, hidden), rule "one"
+
+
+def slot_input_name(feature: str, module: str, part: str) -> str:
+    """Graph input name of one part of a feature of an adapted layer."""
+    return f"{feature}.{module}.{part}"
+
+
+def lora_input_names(module: str) -> tuple[str, str]:
+    """Graph input names of one LoRA slot: ``A (r, in)`` and ``B (out, r)``."""
+    return slot_input_name("lora", module, "A"), slot_input_name("lora", module, "B")
+
+
+def head_input_name(param: str) -> str:
+    """Graph input of one classification-head parameter (PEFT ``modules_to_save``), rule "one"."""
+    return f"head.{param}"
+
+
+def prefix_names(layer: int) -> tuple[str, str]:
+    """Adapter-file arrays that seed the KV cache of one decoder layer, each ``(1, kv_heads, p, head_dim)``."""
+    return f"prefix.{layer}.key", f"prefix.{layer}.value"
+
+
+def past_names(layer: int) -> tuple[str, str]:
+    """KV-cache input names of one decoder layer, each ``(batch, kv_heads, past, head_dim)``."""
+    return f"past.{layer}.key", f"past.{layer}.value"
+
+
+def present_names(layer: int) -> tuple[str, str]:
+    """KV-cache output names of one decoder layer, each ``(batch, kv_heads, past+seq, head_dim)``."""
+    return f"present.{layer}.key", f"present.{layer}.value"
+
+
+def check_adapter_name(name: str, where: str) -> str:
+    """Adapter names become file names: keep them short, plain and inside the artifact.
+
+    Raises:
+        EdgepeftError: the name has path separators, dots at the start, or other characters.
+    """
+    if not ADAPTER_NAME_RE.match(name):
+        raise EdgepeftError(f"{where}: adapter name {name!r} is not allowed. Use letters, digits, "
+                            "'_', '-', '.' (not first), at most 64 characters.")
+    return name
+
+
+def base_tag(fingerprint: str) -> int:
+    """The number an ``.onnx_adapter`` file carries as its AdapterFormat ``adapter_version``: 31 bits
+    of the base weights' fingerprint, so the file itself names the base it was exported for.
+
+    0 and 1 are never produced (files written before the tag carry 1).
+    """
+    tag = int(fingerprint.rpartition(":")[2][:8], 16) >> 1
+    return tag if tag > 1 else tag + 2
+
+
+UNTAGGED = (0, 1)  # adapter_version of files that carry no base tag
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def inside(root: Path, rel: str, where: str) -> Path:
+    """Resolve ``rel`` under ``root``; refuse absolute paths and ``..`` escapes.
+
+    Raises:
+        EdgepeftError: the path leaves the artifact directory.
+    """
+    p = (root / rel).resolve()
+    if Path(rel).is_absolute() or not p.is_relative_to(root.resolve()):
+        raise EdgepeftError(f"{where}: path {rel!r} points outside the artifact directory {root}; "
+                            "the artifact is corrupt or tampered with. Export it again.")
+    return p
+
+
