@@ -251,6 +251,7 @@ def inspect(args) -> int:
 
 def _show(root: Path, m: dict) -> None:
     from edgepeft.contract import inside
+    from edgepeft.kinds import kind_module
 
     print(f"{root}: {m['task']}, mode {m['mode']}, precision {m['precision']}, "
           f"base {m['base']['model_type']} ({m['base']['fingerprint'][:19]}...), "
@@ -298,13 +299,7 @@ def _show(root: Path, m: dict) -> None:
               + f" (weights shared with {m['graph']['data_file']})")
     for name, a in m["adapters"].items():
         line = f"adapter {name}: {a['kind']}"
-        if a["kind"] in ("lora", "dora"):
-            line += (f" rank {a['rank']} (ranks {a['ranks']}), alpha {a['alpha']:g}, scale "
-                     f"{a['scale']:.4g}{' rsLoRA' if a['rslora'] else ''}")
-        if a.get("virtual_tokens"):
-            line += f" {a['virtual_tokens']} virtual tokens"
-        if a.get("reduction_factor"):
-            line += f" reduction {a['reduction_factor']}, {a.get('non_linearity')}"
+        line += kind_module(a["kind"]).describe(a)
         line += f", {len(a.get('targets', []))} layers"
         line += f", head {', '.join(a['head'])}" if a.get("head") else ""
         print(line)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import make_base, make_lora
-from edgepeft.adapters import lora, read_adapter
+from edgepeft.kinds import lora, read_adapter
 from edgepeft.errors import EdgepeftError
 from edgepeft.export.base import load_causal_lm
 

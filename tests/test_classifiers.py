@@ -39,7 +39,7 @@ HEADS = {"bert": ["classifier"], "roberta": ["classifier"], "distilbert": ["pre_
 def _bottleneck(base, out, arch):
     from transformers import AutoModelForSequenceClassification
 
-    from edgepeft.adapters.bottleneck import BottleneckConfig, add_bottleneck, save_bottleneck
+    from edgepeft.kinds.bottleneck import BottleneckConfig, add_bottleneck, save_bottleneck
 
     torch.manual_seed(7)
     model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=2)

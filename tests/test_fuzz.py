@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import make_adapter
-from edgepeft.adapters import read_adapter
+from edgepeft.kinds import read_adapter
 from edgepeft.cli import main
 from edgepeft.errors import EdgepeftError
 from edgepeft.export import ExportConfig, export
@@ -105,7 +105,7 @@ PEFT_TYPES = ["LORA", "IA3", "PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING", "BOTT
 def _bottleneck(base: Path, out: Path) -> Path:
     from transformers import AutoModelForCausalLM
 
-    from edgepeft.adapters.bottleneck import BottleneckConfig, add_bottleneck, save_bottleneck
+    from edgepeft.kinds.bottleneck import BottleneckConfig, add_bottleneck, save_bottleneck
 
     torch.manual_seed(5)
     model = AutoModelForCausalLM.from_pretrained(base)

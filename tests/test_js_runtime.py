@@ -51,7 +51,7 @@ def _f32(a) -> str:
 def _bottleneck(base: Path, out: Path, task: str = "CAUSAL_LM", heads=None, seed: int = 5) -> Path:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from edgepeft.adapters.bottleneck import BottleneckConfig, add_bottleneck, save_bottleneck
+    from edgepeft.kinds.bottleneck import BottleneckConfig, add_bottleneck, save_bottleneck
 
     torch.manual_seed(seed)
     if task == "CAUSAL_LM":

@@ -23,7 +23,7 @@ PEFT_KINDS = ("lora", "dora", "ia3", "prefix", "prompt", "p_tuning")
 def _bottleneck(base, out, config="houlsby", act="gelu", seed=5):
     from transformers import AutoModelForCausalLM
 
-    from edgepeft.adapters.bottleneck import BottleneckConfig, add_bottleneck, save_bottleneck
+    from edgepeft.kinds.bottleneck import BottleneckConfig, add_bottleneck, save_bottleneck
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(base)

@@ -15,7 +15,7 @@ import pytest
 
 from edgepeft.errors import EdgepeftError
 from edgepeft.runtime import Model
-from edgepeft.contract import lora_input_names
+from edgepeft.contract import slot_input_name
 
 
 @pytest.fixture(scope="module")
@@ -189,3 +189,8 @@ def test_manifest_paths_stay_inside(llama_side, tmp_path):
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(EdgepeftError, match="outside the artifact"):
         Model(copy)
+
+
+def lora_input_names(module: str) -> tuple[str, str]:
+    """Graph input names of one LoRA slot: ``A (r, in)`` and ``B (out, r)``."""
+    return slot_input_name("lora", module, "A"), slot_input_name("lora", module, "B")

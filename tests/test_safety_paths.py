@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from conftest import VOCAB, make_adapter, make_tokenizer
-from edgepeft.adapters import read_adapter
+from edgepeft.kinds import read_adapter
 from edgepeft.cli import main
 from edgepeft.errors import EdgepeftError
 from edgepeft.export.base import load_causal_lm, load_classifier

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import VOCAB, make_base, make_tokenizer
-from edgepeft.adapters.bottleneck import (BottleneckConfig, add_bottleneck, bottleneck_parameters,
+from edgepeft.kinds.bottleneck import (BottleneckConfig, add_bottleneck, bottleneck_parameters,
                                           default_targets, load_bottleneck, save_bottleneck)
 from edgepeft.errors import EdgepeftError
 from edgepeft.train import TrainConfig, read_data, train

@@ -198,7 +198,7 @@ def _torch_reference(spec: dict, names: list[str], check: bool = False):
     trainer would (peft; edgepeft's module for bottleneck adapters)."""
     import torch
 
-    from edgepeft.adapters.common import read_config
+    from edgepeft.kinds.common import read_config
     from edgepeft.export.base import fingerprint, load_causal_lm, load_classifier
 
     torch.set_num_threads(spec["threads"])
@@ -218,7 +218,7 @@ def _torch_reference(spec: dict, names: list[str], check: bool = False):
         dirs = {n: Path(spec["adapter_dirs"][n]) for n in names}
         kinds = {n: read_config(d).get("peft_type") for n, d in dirs.items()}
         if kinds[names[0]] == "BOTTLENECK":
-            from edgepeft.adapters.bottleneck import load_bottleneck
+            from edgepeft.kinds.bottleneck import load_bottleneck
 
             model = load_bottleneck(model, dirs[names[0]])
         else:
@@ -401,7 +401,7 @@ def swap_torch(spec: dict) -> dict:
     names = list(spec["adapters"])
     model, _ = _torch_reference(spec, names[:1], check=True)
     res: dict = {}
-    from edgepeft.adapters.common import read_config
+    from edgepeft.kinds.common import read_config
 
     peft_names = [n for n in names if read_config(Path(spec["adapter_dirs"][n])).get("peft_type") != "BOTTLENECK"]
     if not hasattr(model, "load_adapter") or len(peft_names) < 1:

@@ -23,7 +23,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from edgepeft.contract.names import (FORMAT, FORMAT_VERSION, MANIFEST_NAME, MAX_MANIFEST_BYTES, MIX_RULES,
+from edgepeft.contract.features import MIX_RULES, SYMBOLS
+from edgepeft.contract.names import (FORMAT, FORMAT_VERSION, MANIFEST_NAME, MAX_MANIFEST_BYTES,
                                      LAYOUTS, check_adapter_name)
 from edgepeft.errors import EdgepeftError
 
@@ -150,6 +151,12 @@ def _check_fields(m: dict, path: Path) -> None:
         need(isinstance(shape, list) and all(d is None or _is_int(d) for d in shape),
              f"inputs[{name!r}].shape", "a list of sizes (null: varies per adapter)", shape)
     need(isinstance(m.get("slots", []), list), "slots", "a list", m.get("slots"))
+    features = m.get("features", {})
+    need(isinstance(features, dict) and all(
+        isinstance(parts, list) and parts and all(
+            isinstance(p, list) and len(p) == 3 and is_str(p[0]) and isinstance(p[1], list)
+            and all(s in SYMBOLS for s in p[1]) and p[2] in MIX_RULES for p in parts)
+        for parts in features.values()), "features", "{feature: [[part, [symbols], mix rule], ...]}", features)
     need(m.get("budget") is None or isinstance(m["budget"], dict), "budget", "an object", m.get("budget"))
     target = m.get("target")
     need(target is None or is_str(target) or isinstance(target, dict), "target", "a name or an object", target)

@@ -17,25 +17,6 @@ MAX_MANIFEST_BYTES = 64 << 20  # a manifest is tens of KB; refuse absurd sizes b
 ADAPTER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
-# The side branch of one adapted linear layer is a composition of features; each adds graph inputs
-# named ``{feature}.{module}.{part}``. Per part: its mixing rule when several adapters are active,
-#   cat0  concatenate along axis 0 (A, down-projections: the rank axis)
-#   cat1w concatenate along axis 1 after multiplying by the adapter's weight (B, up-projections)
-#   cat1  concatenate along axis 1 (A^T of the fused graph: its rank axis is the last)
-#   cat0w concatenate along axis 0 after multiplying by the adapter's weight (B^T of the fused graph)
-#   sumw  weighted sum (up-projection biases)
-#   one   at most one active adapter may feed it, with weight 1 (non-linear in the weights).
-# See edgepeft/export/slots.py for the maths.
-FEATURE_PARTS = {
-    "lora": (("A", "cat0"), ("B", "cat1w")),
-    "dora": (("A", "one"), ("B", "one"), ("mag", "one")),
-    "ia3_in": (("scale", "one"),),
-    "ia3_out": (("scale", "one"),),
-    "bottleneck_relu": (("down", "cat0"), ("down_bias", "cat0"), ("up", "cat1w"), ("up_bias", "sumw")),
-    "bottleneck_gelu": (("down", "cat0"), ("down_bias", "cat0"), ("up", "cat1w"), ("up_bias", "sumw")),
-    "bottleneck_silu": (("down", "cat0"), ("down_bias", "cat0"), ("up", "cat1w"), ("up_bias", "sumw")),
-}
-MIX_RULES = ("cat0", "cat1w", "cat1", "cat0w", "sumw", "one")
 # A graph's layout: None (the traced model: attention_mask, position_ids, past grows by concat) or
 # "fused" (edgepeft.export.fused: seqlens_k, total_sequence_length, right padding, one KV buffer).
 LAYOUTS = (None, "fused")
@@ -45,11 +26,6 @@ PROMPT_INPUT = "prompt.embeds"  # encoder prompt tuning: (n_virtual, hidden), ru
 def slot_input_name(feature: str, module: str, part: str) -> str:
     """Graph input name of one part of a feature of an adapted layer."""
     return f"{feature}.{module}.{part}"
-
-
-def lora_input_names(module: str) -> tuple[str, str]:
-    """Graph input names of one LoRA slot: ``A (r, in)`` and ``B (out, r)``."""
-    return slot_input_name("lora", module, "A"), slot_input_name("lora", module, "B")
 
 
 def head_input_name(param: str) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from edgepeft.contract.features import table_shapes
 from edgepeft.contract.manifest import _short, graph_entries, read_manifest, target_files
 from edgepeft.contract.names import (MANIFEST_NAME, UNTAGGED, base_tag, inside, past_names, prefix_names,
                                      sha256_file, slot_input_name)
@@ -70,20 +71,6 @@ def _graph_io(path: Path) -> tuple[dict[str, dict], dict[str, dict]] | str:
                          "shape": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]}
                 for v in values}
     return io(proto.graph.input), io(proto.graph.output)
-
-
-def _slot_shapes(slot: dict):
-    """(input name, shape) each feature of an adapted layer needs (None: a rank axis), from its in / out."""
-    i, o, mod = slot["in"], slot["out"], slot["module"]
-    for f in slot["features"]:
-        if f in ("lora", "dora"):
-            parts = {"A": [None, i], "B": [o, None]} | ({"mag": [o]} if f == "dora" else {})
-        elif f in ("ia3_in", "ia3_out"):
-            parts = {"scale": [i if f == "ia3_in" else o]}
-        else:  # bottleneck_<act>, on the layer's output
-            parts = {"down": [None, o], "down_bias": [None], "up": [o, None], "up_bias": [o]}
-        for part, shape in parts.items():
-            yield slot_input_name(f, mod, part), shape
 
 
 def _shape_problems(root: Path, m: dict, graphs: list[dict]) -> list[str]:
@@ -154,13 +141,22 @@ def _shape_problems(root: Path, m: dict, graphs: list[dict]) -> list[str]:
             if got != want:
                 problems.append(f"{where}: adapter input {name} should be {want} in the fixed-shape graph "
                                 f"{b['file']} (ranks padded to max_rank {static['max_rank']}), it is {got}")
+    features = m.get("features") or {}
     for slot in m.get("slots", []):
-        for name, s in _slot_shapes(slot):
-            spec = inputs.get(name)
-            if spec is None or spec["shape"] != s:
-                problems.append(f"{where}: layer {slot['module']} ({slot['in']} -> {slot['out']}) needs "
-                                f"{name} of shape {tuple('n' if d is None else d for d in s)}, the "
-                                f"manifest lists {spec and tuple('n' if d is None else d for d in spec['shape'])}")
+        if "features" not in slot:
+            continue  # the fused layout's slots name projection groups; its inputs are checked above
+        for f in slot["features"]:
+            if f not in features:
+                problems.append(f"{where}: layer {slot['module']} has feature {f!r}, which the manifest's "
+                                "features table does not describe. Export the artifact again.")
+                continue
+            for part, s in table_shapes(features[f], slot["in"], slot["out"]).items():
+                name = slot_input_name(f, slot["module"], part)
+                spec = inputs.get(name)
+                if spec is None or spec["shape"] != s:
+                    problems.append(f"{where}: layer {slot['module']} ({slot['in']} -> {slot['out']}) needs "
+                                    f"{name} of shape {tuple('n' if d is None else d for d in s)}, the "
+                                    f"manifest lists {spec and tuple('n' if d is None else d for d in spec['shape'])}")
     kv = m.get("kv_cache") or {"kv_heads": [], "head_dims": []}
     for name, entry in m["adapters"].items():
         problems += _adapter_file_problems(root, name, entry, m, inputs, kv)

@@ -25,8 +25,8 @@ import onnx
 import torch
 
 import edgepeft
-from edgepeft.adapters import kind_module, read_adapter, task_of
-from edgepeft.adapters.common import peft_key, read_config, read_tensors
+from edgepeft.kinds import feature, kind_module, read_adapter, task_of
+from edgepeft.kinds.common import peft_key, read_config, read_tensors
 from edgepeft.errors import EdgepeftError
 from edgepeft.export import causal_lm, encoder, fused
 from edgepeft.export.calibrate import calibration_feeds
@@ -552,6 +552,7 @@ def _write(cfg, task, model, fresh, adapters, cache, base_fp, tmp: Path, quiet: 
             manifest["static"] = _static_graphs(cfg.target, task, manifest["graph"], tmp)
         manifest["slots"] = [{"module": s.module, "in": s.in_features, "out": s.out_features,
                               "features": list(s.features)} for s in slots]
+        manifest["features"] = {f: feature(f).table() for s in slots for f in s.features}
         manifest["inputs"] = {s.name: s.manifest() for s in specs}
         (tmp / "adapters").mkdir()
         for a in adapters:

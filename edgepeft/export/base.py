@@ -206,7 +206,7 @@ def binding_mismatch(adapter_dir: Path, base: Path, base_fp: str) -> str | None:
             return (f"it was trained on base {recorded.get('base', '?')} with weight fingerprint "
                     f"{fp[:23]}... ({binding.name}), but {base} has {base_fp[:23]}...")
     try:
-        from edgepeft.adapters.common import read_config
+        from edgepeft.kinds.common import read_config
 
         named = read_config(adapter_dir).get("base_model_name_or_path")
     except EdgepeftError:

@@ -9,26 +9,13 @@ decoder prompt tuning need no inputs of their own: the runtime seeds ``past``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import onnx
 import torch
 from torch import nn
 
 from edgepeft.export.slots import InputSpec, Slot, dynamo_export, spec_dims, with_side_branches
 from edgepeft.contract import past_names, present_names
-
-
-@dataclass(frozen=True)
-class CacheShape:
-    """Per-layer KV cache geometry, probed from a real forward pass."""
-
-    kv_heads: tuple[int, ...]
-    head_dims: tuple[int, ...]
-
-    @property
-    def layers(self) -> int:
-        return len(self.kv_heads)
+from edgepeft.kinds.common import CacheShape, probe_cache  # noqa: F401  (export's step uses it from here)
 
 
 class _CacheWrapper(nn.Module):
@@ -50,14 +37,6 @@ class _CacheWrapper(nn.Module):
         for layer in out.cache.layers:
             present += [layer.keys, layer.values]
         return (out.logits, *present)
-
-
-def probe_cache(model: nn.Module) -> CacheShape:
-    """Run one token through ``model`` and read the cache geometry it produces."""
-    with torch.no_grad():
-        out = model(input_ids=torch.zeros(1, 1, dtype=torch.long), use_cache=True)
-    layers = out.cache.layers
-    return CacheShape(tuple(int(l.keys.shape[1]) for l in layers), tuple(int(l.keys.shape[3]) for l in layers))
 
 
 def export_graph(model: nn.Module, slots: list[Slot], specs: list[InputSpec], cache: CacheShape,

@@ -30,7 +30,8 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from edgepeft.adapters.common import SideBranch
+from edgepeft import kinds
+from edgepeft.kinds.common import SideBranch
 from edgepeft.errors import EdgepeftError
 from edgepeft.contract import past_names, present_names
 
@@ -74,7 +75,7 @@ def check_supported(model: torch.nn.Module, sides: dict[str, SideBranch]) -> Non
     for name, side in sides.items():
         odd = [f for f in (side.head, side.prompt, side.prefix) if f]
         bad = [f"{m} ({feat})" for m, feat in side.layers
-               if feat != "lora" or m.rpartition(".")[2] not in _PARENT]
+               if kinds.feature(feat).fused != "lora" or m.rpartition(".")[2] not in _PARENT]
         if odd or bad:
             what = bad[0] if bad else "a prompt, prefix or classification head"
             raise EdgepeftError(f"--graph fused: adapter {name!r} has {what}; the fused graph takes plain "

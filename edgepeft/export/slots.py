@@ -1,7 +1,9 @@
-"""Side branches as graph inputs: which layers get which features, and the maths of each.
+"""Side branches as graph inputs: which layers get which features, and the slot wrapper.
 
-An adapted linear layer (a *slot*) composes the features the exported adapters need, in this
-order (``x (B, S, in)``, ``y (B, S, out)``)::
+An adapted linear layer (a *slot*) composes the features the exported adapters need. Each kind
+declares its features in its own file (``edgepeft/kinds/<kind>.py``, ``FEATURES``); this module
+reads those declarations and never names a kind. With today's kinds a slot computes, in order
+(``x (B, S, in)``, ``y (B, S, out)``)::
 
     h = x * ia3_in.scale                                   IA3 on a feed-forward input   (in,)
     y = base(h)                                            W h + b
@@ -26,10 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgepeft.adapters.common import SideBranch
-from edgepeft.contract import FEATURE_PARTS, head_input_name, slot_input_name
+from edgepeft.contract import head_input_name, slot_input_name
+from edgepeft import kinds
+from edgepeft.kinds.common import SideBranch
 
-ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
 SAMPLE_RANK = 7  # sample size of every dynamic rank axis in the export (>= 2, unlike other dims)
 
 
@@ -52,7 +54,7 @@ class InputSpec:
         default: the identity value (an initializer of the graph).
         sample: the value traced by the exporter.
         dynamic: ``{axis: dim name}`` of axes that vary per adapter (ranks, prompt length).
-        mix: mixing rule, see ``edgepeft.contract.FEATURE_PARTS``.
+        mix: mixing rule, see ``edgepeft.contract.features``.
     """
 
     name: str
@@ -79,7 +81,10 @@ def plan_slots(model: nn.Module, sides: list[SideBranch]) -> list[Slot]:
     for side in sides:
         for module, feature in side.layers:
             wanted.setdefault(module, set()).add(feature)
-    order = list(FEATURE_PARTS)
+    order = list(kinds.FEATURES)  # registry order
+    for feats in wanted.values():
+        for f in feats:
+            kinds.feature(f)  # an unknown feature is an error, never a fallthrough
     slots = []
     for name, m in model.named_modules():
         if name in wanted:
@@ -89,34 +94,16 @@ def plan_slots(model: nn.Module, sides: list[SideBranch]) -> list[Slot]:
 
 
 def _feature_specs(slot: Slot, rng: np.random.Generator) -> list[InputSpec]:
-    i, o, r = slot.in_features, slot.out_features, SAMPLE_RANK
-    m = slot.module
-
-    def spec(feature, part, default, sample, dynamic):
-        rule = dict(FEATURE_PARTS[feature])[part]
-        return InputSpec(slot_input_name(feature, m, part), default.astype(np.float32),
-                         sample.astype(np.float32), dynamic, rule)
-
-    def rnd(*shape):
-        return rng.standard_normal(shape) * 0.01
-
+    """The inputs of one slot, each part's default its identity and its sample a nearby random value."""
     out = []
     for f in slot.features:
-        rank = f"rank.{f}.{m}"
-        if f in ("lora", "dora"):
-            out += [spec(f, "A", np.zeros((0, i)), rnd(r, i), {0: rank}),
-                    spec(f, "B", np.zeros((o, 0)), rnd(o, r), {1: rank})]
-            if f == "dora":
-                out.append(spec(f, "mag", np.zeros(o), rnd(o), {}))
-        elif f == "ia3_in":
-            out.append(spec(f, "scale", np.ones(i), 1 + rnd(i), {}))
-        elif f == "ia3_out":
-            out.append(spec(f, "scale", np.ones(o), 1 + rnd(o), {}))
-        else:  # bottleneck_<act>: down (r, out), down_bias (r,), up (out, r), up_bias (out,)
-            out += [spec(f, "down", np.zeros((0, o)), rnd(r, o), {0: rank}),
-                    spec(f, "down_bias", np.zeros(0), rnd(r), {0: rank}),
-                    spec(f, "up", np.zeros((o, 0)), rnd(o, r), {1: rank}),
-                    spec(f, "up_bias", np.zeros(o), rnd(o), {})]
+        for part in kinds.feature(f).parts:
+            default = np.full(part.dims(slot.in_features, slot.out_features, 0), part.identity, np.float32)
+            sample_shape = part.dims(slot.in_features, slot.out_features, SAMPLE_RANK)
+            sample = part.identity + rng.standard_normal(sample_shape) * 0.01
+            dynamic = {part.rank_axis: f"rank.{f}.{slot.module}"} if part.rank_axis is not None else {}
+            out.append(InputSpec(slot_input_name(f, slot.module, part.name), default,
+                                 sample.astype(np.float32), dynamic, part.mix))
     return out
 
 
@@ -154,27 +141,19 @@ class _SlotLayer(nn.Module):
         super().__init__()
         self.base, self.slot, self.feed = base, slot, feed
 
-    def _in(self, feature: str, part: str) -> torch.Tensor:
-        return self.feed[slot_input_name(feature, self.slot.module, part)]
+    def _parts(self, name: str) -> dict[str, torch.Tensor]:
+        return {p.name: self.feed[slot_input_name(name, self.slot.module, p.name)] for p in kinds.feature(name).parts}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        features = self.slot.features
-        h = x * self._in("ia3_in", "scale") if "ia3_in" in features else x
+        feats = sorted((kinds.feature(f) for f in self.slot.features), key=lambda f: f.order)  # stable
+        h = x
+        for f in feats:
+            if f.on_input is not None:
+                h = f.on_input(h, self._parts(f.name))
         y = self.base(h)  # (B, S, out)
-        if "dora" in features:
-            bias = self.base.bias
-            plain = y if bias is None else y - bias  # h W^T
-            y = y + self._in("dora", "mag") * plain + F.linear(F.linear(h, self._in("dora", "A")),
-                                                               self._in("dora", "B"))
-        if "lora" in features:
-            y = y + F.linear(F.linear(h, self._in("lora", "A")), self._in("lora", "B"))  # (B, S, r) -> out
-        if "ia3_out" in features:
-            y = y * self._in("ia3_out", "scale")
-        for f in features:
-            if f.startswith("bottleneck_"):
-                act = ACTIVATIONS[f.removeprefix("bottleneck_")]
-                z = act(F.linear(y, self._in(f, "down"), self._in(f, "down_bias")))  # (B, S, r)
-                y = y + F.linear(z, self._in(f, "up"), self._in(f, "up_bias"))
+        for f in feats:
+            if f.on_output is not None:
+                y = f.on_output(y, h, self.base, self._parts(f.name))
         return y
 
 

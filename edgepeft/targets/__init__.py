@@ -231,7 +231,8 @@ def quant_defaults(target: Target, precision: str | None, int8_scheme: str | Non
 
 
 def check_ranks(target: Target, sides: dict) -> None:
-    """Refuse an adapter with a rank (LoRA / DoRA; a bottleneck's hidden size) above ``max_rank``.
+    """Refuse an adapter with a rank (any part's rank axis: LoRA's r, a bottleneck's hidden size) above
+    ``max_rank``.
 
     Args:
         sides: ``{adapter name: SideBranch}`` of the export.
@@ -239,14 +240,16 @@ def check_ranks(target: Target, sides: dict) -> None:
     Raises:
         EdgepeftError: naming adapter, layer, rank, max_rank and the profile.
     """
+    from edgepeft import kinds
+
     if target.max_rank is None:
         return
     for name, side in sides.items():
         for (module, feature), parts in side.layers.items():
-            arr = parts.get("A") if feature in ("lora", "dora") else parts.get("down")
-            if arr is not None and arr.shape[0] > target.max_rank:
+            rank = kinds.feature(feature).rank_of(parts)
+            if rank is not None and rank > target.max_rank:
                 raise EdgepeftError(
-                    f"adapter {name!r}: layer {module} has {feature} rank {arr.shape[0]}, above "
+                    f"adapter {name!r}: layer {module} has {feature} rank {rank}, above "
                     f"max_rank {target.max_rank} of target {target.name!r}. Retrain it with r <= "
                     f"{target.max_rank}, or use a profile with a larger max_rank (a copy of "
                     f"targets/{target.name}.toml with max_rank raised, passed as --target FILE).")

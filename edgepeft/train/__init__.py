@@ -9,7 +9,7 @@ Data, one JSON object per line:
 
 Kinds: ``lora``, ``dora``, ``ia3``, ``prompt``, ``prefix`` are trained and saved with peft
 (``get_peft_model`` + ``save_pretrained``), so the output loads with ``PeftModel.from_pretrained``;
-``bottleneck`` uses :mod:`edgepeft.adapters.bottleneck` and its own PEFT-shaped format. For
+``bottleneck`` uses :mod:`edgepeft.kinds.bottleneck` and its own PEFT-shaped format. For
 classification the head is trained and saved as ``modules_to_save``: every top-level module whose
 name ends with ``classifier`` or ``score`` (peft's suffix rule, so DistilBERT's ``pre_classifier``
 too). Randomly initialised head layers outside that rule are neither trained nor saved; the head
@@ -440,7 +440,7 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
                             "embeddings: tokenizer and model do not belong together.")
 
     if cfg.kind == "bottleneck":
-        from edgepeft.adapters.bottleneck import (BottleneckConfig, add_bottleneck, bottleneck_parameters,
+        from edgepeft.kinds.bottleneck import (BottleneckConfig, add_bottleneck, bottleneck_parameters,
                                                   head_parameters)
 
         bcfg = BottleneckConfig(config="houlsby", reduction_factor=cfg.reduction_factor,
@@ -514,7 +514,7 @@ def _write_out(cfg: TrainConfig, net, model, classification: bool, log: dict, ba
     old = None
     try:
         if cfg.kind == "bottleneck":
-            from edgepeft.adapters.bottleneck import BottleneckConfig, save_bottleneck
+            from edgepeft.kinds.bottleneck import BottleneckConfig, save_bottleneck
 
             heads = _head_modules(model) if classification else None
             bcfg = BottleneckConfig(config="houlsby", reduction_factor=cfg.reduction_factor,

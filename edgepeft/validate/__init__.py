@@ -152,7 +152,7 @@ class _Reference:
     """
 
     def __init__(self, reference: Path, manifest: dict, adapter_dirs: dict[str, Path]):
-        from edgepeft.adapters.common import read_config
+        from edgepeft.kinds.common import read_config
         from edgepeft.export.base import fingerprint, load_causal_lm, load_classifier
 
         self.task = manifest["task"]
@@ -201,7 +201,7 @@ class _Reference:
             return model, False
         if name not in self._models:
             if self.types[name] == "BOTTLENECK":
-                from edgepeft.adapters.bottleneck import load_bottleneck
+                from edgepeft.kinds.bottleneck import load_bottleneck
 
                 self._models[name] = load_bottleneck(self._fresh_base(), self.dirs[name]).eval()
             else:
@@ -212,7 +212,7 @@ class _Reference:
         return self._models[name], prompt
 
     def _prefix(self, name: str):
-        from edgepeft.adapters import read_adapter
+        from edgepeft.kinds import read_adapter
 
         adapter = read_adapter(name, self.dirs[name], self.base, self.task)
         return [(k, v) for k, v in adapter.kv]

@@ -11,16 +11,6 @@ export const ADAPTER_NAME_RE = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$/;
 export const MIX_RULES = ['cat0', 'cat1w', 'cat1', 'cat0w', 'sumw', 'one'] as const;
 export type MixRule = (typeof MIX_RULES)[number];
 export const PROMPT_INPUT = 'prompt.embeds';
-/** Feature -> [part, mix rule] (FEATURE_PARTS in manifest.py; the manifest's inputs carry the rule). */
-export const FEATURE_PARTS: Record<string, [string, MixRule][]> = {
-  lora: [['A', 'cat0'], ['B', 'cat1w']],
-  dora: [['A', 'one'], ['B', 'one'], ['mag', 'one']],
-  ia3_in: [['scale', 'one']],
-  ia3_out: [['scale', 'one']],
-  bottleneck_relu: [['down', 'cat0'], ['down_bias', 'cat0'], ['up', 'cat1w'], ['up_bias', 'sumw']],
-  bottleneck_gelu: [['down', 'cat0'], ['down_bias', 'cat0'], ['up', 'cat1w'], ['up_bias', 'sumw']],
-  bottleneck_silu: [['down', 'cat0'], ['down_bias', 'cat0'], ['up', 'cat1w'], ['up_bias', 'sumw']],
-};
 
 export interface GraphEntry {
   file: string; data_file: string; sha256: string; data_sha256: string;

@@ -19,15 +19,38 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from edgepeft.adapters.common import (SideBranch, config_float, config_int, config_names,
+from edgepeft.kinds.common import (SideBranch, config_float, config_int, config_names,
                                       config_pattern, head_to_numpy, merge_head,
                                       module_names_summary, peft_key, read_tensors, split_head)
+from edgepeft.contract.features import Feature, Part
 from edgepeft.errors import EdgepeftError
 
 KIND = "lora"
+NAMES = ("lora", "dora")
+MERGEABLE = True
+
+
+def _lora_out(y: torch.Tensor, h: torch.Tensor, base: nn.Module, p: dict) -> torch.Tensor:
+    """``y + (h A^T) B^T`` with ``A (r, in)``, ``B = s B (out, r)``; a mix concatenates along r."""
+    return y + F.linear(F.linear(h, p["A"]), p["B"])  # (B, S, in) -> (B, S, r) -> (B, S, out)
+
+
+def _dora_out(y: torch.Tensor, h: torch.Tensor, base: nn.Module, p: dict) -> torch.Tensor:
+    """``y + mag * (y - b) + (h A^T) B^T`` with ``mag = g - 1``, ``B = g s B``: DoRA around ``base``."""
+    plain = y if base.bias is None else y - base.bias  # h W^T  (B, S, out)
+    return y + p["mag"] * plain + F.linear(F.linear(h, p["A"]), p["B"])
+
+
+FEATURES = (
+    Feature("lora", (Part("A", ("r", "in"), 0.0, "cat0"), Part("B", ("out", "r"), 0.0, "cat1w")),
+            order=30, on_output=_lora_out, fused="lora"),
+    Feature("dora", (Part("A", ("r", "in"), 0.0, "one"), Part("B", ("out", "r"), 0.0, "one"),
+                     Part("mag", ("out",), 0.0, "one")), order=20, on_output=_dora_out),
+)
 
 # adapter_config.json fields PEFT can set that change the maths in ways edgepeft does not export (yet).
 # A truthy value is refused with the reason; silently ignoring any of them would give wrong outputs.
@@ -305,3 +328,9 @@ def manifest_entry(adapter: LoraAdapter) -> dict:
     return {"kind": adapter.kind, "rank": adapter.rank, "ranks": ranks, "alpha": adapter.alpha,
             "rslora": adapter.rslora, "scale": adapter.scale, "scale_folded_into_B": True,
             "targets": sorted(adapter.modules), "head": sorted(adapter.head)}
+
+
+def describe(entry: dict) -> str:
+    """``edgepeft inspect``'s summary of a manifest entry."""
+    return (f" rank {entry['rank']} (ranks {entry['ranks']}), alpha {entry['alpha']:g}, scale "
+            f"{entry['scale']:.4g}{' rsLoRA' if entry['rslora'] else ''}")

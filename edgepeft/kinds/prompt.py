@@ -23,11 +23,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgepeft.adapters.common import (SideBranch, config_int, head_to_numpy, read_tensors,
+from edgepeft.kinds.common import (SideBranch, config_int, head_to_numpy, read_tensors,
                                       split_head)
 from edgepeft.errors import EdgepeftError
 
 KIND = "prompt"
+NAMES = (KIND,)
+MERGEABLE = False
+FEATURES = ()  # decoder: a KV-cache seed; encoder: the prompt.embeds graph input
 
 
 @dataclass(frozen=True)
@@ -96,3 +99,8 @@ def manifest_entry(adapter: PromptAdapter) -> dict:
     """What the manifest records for this adapter (besides file and checksum)."""
     return {"kind": KIND, "peft_type": adapter.peft_type, "virtual_tokens": int(adapter.embeddings.shape[0]),
             "targets": [], "head": sorted(adapter.head)}
+
+
+def describe(entry: dict) -> str:
+    """``edgepeft inspect``'s summary of a manifest entry."""
+    return f" {entry['virtual_tokens']} virtual tokens"

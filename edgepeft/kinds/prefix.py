@@ -21,10 +21,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgepeft.adapters.common import SideBranch, config_int, read_tensors
+from edgepeft.kinds.common import SideBranch, config_int, probe_cache, read_tensors
 from edgepeft.errors import EdgepeftError
 
 KIND = "prefix"
+NAMES = (KIND,)
+MERGEABLE = False
+FEATURES = ()  # no graph inputs: the runtime seeds the KV cache
 
 
 @dataclass(frozen=True)
@@ -59,8 +62,6 @@ def read(name: str, adapter_dir: Path, config: dict, model: nn.Module,
     if set(tensors) != {"prompt_embeddings"}:
         raise EdgepeftError(f"{weights_file}: expected one tensor 'prompt_embeddings' (PEFT prefix "
                             f"tuning), found {', '.join(sorted(tensors)) or 'none'}.")
-    from edgepeft.export.causal_lm import probe_cache
-
     cache = probe_cache(model)
     p = config_int(config, "num_virtual_tokens", 0, cfg_path, minimum=0)
     emb = tensors["prompt_embeddings"].float()  # (p, 2 * L * H * D)
@@ -98,3 +99,8 @@ def side(adapter: PrefixAdapter, model: nn.Module) -> SideBranch:
 def manifest_entry(adapter: PrefixAdapter) -> dict:
     """What the manifest records for this adapter (besides file and checksum)."""
     return {"kind": KIND, "virtual_tokens": adapter.virtual_tokens, "targets": [], "head": []}
+
+
+def describe(entry: dict) -> str:
+    """``edgepeft inspect``'s summary of a manifest entry."""
+    return f" {entry['virtual_tokens']} virtual tokens"

@@ -17,11 +17,21 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from edgepeft.adapters.common import (SideBranch, config_names, head_to_numpy, merge_head,
+from edgepeft.kinds.common import (SideBranch, config_names, head_to_numpy, merge_head,
                                       module_names_summary, peft_key, read_tensors, split_head)
+from edgepeft.contract.features import Feature, Part
 from edgepeft.errors import EdgepeftError
 
 KIND = "ia3"
+NAMES = (KIND,)
+MERGEABLE = True
+
+FEATURES = (
+    Feature("ia3_in", (Part("scale", ("in",), 1.0, "one"),), order=10,
+            on_input=lambda h, p: h * p["scale"]),  # feed-forward layers: scale the input
+    Feature("ia3_out", (Part("scale", ("out",), 1.0, "one"),), order=40,
+            on_output=lambda y, h, base, p: y * p["scale"]),  # other layers: scale the output
+)
 
 
 @dataclass(frozen=True)
@@ -121,3 +131,8 @@ def manifest_entry(adapter: Ia3Adapter) -> dict:
     return {"kind": KIND, "targets": sorted(adapter.modules),
             "feedforward": sorted(n for n, m in adapter.modules.items() if m.feedforward),
             "head": sorted(adapter.head)}
+
+
+def describe(entry: dict) -> str:
+    """``edgepeft inspect``'s summary of a manifest entry."""
+    return f" ({len(entry.get('feedforward', []))} on feed-forward inputs)"

@@ -198,7 +198,7 @@ class SideBranch:
 
     Attributes:
         layers: ``{(module, feature): {part: array}}`` for adapted linear layers; features and
-            parts as in ``edgepeft.contract.FEATURE_PARTS``.
+            parts as the kinds' ``FEATURES`` declare them (``edgepeft.contract.features``).
         head: ``{parameter name: array}`` of a classification head carried in the adapter.
         prompt: ``(n_virtual, hidden)`` virtual-token embeddings (encoder prompt tuning).
         prefix: per decoder layer ``(key, value)``, each ``(1, kv_heads, p, head_dim)``: the KV
@@ -296,3 +296,23 @@ def merge_head(model: nn.Module, head: dict[str, torch.Tensor]) -> None:
     params = dict(model.named_parameters())
     for name, t in head.items():
         params[name].copy_(t)
+
+
+@dataclass(frozen=True)
+class CacheShape:
+    """Per-layer KV cache geometry, probed from a real forward pass."""
+
+    kv_heads: tuple[int, ...]
+    head_dims: tuple[int, ...]
+
+    @property
+    def layers(self) -> int:
+        return len(self.kv_heads)
+
+
+def probe_cache(model: nn.Module) -> CacheShape:
+    """Run one token through ``model`` and read the cache geometry it produces."""
+    with torch.no_grad():
+        out = model(input_ids=torch.zeros(1, 1, dtype=torch.long), use_cache=True)
+    layers = out.cache.layers
+    return CacheShape(tuple(int(l.keys.shape[1]) for l in layers), tuple(int(l.keys.shape[3]) for l in layers))

@@ -33,11 +33,14 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from edgepeft.adapters.common import (CONFIG_NAME, SAFETENSORS_NAME, config_names, module_names_summary,
+from edgepeft.kinds.common import (CONFIG_NAME, SAFETENSORS_NAME, config_names, module_names_summary,
                                       read_config, read_tensors)
+from edgepeft.contract.features import Feature, Part
 from edgepeft.errors import EdgepeftError
 
 KIND = "bottleneck"
+NAMES = (KIND,)
+MERGEABLE = False
 PEFT_TYPE = "BOTTLENECK"
 CONFIGS = ("houlsby", "pfeiffer")
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}  # gelu: exact (erf), as in export
@@ -54,6 +57,21 @@ _FAMILIES = (
     ("gpt-neox/falcon", r"\.(attention|self_attention)\.dense$", r"\.mlp\.dense_4h_to_h$"),
     ("phi", r"\.self_attn\.dense$", r"\.mlp\.fc2$"),
 )
+
+
+def _bottleneck_out(act, y: torch.Tensor, h: torch.Tensor, base: nn.Module, p: dict) -> torch.Tensor:
+    """``y + up(act(down(y)))`` on the layer's output; a mix concatenates hidden units."""
+    z = act(F.linear(y, p["down"], p["down_bias"]))  # (B, S, out) -> (B, S, r)
+    return y + F.linear(z, p["up"], p["up_bias"])  # (B, S, out)
+
+
+# One feature per activation (the graph has no switch for it): down (r, out), down_bias (r,),
+# up (out, r), up_bias (out,).
+FEATURES = tuple(
+    Feature(f"bottleneck_{name}", (Part("down", ("r", "out"), 0.0, "cat0"), Part("down_bias", ("r",), 0.0, "cat0"),
+                                   Part("up", ("out", "r"), 0.0, "cat1w"), Part("up_bias", ("out",), 0.0, "sumw")),
+            order=50, on_output=lambda y, h, base, p, act=act: _bottleneck_out(act, y, h, base, p))
+    for name, act in ACTIVATIONS.items())
 
 
 @dataclass(frozen=True)
@@ -549,7 +567,7 @@ def side(adapter: BottleneckRead, model: nn.Module):
     """Graph inputs ``bottleneck_<act>.{module}.down|down_bias|up|up_bias``."""
     import numpy as np
 
-    from edgepeft.adapters.common import SideBranch, head_to_numpy
+    from edgepeft.kinds.common import SideBranch, head_to_numpy
 
     feature = f"bottleneck_{adapter.config.non_linearity}"
     layers = {(m, feature): {k: np.ascontiguousarray(v.numpy(), np.float32) for k, v in parts.items()}
@@ -564,3 +582,8 @@ def manifest_entry(adapter: BottleneckRead) -> dict:
     return {"kind": KIND, "config": c.config, "reduction_factor": c.reduction_factor, "ranks": ranks,
             "non_linearity": c.non_linearity, "targets": sorted(adapter.modules),
             "head": sorted(adapter.head)}
+
+
+def describe(entry: dict) -> str:
+    """``edgepeft inspect``'s summary of a manifest entry."""
+    return f" reduction {entry['reduction_factor']}, {entry['non_linearity']}"

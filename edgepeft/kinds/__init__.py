@@ -1,0 +1,103 @@
+"""Adapter kinds: one file per kind, dispatched through :data:`REGISTRY` (PEFT's ``peft_type`` -> module).
+
+A kind module owns everything about its kind and exposes these names (shared code reads them and
+never names a kind; see ``lora.py`` for the fullest example):
+
+    NAMES                           the ``kind`` strings its manifest entries carry ("lora", "dora")
+    FEATURES                        tuple of ``contract.features.Feature``: the graph inputs it feeds an
+                                    adapted linear layer (parts, shapes, identity, mix rules) and their
+                                    torch maths; empty for kinds that feed none (prefix)
+    read(name, dir, config, model, task) -> adapter    parse PEFT's files, check against the base
+    merge(model, adapter, weight)   fold into the weights in place (raises if the kind cannot merge)
+    MERGEABLE                       whether ``merge`` can succeed (merged mode, bench's merged rows)
+    side(adapter, model) -> SideBranch   the arrays the side-branch graph and runtime are fed
+    manifest_entry(adapter) -> dict what ``manifest.json`` records (``kind`` among ``NAMES``)
+    describe(entry) -> str          how ``edgepeft inspect`` summarizes a manifest entry
+    REFERENCE                       ``common.Reference``: how validate and bench build the PyTorch model
+    TRAIN                           ``{train kind: common.TrainSpec}`` for ``edgepeft train --kind``
+
+An unknown ``peft_type`` or ``kind`` is an error that lists the known ones, never a fallthrough.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from edgepeft.contract import check_adapter_name
+from edgepeft.contract.features import Feature
+from edgepeft.errors import EdgepeftError
+from edgepeft.kinds import bottleneck, ia3, lora, prefix, prompt
+from edgepeft.kinds.common import read_config
+
+REGISTRY = {
+    "LORA": lora,
+    "IA3": ia3,
+    "PREFIX_TUNING": prefix,
+    "PROMPT_TUNING": prompt,
+    "P_TUNING": prompt,
+    "BOTTLENECK": bottleneck,
+}
+
+# Derived from the registry (never edited by hand): manifest kind -> module, feature -> Feature. Registry order is the order features are listed on a slot.
+_MODULES = list(dict.fromkeys(REGISTRY.values()))
+BY_NAME = {n: m for m in _MODULES for n in m.NAMES}
+FEATURES: dict[str, Feature] = {f.name: f for m in _MODULES for f in m.FEATURES}
+
+
+def kind_module(adapter_or_kind):
+    """The kind module of an adapter read by :func:`read_adapter`, or of a manifest ``kind`` string.
+
+    Raises:
+        EdgepeftError: a kind no module declares.
+    """
+    kind = adapter_or_kind if isinstance(adapter_or_kind, str) else adapter_or_kind.kind
+    if kind not in BY_NAME:
+        raise EdgepeftError(f"adapter kind {kind!r} is not known to this edgepeft (known: "
+                            f"{', '.join(BY_NAME)}). Use the edgepeft version that wrote the artifact.")
+    return BY_NAME[kind]
+
+
+def feature(name: str) -> Feature:
+    """A feature by name.
+
+    Raises:
+        EdgepeftError: a feature no kind declares.
+    """
+    if name not in FEATURES:
+        raise EdgepeftError(f"adapter feature {name!r} is not known to this edgepeft (known: "
+                            f"{', '.join(FEATURES)}).")
+    return FEATURES[name]
+
+
+def task_of(adapter_dir: Path) -> str | None:
+    """``causal-lm`` / ``classification`` from an adapter's PEFT ``task_type``, None if unset."""
+    task_type = read_config(adapter_dir).get("task_type")
+    if not isinstance(task_type, str):
+        return None
+    return {"CAUSAL_LM": "causal-lm", "SEQ_CLS": "classification"}.get(task_type)
+
+
+def read_adapter(name: str, adapter_dir: Path, model: nn.Module, task: str = "causal-lm"):
+    """Read one adapter directory for ``model``.
+
+    Args:
+        name: the adapter's name in the artifact (letters, digits, ``_ - .``).
+        adapter_dir: PEFT's ``save_pretrained`` folder.
+        model: the base model (no PEFT wrappers).
+        task: ``causal-lm`` or ``classification``.
+
+    Returns:
+        The kind's adapter dataclass (e.g. :class:`lora.LoraAdapter`).
+
+    Raises:
+        EdgepeftError: unreadable files, an unknown ``peft_type``, or weights that do not fit.
+    """
+    check_adapter_name(name, f"--adapter {name}={adapter_dir}")
+    config = read_config(adapter_dir)
+    peft_type = config.get("peft_type")
+    if not isinstance(peft_type, str) or peft_type not in REGISTRY:
+        raise EdgepeftError(f"{adapter_dir / 'adapter_config.json'}: peft_type {peft_type!r} is not "
+                            f"supported. Supported: {', '.join(REGISTRY)}.")
+    return REGISTRY[peft_type].read(name, adapter_dir, config, model, task)
