@@ -35,7 +35,7 @@ from edgepeft.export.base import (binding_mismatch, detect_task, fingerprint, lo
 from edgepeft.export.slots import input_specs, plan_slots
 from edgepeft.progress import bar, write
 from edgepeft.quantize import QuantConfig, tied_table, quantize_graph, store_tied_table_once
-from edgepeft.validate.budgets import BUDGETS
+from edgepeft.quantize.budgets import BUDGETS
 from edgepeft.targets import Target, check_ranks, load_target, quant_defaults
 from edgepeft.contract import (FORMAT, FORMAT_VERSION, MANIFEST_NAME, base_tag, graph_entries,
                                        sha256_file)
