@@ -102,7 +102,7 @@ def test_failed_export_leaves_nothing(capsys, tmp_path, llama_base, llama_adapte
     def boom(*a, **k):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(ex, "_save_adapter", boom)
+    monkeypatch.setattr(ex, "write_adapter_files", boom)
     with pytest.raises(RuntimeError, match="disk full"):
         main(["export", str(llama_base), "--adapter", f"chat={llama_adapters['chat']}", "--out",
               str(tmp_path / "out"), "--quiet"])

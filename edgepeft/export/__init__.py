@@ -20,7 +20,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import onnx
 import torch
 
@@ -37,8 +36,9 @@ from edgepeft.progress import bar, write
 from edgepeft.quantize import QuantConfig, tied_table, quantize_graph, store_tied_table_once
 from edgepeft.quantize.budgets import BUDGETS
 from edgepeft.targets import Target, check_ranks, load_target, quant_defaults
-from edgepeft.contract import (FORMAT, FORMAT_VERSION, MANIFEST_NAME, base_tag, graph_entries,
-                                       sha256_file)
+from edgepeft.contract import FORMAT, FORMAT_VERSION, MANIFEST_NAME, graph_entries, sha256_file
+from edgepeft.contract.adapter_files import write_adapter_files
+from edgepeft.contract.entries import adapter_entry, merged_adapter_entry
 
 try:
     import fcntl
@@ -215,39 +215,6 @@ def _op_counts(proto: onnx.ModelProto) -> dict[str, int]:
     for node in proto.graph.node:
         counts[node.op_type] = counts.get(node.op_type, 0) + 1
     return dict(sorted(counts.items()))
-
-
-def _save_adapter(arrays: dict[str, np.ndarray], path: Path, precision: str = "fp32",
-                  base_fp: str | None = None) -> dict:
-    """Write one adapter's arrays twice: an onnxruntime ``.onnx_adapter`` file (AdapterFormat, read
-    by the Python runtime) and a ``.safetensors`` file beside it (read by runtimes that have no
-    AdapterFormat reader, e.g. onnxruntime's JavaScript API). Both are stored as fp16 when
-    ``precision`` says so (the runtimes compute the branch in fp32) and tagged with the base they
-    belong to (``adapter_version``; safetensors metadata ``base_tag``, see ``manifest.base_tag``).
-
-    Returns:
-        The manifest entry's file fields: ``file``, ``sha256`` and ``safetensors: {file, sha256}``.
-    """
-    import onnxruntime as ort
-    from safetensors.numpy import save_file
-
-    if precision == "fp16":
-        arrays = {k: v.astype(np.float16) for k, v in arrays.items()}
-    tag = base_tag(base_fp) if base_fp else 1
-
-    values = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in arrays.items()}  # alive until export
-    fmt = ort.AdapterFormat()
-    fmt.set_adapter_version(tag)
-    fmt.set_model_version(FORMAT_VERSION)
-    fmt.set_parameters(values)
-    fmt.export_adapter(str(path))
-    st = path.with_suffix(".safetensors")
-    save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(st),
-              metadata={"format": "edgepeft-adapter", "format_version": str(FORMAT_VERSION), "base_tag": str(tag)})
-    os.chmod(st, path.stat().st_mode & 0o777)  # safetensors writes 0600; match the other files
-    rel = f"{path.parent.name}/{path.name}"
-    return {"file": rel, "sha256": sha256_file(path),
-            "safetensors": {"file": f"{path.parent.name}/{st.name}", "sha256": sha256_file(st)}}
 
 
 def _final_head_param(model) -> str | None:
@@ -473,9 +440,8 @@ def _write_fused(cfg, model, adapters, base_fp, manifest: dict, tmp: Path, quiet
             proto, _, _ = fused.build_graph(merged, {}, cfg.opset or 17)
             del merged
             graph = {**_save_graph(proto, tmp, f"merged/{a.name}.onnx", quant, [], quiet=quiet), "layout": "fused"}
-            manifest["adapters"][a.name] = {**kind_module(a).manifest_entry(a), "graph": graph,
-                                            "base_fingerprint": base_fp, "inputs": [], "prefix": None,
-                                            "source": str(a.source.resolve())}
+            manifest["adapters"][a.name] = merged_adapter_entry(kind_module(a).manifest_entry(a), graph,
+                                                                base_fp, a.source)
         manifest["graph"] = {"per_adapter": True, "layout": "fused"}
         return
     sides = {a.name: kind_module(a).side(a, model) for a in adapters}
@@ -492,9 +458,9 @@ def _write_fused(cfg, model, adapters, base_fp, manifest: dict, tmp: Path, quiet
     for a in adapters:
         arrays = fused.pack_adapter(sides[a.name], used, outs, ins)
         path = tmp / "adapters" / f"{a.name}.onnx_adapter"
-        files = _save_adapter(arrays, path, quant.adapter_precision, base_fp)
-        manifest["adapters"][a.name] = {
-            **kind_module(a).manifest_entry(a), **files, "base_fingerprint": base_fp, "inputs": sorted(arrays), "prefix": None, "source": str(a.source.resolve())}
+        files = write_adapter_files(arrays, path, quant.adapter_precision, base_fp)
+        manifest["adapters"][a.name] = adapter_entry(kind_module(a).manifest_entry(a), files, base_fp,
+                                                     sorted(arrays), None, a.source)
 
 
 def _write(cfg, task, model, fresh, adapters, cache, base_fp, tmp: Path, quiet: bool) -> dict:
@@ -558,14 +524,13 @@ def _write(cfg, task, model, fresh, adapters, cache, base_fp, tmp: Path, quiet: 
             side = sides[a.name]
             arrays = side.arrays()
             path = tmp / "adapters" / f"{a.name}.onnx_adapter"
-            files = _save_adapter(arrays, path, quant.adapter_precision, base_fp)
+            files = write_adapter_files(arrays, path, quant.adapter_precision, base_fp)
             prefix = None
             if side.prefix:
                 prefix = {"length": int(side.prefix[0][0].shape[2]), "from_prompt": side.prefix_from_prompt}
-            manifest["adapters"][a.name] = {
-                **kind_module(a).manifest_entry(a), **files, "base_fingerprint": base_fp,
-                "inputs": sorted(n for n in arrays if n in manifest["inputs"]), "prefix": prefix,
-                "source": str(a.source.resolve())}
+            inputs = sorted(n for n in arrays if n in manifest["inputs"])
+            manifest["adapters"][a.name] = adapter_entry(kind_module(a).manifest_entry(a), files, base_fp,
+                                                         inputs, prefix, a.source)
     else:
         for i, a in enumerate(bar(adapters, desc="merged graphs", unit="graph", quiet=quiet)):
             _log(f"exporting merged graph {i + 1}/{len(adapters)}: {a.name}", quiet)
@@ -575,9 +540,8 @@ def _write(cfg, task, model, fresh, adapters, cache, base_fp, tmp: Path, quiet: 
             graph = _save_graph(_graph(task, merged, [], [], [], cache, cfg.opset), tmp, f"merged/{a.name}.onnx",
                                 quant, [], calibration, probe, quiet=quiet)
             del merged
-            manifest["adapters"][a.name] = {**kind_module(a).manifest_entry(a), "graph": graph,
-                                            "base_fingerprint": base_fp, "inputs": [], "prefix": None,
-                                            "source": str(a.source.resolve())}
+            manifest["adapters"][a.name] = merged_adapter_entry(kind_module(a).manifest_entry(a), graph,
+                                                                base_fp, a.source)
         manifest["graph"] = {"per_adapter": True}
     _bundle(cfg.target, manifest, tmp, quiet)
     (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
