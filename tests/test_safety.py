@@ -90,7 +90,7 @@ def stop_before_write(monkeypatch):
     def stop(*a, **k):
         raise _Reached()
 
-    monkeypatch.setattr(ex, "_write", stop)
+    monkeypatch.setattr(ex, "write_artifact", stop)
 
 
 # ----------------------------------------------------------------------------- 2. base binding

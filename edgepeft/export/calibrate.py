@@ -8,6 +8,7 @@ base.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 
 import numpy as np
@@ -17,6 +18,19 @@ from edgepeft.data import load_texts
 from edgepeft.runtime.model import positions
 
 BATCH = 4
+PROBE_BATCHES = 4  # calibration batches (of 4 texts) run to measure each MatMul's sensitivity
+
+
+def quantization_feeds(cfg, task: str, model, adapters, sides: dict, specs, cache, quiet: bool):
+    """What ``cfg.quant`` needs to quantize a graph of ``model``: ``(feeds for int8-static or None,
+    a few base feeds for --protect's sensitivity or None)``."""
+    calibration = probe = None
+    if cfg.quant.precision == "int8-static":
+        calibration = calibration_feeds(cfg, task, model, adapters, sides, specs, cache, quiet)
+    if cfg.quant.protect:  # the feeds come base first: the first batches run the base model
+        probe = list(itertools.islice(calibration_feeds(cfg, task, model, [], {}, specs, cache, True),
+                                      PROBE_BATCHES))
+    return calibration, probe
 
 
 def _token_rows(cfg, model, texts: list[str], limit: int) -> list[list[int]]:
