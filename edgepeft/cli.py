@@ -361,7 +361,7 @@ def validate(args) -> int:
             raise EdgepeftError(f"{path}: no prompts in it (one prompt per line).")
     texts = None
     if args.texts:
-        from edgepeft.export.calibrate import load_texts
+        from edgepeft.data import load_texts
 
         texts = load_texts(args.texts, option="--texts")
     budget = None
@@ -371,7 +371,7 @@ def validate(args) -> int:
         from dataclasses import replace
 
         from edgepeft.contract import read_manifest
-        from edgepeft.validate.budgets import BUDGETS, Budget
+        from edgepeft.quantize.budgets import BUDGETS, Budget
 
         m = read_manifest(Path(args.artifact))
         base = Budget(**m["budget"]) if m.get("budget") else BUDGETS[m["precision"]]

@@ -26,10 +26,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from edgepeft.data import load_texts
 from edgepeft.errors import EdgepeftError
-from edgepeft.export.calibrate import load_texts
 from edgepeft.progress import bar
-from edgepeft.validate.budgets import BUDGETS, Budget
+from edgepeft.quantize.budgets import BUDGETS, Budget
 from edgepeft.runtime.model import Model, batch_inputs, case_name, positions
 
 # Default prompts when the caller gives none and the artifact has a tokenizer.
