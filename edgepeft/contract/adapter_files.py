@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgepeft.contract.names import FORMAT_VERSION, base_tag, sha256_file
+from edgepeft.contract.names import ADAPTER_FILE_FORMAT, FORMAT_VERSION, base_tag, sha256_file
 
 
 def write_adapter_files(arrays: dict[str, np.ndarray], path: Path, precision: str = "fp32",
@@ -53,6 +53,6 @@ def _write_safetensors(arrays: dict[str, np.ndarray], path: Path, tag: int) -> P
     from safetensors.numpy import save_file
 
     save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(path),
-              metadata={"format": "edgepeft-adapter", "format_version": str(FORMAT_VERSION),
+              metadata={"format": ADAPTER_FILE_FORMAT, "format_version": str(FORMAT_VERSION),
                         "base_tag": str(tag)})
     return path
