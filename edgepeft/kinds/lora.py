@@ -9,6 +9,8 @@ Every adapter kind module exposes the same names:
     merge(model, adapter, weight)                 fold the adapter into the weights, in place
     side(adapter, model) -> SideBranch            what the side-branch graph and runtime are fed
     manifest_entry(adapter) -> dict               what ``manifest.json`` records
+    REFERENCE                                     ``common.Reference``: the PyTorch model of validate, bench
+    TRAIN                                         ``{"lora": common.TrainSpec, "dora": ...}`` for train
 """
 
 from __future__ import annotations
