@@ -537,7 +537,8 @@ def _train_args(p):
     p.add_argument("--epochs", type=int, default=1, help="passes over the data (default 1)")
     p.add_argument("--steps", type=int, default=None, help="stop after this many steps (a cap on --epochs)")
     p.add_argument("--lr", type=float, default=None,
-                   help="learning rate (default per kind: " + ", ".join(f"{k} {s.lr:g}" for k, s in TRAIN.items()) + ")")
+                   help="learning rate (default per kind: "
+                   + ", ".join(f"{k} {s.lr:g}" for k, s in TRAIN.items()) + ")")
     p.add_argument("--batch-size", type=int, default=8, help="rows per step (default 8)")
     p.add_argument("--max-length", type=int, default=128, help="tokens per row, longer texts are truncated (default 128)")
     p.add_argument("--r", type=int, default=8, help="LoRA/DoRA rank, lora_alpha = 2r (default 8)")

@@ -614,8 +614,9 @@ def _train_add(model: nn.Module, cfg, heads: list[str]) -> dict[str, nn.Paramete
 
 def _train_save(model: nn.Module, out_dir: Path, cfg, classification: bool, heads: list[str]) -> None:
     """``TrainSpec.save``: :func:`save_bottleneck` with the heads as ``modules_to_save``."""
-    save_bottleneck(model, out_dir, _train_bottleneck_config(cfg), "SEQ_CLS" if classification else "CAUSAL_LM",
-                    str(cfg.model), modules_to_save=heads or None)
+    task_type = "SEQ_CLS" if classification else "CAUSAL_LM"
+    save_bottleneck(model, out_dir, _train_bottleneck_config(cfg), task_type, str(cfg.model),
+                    modules_to_save=heads or None)
 
 
 TRAIN = {"bottleneck": TrainSpec(lr=1e-3, add=_train_add, save=_train_save)}

@@ -376,8 +376,8 @@ class Reference:
         for name in ("load", "add", "select", "mix", "combine"):
             value = getattr(self, name)
             if not (callable(value) or (value is None and name != "load")):
-                raise ValueError(f"Reference.{name}: expected a function{'' if name == 'load' else ' or None'}, "
-                                 f"found {value!r}")
+                what = "a function" if name == "load" else "a function or None"
+                raise ValueError(f"Reference.{name}: expected {what}, found {value!r}")
         for name in ("shared", "prompt_learning", "seed_composes"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"Reference.{name}: expected True or False, found {getattr(self, name)!r}")
@@ -388,7 +388,7 @@ class Reference:
         if self.mix is not None and not self.shared:
             raise ValueError("Reference: mix needs shared (the mixed adapters must be in one model)")
         if self.combine is not None and self.add is None:
-            raise ValueError("Reference: combine needs add and select (the combined adapters are loaded into one model)")
+            raise ValueError("Reference: combine needs add and select (the combined adapters share one model)")
 
 
 @dataclass(frozen=True)
@@ -441,8 +441,8 @@ class TrainSpec:
             raise ValueError("TrainSpec: give add and save together (a kind with its own format)")
         if (self.peft_config is None) == (self.add is None):
             raise ValueError("TrainSpec: give exactly one of peft_config (PEFT trains it) and add + save")
-        if not self.tasks or any(t not in TRAIN_TASKS for t in self.tasks) or len(set(self.tasks)) != len(self.tasks):
-            raise ValueError(f"TrainSpec.tasks: expected distinct tasks among {TRAIN_TASKS}, found {self.tasks!r}")
+        if not self.tasks or not set(self.tasks) <= set(TRAIN_TASKS) or len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"TrainSpec.tasks: expected distinct tasks of {TRAIN_TASKS}, found {self.tasks!r}")
         if (set(self.tasks) != set(TRAIN_TASKS)) != bool(self.refusal):
             raise ValueError("TrainSpec.refusal: give the message exactly when a task is refused")
         for name in ("target_modules", "embeds_input"):

@@ -117,8 +117,8 @@ def train_config(model: nn.Module, cfg, classification: bool):
     """PEFT's ``PrefixTuningConfig``: ``cfg.num_virtual_tokens`` keys/values per layer."""
     from peft import PrefixTuningConfig
 
-    return PrefixTuningConfig(task_type=peft_task_type(classification), num_virtual_tokens=cfg.num_virtual_tokens,
-                              **prompt_dims(model))
+    return PrefixTuningConfig(task_type=peft_task_type(classification),
+                              num_virtual_tokens=cfg.num_virtual_tokens, **prompt_dims(model))
 
 
 _CLASSIFICATION = ("prefix tuning trains on causal LMs only: peft's prefix tuning does not run on "

@@ -116,8 +116,9 @@ def train_config(model: nn.Module, cfg, classification: bool):
     """PEFT's ``PromptTuningConfig``: ``cfg.num_virtual_tokens`` randomly initialised tokens."""
     from peft import PromptTuningConfig
 
-    return PromptTuningConfig(task_type=peft_task_type(classification), num_virtual_tokens=cfg.num_virtual_tokens,
-                              prompt_tuning_init="RANDOM", **prompt_dims(model))
+    return PromptTuningConfig(task_type=peft_task_type(classification),
+                              num_virtual_tokens=cfg.num_virtual_tokens, prompt_tuning_init="RANDOM",
+                              **prompt_dims(model))
 
 
 TRAIN = {"prompt": TrainSpec(lr=3e-2, peft_config=train_config, target_modules=False, embeds_input=True)}

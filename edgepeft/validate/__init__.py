@@ -3,9 +3,10 @@
 Per case (no adapter, each adapter, a weighted LoRA mix, a LoRA + prefix composition) both sides
 run the same inputs. The PyTorch side of each adapter is built as its kind describes
 (``kind_module(entry["kind"]).REFERENCE``, :class:`edgepeft.kinds.common.Reference`); which
-adapters mix and which prefix composes is read from the manifest and those descriptions. Causal LMs: a left-padded batch, real-token positions compared: max
-|Δlogits|, mean KL(torch || artifact), top-1 agreement, and greedy generations (the torch side
-recomputes the whole sequence each step, no cache, so the artifact's KV cache is checked too).
+adapters mix and which prefix composes is read from the manifest and those descriptions.
+Causal LMs: a left-padded batch, real-token positions compared: max |Δlogits|, mean
+KL(torch || artifact), top-1 agreement, and greedy generations (the torch side recomputes the
+whole sequence each step, no cache, so the artifact's KV cache is checked too).
 PEFT's prompt-learning models ignore position ids, which makes their padded rows depend on the
 padding, so those references run each row unpadded. Classifiers: the same metrics on the class
 logits, plus accuracy on both sides when given a labelled file. Every case is checked and all
@@ -186,13 +187,11 @@ class _Reference:
         """The one model holding every adapter of ``kind`` (a kind module with a shared Reference)."""
         if kind not in self._shared:
             ref, model = kind.REFERENCE, None
-            for name, path in self.dirs.items():
-                if self.kinds[name] is not kind:
-                    continue
+            for name in [n for n, k in self.kinds.items() if k is kind]:  # manifest order
                 if model is None:
-                    model = ref.load(self._fresh_base(), path, name)
+                    model = ref.load(self._fresh_base(), self.dirs[name], name)
                 else:
-                    ref.add(model, path, name)
+                    ref.add(model, self.dirs[name], name)
             self._shared[kind] = model.eval()
         return self._shared[kind]
 
@@ -212,7 +211,8 @@ class _Reference:
         from edgepeft.kinds import read_adapter
 
         adapter = read_adapter(name, self.dirs[name], self.base, self.task)
-        return [(torch.from_numpy(k), torch.from_numpy(v)) for k, v in self.kinds[name].side(adapter, self.base).prefix]
+        seed = self.kinds[name].side(adapter, self.base).prefix
+        return [(torch.from_numpy(k), torch.from_numpy(v)) for k, v in seed]
 
     def get(self, choice) -> _Ref:
         """The reference for None, a name, or a mix / composition ``{name: weight}``."""
