@@ -12,11 +12,11 @@ Kinds: those of :data:`edgepeft.kinds.TRAIN`; each kind file describes its train
 tasks). PEFT's kinds (``lora``, ``dora``, ``ia3``, ``prompt``, ``prefix``) are trained and saved
 with peft (``get_peft_model`` + ``save_pretrained``), so the output loads with
 ``PeftModel.from_pretrained``; ``bottleneck`` adds, trains and saves edgepeft's own module in its
-PEFT-shaped format. For
-classification the head is trained and saved as ``modules_to_save``: every top-level module whose
-name ends with ``classifier`` or ``score`` (peft's suffix rule, so DistilBERT's ``pre_classifier``
-too). Randomly initialised head layers outside that rule are neither trained nor saved; the head
-is drawn after ``torch.manual_seed(seed)``, so loading the base the same way reproduces them.
+PEFT-shaped format. For classification the head is trained and saved as ``modules_to_save``:
+every top-level module whose name ends with ``classifier`` or ``score`` (peft's suffix rule, so
+DistilBERT's ``pre_classifier`` too). Randomly initialised head layers outside that rule are
+neither trained nor saved; the head is drawn after ``torch.manual_seed(seed)``, so loading the
+base the same way reproduces them.
 
 The output folder holds the adapter files, ``train_log.json`` (config, labels, per-step
 losses, seconds) and ``edgepeft.json`` (the fingerprint of the base weights, which ``edgepeft
@@ -124,8 +124,9 @@ class TrainConfig:
                 raise EdgepeftError(f"--target-modules {self.target_modules!r}: expected module names.")
             if not TRAIN[self.kind].target_modules:
                 takes = [k for k, spec in TRAIN.items() if spec.target_modules]
+                listing = " and ".join(filter(None, [", ".join(takes[:-1]), takes[-1]]))
                 raise EdgepeftError(f"--target-modules: {self.kind} tuning adapts no layers; target "
-                                    f"modules apply to {', '.join(takes[:-1])} and {takes[-1]}.")
+                                    f"modules apply to {listing}.")
             object.__setattr__(self, "target_modules", targets)
         if self.out.exists() and not self.force:
             raise EdgepeftError(f"{self.out}: already exists. Pass --force to replace it, or another --out.")
