@@ -12,7 +12,8 @@ from edgepeft.errors import EdgepeftError
 from edgepeft.kinds.common import SideBranch
 
 PACKAGE = Path(kinds.__file__).resolve().parents[1]
-PROTOCOL = ("NAMES", "FEATURES", "MERGEABLE", "read", "merge", "side", "manifest_entry", "describe")
+PROTOCOL = ("NAMES", "FEATURES", "MERGEABLE", "read", "merge", "side", "manifest_entry", "describe", "REFERENCE",
+            "TRAIN")
 # Where a kind or feature name may still appear outside edgepeft/kinds/, and why.
 ALLOWED = {
     # The fused graph packs one feature form ("lora": A^T / B^T per projection group) into
