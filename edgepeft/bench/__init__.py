@@ -55,7 +55,7 @@ from pathlib import Path
 import numpy as np
 
 from edgepeft.errors import EdgepeftError
-from edgepeft.runtime.model import case_name
+from edgepeft.runtime.adapters import case_name
 
 MERGEABLE = ("lora", "dora", "ia3")
 PROMPT_TEXT = ("The quick brown fox jumps over the lazy dog while the old farmer counts his sheep, "

@@ -16,7 +16,7 @@ import numpy as np
 
 from edgepeft.errors import EdgepeftError
 from edgepeft.contract import past_names
-from edgepeft.runtime.model import positions
+from edgepeft.runtime.batch import positions
 
 CALIBRATION_DIR = Path(__file__).resolve().parents[2] / "calibration"
 BATCH = 4
