@@ -25,9 +25,9 @@ def greedy(run: Decoding, max_new_tokens: int, eos: set[int]) -> np.ndarray:
     Returns:
         ``(rows, n)`` int64, ``n <= max_new_tokens``.
     """
-    out = [np.zeros((run.rows, 0), np.int64)]
     if max_new_tokens <= 0:
-        return out[0]
+        return np.zeros((run.rows, 0), np.int64)
+    out = []
     last = run.prefill()  # (B, V)
     done = np.zeros(run.rows, bool)
     stop = list(eos)
@@ -49,6 +49,6 @@ def generate(ids: np.ndarray, runs: Sequence[Decoding], max_new_tokens: int, eos
     groups = [greedy(run, max_new_tokens, eos) for run in runs]
     width = max(g.shape[1] for g in groups)
     fill = next(iter(eos)) if eos else 0
-    new = np.concatenate([np.pad(g, ((0, 0), (0, width - g.shape[1])), constant_values=fill)
-                          for g in groups])[:ids.shape[0]]  # (B, n)
-    return np.concatenate([ids, new], axis=1)
+    groups = [g if g.shape[1] == width else np.pad(g, ((0, 0), (0, width - g.shape[1])), constant_values=fill)
+              for g in groups]
+    return np.concatenate([ids, np.concatenate(groups)[:ids.shape[0]]], axis=1)  # (B, S + n)
