@@ -72,19 +72,20 @@ def test_swap_mid_generation(fused_side, llama_side):
     run on the same cache with the new adapter (the swap leaves no input of the old one bound)."""
     a, b = Model(fused_side), Model(llama_side)
     ids = np.array([[5, 9, 17, 33, 4]])
-    kv = fused.Cache(a._sessions[None], a._cache, 1, 8)
-    kv.bind_adapter(a._values(a._feeds("sql")[0]))
+    fl, tl = a._layouts[None], b._layouts[None]  # fused, traced
+    kv = fused.Cache(fl.session, fl.cache, 1, 8)
+    kv.bind_adapter(fl.values(a._store.feeds("sql")[0]))
     lengths = np.array([5])
     kv.run(ids, lengths)
-    past, mask = b._start(1, np.ones((1, 5), np.int64), None)
-    present = b._run(b._sessions[None], b._feeds("sql")[0], ids, mask, past)[1:]
+    past, mask = tl.start(1, np.ones((1, 5), np.int64), None)
+    present = tl.run(b._store.feeds("sql")[0], ids, mask, past)[1:]
     for choice in ("chat", None, "code"):
-        kv.bind_adapter(a._values(a._feeds(choice)[0]))
+        kv.bind_adapter(fl.values(a._store.feeds(choice)[0]))
         lengths = lengths + 1
         step = kv.run(np.array([[7]]), lengths)[:, 0]
-        past = {n: v for i in range(len(b._cache)) for n, v in zip(past_names(i), present[2 * i:2 * i + 2])}
+        past = {n: v for i in range(len(tl.cache)) for n, v in zip(past_names(i), present[2 * i:2 * i + 2])}
         mask = np.ones((1, int(lengths[0])), np.int64)
-        out = b._run(b._sessions[None], b._feeds(choice)[0], np.array([[7]]), mask, past)
+        out = tl.run(b._store.feeds(choice)[0], np.array([[7]]), mask, past)
         present = out[1:]
         np.testing.assert_allclose(step, out[0][:, -1], atol=1e-5, rtol=0)
 

@@ -436,9 +436,9 @@ def test_fuzzed_onnx_adapter(artifact_copy, scratch, data):
     elif op == "random":
         raw = data.draw(st.binary(max_size=256), label="raw")
     else:
-        from edgepeft.runtime.model import _read_adapter_file
+        from edgepeft.contract.adapter_files import read_adapter_file
 
-        arrays, _ = _read_adapter_file(f, "test")
+        arrays, _ = read_adapter_file(f, "test")
         key = data.draw(st.sampled_from(sorted(arrays)), label="key")
         how = data.draw(st.sampled_from(["dtype", "shape", "rename", "drop", "extra_prefix"]), label="how")
         if how == "dtype":

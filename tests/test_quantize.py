@@ -111,8 +111,8 @@ def test_adapter_files_can_be_stored_fp16(quantized, setup):
 
 def _feeds(model: Model, ids: np.ndarray, adapter: str | None) -> dict:
     mask = np.ones_like(ids)
-    past, mask = model._start(ids.shape[0], mask, None)
-    feeds = model._feeds(adapter)[0] if adapter else {}
+    past, mask = model._layouts[None].start(ids.shape[0], mask, None)
+    feeds = model._store.feeds(adapter)[0] if adapter else {}
     return {"input_ids": ids, "attention_mask": mask, "position_ids": np.tile(np.arange(ids.shape[1]), (ids.shape[0], 1)),
             **past, **feeds}
 

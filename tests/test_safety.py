@@ -198,7 +198,7 @@ def _replace_adapter_file(art: Path, name: str, arrays: dict, base_fp: str) -> N
 def test_runtime_wrong_shape_names_input_expected_found(tmp_path, llama_side):
     art = shutil.copytree(llama_side, tmp_path / "art")
     fp = json.loads((art / "manifest.json").read_text())["base"]["fingerprint"]
-    good = Model(llama_side)._loaded["chat"].graph
+    good = Model(llama_side)._store.loaded["chat"].graph
     a = "lora.model.layers.0.self_attn.q_proj.A"
     _replace_adapter_file(art, "chat", {**good, a: np.zeros((4, 65), np.float32)}, fp)
     with pytest.raises(EdgepeftError, match=rf"{a} has shape \(4, 65\) float32, the graph takes \('n', 64\) float32"):

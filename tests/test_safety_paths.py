@@ -122,7 +122,7 @@ def test_external_data_locations_are_found_in_subgraphs(tmp_path):
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from edgepeft.runtime.model import external_data_locations
+    from edgepeft.runtime.onnx_proto import external_data_locations
 
     def body(name):
         t = numpy_helper.from_array(np.ones(300, np.float32), f"w_{name}")

@@ -57,7 +57,7 @@ from pathlib import Path
 import numpy as np
 
 from edgepeft.errors import EdgepeftError
-from edgepeft.runtime.model import case_name
+from edgepeft.runtime.adapters import case_name
 
 PROMPT_TEXT = ("The quick brown fox jumps over the lazy dog while the old farmer counts his sheep, "
                "one, two, three, four, five, and then he writes the numbers down in a small book "

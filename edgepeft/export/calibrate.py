@@ -15,7 +15,7 @@ import numpy as np
 
 from edgepeft.contract import past_names
 from edgepeft.data import load_texts
-from edgepeft.runtime.model import positions
+from edgepeft.runtime.batch import positions
 
 BATCH = 4
 PROBE_BATCHES = 4  # calibration batches (of 4 texts) run to measure each MatMul's sensitivity

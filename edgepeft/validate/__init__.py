@@ -34,7 +34,9 @@ from edgepeft.data import load_texts
 from edgepeft.errors import EdgepeftError
 from edgepeft.progress import bar
 from edgepeft.quantize.budgets import BUDGETS, Budget
-from edgepeft.runtime.model import Model, batch_inputs, case_name, positions
+from edgepeft.runtime import Model
+from edgepeft.runtime.adapters import case_name
+from edgepeft.runtime.batch import batch_inputs, positions
 
 # Default prompts when the caller gives none and the artifact has a tokenizer.
 DEFAULT_PROMPTS = (
