@@ -19,11 +19,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import make_adapter
+from helpers import make_adapter, make_bottleneck
 from edgepeft.adapters import read_adapter
 from edgepeft.cli import main
 from edgepeft.errors import EdgepeftError
@@ -102,18 +101,6 @@ PEFT_TYPES = ["LORA", "IA3", "PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING", "BOTT
 
 
 # ---------------------------------------------------------------- fixtures
-def _bottleneck(base: Path, out: Path) -> Path:
-    from transformers import AutoModelForCausalLM
-
-    from edgepeft.adapters.bottleneck import BottleneckConfig, add_bottleneck, save_bottleneck
-
-    torch.manual_seed(5)
-    model = AutoModelForCausalLM.from_pretrained(base)
-    cfg = BottleneckConfig(config="houlsby", reduction_factor=8, non_linearity="gelu")
-    add_bottleneck(model, cfg, init_up_std=1.0)
-    return save_bottleneck(model, out, cfg, "CAUSAL_LM", str(base))
-
-
 @pytest.fixture(scope="module")
 def llama(llama_base):
     return load_causal_lm(llama_base)
@@ -128,7 +115,7 @@ def kinds(llama_base, llama_adapters, tmp_path_factory) -> dict[str, Path]:
             "ia3": make_adapter(llama_base, root / "ia3", "ia3"),
             "prefix": make_adapter(llama_base, root / "prefix", "prefix"),
             "prompt": make_adapter(llama_base, root / "prompt", "prompt"),
-            "bottleneck": _bottleneck(llama_base, root / "bottleneck")}
+            "bottleneck": make_bottleneck(llama_base, root / "bottleneck")}
 
 
 @pytest.fixture(scope="module")
