@@ -164,6 +164,7 @@ def make_bottleneck(base: Path, out: Path, *, task: str = "CAUSAL_LM", heads: li
     if (task == "SEQ_CLS") != bool(heads):
         raise ValueError(f"make_bottleneck: task={task!r} with heads={heads!r}; a SEQ_CLS adapter "
                          "carries its head modules, a CAUSAL_LM one none")
+    _quiet()
     torch.manual_seed(seed)
     if task == "CAUSAL_LM":
         model = AutoModelForCausalLM.from_pretrained(base)
@@ -207,6 +208,7 @@ def make_encoder(arch: str, path: Path, *, hidden: int = 64, layers: int = 2, he
     """
     from transformers import AutoConfig, AutoModel
 
+    _quiet()
     if seed is not None:
         torch.manual_seed(seed)
     cfg = AutoConfig.for_model(arch, **encoder_config(arch, hidden, layers, heads))
