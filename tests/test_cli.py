@@ -65,7 +65,7 @@ def test_bad_adapter_exit_2_and_no_out(capsys, tmp_path, llama_base, llama_adapt
 
 
 def test_adapter_of_another_base_exit_2(capsys, tmp_path, llama_base):
-    from conftest import make_base, make_lora
+    from helpers import make_base, make_lora
 
     other = make_base("llama", tmp_path / "other", hidden_size=32, num_attention_heads=2, intermediate_size=64)
     ad = make_lora(other, tmp_path / "ad", target_modules=["v_proj"])

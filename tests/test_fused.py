@@ -12,7 +12,7 @@ from edgepeft.quantize import QuantConfig
 from edgepeft.runtime import Model, fused
 from edgepeft.contract import past_names
 
-from conftest import make_adapter
+from helpers import make_adapter
 
 FAST = QuantConfig(precision="int4", accuracy_level=4, head_bits=8)
 
@@ -154,7 +154,7 @@ def test_fused_refusals(llama_base, llama_adapters, tmp_path):
 
 
 def test_fused_cli_exit_2_on_other_architectures(tmp_path, capsys):
-    from conftest import make_base
+    from helpers import make_base
     from edgepeft.cli import main
 
     base = make_base("gpt2", tmp_path / "gpt2")
@@ -182,7 +182,7 @@ def test_bench_runs_on_a_fused_artifact(fused_side, tmp_path, capsys):
 @pytest.mark.parametrize("arch", ["qwen2", "mistral"])
 def test_other_llama_family_members(arch, tmp_path):
     """qwen2 (q/k/v biases) and mistral (no sliding window) build the same fused graph."""
-    from conftest import make_base, make_lora
+    from helpers import make_base, make_lora
 
     base = make_base(arch, tmp_path / "base")
     lora = make_lora(base, tmp_path / "lora", target_modules="all-linear")

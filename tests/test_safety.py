@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import make_adapter, make_base, make_lora
+from helpers import make_adapter, make_base, make_lora
 from edgepeft.cli import main
 from edgepeft.errors import EdgepeftError
 from edgepeft.runtime import Model

@@ -359,20 +359,13 @@ def test_static_runtime_refuses_what_does_not_fit(small_static):
 def test_static_encoder_pads_to_buckets(tmp_path):
     """An encoder classifier on a static profile: one graph per bucket, texts right-padded to the
     shortest bucket that holds them, LoRA rank 4 and a bottleneck of 8 padded to max_rank 10."""
-    from transformers import AutoConfig, AutoModel
-
-    from conftest import make_adapter, make_tokenizer
+    from helpers import CLASSIFIER_HEADS, make_adapter, make_bottleneck, make_encoder
     from edgepeft.export import ExportConfig, export
-    from test_classifiers import ENCODERS, _bottleneck
 
-    import torch
-
-    torch.manual_seed(0)
-    base = tmp_path / "bert"
-    AutoModel.from_config(AutoConfig.for_model("bert", **ENCODERS["bert"])).save_pretrained(base)
-    make_tokenizer(base)
+    base = make_encoder("bert", tmp_path / "bert")
     ads = {"lora": make_adapter(base, tmp_path / "lora", "lora", task="SEQ_CLS"),
-           "bottleneck": _bottleneck(base, tmp_path / "bottleneck", "bert")}
+           "bottleneck": make_bottleneck(base, tmp_path / "bottleneck", task="SEQ_CLS",
+                                         heads=CLASSIFIER_HEADS["bert"], seed=7)}
     profile = tmp_path / "enc-npu.toml"
     profile.write_text(SMALL_NPU.replace("[1, 4]", "[1, 8, 16]"))  # 1: dropped for encoders
     dyn, st = tmp_path / "dyn", tmp_path / "static"
