@@ -7,7 +7,6 @@ Nothing here knows an adapter kind; the kind modules (``lora.py``, ...) interpre
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from edgepeft.contract.names import read_json_file
 from edgepeft.errors import EdgepeftError
 
 CONFIG_NAME = "adapter_config.json"
@@ -45,15 +45,8 @@ def read_config(adapter_dir: Path) -> dict:
     if not path.is_file():
         raise EdgepeftError(f"{path}: missing. An adapter directory needs {CONFIG_NAME} as written "
                             "by PeftModel.save_pretrained.")
-    size = path.stat().st_size
-    if size > MAX_CONFIG_BYTES:
-        raise EdgepeftError(f"{path}: {size:,} bytes, too large for an adapter config (at most "
-                            f"{MAX_CONFIG_BYTES:,}). Re-save the adapter with PeftModel.save_pretrained.")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, RecursionError) as e:  # JSON and UTF-8 errors, over-long numbers, deep nesting
-        raise EdgepeftError(f"{path}: not valid JSON ({type(e).__name__}: {str(e)[:200]}). Re-save "
-                            "the adapter with PeftModel.save_pretrained.") from None
+    config = read_json_file(path, MAX_CONFIG_BYTES, "an adapter config",
+                            "Re-save the adapter with PeftModel.save_pretrained.")
     if not isinstance(config, dict):
         raise EdgepeftError(f"{path}: expected a JSON object, found {type(config).__name__}.")
     return config
