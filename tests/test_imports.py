@@ -103,7 +103,7 @@ def import_graph(root: Path = ROOT, package: str = PACKAGE) -> dict[str, dict[st
 
 def simple_cycles(graph: Mapping[str, Iterable[str]]) -> list[tuple[str, ...]]:
     """Every elementary cycle of a directed graph, each once: it starts at its smallest node
-    (``("adapters", "export")`` is adapters -> export -> adapters). Sorted; fine for tens of nodes."""
+    (``("kinds", "export")`` is kinds -> export -> kinds). Sorted; fine for tens of nodes."""
     cycles = []
 
     def walk(start: str, path: list[str]) -> None:
@@ -219,7 +219,7 @@ def test_relative_import_beyond_the_package_is_an_error(tmp_path):
 # ---------------------------------------------------------------- the package
 def test_no_import_cycles_between_subpackages():
     graph = import_graph()
-    assert {"adapters", "export", "runtime", "contract", "cli"} <= set(graph)  # the scan saw the package
+    assert {"kinds", "export", "runtime", "contract", "cli"} <= set(graph)  # the scan saw the package
     cycles = simple_cycles(graph)
     assert not cycles, "import cycles between subpackages (every import counts, function bodies included):\n" + \
         "\n".join(describe_cycle(c, graph) for c in cycles)
