@@ -4,11 +4,12 @@ the artifact on disk. torch-free (onnx and onnxruntime are imported when needed)
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from edgepeft.contract.features import table_shapes
-from edgepeft.contract.manifest import _short, graph_entries, read_manifest, target_files
-from edgepeft.contract.names import (MANIFEST_NAME, UNTAGGED, base_tag, inside, past_names, prefix_names,
+from edgepeft.contract.manifest import graph_entries, read_manifest, target_files
+from edgepeft.contract.names import (MANIFEST_NAME, MAX_MANIFEST_BYTES, UNTAGGED, base_tag, inside, past_names, prefix_names,
                                      sha256_file, slot_input_name)
 from edgepeft.errors import EdgepeftError
 
