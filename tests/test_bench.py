@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import VOCAB, make_adapter, make_base, make_lora, make_tokenizer
+from helpers import make_adapter, make_base, make_encoder, make_lora
 from edgepeft.cli import main
 from edgepeft.export import ExportConfig, export
 
@@ -137,16 +137,7 @@ def test_merged_artifact_bench(lm, tmp_path, capsys):
 
 def test_classifier_bench(tmp_path, capsys):
     """Classifiers: latency per batch instead of decode tok/s; no base row (untrained head)."""
-    from transformers import AutoConfig, AutoModel
-
-    import torch
-
-    torch.manual_seed(0)
-    base = tmp_path / "base"
-    AutoModel.from_config(AutoConfig.for_model(
-        "bert", hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-        vocab_size=VOCAB, max_position_embeddings=64)).save_pretrained(base)
-    make_tokenizer(base)
+    base = make_encoder("bert", tmp_path / "base", hidden=32, layers=1, heads=2)
     ads = {k: make_adapter(base, tmp_path / k, k, seed=i + 1, task="SEQ_CLS") for i, k in enumerate(("lora", "ia3"))}
     side = tmp_path / "side"
     export(ExportConfig(base=base, out=side, adapters=tuple(ads.items())), quiet=True)

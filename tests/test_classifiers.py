@@ -10,63 +10,32 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
-from conftest import VOCAB, make_adapter, make_tokenizer
+from helpers import CLASSIFIER_HEADS, ENCODER_ARCHS, VOCAB, make_adapter, make_bottleneck, make_encoder
 from edgepeft.errors import EdgepeftError
 from edgepeft.export import ExportConfig, export
 from edgepeft.runtime import Model
 from edgepeft.validate import Budget, validate
 
 TIGHT = Budget(max_abs_logits=1e-4)
-ENCODERS = {
-    "bert": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-                 vocab_size=VOCAB, max_position_embeddings=64),
-    "roberta": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-                    vocab_size=VOCAB, max_position_embeddings=66, pad_token_id=0),
-    "distilbert": dict(dim=64, n_layers=2, n_heads=4, hidden_dim=128, vocab_size=VOCAB,
-                       max_position_embeddings=64),
-}
 # PEFT has no default targets for DistilBERT; prompt tuning cannot read its config names either.
 EXTRA = {"distilbert": {"lora": {"target_modules": ["q_lin", "v_lin"]},
                         "dora": {"target_modules": ["q_lin", "v_lin", "lin2"]},
                         "ia3": {"target_modules": ["q_lin", "v_lin", "lin2"], "feedforward_modules": ["lin2"]},
                         "prompt": {"token_dim": 64, "num_layers": 2, "num_attention_heads": 4},
                         "p_tuning": {"token_dim": 64, "num_layers": 2, "num_attention_heads": 4}}}
-HEADS = {"bert": ["classifier"], "roberta": ["classifier"], "distilbert": ["pre_classifier", "classifier"]}
 
 
-def _bottleneck(base, out, arch):
-    from transformers import AutoModelForSequenceClassification
-
-    from edgepeft.kinds.bottleneck import BottleneckConfig, add_bottleneck, save_bottleneck
-
-    torch.manual_seed(7)
-    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=2)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if any(name.startswith(h + ".") for h in HEADS[arch]):
-                p.copy_(torch.randn_like(p) * 0.5)
-    cfg = BottleneckConfig(config="houlsby", reduction_factor=8, non_linearity="gelu")
-    add_bottleneck(model, cfg, init_up_std=1.0)
-    save_bottleneck(model, out, cfg, "SEQ_CLS", str(base), modules_to_save=HEADS[arch])
-    return out
-
-
-@pytest.fixture(scope="module", params=list(ENCODERS))
+@pytest.fixture(scope="module", params=ENCODER_ARCHS)
 def encoder(request, tmp_path_factory):
     """(arch, base dir, adapters, side artifact, labelled jsonl) for one encoder family."""
-    from transformers import AutoConfig, AutoModel
-
     arch = request.param
     root = tmp_path_factory.mktemp(arch)
-    torch.manual_seed(0)
-    base = root / "base"
-    AutoModel.from_config(AutoConfig.for_model(arch, **ENCODERS[arch])).save_pretrained(base)
-    make_tokenizer(base)
+    base = make_encoder(arch, root / "base")
     ads = {k: make_adapter(base, root / k, k, seed=i + 1, task="SEQ_CLS", **EXTRA.get(arch, {}).get(k, {}))
            for i, k in enumerate(("lora", "dora", "ia3", "prompt", "p_tuning"))}
-    ads["bottleneck"] = _bottleneck(base, root / "bottleneck", arch)
+    ads["bottleneck"] = make_bottleneck(base, root / "bottleneck", task="SEQ_CLS", heads=CLASSIFIER_HEADS[arch],
+                                        seed=7)
     side = root / "side"
     export(ExportConfig(base=base, out=side, adapters=tuple(ads.items())), quiet=True)
     rng = np.random.default_rng(0)
@@ -128,10 +97,7 @@ def test_merged_classifiers_match_pytorch(encoder, tmp_path):
 
 
 def test_encoder_prefix_and_headless_adapters_are_refused(tmp_path):
-    from transformers import AutoConfig, AutoModel
-
-    base = tmp_path / "base"
-    AutoModel.from_config(AutoConfig.for_model("bert", **ENCODERS["bert"])).save_pretrained(base)
+    base = make_encoder("bert", tmp_path / "base", seed=None, tokenizer=False)  # not re-seeded
     prefix = make_adapter(base, tmp_path / "prefix", "prefix", task="SEQ_CLS")
     with pytest.raises(EdgepeftError, match="prefix tuning is exported for decoders only"):
         export(ExportConfig(base=base, out=tmp_path / "o1", adapters=(("p", prefix),)), quiet=True)

@@ -12,7 +12,7 @@ from edgepeft.quantize import QuantConfig
 from edgepeft.runtime import Model, fused
 from edgepeft.contract import past_names
 
-from conftest import make_adapter
+from helpers import make_adapter
 
 FAST = QuantConfig(precision="int4", accuracy_level=4, head_bits=8)
 
@@ -72,19 +72,20 @@ def test_swap_mid_generation(fused_side, llama_side):
     run on the same cache with the new adapter (the swap leaves no input of the old one bound)."""
     a, b = Model(fused_side), Model(llama_side)
     ids = np.array([[5, 9, 17, 33, 4]])
-    kv = fused.Cache(a._sessions[None], a._cache, 1, 8)
-    kv.bind_adapter(a._values(a._feeds("sql")[0]))
+    fl, tl = a._layouts[None], b._layouts[None]  # fused, traced
+    kv = fused.Cache(fl.session, fl.cache, 1, 8)
+    kv.bind_adapter(fl.values(a._store.feeds("sql")[0]))
     lengths = np.array([5])
     kv.run(ids, lengths)
-    past, mask = b._start(1, np.ones((1, 5), np.int64), None)
-    present = b._run(b._sessions[None], b._feeds("sql")[0], ids, mask, past)[1:]
+    past, mask = tl.start(1, np.ones((1, 5), np.int64), None)
+    present = tl.run(b._store.feeds("sql")[0], ids, mask, past)[1:]
     for choice in ("chat", None, "code"):
-        kv.bind_adapter(a._values(a._feeds(choice)[0]))
+        kv.bind_adapter(fl.values(a._store.feeds(choice)[0]))
         lengths = lengths + 1
         step = kv.run(np.array([[7]]), lengths)[:, 0]
-        past = {n: v for i in range(len(b._cache)) for n, v in zip(past_names(i), present[2 * i:2 * i + 2])}
+        past = {n: v for i in range(len(tl.cache)) for n, v in zip(past_names(i), present[2 * i:2 * i + 2])}
         mask = np.ones((1, int(lengths[0])), np.int64)
-        out = b._run(b._sessions[None], b._feeds(choice)[0], np.array([[7]]), mask, past)
+        out = tl.run(b._store.feeds(choice)[0], np.array([[7]]), mask, past)
         present = out[1:]
         np.testing.assert_allclose(step, out[0][:, -1], atol=1e-5, rtol=0)
 
@@ -153,7 +154,7 @@ def test_fused_refusals(llama_base, llama_adapters, tmp_path):
 
 
 def test_fused_cli_exit_2_on_other_architectures(tmp_path, capsys):
-    from conftest import make_base
+    from helpers import make_base
     from edgepeft.cli import main
 
     base = make_base("gpt2", tmp_path / "gpt2")
@@ -181,7 +182,7 @@ def test_bench_runs_on_a_fused_artifact(fused_side, tmp_path, capsys):
 @pytest.mark.parametrize("arch", ["qwen2", "mistral"])
 def test_other_llama_family_members(arch, tmp_path):
     """qwen2 (q/k/v biases) and mistral (no sliding window) build the same fused graph."""
-    from conftest import make_base, make_lora
+    from helpers import make_base, make_lora
 
     base = make_base(arch, tmp_path / "base")
     lora = make_lora(base, tmp_path / "lora", target_modules="all-linear")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_base, make_lora
+from helpers import make_base, make_lora
 
 ROOT = Path(__file__).resolve().parents[1]
 JS = ROOT / "runtimes" / "js"

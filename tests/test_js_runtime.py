@@ -27,10 +27,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import VOCAB, make_adapter, make_base, make_lora, make_tokenizer  # noqa: E402
+from helpers import make_adapter, make_base, make_bottleneck, make_encoder, make_lora  # noqa: E402
 # the static-shape target: batch 2, buckets 1 / 4, a 24-slot KV window, max_rank 10 (chat q_proj
 # rank 4 + sql 8 overflow it; chat + code fit)
 from test_targets import SMALL_NPU  # noqa: E402
@@ -46,26 +45,6 @@ INT8_TOL = 1e-4
 def _f32(a) -> str:
     """Little-endian float32 bytes of ``a`` as base64 (exact, compact)."""
     return base64.b64encode(np.ascontiguousarray(a, dtype="<f4").tobytes()).decode()
-
-
-def _bottleneck(base: Path, out: Path, task: str = "CAUSAL_LM", heads=None, seed: int = 5) -> Path:
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    from edgepeft.kinds.bottleneck import BottleneckConfig, add_bottleneck, save_bottleneck
-
-    torch.manual_seed(seed)
-    if task == "CAUSAL_LM":
-        model = AutoModelForCausalLM.from_pretrained(base)
-    else:
-        model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=2)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if any(name.startswith(h + ".") for h in heads):
-                    p.copy_(torch.randn_like(p) * 0.5)
-    cfg = BottleneckConfig(config="houlsby", reduction_factor=8, non_linearity="gelu")
-    add_bottleneck(model, cfg, init_up_std=1.0)
-    save_bottleneck(model, out, cfg, task, str(base), **({"modules_to_save": heads} if heads else {}))
-    return out
 
 
 def _lm_cases(path: Path, choices: list, tol: float, text: bool = True) -> dict:
@@ -144,7 +123,7 @@ def build_cases(root: Path) -> Path:
         "sql": make_lora(base, root / "sql", seed=2, r=8, lora_alpha=16, use_rslora=True,
                          target_modules="all-linear", rank_pattern={"o_proj": 2}),
         "prefix": make_adapter(base, root / "prefix", "prefix", seed=3),
-        "houlsby": _bottleneck(base, root / "houlsby"),
+        "houlsby": make_bottleneck(base, root / "houlsby"),
         "ia3": make_adapter(base, root / "ia3", "ia3", seed=4),
     }
     side, int8, merged = root / "side", root / "int8", root / "merged"
@@ -161,16 +140,10 @@ def build_cases(root: Path) -> Path:
                  "merged": _lm_cases(merged, ["chat"], 1e-5)}
 
     # an encoder classifier with a LoRA (its own head) and a bottleneck (its own head)
-    from transformers import AutoConfig, AutoModel
-
-    torch.manual_seed(0)
-    enc = root / "bert"
-    AutoModel.from_config(AutoConfig.for_model(
-        "bert", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-        vocab_size=VOCAB, max_position_embeddings=64)).save_pretrained(enc)
-    make_tokenizer(enc)
+    enc = make_encoder("bert", root / "bert")
     cls_ads = {"lora": make_adapter(enc, root / "cls-lora", "lora", seed=1, task="SEQ_CLS"),
-               "bottleneck": _bottleneck(enc, root / "cls-bottleneck", "SEQ_CLS", ["classifier"], seed=7)}
+               "bottleneck": make_bottleneck(enc, root / "cls-bottleneck", task="SEQ_CLS", heads=["classifier"],
+                                             seed=7)}
     cls = root / "cls"
     export(ExportConfig(base=enc, out=cls, adapters=tuple(cls_ads.items())), quiet=True)
     m = Model(cls)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_adapter, make_base
+from helpers import make_adapter, make_base, make_bottleneck
 from edgepeft.errors import EdgepeftError
 from edgepeft.export import ExportConfig, export
 from edgepeft.runtime import Model
@@ -18,19 +18,6 @@ from edgepeft.validate import Budget, validate
 
 TIGHT = Budget(max_abs_logits=1e-4)
 PEFT_KINDS = ("lora", "dora", "ia3", "prefix", "prompt", "p_tuning")
-
-
-def _bottleneck(base, out, config="houlsby", act="gelu", seed=5):
-    from transformers import AutoModelForCausalLM
-
-    from edgepeft.kinds.bottleneck import BottleneckConfig, add_bottleneck, save_bottleneck
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(base)
-    cfg = BottleneckConfig(config=config, reduction_factor=8, non_linearity=act)
-    add_bottleneck(model, cfg, init_up_std=1.0)
-    save_bottleneck(model, out, cfg, "CAUSAL_LM", str(base))
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +30,8 @@ def kinds(tmp_path_factory):
     ads = {k: make_adapter(base, root / k, k, seed=i + 1, **targets.get(k, {}))
            for i, k in enumerate(PEFT_KINDS)}
     ads["lora2"] = make_adapter(base, root / "lora2", "lora", seed=11, r=6, target_modules=["q_proj", "k_proj"])
-    ads["houlsby"] = _bottleneck(base, root / "houlsby")
-    ads["pfeiffer"] = _bottleneck(base, root / "pfeiffer", config="pfeiffer", act="relu", seed=6)
+    ads["houlsby"] = make_bottleneck(base, root / "houlsby")
+    ads["pfeiffer"] = make_bottleneck(base, root / "pfeiffer", config="pfeiffer", act="relu", seed=6)
     return base, ads
 
 
@@ -160,7 +147,7 @@ def test_conv1d_family_kinds(tmp_path):
            "dora": make_adapter(base, tmp_path / "dora", "dora", seed=2, target_modules=["c_attn", "c_proj"],
                                 fan_in_fan_out=True),
            "prefix": make_adapter(base, tmp_path / "prefix", "prefix", seed=3),
-           "bottleneck": _bottleneck(base, tmp_path / "bn", config="pfeiffer", act="silu", seed=4)}
+           "bottleneck": make_bottleneck(base, tmp_path / "bn", config="pfeiffer", act="silu", seed=4)}
     export(ExportConfig(base=base, out=tmp_path / "side", adapters=tuple(ads.items())), quiet=True)
     assert validate(tmp_path / "side", base, max_new_tokens=4, budget=TIGHT)["passed"]
     export(ExportConfig(base=base, out=tmp_path / "merged", mode="merged",

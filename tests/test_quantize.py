@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 import pytest
 
-from conftest import make_adapter, make_base
+from helpers import make_adapter, make_base, make_encoder
 from edgepeft.errors import EdgepeftError
 from edgepeft.export import ExportConfig, export
 from edgepeft.quantize import QuantConfig, adapter_nodes, quantize_graph
@@ -111,8 +111,8 @@ def test_adapter_files_can_be_stored_fp16(quantized, setup):
 
 def _feeds(model: Model, ids: np.ndarray, adapter: str | None) -> dict:
     mask = np.ones_like(ids)
-    past, mask = model._start(ids.shape[0], mask, None)
-    feeds = model._feeds(adapter)[0] if adapter else {}
+    past, mask = model._layouts[None].start(ids.shape[0], mask, None)
+    feeds = model._store.feeds(adapter)[0] if adapter else {}
     return {"input_ids": ids, "attention_mask": mask, "position_ids": np.tile(np.arange(ids.shape[1]), (ids.shape[0], 1)),
             **past, **feeds}
 
@@ -183,15 +183,7 @@ def test_embeddings_and_head_are_kept_unless_asked(setup, tmp_path):
 def test_classifier_heads_still_swap_after_quantization(tmp_path, precision):
     """A head fed to a Gemm: onnxruntime's quantizers would replace it with a transposed constant
     copy (cutting the input off); edgepeft rewrites those Gemms first."""
-    from transformers import AutoConfig, AutoModel
-
-    from conftest import VOCAB, make_tokenizer
-
-    base = tmp_path / "bert"
-    AutoModel.from_config(AutoConfig.for_model("bert", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                               intermediate_size=128, vocab_size=VOCAB,
-                                               max_position_embeddings=64)).save_pretrained(base)
-    make_tokenizer(base)
+    base = make_encoder("bert", tmp_path / "bert", seed=None)  # not re-seeded
     ads = {n: make_adapter(base, tmp_path / n, "lora", seed=i + 1, task="SEQ_CLS") for i, n in enumerate(("a", "b"))}
     fp32, q = tmp_path / "fp32", tmp_path / "q"
     export(ExportConfig(base=base, out=fp32, adapters=tuple(ads.items())), quiet=True)

@@ -8,9 +8,8 @@ import re
 
 import numpy as np
 import pytest
-import torch
 
-from conftest import VOCAB, make_adapter, make_base, make_tokenizer
+from helpers import VOCAB, make_adapter, make_base, make_encoder
 from edgepeft.cli import main
 from edgepeft.export import ExportConfig, export
 
@@ -104,15 +103,8 @@ def test_strict_budget_fails_json_and_bar(capsys, tmp_path, causal):
 
 
 def test_classifier_report_with_accuracy(capsys, tmp_path_factory):
-    from transformers import AutoConfig, AutoModel
-
     root = tmp_path_factory.mktemp("report-bert")
-    torch.manual_seed(0)
-    base = root / "base"
-    AutoModel.from_config(AutoConfig.for_model("bert", hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                               intermediate_size=64, vocab_size=VOCAB,
-                                               max_position_embeddings=64)).save_pretrained(base)
-    make_tokenizer(base)
+    base = make_encoder("bert", root / "base", hidden=32, layers=1, heads=2)
     ads = (("pos", make_adapter(base, root / "pos", "lora", seed=1, task="SEQ_CLS")),
            ("neg", make_adapter(base, root / "neg", "ia3", seed=2, task="SEQ_CLS")))
     art = root / "art"

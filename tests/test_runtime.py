@@ -78,7 +78,7 @@ def test_mix_is_linear_in_the_weights(model):
     ids = _ids()
     np.testing.assert_allclose(model.logits(ids, adapter={"chat": 1.0}), model.logits(ids, adapter="chat"), atol=1e-5)
     np.testing.assert_allclose(model.logits(ids, adapter={"chat": 0.0, "sql": 0.0}), model.logits(ids), atol=1e-5)
-    feeds = model._feeds({"chat": 0.7, "sql": 0.3})[0]
+    feeds = model._store.feeds({"chat": 0.7, "sql": 0.3})[0]
     a, b = lora_input_names("model.layers.0.self_attn.q_proj")
     assert feeds[a].shape[0] == 4 + 8 and feeds[b].shape[1] == 4 + 8  # ranks concatenated
 
@@ -124,15 +124,16 @@ def test_generate_stops_at_eos(llama_side, tmp_path):
 
 
 def test_swapping_rebuilds_no_session(model):
-    session = model._sessions[None]
+    layout = model._layouts[None]
+    session = layout.session
     first = model.logits(_ids(), adapter="chat")
     for choice in ["sql", None, {"chat": 0.5, "sql": 0.5}, "chat"]:
         model.logits(_ids(), adapter=choice)
-    assert model._sessions == {None: session}
+    assert model._layouts == {None: layout} and layout.session is session
     np.testing.assert_array_equal(model.logits(_ids(), adapter="chat"), first)
-    feeds = model._feeds("chat")[0]
+    feeds = model._store.feeds("chat")[0]
     a, _ = lora_input_names("model.layers.0.self_attn.q_proj")
-    assert feeds[a] is model._graph_arrays["chat"][a]  # fed as loaded: no per-call copies
+    assert feeds[a] is model._store.loaded["chat"].graph[a]  # fed as loaded: no per-call copies
 
 
 def test_threads_each_get_their_own_adapter(model):

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import make_adapter, make_base, make_lora
+from helpers import make_adapter, make_base, make_lora
 from edgepeft.cli import main
 from edgepeft.errors import EdgepeftError
 from edgepeft.runtime import Model
@@ -90,7 +90,7 @@ def stop_before_write(monkeypatch):
     def stop(*a, **k):
         raise _Reached()
 
-    monkeypatch.setattr(ex, "_write", stop)
+    monkeypatch.setattr(ex, "write_artifact", stop)
 
 
 # ----------------------------------------------------------------------------- 2. base binding
@@ -186,10 +186,10 @@ def test_wrong_shapes_name_layer_expected_found(capsys, tmp_path, llama_base, ki
 
 
 def _replace_adapter_file(art: Path, name: str, arrays: dict, base_fp: str) -> None:
-    from edgepeft.export import _save_adapter
+    from edgepeft.contract.adapter_files import write_adapter_files
 
     f = art / "adapters" / f"{name}.onnx_adapter"
-    _save_adapter(arrays, f, "fp32", base_fp)
+    write_adapter_files(arrays, f, "fp32", base_fp)
     m = json.loads((art / "manifest.json").read_text())
     m["adapters"][name]["sha256"] = sha256_file(f)
     (art / "manifest.json").write_text(json.dumps(m))
@@ -198,7 +198,7 @@ def _replace_adapter_file(art: Path, name: str, arrays: dict, base_fp: str) -> N
 def test_runtime_wrong_shape_names_input_expected_found(tmp_path, llama_side):
     art = shutil.copytree(llama_side, tmp_path / "art")
     fp = json.loads((art / "manifest.json").read_text())["base"]["fingerprint"]
-    good = Model(llama_side)._loaded["chat"].graph
+    good = Model(llama_side)._store.loaded["chat"].graph
     a = "lora.model.layers.0.self_attn.q_proj.A"
     _replace_adapter_file(art, "chat", {**good, a: np.zeros((4, 65), np.float32)}, fp)
     with pytest.raises(EdgepeftError, match=rf"{a} has shape \(4, 65\) float32, the graph takes \('n', 64\) float32"):

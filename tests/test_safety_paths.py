@@ -17,9 +17,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
-from conftest import VOCAB, make_adapter, make_tokenizer
+from helpers import CLASSIFIER_HEADS, VOCAB, make_adapter, make_bottleneck, make_encoder
 from edgepeft.kinds import read_adapter
 from edgepeft.cli import main
 from edgepeft.errors import EdgepeftError
@@ -122,7 +121,7 @@ def test_external_data_locations_are_found_in_subgraphs(tmp_path):
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from edgepeft.runtime.model import external_data_locations
+    from edgepeft.runtime.onnx_proto import external_data_locations
 
     def body(name):
         t = numpy_helper.from_array(np.ones(300, np.float32), f"w_{name}")
@@ -217,12 +216,10 @@ def _poison(ad: Path, pick, value: float) -> str:
 
 @pytest.fixture(scope="module")
 def decoder_kinds(llama_base, tmp_path_factory) -> dict[str, Path]:
-    from test_fuzz import _bottleneck
-
     root = tmp_path_factory.mktemp("nan-kinds")
     ads = {k: make_adapter(llama_base, root / k, k, **({"target_modules": ["q_proj"]} if k == "dora" else {}))
            for k in ("lora", "dora", "ia3", "prefix", "prompt", "p_tuning")}
-    ads["bottleneck"] = _bottleneck(llama_base, root / "bottleneck")
+    ads["bottleneck"] = make_bottleneck(llama_base, root / "bottleneck")
     return ads
 
 
@@ -252,16 +249,11 @@ def test_nan_or_inf_weights_are_refused(llama_base, decoder_kinds, tmp_path, kin
 @pytest.fixture(scope="module")
 def bert(tmp_path_factory):
     """A tiny BERT without a head and adapters that carry one (modules_to_save)."""
-    from transformers import AutoConfig, AutoModel
-
-    from test_classifiers import ENCODERS, _bottleneck
-
     root = tmp_path_factory.mktemp("nan-bert")
-    torch.manual_seed(0)
-    AutoModel.from_config(AutoConfig.for_model("bert", **ENCODERS["bert"])).save_pretrained(root / "base")
-    make_tokenizer(root / "base")
+    make_encoder("bert", root / "base")
     ads = {k: make_adapter(root / "base", root / k, k, task="SEQ_CLS") for k in ("lora", "ia3", "prompt")}
-    ads["bottleneck"] = _bottleneck(root / "base", root / "bottleneck", "bert")
+    ads["bottleneck"] = make_bottleneck(root / "base", root / "bottleneck", task="SEQ_CLS",
+                                        heads=CLASSIFIER_HEADS["bert"], seed=7)
     return root / "base", ads
 
 

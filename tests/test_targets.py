@@ -13,6 +13,7 @@ import pytest
 from edgepeft.cli import main
 from edgepeft.errors import EdgepeftError
 from edgepeft.runtime import Model, ProviderFallbackWarning
+from edgepeft.runtime.static import StaticLayout
 from edgepeft.contract import verify
 from edgepeft.targets import (DEFAULT_TARGET, TARGETS_DIR, field_help, load_target, quant_defaults,
                               shipped, shipped_names)
@@ -164,7 +165,7 @@ def test_ort_runs_on_cpu_and_matches_onnx_with_swaps_and_mixes(nnapi_out, llama_
     fallback = [w for w in caught if issubclass(w.category, ProviderFallbackWarning)]
     assert len(fallback) == 1 and "NnapiExecutionProvider" in str(fallback[0].message)
     onnx_model = Model(llama_side)
-    assert onnx_model.format == "onnx" and not onnx_model._static
+    assert onnx_model.format == "onnx" and not isinstance(onnx_model._layouts[None], StaticLayout)
     ids = np.random.default_rng(0).integers(3, 96, (2, 7))
     mask = np.ones_like(ids)
     mask[1, :3] = 0
@@ -358,20 +359,13 @@ def test_static_runtime_refuses_what_does_not_fit(small_static):
 def test_static_encoder_pads_to_buckets(tmp_path):
     """An encoder classifier on a static profile: one graph per bucket, texts right-padded to the
     shortest bucket that holds them, LoRA rank 4 and a bottleneck of 8 padded to max_rank 10."""
-    from transformers import AutoConfig, AutoModel
-
-    from conftest import make_adapter, make_tokenizer
+    from helpers import CLASSIFIER_HEADS, make_adapter, make_bottleneck, make_encoder
     from edgepeft.export import ExportConfig, export
-    from test_classifiers import ENCODERS, _bottleneck
 
-    import torch
-
-    torch.manual_seed(0)
-    base = tmp_path / "bert"
-    AutoModel.from_config(AutoConfig.for_model("bert", **ENCODERS["bert"])).save_pretrained(base)
-    make_tokenizer(base)
+    base = make_encoder("bert", tmp_path / "bert")
     ads = {"lora": make_adapter(base, tmp_path / "lora", "lora", task="SEQ_CLS"),
-           "bottleneck": _bottleneck(base, tmp_path / "bottleneck", "bert")}
+           "bottleneck": make_bottleneck(base, tmp_path / "bottleneck", task="SEQ_CLS",
+                                         heads=CLASSIFIER_HEADS["bert"], seed=7)}
     profile = tmp_path / "enc-npu.toml"
     profile.write_text(SMALL_NPU.replace("[1, 4]", "[1, 8, 16]"))  # 1: dropped for encoders
     dyn, st = tmp_path / "dyn", tmp_path / "static"
@@ -381,7 +375,7 @@ def test_static_encoder_pads_to_buckets(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ProviderFallbackWarning)
         static = Model(st)
-    assert sorted(static._buckets) == [8, 16]
+    assert sorted(static._layouts[None].buckets) == [8, 16]
     texts = ["w5 w9 w11", "w40 w41 w42 w43 w44 w45 w46 w47 w48 w49 w50", "w7"]  # 5, 13, 3 tokens
     for adapter in ("lora", "bottleneck"):
         np.testing.assert_allclose(static.classify_logits(texts, adapter=adapter),

@@ -14,32 +14,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import VOCAB, make_base, make_tokenizer
+from helpers import ENCODER_ARCHS, VOCAB, make_base, make_encoder
 from edgepeft.kinds.bottleneck import (BottleneckConfig, add_bottleneck, bottleneck_parameters,
                                           default_targets, load_bottleneck, save_bottleneck)
 from edgepeft.errors import EdgepeftError
 from edgepeft.train import TrainConfig, read_data, train
 
-ENCODERS = {
-    "bert": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                 vocab_size=VOCAB, max_position_embeddings=64),
-    "roberta": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                    vocab_size=VOCAB, max_position_embeddings=66, pad_token_id=0),
-    "distilbert": dict(dim=32, hidden_dim=64, n_layers=2, n_heads=4, vocab_size=VOCAB,
-                       max_position_embeddings=64),
-}
 PEFT_KINDS = ("lora", "dora", "ia3", "prompt", "prefix")
 X = torch.tensor([[5, 9, 17, 33, 2], [40, 41, 8, 3, 7]])  # (B, T) token ids of a fixed probe batch
-
-
-def make_encoder(arch: str, path):
-    """Save a tiny randomly initialised encoder (no head) with the word-level tokenizer."""
-    from transformers import AutoConfig, AutoModel
-
-    torch.manual_seed(0)
-    AutoModel.from_config(AutoConfig.for_model(arch, **ENCODERS[arch])).save_pretrained(path)
-    make_tokenizer(path)
-    return path
 
 
 def _write_jsonl(path, rows):
@@ -55,8 +37,8 @@ def bases(tmp_path_factory):
     root = tmp_path_factory.mktemp("train-bases")
     out = {"llama": make_base("llama", root / "llama", tokenizer=True),
            "gpt2": make_base("gpt2", root / "gpt2", tokenizer=True)}
-    for arch in ENCODERS:
-        out[arch] = make_encoder(arch, root / arch)
+    for arch in ENCODER_ARCHS:
+        out[arch] = make_encoder(arch, root / arch, hidden=32)
     return out
 
 

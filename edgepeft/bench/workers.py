@@ -16,6 +16,7 @@ Workers:
 
 from __future__ import annotations
 
+import copy
 import gc
 import json
 import os
@@ -157,11 +158,13 @@ def run_ort(spec: dict, system: str, choice) -> dict:
             stamps.append(time.perf_counter())
             return out
 
-    if m._static:  # one session per sequence bucket: time them all
-        m._buckets = {s: timed(sess) for s, sess in m._buckets.items()}
+    from edgepeft.runtime.static import StaticLayout
+
+    layout = m._layouts[None if system == "side" else choice]
+    if isinstance(layout, StaticLayout):  # one session per sequence bucket: time them all
+        layout.buckets = {s: timed(sess) for s, sess in layout.buckets.items()}
     else:
-        key = None if system == "side" else choice
-        m._sessions[key] = timed(m._sessions[key])
+        layout.session = timed(layout.session)
     n = spec["new_tokens"]
     m.generate(ids, n, adapter=choice, stop_at_eos=False)  # warm-up
     stamps.clear()
@@ -193,12 +196,19 @@ def _classify_rows(spec: dict, call) -> dict:
 
 
 # ------------------------------------------------------------------ torch rows
+def _reference(spec: dict, name: str):
+    """The PyTorch reference description (``Reference``) of adapter ``name``'s kind."""
+    from edgepeft.kinds import kind_module
+
+    return kind_module(spec["kinds"][name]).REFERENCE
+
+
 def _torch_reference(spec: dict, names: list[str], check: bool = False):
     """(model, load seconds): the base in fp32 eval with the named adapters loaded the way their
-    trainer would (peft; edgepeft's module for bottleneck adapters)."""
+    trainer would, as the first one's kind describes (``Reference``: peft, or edgepeft's module
+    for bottleneck adapters); more than one name needs a kind whose model holds several."""
     import torch
 
-    from edgepeft.kinds.common import read_config
     from edgepeft.export.base import fingerprint, load_causal_lm, load_classifier
 
     torch.set_num_threads(spec["threads"])
@@ -216,18 +226,15 @@ def _torch_reference(spec: dict, names: list[str], check: bool = False):
                             "base folder that export used to --compare-torch.")
     if names:
         dirs = {n: Path(spec["adapter_dirs"][n]) for n in names}
-        kinds = {n: read_config(d).get("peft_type") for n, d in dirs.items()}
-        if kinds[names[0]] == "BOTTLENECK":
-            from edgepeft.kinds.bottleneck import load_bottleneck
-
-            model = load_bottleneck(model, dirs[names[0]])
-        else:
-            from peft import PeftModel
-
-            model = PeftModel.from_pretrained(model, dirs[names[0]], adapter_name=names[0])
-            for n in names[1:]:
-                model.load_adapter(dirs[n], adapter_name=n)
-            model.set_adapter(names[0])
+        ref = _reference(spec, names[0])
+        if len(names) > 1 and ref.add is None:
+            raise UserError(f"adapter {names[0]!r} is a {spec['kinds'][names[0]]} adapter: its PyTorch model "
+                            f"holds one adapter, so {', '.join(names)} cannot be loaded together.")
+        model = ref.load(model, dirs[names[0]], names[0])
+        for n in names[1:]:
+            ref.add(model, dirs[n], n)
+        if ref.select is not None:
+            ref.select(model, names[0])
     model.eval()
     return model, time.perf_counter() - t
 
@@ -235,12 +242,10 @@ def _torch_reference(spec: dict, names: list[str], check: bool = False):
 def _torch_for_choice(spec: dict, choice):
     if choice is None or isinstance(choice, str):
         return _torch_reference(spec, [] if choice is None else [choice])
-    # a LoRA mix: peft's own weighted combination ("cat": ranks concatenated, as edgepeft mixes)
+    # a mix: the kind's own weighted combination (LoRA: peft's, ranks concatenated as edgepeft mixes)
     t = time.perf_counter()
     model, _ = _torch_reference(spec, list(choice))
-    names, weights = list(choice), list(choice.values())
-    model.add_weighted_adapter(names, weights, "bench_mix", combination_type="cat")
-    model.set_adapter("bench_mix")
+    _reference(spec, next(iter(choice))).combine(model, dict(choice), "bench_mix")
     return model.eval(), time.perf_counter() - t
 
 
@@ -282,42 +287,41 @@ def run_torch(spec: dict, choice) -> dict:
 
 
 # ------------------------------------------------------------------ swap + memory
-def _step_fn(m, session, feeds_of, spec):
-    """A callable running one model step for the current adapter: a one-token decode step on the
-    prompt's KV cache, fixed (causal LM), or the batch-1 classification."""
+def _step_fn(layout, feeds_of, spec):
+    """A callable running one model step of ``layout`` (a runtime layout) for the current
+    adapter: a one-token decode step on the prompt's KV cache, fixed (causal LM), or the batch-1
+    classification."""
     import numpy as np
 
-    from edgepeft.contract import past_names
+    from edgepeft.runtime.fused import Cache, FusedLayout
+    from edgepeft.runtime.static import StaticLayout
 
     if spec["task"] == "classification":
         b = spec["batches"]["1"]
         ids, mask = np.asarray(b["ids"], np.int64), np.asarray(b["mask"], np.int64)
-        return lambda: session.run(["logits"], {"input_ids": ids, "attention_mask": mask, **feeds_of()})
+        return lambda: layout.classify(feeds_of(), ids, mask)
     ids = np.asarray([spec["prompt_ids"]], np.int64)
     mask = np.ones_like(ids)
-    if m.fused:  # one KV buffer; each step rebinds the current adapter and runs the next token
-        from edgepeft.runtime import fused
-
-        kv = fused.Cache(session, m._cache, 1, ids.shape[1] + 1)
-        kv.bind_adapter(m._values(feeds_of()))
+    if isinstance(layout, FusedLayout):  # one KV buffer; each step rebinds the current adapter
+        kv = Cache(layout.session, layout.cache, 1, ids.shape[1] + 1)
+        kv.bind_adapter(layout.values(feeds_of()))
         kv.run(ids, np.array([ids.shape[1]]))
         step_ids, total = ids[:, -1:], np.array([ids.shape[1] + 1])
 
         def step():  # always the same slot: every step is the first after the prompt
-            kv.bind_adapter(m._values(feeds_of()))
+            kv.bind_adapter(layout.values(feeds_of()))
             return kv.run(step_ids, total)
         return step
-    if m._static:  # the fixed KV window after the prompt; each step starts from it again
-        ids, mask = next(m._row_groups(ids, mask))
-        _, (kv, wmask) = m._static_prefill(feeds_of(), ids, mask, None)
-        pad = np.zeros((ids.shape[0], min(m._buckets) - 1), np.int64)
+    if isinstance(layout, StaticLayout):  # the fixed KV window after the prompt; each step starts from it again
+        ids, mask = next(layout.row_groups(ids, mask))
+        _, (kv, wmask) = layout.prefill(feeds_of(), ids, mask, None)
+        pad = np.zeros((ids.shape[0], min(layout.buckets) - 1), np.int64)
         step_ids = np.concatenate([pad, ids[:, -1:]], 1)
         step_mask = np.concatenate([pad, np.ones((ids.shape[0], 1), np.int64)], 1)
-        return lambda: m._static_step(feeds_of(), step_ids, step_mask, [kv, wmask])
-    _, *present = m._run(session, feeds_of(), ids, mask, m._start(1, mask, None)[0])
-    past = {n: v for i in range(len(m._cache)) for n, v in zip(past_names(i), present[2 * i:2 * i + 2])}
+        return lambda: layout.step(feeds_of(), step_ids, step_mask, [kv, wmask])
+    past = layout.presents(layout.run(feeds_of(), ids, mask, layout.start(1, mask, None)[0]))
     step_ids, mask1 = ids[:, -1:], np.ones((1, ids.shape[1] + 1), np.int64)
-    return lambda: m._run(session, feeds_of(), step_ids, mask1, past)
+    return lambda: layout.run(feeds_of(), step_ids, mask1, past)
 
 
 def swap_side(spec: dict) -> dict:
@@ -331,11 +335,11 @@ def swap_side(spec: dict) -> dict:
 
         def feeds_alternating():
             i[0] += 1
-            return m._feeds(names[i[0] % 2])
+            return m._store.feeds(names[i[0] % 2])
 
         res["feeds_alternating_us"] = timeit_us(feeds_alternating, spec["swap_iters"])["median_us"]
         cur = [names[0]]
-        step = _step_fn(m, m._sessions[None], lambda: m._feeds(cur[0])[0], spec)
+        step = _step_fn(m._layouts[None], lambda: m._store.feeds(cur[0])[0], spec)
 
         def choose(n):
             def run():
@@ -350,18 +354,18 @@ def swap_side(spec: dict) -> dict:
         mix = choice_of(spec["mix"])
 
         def uncached():
-            m._mixes.clear()
-            return m._feeds(mix)
+            m._store.clear_mixes()
+            return m._store.feeds(mix)
 
         res["mix_uncached_us"] = timeit_us(uncached, max(10, spec["swap_iters"] // 10))["median_us"]
-        res["mix_cached_us"] = timeit_us(lambda: m._feeds(mix), spec["swap_iters"])["median_us"]
+        res["mix_cached_us"] = timeit_us(lambda: m._store.feeds(mix), spec["swap_iters"])["median_us"]
     # resident memory per adapter: load each one more time under another name
     per = {}
     for n in spec["adapters"]:
         before = rss_mb()
         new = m.add_adapter(spec["artifact"], n, as_name=f"{n}-bench-copy")
         after = rss_mb()
-        arrays = m._loaded[new]
+        arrays = m._store.loaded[new]
         nbytes = sum(v.nbytes for v in arrays.graph.values()) + sum(
             k.nbytes + v.nbytes for k, v in (arrays.prefix or []))
         per[n] = {"rss_added_mb": after - before, "arrays_mb": nbytes / 2**20}
@@ -378,13 +382,16 @@ def swap_merged(spec: dict) -> dict:
     name = spec["merged_adapter"]
     graph = Path(spec["merged"]) / m.manifest["adapters"][name]["graph"]["file"]
     create, added = [], []
-    keep = [m._sessions[name]]
+    layout = m._layouts[name]
+    keep = [layout.session]
     for _ in range(spec["session_repeats"]):
         before = rss_mb()
         t = time.perf_counter()
-        s = ort.InferenceSession(str(graph), m._options, providers=m._providers)
+        s = ort.InferenceSession(str(graph), m._opener.options, providers=m.providers)
         create.append(time.perf_counter() - t)
-        step = _step_fn(m, s, dict, spec)  # its first run allocates too
+        on_s = copy.copy(layout)  # the same layout on the new session
+        on_s.session = s
+        step = _step_fn(on_s, dict, spec)  # its first run allocates too
         step()
         added.append(rss_mb() - before)
         keep.append(s)
@@ -403,12 +410,13 @@ def swap_torch(spec: dict) -> dict:
     res: dict = {}
     from edgepeft.kinds.common import read_config
 
-    peft_names = [n for n in names if read_config(Path(spec["adapter_dirs"][n])).get("peft_type") != "BOTTLENECK"]
-    if not hasattr(model, "load_adapter") or len(peft_names) < 1:
+    swappable = [n for n in names if _reference(spec, n).add is not None]  # a model holds several
+    if not swappable:
         return {"note": "no peft adapters to swap"}
     per = {}
     loaded = [names[0]]
-    for n in peft_names:
+    ref = _reference(spec, names[0])
+    for n in swappable:
         if n in loaded:
             continue
         kind = read_config(Path(spec["adapter_dirs"][n])).get("peft_type")
@@ -416,7 +424,7 @@ def swap_torch(spec: dict) -> dict:
             continue  # peft holds one kind family per model (LoRA with IA3 or a prompt: no)
         before = rss_mb()
         t = time.perf_counter()
-        model.load_adapter(Path(spec["adapter_dirs"][n]), adapter_name=n)
+        ref.add(model, Path(spec["adapter_dirs"][n]), n)
         load_ms = (time.perf_counter() - t) * 1e3
         per[n] = {"rss_added_mb": rss_mb() - before, "load_adapter_ms": load_ms}
         loaded.append(n)
@@ -426,7 +434,7 @@ def swap_torch(spec: dict) -> dict:
 
         def set_alternating():
             i[0] += 1
-            model.set_adapter(loaded[i[0] % 2])
+            ref.select(model, loaded[i[0] % 2])
 
         res["set_adapter_alternating_us"] = timeit_us(set_alternating, spec["swap_iters"] // 5)["median_us"]
         with torch.inference_mode():
@@ -438,7 +446,7 @@ def swap_torch(spec: dict) -> dict:
                     model(input_ids=ids, attention_mask=mask)
             else:
                 ids = torch.tensor([spec["prompt_ids"]], dtype=torch.long)
-                model.set_adapter(loaded[0])
+                ref.select(model, loaded[0])
                 past = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True).cache
                 step_ids, mask1 = ids[:, -1:], torch.ones((1, ids.shape[1] + 1), dtype=torch.long)
                 pos = torch.tensor([[ids.shape[1]]])
@@ -450,7 +458,7 @@ def swap_torch(spec: dict) -> dict:
 
             def choose(n):
                 def run():
-                    model.set_adapter(n)
+                    ref.select(model, n)
                     step()
                 return run
 

@@ -20,12 +20,11 @@ Layout of an artifact dir::
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from edgepeft.contract.features import MIX_RULES, SYMBOLS
-from edgepeft.contract.names import (FORMAT, FORMAT_VERSION, MANIFEST_NAME, MAX_MANIFEST_BYTES,
-                                     LAYOUTS, check_adapter_name)
+from edgepeft.contract.names import (FORMAT, read_json_file, FORMAT_VERSION, MANIFEST_NAME, MAX_MANIFEST_BYTES,
+                                     LAYOUTS, check_adapter_name, head_input_name)
 from edgepeft.errors import EdgepeftError
 
 
@@ -47,15 +46,8 @@ def read_manifest(root: Path) -> dict:
     if not path.is_file():
         raise EdgepeftError(f"{path}: missing; {root} is not an edgepeft artifact (or its export "
                             "did not finish). Export it again.")
-    size = path.stat().st_size
-    if size > MAX_MANIFEST_BYTES:
-        raise EdgepeftError(f"{path}: {size:,} bytes, too large for a manifest (at most "
-                            f"{MAX_MANIFEST_BYTES:,}); the artifact is damaged. Export it again.")
-    try:
-        m = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, RecursionError) as e:  # JSON and UTF-8 errors, over-long numbers, deep nesting
-        raise EdgepeftError(f"{path}: not valid JSON ({type(e).__name__}: {str(e)[:200]}). Export the "
-                            "artifact again.") from None
+    m = read_json_file(path, MAX_MANIFEST_BYTES, "a manifest", "Export the artifact again.",
+                       "; the artifact is damaged. Export it again.")
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise EdgepeftError(f"{path}: not an edgepeft manifest (format != {FORMAT!r}).")
     if type(m.get("format_version")) is not int or m["format_version"] != FORMAT_VERSION:
@@ -234,3 +226,18 @@ def target_providers(m: dict) -> list[str]:
     return providers or ["CPUExecutionProvider"]
 
 
+
+
+def mixes(manifest: dict, name: str) -> bool:
+    """Whether adapter ``name`` combines with others by weight in one call: it feeds graph inputs,
+    every one of them (its carried head's aside: one adapter of a mix may set the head) has a
+    mix rule other than ``one``, and it seeds no KV cache.
+
+    Args:
+        manifest: a side-mode manifest (``inputs`` records each input's rule).
+        name: one of its adapters.
+    """
+    entry = manifest["adapters"][name]
+    head = {head_input_name(p) for p in entry.get("head") or []}
+    body = [k for k in entry.get("inputs") or [] if k not in head]
+    return bool(body) and not entry.get("prefix") and all(manifest["inputs"][k]["mix"] != "one" for k in body)

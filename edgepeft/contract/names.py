@@ -5,12 +5,14 @@ base tag, checksums and paths inside an artifact. numpy-free, torch-free.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from pathlib import Path
 
 from edgepeft.errors import EdgepeftError
 
 FORMAT = "edgepeft-artifact"
+ADAPTER_FILE_FORMAT = "edgepeft-adapter"  # metadata "format" of an adapter's safetensors twin
 FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 MAX_MANIFEST_BYTES = 64 << 20  # a manifest is tens of KB; refuse absurd sizes before reading
@@ -95,3 +97,24 @@ def inside(root: Path, rel: str, where: str) -> Path:
     return p
 
 
+def read_json_file(path: Path, max_bytes: int, what: str, fix: str, fix_size: str | None = None):
+    """Parse a small JSON file (a manifest, an adapter config) with readable refusals.
+
+    Args:
+        path: the file (its existence is checked by the caller, who knows what a missing file means).
+        max_bytes: refuse larger files before reading them.
+        what: e.g. ``"a manifest"``, for the size message.
+        fix: the sentence that says what to do, e.g. ``"Export the artifact again."``.
+        fix_size: what follows the size refusal's ``(at most N)``; default ``". " + fix``.
+
+    Raises:
+        EdgepeftError: too large, not UTF-8 or not JSON (over-long numbers and deep nesting included).
+    """
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise EdgepeftError(f"{path}: {size:,} bytes, too large for {what} (at most {max_bytes:,})"
+                            f"{fix_size if fix_size is not None else '. ' + fix}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as e:  # JSON and UTF-8 errors, over-long numbers, deep nesting
+        raise EdgepeftError(f"{path}: not valid JSON ({type(e).__name__}: {str(e)[:200]}). {fix}") from None

@@ -9,6 +9,7 @@
     Model("cls/").classify(["a warm film"], adapter="sentiment")   # (B, num_labels)
 """
 
-from edgepeft.runtime.model import Model, ProviderFallbackWarning
+from edgepeft.runtime.model import Model
+from edgepeft.runtime.session import ProviderFallbackWarning
 
 __all__ = ["Model", "ProviderFallbackWarning"]

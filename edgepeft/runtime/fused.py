@@ -5,18 +5,22 @@ The graph takes ``input_ids (B, S)``, ``seqlens_k (B,)`` (each row's total lengt
 per layer that is both ``past`` and ``present``: bound once with I/O binding, onnxruntime writes
 each step's keys and values into it in place, so a decode step copies no cache.
 
+:class:`FusedLayout` is the layout (:class:`~edgepeft.runtime.layout.Layout`) over such a graph.
 numpy + onnxruntime only.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import threading
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import onnxruntime as ort
 
-from edgepeft.errors import EdgepeftError
 from edgepeft.contract import past_names, present_names
+from edgepeft.errors import EdgepeftError
+from edgepeft.runtime.adapters import Feeding
+from edgepeft.runtime.session import Opened
 
 
 def right_align(ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -141,34 +145,70 @@ def ort_values(feeds: Mapping[str, np.ndarray]) -> dict[str, ort.OrtValue]:
     return {k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for k, v in feeds.items()}
 
 
-def logits(session: ort.InferenceSession, cache: list[tuple[int, int]], values: Mapping[str, ort.OrtValue],
-           ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """``(B, S, V)`` logits of every position, in the caller's padding layout (``values``: the
-    adapter inputs, :func:`ort_values`)."""
-    right, lengths = right_align(ids, mask)
-    kv = Cache(session, cache, ids.shape[0], right.shape[1])
-    kv.bind_adapter(values)
-    return restore(kv.run(right, lengths), mask)
+class FusedLayout:
+    """Runs a fused-layout graph (:class:`~edgepeft.runtime.layout.Layout`; causal LMs).
+
+    Args:
+        opened: the checked session.
+        cache: ``[(kv_heads, head_dim)]`` per layer.
+        inputs: the manifest's adapter inputs (``{name: {shape, mix}}``); those a choice does not
+            feed are bound to their rank-0 identity.
+        keep: how many adapter bindings (:meth:`values`) to keep, asked on each new one.
+    """
+
+    longest = None
+
+    def __init__(self, opened: Opened, cache: list[tuple[int, int]], inputs: Mapping[str, dict],
+                 keep: Callable[[], int]):
+        self.session = opened.session
+        self.cache = cache
+        self.feeding = Feeding(shapes=opened.shapes, base={})
+        self._identity = {k: np.zeros([d or 0 for d in v["shape"]], np.float32) for k, v in inputs.items()}
+        self._keep = keep
+        self._lock = threading.Lock()
+        self._values: dict[int, tuple[dict, dict]] = {}  # id(feeds) -> (feeds, OrtValues)
+
+    def values(self, feeds: dict[str, np.ndarray]) -> dict[str, ort.OrtValue]:
+        """OrtValues over ``feeds`` (an adapter's or a cached mix's arrays), made once per feeds
+        object: binding them later copies nothing. Kept while the feeds object is cached."""
+        with self._lock:
+            hit = self._values.get(id(feeds))
+            if hit is not None and hit[0] is feeds:
+                return hit[1]
+            # every adapter input, the unfed ones rank-0 (the identity): a reused binding keeps no
+            # input of the previous choice
+            values = ort_values({**self._identity, **feeds})
+            self._values[id(feeds)] = (feeds, values)  # holds feeds: its id stays unique
+            while len(self._values) > self._keep():
+                self._values.pop(next(iter(self._values)))
+            return values
+
+    def logits(self, feeds: dict, prefix, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        right, lengths = right_align(ids, mask)
+        kv = Cache(self.session, self.cache, ids.shape[0], right.shape[1])
+        kv.bind_adapter(self.values(feeds))
+        return restore(kv.run(right, lengths), mask)
+
+    def decodings(self, feeds: dict, prefix, ids: np.ndarray, mask: np.ndarray, new_tokens: int) -> list:
+        return [_Decoding(self, feeds, ids, mask, new_tokens)]
+
+    def classify(self, feeds: dict, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        raise EdgepeftError("fused graphs are causal LMs; classification artifacts have a traced graph.")
 
 
-def generate(session: ort.InferenceSession, cache: list[tuple[int, int]], values: Mapping[str, ort.OrtValue],
-             ids: np.ndarray, mask: np.ndarray, max_new_tokens: int, eos: set[int]) -> np.ndarray:
-    """Greedy decoding; returns ``(B, S + n)``: the caller's prompt, then the new tokens."""
-    right, lengths = right_align(ids, mask)
-    kv = Cache(session, cache, ids.shape[0], right.shape[1] + max_new_tokens)
-    kv.bind_adapter(values)
-    out = [ids]
-    done = np.zeros(ids.shape[0], bool)
-    logits_ = kv.run(right, lengths)
-    last = logits_[np.arange(ids.shape[0]), lengths - 1]  # (B, V)
-    for t in range(max_new_tokens):
-        nxt = last.argmax(-1).astype(np.int64)  # (B,)
-        if eos:
-            nxt = np.where(done, next(iter(eos)), nxt)
-            done |= np.isin(nxt, list(eos))
-        out.append(nxt[:, None])
-        if done.all() or t == max_new_tokens - 1:
-            break
-        lengths = lengths + 1
-        last = kv.run(nxt[:, None], lengths)[:, 0]  # (B, V)
-    return np.concatenate(out, axis=1)
+class _Decoding:
+    """A generation on one KV buffer of prompt + new tokens, written in place."""
+
+    def __init__(self, layout: FusedLayout, feeds: dict, ids: np.ndarray, mask: np.ndarray, new_tokens: int):
+        self.rows = ids.shape[0]
+        self._right, self._lengths = right_align(ids, mask)
+        self._kv = Cache(layout.session, layout.cache, ids.shape[0], self._right.shape[1] + new_tokens)
+        self._kv.bind_adapter(layout.values(feeds))
+
+    def prefill(self) -> np.ndarray:
+        logits = self._kv.run(self._right, self._lengths)
+        return logits[np.arange(self.rows), self._lengths - 1]  # (B, V)
+
+    def step(self, tokens: np.ndarray) -> np.ndarray:
+        self._lengths = self._lengths + 1
+        return self._kv.run(tokens[:, None], self._lengths)[:, 0]  # (B, V)

@@ -21,7 +21,7 @@ shape arithmetic at load (or in the ``.ort`` conversion) once the shapes are num
 of A (columns of B) add nothing, so an adapter of rank ``r <= max_rank``, or a mix whose ranks
 sum to at most ``max_rank``, zero-padded by the runtime, computes exactly what it computes
 unpadded. The KV cache is a fixed window of ``C`` positions, newest last; the runtime keeps it,
-slides it by ``S`` per call and masks the empty slots (``edgepeft.runtime.model``).
+slides it by ``S`` per call and masks the empty slots (``edgepeft.runtime.static``).
 
 torch-free (``onnx`` only).
 """

@@ -1,4 +1,4 @@
-/** Adapter choices -> graph feeds, exactly as Python's Model._combine (edgepeft/runtime/model.py).
+/** Adapter choices -> graph feeds, exactly as Python's mix.combine (edgepeft/runtime/mix.py).
  *
  * A mix follows each input's rule (manifest `inputs`): LoRA A / B concatenate along the rank axis,
  * [A_1; A_2] and [w_1 B_1 | w_2 B_2] (B already carries the scale); bottleneck adapters concatenate

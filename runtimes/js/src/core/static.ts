@@ -1,6 +1,6 @@
 /** Static-shape artifacts (a target with static_shapes: NNAPI, Core ML, QNN), exactly as Python's
- * Model._pad / _row_groups / _chunks / _static_prefill / _static_step / _static_generate
- * (edgepeft/runtime/model.py).
+ * StaticLayout.pad / row_groups / chunks / prefill / step and its decoding
+ * (edgepeft/runtime/static.py; the greedy loop is edgepeft/runtime/decode.py).
  *
  * One session per sequence bucket S, every shape fixed: batch B, ranks padded to max_rank, and a
  * KV window of C = static.context slots per layer, newest last, with a 0/1 mask of which slots

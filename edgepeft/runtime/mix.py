@@ -1,0 +1,84 @@
+"""Mixing adapters: ``{name: weight}`` -> graph feeds and KV-cache seed, input by input, by the
+rule the manifest gives each input (``inputs[name]["mix"]``). numpy only.
+
+Rules: ``cat0`` / ``cat1`` concatenate along the rank axis (axis 0 / 1); ``cat0w`` / ``cat1w`` do
+the same after scaling by the weight; so ``[A_1; A_2]`` with ``[w_1 B_1 | w_2 B_2]`` computes
+``sum_i w_i B_i A_i`` exactly (``B`` already carries the scale). ``sumw`` is the weighted sum;
+``one`` takes a single adapter at weight 1 (inputs that do not mix linearly).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from edgepeft.errors import EdgepeftError
+
+Key = tuple[tuple[str, float], ...]  # sorted (name, weight) pairs: a mix and its cache key
+
+
+def combine(key: Key, loaded: Mapping, inputs: Mapping[str, dict], manifest: Path) -> tuple[dict, list | None]:
+    """The feeds and KV-cache seed of the mix ``key``.
+
+    Args:
+        key: ``((name, weight), ...)``.
+        loaded: name -> adapter with ``entry``, ``graph`` (feeds) and ``prefix`` (seed or None).
+        inputs: the manifest's ``inputs`` (each with its ``mix`` rule).
+        manifest: the manifest file, for messages.
+
+    Raises:
+        EdgepeftError: two adapters set an input that does not mix, one of them at a weight
+            other than 1, two prefixes, or a prefix from a decoder prompt with weight changes.
+    """
+    parts: dict[str, list[tuple[str, float, np.ndarray]]] = {}
+    for n, w in key:
+        for k, v in loaded[n].graph.items():
+            parts.setdefault(k, []).append((n, w, v))
+    feeds = {k: _mix(k, inputs[k]["mix"], group, manifest) for k, group in parts.items()}
+    return feeds, _prefix(key, loaded)
+
+
+def _mix(k: str, rule: str, group: list[tuple[str, float, np.ndarray]], manifest: Path) -> np.ndarray:
+    """One input's feed from ``(adapter, weight, array)`` of each adapter that sets it."""
+    if rule == "one":
+        if len(group) > 1:
+            raise EdgepeftError(f"adapters {group[0][0]!r} and {group[1][0]!r} both set {k}, "
+                                "which does not mix (IA3 / DoRA / head / prompt); combine "
+                                "at most one of them per call.")
+        if group[0][1] != 1.0:
+            raise EdgepeftError(f"adapter {group[0][0]!r} sets {k}, which does not scale "
+                                "linearly; give it weight 1.")
+        return group[0][2]
+    if rule == "cat0":
+        return np.concatenate([v for _, _, v in group], axis=0)  # (sum r, ...)
+    if rule == "cat1":
+        return np.concatenate([v for _, _, v in group], axis=1)  # (in, sum r)
+    if rule == "cat0w":
+        return np.concatenate([np.float32(w) * v for _, w, v in group], axis=0)  # (sum r, out)
+    if rule == "cat1w":
+        return np.concatenate([np.float32(w) * v for _, w, v in group], axis=1)  # (out, sum r)
+    if rule == "sumw":
+        return sum(np.float32(w) * v for _, w, v in group).astype(np.float32)
+    raise EdgepeftError(f"{manifest}: input {k} has unknown mix rule {rule!r}.")
+
+
+def _prefix(key: Key, loaded: Mapping) -> list | None:
+    """The one KV-cache seed of the mix (a prefix is taken whole, at weight 1), or None."""
+    seeded = [(n, w) for n, w in key if loaded[n].prefix is not None]
+    if not seeded:
+        return None
+    if len(seeded) > 1:
+        raise EdgepeftError(f"adapters {seeded[0][0]!r} and {seeded[1][0]!r} are both prefixes "
+                            "(prefix / prompt tuning); combine at most one per call.")
+    n, w = seeded[0]
+    if w != 1.0:
+        raise EdgepeftError(f"adapter {n!r} is a prefix (prefix / prompt tuning); give it weight 1.")
+    others = [m for m, _ in key if m != n and loaded[m].graph]
+    if loaded[n].entry["prefix"]["from_prompt"] and others:
+        raise EdgepeftError(
+            f"adapter {n!r} is prompt tuning on a decoder: its virtual tokens were run through "
+            f"the base weights at export, so it cannot be combined with {others[0]!r}, which "
+            "changes those weights (PEFT would run the prompt through them too).")
+    return loaded[n].prefix

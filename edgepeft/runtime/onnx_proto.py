@@ -1,0 +1,87 @@
+"""The ``location`` of every tensor an ONNX file stores outside itself, read from the protobuf
+bytes without onnx (the runtime checks that no location leaves the artifact before onnxruntime
+opens the file). Standard library only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from edgepeft.errors import EdgepeftError
+
+
+# Protobuf field numbers (onnx.proto) of the messages that can hold a TensorProto, for
+# :func:`external_data_locations`: {message: {field: sub-message}}.
+_PB_MESSAGES = {
+    "model": {7: "graph", 25: "function"},  # ModelProto.graph, .functions
+    "function": {7: "node"},  # FunctionProto.node
+    "graph": {1: "node", 5: "tensor", 15: "sparse"},  # GraphProto.node, .initializer, .sparse_initializer
+    "node": {5: "attr"},  # NodeProto.attribute
+    "attr": {5: "tensor", 6: "graph", 10: "tensor", 11: "graph", 22: "sparse", 23: "sparse"},
+    "sparse": {1: "tensor", 2: "tensor"},  # SparseTensorProto.values, .indices
+}
+_PB_TENSOR_EXTERNAL_DATA = 13  # TensorProto.external_data: repeated {key = 1, value = 2}
+
+
+def _pb_fields(buf: memoryview, path: Path):
+    """(field number, value) of one protobuf message; value is a memoryview for length-delimited."""
+    def varint(i: int) -> tuple[int, int]:
+        out = shift = 0
+        while True:
+            if i >= len(buf) or shift > 63:
+                raise EdgepeftError(f"{path}: not a valid ONNX file (truncated or damaged). Export the "
+                                    "artifact again.")
+            b = buf[i]
+            out |= (b & 0x7F) << shift
+            i, shift = i + 1, shift + 7
+            if b < 0x80:
+                return out, i
+
+    i = 0
+    while i < len(buf):
+        key, i = varint(i)
+        wire, value = key & 7, None
+        if wire == 0:
+            value, i = varint(i)
+        elif wire == 1:
+            i += 8
+        elif wire == 5:
+            i += 4
+        elif wire == 2:
+            size, i = varint(i)
+            value, i = buf[i:i + size], i + size
+        else:
+            i = len(buf) + 1
+        if i > len(buf):
+            raise EdgepeftError(f"{path}: not a valid ONNX file (truncated or damaged). Export the "
+                                "artifact again.")
+        yield key >> 3, value
+
+
+def external_data_locations(path: Path) -> list[str]:
+    """The ``location`` of every tensor stored outside the ``.onnx`` file, read without onnx.
+
+    Walks initializers, sparse initializers and tensors in node attributes, subgraphs (If / Loop /
+    Scan bodies) and functions included.
+
+    Raises:
+        EdgepeftError: the file is not a parseable ONNX protobuf.
+    """
+    locations = []
+    stack = [("model", memoryview(path.read_bytes()), 0)]
+    while stack:
+        kind, buf, depth = stack.pop()
+        if depth > 64:
+            raise EdgepeftError(f"{path}: ONNX graph nested more than 64 levels deep; refused.")
+        for field, value in _pb_fields(buf, path):
+            if not isinstance(value, memoryview):
+                continue
+            if kind == "tensor":
+                if field == _PB_TENSOR_EXTERNAL_DATA:
+                    entry = dict(_pb_fields(value, path))
+                    if isinstance(entry.get(1), memoryview) and bytes(entry[1]) == b"location":
+                        loc = entry.get(2)
+                        locations.append(bytes(loc).decode("utf-8", "replace") if isinstance(loc, memoryview) else "")
+            elif field in _PB_MESSAGES[kind]:
+                stack.append((_PB_MESSAGES[kind][field], value, depth + 1))
+    return locations

@@ -1,0 +1,98 @@
+"""Text in and out: the artifact's ``tokenizers`` tokenizer, and texts or ids made into the
+right-padded batches classifiers take. numpy (+ tokenizers, imported when a tokenizer is loaded).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from edgepeft.contract import inside
+from edgepeft.errors import EdgepeftError
+from edgepeft.runtime.batch import batch_inputs
+
+
+def load_tokenizer(root: Path, manifest: dict):
+    """The artifact's ``tokenizers.Tokenizer``, with its own padding and truncation switched off.
+
+    Raises:
+        EdgepeftError: the artifact has no tokenizer, or its file is missing or unreadable.
+    """
+    tok = manifest.get("tokenizer")
+    if not tok:
+        raise EdgepeftError(f"{root}: the artifact has no tokenizer (the base model "
+                            "had no fast tokenizer); pass token ids instead.")
+    from tokenizers import Tokenizer
+
+    file = inside(root, f"{tok['dir']}/tokenizer.json", str(root / "manifest.json"))
+    if not file.is_file():
+        raise EdgepeftError(f"{file}: missing from the artifact. Export it again.")
+    try:
+        tokenizer = Tokenizer.from_file(str(file))
+    except Exception as e:  # tokenizers raises a bare Exception on bad JSON
+        raise EdgepeftError(f"{file}: cannot read the tokenizer ({str(e)[:200]}). Export the "
+                            "artifact again.") from None
+    # A tokenizer.json may carry fixed padding / truncation (sentence-transformers ship
+    # MiniLM padded to 128): the runtime pads and truncates itself, with a mask that marks
+    # pads as pads, so both are switched off here.
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    return tokenizer
+
+
+def encode(texts_or_ids, attention_mask, manifest: dict, tokenizer: Callable, limit: int,
+           reserved: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Right-padded ids and mask for a classifier; texts truncated to ``limit`` tokens.
+
+    Args:
+        texts_or_ids: a string, strings, ``(B, S)`` ints, or ragged lists of ids.
+        attention_mask: only with a rectangular ids array.
+        manifest: for the vocabulary size and pad token.
+        tokenizer: returns the tokenizer (called only for texts).
+        limit: the longest sequence, after ``reserved`` positions (a prompt adapter's virtual
+            tokens) are taken off; named in messages.
+
+    Raises:
+        EdgepeftError: no rows, an empty row, ids out of range, sequences above ``limit``.
+    """
+    if isinstance(texts_or_ids, str):
+        texts_or_ids = [texts_or_ids]
+    if len(texts_or_ids) and isinstance(texts_or_ids[0], str):
+        if attention_mask is not None:
+            raise EdgepeftError("attention_mask goes with token ids; texts are padded here.")
+        rows = [e.ids for e in tokenizer().encode_batch(list(texts_or_ids))]
+        rows = [r[:limit - 1] + r[-1:] if len(r) > limit else r for r in rows]  # keep [SEP]/</s>
+    elif isinstance(texts_or_ids, np.ndarray) or (len(texts_or_ids) and isinstance(texts_or_ids[0], (int, np.integer))):
+        ids, mask = batch_inputs(texts_or_ids, attention_mask, manifest["base"]["vocab_size"])
+        if ids.shape[1] > limit:
+            raise EdgepeftError(f"sequences of {ids.shape[1]} tokens exceed the model's {limit} "
+                                f"(after {reserved} virtual tokens); shorten them.")
+        return ids, mask
+    else:
+        if attention_mask is not None:
+            raise EdgepeftError("attention_mask goes with a rectangular ids array; ragged lists "
+                                "are padded here.")
+        rows = [list(r) for r in texts_or_ids]
+    return _right_padded(rows, manifest, limit, reserved)
+
+
+def _right_padded(rows: list[list[int]], manifest: dict, limit: int, reserved: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(B, L)`` ids and mask of ``rows``, padded on the right as encoder tokenizers do."""
+    if not rows or not all(rows):
+        raise EdgepeftError("classify() needs at least one non-empty text or id sequence.")
+    pad = (manifest.get("tokenizer") or {}).get("pad_token_id") or 0
+    longest = max(len(r) for r in rows)
+    ids = np.full((len(rows), longest), pad, np.int64)
+    mask = np.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = r
+        mask[i, :len(r)] = 1
+    vocab = manifest["base"]["vocab_size"]
+    if ids.min() < 0 or ids.max() >= vocab:
+        raise EdgepeftError(f"input ids must lie in [0, {vocab}); got {ids.min()}..{ids.max()}.")
+    if longest > limit:
+        raise EdgepeftError(f"sequences of {longest} tokens exceed the model's {limit} (after "
+                            f"{reserved} virtual tokens); shorten them.")
+    return ids, mask
