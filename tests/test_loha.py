@@ -17,7 +17,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import VOCAB, make_adapter, make_base, make_tokenizer
+from helpers import VOCAB, make_adapter, make_base, make_encoder
 from edgepeft.errors import EdgepeftError
 from edgepeft.export import ExportConfig, export
 from edgepeft.export.base import load_causal_lm
@@ -29,8 +29,6 @@ from edgepeft.validate import Budget, validate
 TIGHT = Budget(max_abs_logits=1e-4)
 # as tests/test_quantize.py: tiny random models have flat distributions, KL is the bound
 LOOSE = Budget(max_abs_logits=None, min_top1=0.0, max_kl=1e-2, greedy_must_match=False)
-BERT = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-            vocab_size=VOCAB, max_position_embeddings=64)
 
 
 def make_loha(base: Path, out: Path, seed: int = 1, task: str = "CAUSAL_LM", **kwargs) -> Path:
@@ -223,10 +221,14 @@ def test_verify_and_inspect(side, capsys):
 
 
 def test_validate_passes(side, llama):
-    _, base, ads = llama
+    """validate's PyTorch side is PEFT's (LoHa's REFERENCE): each adapter and a LoHa mix, 1e-4."""
+    _, base, _ = llama
     result = validate(side, base, max_new_tokens=4, budget=TIGHT)
-    cases = {c["case"] for c in result["cases"]}
-    assert {"hada", "hada8"} <= cases and result["passed"], result["cases"]
+    cases = {c["case"]: c for c in result["cases"]}
+    assert {"base", "hada", "hada8", "lora", "mix(hada=0.7,hada8=0.3)"} <= set(cases)
+    assert result["passed"], result["cases"]
+    for c in cases.values():
+        assert c["max_abs_logits"] <= 1e-4 and c["greedy_mismatches"] == 0
 
 
 @pytest.fixture(scope="module", params=["int8", "int4"])
@@ -274,12 +276,7 @@ def test_fused_graph_equals_peft(llama):
 
 def test_encoder_classifier_side_and_merged(tmp_path):
     """A BERT classifier: the LoHa adapter carries its head (modules_to_save), side and merged."""
-    from transformers import AutoConfig, AutoModel
-
-    torch.manual_seed(0)
-    base = tmp_path / "bert"
-    AutoModel.from_config(AutoConfig.for_model("bert", **BERT)).save_pretrained(base)
-    make_tokenizer(base)
+    base = make_encoder("bert", tmp_path / "bert")
     ad = make_loha(base, tmp_path / "cls", task="SEQ_CLS", target_modules=["query", "value", "intermediate.dense"])
     assert json.loads((ad / "adapter_config.json").read_text())["modules_to_save"]
     rows = [[5, 9, 11, 40], [7, 8], [30, 31, 32, 33, 34, 35, 36]]
@@ -297,6 +294,49 @@ def test_encoder_classifier_side_and_merged(tmp_path):
         np.testing.assert_allclose(m.classify_logits(rows, adapter="cls"), want, atol=1e-4, rtol=0)
         assert validate(out, base, budget=TIGHT)["passed"]
     assert Model(tmp_path / "side").manifest["adapters"]["cls"]["head"] == ["classifier.bias", "classifier.weight"]
+
+
+# ---------------------------------------------------------------- edgepeft train --kind loha
+def _jsonl(path: Path, classification: bool) -> Path:
+    rng = np.random.default_rng(0)
+    rows = []
+    for _ in range(16):
+        ws = rng.integers(3, VOCAB, rng.integers(3, 10))
+        row = {"text": " ".join(f"w{w}" for w in ws)}
+        rows.append({**row, "label": "pos" if ws[0] % 2 else "neg"} if classification else row)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_train_exports_and_validates(llama, tmp_path):
+    """``train --kind loha`` writes a PEFT LoHa folder that exports and validates within 1e-4."""
+    from edgepeft.train import TrainConfig, train
+
+    _, base, _ = llama
+    out = tmp_path / "trained"
+    summary = train(TrainConfig("loha", base, _jsonl(tmp_path / "lm.jsonl", False), out, steps=3, batch_size=4),
+                    quiet=True)
+    assert summary["kind"] == "loha" and summary["trainable_params"] > 0 and summary["final_loss"] == summary["final_loss"]
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LOHA" and cfg["alpha"] == 2 * cfg["r"] and sorted(cfg["target_modules"]) == ["q_proj", "v_proj"]
+    export(ExportConfig(base=base, out=tmp_path / "art", adapters=(("t", out),)), quiet=True)
+    ids = np.array([[5, 9, 11, 40, 3, 7]])
+    assert np.abs(Model(tmp_path / "art").logits(ids, "t") - Model(tmp_path / "art").logits(ids)).max() > 1e-6
+    assert validate(tmp_path / "art", base, max_new_tokens=4, budget=TIGHT)["passed"]
+
+
+def test_cli_trains_a_classifier(tmp_path, capsys):
+    """The CLI offers ``--kind loha``; on BERT the head travels with the adapter and exports."""
+    from edgepeft.cli import main
+
+    base = make_encoder("bert", tmp_path / "bert", hidden=32)
+    out = tmp_path / "cls"
+    code = main(["train", str(base), "--data", str(_jsonl(tmp_path / "cls.jsonl", True)), "--kind", "loha",
+                 "--out", str(out), "--steps", "2", "--batch-size", "4", "--quiet"])
+    assert code == 0 and capsys.readouterr().out.startswith("trained loha (classification, labels neg, pos)")
+    export(ExportConfig(base=base, out=tmp_path / "art", adapters=(("c", out),)), quiet=True)
+    assert Model(tmp_path / "art").manifest["adapters"]["c"]["head"] == ["classifier.bias", "classifier.weight"]
+    assert validate(tmp_path / "art", base, budget=TIGHT)["passed"]
 
 
 # ---------------------------------------------------------------- refusals

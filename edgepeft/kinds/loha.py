@@ -21,6 +21,7 @@ Only ``nn.Linear`` layers: PEFT 0.21 cannot put LoHa on GPT-2's ``Conv1D``, and 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,9 +30,10 @@ import torch
 from torch import nn
 
 from edgepeft.errors import EdgepeftError
-from edgepeft.kinds.common import (SideBranch, config_float, config_int, config_names,
-                                   config_pattern, head_to_numpy, merge_head,
-                                   module_names_summary, peft_key, read_tensors, split_head)
+from edgepeft.kinds.common import (Reference, SideBranch, TrainSpec, config_float, config_int,
+                                   config_names, config_pattern, head_to_numpy, merge_head,
+                                   model_type, module_names_summary, peft_add, peft_key, peft_load,
+                                   peft_select, peft_task_type, read_tensors, split_head)
 
 KIND = "loha"
 NAMES = (KIND,)
@@ -305,3 +307,69 @@ def describe(entry: dict) -> str:
     """``edgepeft inspect``'s summary of a manifest entry."""
     return (f" rank {entry['rank']} (ranks {entry['ranks']}), alpha {entry['alpha']:g}, scale "
             f"{entry['scale']:.4g}, fed as LoRA of ranks {entry['lora_ranks']}")
+
+
+# ---------------------------------------------------------------- PyTorch reference (validate, bench)
+@contextlib.contextmanager
+def mix_deltas(model: nn.Module, weights: dict[str, float]):
+    """Run ``model`` (a PeftModel holding the named LoHa adapters) as the base plus
+    ``sum_i w_i delta_W_i``, each delta PEFT's own ``get_delta_weight``, for the block."""
+    from peft.tuners.loha import LoHaLayer
+
+    applied = []
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, LoHaLayer):
+                deltas = [w * module.get_delta_weight(n) for n, w in weights.items() if n in module.hada_w1_a]
+                if deltas:
+                    delta = sum(deltas)
+                    module.get_base_layer().weight += delta
+                    applied.append((module, delta))
+    try:
+        with model.disable_adapter():
+            yield
+    finally:
+        with torch.no_grad():
+            for module, delta in applied:
+                module.get_base_layer().weight -= delta
+
+
+# PEFT has no weighted combination of LoHa adapters (add_weighted_adapter is LoRA's): no combine.
+REFERENCE = Reference(load=peft_load, add=peft_add, select=peft_select, shared=True, mix=mix_deltas)
+
+
+# ---------------------------------------------------------------- edgepeft train
+_TRAIN_TARGETS = {"distilbert": ["q_lin", "v_lin"]}  # encoders without a PEFT default mapping
+
+
+def train_targets(model: nn.Module, cfg, classification: bool) -> list[str] | str | None:
+    """``target_modules`` for training: ``cfg.target_modules``, else None (PEFT's LoHa default for
+    the model type), else edgepeft's per-type list, else every linear layer of a causal LM.
+
+    Raises:
+        EdgepeftError: a classifier of a type with no default and no ``--target-modules``.
+    """
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LOHA_TARGET_MODULES_MAPPING as DEFAULTS
+
+    if cfg.target_modules:
+        return list(cfg.target_modules)
+    mt = model_type(model)
+    if mt in DEFAULTS:
+        return None
+    if mt in _TRAIN_TARGETS:
+        return list(_TRAIN_TARGETS[mt])
+    if not classification:
+        return "all-linear"
+    raise EdgepeftError(f"{cfg.model}: peft has no default LoHa layers for model type {mt!r}. Pass "
+                        "--target-modules (nn.Linear layers, e.g. the attention query and value).")
+
+
+def train_config(model: nn.Module, cfg, classification: bool):
+    """PEFT's ``LoHaConfig``: rank ``cfg.r``, ``alpha = 2 r``, PEFT's init (``w2_b = 0``: starts at the base)."""
+    from peft import LoHaConfig
+
+    return LoHaConfig(task_type=peft_task_type(classification), r=cfg.r, alpha=2 * cfg.r,
+                      target_modules=train_targets(model, cfg, classification))
+
+
+TRAIN = {"loha": TrainSpec(lr=2e-3, peft_config=train_config)}
