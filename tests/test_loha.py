@@ -316,9 +316,11 @@ def test_train_exports_and_validates(llama, tmp_path):
     out = tmp_path / "trained"
     summary = train(TrainConfig("loha", base, _jsonl(tmp_path / "lm.jsonl", False), out, steps=3, batch_size=4),
                     quiet=True)
-    assert summary["kind"] == "loha" and summary["trainable_params"] > 0 and summary["final_loss"] == summary["final_loss"]
+    assert summary["kind"] == "loha" and summary["trainable_params"] > 0
+    assert summary["final_loss"] == summary["final_loss"]  # not NaN
     cfg = json.loads((out / "adapter_config.json").read_text())
-    assert cfg["peft_type"] == "LOHA" and cfg["alpha"] == 2 * cfg["r"] and sorted(cfg["target_modules"]) == ["q_proj", "v_proj"]
+    assert cfg["peft_type"] == "LOHA" and cfg["alpha"] == 2 * cfg["r"]
+    assert sorted(cfg["target_modules"]) == ["q_proj", "v_proj"]  # PEFT's LoHa default for Llama
     export(ExportConfig(base=base, out=tmp_path / "art", adapters=(("t", out),)), quiet=True)
     ids = np.array([[5, 9, 11, 40, 3, 7]])
     assert np.abs(Model(tmp_path / "art").logits(ids, "t") - Model(tmp_path / "art").logits(ids)).max() > 1e-6
