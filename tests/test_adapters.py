@@ -108,7 +108,7 @@ def test_malicious_pickle_runs_nothing(llama, llama_adapters, tmp_path):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"peft_type": "LOHA"}, r"peft_type 'LOHA' is not supported\. Supported: LORA"),
+    ({"peft_type": "LOKR"}, r"peft_type 'LOKR' is not supported\. Supported: LORA"),
     ({"bias": "all"}, r"bias='all'.*Retrain with bias='none'"),
     ({"use_dora": True}, r"has A, B but needs A, B, m .*DoRA's lora_magnitude_vector"),
     ({"target_modules": ["qq_proj"]}, r"matches no module of the base model\. Modules that exist: q_proj \(x2\), k_proj"),

@@ -34,7 +34,7 @@ def _bad_adapter(src, tmp_path, how):
     cfg_path = ad / "adapter_config.json"
     cfg = json.loads(cfg_path.read_text())
     if how == "peft_type":
-        cfg["peft_type"] = "LOHA"
+        cfg["peft_type"] = "LOKR"
     elif how == "targets":
         cfg["target_modules"] = ["not_a_layer"]
     elif how == "corrupt":
@@ -47,7 +47,7 @@ def _bad_adapter(src, tmp_path, how):
 
 
 @pytest.mark.parametrize("how, words", [
-    ("peft_type", ["adapter_config.json", "peft_type 'LOHA' is not supported", "Supported: LORA"]),
+    ("peft_type", ["adapter_config.json", "peft_type 'LOKR' is not supported", "Supported: LORA"]),
     ("targets", ["adapter_config.json", "matches no module", "Modules that exist: q_proj"]),
     ("corrupt", ["adapter_model.safetensors", "corrupt or truncated", "save the adapter again"]),
     ("missing", ["no adapter_model.safetensors", "save_pretrained"]),

@@ -2,7 +2,7 @@
 
 Tiny artifacts are exported here (a LoRA / prefix / bottleneck / IA3 side artifact in fp32 and in
 int8 with fp16 adapter files, a merged artifact, an encoder classifier, a static-shape artifact
-with LoRAs of ranks 4 / 8 / 2), the Python runtime's
+with LoRAs of ranks 4 / 8 / 2, a LoHa + LoRA artifact), the Python runtime's
 outputs on fixed inputs are written to a cases dir, and ``node --test`` runs
 ``runtimes/js/test/parity.test.mjs`` on them: logits within 1e-5 (fp32), greedy ids and texts
 identical, classify labels identical, and the refusals (tampered file, other format version,
@@ -179,6 +179,13 @@ def build_cases(root: Path) -> Path:
     artifacts["cls-static"] = {"dir": str(cls_static), "task": "classification", "tol": 1e-5,
                                "adapters": ms.adapters, "classify": static_cases}
     artifacts["static"] = _static_cases(root, base, {"chat": ads["chat"], "sql": ads["sql"]})
+    # LoHa (fed to the graph as the LoRA it equals): its own small artifact, alone and mixed with a LoRA
+    from test_loha import make_loha
+
+    loha_ads = {"hada": make_loha(base, root / "hada", r=3, target_modules=["q_proj", "down_proj"]),
+                "chat": ads["chat"]}
+    export(ExportConfig(base=base, out=root / "loha", adapters=tuple(loha_ads.items())), quiet=True)
+    artifacts["loha"] = _lm_cases(root / "loha", ["hada", {"hada": 0.7, "chat": 0.3}], 1e-5, text=False)
     out = root / "cases.json"
     out.write_text(json.dumps({"artifacts": artifacts}))
     return out

@@ -319,8 +319,8 @@ def test_train_config_checks(bases, data, tmp_path):
     (tmp_path / "out").mkdir()
     with pytest.raises(EdgepeftError, match="already exists. Pass --force"):
         TrainConfig("lora", bases["llama"], data["lm"], tmp_path / "out")
-    with pytest.raises(EdgepeftError, match="--kind 'loha' is not one of"):
-        TrainConfig("loha", bases["llama"], data["lm"], tmp_path / "new")
+    with pytest.raises(EdgepeftError, match="--kind 'lokr' is not one of"):
+        TrainConfig("lokr", bases["llama"], data["lm"], tmp_path / "new")
     with pytest.raises(EdgepeftError, match="no config.json"):
         TrainConfig("lora", tmp_path, data["lm"], tmp_path / "new")
     with pytest.raises(EdgepeftError, match="--batch-size 0"):
