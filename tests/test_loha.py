@@ -420,7 +420,7 @@ def test_static_target_counts_the_exported_rank(llama, tmp_path):
 
     _, base, ads = llama
     (tmp_path / "npu.toml").write_text(SMALL_NPU)
-    with pytest.raises(EdgepeftError, match=r"has lora rank 16, above max_rank 10"):
+    with pytest.raises(EdgepeftError, match=r"has lora rank 16 as exported, above max_rank 10"):
         export(ExportConfig(base=base, out=tmp_path / "o", adapters=(("hada", ads["hada"]),),
                             target=load_target(tmp_path / "npu.toml")), quiet=True)
     assert not (tmp_path / "o").exists()

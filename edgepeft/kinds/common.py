@@ -7,6 +7,7 @@ Nothing here knows an adapter kind; the kind modules (``lora.py``, ...) interpre
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from dataclasses import dataclass, field
@@ -486,3 +487,37 @@ def prompt_dims(model: nn.Module) -> dict:
         if isinstance(value, int):
             out[key] = value
     return out
+
+
+def peft_delta_mix(layer_class: Callable[[], type], holds: Callable[[nn.Module, str], bool]):
+    """A ``Reference.mix`` for a PEFT kind whose layers give ``get_delta_weight(name)``.
+
+    Args:
+        layer_class: returns PEFT's layer class of the kind (imported when the mix runs).
+        holds: whether a layer holds the named adapter (``name in layer.lora_A``).
+
+    Returns:
+        A context manager factory ``mix(model, {name: weight})`` under which ``model`` (a PeftModel
+        holding the named adapters) runs as the base plus ``sum_i w_i delta_W_i``, each delta PEFT's own.
+    """
+    @contextlib.contextmanager
+    def mix(model: nn.Module, weights: dict[str, float]):
+        cls = layer_class()
+        applied = []
+        with torch.no_grad():
+            for module in model.modules():
+                if isinstance(module, cls):
+                    deltas = [w * module.get_delta_weight(n) for n, w in weights.items() if holds(module, n)]
+                    if deltas:
+                        delta = sum(deltas)
+                        module.get_base_layer().weight += delta
+                        applied.append((module, delta))
+        try:
+            with model.disable_adapter():
+                yield
+        finally:
+            with torch.no_grad():
+                for module, delta in applied:
+                    module.get_base_layer().weight -= delta
+
+    return mix

@@ -21,7 +21,6 @@ Only ``nn.Linear`` layers: PEFT 0.21 cannot put LoHa on GPT-2's ``Conv1D``, and 
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from torch import nn
 from edgepeft.errors import EdgepeftError
 from edgepeft.kinds.common import (Reference, SideBranch, TrainSpec, config_float, config_int,
                                    config_names, config_pattern, head_to_numpy, merge_head,
-                                   model_type, module_names_summary, peft_add, peft_key, peft_load,
+                                   model_type, module_names_summary, peft_add, peft_delta_mix, peft_key, peft_load,
                                    peft_select, peft_task_type, read_tensors, split_head)
 
 KIND = "loha"
@@ -310,28 +309,14 @@ def describe(entry: dict) -> str:
 
 
 # ---------------------------------------------------------------- PyTorch reference (validate, bench)
-@contextlib.contextmanager
-def mix_deltas(model: nn.Module, weights: dict[str, float]):
-    """Run ``model`` (a PeftModel holding the named LoHa adapters) as the base plus
-    ``sum_i w_i delta_W_i``, each delta PEFT's own ``get_delta_weight``, for the block."""
+def _layer_class() -> type:
     from peft.tuners.loha import LoHaLayer
 
-    applied = []
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, LoHaLayer):
-                deltas = [w * module.get_delta_weight(n) for n, w in weights.items() if n in module.hada_w1_a]
-                if deltas:
-                    delta = sum(deltas)
-                    module.get_base_layer().weight += delta
-                    applied.append((module, delta))
-    try:
-        with model.disable_adapter():
-            yield
-    finally:
-        with torch.no_grad():
-            for module, delta in applied:
-                module.get_base_layer().weight -= delta
+    return LoHaLayer
+
+
+# validate's weighted-mix reference: the base plus sum_i w_i delta_W_i, each PEFT's get_delta_weight
+mix_deltas = peft_delta_mix(_layer_class, lambda layer, name: name in layer.hada_w1_a)
 
 
 # PEFT has no weighted combination of LoHa adapters (add_weighted_adapter is LoRA's): no combine.

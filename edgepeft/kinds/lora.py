@@ -15,7 +15,6 @@ Every adapter kind module exposes the same names:
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass, field
 from functools import partial
@@ -29,7 +28,7 @@ from transformers.pytorch_utils import Conv1D
 
 from edgepeft.kinds.common import (Reference, SideBranch, TrainSpec, config_float, config_int,
                                    config_names, config_pattern, head_to_numpy, merge_head, model_type,
-                                   module_names_summary, peft_add, peft_key, peft_load, peft_select,
+                                   module_names_summary, peft_add, peft_delta_mix, peft_key, peft_load, peft_select,
                                    peft_task_type, read_tensors, split_head)
 from edgepeft.contract.features import Feature, Part
 from edgepeft.errors import EdgepeftError
@@ -342,28 +341,14 @@ def describe(entry: dict) -> str:
 
 
 # ---------------------------------------------------------------- PyTorch reference (validate, bench)
-@contextlib.contextmanager
-def mix_deltas(model: nn.Module, weights: dict[str, float]):
-    """Run ``model`` (a PeftModel holding the named adapters) as the base plus
-    ``sum_i w_i delta_W_i`` of the named LoRA adapters, added to the base weights for the block."""
+def _layer_class() -> type:
     from peft.tuners.lora import LoraLayer
 
-    applied = []
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, LoraLayer):
-                deltas = [w * module.get_delta_weight(n) for n, w in weights.items() if n in module.lora_A]
-                if deltas:
-                    delta = sum(deltas)
-                    module.get_base_layer().weight += delta
-                    applied.append((module, delta))
-    try:
-        with model.disable_adapter():
-            yield
-    finally:
-        with torch.no_grad():
-            for module, delta in applied:
-                module.get_base_layer().weight -= delta
+    return LoraLayer
+
+
+# validate's weighted-mix reference: the base plus sum_i w_i delta_W_i, each PEFT's get_delta_weight
+mix_deltas = peft_delta_mix(_layer_class, lambda layer, name: name in layer.lora_A)
 
 
 def combine_cat(model: nn.Module, weights: dict[str, float], name: str) -> None:

@@ -249,7 +249,7 @@ def check_ranks(target: Target, sides: dict) -> None:
             rank = kinds.feature(feature).rank_of(parts)
             if rank is not None and rank > target.max_rank:
                 raise EdgepeftError(
-                    f"adapter {name!r}: layer {module} has {feature} rank {rank}, above "
-                    f"max_rank {target.max_rank} of target {target.name!r}. Retrain it with r <= "
-                    f"{target.max_rank}, or use a profile with a larger max_rank (a copy of "
+                    f"adapter {name!r}: layer {module} has {feature} rank {rank} as exported, above "
+                    f"max_rank {target.max_rank} of target {target.name!r}. Retrain it so that its "
+                    f"exported rank is at most {target.max_rank} (`edgepeft inspect` shows it), or use a profile with a larger max_rank (a copy of "
                     f"targets/{target.name}.toml with max_rank raised, passed as --target FILE).")
