@@ -25,14 +25,14 @@ import onnx
 import torch
 
 import edgepeft
-from edgepeft.kinds import feature, kind_module, read_adapter, task_of
+from edgepeft.kinds import FEATURES, feature, kind_module, read_adapter, task_of
 from edgepeft.kinds.common import peft_key, read_config, read_tensors
 from edgepeft.errors import EdgepeftError
 from edgepeft.export import causal_lm, encoder, fused
 from edgepeft.export.calibrate import calibration_feeds
 from edgepeft.export.base import (binding_mismatch, detect_task, fingerprint, load_causal_lm,
                                   load_classifier, save_tokenizer)
-from edgepeft.export.slots import input_specs, plan_slots
+from edgepeft.export.slots import fix_ranks, input_specs, plan_slots, shared_defaults
 from edgepeft.progress import bar, write
 from edgepeft.quantize import QuantConfig, tied_table, quantize_graph, store_tied_table_once
 from edgepeft.validate.budgets import BUDGETS
@@ -531,7 +531,10 @@ def _write(cfg, task, model, fresh, adapters, cache, base_fp, tmp: Path, quiet: 
     elif cfg.mode == "side":
         sides = {a.name: kind_module(a).side(a, model) for a in adapters}
         check_ranks(cfg.target, sides)  # before the slow graph export
+        sides, fixed = fix_ranks(sides)
         slots = plan_slots(model, list(sides.values()))
+        arrays = {name: side.arrays(FEATURES) for name, side in sides.items()}
+        shared = shared_defaults(slots, arrays)
         head_modules = {p.rpartition(".")[0] for s in sides.values() for p in s.head}
         head_params = sorted(n for n, _ in model.named_parameters() if n.rpartition(".")[0] in head_modules)
         prompt_width = (int(model.get_input_embeddings().weight.shape[1])
@@ -541,7 +544,7 @@ def _write(cfg, task, model, fresh, adapters, cache, base_fp, tmp: Path, quiet: 
                                 "encoder puts a prompt of the adapter's own length before the tokens. "
                                 "Export prompt-tuning adapters with a target without static_shapes "
                                 "(e.g. --target cpu-arm64).")
-        specs = input_specs(slots, model, head_params, prompt_width)
+        specs = input_specs(slots, model, head_params, prompt_width, fixed=fixed, shared=shared)
         _log(f"exporting side-branch graph ({len(slots)} adapted layers, {len(specs)} adapter inputs)", quiet)
         calibration, probe = _calibration(cfg, quant, task, model, adapters, sides, specs, cache, quiet)
         manifest["graph"] = _save_graph(_graph(task, model, slots, specs, head_params, cache, cfg.opset),
@@ -552,21 +555,23 @@ def _write(cfg, task, model, fresh, adapters, cache, base_fp, tmp: Path, quiet: 
             manifest["static"] = _static_graphs(cfg.target, task, manifest["graph"], tmp)
         manifest["slots"] = [{"module": s.module, "in": s.in_features, "out": s.out_features,
                               "features": list(s.features)} for s in slots]
-        manifest["features"] = {f: feature(f).table() for s in slots for f in s.features}
+        manifest["features"] = {f: feature(f).table(fixed.get(f)) for s in slots for f in s.features}
         manifest["inputs"] = {s.name: s.manifest() for s in specs}
         (tmp / "adapters").mkdir()
         for a in adapters:
             side = sides[a.name]
-            arrays = side.arrays()
+            # a shared input whose value is the graph's default stays out of the file
+            uses = sorted(n for n, v in arrays[a.name].items() if n in shared and np.array_equal(v, shared[n]))
+            own = {n: v for n, v in arrays[a.name].items() if n not in uses}
             path = tmp / "adapters" / f"{a.name}.onnx_adapter"
-            files = _save_adapter(arrays, path, quant.adapter_precision, base_fp)
+            files = _save_adapter(own, path, quant.adapter_precision, base_fp)
             prefix = None
             if side.prefix:
                 prefix = {"length": int(side.prefix[0][0].shape[2]), "from_prompt": side.prefix_from_prompt}
             manifest["adapters"][a.name] = {
                 **kind_module(a).manifest_entry(a), **files, "base_fingerprint": base_fp,
-                "inputs": sorted(n for n in arrays if n in manifest["inputs"]), "prefix": prefix,
-                "source": str(a.source.resolve())}
+                "inputs": sorted(n for n in own if n in manifest["inputs"]), "prefix": prefix,
+                **({"defaults": uses} if uses else {}), "source": str(a.source.resolve())}
     else:
         for i, a in enumerate(bar(adapters, desc="merged graphs", unit="graph", quiet=quiet)):
             _log(f"exporting merged graph {i + 1}/{len(adapters)}: {a.name}", quiet)

@@ -16,6 +16,7 @@ import numpy as np
 
 from edgepeft.errors import EdgepeftError
 from edgepeft.contract import past_names
+from edgepeft.kinds import FEATURES
 from edgepeft.runtime.model import positions
 
 CALIBRATION_DIR = Path(__file__).resolve().parents[2] / "calibration"
@@ -96,7 +97,7 @@ def calibration_feeds(cfg, task: str, model, adapters, sides: dict, specs, cache
     def batches():
         for choice in choices:
             side = sides.get(choice) if choice else None
-            graph = {k: v for k, v in side.arrays().items() if k in names} if side else {}
+            graph = {k: v for k, v in side.arrays(FEATURES).items() if k in names} if side else {}
             for i in range(0, len(rows), BATCH):
                 batch = rows[i:i + BATCH]
                 longest = max(len(r) for r in batch)

@@ -424,6 +424,11 @@ class Model:
             odd = sorted(set(listed) ^ set(graph))[0]
             raise EdgepeftError(f"{file}: its inputs differ from the manifest's list (e.g. {odd!r}) "
                                 f"({where}). Export the artifact again.")
+        for k in entry.get("defaults", []):  # shared inputs whose value is the graph's default
+            if k in graph or "default" not in self._inputs.get(k, {}):
+                raise EdgepeftError(f"{file}: its manifest entry lists {k} under 'defaults', but "
+                                    + ("the file holds it" if k in graph else "the graph has no shared default of that name")
+                                    + f" ({where}). Export the artifact again.")
         for i, (h, d) in enumerate(self._cache):
             kn, vn = prefix_names(i)
             if kn in arrays or vn in arrays:
@@ -499,6 +504,13 @@ class Model:
                                 f"a {self.task} side artifact.")
         new = check_adapter_name(as_name or name, "add_adapter")
         entry = other["adapters"][name]
+        for k in entry.get("defaults", []):
+            theirs, ours = other["inputs"][k]["default"], self._inputs.get(k, {}).get("default")
+            if theirs != ours:
+                raise EdgepeftError(f"{where}: adapter {name!r} leaves {k} to its graph's default (a part "
+                                    "shared by the layers of one shape, stored once per graph), and "
+                                    f"{self.path}'s graph has " + ("another value" if ours else "no such input")
+                                    + ". Export the adapter into this artifact instead.")
         loaded = self._load_adapter(name, entry, root)
         with self._edit:
             if new in self.manifest["adapters"]:
@@ -593,6 +605,13 @@ class Model:
         return result
 
     def _combine(self, key: tuple[tuple[str, float], ...], loaded: Mapping[str, _Adapter]) -> tuple[dict, list | None]:
+        for n, _ in key:  # a shared input one adapter leaves to the graph's default, another replaces
+            for k in loaded[n].entry.get("defaults", ()):
+                other = next((m for m, _ in key if k in loaded[m].graph), None)
+                if other is not None:
+                    raise EdgepeftError(f"adapter {other!r} sets {k}, a part shared by the layers of one "
+                                        f"shape, and adapter {n!r} uses the graph's default for it; "
+                                        "combine them in separate calls.")
         parts: dict[str, list[tuple[str, float, np.ndarray]]] = {}
         for n, w in key:
             for k, v in loaded[n].graph.items():
