@@ -28,7 +28,7 @@ from torch import nn
 from edgepeft.contract import check_adapter_name
 from edgepeft.contract.features import Feature
 from edgepeft.errors import EdgepeftError
-from edgepeft.kinds import bottleneck, ia3, lora, prefix, prompt
+from edgepeft.kinds import bottleneck, ia3, lora, prefix, prompt, vera
 from edgepeft.kinds.common import read_config
 
 REGISTRY = {
@@ -38,6 +38,7 @@ REGISTRY = {
     "PROMPT_TUNING": prompt,
     "P_TUNING": prompt,
     "BOTTLENECK": bottleneck,
+    "VERA": vera,
 }
 
 # Derived from the registry (never edited by hand): manifest kind -> module, feature -> Feature. Registry order is the order features are listed on a slot.
