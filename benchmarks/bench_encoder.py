@@ -194,7 +194,7 @@ def torch_models(spec: dict, with_base: bool) -> dict:
 
     from peft import PeftModel
 
-    from edgepeft.adapters.bottleneck import load_bottleneck
+    from edgepeft.kinds.bottleneck import load_bottleneck
 
     base = seeded_base(spec["minilm"])
     out = {"baseline": base} if with_base else {}

@@ -361,7 +361,7 @@ def validate(args) -> int:
             raise EdgepeftError(f"{path}: no prompts in it (one prompt per line).")
     texts = None
     if args.texts:
-        from edgepeft.export.calibrate import load_texts
+        from edgepeft.data import load_texts
 
         texts = load_texts(args.texts, option="--texts")
     budget = None
@@ -371,7 +371,7 @@ def validate(args) -> int:
         from dataclasses import replace
 
         from edgepeft.contract import read_manifest
-        from edgepeft.validate.budgets import BUDGETS, Budget
+        from edgepeft.quantize.budgets import BUDGETS, Budget
 
         m = read_manifest(Path(args.artifact))
         base = Budget(**m["budget"]) if m.get("budget") else BUDGETS[m["precision"]]
@@ -518,20 +518,27 @@ def train(args) -> int:
 
 
 def _train_args(p):
-    from edgepeft.train import DEFAULT_LR, KINDS
+    from edgepeft.kinds import TRAIN
+    from edgepeft.kinds.common import TRAIN_TASKS
+
+    words = {"causal-lm": "causal LM", "classification": "classification"}
+    only = [f"{k}: {' / '.join(words[t] for t in s.tasks)} only" for k, s in TRAIN.items()
+            if set(s.tasks) != set(TRAIN_TASKS)]
 
     p.add_argument("model", nargs="?", default=None,
                    help="Hugging Face model folder of the base model (with its tokenizer); or --model")
     p.add_argument("--model", dest="model_option", default=None, metavar="BASE", help="same as MODEL")
     p.add_argument("--data", required=True, help="JSON-lines file: {\"text\": ...} or {\"text\": ..., \"label\": ...} per line")
-    p.add_argument("--kind", required=True, choices=KINDS, help="adapter kind (prefix: causal LM only)")
+    p.add_argument("--kind", required=True, choices=list(TRAIN),
+                   help="adapter kind" + (f" ({'; '.join(only)})" if only else ""))
     p.add_argument("--out", required=True, help="adapter folder to create")
     p.add_argument("--task", choices=["auto", "causal-lm", "classification"], default="auto",
                    help="auto (default): classification when the rows have a label")
     p.add_argument("--epochs", type=int, default=1, help="passes over the data (default 1)")
     p.add_argument("--steps", type=int, default=None, help="stop after this many steps (a cap on --epochs)")
     p.add_argument("--lr", type=float, default=None,
-                   help="learning rate (default per kind: " + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")")
+                   help="learning rate (default per kind: "
+                   + ", ".join(f"{k} {s.lr:g}" for k, s in TRAIN.items()) + ")")
     p.add_argument("--batch-size", type=int, default=8, help="rows per step (default 8)")
     p.add_argument("--max-length", type=int, default=128, help="tokens per row, longer texts are truncated (default 128)")
     p.add_argument("--r", type=int, default=8, help="LoRA/DoRA rank, lora_alpha = 2r (default 8)")
@@ -587,6 +594,34 @@ COMMANDS = {
 }
 
 
+class _Command(argparse.ArgumentParser):
+    """A command's parser that adds its arguments when first used (parsed, or its help or usage
+    shown): building every command's parser then imports nothing heavy (``train`` reads its kinds
+    from :mod:`edgepeft.kinds`, which imports torch; ``run`` and ``classify`` need onnxruntime only).
+    """
+
+    def __init__(self, *args, add_args=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._add_args = add_args
+
+    def _ready(self) -> None:
+        if self._add_args is not None:
+            add, self._add_args = self._add_args, None
+            add(self)
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._ready()
+        return super().parse_known_args(args, namespace)
+
+    def format_usage(self):
+        self._ready()
+        return super().format_usage()
+
+    def format_help(self):
+        self._ready()
+        return super().format_help()
+
+
 def main(argv: list[str] | None = None) -> int:
     # Library chatter (weight-loading bars, deprecation notes) hides our own output; users can
     # set these variables themselves to see it again.
@@ -595,12 +630,11 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning)
     parser = argparse.ArgumentParser(prog="edgepeft", description="Export PEFT adapters to ONNX for on-device inference: one base graph, swappable adapters.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Command)
     for name, (fn, add_args) in COMMANDS.items():
         doc = fn.__doc__ or ""
         p = sub.add_parser(name, help=doc.splitlines()[0], description=doc,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
-        add_args(p)
+                           formatter_class=argparse.RawDescriptionHelpFormatter, add_args=add_args)
         p.set_defaults(fn=fn)
     args = parser.parse_args(argv)
     try:

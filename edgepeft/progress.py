@@ -19,3 +19,9 @@ def write(msg: str) -> None:
 
     tqdm.write(msg, file=sys.stderr)
     sys.stderr.flush()
+
+
+def log(msg: str, quiet: bool) -> None:
+    """``[edgepeft] msg`` on stderr (above any bar), unless ``quiet``."""
+    if not quiet:
+        write(f"[edgepeft] {msg}")

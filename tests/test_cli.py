@@ -97,12 +97,12 @@ def test_usage_errors_exit_2(capsys, tmp_path, llama_base, llama_side):
 
 def test_failed_export_leaves_nothing(capsys, tmp_path, llama_base, llama_adapters, monkeypatch):
     """An error half-way (after the graph is written) removes the temporary dir; OUT never appears."""
-    import edgepeft.export as ex
+    import edgepeft.export.build as build
 
     def boom(*a, **k):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(ex, "_save_adapter", boom)
+    monkeypatch.setattr(build, "write_adapter_files", boom)
     with pytest.raises(RuntimeError, match="disk full"):
         main(["export", str(llama_base), "--adapter", f"chat={llama_adapters['chat']}", "--out",
               str(tmp_path / "out"), "--quiet"])

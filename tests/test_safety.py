@@ -90,7 +90,7 @@ def stop_before_write(monkeypatch):
     def stop(*a, **k):
         raise _Reached()
 
-    monkeypatch.setattr(ex, "_write", stop)
+    monkeypatch.setattr(ex, "write_artifact", stop)
 
 
 # ----------------------------------------------------------------------------- 2. base binding
@@ -186,10 +186,10 @@ def test_wrong_shapes_name_layer_expected_found(capsys, tmp_path, llama_base, ki
 
 
 def _replace_adapter_file(art: Path, name: str, arrays: dict, base_fp: str) -> None:
-    from edgepeft.export import _save_adapter
+    from edgepeft.contract.adapter_files import write_adapter_files
 
     f = art / "adapters" / f"{name}.onnx_adapter"
-    _save_adapter(arrays, f, "fp32", base_fp)
+    write_adapter_files(arrays, f, "fp32", base_fp)
     m = json.loads((art / "manifest.json").read_text())
     m["adapters"][name]["sha256"] = sha256_file(f)
     (art / "manifest.json").write_text(json.dumps(m))

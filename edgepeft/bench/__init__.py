@@ -36,8 +36,10 @@ the one recorded at export). Ratios are speed ratios of medians: a row's decode 
 reference's, the reference's latency over the row's; above 1 the row is faster.
 
 The result dict is written as ``bench.json`` with ``bench.png`` (the plots) into ``out``
-(default ``ARTIFACT/bench``). This module imports neither torch nor transformers; the torch and
-export workers do, in their own processes.
+(default ``ARTIFACT/bench``). This module runs no model in its own process: the torch and export
+workers do, in theirs. Which adapters mix, merge or run a PyTorch mix is read from the kinds'
+descriptions (:mod:`edgepeft.kinds`: ``MERGEABLE``, ``REFERENCE``), imported only when asked,
+since the kind modules import torch.
 """
 
 from __future__ import annotations
@@ -57,7 +59,6 @@ import numpy as np
 from edgepeft.errors import EdgepeftError
 from edgepeft.runtime.model import case_name
 
-MERGEABLE = ("lora", "dora", "ia3")
 PROMPT_TEXT = ("The quick brown fox jumps over the lazy dog while the old farmer counts his sheep, "
                "one, two, three, four, five, and then he writes the numbers down in a small book "
                "that he keeps in the pocket of his coat. ")
@@ -137,13 +138,20 @@ def classifier_batches(root: Path, manifest: dict, sizes: list[int]) -> dict:
 
 def bench_choices(manifest: dict) -> list:
     """What is measured: base (causal LM, or a classifier with a trained head), each adapter,
-    and an equal-weight mix of the LoRA adapters (side artifacts with two or more)."""
+    and an equal-weight mix of the LoRA adapters (side artifacts with two or more): those of
+    :func:`edgepeft.kinds.mix_group` without a head."""
+    from edgepeft.contract import mixes
+
     entries = manifest["adapters"]
     if manifest["mode"] == "merged":
         return list(entries)
     base_ok = manifest["task"] == "causal-lm" or manifest["base"].get("head_trained", True)
     choices: list = ([None] if base_ok else []) + list(entries)
-    loras = [n for n, e in entries.items() if e["kind"] == "lora" and not e.get("head")]
+    loras = []
+    if sum(mixes(manifest, n) for n in entries) >= 2:  # the kinds (torch) only when a mix is possible
+        from edgepeft.kinds import mix_group
+
+        loras = [n for n in mix_group(manifest) if not entries[n].get("head")]
     if len(loras) >= 2:
         choices.append({n: round(1 / len(loras), 4) for n in loras})
     return choices
@@ -178,18 +186,27 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edgepeft" / "bench-merged"
 
 
+def _mergeable_kinds() -> list[str]:
+    """Manifest kinds whose module can merge (``MERGEABLE``), in registry order."""
+    from edgepeft.kinds import BY_NAME
+
+    return [k for k, m in BY_NAME.items() if m.MERGEABLE]
+
+
 def _pick_merged_adapter(manifest: dict, root: Path, wanted: str | None) -> str | None:
+    from edgepeft.kinds import kind_module
+
     entries = manifest["adapters"]
     if wanted is not None:
         if wanted not in entries:
             raise EdgepeftError(f"--merged-adapter {wanted!r}: not in {root}; it has: {', '.join(entries)}.")
-        if entries[wanted]["kind"] not in MERGEABLE:
+        if not kind_module(entries[wanted]["kind"]).MERGEABLE:
             raise EdgepeftError(f"--merged-adapter {wanted!r}: a {entries[wanted]['kind']} adapter cannot "
-                                f"be merged (only {', '.join(MERGEABLE)}).")
+                                f"be merged (only {', '.join(_mergeable_kinds())}).")
         return wanted
     from edgepeft.contract import inside
 
-    ok = [n for n, e in entries.items() if e["kind"] in MERGEABLE]
+    ok = [n for n, e in entries.items() if kind_module(e["kind"]).MERGEABLE]
 
     def size(n):
         f = inside(root, entries[n]["file"], str(root / "manifest.json"))
@@ -220,7 +237,7 @@ def _merged_artifact(root: Path, manifest: dict, merged: str | Path, adapter: st
         return path, adapter, f"given: {path}"
     adapter = _pick_merged_adapter(manifest, root, adapter)
     if adapter is None:
-        return None, None, "no mergeable adapter (LoRA, DoRA, IA3) in the artifact"
+        return None, None, f"no mergeable adapter ({', '.join(_mergeable_kinds())}) in the artifact"
     if base is None or not (base / "config.json").is_file():
         return None, adapter, (f"base model folder {base} not found: pass --compare-torch BASE or "
                                "--merged DIR")
@@ -244,6 +261,17 @@ def _merged_artifact(root: Path, manifest: dict, merged: str | Path, adapter: st
                                    "adapter_dir": str(src), "precision": manifest["precision"],
                                    "quantization": manifest.get("quantization"), "graph": graph})
     return path, adapter, f"exported in {res['export_s']:.0f} s: {path}"
+
+
+def _torch_runs(manifest: dict, choice) -> bool:
+    """Whether PyTorch has a row for ``choice``: always, except a mix, which needs its adapters of
+    one kind whose reference can combine them (``Reference.combine``)."""
+    if not isinstance(choice, dict):
+        return True
+    from edgepeft.kinds import kind_module
+
+    kinds = {kind_module(manifest["adapters"][n]["kind"]) for n in choice}
+    return len(kinds) == 1 and next(iter(kinds)).REFERENCE.combine is not None
 
 
 # ------------------------------------------------------------------ summary
@@ -400,9 +428,7 @@ def run_bench(artifact: Path, out: Path | None = None, compare_torch: Path | Non
     if merged_path is not None:
         rows.append({"system": "edgepeft-merged", "choice": merged_name})
     if compare_torch is not None:
-        kinds = {n: e["kind"] for n, e in manifest["adapters"].items()}
-        rows += [{"system": "torch", "choice": c} for c in choices
-                 if not isinstance(c, dict) or all(kinds[n] == "lora" for n in c)]
+        rows += [{"system": "torch", "choice": c} for c in choices if _torch_runs(manifest, c)]
     for r in rows:
         r["case"] = case_name(r["choice"])
         r["key"] = f"{r['system']}:{r['case']}"
@@ -412,6 +438,7 @@ def run_bench(artifact: Path, out: Path | None = None, compare_torch: Path | Non
     spec = {"artifact": str(root), "merged": str(merged_dir) if merged_dir else None, "task": task,
             "threads": threads, "base": str(base) if base else None, "adapter_dirs": dirs,
             "adapters": [n for n in manifest["adapters"]], "fingerprint": manifest["base"]["fingerprint"],
+            "kinds": {n: e["kind"] for n, e in manifest["adapters"].items()},
             "num_labels": manifest["base"].get("num_labels"), "merged_adapter": merged_name,
             "mix": next((c for c in choices if isinstance(c, dict)), None),
             "swap_iters": 2000, "swap_pairs": 20, "session_repeats": 3}

@@ -193,12 +193,19 @@ def _classify_rows(spec: dict, call) -> dict:
 
 
 # ------------------------------------------------------------------ torch rows
+def _reference(spec: dict, name: str):
+    """The PyTorch reference description (``Reference``) of adapter ``name``'s kind."""
+    from edgepeft.kinds import kind_module
+
+    return kind_module(spec["kinds"][name]).REFERENCE
+
+
 def _torch_reference(spec: dict, names: list[str], check: bool = False):
     """(model, load seconds): the base in fp32 eval with the named adapters loaded the way their
-    trainer would (peft; edgepeft's module for bottleneck adapters)."""
+    trainer would, as the first one's kind describes (``Reference``: peft, or edgepeft's module
+    for bottleneck adapters); more than one name needs a kind whose model holds several."""
     import torch
 
-    from edgepeft.kinds.common import read_config
     from edgepeft.export.base import fingerprint, load_causal_lm, load_classifier
 
     torch.set_num_threads(spec["threads"])
@@ -216,18 +223,15 @@ def _torch_reference(spec: dict, names: list[str], check: bool = False):
                             "base folder that export used to --compare-torch.")
     if names:
         dirs = {n: Path(spec["adapter_dirs"][n]) for n in names}
-        kinds = {n: read_config(d).get("peft_type") for n, d in dirs.items()}
-        if kinds[names[0]] == "BOTTLENECK":
-            from edgepeft.kinds.bottleneck import load_bottleneck
-
-            model = load_bottleneck(model, dirs[names[0]])
-        else:
-            from peft import PeftModel
-
-            model = PeftModel.from_pretrained(model, dirs[names[0]], adapter_name=names[0])
-            for n in names[1:]:
-                model.load_adapter(dirs[n], adapter_name=n)
-            model.set_adapter(names[0])
+        ref = _reference(spec, names[0])
+        if len(names) > 1 and ref.add is None:
+            raise UserError(f"adapter {names[0]!r} is a {spec['kinds'][names[0]]} adapter: its PyTorch model "
+                            f"holds one adapter, so {', '.join(names)} cannot be loaded together.")
+        model = ref.load(model, dirs[names[0]], names[0])
+        for n in names[1:]:
+            ref.add(model, dirs[n], n)
+        if ref.select is not None:
+            ref.select(model, names[0])
     model.eval()
     return model, time.perf_counter() - t
 
@@ -235,12 +239,10 @@ def _torch_reference(spec: dict, names: list[str], check: bool = False):
 def _torch_for_choice(spec: dict, choice):
     if choice is None or isinstance(choice, str):
         return _torch_reference(spec, [] if choice is None else [choice])
-    # a LoRA mix: peft's own weighted combination ("cat": ranks concatenated, as edgepeft mixes)
+    # a mix: the kind's own weighted combination (LoRA: peft's, ranks concatenated as edgepeft mixes)
     t = time.perf_counter()
     model, _ = _torch_reference(spec, list(choice))
-    names, weights = list(choice), list(choice.values())
-    model.add_weighted_adapter(names, weights, "bench_mix", combination_type="cat")
-    model.set_adapter("bench_mix")
+    _reference(spec, next(iter(choice))).combine(model, dict(choice), "bench_mix")
     return model.eval(), time.perf_counter() - t
 
 
@@ -403,12 +405,13 @@ def swap_torch(spec: dict) -> dict:
     res: dict = {}
     from edgepeft.kinds.common import read_config
 
-    peft_names = [n for n in names if read_config(Path(spec["adapter_dirs"][n])).get("peft_type") != "BOTTLENECK"]
-    if not hasattr(model, "load_adapter") or len(peft_names) < 1:
+    swappable = [n for n in names if _reference(spec, n).add is not None]  # a model holds several
+    if not swappable:
         return {"note": "no peft adapters to swap"}
     per = {}
     loaded = [names[0]]
-    for n in peft_names:
+    ref = _reference(spec, names[0])
+    for n in swappable:
         if n in loaded:
             continue
         kind = read_config(Path(spec["adapter_dirs"][n])).get("peft_type")
@@ -416,7 +419,7 @@ def swap_torch(spec: dict) -> dict:
             continue  # peft holds one kind family per model (LoRA with IA3 or a prompt: no)
         before = rss_mb()
         t = time.perf_counter()
-        model.load_adapter(Path(spec["adapter_dirs"][n]), adapter_name=n)
+        ref.add(model, Path(spec["adapter_dirs"][n]), n)
         load_ms = (time.perf_counter() - t) * 1e3
         per[n] = {"rss_added_mb": rss_mb() - before, "load_adapter_ms": load_ms}
         loaded.append(n)
@@ -426,7 +429,7 @@ def swap_torch(spec: dict) -> dict:
 
         def set_alternating():
             i[0] += 1
-            model.set_adapter(loaded[i[0] % 2])
+            ref.select(model, loaded[i[0] % 2])
 
         res["set_adapter_alternating_us"] = timeit_us(set_alternating, spec["swap_iters"] // 5)["median_us"]
         with torch.inference_mode():
@@ -438,7 +441,7 @@ def swap_torch(spec: dict) -> dict:
                     model(input_ids=ids, attention_mask=mask)
             else:
                 ids = torch.tensor([spec["prompt_ids"]], dtype=torch.long)
-                model.set_adapter(loaded[0])
+                ref.select(model, loaded[0])
                 past = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True).cache
                 step_ids, mask1 = ids[:, -1:], torch.ones((1, ids.shape[1] + 1), dtype=torch.long)
                 pos = torch.tensor([[ids.shape[1]]])
@@ -450,7 +453,7 @@ def swap_torch(spec: dict) -> dict:
 
             def choose(n):
                 def run():
-                    model.set_adapter(n)
+                    ref.select(model, n)
                     step()
                 return run
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from edgepeft.contract.features import MIX_RULES, RANK, WIDTHS
 from edgepeft.contract.names import (FORMAT, FORMAT_VERSION, MANIFEST_NAME, MAX_MANIFEST_BYTES,
-                                     LAYOUTS, check_adapter_name)
+                                     LAYOUTS, check_adapter_name, head_input_name)
 from edgepeft.errors import EdgepeftError
 
 
@@ -242,3 +242,18 @@ def target_providers(m: dict) -> list[str]:
     return providers or ["CPUExecutionProvider"]
 
 
+
+
+def mixes(manifest: dict, name: str) -> bool:
+    """Whether adapter ``name`` combines with others by weight in one call: it feeds graph inputs,
+    every one of them (its carried head's aside: one adapter of a mix may set the head) has a
+    mix rule other than ``one``, and it seeds no KV cache.
+
+    Args:
+        manifest: a side-mode manifest (``inputs`` records each input's rule).
+        name: one of its adapters.
+    """
+    entry = manifest["adapters"][name]
+    head = {head_input_name(p) for p in entry.get("head") or []}
+    body = [k for k in entry.get("inputs") or [] if k not in head]
+    return bool(body) and not entry.get("prefix") and all(manifest["inputs"][k]["mix"] != "one" for k in body)

@@ -11,6 +11,7 @@ from pathlib import Path
 from edgepeft.errors import EdgepeftError
 
 FORMAT = "edgepeft-artifact"
+ADAPTER_FILE_FORMAT = "edgepeft-adapter"  # metadata "format" of an adapter's safetensors twin
 FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 MAX_MANIFEST_BYTES = 64 << 20  # a manifest is tens of KB; refuse absurd sizes before reading

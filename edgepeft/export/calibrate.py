@@ -8,58 +8,30 @@ base.
 
 from __future__ import annotations
 
-import json
+import itertools
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 
-from edgepeft.errors import EdgepeftError
 from edgepeft.contract import past_names
+from edgepeft.data import load_texts
 from edgepeft.kinds import FEATURES
 from edgepeft.runtime.model import positions
 
-CALIBRATION_DIR = Path(__file__).resolve().parents[2] / "calibration"
 BATCH = 4
+PROBE_BATCHES = 4  # calibration batches (of 4 texts) run to measure each MatMul's sensitivity
 
 
-def load_texts(source: str | None, default: str = "default", option: str = "--calibration") -> list[str]:
-    """Texts of a text set: a .txt (one per line, ``#`` lines skipped) or .jsonl (``{"text"}``)
-    file, or the name of a set in ``calibration/``.
-
-    Args:
-        source: a file path or a set name; None: the ``default`` set.
-        default: the set used when ``source`` is None.
-        option: the CLI option named in errors.
-
-    Raises:
-        EdgepeftError: the file or set does not exist, or holds no text.
-    """
-    path = Path(source) if source else CALIBRATION_DIR / f"{default}.txt"
-    if source and not path.is_file():
-        named = CALIBRATION_DIR / f"{source}.txt"
-        if not named.is_file():
-            sets = sorted(p.stem for p in CALIBRATION_DIR.glob("*.txt")) if CALIBRATION_DIR.is_dir() else []
-            raise EdgepeftError(f"{option} {source}: no such file, nor a set in {CALIBRATION_DIR} "
-                                f"(sets: {', '.join(sets) or 'none'}). Pass a .txt (one text per line) "
-                                "or .jsonl ({\"text\": ...}) file.")
-        path = named
-    if not path.is_file():
-        raise EdgepeftError(f"{path}: the built-in text set {default!r} is missing; pass {option} FILE.")
-    lines = path.read_text(encoding="utf-8").splitlines()
-    if path.suffix == ".jsonl":
-        texts = []
-        for i, line in enumerate(lines, 1):
-            if line.strip():
-                try:
-                    texts.append(json.loads(line)["text"])
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise EdgepeftError(f"{path}:{i}: expected {{\"text\": ...}}.") from None
-    else:
-        texts = [t for t in lines if t.strip() and not t.startswith("#")]
-    if not texts:
-        raise EdgepeftError(f"{path}: no texts in it.")
-    return texts
+def quantization_feeds(cfg, task: str, model, adapters, sides: dict, specs, cache, quiet: bool):
+    """What ``cfg.quant`` needs to quantize a graph of ``model``: ``(feeds for int8-static or None,
+    a few base feeds for --protect's sensitivity or None)``."""
+    calibration = probe = None
+    if cfg.quant.precision == "int8-static":
+        calibration = calibration_feeds(cfg, task, model, adapters, sides, specs, cache, quiet)
+    if cfg.quant.protect:  # the feeds come base first: the first batches run the base model
+        probe = list(itertools.islice(calibration_feeds(cfg, task, model, [], {}, specs, cache, True),
+                                      PROBE_BATCHES))
+    return calibration, probe
 
 
 def _token_rows(cfg, model, texts: list[str], limit: int) -> list[list[int]]:

@@ -15,7 +15,7 @@ from torch import nn
 
 from edgepeft.export.slots import InputSpec, Slot, dynamo_export, spec_dims, with_side_branches
 from edgepeft.contract import past_names, present_names
-from edgepeft.kinds.common import CacheShape, probe_cache  # noqa: F401  (export's step uses it from here)
+from edgepeft.kinds.common import CacheShape
 
 
 class _CacheWrapper(nn.Module):

@@ -15,6 +15,7 @@ never names a kind; see ``lora.py`` for the fullest example):
     describe(entry) -> str          how ``edgepeft inspect`` summarizes a manifest entry
     REFERENCE                       ``common.Reference``: how validate and bench build the PyTorch model
     TRAIN                           ``{train kind: common.TrainSpec}`` for ``edgepeft train --kind``
+                                    (empty for a kind ``edgepeft train`` does not offer)
 
 An unknown ``peft_type`` or ``kind`` is an error that lists the known ones, never a fallthrough.
 """
@@ -25,26 +26,31 @@ from pathlib import Path
 
 from torch import nn
 
-from edgepeft.contract import check_adapter_name
+from edgepeft.contract import check_adapter_name, mixes
 from edgepeft.contract.features import Feature
 from edgepeft.errors import EdgepeftError
 from edgepeft.kinds import bottleneck, ia3, lora, prefix, prompt, vera
-from edgepeft.kinds.common import read_config
+from edgepeft.kinds.common import Reference, TrainSpec, read_config
 
 REGISTRY = {
     "LORA": lora,
     "IA3": ia3,
-    "PREFIX_TUNING": prefix,
     "PROMPT_TUNING": prompt,
     "P_TUNING": prompt,
+    "PREFIX_TUNING": prefix,
     "BOTTLENECK": bottleneck,
     "VERA": vera,
 }
 
-# Derived from the registry (never edited by hand): manifest kind -> module, feature -> Feature. Registry order is the order features are listed on a slot.
+# Derived from the registry (never edited by hand): manifest kind -> module, feature -> Feature,
+# train kind -> TrainSpec. Registry order is the order features are listed on a slot and the
+# order of ``edgepeft train --kind``'s choices.
 _MODULES = list(dict.fromkeys(REGISTRY.values()))
 BY_NAME = {n: m for m in _MODULES for n in m.NAMES}
 FEATURES: dict[str, Feature] = {f.name: f for m in _MODULES for f in m.FEATURES}
+TRAIN: dict[str, TrainSpec] = {k: spec for m in _MODULES for k, spec in m.TRAIN.items()}
+if len(TRAIN) != sum(len(m.TRAIN) for m in _MODULES):
+    raise ValueError("two kind modules offer the same train kind; give each a name of its own")
 
 
 def kind_module(adapter_or_kind):
@@ -58,6 +64,26 @@ def kind_module(adapter_or_kind):
         raise EdgepeftError(f"adapter kind {kind!r} is not known to this edgepeft (known: "
                             f"{', '.join(BY_NAME)}). Use the edgepeft version that wrote the artifact.")
     return BY_NAME[kind]
+
+
+def reference(entry: dict) -> Reference:
+    """The PyTorch reference of a manifest adapter entry (validate, bench).
+
+    Raises:
+        EdgepeftError: a kind no module declares.
+    """
+    return kind_module(entry["kind"]).REFERENCE
+
+
+def mix_group(manifest: dict) -> list[str]:
+    """The adapters validate and bench mix by default, in manifest order: those the manifest's
+    rules let mix (:func:`edgepeft.contract.mixes`) whose kind has a PyTorch mix reference, all
+    of the first one's kind (one reference model holds the adapters of a mix). May carry heads.
+    """
+    entries = manifest["adapters"]
+    names = [n for n in entries if mixes(manifest, n) and reference(entries[n]).mix is not None]
+    first = kind_module(entries[names[0]]["kind"]) if names else None
+    return [n for n in names if kind_module(entries[n]["kind"]) is first]
 
 
 def feature(name: str) -> Feature:

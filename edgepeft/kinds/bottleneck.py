@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from edgepeft.kinds.common import (CONFIG_NAME, SAFETENSORS_NAME, config_names, module_names_summary,
-                                      read_config, read_tensors)
+from edgepeft.kinds.common import (CONFIG_NAME, SAFETENSORS_NAME, Reference, TrainSpec, config_names,
+                                   module_names_summary, read_config, read_tensors)
 from edgepeft.contract.features import Feature, Part
 from edgepeft.errors import EdgepeftError
 
@@ -587,3 +587,36 @@ def manifest_entry(adapter: BottleneckRead) -> dict:
 def describe(entry: dict) -> str:
     """``edgepeft inspect``'s summary of a manifest entry."""
     return f" reduction {entry['reduction_factor']}, {entry['non_linearity']}"
+
+
+# ---------------------------------------------------------------- PyTorch reference (validate, bench)
+def _reference_load(base: nn.Module, adapter_dir: Path, name: str | None) -> nn.Module:
+    """``Reference.load``: :func:`load_bottleneck` (one adapter per model; ``name`` unused)."""
+    return load_bottleneck(base, adapter_dir)
+
+
+REFERENCE = Reference(load=_reference_load)
+
+
+# ---------------------------------------------------------------- edgepeft train
+def _train_bottleneck_config(cfg) -> BottleneckConfig:
+    """Houlsby layout, ``d // cfg.reduction_factor`` hidden units, on ``cfg.target_modules`` or the
+    family's default layers."""
+    return BottleneckConfig(config="houlsby", reduction_factor=cfg.reduction_factor,
+                            target_modules=cfg.target_modules)
+
+
+def _train_add(model: nn.Module, cfg, heads: list[str]) -> dict[str, nn.Parameter]:
+    """``TrainSpec.add``: wrap the target layers and return the adapters' and heads' parameters."""
+    add_bottleneck(model, _train_bottleneck_config(cfg))
+    return {**bottleneck_parameters(model), **(head_parameters(model, heads) if heads else {})}
+
+
+def _train_save(model: nn.Module, out_dir: Path, cfg, classification: bool, heads: list[str]) -> None:
+    """``TrainSpec.save``: :func:`save_bottleneck` with the heads as ``modules_to_save``."""
+    task_type = "SEQ_CLS" if classification else "CAUSAL_LM"
+    save_bottleneck(model, out_dir, _train_bottleneck_config(cfg), task_type, str(cfg.model),
+                    modules_to_save=heads or None)
+
+
+TRAIN = {"bottleneck": TrainSpec(lr=1e-3, add=_train_add, save=_train_save)}

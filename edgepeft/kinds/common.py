@@ -1,4 +1,6 @@
-"""Reading a PEFT adapter directory: ``adapter_config.json`` + weights, with readable errors.
+"""Reading a PEFT adapter directory: ``adapter_config.json`` + weights, with readable errors;
+and the two descriptions every kind fills in for shared code: :class:`Reference` (how validate
+and bench build its PyTorch model) and :class:`TrainSpec` (what ``edgepeft train`` does with it).
 
 Nothing here knows an adapter kind; the kind modules (``lora.py``, ...) interpret what this reads.
 """
@@ -10,6 +12,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -332,3 +335,177 @@ def probe_cache(model: nn.Module) -> CacheShape:
         out = model(input_ids=torch.zeros(1, 1, dtype=torch.long), use_cache=True)
     layers = out.cache.layers
     return CacheShape(tuple(int(l.keys.shape[1]) for l in layers), tuple(int(l.keys.shape[3]) for l in layers))
+
+
+# ---------------------------------------------------------------- descriptions for shared code
+TRAIN_TASKS = ("causal-lm", "classification")
+
+
+@dataclass(frozen=True)
+class Reference:
+    """How validate and bench build a kind's PyTorch (server) model: what an artifact is compared
+    with. Each kind module sets ``REFERENCE = Reference(...)``; validate and bench read it through
+    ``kind_module(entry["kind"]).REFERENCE`` and never name a kind.
+
+    Attributes:
+        load: ``(fresh base copy, adapter_dir, name) -> model``: the base with this one adapter,
+            run the way its trainer runs it (PEFT's ``PeftModel.from_pretrained``, or the kind's
+            own torch module); it may change the base copy in place, the caller sets eval mode.
+            ``name`` is the adapter's name inside the model (what ``add``, ``select``, ``mix`` and
+            ``combine`` refer to); None when the model holds this adapter alone (PEFT then uses
+            its default name).
+        add: ``(model, adapter_dir, name) -> None``: load one more adapter of this kind into a
+            model made by ``load`` (PEFT's ``load_adapter``); None when a model holds one adapter.
+        select: ``(model, name) -> None``: make an adapter loaded by ``load`` / ``add`` the
+            active one (PEFT's ``set_adapter``); given exactly when ``add`` is.
+        shared: validate loads every adapter of the kind into one model (``load`` + ``add``) and
+            ``select``s one per case, which is cheap on memory (LoRA, DoRA). False: each adapter
+            gets its own model on a fresh copy of the base. Needs ``add``.
+        prompt_learning: a PEFT prompt-learning model (prefix, prompt, P-tuning): PEFT drops the
+            given position ids, so a left-padded row's outputs depend on its padding; validate
+            runs such a reference on each row unpadded.
+        mix: ``(shared model, {name: weight}) -> context manager``: inside it, the model computes
+            the base plus ``sum_i w_i delta_i`` of the named adapters (validate's reference for a
+            weighted mix, which the artifact computes by the manifest's mix rules). None: the kind
+            has no mix reference, so validate never mixes it. Needs ``shared`` (all the named
+            adapters are in that one model).
+        combine: ``(shared model, {name: weight}, new name) -> None``: add the weighted
+            combination as a new adapter, unmerged, and select it (bench's PyTorch row for a mix;
+            PEFT's ``add_weighted_adapter`` with ranks concatenated). None: bench runs no PyTorch
+            row for a mix with this kind. Needs ``add``.
+        seed_composes: the kind's KV-cache seed (``SideBranch.prefix``) stays exact next to other
+            adapters' weight changes, so validate's reference for a composition "mix + this"
+            seeds the cache with it (prefix tuning). False for kinds without a seed and for a
+            seed computed through the base weights (prompt tuning on a decoder).
+    """
+
+    load: Callable
+    add: Callable | None = None
+    select: Callable | None = None
+    shared: bool = False
+    prompt_learning: bool = False
+    mix: Callable | None = None
+    combine: Callable | None = None
+    seed_composes: bool = False
+
+    def __post_init__(self):
+        for name in ("load", "add", "select", "mix", "combine"):
+            value = getattr(self, name)
+            if not (callable(value) or (value is None and name != "load")):
+                what = "a function" if name == "load" else "a function or None"
+                raise ValueError(f"Reference.{name}: expected {what}, found {value!r}")
+        for name in ("shared", "prompt_learning", "seed_composes"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"Reference.{name}: expected True or False, found {getattr(self, name)!r}")
+        if (self.add is None) != (self.select is None):
+            raise ValueError("Reference: give add and select together (or neither)")
+        if self.shared and self.add is None:
+            raise ValueError("Reference: shared needs add and select (every adapter goes into one model)")
+        if self.mix is not None and not self.shared:
+            raise ValueError("Reference: mix needs shared (the mixed adapters must be in one model)")
+        if self.combine is not None and self.add is None:
+            raise ValueError("Reference: combine needs add and select (the combined adapters share one model)")
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """What ``edgepeft train --kind NAME`` does for one train kind. Each kind module sets
+    ``TRAIN = {name: TrainSpec(...)}`` (``lora.py``: ``lora`` and ``dora``); ``edgepeft.train``
+    and the CLI read them through ``edgepeft.kinds.TRAIN`` and never name a kind.
+
+    The functions get ``cfg``, the ``edgepeft.train.TrainConfig`` (fields ``model``, ``r``,
+    ``num_virtual_tokens``, ``reduction_factor``, ``target_modules`` (None: the model family's
+    default), ...); they run after ``torch.manual_seed(cfg.seed)`` and the base model's load.
+
+    Attributes:
+        lr: default AdamW learning rate: trains the kind in a few hundred steps on small data.
+        peft_config: ``(model, cfg, classification) -> PEFT config`` for ``get_peft_model``
+            (``task_type`` SEQ_CLS or CAUSAL_LM from ``classification``); it draws no random
+            numbers. None for a kind PEFT does not have: then ``add`` and ``save``.
+        add: ``(model, cfg, heads) -> {parameter name: parameter}``: wrap ``model`` in place with
+            the kind's own adapter modules and return what to train (the adapters and every
+            parameter of the head modules ``heads``; train freezes the rest). With ``save``;
+            exactly one of ``peft_config`` and ``add`` is given.
+        save: ``(model, out_dir, cfg, classification, heads) -> None``: write the adapter folder
+            (``adapter_config.json`` + weights, with the head modules ``heads`` carried; empty
+            for a causal LM).
+        target_modules: ``--target-modules`` applies (the kind adapts chosen layers).
+        tasks: the tasks it trains on, among ``causal-lm`` and ``classification``.
+        refusal: the message for a task not in ``tasks``: why, and what to use instead.
+        embeds_input: PEFT runs the model on ``inputs_embeds`` (prompt tuning); a decoder
+            classifier then pools the last position instead of the last real token, so train
+            pads its rows on the left.
+    """
+
+    lr: float
+    peft_config: Callable | None = None
+    add: Callable | None = None
+    save: Callable | None = None
+    target_modules: bool = True
+    tasks: tuple[str, ...] = TRAIN_TASKS
+    refusal: str = ""
+    embeds_input: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not 0 < self.lr < math.inf:
+            raise ValueError(f"TrainSpec.lr: expected a positive number, found {self.lr!r}")
+        for name in ("peft_config", "add", "save"):
+            value = getattr(self, name)
+            if value is not None and not callable(value):
+                raise ValueError(f"TrainSpec.{name}: expected a function or None, found {value!r}")
+        if (self.add is None) != (self.save is None):
+            raise ValueError("TrainSpec: give add and save together (a kind with its own format)")
+        if (self.peft_config is None) == (self.add is None):
+            raise ValueError("TrainSpec: give exactly one of peft_config (PEFT trains it) and add + save")
+        if not self.tasks or not set(self.tasks) <= set(TRAIN_TASKS) or len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"TrainSpec.tasks: expected distinct tasks of {TRAIN_TASKS}, found {self.tasks!r}")
+        if (set(self.tasks) != set(TRAIN_TASKS)) != bool(self.refusal):
+            raise ValueError("TrainSpec.refusal: give the message exactly when a task is refused")
+        for name in ("target_modules", "embeds_input"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"TrainSpec.{name}: expected True or False, found {getattr(self, name)!r}")
+
+
+def peft_load(base: nn.Module, adapter_dir: Path, name: str | None) -> nn.Module:
+    """``Reference.load`` of PEFT's kinds: ``PeftModel.from_pretrained`` (PEFT's default adapter
+    name when ``name`` is None)."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(base, adapter_dir, **({} if name is None else {"adapter_name": name}))
+
+
+def peft_add(model: nn.Module, adapter_dir: Path, name: str) -> None:
+    """``Reference.add`` of PEFT's kinds: ``load_adapter``."""
+    model.load_adapter(adapter_dir, adapter_name=name)
+
+
+def peft_select(model: nn.Module, name: str) -> None:
+    """``Reference.select`` of PEFT's kinds: ``set_adapter``."""
+    model.set_adapter(name)
+
+
+def peft_task_type(classification: bool):
+    """PEFT's ``TaskType`` for a classifier or a causal LM."""
+    from peft import TaskType
+
+    return TaskType.SEQ_CLS if classification else TaskType.CAUSAL_LM
+
+
+def model_type(model: nn.Module) -> str:
+    """``config.model_type`` ("" when unset): how PEFT keys its default target modules."""
+    return getattr(model.config, "model_type", "") or ""
+
+
+def prompt_dims(model: nn.Module) -> dict:
+    """token_dim / num_layers / num_attention_heads read through the config's attribute map
+    (peft reads the raw dict and misses e.g. DistilBERT's ``dim``, ``n_layers``, ``n_heads``):
+    keyword arguments of PEFT's prompt-learning configs."""
+    c = model.config
+    c = c.get_text_config() if hasattr(c, "get_text_config") else c
+    out = {}
+    for key, attr in (("token_dim", "hidden_size"), ("num_layers", "num_hidden_layers"),
+                      ("num_attention_heads", "num_attention_heads")):
+        value = getattr(c, attr, None)
+        if isinstance(value, int):
+            out[key] = value
+    return out

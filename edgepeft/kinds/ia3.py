@@ -17,8 +17,9 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from edgepeft.kinds.common import (SideBranch, config_names, head_to_numpy, merge_head,
-                                      module_names_summary, peft_key, read_tensors, split_head)
+from edgepeft.kinds.common import (Reference, SideBranch, TrainSpec, config_names, head_to_numpy,
+                                   merge_head, model_type, module_names_summary, peft_add, peft_key,
+                                   peft_load, peft_select, peft_task_type, read_tensors, split_head)
 from edgepeft.contract.features import Feature, Part
 from edgepeft.errors import EdgepeftError
 
@@ -136,3 +137,46 @@ def manifest_entry(adapter: Ia3Adapter) -> dict:
 def describe(entry: dict) -> str:
     """``edgepeft inspect``'s summary of a manifest entry."""
     return f" ({len(entry.get('feedforward', []))} on feed-forward inputs)"
+
+
+# PyTorch reference (validate, bench): PEFT's model, one per adapter in validate.
+REFERENCE = Reference(load=peft_load, add=peft_add, select=peft_select)
+
+
+# ---------------------------------------------------------------- edgepeft train
+# Encoders without a PEFT default mapping: (target_modules, feedforward_modules) per model_type.
+_TRAIN_TARGETS = {"distilbert": (["q_lin", "v_lin", "lin2"], ["lin2"])}
+# Feed-forward output layers: IA3 scales their input (when the user names them as targets).
+_FEEDFORWARD = ("down_proj", "mlp.c_proj", "output.dense", "lin2", "fc2", "dense_4h_to_h", "w2", "wo")
+
+
+def train_targets(model: nn.Module, cfg) -> tuple[list[str] | None, list[str] | None]:
+    """(target_modules, feedforward_modules) for training; (None, None) lets PEFT pick its defaults.
+
+    Raises:
+        EdgepeftError: no ``cfg.target_modules`` and no default for the model type.
+    """
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING as DEFAULTS
+
+    if cfg.target_modules:
+        targets = list(cfg.target_modules)
+        return targets, [t for t in targets if any(t == f or t.endswith("." + f) for f in _FEEDFORWARD)]
+    mt = model_type(model)
+    if mt in DEFAULTS:
+        return None, None
+    if mt in _TRAIN_TARGETS:
+        t, ff = _TRAIN_TARGETS[mt]
+        return list(t), list(ff)
+    raise EdgepeftError(f"{cfg.model}: peft has no default IA3 layers for model type {mt!r}. Pass "
+                        "--target-modules (feed-forward output layers among them get IA3 on their input).")
+
+
+def train_config(model: nn.Module, cfg, classification: bool):
+    """PEFT's ``IA3Config`` on :func:`train_targets`."""
+    from peft import IA3Config
+
+    targets, ff = train_targets(model, cfg)
+    return IA3Config(task_type=peft_task_type(classification), target_modules=targets, feedforward_modules=ff)
+
+
+TRAIN = {"ia3": TrainSpec(lr=3e-3, peft_config=train_config)}

@@ -9,12 +9,16 @@ Every adapter kind module exposes the same names:
     merge(model, adapter, weight)                 fold the adapter into the weights, in place
     side(adapter, model) -> SideBranch            what the side-branch graph and runtime are fed
     manifest_entry(adapter) -> dict               what ``manifest.json`` records
+    REFERENCE                                     ``common.Reference``: the PyTorch model of validate, bench
+    TRAIN                                         ``{"lora": common.TrainSpec, "dora": ...}`` for train
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +27,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from edgepeft.kinds.common import (SideBranch, config_float, config_int, config_names,
-                                      config_pattern, head_to_numpy, merge_head,
-                                      module_names_summary, peft_key, read_tensors, split_head)
+from edgepeft.kinds.common import (Reference, SideBranch, TrainSpec, config_float, config_int,
+                                   config_names, config_pattern, head_to_numpy, merge_head, model_type,
+                                   module_names_summary, peft_add, peft_key, peft_load, peft_select,
+                                   peft_task_type, read_tensors, split_head)
 from edgepeft.contract.features import Feature, Part
 from edgepeft.errors import EdgepeftError
 
@@ -334,3 +339,78 @@ def describe(entry: dict) -> str:
     """``edgepeft inspect``'s summary of a manifest entry."""
     return (f" rank {entry['rank']} (ranks {entry['ranks']}), alpha {entry['alpha']:g}, scale "
             f"{entry['scale']:.4g}{' rsLoRA' if entry['rslora'] else ''}")
+
+
+# ---------------------------------------------------------------- PyTorch reference (validate, bench)
+@contextlib.contextmanager
+def mix_deltas(model: nn.Module, weights: dict[str, float]):
+    """Run ``model`` (a PeftModel holding the named adapters) as the base plus
+    ``sum_i w_i delta_W_i`` of the named LoRA adapters, added to the base weights for the block."""
+    from peft.tuners.lora import LoraLayer
+
+    applied = []
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, LoraLayer):
+                deltas = [w * module.get_delta_weight(n) for n, w in weights.items() if n in module.lora_A]
+                if deltas:
+                    delta = sum(deltas)
+                    module.get_base_layer().weight += delta
+                    applied.append((module, delta))
+    try:
+        with model.disable_adapter():
+            yield
+    finally:
+        with torch.no_grad():
+            for module, delta in applied:
+                module.get_base_layer().weight -= delta
+
+
+def combine_cat(model: nn.Module, weights: dict[str, float], name: str) -> None:
+    """PEFT's own weighted combination of loaded adapters as adapter ``name``, selected: ranks
+    concatenated (``"cat"``), as edgepeft's runtime mixes."""
+    model.add_weighted_adapter(list(weights), list(weights.values()), name, combination_type="cat")
+    model.set_adapter(name)
+
+
+REFERENCE = Reference(load=peft_load, add=peft_add, select=peft_select, shared=True, mix=mix_deltas,
+                      combine=combine_cat)
+
+
+# ---------------------------------------------------------------- edgepeft train
+_TRAIN_TARGETS = {"distilbert": ["q_lin", "v_lin"]}  # encoders without a PEFT default mapping
+# Leaf names of attention query/value layers, for LoRA on encoders PEFT has no default for.
+_QUERY_VALUE = ("query", "value", "q_lin", "v_lin", "q_proj", "v_proj", "q", "v")
+
+
+def train_targets(model: nn.Module, cfg, classification: bool) -> list[str] | str:
+    """``target_modules`` for training: ``cfg.target_modules``, else PEFT's default for the model
+    type, else edgepeft's per-type list, else every linear layer (causal LM) or the attention
+    query/value layers (classifier)."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
+
+    if cfg.target_modules:
+        return list(cfg.target_modules)
+    mt = model_type(model)
+    if mt in DEFAULTS:
+        return list(DEFAULTS[mt])
+    if mt in _TRAIN_TARGETS:
+        return list(_TRAIN_TARGETS[mt])
+    if not classification:
+        return "all-linear"
+    leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                     if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in _QUERY_VALUE})
+    return leaves or "all-linear"
+
+
+def train_config(model: nn.Module, cfg, classification: bool, dora: bool = False):
+    """PEFT's ``LoraConfig``: rank ``cfg.r``, ``lora_alpha = 2 r``, no dropout (DoRA: ``use_dora``)."""
+    from peft import LoraConfig
+
+    return LoraConfig(task_type=peft_task_type(classification), r=cfg.r, lora_alpha=2 * cfg.r,
+                      lora_dropout=0.0, target_modules=train_targets(model, cfg, classification),
+                      use_dora=dora)
+
+
+TRAIN = {"lora": TrainSpec(lr=1e-3, peft_config=train_config),
+         "dora": TrainSpec(lr=1e-3, peft_config=partial(train_config, dora=True))}

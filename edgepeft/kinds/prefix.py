@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgepeft.kinds.common import SideBranch, config_int, probe_cache, read_tensors
+from edgepeft.kinds.common import (Reference, SideBranch, TrainSpec, config_int, peft_add, peft_load,
+                                   peft_select, peft_task_type, probe_cache, prompt_dims, read_tensors)
 from edgepeft.errors import EdgepeftError
 
 KIND = "prefix"
@@ -104,3 +105,24 @@ def manifest_entry(adapter: PrefixAdapter) -> dict:
 def describe(entry: dict) -> str:
     """``edgepeft inspect``'s summary of a manifest entry."""
     return f" {entry['virtual_tokens']} virtual tokens"
+
+
+# PyTorch reference (validate, bench): PEFT's prompt-learning model; its seed is the trained
+# keys/values themselves, so validate composes it with a LoRA mix.
+REFERENCE = Reference(load=peft_load, add=peft_add, select=peft_select, prompt_learning=True,
+                      seed_composes=True)
+
+
+def train_config(model: nn.Module, cfg, classification: bool):
+    """PEFT's ``PrefixTuningConfig``: ``cfg.num_virtual_tokens`` keys/values per layer."""
+    from peft import PrefixTuningConfig
+
+    return PrefixTuningConfig(task_type=peft_task_type(classification),
+                              num_virtual_tokens=cfg.num_virtual_tokens, **prompt_dims(model))
+
+
+_CLASSIFICATION = ("prefix tuning trains on causal LMs only: peft's prefix tuning does not run on "
+                   "BERT-family encoders with transformers 5. Use --kind prompt (or lora/ia3/bottleneck) "
+                   "for classification.")
+TRAIN = {"prefix": TrainSpec(lr=1e-2, peft_config=train_config, target_modules=False, tasks=("causal-lm",),
+                             refusal=_CLASSIFICATION)}

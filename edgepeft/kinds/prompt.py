@@ -23,8 +23,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgepeft.kinds.common import (SideBranch, config_int, head_to_numpy, read_tensors,
-                                      split_head)
+from edgepeft.kinds.common import (Reference, SideBranch, TrainSpec, config_int, head_to_numpy,
+                                   peft_add, peft_load, peft_select, peft_task_type, prompt_dims,
+                                   read_tensors, split_head)
 from edgepeft.errors import EdgepeftError
 
 KIND = "prompt"
@@ -104,3 +105,20 @@ def manifest_entry(adapter: PromptAdapter) -> dict:
 def describe(entry: dict) -> str:
     """``edgepeft inspect``'s summary of a manifest entry."""
     return f" {entry['virtual_tokens']} virtual tokens"
+
+
+# PyTorch reference (validate, bench): PEFT's prompt-learning model. Its seed on a decoder went
+# through the base weights at export, so it does not compose with weight changes.
+REFERENCE = Reference(load=peft_load, add=peft_add, select=peft_select, prompt_learning=True)
+
+
+def train_config(model: nn.Module, cfg, classification: bool):
+    """PEFT's ``PromptTuningConfig``: ``cfg.num_virtual_tokens`` randomly initialised tokens."""
+    from peft import PromptTuningConfig
+
+    return PromptTuningConfig(task_type=peft_task_type(classification),
+                              num_virtual_tokens=cfg.num_virtual_tokens, prompt_tuning_init="RANDOM",
+                              **prompt_dims(model))
+
+
+TRAIN = {"prompt": TrainSpec(lr=3e-2, peft_config=train_config, target_modules=False, embeds_input=True)}

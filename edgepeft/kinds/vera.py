@@ -20,7 +20,8 @@ do not combine by concatenating ranks (that would need per-adapter B matmuls, or
 per-layer matrices); every part mixes by rule ``one``. A VeRA adapter combines with adapters of
 other kinds (a LoRA on the same layers adds) at weight 1.
 
-Same names as every kind module: ``read``, ``merge``, ``side``, ``manifest_entry``, ``describe``.
+Same names as every kind module: ``read``, ``merge``, ``side``, ``manifest_entry``, ``describe``,
+``REFERENCE``, ``TRAIN``.
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ from transformers.pytorch_utils import Conv1D
 
 from edgepeft.contract.features import Feature, Part
 from edgepeft.errors import EdgepeftError
-from edgepeft.kinds.common import (CONFIG_NAME, SideBranch, config_int, head_to_numpy, merge_head,
-                                   module_names_summary, peft_key, read_tensors, split_head)
+from edgepeft.kinds.common import (CONFIG_NAME, Reference, SideBranch, TrainSpec, config_int, head_to_numpy,
+                                   merge_head, model_type, module_names_summary, peft_key, peft_load,
+                                   peft_task_type, read_tensors, split_head)
 
 KIND = "vera"
 NAMES = (KIND,)
@@ -232,3 +234,46 @@ def describe(entry: dict) -> str:
     """``edgepeft inspect``'s summary of a manifest entry."""
     a, b = entry.get("projections") or [[], []]
     return f" rank {entry['rank']}, shared projections A {tuple(a)} B {tuple(b)}"
+
+
+# PyTorch reference (validate, bench): PEFT's model, one per adapter (PEFT re-draws the shared
+# projections when a second VeRA adapter is added, so one model does not hold two of them).
+REFERENCE = Reference(load=peft_load)
+
+
+# ---------------------------------------------------------------- edgepeft train
+# Leaf names of attention query/value layers, for encoders PEFT has no VeRA default for.
+_QUERY_VALUE = ("query", "value", "q_lin", "v_lin", "q_proj", "v_proj")
+
+
+def train_targets(model: nn.Module, cfg) -> list[str]:
+    """``target_modules`` for training: ``cfg.target_modules``, else PEFT's VeRA default for the
+    model type, else the attention query / value layers.
+
+    Raises:
+        EdgepeftError: none of those exists.
+    """
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_VERA_TARGET_MODULES_MAPPING as DEFAULTS
+
+    if cfg.target_modules:
+        return list(cfg.target_modules)
+    if model_type(model) in DEFAULTS:
+        return list(DEFAULTS[model_type(model)])
+    leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                     if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in _QUERY_VALUE})
+    if not leaves:
+        raise EdgepeftError(f"{cfg.model}: peft has no default VeRA layers for model type "
+                            f"{model_type(model)!r}. Pass --target-modules.")
+    return leaves
+
+
+def train_config(model: nn.Module, cfg, classification: bool):
+    """PEFT's ``VeraConfig``: rank ``cfg.r``, the projections saved in the file (edgepeft reads
+    no PRNG-regenerated ones), no dropout."""
+    from peft import VeraConfig
+
+    return VeraConfig(task_type=peft_task_type(classification), r=cfg.r, target_modules=train_targets(model, cfg),
+                      save_projection=True, vera_dropout=0.0)
+
+
+TRAIN = {"vera": TrainSpec(lr=1e-2, peft_config=train_config)}

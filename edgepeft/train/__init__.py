@@ -7,13 +7,16 @@ Data, one JSON object per line:
 - ``{"text": "...", "label": ...}``: sequence classification; labels are all ints (the ids
   themselves, ``num_labels = max + 1``) or all strings (ids in sorted order).
 
-Kinds: ``lora``, ``dora``, ``ia3``, ``prompt``, ``prefix`` are trained and saved with peft
-(``get_peft_model`` + ``save_pretrained``), so the output loads with ``PeftModel.from_pretrained``;
-``bottleneck`` uses :mod:`edgepeft.kinds.bottleneck` and its own PEFT-shaped format. For
-classification the head is trained and saved as ``modules_to_save``: every top-level module whose
-name ends with ``classifier`` or ``score`` (peft's suffix rule, so DistilBERT's ``pre_classifier``
-too). Randomly initialised head layers outside that rule are neither trained nor saved; the head
-is drawn after ``torch.manual_seed(seed)``, so loading the base the same way reproduces them.
+Kinds: those of :data:`edgepeft.kinds.TRAIN`; each kind file describes its training
+(:class:`edgepeft.kinds.common.TrainSpec`: default learning rate, PEFT config, target modules,
+tasks). PEFT's kinds (``lora``, ``dora``, ``ia3``, ``prompt``, ``prefix``) are trained and saved
+with peft (``get_peft_model`` + ``save_pretrained``), so the output loads with
+``PeftModel.from_pretrained``; ``bottleneck`` adds, trains and saves edgepeft's own module in its
+PEFT-shaped format. For classification the head is trained and saved as ``modules_to_save``:
+every top-level module whose name ends with ``classifier`` or ``score`` (peft's suffix rule, so
+DistilBERT's ``pre_classifier`` too). Randomly initialised head layers outside that rule are
+neither trained nor saved; the head is drawn after ``torch.manual_seed(seed)``, so loading the
+base the same way reproduces them.
 
 The output folder holds the adapter files, ``train_log.json`` (config, labels, per-step
 losses, seconds) and ``edgepeft.json`` (the fingerprint of the base weights, which ``edgepeft
@@ -33,21 +36,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from edgepeft.errors import EdgepeftError
+from edgepeft.kinds import TRAIN
+from edgepeft.kinds.common import TRAIN_TASKS
 
-KINDS = ("lora", "dora", "ia3", "prompt", "prefix", "bottleneck")
-TASKS = ("auto", "causal-lm", "classification")
-# Learning rates that train each kind in a few hundred steps on small data (AdamW, no decay):
-# weight adapters ~1e-3 (IA3's scales a bit higher), soft prompts/prefixes much higher.
-DEFAULT_LR = {"lora": 1e-3, "dora": 1e-3, "ia3": 3e-3, "prompt": 3e-2, "prefix": 1e-2, "bottleneck": 1e-3}
+TASKS = ("auto", *TRAIN_TASKS)
 HEAD_NAMES = ("classifier", "score")  # peft's modules_to_save for SEQ_CLS
 LOG_NAME = "train_log.json"
-# Encoders without a peft default mapping: explicit targets per model_type.
-_LORA_TARGETS = {"distilbert": ["q_lin", "v_lin"]}
-_IA3_TARGETS = {"distilbert": (["q_lin", "v_lin", "lin2"], ["lin2"])}
-# Leaf names of attention query/value layers, for LoRA on encoders peft has no default for.
-_QUERY_VALUE = ("query", "value", "q_lin", "v_lin", "q_proj", "v_proj", "q", "v")
-# Feed-forward output layers: IA3 scales their input (when the user names them as targets).
-_FEEDFORWARD = ("down_proj", "mlp.c_proj", "output.dense", "lin2", "fc2", "dense_4h_to_h", "w2", "wo")
 
 
 def _int_at_least(value, low: int) -> bool:
@@ -59,14 +53,15 @@ class TrainConfig:
     """What ``edgepeft train`` does.
 
     Attributes:
-        kind: ``lora``, ``dora``, ``ia3``, ``prompt``, ``prefix`` (causal LM only) or ``bottleneck``.
+        kind: a train kind of :data:`edgepeft.kinds.TRAIN` (``lora``, ``dora``, ``ia3``, ``prompt``,
+            ``prefix``: causal LM only, ``bottleneck``).
         model: Hugging Face model folder of the base model (with its tokenizer).
         data: JSON-lines file: ``{"text": ...}`` rows, or ``{"text": ..., "label": ...}`` rows.
         out: adapter folder to create (must not exist unless ``force``).
         task: ``causal-lm``, ``classification`` or ``auto`` (classification when rows have ``label``).
         epochs: passes over the data.
         steps: stop after this many optimizer steps (a cap on ``epochs``), None for no cap.
-        lr: AdamW learning rate; None uses the kind's default (:data:`DEFAULT_LR`).
+        lr: AdamW learning rate; None uses the kind's default (``TrainSpec.lr``).
         batch_size: rows per step.
         max_length: tokens per row; longer texts are truncated.
         r: LoRA / DoRA rank (``lora_alpha = 2 r``).
@@ -74,8 +69,9 @@ class TrainConfig:
         reduction_factor: bottleneck size ``d // reduction_factor`` (bottleneck, Houlsby layout).
         seed: seeds the head init, the adapter init, shuffling and dropout.
         force: replace ``out`` if it exists.
-        target_modules: layers to adapt (lora, dora, ia3: peft's names/suffixes; bottleneck: full
-            names or dotted suffixes); None uses the model family's default.
+        target_modules: layers to adapt, for kinds whose ``TrainSpec.target_modules`` is set (peft's
+            names/suffixes; bottleneck: full names or dotted suffixes); None uses the model family's
+            default.
     """
 
     kind: str
@@ -98,12 +94,12 @@ class TrainConfig:
     def __post_init__(self):
         for f in ("model", "data", "out"):
             object.__setattr__(self, f, Path(getattr(self, f)))
-        if self.kind not in KINDS:
-            raise EdgepeftError(f"--kind {self.kind!r} is not one of {', '.join(KINDS)}.")
+        if self.kind not in TRAIN:
+            raise EdgepeftError(f"--kind {self.kind!r} is not one of {', '.join(TRAIN)}.")
         if self.task not in TASKS:
             raise EdgepeftError(f"--task {self.task!r} is not one of {', '.join(TASKS)}.")
-        if self.kind == "prefix" and self.task == "classification":
-            raise EdgepeftError(_PREFIX_CLS)
+        if self.task != "auto":
+            _check_task(self.kind, self.task)
         if not (self.model / "config.json").is_file():
             raise EdgepeftError(f"{self.model}: not a Hugging Face model folder (no config.json). Pass "
                                 "the folder of the base model, as saved by save_pretrained.")
@@ -126,9 +122,11 @@ class TrainConfig:
             targets = (self.target_modules,) if isinstance(self.target_modules, str) else tuple(self.target_modules)
             if not targets or not all(isinstance(t, str) and t for t in targets):
                 raise EdgepeftError(f"--target-modules {self.target_modules!r}: expected module names.")
-            if self.kind in ("prompt", "prefix"):
+            if not TRAIN[self.kind].target_modules:
+                takes = [k for k, spec in TRAIN.items() if spec.target_modules]
+                listing = " and ".join(filter(None, [", ".join(takes[:-1]), takes[-1]]))
                 raise EdgepeftError(f"--target-modules: {self.kind} tuning adapts no layers; target "
-                                    "modules apply to lora, dora, ia3 and bottleneck.")
+                                    f"modules apply to {listing}.")
             object.__setattr__(self, "target_modules", targets)
         if self.out.exists() and not self.force:
             raise EdgepeftError(f"{self.out}: already exists. Pass --force to replace it, or another --out.")
@@ -138,12 +136,13 @@ class TrainConfig:
     @property
     def learning_rate(self) -> float:
         """``lr``, or the kind's default."""
-        return float(self.lr) if self.lr is not None else DEFAULT_LR[self.kind]
+        return float(self.lr) if self.lr is not None else TRAIN[self.kind].lr
 
 
-_PREFIX_CLS = ("prefix tuning trains on causal LMs only: peft's prefix tuning does not run on "
-               "BERT-family encoders with transformers 5. Use --kind prompt (or lora/ia3/bottleneck) "
-               "for classification.")
+def _check_task(kind: str, task: str) -> None:
+    """Raise the kind's own message when it does not train on ``task``."""
+    if task not in TRAIN[kind].tasks:
+        raise EdgepeftError(TRAIN[kind].refusal)
 
 
 @dataclass(frozen=True)
@@ -243,78 +242,11 @@ def _tqdm(total: int, desc: str, quiet: bool):
     return tqdm(total=total, desc=desc, file=sys.stderr, disable=quiet, leave=False, dynamic_ncols=True)
 
 
-def _model_type(model) -> str:
-    return getattr(model.config, "model_type", "") or ""
-
-
-def _lora_targets(model, cfg: TrainConfig, classification: bool):
-    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
-
-    if cfg.target_modules:
-        return list(cfg.target_modules)
-    mt = _model_type(model)
-    if mt in DEFAULTS:
-        return list(DEFAULTS[mt])
-    if mt in _LORA_TARGETS:
-        return list(_LORA_TARGETS[mt])
-    if not classification:
-        return "all-linear"
-    import torch
-
-    leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-                     if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in _QUERY_VALUE})
-    return leaves or "all-linear"
-
-
-def _ia3_targets(model, cfg: TrainConfig) -> tuple[list[str] | None, list[str] | None]:
-    """(target_modules, feedforward_modules) for IA3; (None, None) lets peft pick its defaults."""
-    from peft.utils.constants import TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING as DEFAULTS
-
-    if cfg.target_modules:
-        targets = list(cfg.target_modules)
-        return targets, [t for t in targets if any(t == f or t.endswith("." + f) for f in _FEEDFORWARD)]
-    mt = _model_type(model)
-    if mt in DEFAULTS:
-        return None, None
-    if mt in _IA3_TARGETS:
-        t, ff = _IA3_TARGETS[mt]
-        return list(t), list(ff)
-    raise EdgepeftError(f"{cfg.model}: peft has no default IA3 layers for model type {mt!r}. Pass "
-                        "--target-modules (feed-forward output layers among them get IA3 on their input).")
-
-
-def _prompt_dims(model) -> dict:
-    """token_dim / num_layers / num_attention_heads read through the config's attribute map
-    (peft reads the raw dict and misses e.g. DistilBERT's ``dim``, ``n_layers``, ``n_heads``)."""
-    c = model.config
-    c = c.get_text_config() if hasattr(c, "get_text_config") else c
-    out = {}
-    for key, attr in (("token_dim", "hidden_size"), ("num_layers", "num_hidden_layers"),
-                      ("num_attention_heads", "num_attention_heads")):
-        value = getattr(c, attr, None)
-        if isinstance(value, int):
-            out[key] = value
-    return out
-
-
 def _peft_model(model, cfg: TrainConfig, classification: bool):
-    """Wrap ``model`` with the peft config of ``cfg.kind`` (adapter init uses the current seed)."""
-    from peft import (IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig, TaskType,
-                      get_peft_model)
+    """Wrap ``model`` with the kind's PEFT config (adapter init uses the current seed)."""
+    from peft import get_peft_model
 
-    task_type = TaskType.SEQ_CLS if classification else TaskType.CAUSAL_LM
-    if cfg.kind in ("lora", "dora"):
-        pc = LoraConfig(task_type=task_type, r=cfg.r, lora_alpha=2 * cfg.r, lora_dropout=0.0,
-                        target_modules=_lora_targets(model, cfg, classification), use_dora=cfg.kind == "dora")
-    elif cfg.kind == "ia3":
-        targets, ff = _ia3_targets(model, cfg)
-        pc = IA3Config(task_type=task_type, target_modules=targets, feedforward_modules=ff)
-    elif cfg.kind == "prompt":
-        pc = PromptTuningConfig(task_type=task_type, num_virtual_tokens=cfg.num_virtual_tokens,
-                                prompt_tuning_init="RANDOM", **_prompt_dims(model))
-    else:  # prefix (causal LM; classification was refused before loading)
-        pc = PrefixTuningConfig(task_type=task_type, num_virtual_tokens=cfg.num_virtual_tokens,
-                                **_prompt_dims(model))
+    pc = TRAIN[cfg.kind].peft_config(model, cfg, classification)
     try:
         return get_peft_model(model, pc)
     except (ValueError, TypeError, KeyError) as e:
@@ -400,8 +332,7 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
     if classification and data.labels is None:
         raise EdgepeftError(f"{cfg.data}: --task classification needs a \"label\" on every row; the rows "
                             "have none.")
-    if classification and cfg.kind == "prefix":
-        raise EdgepeftError(_PREFIX_CLS)
+    _check_task(cfg.kind, task)
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(cfg.model)
@@ -439,15 +370,9 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
         raise EdgepeftError(f"{cfg.model}: the tokenizer produces id {top} but the model has {vocab} "
                             "embeddings: tokenizer and model do not belong together.")
 
-    if cfg.kind == "bottleneck":
-        from edgepeft.kinds.bottleneck import (BottleneckConfig, add_bottleneck, bottleneck_parameters,
-                                                  head_parameters)
-
-        bcfg = BottleneckConfig(config="houlsby", reduction_factor=cfg.reduction_factor,
-                                target_modules=cfg.target_modules)
-        add_bottleneck(model, bcfg)
-        heads = _head_modules(model) if classification else []
-        trainable = {**bottleneck_parameters(model), **(head_parameters(model, heads) if heads else {})}
+    spec = TRAIN[cfg.kind]
+    if spec.peft_config is None:  # the kind's own modules, not PEFT's
+        trainable = spec.add(model, cfg, _head_modules(model) if classification else [])
         for p in model.parameters():
             p.requires_grad_(False)
         for p in trainable.values():
@@ -457,7 +382,7 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
         net = _peft_model(model, cfg, classification)
     # Decoder classifiers (a ``score`` head) pool the last non-pad token, found from input_ids; with
     # prompt tuning peft feeds embeddings instead and they pool the last position: pad on the left.
-    left = classification and cfg.kind == "prompt" and hasattr(model, "score")
+    left = classification and spec.embeds_input and hasattr(model, "score")
     params = [p for p in net.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in params)
 
@@ -513,14 +438,9 @@ def _write_out(cfg: TrainConfig, net, model, classification: bool, log: dict, ba
     tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
     old = None
     try:
-        if cfg.kind == "bottleneck":
-            from edgepeft.kinds.bottleneck import BottleneckConfig, save_bottleneck
-
-            heads = _head_modules(model) if classification else None
-            bcfg = BottleneckConfig(config="houlsby", reduction_factor=cfg.reduction_factor,
-                                    target_modules=cfg.target_modules)
-            save_bottleneck(model, tmp, bcfg, "SEQ_CLS" if classification else "CAUSAL_LM",
-                            str(cfg.model), modules_to_save=heads or None)
+        spec = TRAIN[cfg.kind]
+        if spec.save is not None:
+            spec.save(model, tmp, cfg, classification, _head_modules(model) if classification else [])
         else:
             net.save_pretrained(str(tmp))
         (tmp / LOG_NAME).write_text(json.dumps(log, indent=2) + "\n", encoding="utf-8")

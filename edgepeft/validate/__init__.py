@@ -1,9 +1,12 @@
 """``edgepeft validate``: does the artifact still agree with the PyTorch (peft) model?
 
 Per case (no adapter, each adapter, a weighted LoRA mix, a LoRA + prefix composition) both sides
-run the same inputs. Causal LMs: a left-padded batch, real-token positions compared: max
-|Δlogits|, mean KL(torch || artifact), top-1 agreement, and greedy generations (the torch side
-recomputes the whole sequence each step, no cache, so the artifact's KV cache is checked too).
+run the same inputs. The PyTorch side of each adapter is built as its kind describes
+(``kind_module(entry["kind"]).REFERENCE``, :class:`edgepeft.kinds.common.Reference`); which
+adapters mix and which prefix composes is read from the manifest and those descriptions.
+Causal LMs: a left-padded batch, real-token positions compared: max |Δlogits|, mean
+KL(torch || artifact), top-1 agreement, and greedy generations (the torch side recomputes the
+whole sequence each step, no cache, so the artifact's KV cache is checked too).
 PEFT's prompt-learning models ignore position ids, which makes their padded rows depend on the
 padding, so those references run each row unpadded. Classifiers: the same metrics on the class
 logits, plus accuracy on both sides when given a labelled file. Every case is checked and all
@@ -26,10 +29,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from edgepeft.contract import PROMPT_INPUT
+from edgepeft.data import load_texts
 from edgepeft.errors import EdgepeftError
-from edgepeft.export.calibrate import load_texts
 from edgepeft.progress import bar
-from edgepeft.validate.budgets import BUDGETS, Budget
+from edgepeft.quantize.budgets import BUDGETS, Budget
 from edgepeft.runtime.model import Model, batch_inputs, case_name, positions
 
 # Default prompts when the caller gives none and the artifact has a tokenizer.
@@ -146,14 +150,15 @@ class _Ref:
 class _Reference:
     """The server side: the base model plus every adapter loaded the way its trainer would.
 
-    LoRA / DoRA adapters share one ``PeftModel`` (as in the demo, and cheap on memory); every
-    other kind gets its own model on a copy of the base (PEFT cannot hold IA3 and LoRA, or a
-    prompt and LoRA, in one model). Bottleneck adapters use edgepeft's own torch module.
+    Each adapter's kind says how (``Reference``): kinds whose adapters share one model (LoRA /
+    DoRA: one ``PeftModel``, as in the demo, and cheap on memory) get one model per kind; every
+    other adapter gets its own model on a copy of the base (PEFT cannot hold IA3 and LoRA, or a
+    prompt and LoRA, in one model; bottleneck adapters use edgepeft's own torch module).
     """
 
     def __init__(self, reference: Path, manifest: dict, adapter_dirs: dict[str, Path]):
-        from edgepeft.kinds.common import read_config
         from edgepeft.export.base import fingerprint, load_causal_lm, load_classifier
+        from edgepeft.kinds import kind_module
 
         self.task = manifest["task"]
         self.manifest = manifest
@@ -169,53 +174,45 @@ class _Reference:
                                 "...). Pass the same --reference folder that export used.")
         self.base = base
         self.dirs = adapter_dirs
-        self.types = {n: read_config(d).get("peft_type") for n, d in adapter_dirs.items()}
-        self._models: dict[str, object] = {}
-        self._lora = None  # the shared PeftModel of LoRA adapters
+        self.kinds = {n: kind_module(e["kind"]) for n, e in manifest["adapters"].items()}
+        self._models: dict[str, object] = {}  # own models, by adapter name
+        self._shared: dict[object, object] = {}  # shared models, by kind module
 
     def _fresh_base(self):
         import copy
 
         return copy.deepcopy(self.base)
 
-    def _lora_model(self):
-        from peft import PeftModel
-
-        if self._lora is None:
-            model = None
-            for name, path in self.dirs.items():
-                if self.types[name] != "LORA":
-                    continue
+    def _shared_model(self, kind):
+        """The one model holding every adapter of ``kind`` (a kind module with a shared Reference)."""
+        if kind not in self._shared:
+            ref, model = kind.REFERENCE, None
+            for name in [n for n, k in self.kinds.items() if k is kind]:  # manifest order
                 if model is None:
-                    model = PeftModel.from_pretrained(self._fresh_base(), path, adapter_name=name)
+                    model = ref.load(self._fresh_base(), self.dirs[name], name)
                 else:
-                    model.load_adapter(path, adapter_name=name)
-            self._lora = model.eval()
-        return self._lora
+                    ref.add(model, self.dirs[name], name)
+            self._shared[kind] = model.eval()
+        return self._shared[kind]
 
     def _single(self, name: str):
         """(model, prompt_learning) for one adapter."""
-        if self.types[name] == "LORA":
-            model = self._lora_model()
-            model.set_adapter(name)
-            return model, False
+        ref = self.kinds[name].REFERENCE
+        if ref.shared:
+            model = self._shared_model(self.kinds[name])
+            ref.select(model, name)
+            return model, ref.prompt_learning
         if name not in self._models:
-            if self.types[name] == "BOTTLENECK":
-                from edgepeft.kinds.bottleneck import load_bottleneck
+            self._models[name] = ref.load(self._fresh_base(), self.dirs[name], None).eval()
+        return self._models[name], ref.prompt_learning
 
-                self._models[name] = load_bottleneck(self._fresh_base(), self.dirs[name]).eval()
-            else:
-                from peft import PeftModel
-
-                self._models[name] = PeftModel.from_pretrained(self._fresh_base(), self.dirs[name]).eval()
-        prompt = self.types[name] in ("PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING")
-        return self._models[name], prompt
-
-    def _prefix(self, name: str):
+    def _seed(self, name: str):
+        """Per layer ``(key, value)`` ``(1, H, p, D)``: the KV-cache seed of adapter ``name``."""
         from edgepeft.kinds import read_adapter
 
         adapter = read_adapter(name, self.dirs[name], self.base, self.task)
-        return [(k, v) for k, v in adapter.kv]
+        seed = self.kinds[name].side(adapter, self.base).prefix
+        return [(torch.from_numpy(k), torch.from_numpy(v)) for k, v in seed]
 
     def get(self, choice) -> _Ref:
         """The reference for None, a name, or a mix / composition ``{name: weight}``."""
@@ -224,60 +221,48 @@ class _Reference:
         if isinstance(choice, str):
             model, prompt = self._single(choice)
             return _Ref(model, prompt_learning=prompt)
-        prefixes = [n for n in choice if self.types[n] == "PREFIX_TUNING"]
-        loras = {n: w for n, w in choice.items() if n not in prefixes}
-        if any(self.types[n] != "LORA" for n in loras) or len(prefixes) > 1:
+        seeds = [n for n in choice if self.manifest["adapters"][n].get("prefix")]
+        mixed = {n: w for n, w in choice.items() if n not in seeds}
+        kinds = {self.kinds[n] for n in mixed}
+        if (len(seeds) > 1 or any(not self.kinds[n].REFERENCE.seed_composes for n in seeds) or len(kinds) > 1
+                or any(k.REFERENCE.mix is None for k in kinds)):
             raise EdgepeftError(f"no PyTorch reference for the combination {choice}: validate checks "
-                                "LoRA mixes, optionally with one prefix-tuning adapter.")
-        prefix = self._prefix(prefixes[0]) if prefixes else None
-        if not loras:
+                                "weighted mixes of adapters of one kind with a mix reference (LoRA), "
+                                "optionally with one prefix that composes (prefix tuning).")
+        prefix = self._seed(seeds[0]) if seeds else None
+        if not mixed:
             return _Ref(self.base, prefix=prefix)
-        model = self._lora_model()
-        return _Ref(model, prefix=prefix, enter=lambda: _merged_deltas(model, loras))
-
-
-@contextlib.contextmanager
-def _merged_deltas(model, weights: dict[str, float]):
-    """Run with ``sum_i w_i delta_W_i`` of the named LoRA adapters added to the base weights."""
-    from peft.tuners.lora import LoraLayer
-
-    applied = []
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, LoraLayer):
-                deltas = [w * module.get_delta_weight(n) for n, w in weights.items() if n in module.lora_A]
-                if deltas:
-                    delta = sum(deltas)
-                    module.get_base_layer().weight += delta
-                    applied.append((module, delta))
-    try:
-        with model.disable_adapter():
-            yield
-    finally:
-        with torch.no_grad():
-            for module, delta in applied:
-                module.get_base_layer().weight -= delta
+        kind = kinds.pop()
+        model = self._shared_model(kind)
+        return _Ref(model, prefix=prefix, enter=lambda: kind.REFERENCE.mix(model, mixed))
 
 
 def default_choices(artifact: Model) -> list:
     """What validate compares: the base, each adapter, a LoRA mix, a LoRA + prefix composition.
 
-    Merged artifacts: each adapter. Classifiers: the base only when it has a trained head.
+    The mix: the adapters of :func:`edgepeft.kinds.mix_group` (mixable by the manifest's rules,
+    with a PyTorch mix reference; today LoRA) without a head, plus one with a head on a
+    classifier. The composition: the mix's first adapter with the first prefix that is not a
+    decoder prompt (prompt tuning's seed went through the base weights). Merged artifacts: each
+    adapter. Classifiers: the base only when it has a trained head.
     """
+    from edgepeft.kinds import mix_group
+
     names = artifact.adapters
     if artifact.merged:
         return list(names)
     entries = artifact.manifest["adapters"]
     base_ok = artifact.task == "causal-lm" or artifact.manifest["base"].get("head_trained", True)
     choices: list = ([None] if base_ok else []) + list(names)
-    loras = [n for n in names if entries[n]["kind"] == "lora" and not entries[n].get("head")]
+    group = mix_group(artifact.manifest)
+    loras = [n for n in group if not entries[n].get("head")]
     if artifact.task == "classification":
-        with_head = [n for n in names if entries[n]["kind"] == "lora" and entries[n].get("head")]
+        with_head = [n for n in group if entries[n].get("head")]
         loras = loras + with_head[:1]  # a mix can carry one head
     if len(loras) >= 2:
         weights = [0.7, 0.3] if len(loras) == 2 else [1.0 / len(loras)] * len(loras)
         choices.append(dict(zip(loras, weights)))
-    prefixes = [n for n in names if entries[n]["kind"] == "prefix"]
+    prefixes = [n for n in names if entries[n].get("prefix") and not entries[n]["prefix"]["from_prompt"]]
     if artifact.task == "causal-lm" and prefixes and loras:
         choices.append({loras[0]: 1.0, prefixes[0]: 1.0})
     return choices
@@ -535,7 +520,7 @@ def _validate_classifier(art: Model, ref: _Reference, prompts, budget: Budget, l
     if texts is not None and not manifest.get("tokenizer"):
         raise EdgepeftError(f"{art.path}: the artifact has no tokenizer, so texts cannot be encoded.")
     reserved = max([e.get("virtual_tokens") or 0 for e in manifest["adapters"].values()
-                    if e["kind"] == "prompt"] + [0])  # room for a prompt's virtual tokens
+                    if PROMPT_INPUT in (e.get("inputs") or [])] + [0])  # room for a prompt's virtual tokens
     if texts is None:
         rng = np.random.default_rng(0)
         batches = [art._encode([rng.integers(5, manifest["base"]["vocab_size"], n).tolist()

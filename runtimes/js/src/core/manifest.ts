@@ -3,14 +3,11 @@
 import { EdgepeftError } from './errors.js';
 import type { Source } from './source.js';
 
-export const FORMAT = 'edgepeft-artifact';
-export const FORMAT_VERSION = 2;
-export const MANIFEST_NAME = 'manifest.json';
-export const MAX_MANIFEST_BYTES = 64 << 20;
-export const ADAPTER_NAME_RE = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$/;
-export const MIX_RULES = ['cat0', 'cat1w', 'cat1', 'cat0w', 'sumw', 'one'] as const;
-export type MixRule = (typeof MIX_RULES)[number];
-export const PROMPT_INPUT = 'prompt.embeds';
+import { ADAPTER_NAME_RE, FORMAT, FORMAT_VERSION, MANIFEST_NAME, MAX_MANIFEST_BYTES, MIX_RULES, type MixRule } from './contract.js';
+
+export { ADAPTER_FILE_FORMAT, ADAPTER_NAME_RE, FORMAT, FORMAT_VERSION, MANIFEST_NAME, MAX_MANIFEST_BYTES, MIX_RULES,
+  PROMPT_INPUT } from './contract.js';
+export type { MixRule } from './contract.js';
 
 export interface GraphEntry {
   file: string; data_file: string; sha256: string; data_sha256: string;

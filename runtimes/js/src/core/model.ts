@@ -10,7 +10,7 @@
  * static.ts). Refused: graph layout "fused". */
 import type { InferenceSession, Tensor } from 'onnxruntime-common';
 import { EdgepeftError } from './errors.js';
-import { baseTag, MANIFEST_NAME, PROMPT_INPUT, readManifest } from './manifest.js';
+import { ADAPTER_FILE_FORMAT, baseTag, MANIFEST_NAME, PROMPT_INPUT, readManifest } from './manifest.js';
 import type { AdapterEntry, GraphEntry, Manifest } from './manifest.js';
 import { combine, mixKey } from './mix.js';
 import type { LoadedAdapter, Mix } from './mix.js';
@@ -276,7 +276,7 @@ export class Model {
       throw new EdgepeftError(`${file}: made for base ${entry.base_fingerprint}, this artifact's base is ${ours} (${where}).`);
     }
     const { tensors, metadata } = parseSafetensors(bytes, file);
-    if (metadata.format !== 'edgepeft-adapter' || metadata.base_tag !== String(baseTag(ours))) {
+    if (metadata.format !== ADAPTER_FILE_FORMAT || metadata.base_tag !== String(baseTag(ours))) {
       throw new EdgepeftError(`${file}: the file was exported for another base model or is not an edgepeft adapter ` +
         `(format ${JSON.stringify(metadata.format)}, base tag ${JSON.stringify(metadata.base_tag)}, expected ` +
         `${baseTag(ours)} from ${ours.slice(0, 23)}...) (${where}). Export the adapter with this artifact's base.`);

@@ -1,4 +1,5 @@
-"""Accuracy budgets per precision (torch-free, so export can record them in the manifest)."""
+"""Accuracy budgets per precision: export records the precision's budget in the manifest,
+``edgepeft validate`` checks an artifact against it. Torch-free."""
 
 from __future__ import annotations
 

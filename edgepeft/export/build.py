@@ -1,0 +1,150 @@
+"""Step 4 of an export: build the graph(s) and the adapter files, one builder per layout.
+
+- :func:`traced_side`: the traced base model with a side branch per planned slot; adapters are
+  files of graph inputs (every architecture and adapter kind).
+- :func:`fused_side`: the fused-kernel graph of a Llama-family causal LM (``edgepeft.export.fused``)
+  with packed LoRA inputs.
+- :func:`merged`: one graph per adapter, its delta folded into the weights (traced or fused).
+
+Each saves its graphs through step 5 (:func:`edgepeft.export.graphs.save_graph`: quantization)
+and returns the manifest parts it made: ``graph``, ``slots``, ``inputs``, ``adapters``, ``static``.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from edgepeft import kinds
+from edgepeft.kinds import kind_module
+from edgepeft.contract.adapter_files import write_adapter_files
+from edgepeft.contract.entries import adapter_entry, merged_adapter_entry
+from edgepeft.errors import EdgepeftError
+from edgepeft.export import causal_lm, encoder, fused
+from edgepeft.export.calibrate import quantization_feeds
+from edgepeft.export.config import ExportConfig
+from edgepeft.export.graphs import save_graph, static_graphs
+from edgepeft.export.load import Base
+from edgepeft.export.plan import plan_traced, side_branches
+from edgepeft.progress import bar, log
+
+
+def builder(cfg: ExportConfig, base: Base):
+    """The builder for ``cfg.graph`` and ``cfg.mode``.
+
+    Raises:
+        EdgepeftError: ``--graph fused`` for a model that is not a causal LM.
+    """
+    if cfg.graph == "fused" and base.task != "causal-lm":
+        raise EdgepeftError(f"--graph fused is for causal LMs; {cfg.base} is a {base.task} model. "
+                            "Use --graph generic.")
+    if cfg.mode == "merged":
+        return merged
+    return fused_side if cfg.graph == "fused" else traced_side
+
+
+def traced_side(cfg: ExportConfig, base: Base, adapters: list, root: Path, quiet: bool) -> dict:
+    """One traced graph with every planned slot as inputs, and one file per adapter feeding them."""
+    plan = plan_traced(cfg, base, adapters)
+    log(f"exporting side-branch graph ({len(plan.slots)} adapted layers, {len(plan.specs)} adapter inputs)",
+        quiet)
+    calibration, probe = quantization_feeds(cfg, base.task, base.model, adapters, plan.sides, plan.specs,
+                                            base.cache, quiet)
+    proto = _trace(cfg, base, base.model, plan.slots, plan.specs, plan.head_params)
+    parts = {"graph": save_graph(proto, root, "model.onnx", cfg.quant, [x.name for x in plan.specs],
+                                 calibration, probe, quiet=quiet)}
+    if cfg.target.static_shapes:
+        log(f"writing fixed-shape graphs for sequence buckets {list(cfg.target.sequence_buckets)}", quiet)
+        parts["static"] = static_graphs(cfg.target, base.task, parts["graph"], root)
+    parts["slots"] = [{"module": s.module, "in": s.in_features, "out": s.out_features,
+                       "features": list(s.features)} for s in plan.slots]
+    parts["features"] = {f: kinds.feature(f).table(plan.fixed.get(f)) for s in plan.slots for f in s.features}
+    parts["inputs"] = {s.name: s.manifest() for s in plan.specs}
+    (root / "adapters").mkdir()
+    parts["adapters"] = {}
+    for a in adapters:
+        side = plan.sides[a.name]
+        # a shared input whose value is the graph's default stays out of the file
+        uses = sorted(n for n, v in plan.arrays[a.name].items()
+                      if n in plan.shared and np.array_equal(v, plan.shared[n]))
+        arrays = {n: v for n, v in plan.arrays[a.name].items() if n not in uses}
+        prefix = None
+        if side.prefix:  # per layer (key, value) of shape (1, H_kv, length, D)
+            prefix = {"length": int(side.prefix[0][0].shape[2]), "from_prompt": side.prefix_from_prompt}
+        inputs = sorted(n for n in arrays if n in parts["inputs"])
+        parts["adapters"][a.name] = _write_adapter(cfg, base, a, arrays, root, inputs, prefix, uses)
+    return parts
+
+
+def fused_side(cfg: ExportConfig, base: Base, adapters: list, root: Path, quiet: bool) -> dict:
+    """One fused graph with packed LoRA inputs for the q|k|v and gate|up groups any adapter feeds,
+    and one file per adapter packed to them."""
+    model = base.model
+    sides = side_branches(cfg, base, adapters)
+    log("building fused graph", quiet)
+    proto, defaults, used = fused.build_graph(model, sides, cfg.opset or 17)
+    names = [n for n, _ in defaults]
+    parts = {"graph": {**save_graph(proto, root, "model.onnx", cfg.quant, names, quiet=quiet), "layout": "fused"},
+             "slots": [{"layer": layer, "group": group, "modules": list(fused.GROUPS[group])}
+                       for layer, group in used],
+             "inputs": {n: _fused_input(n, d) for n, d in defaults}}
+    (root / "adapters").mkdir()
+    outs, ins = fused.widths(model)
+    parts["adapters"] = {}
+    for a in adapters:
+        arrays = fused.pack_adapter(sides[a.name], used, outs, ins)
+        parts["adapters"][a.name] = _write_adapter(cfg, base, a, arrays, root, sorted(arrays), None)
+    return parts
+
+
+def merged(cfg: ExportConfig, base: Base, adapters: list, root: Path, quiet: bool) -> dict:
+    """One graph per adapter (``merged/NAME.onnx``), built from a copy of the base with the
+    adapter's delta folded in; traced, or fused for ``--graph fused``."""
+    is_fused = cfg.graph == "fused"
+    entries = {}
+    for i, a in enumerate(bar(adapters, desc="merged graphs", unit="graph", quiet=quiet)):
+        log(f"{'building fused' if is_fused else 'exporting'} merged graph {i + 1}/{len(adapters)}: {a.name}",
+            quiet)
+        model = copy.deepcopy(base.model)
+        kind_module(a).merge(model, a)
+        rel = f"merged/{a.name}.onnx"
+        if is_fused:
+            proto, _, _ = fused.build_graph(model, {}, cfg.opset or 17)
+            del model
+            graph = {**save_graph(proto, root, rel, cfg.quant, [], quiet=quiet), "layout": "fused"}
+        else:
+            calibration, probe = quantization_feeds(cfg, base.task, model, [], {}, [], base.cache, quiet)
+            proto = _trace(cfg, base, model, [], [], [])
+            graph = save_graph(proto, root, rel, cfg.quant, [], calibration, probe, quiet=quiet)
+            del model
+        entries[a.name] = merged_adapter_entry(kind_module(a).manifest_entry(a), graph, base.fingerprint,
+                                               a.source)
+    return {"adapters": entries, "graph": {"per_adapter": True, **({"layout": "fused"} if is_fused else {})}}
+
+
+def _trace(cfg: ExportConfig, base: Base, model: torch.nn.Module, slots, specs, head_params) -> onnx.ModelProto:
+    """torch.onnx.export of ``model`` (the base or a merged copy) with side branches at ``slots``."""
+    if base.task == "causal-lm":
+        return causal_lm.export_graph(model, slots, specs, base.cache, cfg.opset)
+    return encoder.export_graph(model, slots, specs, head_params, cfg.opset)
+
+
+def _fused_input(name: str, default: np.ndarray) -> dict:
+    """Manifest entry of a fused LoRA input: ``*.AT (in, r)`` mixes along axis 1, ``*.BT (r, out)``
+    along axis 0 (weighted)."""
+    if name.endswith(".AT"):
+        return {"shape": [int(default.shape[0]), None], "mix": "cat1"}
+    return {"shape": [None, int(default.shape[1])], "mix": "cat0w"}
+
+
+def _write_adapter(cfg: ExportConfig, base: Base, a, arrays: dict[str, np.ndarray], root: Path,
+                   inputs: list[str], prefix: dict | None, defaults: list[str] = ()) -> dict:
+    """Write ``root/adapters/NAME.onnx_adapter`` (+ its safetensors twin); returns its manifest entry."""
+    path = root / "adapters" / f"{a.name}.onnx_adapter"
+    files = write_adapter_files(arrays, path, cfg.quant.adapter_precision, base.fingerprint)
+    return adapter_entry(kind_module(a).manifest_entry(a), files, base.fingerprint, inputs, prefix, a.source,
+                         defaults)
