@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from conftest import VOCAB, make_adapter, make_base, make_tokenizer
-from edgepeft.contract import value_digest, verify
+from edgepeft.contract import Feature, Part, value_digest, verify
 from edgepeft.errors import EdgepeftError
 from edgepeft.export import ExportConfig, export
 from edgepeft.quantize import QuantConfig
@@ -283,6 +283,22 @@ def test_files_edgepeft_cannot_reproduce_are_refused(lm, tmp_path):
         export(ExportConfig(base=base, out=tmp_path / "d", adapters=(("x", bias),)), quiet=True)
 
 
+@pytest.mark.parametrize("make, message", [
+    (lambda: Part("A", ("r", "in"), None, "one", shared=True), "no dynamic rank"),
+    (lambda: Part("A", ("R", "in"), 0.0, "one", shared=True), "no identity"),
+    (lambda: Part("A", ("R", "in"), None, "cat0", shared=True), "cannot grow by concatenation"),
+    (lambda: Part("B", ("out", "R"), None, "sumw", shared=True), "a shared part mixes by 'one'"),
+    (lambda: Part("d", ("R",), None, "one"), "an identity value is needed"),
+    (lambda: Feature("f", (Part("d", ("R",), 0.0, "one"), Part("A", ("r", "in"), 0.0, "cat0")), order=1,
+                     on_output=lambda y, h, base, p: y), "either dynamic"),
+])
+def test_the_contract_keeps_shared_parts_exact(make, message):
+    """What lets the graph default a shared part to a value: a fixed rank, rule 'one', and the
+    identity carried by the feature's other parts."""
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
 # ---------------------------------------------------------------- an encoder classifier
 @pytest.fixture(scope="module")
 def bert(tmp_path_factory):
@@ -327,3 +343,44 @@ def test_encoder_classifier_matches_peft(bert, mode):
         assert np.abs(got[name] - want).max() <= 1e-4, name
     assert np.abs(got["cls"] - got["cls2"]).max() > 1e-3  # each brings its own lambdas and head
     assert verify(out) == []
+
+
+# ---------------------------------------------------------------- validate and train
+def test_validate_passes_in_fp32(lm):
+    """edgepeft validate builds each VeRA reference from the kind's REFERENCE (PEFT's model)."""
+    from edgepeft.validate import Budget, validate
+
+    _, base, ads, side = lm
+    result = validate(side, base, max_new_tokens=4, budget=Budget(max_abs_logits=1e-4), quiet=True)
+    cases = {c["case"]: c for c in result["cases"]}
+    assert set(ads) | {"base"} <= set(cases) and result["passed"], result["cases"]
+    assert all(c["max_abs_logits"] <= 1e-4 and c["greedy_mismatches"] == 0 for c in cases.values())
+
+
+@pytest.mark.parametrize("task", ["causal-lm", "classification"])
+def test_train_exports_and_validates(lm, bert, tmp_path, task):
+    """edgepeft train --kind vera: PEFT trains and saves it (projections in the file); the
+    export of the result matches PEFT in fp32."""
+    from edgepeft.train import TrainConfig, train
+    from edgepeft.validate import Budget, validate
+
+    base = lm[1] if task == "causal-lm" else bert[1]
+    rng = np.random.default_rng(0)
+    rows = [{"text": " ".join(f"w{i}" for i in rng.integers(3, VOCAB, rng.integers(3, 10))),
+             **({"label": ["neg", "pos"][i % 2]} if task == "classification" else {})} for i in range(16)]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "trained"
+    summary = train(TrainConfig("vera", base, data, out, steps=3, batch_size=4), quiet=True)
+    assert summary["kind"] == "vera" and summary["task"] == task and summary["trainable_params"] > 0
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "VERA" and cfg["save_projection"] is True
+    art = tmp_path / "art"
+    export(ExportConfig(base=base, out=art, adapters=(("trained", out),)), quiet=True)
+    result = validate(art, base, max_new_tokens=3, budget=Budget(max_abs_logits=1e-4), quiet=True,
+                      **({"labelled": data} if task == "classification" else {}))
+    assert result["passed"], result["cases"]
+    assert any(c["case"] == "trained" for c in result["cases"])
+    if task == "causal-lm":  # trained away from PEFT's identity init (lambda_b = 0)
+        m = Model(art)
+        assert np.abs(m.logits(ROWS, adapter="trained") - m.logits(ROWS)).max() > 1e-5

@@ -9,6 +9,7 @@ reads those declarations and never names a kind. With today's kinds a slot compu
     y = base(h)                                            W h + b
     y = y + dora.mag * (y - b) + (h dora.A^T) dora.B^T     DoRA: mag = g - 1, B = g s B
     y = y + (h lora.A^T) lora.B^T                          LoRA: A (r, in), B = s B (out, r)
+    y = y + lambda_b * ((lambda_d * (h A^T)) B^T)          VeRA: A (R, in), B (out, R) shared per width
     y = y * ia3_out.scale                                  IA3 on an output              (out,)
     y = y + up(act(down(y)))                               bottleneck adapter (per activation)
 

@@ -164,8 +164,8 @@ def read(name: str, adapter_dir: Path, config: dict, model: nn.Module,
     for label, t in (("vera_A", a), ("vera_B", b)):
         if not torch.isfinite(t).all():
             raise EdgepeftError(f"{weights_file}: {label} contains NaN or Inf; the file is damaged.")
-    key = config.get("projection_prng_key", 0)
-    return VeraAdapter(name, adapter_dir, weights_file, r, a, b, key if isinstance(key, int) else 0, modules, head)
+    key = config_int(config, "projection_prng_key", 0, cfg_path, minimum=-(2**63))
+    return VeraAdapter(name, adapter_dir, weights_file, r, a, b, key, modules, head)
 
 
 def _module(mod: str, parts: dict, base: nn.Module, a: torch.Tensor, b: torch.Tensor,
@@ -233,7 +233,9 @@ def manifest_entry(adapter: VeraAdapter) -> dict:
 def describe(entry: dict) -> str:
     """``edgepeft inspect``'s summary of a manifest entry."""
     a, b = entry.get("projections") or [[], []]
-    return f" rank {entry['rank']}, shared projections A {tuple(a)} B {tuple(b)}"
+    own = [n for n in entry.get("inputs", []) if ".shared." in n]
+    return (f" rank {entry['rank']}, projections A {tuple(a)} B {tuple(b)} ({len(own)} slices in its file, "
+            f"{len(entry.get('defaults', []))} the graph's)")
 
 
 # PyTorch reference (validate, bench): PEFT's model, one per adapter (PEFT re-draws the shared
