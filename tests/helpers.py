@@ -110,11 +110,11 @@ def make_lora(base: Path, out: Path, seed: int = 1, **lora_kwargs) -> Path:
 
 def make_adapter(base: Path, out: Path, kind: str, seed: int = 1, task: str = "CAUSAL_LM",
                  **kwargs) -> Path:
-    """Save a PEFT adapter of ``kind`` (lora, dora, ia3, prefix, prompt, p_tuning) with every
-    trained tensor randomized (IA3 away from 1, DoRA magnitudes away from the row norms, heads
-    re-drawn), so no kind can pass a comparison as a no-op."""
+    """Save a PEFT adapter of ``kind`` (lora, dora, ia3, prefix, prompt, p_tuning, vera) with every
+    trained tensor randomized (IA3 and VeRA's lambda_b away from 1, DoRA magnitudes away from the
+    row norms, heads re-drawn), so no kind can pass a comparison as a no-op."""
     from peft import (IA3Config, LoraConfig, PrefixTuningConfig, PromptEncoderConfig,
-                      PromptTuningConfig, get_peft_model)
+                      PromptTuningConfig, VeraConfig, get_peft_model)
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     _quiet()
@@ -130,6 +130,8 @@ def make_adapter(base: Path, out: Path, kind: str, seed: int = 1, task: str = "C
         "prompt": lambda: PromptTuningConfig(**{"num_virtual_tokens": 4, **kwargs}),
         "p_tuning": lambda: PromptEncoderConfig(**{"num_virtual_tokens": 4, "encoder_hidden_size": 32,
                                                    **kwargs}),
+        # init_weights=False: lambda_d ~ N(0, 1) (PEFT's default init sets lambda_b = 0, a no-op)
+        "vera": lambda: VeraConfig(**{"r": 8, "init_weights": False, **kwargs}),
     }
     config = make[kind]()
     config.task_type = task
@@ -140,7 +142,7 @@ def make_adapter(base: Path, out: Path, kind: str, seed: int = 1, task: str = "C
                 continue
             if "lora_B" in n:
                 p.mul_(4.0)
-            elif "ia3_l" in n or "magnitude" in n:
+            elif "ia3_l" in n or "magnitude" in n or "vera_lambda_b" in n:
                 p.mul_(1 + 0.5 * torch.randn_like(p))
             elif "modules_to_save" in n or "embedding" in n:
                 p.copy_(torch.randn_like(p) * 0.5)

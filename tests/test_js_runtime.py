@@ -2,11 +2,13 @@
 
 Tiny artifacts are exported here (a LoRA / prefix / bottleneck / IA3 side artifact in fp32 and in
 int8 with fp16 adapter files, a merged artifact, an encoder classifier, a static-shape artifact
-with LoRAs of ranks 4 / 8 / 2, a LoHa + LoRA artifact), the Python runtime's
+with LoRAs of ranks 4 / 8 / 2, a LoHa + LoRA artifact, a VeRA artifact whose shared projections are
+graph defaults), the Python runtime's
 outputs on fixed inputs are written to a cases dir, and ``node --test`` runs
 ``runtimes/js/test/parity.test.mjs`` on them: logits within 1e-5 (fp32), greedy ids and texts
 identical, classify labels identical, and the refusals (tampered file, other format version,
-unknown adapter; on the static artifact: KV window overflow and a mix above max_rank).
+unknown adapter; on the static artifact: KV window overflow and a mix above max_rank; on the VeRA
+artifact: one adapter's projections replacing those another relies on).
 
 Needs the package built: ``(cd runtimes/js && npm ci && npm run build)``; without it the test
 fails (it does not skip), so CI cannot pass without running the JS side.
@@ -75,7 +77,6 @@ def _lm_cases(path: Path, choices: list, tol: float, text: bool = True) -> dict:
 def _static_cases(root: Path, base: Path, ads: dict) -> dict:
     """A static-shape artifact (fp32): logits of a ragged batch (3 rows: 2 row groups; 9 tokens:
     chunks 4 + 4 + 1), greedy ids, and the two refusals (KV window overflow, mix above max_rank)."""
-    from edgepeft.errors import EdgepeftError
     from edgepeft.export import ExportConfig, export
     from edgepeft.runtime import Model
     from edgepeft.targets import load_target
@@ -90,14 +91,25 @@ def _static_cases(root: Path, base: Path, ads: dict) -> dict:
         warnings.simplefilter("ignore")
         m = Model(out)
     rows = [[5, 9, 11, 40, 3, 7, 8, 20, 21], [30, 31, 32], [60, 61, 62, 63, 64, 65]]
-    logits, gens, refusals = [], [], []
+    logits, gens = [], []
     for choice in (None, "chat", "sql", {"chat": 0.6, "code": 0.4}):
         out_ = m.logits(rows, adapter=choice)
         logits.append({"adapter": choice, "ids": rows, "dims": list(out_.shape), "data": _f32(out_)})
         gens.append({"adapter": choice, "ids": rows, "max_new_tokens": 5,
                      "out": m.generate(rows, max_new_tokens=5, adapter=choice).tolist()})
-    for call in ({"method": "generate", "ids": [list(range(3, 12))], "max_new_tokens": 20, "adapter": "chat"},
-                 {"method": "logits", "ids": [[5, 6, 7]], "adapter": {"chat": 0.5, "sql": 0.5}}):
+    refusals = _refusals(m, out, [
+        {"method": "generate", "ids": [list(range(3, 12))], "max_new_tokens": 20, "adapter": "chat"},
+        {"method": "logits", "ids": [[5, 6, 7]], "adapter": {"chat": 0.5, "sql": 0.5}}])
+    return {"dir": str(out), "task": "causal-lm", "tol": 1e-5, "adapters": m.adapters, "logits": logits,
+            "generate": gens, "refusals": refusals}
+
+
+def _refusals(m, out: Path, calls: list[dict]) -> list[dict]:
+    """Python's message for each call, which must be refused (the JS test expects the same)."""
+    from edgepeft.errors import EdgepeftError
+
+    refusals = []
+    for call in calls:
         try:
             if call["method"] == "generate":
                 m.generate(call["ids"], max_new_tokens=call["max_new_tokens"], adapter=call["adapter"])
@@ -105,9 +117,28 @@ def _static_cases(root: Path, base: Path, ads: dict) -> dict:
                 m.logits(call["ids"], adapter=call["adapter"])
         except EdgepeftError as e:
             refusals.append({**call, "message": str(e).replace(str(out), "<dir>")})
-    assert len(refusals) == 2, refusals
-    return {"dir": str(out), "task": "causal-lm", "tol": 1e-5, "adapters": m.adapters, "logits": logits,
-            "generate": gens, "refusals": refusals}
+    assert len(refusals) == len(calls), refusals
+    return refusals
+
+
+def _vera_cases(root: Path, base: Path, lora: Path) -> dict:
+    """A VeRA side artifact: two adapters with the graph's projections (lambdas-only files), one
+    with its own (other targets and rank, zero-padded), a LoRA; swaps, a VeRA + LoRA sum, and the
+    refusal of a mix whose own projections would replace another adapter's defaults."""
+    from edgepeft.export import ExportConfig, export
+    from edgepeft.runtime import Model
+
+    targets = ["q_proj", "v_proj", "down_proj"]
+    ads = {"v1": make_adapter(base, root / "v1", "vera", seed=1, target_modules=targets),
+           "v1b": make_adapter(base, root / "v1b", "vera", seed=2, target_modules=targets),
+           "v2": make_adapter(base, root / "v2", "vera", seed=3, r=4, target_modules=["k_proj", "o_proj", "up_proj"]),
+           "chat": lora}
+    out = root / "vera"
+    export(ExportConfig(base=base, out=out, adapters=tuple(ads.items())), quiet=True)
+    cases = _lm_cases(out, [None, "v1", "v2", "v1b", {"v1": 1.0, "chat": 0.5}], 1e-5, text=False)
+    cases["refusals"] = _refusals(Model(out), out, [
+        {"method": "logits", "ids": [[5, 6, 7]], "adapter": {"v1": 1.0, "v2": 1.0}}])
+    return cases
 
 
 def build_cases(root: Path) -> Path:
@@ -186,6 +217,7 @@ def build_cases(root: Path) -> Path:
                 "chat": ads["chat"]}
     export(ExportConfig(base=base, out=root / "loha", adapters=tuple(loha_ads.items())), quiet=True)
     artifacts["loha"] = _lm_cases(root / "loha", ["hada", {"hada": 0.7, "chat": 0.3}], 1e-5, text=False)
+    artifacts["vera"] = _vera_cases(root, base, ads["chat"])
     out = root / "cases.json"
     out.write_text(json.dumps({"artifacts": artifacts}))
     return out

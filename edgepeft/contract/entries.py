@@ -12,7 +12,7 @@ from pathlib import Path
 
 
 def adapter_entry(kind_entry: dict, files: dict, base_fingerprint: str, inputs: list[str],
-                  prefix: dict | None, source: Path) -> dict:
+                  prefix: dict | None, source: Path, defaults: list[str] = ()) -> dict:
     """The entry of an adapter stored as a file beside a shared graph (side branch, fused).
 
     Args:
@@ -22,8 +22,14 @@ def adapter_entry(kind_entry: dict, files: dict, base_fingerprint: str, inputs: 
         inputs: the graph inputs the adapter file feeds (sorted).
         prefix: ``{"length", "from_prompt"}`` for prefix / decoder prompt tuning, else None.
         source: the adapter's PEFT folder.
+        defaults: shared inputs whose value the adapter leaves to the graph's default (sorted;
+            recorded only when there are some, see ``edgepeft.contract.features``).
     """
-    return _entry(kind_entry, files, base_fingerprint, inputs, prefix, source)
+    entry = _entry(kind_entry, files, base_fingerprint, inputs, prefix, source)
+    if defaults:
+        entry = {**{k: v for k, v in entry.items() if k != "source"}, "defaults": list(defaults),
+                 "source": entry["source"]}
+    return entry
 
 
 def merged_adapter_entry(kind_entry: dict, graph: dict, base_fingerprint: str, source: Path) -> dict:

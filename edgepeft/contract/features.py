@@ -7,9 +7,17 @@ the manifest, verify and static targets read those declarations without naming a
 A feature adds graph inputs named ``{feature}.{module}.{part}``. Each :class:`Part` states
 
 - its shape in the layer's symbols: ``"in"``, ``"out"`` (the layer's widths) and ``"r"`` (a rank
-  axis: dynamic in the graph, padded to ``max_rank`` on static targets, concatenated in a mix);
+  axis: dynamic in the graph, padded to ``max_rank`` on static targets, concatenated in a mix),
+  or ``"R"`` (a rank fixed per artifact: the largest among the exported adapters, the others
+  zero-padded to it at export, so the feature must make zero padding exact);
 - its identity value (what the graph computes when nothing is fed: rank axes have size 0, the
   other axes are filled with ``identity``);
+- whether it is *shared*: one graph input per distinct layer shape, named
+  ``{feature}.shared.{widths}.{part}`` (e.g. ``x.shared.64.A`` for a part ``("R", "in")`` on
+  layers with 64 inputs), instead of one per layer. Its default is not an identity but a value:
+  the one most exported adapters have (they leave it out of their files and list it under their
+  manifest entry's ``defaults``; the others store their own). A shared part has no ``identity``
+  and a fixed rank ``"R"``; the feature's identity comes from its other parts;
 - its mix rule when several adapters are active:
 
   ====== ==================================================================================
@@ -34,8 +42,10 @@ from dataclasses import dataclass
 from typing import Callable
 
 MIX_RULES = ("cat0", "cat1w", "cat1", "cat0w", "sumw", "one")
-SYMBOLS = ("in", "out", "r")
+SYMBOLS = ("in", "out", "r", "R")
 RANK = "r"
+FIXED_RANK = "R"
+WIDTHS = ("in", "out")
 
 
 @dataclass(frozen=True)
@@ -45,31 +55,50 @@ class Part:
     Attributes:
         name: the part's name (the last component of the input name).
         shape: symbols of :data:`SYMBOLS`, e.g. ``("r", "in")``.
-        identity: fill value of the identity default (0 or 1); rank axes are empty.
+        identity: fill value of the identity default (0 or 1); rank axes are empty. None for a
+            shared part (its default is a value taken from the adapters).
         mix: the mixing rule, one of :data:`MIX_RULES`.
+        shared: one graph input per distinct layer shape instead of one per layer (see the
+            module docstring).
     """
 
     name: str
     shape: tuple[str, ...]
-    identity: float
+    identity: float | None
     mix: str
+    shared: bool = False
 
     def __post_init__(self):
         if self.mix not in MIX_RULES:
             raise ValueError(f"part {self.name}: mix {self.mix!r} is not one of {MIX_RULES}")
         if not self.shape or any(s not in SYMBOLS for s in self.shape):
             raise ValueError(f"part {self.name}: shape {self.shape} must use {SYMBOLS}")
-        if self.shape.count(RANK) > 1:
+        if self.shape.count(RANK) + self.shape.count(FIXED_RANK) > 1:
             raise ValueError(f"part {self.name}: at most one rank axis")
+        if self.shared and (RANK in self.shape or self.identity is not None):
+            raise ValueError(f"part {self.name}: a shared part has a real default, so no identity and "
+                             f"no dynamic rank {RANK!r} (use {FIXED_RANK!r})")
+        if FIXED_RANK in self.shape and self.mix.startswith("cat"):
+            raise ValueError(f"part {self.name}: a fixed rank cannot grow by concatenation ({self.mix})")
+        if self.shared and self.mix != "one":
+            raise ValueError(f"part {self.name}: a shared part mixes by 'one' (an adapter that leaves it "
+                             "to the default has no value to combine)")
+        if not self.shared and self.identity is None:
+            raise ValueError(f"part {self.name}: an identity value is needed (only shared parts have none)")
 
-    def dims(self, in_features: int, out_features: int, rank: int | None) -> list[int | None]:
+    def dims(self, in_features: int, out_features: int, rank: int | None,
+             fixed_rank: int | None = None) -> list[int | None]:
         """The concrete shape on a layer ``in -> out``; ``rank`` None leaves rank axes None."""
-        sizes = {"in": in_features, "out": out_features, RANK: rank}
+        sizes = {"in": in_features, "out": out_features, RANK: rank, FIXED_RANK: fixed_rank}
         return [sizes[s] for s in self.shape]
 
     @property
     def rank_axis(self) -> int | None:
         return self.shape.index(RANK) if RANK in self.shape else None
+
+    @property
+    def fixed_rank_axis(self) -> int | None:
+        return self.shape.index(FIXED_RANK) if FIXED_RANK in self.shape else None
 
 
 @dataclass(frozen=True)
@@ -100,6 +129,17 @@ class Feature:
         names = [p.name for p in self.parts]
         if len(set(names)) != len(names) or not names:
             raise ValueError(f"feature {self.name}: part names must be distinct and non-empty")
+        symbols = {s for p in self.parts for s in p.shape}
+        if RANK in symbols and FIXED_RANK in symbols:
+            raise ValueError(f"feature {self.name}: its rank is either dynamic ({RANK!r}) or fixed "
+                             f"({FIXED_RANK!r}), not both")
+        if self.fused is not None and self.fixed_rank:
+            raise ValueError(f"feature {self.name}: the fused graph takes dynamic ranks only")
+
+    @property
+    def fixed_rank(self) -> bool:
+        """Whether the feature's rank is fixed per artifact (``"R"``, see the module docstring)."""
+        return any(p.fixed_rank_axis is not None for p in self.parts)
 
     def part(self, name: str) -> Part:
         return next(p for p in self.parts if p.name == name)
@@ -111,12 +151,31 @@ class Feature:
                 return int(arrays[p.name].shape[p.rank_axis])
         return None
 
-    def table(self) -> list[list]:
-        """What the manifest records: ``[[part, [symbols], mix], ...]``."""
-        return [[p.name, list(p.shape), p.mix] for p in self.parts]
+    def fixed_rank_of(self, arrays: dict) -> int | None:
+        """The fixed rank (``"R"``) of one adapter's arrays ``{part: array}`` (None: not a fixed-rank feature)."""
+        for p in self.parts:
+            if p.fixed_rank_axis is not None and p.name in arrays:
+                return int(arrays[p.name].shape[p.fixed_rank_axis])
+        return None
+
+    def table(self, fixed_rank: int | None = None) -> list[list]:
+        """What the manifest records: ``[[part, [symbols], mix], ...]``, a shared part with a
+        fourth entry ``"shared"``; the fixed rank ``"R"`` is written as its size ``fixed_rank``."""
+        if self.fixed_rank and fixed_rank is None:
+            raise ValueError(f"feature {self.name}: the table of a fixed-rank feature needs its rank")
+        return [[p.name, [fixed_rank if s == FIXED_RANK else s for s in p.shape], p.mix]
+                + (["shared"] if p.shared else []) for p in self.parts]
 
 
-def table_shapes(table: list[list], in_features: int, out_features: int) -> dict[str, list[int | None]]:
-    """Part name -> shape (None on rank axes) from a manifest's feature table (see :meth:`Feature.table`)."""
+def widths(shape, in_features: int, out_features: int) -> list[int]:
+    """The layer widths a part's shape names (its ``"in"`` / ``"out"`` axes, in order): what tells
+    the shared inputs of one part apart (see :func:`edgepeft.contract.names.shared_input_name`)."""
+    return [in_features if s == "in" else out_features for s in shape if s in WIDTHS]
+
+
+def table_parts(table: list[list], in_features: int, out_features: int) -> list[tuple[str, list[int | None], bool]]:
+    """``(part, shape, shared)`` from a manifest's feature table (see :meth:`Feature.table`): None on
+    dynamic rank axes, fixed ranks as written."""
     sizes = {"in": in_features, "out": out_features, RANK: None}
-    return {name: [sizes[s] for s in shape] for name, shape, _ in table}
+    return [(entry[0], [s if isinstance(s, int) else sizes[s] for s in entry[1]], entry[3:] == ["shared"])
+            for entry in table]

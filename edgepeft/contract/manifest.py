@@ -22,8 +22,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edgepeft.contract.features import MIX_RULES, SYMBOLS
-from edgepeft.contract.names import (FORMAT, read_json_file, FORMAT_VERSION, MANIFEST_NAME, MAX_MANIFEST_BYTES,
+from edgepeft.contract.features import MIX_RULES, RANK, WIDTHS
+from edgepeft.contract.names import (FORMAT, FORMAT_VERSION, MANIFEST_NAME, MAX_MANIFEST_BYTES, read_json_file,
                                      LAYOUTS, check_adapter_name, head_input_name)
 from edgepeft.errors import EdgepeftError
 
@@ -142,13 +142,17 @@ def _check_fields(m: dict, path: Path) -> None:
         shape = spec.get("shape")
         need(isinstance(shape, list) and all(d is None or _is_int(d) for d in shape),
              f"inputs[{name!r}].shape", "a list of sizes (null: varies per adapter)", shape)
+        need(spec.get("default") is None or (is_str(spec["default"]) and None not in shape),
+             f"inputs[{name!r}].default", "absent, or the sha256 of a fixed-shape default", spec.get("default"))
     need(isinstance(m.get("slots", []), list), "slots", "a list", m.get("slots"))
     features = m.get("features", {})
     need(isinstance(features, dict) and all(
         isinstance(parts, list) and parts and all(
-            isinstance(p, list) and len(p) == 3 and is_str(p[0]) and isinstance(p[1], list)
-            and all(s in SYMBOLS for s in p[1]) and p[2] in MIX_RULES for p in parts)
-        for parts in features.values()), "features", "{feature: [[part, [symbols], mix rule], ...]}", features)
+            isinstance(p, list) and len(p) in (3, 4) and is_str(p[0]) and isinstance(p[1], list)
+            and all(s in (*WIDTHS, RANK) or _is_int(s, 1) for s in p[1]) and p[2] in MIX_RULES and p[3:] in ([], ["shared"])
+            for p in parts)
+        for parts in features.values()), "features",
+         "{feature: [[part, [symbols or fixed sizes], mix rule(, 'shared')], ...]}", features)
     need(m.get("budget") is None or isinstance(m["budget"], dict), "budget", "an object", m.get("budget"))
     target = m.get("target")
     need(target is None or is_str(target) or isinstance(target, dict), "target", "a name or an object", target)
@@ -199,6 +203,10 @@ def _check_fields(m: dict, path: Path) -> None:
         feeds = e.get("inputs", [])
         need(isinstance(feeds, list) and all(is_str(n) and n in inputs for n in feeds), f"{field}.inputs",
              "a list of names from 'inputs'", feeds)
+        uses = e.get("defaults", [])
+        need(isinstance(uses, list) and all(is_str(n) and "default" in inputs.get(n, {}) and n not in feeds
+                                            for n in uses),
+             f"{field}.defaults", "a list of inputs with a 'default' that the adapter does not feed", uses)
         prefix = e.get("prefix")
         need(prefix is None or (isinstance(prefix, dict) and _is_int(prefix.get("length"), 1)
                                 and isinstance(prefix.get("from_prompt"), bool)),

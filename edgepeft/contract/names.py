@@ -30,6 +30,12 @@ def slot_input_name(feature: str, module: str, part: str) -> str:
     return f"{feature}.{module}.{part}"
 
 
+def shared_input_name(feature: str, part: str, widths: list[int]) -> str:
+    """Graph input name of a shared part (one per distinct layer shape, see
+    ``edgepeft.contract.features``): ``{feature}.shared.{widths joined by 'x'}.{part}``."""
+    return f"{feature}.shared.{'x'.join(str(w) for w in widths)}.{part}"
+
+
 def head_input_name(param: str) -> str:
     """Graph input of one classification-head parameter (PEFT ``modules_to_save``), rule "one"."""
     return f"head.{param}"
@@ -82,6 +88,12 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def value_digest(array) -> str:
+    """Hex sha256 of a numpy array's values as float32 little-endian bytes in C order: how the
+    manifest names the value of a shared input's default (``inputs[name]["default"]``)."""
+    return hashlib.sha256(array.astype("<f4", copy=False).tobytes(order="C")).hexdigest()
 
 
 def inside(root: Path, rel: str, where: str) -> Path:

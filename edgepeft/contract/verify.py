@@ -7,10 +7,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from edgepeft.contract.features import table_shapes
+from edgepeft.contract.features import table_parts, widths
 from edgepeft.contract.manifest import graph_entries, read_manifest, target_files
 from edgepeft.contract.names import (MANIFEST_NAME, MAX_MANIFEST_BYTES, UNTAGGED, base_tag, inside, past_names, prefix_names,
-                                     sha256_file, slot_input_name)
+                                     sha256_file, shared_input_name, slot_input_name, value_digest)
 from edgepeft.errors import EdgepeftError
 
 
@@ -151,16 +151,48 @@ def _shape_problems(root: Path, m: dict, graphs: list[dict]) -> list[str]:
                 problems.append(f"{where}: layer {slot['module']} has feature {f!r}, which the manifest's "
                                 "features table does not describe. Export the artifact again.")
                 continue
-            for part, s in table_shapes(features[f], slot["in"], slot["out"]).items():
-                name = slot_input_name(f, slot["module"], part)
+            for (part, s, shared), entry in zip(table_parts(features[f], slot["in"], slot["out"]), features[f]):
+                name = (shared_input_name(f, part, widths(entry[1], slot["in"], slot["out"])) if shared
+                        else slot_input_name(f, slot["module"], part))
                 spec = inputs.get(name)
                 if spec is None or spec["shape"] != s:
                     problems.append(f"{where}: layer {slot['module']} ({slot['in']} -> {slot['out']}) needs "
                                     f"{name} of shape {tuple('n' if d is None else d for d in s)}, the "
                                     f"manifest lists {spec and tuple('n' if d is None else d for d in spec['shape'])}")
+    problems += _default_problems(root, m, inputs, graphs)
     kv = m.get("kv_cache") or {"kv_heads": [], "head_dims": []}
     for name, entry in m["adapters"].items():
         problems += _adapter_file_problems(root, name, entry, m, inputs, kv)
+    return problems
+
+
+def _default_problems(root: Path, m: dict, inputs: dict, graphs: list[dict]) -> list[str]:
+    """Shared inputs (``inputs[name]["default"]``): each graph's default initializer has the value
+    the manifest names, since adapter files that list the input under ``defaults`` leave it out."""
+    where = str(root / MANIFEST_NAME)
+    wanted = {n: spec["default"] for n, spec in inputs.items() if "default" in spec}
+    if not wanted:
+        return []
+    import onnx
+    from onnx import numpy_helper
+
+    problems = []
+    for g in graphs:
+        path = _present(root, g["file"], where)
+        if path is None:
+            continue
+        found = {t.name: t for t in onnx.load(str(path), load_external_data=False).graph.initializer
+                 if t.name in wanted}
+        for name, digest in wanted.items():
+            t = found.get(name)
+            try:
+                ok = t is not None and value_digest(numpy_helper.to_array(t, base_dir=str(path.parent))) == digest
+            except (OSError, ValueError) as e:  # external data missing or short
+                problems.append(f"{path}: the default of {name} cannot be read ({type(e).__name__}: {e})")
+                continue
+            if not ok:
+                problems.append(f"{where}: the graph {g['file']} has {'another default' if t is not None else 'no default'} "
+                                f"for {name} than the manifest's (adapter files that use it leave it out)")
     return problems
 
 
@@ -226,6 +258,10 @@ def _adapter_file_problems(root: Path, name: str, entry: dict, m: dict, inputs: 
         problems.append(f"{path}: {where} says base {entry.get('base_fingerprint')}, the artifact's is "
                         f"{m['base']['fingerprint']}")
     fed = sorted(k for k in params if k in inputs)
+    for k in entry.get("defaults", []):
+        if k in params or "default" not in inputs.get(k, {}):
+            problems.append(f"{path}: {where} uses the graph's default of {k}, which "
+                            + ("the file feeds" if k in params else "is not a shared input with a default"))
     if fed != sorted(entry.get("inputs", [])):
         problems.append(f"{path}: feeds {', '.join(fed) or 'nothing'}; the manifest lists "
                         f"{', '.join(entry.get('inputs', [])) or 'nothing'} ({where})")

@@ -62,18 +62,21 @@ def traced_side(cfg: ExportConfig, base: Base, adapters: list, root: Path, quiet
         parts["static"] = static_graphs(cfg.target, base.task, parts["graph"], root)
     parts["slots"] = [{"module": s.module, "in": s.in_features, "out": s.out_features,
                        "features": list(s.features)} for s in plan.slots]
-    parts["features"] = {f: kinds.feature(f).table() for s in plan.slots for f in s.features}
+    parts["features"] = {f: kinds.feature(f).table(plan.fixed.get(f)) for s in plan.slots for f in s.features}
     parts["inputs"] = {s.name: s.manifest() for s in plan.specs}
     (root / "adapters").mkdir()
     parts["adapters"] = {}
     for a in adapters:
         side = plan.sides[a.name]
-        arrays = side.arrays()
+        # a shared input whose value is the graph's default stays out of the file
+        uses = sorted(n for n, v in plan.arrays[a.name].items()
+                      if n in plan.shared and np.array_equal(v, plan.shared[n]))
+        arrays = {n: v for n, v in plan.arrays[a.name].items() if n not in uses}
         prefix = None
         if side.prefix:  # per layer (key, value) of shape (1, H_kv, length, D)
             prefix = {"length": int(side.prefix[0][0].shape[2]), "from_prompt": side.prefix_from_prompt}
         inputs = sorted(n for n in arrays if n in parts["inputs"])
-        parts["adapters"][a.name] = _write_adapter(cfg, base, a, arrays, root, inputs, prefix)
+        parts["adapters"][a.name] = _write_adapter(cfg, base, a, arrays, root, inputs, prefix, uses)
     return parts
 
 
@@ -139,8 +142,9 @@ def _fused_input(name: str, default: np.ndarray) -> dict:
 
 
 def _write_adapter(cfg: ExportConfig, base: Base, a, arrays: dict[str, np.ndarray], root: Path,
-                   inputs: list[str], prefix: dict | None) -> dict:
+                   inputs: list[str], prefix: dict | None, defaults: list[str] = ()) -> dict:
     """Write ``root/adapters/NAME.onnx_adapter`` (+ its safetensors twin); returns its manifest entry."""
     path = root / "adapters" / f"{a.name}.onnx_adapter"
     files = write_adapter_files(arrays, path, cfg.quant.adapter_precision, base.fingerprint)
-    return adapter_entry(kind_module(a).manifest_entry(a), files, base.fingerprint, inputs, prefix, a.source)
+    return adapter_entry(kind_module(a).manifest_entry(a), files, base.fingerprint, inputs, prefix, a.source,
+                         defaults)

@@ -15,6 +15,7 @@ import numpy as np
 
 from edgepeft.contract import past_names
 from edgepeft.data import load_texts
+from edgepeft.kinds import FEATURES
 from edgepeft.runtime.batch import positions
 
 BATCH = 4
@@ -68,7 +69,7 @@ def calibration_feeds(cfg, task: str, model, adapters, sides: dict, specs, cache
     def batches():
         for choice in choices:
             side = sides.get(choice) if choice else None
-            graph = {k: v for k, v in side.arrays().items() if k in names} if side else {}
+            graph = {k: v for k, v in side.arrays(FEATURES).items() if k in names} if side else {}
             for i in range(0, len(rows), BATCH):
                 batch = rows[i:i + BATCH]
                 longest = max(len(r) for r in batch)

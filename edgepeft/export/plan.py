@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from edgepeft.kinds import kind_module
+import numpy as np
+
+from edgepeft.kinds import FEATURES, kind_module
 from edgepeft.kinds.common import SideBranch
 from edgepeft.errors import EdgepeftError
 from edgepeft.export.config import ExportConfig
 from edgepeft.export.load import Base
-from edgepeft.export.slots import InputSpec, Slot, input_specs, plan_slots
+from edgepeft.export.slots import InputSpec, Slot, fix_ranks, input_specs, plan_slots, shared_defaults
 from edgepeft.targets import check_ranks
 
 
@@ -22,16 +24,22 @@ class Plan:
     """The slots of a traced side-branch graph.
 
     Attributes:
-        sides: ``{adapter name: SideBranch}``, every adapter's run-time arrays.
+        sides: ``{adapter name: SideBranch}``, every adapter's run-time arrays (fixed ranks padded).
         slots: the adapted layers with their features, in module order.
         specs: the graph's adapter inputs (layer features, head parameters, encoder prompt).
         head_params: parameter names of the classification head the adapters carry.
+        arrays: ``{adapter name: {graph input: array}}`` (``SideBranch.arrays``).
+        fixed: the fixed rank of each fixed-rank feature.
+        shared: the default of each shared input (the value most adapters have).
     """
 
     sides: dict[str, SideBranch]
     slots: list[Slot]
     specs: list[InputSpec]
     head_params: list[str]
+    arrays: dict[str, dict[str, np.ndarray]]
+    fixed: dict[str, int]
+    shared: dict[str, np.ndarray]
 
 
 def side_branches(cfg: ExportConfig, base: Base, adapters: list) -> dict[str, SideBranch]:
@@ -50,8 +58,10 @@ def plan_traced(cfg: ExportConfig, base: Base, adapters: list) -> Plan:
             static-shape target.
     """
     model = base.model
-    sides = side_branches(cfg, base, adapters)
+    sides, fixed = fix_ranks(side_branches(cfg, base, adapters))
     slots = plan_slots(model, list(sides.values()))
+    arrays = {name: side.arrays(FEATURES) for name, side in sides.items()}
+    shared = shared_defaults(slots, arrays)
     head_modules = {p.rpartition(".")[0] for s in sides.values() for p in s.head}
     head_params = sorted(n for n, _ in model.named_parameters() if n.rpartition(".")[0] in head_modules)
     prompt_width = (int(model.get_input_embeddings().weight.shape[1])
@@ -61,4 +71,5 @@ def plan_traced(cfg: ExportConfig, base: Base, adapters: list) -> Plan:
                             "encoder puts a prompt of the adapter's own length before the tokens. "
                             "Export prompt-tuning adapters with a target without static_shapes "
                             "(e.g. --target cpu-arm64).")
-    return Plan(sides, slots, input_specs(slots, model, head_params, prompt_width), head_params)
+    specs = input_specs(slots, model, head_params, prompt_width, fixed=fixed, shared=shared)
+    return Plan(sides, slots, specs, head_params, arrays, fixed, shared)

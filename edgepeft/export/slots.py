@@ -9,18 +9,22 @@ reads those declarations and never names a kind. With today's kinds a slot compu
     y = base(h)                                            W h + b
     y = y + dora.mag * (y - b) + (h dora.A^T) dora.B^T     DoRA: mag = g - 1, B = g s B
     y = y + (h lora.A^T) lora.B^T                          LoRA: A (r, in), B = s B (out, r)
+    y = y + lambda_b * ((lambda_d * (h A^T)) B^T)          VeRA: A (R, in), B (out, R) shared per width
     y = y * ia3_out.scale                                  IA3 on an output              (out,)
     y = y + up(act(down(y)))                               bottleneck adapter (per activation)
 
 Every input has a default initializer that makes its feature the identity (rank 0, ones or
 zeros), so a run that feeds nothing computes the base model. A classification head carried by
 the adapters (PEFT ``modules_to_save``) becomes ``head.{param}`` inputs whose defaults are the
-base model's own head.
+base model's own head. A feature's shared parts (``contract.features``) are one input per layer
+shape, whose default is the value most adapters have (:func:`shared_defaults`); such a feature
+has a rank fixed at the largest of the adapters' (:func:`fix_ranks`).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgepeft.contract import head_input_name, slot_input_name
+from edgepeft.contract import head_input_name, shared_input_name, slot_input_name, value_digest
+from edgepeft.contract.features import Part, widths
 from edgepeft import kinds
 from edgepeft.kinds.common import SideBranch
 
@@ -55,6 +60,8 @@ class InputSpec:
         sample: the value traced by the exporter.
         dynamic: ``{axis: dim name}`` of axes that vary per adapter (ranks, prompt length).
         mix: mixing rule, see ``edgepeft.contract.features``.
+        shared: a shared part's input: its default is a value, not the identity (the manifest
+            records its digest, see ``contract.names.value_digest``).
     """
 
     name: str
@@ -62,10 +69,11 @@ class InputSpec:
     sample: np.ndarray
     dynamic: dict[int, str]
     mix: str
+    shared: bool = False
 
     def manifest(self) -> dict:
         shape = [None if i in self.dynamic else int(d) for i, d in enumerate(self.default.shape)]
-        return {"shape": shape, "mix": self.mix}
+        return {"shape": shape, "mix": self.mix, **({"default": value_digest(self.default)} if self.shared else {})}
 
 
 def _linear_dims(m: nn.Module) -> tuple[int, int]:
@@ -93,22 +101,90 @@ def plan_slots(model: nn.Module, sides: list[SideBranch]) -> list[Slot]:
     return slots
 
 
-def _feature_specs(slot: Slot, rng: np.random.Generator) -> list[InputSpec]:
-    """The inputs of one slot, each part's default its identity and its sample a nearby random value."""
+def part_input_name(feature: str, part: Part, slot: Slot) -> str:
+    """The graph input a slot reads a part from: its own, or the shared one of its shape."""
+    if part.shared:
+        return shared_input_name(feature, part.name, widths(part.shape, slot.in_features, slot.out_features))
+    return slot_input_name(feature, slot.module, part.name)
+
+
+def fix_ranks(sides: dict[str, SideBranch]) -> tuple[dict[str, SideBranch], dict[str, int]]:
+    """Zero-pad the fixed-rank (``"R"``) axes of every fixed-rank feature to the largest rank any
+    adapter has on it, so one graph input shape takes them all (exact: such a feature declares
+    zero padding an identity).
+
+    Returns:
+        (the sides, padded where needed; ``{feature: fixed rank}``).
+    """
+    fixed: dict[str, int] = {}
+    for side in sides.values():
+        for (_, f), parts in side.layers.items():
+            r = kinds.feature(f).fixed_rank_of(parts)
+            if r is not None:
+                fixed[f] = max(fixed.get(f, 0), r)
+    if not fixed:
+        return sides, fixed
+    out = {}
+    for name, side in sides.items():
+        layers = {}
+        for (module, f), parts in side.layers.items():
+            feature = kinds.feature(f)
+            layers[(module, f)] = {p: _pad_axis(v, feature.part(p).fixed_rank_axis, fixed.get(f))
+                                   for p, v in parts.items()}
+        out[name] = dataclasses.replace(side, layers=layers)
+    return out, fixed
+
+
+def _pad_axis(v: np.ndarray, axis: int | None, size: int | None) -> np.ndarray:
+    """``v`` zero-padded along ``axis`` to ``size`` (unchanged when axis is None or it has that size)."""
+    if axis is None or v.shape[axis] == size:
+        return v
+    pad = [(0, size - v.shape[axis]) if i == axis else (0, 0) for i in range(v.ndim)]
+    return np.pad(v, pad).astype(np.float32)
+
+
+def shared_defaults(slots: list[Slot], arrays: dict[str, dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The default of every shared input of the slots: the value most adapters feed (ties: the one
+    of the first adapter, in export order), so most adapter files can leave it out.
+
+    Args:
+        slots: from :func:`plan_slots`.
+        arrays: ``{adapter: SideBranch.arrays()}`` (after :func:`fix_ranks`).
+    """
+    names = {part_input_name(f, p, slot) for slot in slots for f in slot.features
+             for p in kinds.feature(f).parts if p.shared}
+    out = {}
+    for name in sorted(names):
+        values = [a[name] for a in arrays.values() if name in a]
+        counts = [sum(np.array_equal(v, w) for w in values) for v in values]
+        out[name] = values[counts.index(max(counts))]
+    return out
+
+
+def _feature_specs(slot: Slot, rng: np.random.Generator, fixed: dict[str, int],
+                   shared: dict[str, np.ndarray]) -> list[InputSpec]:
+    """The inputs of one slot, each part's default its identity (a shared part's: from ``shared``)
+    and its sample a nearby random value."""
     out = []
     for f in slot.features:
         for part in kinds.feature(f).parts:
-            default = np.full(part.dims(slot.in_features, slot.out_features, 0), part.identity, np.float32)
-            sample_shape = part.dims(slot.in_features, slot.out_features, SAMPLE_RANK)
-            sample = part.identity + rng.standard_normal(sample_shape) * 0.01
+            name = part_input_name(f, part, slot)
+            r = fixed.get(f)
+            if part.shared:
+                default = shared[name]
+                sample = default + rng.standard_normal(default.shape) * 0.01
+            else:
+                default = np.full(part.dims(slot.in_features, slot.out_features, 0, r), part.identity, np.float32)
+                sample_shape = part.dims(slot.in_features, slot.out_features, SAMPLE_RANK, r)
+                sample = part.identity + rng.standard_normal(sample_shape) * 0.01
             dynamic = {part.rank_axis: f"rank.{f}.{slot.module}"} if part.rank_axis is not None else {}
-            out.append(InputSpec(slot_input_name(f, slot.module, part.name), default,
-                                 sample.astype(np.float32), dynamic, part.mix))
+            out.append(InputSpec(name, default, sample.astype(np.float32), dynamic, part.mix, part.shared))
     return out
 
 
 def input_specs(slots: list[Slot], model: nn.Module, head_params: list[str],
-                prompt_width: int | None, seed: int = 0) -> list[InputSpec]:
+                prompt_width: int | None, seed: int = 0, fixed: dict[str, int] | None = None,
+                shared: dict[str, np.ndarray] | None = None) -> list[InputSpec]:
     """Every adapter-fed input of the graph: layer features, head parameters, the prompt.
 
     Args:
@@ -117,9 +193,11 @@ def input_specs(slots: list[Slot], model: nn.Module, head_params: list[str],
         head_params: parameter names of the carried head, empty for none.
         prompt_width: hidden size when the graph takes an encoder prompt, else None.
         seed: for the traced sample values.
+        fixed: the fixed rank of each fixed-rank feature (:func:`fix_ranks`).
+        shared: the default of each shared input (:func:`shared_defaults`).
     """
     rng = np.random.default_rng(seed)
-    specs = [s for slot in slots for s in _feature_specs(slot, rng)]
+    specs = list({s.name: s for slot in slots for s in _feature_specs(slot, rng, fixed or {}, shared or {})}.values())
     params = dict(model.named_parameters())
     for p in head_params:
         value = params[p].detach().float().numpy()
@@ -142,7 +220,7 @@ class _SlotLayer(nn.Module):
         self.base, self.slot, self.feed = base, slot, feed
 
     def _parts(self, name: str) -> dict[str, torch.Tensor]:
-        return {p.name: self.feed[slot_input_name(name, self.slot.module, p.name)] for p in kinds.feature(name).parts}
+        return {p.name: self.feed[part_input_name(name, p, self.slot)] for p in kinds.feature(name).parts}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         feats = sorted((kinds.feature(f) for f in self.slot.features), key=lambda f: f.order)  # stable

@@ -29,7 +29,7 @@ from torch import nn
 from edgepeft.contract import check_adapter_name, mixes
 from edgepeft.contract.features import Feature
 from edgepeft.errors import EdgepeftError
-from edgepeft.kinds import bottleneck, ia3, loha, lora, prefix, prompt
+from edgepeft.kinds import bottleneck, ia3, loha, lora, prefix, prompt, vera
 from edgepeft.kinds.common import Reference, TrainSpec, read_config
 
 REGISTRY = {
@@ -40,6 +40,7 @@ REGISTRY = {
     "PREFIX_TUNING": prefix,
     "BOTTLENECK": bottleneck,
     "LOHA": loha,
+    "VERA": vera,
 }
 
 # Derived from the registry (never edited by hand): manifest kind -> module, feature -> Feature,

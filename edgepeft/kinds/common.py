@@ -210,15 +210,31 @@ class SideBranch:
     prefix: list[tuple[np.ndarray, np.ndarray]] | None = None
     prefix_from_prompt: bool = False
 
-    def arrays(self) -> dict[str, np.ndarray]:
-        """Everything the adapter file holds, by name: graph inputs and the KV-cache seed."""
+    def arrays(self, features: dict) -> dict[str, np.ndarray]:
+        """Everything the adapter feeds, by name: graph inputs and the KV-cache seed.
+
+        Args:
+            features: feature name -> ``contract.features.Feature`` (``edgepeft.kinds.FEATURES``):
+                a shared part becomes one input per layer shape (equal on every such layer).
+
+        Raises:
+            ValueError: a shared part that differs between two layers of one shape.
+        """
         from edgepeft.contract import (PROMPT_INPUT, head_input_name, prefix_names,
-                                               slot_input_name)
+                                       shared_input_name, slot_input_name)
+        from edgepeft.contract.features import WIDTHS
 
         out = {}
         for (module, feature), parts in self.layers.items():
             for part, value in parts.items():
-                out[slot_input_name(feature, module, part)] = value
+                p = features[feature].part(part)
+                if not p.shared:
+                    out[slot_input_name(feature, module, part)] = value
+                    continue
+                name = shared_input_name(feature, part, [d for s, d in zip(p.shape, value.shape) if s in WIDTHS])
+                if name in out and not np.array_equal(out[name], value):
+                    raise ValueError(f"{name}: layer {module} has another value than an earlier layer")
+                out[name] = value
         for param, value in self.head.items():
             out[head_input_name(param)] = value
         if self.prompt is not None:

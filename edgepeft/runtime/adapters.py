@@ -109,6 +109,12 @@ class AdapterStore:
             odd = sorted(set(listed) ^ set(graph))[0]
             raise EdgepeftError(f"{file}: its inputs differ from the manifest's list (e.g. {odd!r}) "
                                 f"({where}). Export the artifact again.")
+        inputs = self.manifest.get("inputs", {})
+        for k in entry.get("defaults", []):  # shared inputs whose value is the graph's default
+            if k in graph or "default" not in inputs.get(k, {}):
+                raise EdgepeftError(f"{file}: its manifest entry lists {k} under 'defaults', but "
+                                    + ("the file holds it" if k in graph else "the graph has no shared default of that name")
+                                    + f" ({where}). Export the artifact again.")
         prefix = self._prefix_arrays(file, where, arrays)
         if bool(prefix) != bool(entry.get("prefix")) or (
                 prefix and entry["prefix"]["length"] != prefix[0][0].shape[2]):
@@ -190,6 +196,13 @@ class AdapterStore:
                                 f"a {task} side artifact.")
         new = check_adapter_name(as_name or name, "add_adapter")
         entry = other["adapters"][name]
+        for k in entry.get("defaults", []):
+            theirs, ours = other["inputs"][k]["default"], self.manifest.get("inputs", {}).get(k, {}).get("default")
+            if theirs != ours:
+                raise EdgepeftError(f"{where}: adapter {name!r} leaves {k} to its graph's default (a part "
+                                    "shared by the layers of one shape, stored once per graph), and "
+                                    f"{self.root}'s graph has " + ("another value" if ours else "no such input")
+                                    + ". Export the adapter into this artifact instead.")
         loaded = self.load(name, entry, root)
         return new, loaded._replace(entry={**entry, "artifact": str(root)})
 

@@ -30,8 +30,16 @@ def combine(key: Key, loaded: Mapping, inputs: Mapping[str, dict], manifest: Pat
 
     Raises:
         EdgepeftError: two adapters set an input that does not mix, one of them at a weight
-            other than 1, two prefixes, or a prefix from a decoder prompt with weight changes.
+            other than 1, two prefixes, a prefix from a decoder prompt with weight changes, or a
+            shared input one adapter sets while another relies on the graph's default.
     """
+    for n, _ in key:  # a shared input one adapter leaves to the graph's default, another replaces
+        for k in loaded[n].entry.get("defaults", ()):
+            other = next((m for m, _ in key if k in loaded[m].graph), None)
+            if other is not None:
+                raise EdgepeftError(f"adapter {other!r} sets {k}, a part shared by the layers of one "
+                                    f"shape, and adapter {n!r} uses the graph's default for it; "
+                                    "combine them in separate calls.")
     parts: dict[str, list[tuple[str, float, np.ndarray]]] = {}
     for n, w in key:
         for k, v in loaded[n].graph.items():

@@ -165,9 +165,8 @@ describe('refusals', () => {
     await refuses(copy('fused', (d) => editManifest(d, (m) => { m.graph.layout = 'fused'; })),
       /graph layout "fused" is not supported by the JS runtime yet; export without --graph fused/);
   });
-  for (const c of artifacts.static.refusals) {
-    test(`static shapes: ${c.method} ${name(c.adapter)} refused with Python's message`, async () => {
-      const art = artifacts.static;
+  for (const [key, art] of Object.entries(artifacts)) for (const c of art.refusals ?? []) {
+    test(`${key}: ${c.method} ${name(c.adapter)} refused with Python's message`, async () => {
       const m = await load(art);
       const call = c.method === 'generate' ? m.generate(c.ids, { maxNewTokens: c.max_new_tokens, adapter: c.adapter })
         : m.logits(c.ids, { adapter: c.adapter });

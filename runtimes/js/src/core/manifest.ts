@@ -17,6 +17,8 @@ export interface GraphEntry {
 export interface AdapterEntry {
   kind: string; file?: string; sha256?: string; base_fingerprint?: string;
   safetensors?: { file: string; sha256: string } | null; inputs?: string[];
+  /** Shared inputs it leaves to the graph's default (a value, not the identity). */
+  defaults?: string[];
   prefix?: { length: number; from_prompt: boolean } | null; graph?: GraphEntry; head?: string[];
   [k: string]: unknown;
 }
@@ -29,7 +31,8 @@ export interface Manifest {
   static?: unknown;
   kv_cache?: { layers: number; kv_heads: number[]; head_dims: number[] };
   tokenizer?: { dir: string; pad_token_id?: number | null; eos_token_id?: number | null; bos_token_id?: number | null } | null;
-  inputs: Record<string, { shape: (number | null)[]; mix: MixRule }>;
+  /** `default`: sha256 of a shared input's default value (not the identity), see `defaults`. */
+  inputs: Record<string, { shape: (number | null)[]; mix: MixRule; default?: string }>;
   adapters: Record<string, AdapterEntry>;
   [k: string]: unknown;
 }
@@ -153,6 +156,8 @@ function checkFields(m: any, where: string): void {
       `one of ${MIX_RULES.join(', ')}`, spec);
     need(Array.isArray(spec.shape) && spec.shape.every((d: unknown) => d === null || isInt(d)),
       `inputs['${name}'].shape`, 'a list of sizes (null: varies per adapter)', spec.shape);
+    need(spec.default == null || (isStr(spec.default) && !spec.shape.includes(null)), `inputs['${name}'].default`,
+      'absent, or the sha256 of a fixed-shape default', spec.default);
   }
   need(Array.isArray(m.slots ?? []), 'slots', 'a list', m.slots);
   if (m.mode === 'side') {
@@ -177,6 +182,9 @@ function checkFields(m: any, where: string): void {
     const feeds = e.inputs ?? [];
     need(Array.isArray(feeds) && feeds.every((n: unknown) => isStr(n) && n in inputs), `${field}.inputs`,
       "a list of names from 'inputs'", feeds);
+    const uses = e.defaults ?? [];
+    need(Array.isArray(uses) && uses.every((n: unknown) => isStr(n) && inputs[n]?.default != null && !feeds.includes(n)),
+      `${field}.defaults`, "a list of inputs with a 'default' that the adapter does not feed", uses);
     const prefix = e.prefix;
     need(prefix == null || (isObj(prefix) && isInt(prefix.length, 1) && typeof prefix.from_prompt === 'boolean'),
       `${field}.prefix`, 'null or {length: integer >= 1, from_prompt: true/false}', prefix);

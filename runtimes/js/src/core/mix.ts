@@ -10,7 +10,7 @@ import type { Array32 } from './safetensors.js';
 
 export interface LoadedAdapter {
   name: string;
-  entry: { prefix?: { length: number; from_prompt: boolean } | null };
+  entry: { prefix?: { length: number; from_prompt: boolean } | null; defaults?: string[] };
   graph: Map<string, Array32>;
   /** Per layer [key, value], each (1, kv_heads, p, head_dim); null: no KV-cache seed. */
   prefix: [Array32, Array32][] | null;
@@ -54,6 +54,15 @@ export function mixKey(mix: Mix): [string, number][] {
 export function combine(key: [string, number][], loaded: Map<string, LoadedAdapter>,
                         rules: Record<string, { mix: MixRule }>, where: string):
     { feeds: Map<string, Array32>; prefix: [Array32, Array32][] | null } {
+  for (const [n] of key) {  // a shared input one adapter leaves to the graph's default, another replaces
+    for (const k of loaded.get(n)!.entry.defaults ?? []) {
+      const other = key.find(([m]) => loaded.get(m)!.graph.has(k));
+      if (other) {
+        throw new EdgepeftError(`adapter '${other[0]}' sets ${k}, a part shared by the layers of one shape, and ` +
+          `adapter '${n}' uses the graph's default for it; combine them in separate calls.`);
+      }
+    }
+  }
   const parts = new Map<string, [string, number, Array32][]>();
   for (const [n, w] of key) {
     for (const [k, v] of loaded.get(n)!.graph) {
