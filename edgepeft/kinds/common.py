@@ -299,8 +299,13 @@ def split_head(tensors: dict[str, torch.Tensor], config: dict, model: nn.Module,
     return rest, {n: t.float() for n, t in head.items()}
 
 
+def to_numpy(t: torch.Tensor) -> np.ndarray:
+    """A tensor as the contiguous fp32 array the graph and the adapter files take."""
+    return np.ascontiguousarray(t.detach().numpy(), dtype=np.float32)
+
+
 def head_to_numpy(head: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    return {n: np.ascontiguousarray(t.numpy(), dtype=np.float32) for n, t in head.items()}
+    return {n: to_numpy(t) for n, t in head.items()}
 
 
 @torch.no_grad()

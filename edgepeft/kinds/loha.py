@@ -24,7 +24,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -32,7 +31,7 @@ from edgepeft.errors import EdgepeftError
 from edgepeft.kinds.common import (Reference, SideBranch, TrainSpec, config_float, config_int,
                                    config_names, config_pattern, head_to_numpy, merge_head,
                                    model_type, module_names_summary, peft_add, peft_delta_mix, peft_key, peft_load,
-                                   peft_select, peft_task_type, read_tensors, split_head)
+                                   peft_select, peft_task_type, read_tensors, split_head, to_numpy)
 
 KIND = "loha"
 NAMES = (KIND,)
@@ -280,17 +279,13 @@ def merge(model: nn.Module, adapter: LohaAdapter, weight: float = 1.0) -> None:
     merge_head(model, adapter.head)
 
 
-def _np(t: torch.Tensor) -> np.ndarray:
-    return np.ascontiguousarray(t.detach().numpy(), dtype=np.float32)
-
-
 @torch.no_grad()
 def side(adapter: LohaAdapter, model: nn.Module) -> SideBranch:
     """Graph inputs of the ``lora`` feature: ``A (k, in)``, ``B (out, k)`` with ``B @ A = delta_W``."""
     layers = {}
     for mod_name, m in adapter.modules.items():
         a, b = m.lora()
-        layers[(mod_name, _FEATURE)] = {"A": _np(a), "B": _np(b)}
+        layers[(mod_name, _FEATURE)] = {"A": to_numpy(a), "B": to_numpy(b)}
     return SideBranch(layers=layers, head=head_to_numpy(adapter.head))
 
 

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,7 +28,7 @@ from transformers.pytorch_utils import Conv1D
 from edgepeft.kinds.common import (Reference, SideBranch, TrainSpec, config_float, config_int,
                                    config_names, config_pattern, head_to_numpy, merge_head, model_type,
                                    module_names_summary, peft_add, peft_delta_mix, peft_key, peft_load, peft_select,
-                                   peft_task_type, read_tensors, split_head)
+                                   peft_task_type, read_tensors, split_head, to_numpy)
 from edgepeft.contract.features import Feature, Part
 from edgepeft.errors import EdgepeftError
 
@@ -303,10 +302,6 @@ def merge(model: nn.Module, adapter: LoraAdapter, weight: float = 1.0) -> None:
     merge_head(model, adapter.head)
 
 
-def _np(t: torch.Tensor) -> np.ndarray:
-    return np.ascontiguousarray(t.detach().numpy(), dtype=np.float32)
-
-
 @torch.no_grad()
 def side(adapter: LoraAdapter, model: nn.Module) -> SideBranch:
     """Graph inputs: LoRA ``A (r, in)``, ``s B (out, r)``; DoRA also ``g - 1 (out,)`` with ``g s B``.
@@ -318,11 +313,11 @@ def side(adapter: LoraAdapter, model: nn.Module) -> SideBranch:
     layers = {}
     for mod_name, m in adapter.modules.items():
         if m.magnitude is None:
-            layers[(mod_name, "lora")] = {"A": _np(m.A), "B": _np(m.B * m.scale)}
+            layers[(mod_name, "lora")] = {"A": to_numpy(m.A), "B": to_numpy(m.B * m.scale)}
         else:
             g = _dora_gain(named[mod_name].weight.float(), m)  # (out,)
-            layers[(mod_name, "dora")] = {"A": _np(m.A), "B": _np(g[:, None] * m.B * m.scale),
-                                          "mag": _np(g - 1)}
+            layers[(mod_name, "dora")] = {"A": to_numpy(m.A), "B": to_numpy(g[:, None] * m.B * m.scale),
+                                          "mag": to_numpy(g - 1)}
     return SideBranch(layers=layers, head=head_to_numpy(adapter.head))
 
 

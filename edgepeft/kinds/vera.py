@@ -29,7 +29,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -39,7 +38,7 @@ from edgepeft.contract.features import Feature, Part
 from edgepeft.errors import EdgepeftError
 from edgepeft.kinds.common import (CONFIG_NAME, Reference, SideBranch, TrainSpec, config_int, head_to_numpy,
                                    merge_head, model_type, module_names_summary, peft_key, peft_load,
-                                   peft_task_type, read_tensors, split_head)
+                                   peft_task_type, read_tensors, split_head, to_numpy)
 
 KIND = "vera"
 NAMES = (KIND,)
@@ -208,18 +207,14 @@ def merge(model: nn.Module, adapter: VeraAdapter, weight: float = 1.0) -> None:
     merge_head(model, adapter.head)
 
 
-def _np(t: torch.Tensor) -> np.ndarray:
-    return np.ascontiguousarray(t.detach().numpy(), dtype=np.float32)
-
-
 def side(adapter: VeraAdapter, model: nn.Module) -> SideBranch:
     """Graph inputs per layer ``lambda_d (r,)``, ``lambda_b (out,)`` and the layer's slices of the
     shared projections (export stores each width's slice once)."""
     layers = {}
     for mod, m in adapter.modules.items():
         a_s, b_s = adapter.sliced(m)
-        layers[(mod, "vera")] = {"lambda_d": _np(m.lambda_d), "lambda_b": _np(m.lambda_b),
-                                 "A": _np(a_s), "B": _np(b_s)}
+        layers[(mod, "vera")] = {"lambda_d": to_numpy(m.lambda_d), "lambda_b": to_numpy(m.lambda_b),
+                                 "A": to_numpy(a_s), "B": to_numpy(b_s)}
     return SideBranch(layers=layers, head=head_to_numpy(adapter.head))
 
 
