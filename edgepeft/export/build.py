@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 import torch
 
-from edgepeft import kinds
+from edgepeft import families, kinds
 from edgepeft.kinds import kind_module
 from edgepeft.contract.adapter_files import write_adapter_files
 from edgepeft.contract.entries import adapter_entry, merged_adapter_entry
@@ -87,16 +87,16 @@ def fused_side(cfg: ExportConfig, base: Base, adapters: list, root: Path, quiet:
     sides = side_branches(cfg, base, adapters)
     log("building fused graph", quiet)
     proto, defaults, used = fused.build_graph(model, sides, cfg.opset or 17)
+    fam = families.family(model.config)
     names = [n for n, _ in defaults]
     parts = {"graph": {**save_graph(proto, root, "model.onnx", cfg.quant, names, quiet=quiet), "layout": "fused"},
-             "slots": [{"layer": layer, "group": group, "modules": list(fused.GROUPS[group])}
+             "slots": [{"layer": layer, "group": group, "modules": fused.group_modules(fam, layer)[group]}
                        for layer, group in used],
              "inputs": {n: _fused_input(n, d) for n, d in defaults}}
     (root / "adapters").mkdir()
-    outs, ins = fused.widths(model)
     parts["adapters"] = {}
     for a in adapters:
-        arrays = fused.pack_adapter(sides[a.name], used, outs, ins)
+        arrays = fused.pack_adapter(model, sides[a.name], used)
         parts["adapters"][a.name] = _write_adapter(cfg, base, a, arrays, root, sorted(arrays), None)
     return parts
 

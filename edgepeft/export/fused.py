@@ -1,13 +1,16 @@
-"""Llama-family decoders -> one ONNX graph of onnxruntime's fused kernels, built from the weights.
+"""Decoders -> one ONNX graph of onnxruntime's fused kernels, built from the weights.
 
 The generic export (``causal_lm.py``) traces the model: about 2,600 small nodes per decode step
 on SmolLM2, so a step costs more in kernel launches than in reading the 4-bit weights. This
 builds the same computation from the state dict, per layer::
 
-    SkipSimplifiedLayerNormalization -> MatMul qkv (q|k|v packed) [+ LoRA] -> GroupQueryAttention
-    (rotary inside, KV cache in one preallocated buffer) -> MatMul o [+ LoRA]
-    -> SkipSimplifiedLayerNormalization -> MatMul gate|up [+ LoRA] -> SiLU(gate) * up
-    -> MatMul down [+ LoRA]
+    SkipSimplifiedLayerNormalization -> MatMul qkv (q|k|v packed) [+ LoRA] [-> q/k RMSNorm]
+    -> GroupQueryAttention (rotary inside, window, soft cap, KV cache in one preallocated buffer)
+    -> MatMul o [+ LoRA] [-> RMSNorm] -> SkipSimplifiedLayerNormalization
+    -> MatMul gate|up [+ LoRA] -> act(gate) * up -> MatMul down [+ LoRA] [-> RMSNorm]
+
+What differs between model families (where the weights are, which norms, windows, rotary tables,
+scales) is read from the family's description (``edgepeft.families``); this file names no family.
 
 Inputs: ``input_ids (B, S)``, ``seqlens_k (B,)`` int32 (each row's total length - 1),
 ``total_sequence_length ()`` int32, ``past.{i}.key|value (B, H_kv, M, D)`` (a buffer of M slots the
@@ -18,9 +21,8 @@ group packs the projections that read the same input (q|k|v, gate|up): their A's
 rank axis and their B's sit block-diagonally, so one adapter (or a mix, which concatenates ranks)
 runs as two MatMuls per group. Rows are right-padded (the runtime converts); positions are each row's own.
 
-Scope: ``LlamaForCausalLM``-shaped models (RMSNorm, rotary with a position-only frequency table,
-SiLU-gated MLP, optional q/k/v/o biases) and plain LoRA adapters. Anything else is refused with
-the reason; the generic graph handles it.
+Scope: the families of ``edgepeft.families`` and plain LoRA adapters. Anything else is refused
+with the reason (:func:`unsupported`); the traced graph handles it.
 """
 
 from __future__ import annotations
@@ -30,17 +32,11 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from edgepeft import kinds
-from edgepeft.kinds.common import SideBranch
-from edgepeft.errors import EdgepeftError
+from edgepeft import families, kinds
 from edgepeft.contract import past_names, present_names
-
-GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",),
-          "gate_up": ("gate_proj", "up_proj"), "down": ("down_proj",)}
-_PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
-           "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
-MODEL_TYPES = ("llama", "mistral", "qwen2")
-ROPE_TYPES = (None, "default", "linear", "llama3", "yarn", "longrope")  # position-only tables
+from edgepeft.errors import EdgepeftError
+from edgepeft.families.common import ACTIVATIONS, Family, head_dim, rotary_dim, rotary_positions
+from edgepeft.kinds.common import SideBranch, to_numpy as _np
 
 
 def lora_group_names(layer: int, group: str) -> tuple[str, str]:
@@ -48,79 +44,94 @@ def lora_group_names(layer: int, group: str) -> tuple[str, str]:
     return f"lora.{layer}.{group}.AT", f"lora.{layer}.{group}.BT"
 
 
-def check_supported(model: torch.nn.Module, sides: dict[str, SideBranch]) -> None:
-    """Refuse, with the reason, what the fused graph cannot compute exactly.
+def activation(cfg) -> str:
+    return getattr(cfg, "hidden_activation", None) or getattr(cfg, "hidden_act", "silu")
 
-    Raises:
-        EdgepeftError: another architecture, an unsupported rotary scaling, a non-SiLU MLP, or an
-            adapter that is not plain LoRA on the decoder's projections.
+
+def group_modules(fam: Family, layer: int) -> dict[str, list[str]]:
+    """``{group: [module path, ...]}`` of one layer, in packing order."""
+    return {g: [f"{fam.decoder}.layers.{layer}.{m}" for m in mods] for g, mods in fam.groups.items()}
+
+
+def unsupported(model: torch.nn.Module, sides: dict[str, SideBranch]) -> str | None:
+    """Why the fused graph cannot compute ``model`` with these adapters exactly, or None.
+
+    The reason is one phrase: ``model_type 'x' (...)``, ``hidden_act ...``, ``adapter 'a' has ...``.
     """
     cfg = model.config
-    why = None
-    rope = (getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {})
-    rope_type = rope.get("rope_type", rope.get("type")) if isinstance(rope, dict) else None
-    if cfg.model_type not in MODEL_TYPES:
-        why = f"model_type {cfg.model_type!r} (the fused graph knows {', '.join(MODEL_TYPES)})"
-    elif getattr(cfg, "hidden_act", "silu") != "silu":
-        why = f"hidden_act {cfg.hidden_act!r} (SiLU only)"
-    elif rope_type not in ROPE_TYPES:
-        why = f"rope type {rope_type!r} (its frequencies depend on the sequence length)"
-    elif getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True) \
-            and cfg.model_type == "mistral":
-        why = "a sliding attention window"
-    elif getattr(cfg, "mlp_bias", False):
-        why = "MLP biases"
+    module = families.REGISTRY.get(cfg.model_type)
+    if module is None:
+        return f"model_type {cfg.model_type!r} (the fused graph knows {', '.join(families.REGISTRY)})"
+    fam = module.FAMILY
+    if activation(cfg) not in ACTIVATIONS:
+        return f"hidden activation {activation(cfg)!r} (the fused graph computes {', '.join(ACTIVATIONS)})"
+    why = fam.check(cfg)
     if why:
-        raise EdgepeftError(f"--graph fused: this base has {why}. Export with --graph generic.")
+        return why
+    rotary = rotary_dim(cfg)
+    if rotary % 16:
+        return (f"a rotary width of {rotary} per head (GroupQueryAttention rotates a multiple of 16 "
+                "dimensions)")
+    modules = {m for i in range(cfg.num_hidden_layers) for ms in group_modules(fam, i).values() for m in ms}
     for name, side in sides.items():
-        odd = [f for f in (side.head, side.prompt, side.prefix) if f]
-        bad = [f"{m} ({feat})" for m, feat in side.layers
-               if kinds.feature(feat).fused != "lora" or m.rpartition(".")[2] not in _PARENT]
-        if odd or bad:
-            what = bad[0] if bad else "a prompt, prefix or classification head"
-            raise EdgepeftError(f"--graph fused: adapter {name!r} has {what}; the fused graph takes plain "
-                                "LoRA on q/k/v/o/gate/up/down projections only. Export it with --graph generic.")
+        if side.head or side.prompt is not None or side.prefix:
+            return f"adapter {name!r} has a prompt, prefix or classification head"
+        for m, feat in side.layers:
+            if kinds.feature(feat).fused != "lora" or m not in modules:
+                return (f"adapter {name!r} has {m} ({feat}); the fused graph takes LoRA on the "
+                        "attention and MLP projections")
+    return None
 
 
-def _module(layer: int, proj: str) -> str:
-    return f"model.layers.{layer}.{_PARENT[proj]}.{proj}"
+def check_supported(model: torch.nn.Module, sides: dict[str, SideBranch]) -> None:
+    """Raise :func:`unsupported`'s reason, if any.
+
+    Raises:
+        EdgepeftError: the reason, with what to do.
+    """
+    why = unsupported(model, sides)
+    if why:
+        raise EdgepeftError(f"--graph fused: {why}. Export with --graph generic.")
 
 
-def groups_used(sides: dict[str, SideBranch], layers: int) -> list[tuple[int, str]]:
+def groups_used(model: torch.nn.Module, sides: dict[str, SideBranch]) -> list[tuple[int, str]]:
     """``(layer, group)`` pairs that at least one adapter touches, in graph order."""
+    fam = families.family(model.config)
     touched = {m for side in sides.values() for m, _ in side.layers}
-    return [(i, g) for i in range(layers) for g, projs in GROUPS.items()
-            if any(_module(i, p) in touched for p in projs)]
+    return [(i, g) for i in range(model.config.num_hidden_layers)
+            for g, mods in group_modules(fam, i).items() if touched & set(mods)]
 
 
-def pack_adapter(side: SideBranch, used: list[tuple[int, str]], outs: dict[str, int], ins: dict[str, int]
-                 ) -> dict[str, np.ndarray]:
+def pack_adapter(model: torch.nn.Module, side: SideBranch, used: list[tuple[int, str]]) -> dict[str, np.ndarray]:
     """One adapter's LoRA arrays in the fused graph's packed inputs.
 
     Args:
+        model: the base (its weights give each module's width).
         side: the adapter's side branch (``B`` already carries the scale).
         used: the graph's LoRA groups (:func:`groups_used`).
-        outs / ins: output / input width of each projection (``q_proj`` ...).
 
     Returns:
         ``{lora.{layer}.{group}.AT: (in, R), ...BT: (R, out_total)}`` for the groups this
         adapter touches: A's stacked, B's block-diagonal (zeros elsewhere), so the product is exact.
     """
+    fam = families.family(model.config)
+    params = dict(model.named_parameters())
     out: dict[str, np.ndarray] = {}
     for layer, group in used:
-        projs = GROUPS[group]
-        parts = [side.layers.get((_module(layer, p), "lora")) for p in projs]
+        mods = group_modules(fam, layer)[group]
+        widths = [tuple(params[f"{m}.weight"].shape) for m in mods]  # (out, in) each
+        parts = [side.layers.get((m, "lora")) for m in mods]
         if not any(parts):
             continue
         ranks = [0 if p is None else p["A"].shape[0] for p in parts]
-        a = np.zeros((sum(ranks), ins[projs[0]]), np.float32)  # (R, in)
-        b = np.zeros((sum(outs[p] for p in projs), sum(ranks)), np.float32)  # (out_total, R)
+        a = np.zeros((sum(ranks), widths[0][1]), np.float32)  # (R, in)
+        b = np.zeros((sum(o for o, _ in widths), sum(ranks)), np.float32)  # (out_total, R)
         r0 = o0 = 0
-        for p, part, r in zip(projs, parts, ranks):
+        for (o, _), part, r in zip(widths, parts, ranks):
             if part is not None:
                 a[r0:r0 + r] = part["A"]
-                b[o0:o0 + outs[p], r0:r0 + r] = part["B"]
-            r0, o0 = r0 + r, o0 + outs[p]
+                b[o0:o0 + o, r0:r0 + r] = part["B"]
+            r0, o0 = r0 + r, o0 + o
         name_a, name_b = lora_group_names(layer, group)
         out[name_a], out[name_b] = np.ascontiguousarray(a.T), np.ascontiguousarray(b.T)  # (in, R), (R, out)
     return out
@@ -146,19 +157,164 @@ class _Graph:
         return name
 
 
-def _np(t: torch.Tensor) -> np.ndarray:
-    return t.detach().float().cpu().numpy()
+class _Builder:
+    """Builds one fused decoder graph; one method per piece of a layer."""
 
+    def __init__(self, model: torch.nn.Module, sides: dict[str, SideBranch]):
+        self.model, self.cfg = model, model.config
+        self.fam = families.family(self.cfg)
+        self.sd = model.state_dict()
+        self.eps = float(self.cfg.rms_norm_eps)
+        self.used = set(groups_used(model, sides))
+        self.g = _Graph()
+        self.adapter_inputs: list[tuple[str, np.ndarray]] = []
 
-def rotary_tables(model: torch.nn.Module, positions: int) -> tuple[np.ndarray, np.ndarray]:
-    """``cos, sin`` ``(positions, head_dim / 2)`` from the model's own rotary module (its scaling
-    included), the halves GroupQueryAttention's non-interleaved rotary takes."""
-    rotary = model.model.rotary_emb
-    pos = torch.arange(positions)[None]  # (1, P)
-    with torch.no_grad():
-        cos, sin = rotary(torch.zeros(1, dtype=torch.float32), pos)  # (1, P, D) each
-    half = cos.shape[-1] // 2
-    return _np(cos[0, :, :half]), _np(sin[0, :, :half])
+    def weight(self, name: str) -> np.ndarray:
+        return _np(self.sd[name])
+
+    def norm_weight(self, name: str) -> str:
+        """An RMSNorm's weight as the graph multiplies it (``w + norm_offset``)."""
+        return self.g.init(name, self.weight(name) + np.float32(self.fam.norm_offset))
+
+    def rms_norm(self, x: str, name: str) -> str:
+        return self.g.node("SimplifiedLayerNormalization", [x, self.norm_weight(name)], epsilon=self.eps, axis=-1)[0]
+
+    def linear(self, x: str, layer: int, group: str) -> str:
+        """``x @ W^T (+ b) (+ x @ A^T @ B^T)`` of one packed group."""
+        g, mods = self.g, group_modules(self.fam, layer)[group]
+        prefix = f"{mods[0].rpartition('.')[0]}.{group}"  # e.g. model.layers.0.self_attn.qkv
+        w = np.concatenate([self.weight(f"{m}.weight") for m in mods], axis=0)  # (out_total, in)
+        (y,) = g.node("MatMul", [x, g.init(f"{prefix}.weight_t", w.T)])  # (B, S, out_total)
+        biases = [self.sd.get(f"{m}.bias") for m in mods]
+        if any(b is not None for b in biases):
+            bias = np.concatenate([_np(b) if b is not None else np.zeros(self.sd[f"{m}.weight"].shape[0], np.float32)
+                                   for m, b in zip(mods, biases)])
+            (y,) = g.node("Add", [y, g.init(f"{prefix}.bias", bias)])
+        if (layer, group) in self.used:
+            name_a, name_b = lora_group_names(layer, group)
+            self.adapter_inputs.append((name_a, np.zeros((w.shape[1], 0), np.float32)))
+            self.adapter_inputs.append((name_b, np.zeros((0, w.shape[0]), np.float32)))
+            (t,) = g.node("MatMul", [x, name_a])  # (B, S, R)
+            (d,) = g.node("MatMul", [t, name_b])  # (B, S, out)
+            (y,) = g.node("Add", [y, d])
+        return y
+
+    def head_norm(self, x: str, heads: int, name: str) -> str:
+        """RMSNorm over each head: ``(B, S, H D) -> (B, S, H, D)`` -> norm -> ``(B, S, H D)``."""
+        g, d = self.g, head_dim(self.cfg)
+        (h,) = g.node("Reshape", [x, g.init(f"{name}.shape", np.array([0, 0, heads, d], np.int64))])
+        (h,) = g.node("SimplifiedLayerNormalization", [h, self.norm_weight(name)], epsilon=self.eps, axis=-1)
+        return g.node("Reshape", [h, g.init(f"{name}.flat", np.array([0, 0, heads * d], np.int64))])[0]
+
+    def attention(self, x: str, i: int, layer, tables: dict[str, tuple[str, str]]) -> str:
+        cfg, g, fam = self.cfg, self.g, self.fam
+        heads, kv_heads, d = cfg.num_attention_heads, cfg.num_key_value_heads, head_dim(cfg)
+        qkv = self.linear(x, i, "qkv")  # (B, S, (H + 2 H_kv) D)
+        if fam.qk_norm:
+            sizes = g.init(f"attn.{i}.split", np.array([heads * d, kv_heads * d, kv_heads * d], np.int64))
+            q, k, v = g.node("Split", [qkv, sizes], 3, axis=-1)
+            attn_dir = f"{fam.decoder}.layers.{i}.self_attn"
+            qkv_in = [self.head_norm(q, heads, f"{attn_dir}.q_norm.weight"),
+                      self.head_norm(k, kv_heads, f"{attn_dir}.k_norm.weight"), v]
+        else:
+            qkv_in = [qkv, "", ""]
+        cos, sin = tables[layer.rope] if layer.rope else ("", "")
+        attrs = {"num_heads": heads, "kv_num_heads": kv_heads, "do_rotary": int(bool(layer.rope)),
+                 "rotary_interleaved": 0, "scale": float(fam.scale(cfg))}
+        if layer.window:
+            attrs["local_window_size"] = int(layer.window)  # keys q - W + 1 .. q, as HF's mask
+        cap = getattr(cfg, fam.softcaps[0], None) if fam.softcaps else None
+        if cap:
+            attrs["softcap"] = float(cap)
+        pk, pv = past_names(i)
+        ok, ov = present_names(i)
+        return g.node("GroupQueryAttention", [*qkv_in, pk, pv, "seqlens_k", "total_sequence_length", cos, sin],
+                      [f"attn.{i}", ok, ov], domain="com.microsoft", **attrs)[0]
+
+    def mlp(self, x: str, i: int) -> str:
+        g = self.g
+        gu = self.linear(x, i, "gate_up")  # (B, S, 2 I)
+        inter = self.sd[f"{self.fam.decoder}.layers.{i}.{self.fam.groups['down'][0]}.weight"].shape[1]
+        gate, up = g.node("Split", [gu, g.init(f"mlp.{i}.split", np.array([inter, inter], np.int64))], 2, axis=-1)
+        if activation(self.cfg) == "silu":
+            (act,) = g.node("Mul", [gate, g.node("Sigmoid", [gate])[0]])
+        else:  # gelu_pytorch_tanh: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+            (act,) = g.node("FastGelu", [gate], domain="com.microsoft")
+        (act,) = g.node("Mul", [act, up])  # (B, S, I)
+        return self.linear(act, i, "down")
+
+    def rotary_tables(self, layers) -> dict[str, tuple[str, str]]:
+        """``{rope key: (cos, sin)}`` initializers ``(P, rotary_dim / 2)``: the halves
+        GroupQueryAttention's non-interleaved rotary takes (a partial rotary is narrower)."""
+        decoder = self.model.get_submodule(self.fam.decoder)
+        positions = rotary_positions(self.cfg)
+        tables = {}
+        for key in dict.fromkeys(layer.rope for layer in layers if layer.rope):
+            with torch.no_grad():
+                cos, sin = self.fam.rotary(self.model, decoder, key, positions)  # (P, D_rot) each
+            half = cos.shape[-1] // 2
+            tables[key] = (self.g.init(f"rotary.{key}.cos", _np(cos[:, :half])),
+                           self.g.init(f"rotary.{key}.sin", _np(sin[:, :half])))
+        return tables
+
+    def build(self) -> onnx.GraphProto:
+        cfg, g, fam, dec = self.cfg, self.g, self.fam, self.fam.decoder
+        layers = fam.layers(cfg)
+        norms = [{role: f"{dec}.layers.{i}.{n}.weight" for role, n in fam.norms.items()} for i in range(len(layers))]
+        embed = g.init(f"{dec}.embed_tokens.weight", self.weight(f"{dec}.embed_tokens.weight"))  # (V, H)
+        (x,) = g.node("Gather", [embed, "input_ids"])  # (B, S, H)
+        if fam.embed_scale:
+            (x,) = g.node("Mul", [x, g.init("embed_scale", np.array(fam.embed_scale(cfg), np.float32))])
+        tables = self.rotary_tables(layers)
+        normed, residual = self.rms_norm(x, norms[0]["attn_in"]), x
+        for i, layer in enumerate(layers):
+            h = self.attention(normed, i, layer, tables)
+            h = self.linear(h, i, "o")
+            if "attn_out" in norms[i]:
+                h = self.rms_norm(h, norms[i]["attn_out"])
+            normed, _, _, residual = g.node("SkipSimplifiedLayerNormalization",
+                                            [h, residual, self.norm_weight(norms[i]["mlp_in"])], 4,
+                                            domain="com.microsoft", epsilon=self.eps)
+            h = self.mlp(normed, i)
+            if "mlp_out" in norms[i]:
+                h = self.rms_norm(h, norms[i]["mlp_out"])
+            gamma = norms[i + 1]["attn_in"] if i + 1 < len(layers) else f"{dec}.norm.weight"
+            normed, _, _, residual = g.node("SkipSimplifiedLayerNormalization",
+                                            [h, residual, self.norm_weight(gamma)], 4,
+                                            domain="com.microsoft", epsilon=self.eps)
+        head = self.sd.get("lm_head.weight")
+        if head is None or getattr(cfg, "tie_word_embeddings", False) and torch.equal(head, self.sd[f"{dec}.embed_tokens.weight"]):
+            (head_t,) = g.node("Transpose", [embed], perm=[1, 0])  # tied: the table, read transposed
+        else:
+            head_t = g.init("lm_head.weight_t", _np(head).T)  # (H, V)
+        cap = getattr(cfg, fam.softcaps[1], None) if fam.softcaps else None
+        if cap:  # logits = cap * tanh(logits / cap)
+            (y,) = g.node("MatMul", [normed, head_t])
+            c = g.init("final_softcap", np.array(cap, np.float32))
+            g.node("Mul", [g.node("Tanh", [g.node("Div", [y, c])[0]])[0], c], ["logits"])
+        else:
+            g.node("MatMul", [normed, head_t], ["logits"])  # (B, S, V)
+        return self.graph()
+
+    def graph(self) -> onnx.GraphProto:
+        cfg, g = self.cfg, self.g
+        kv_heads, d = cfg.num_key_value_heads, head_dim(cfg)
+        vocab = int(self.sd[f"{self.fam.decoder}.embed_tokens.weight"].shape[0])
+        inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
+                  helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"]),
+                  helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, [])]
+        outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "seq", vocab])]
+        for i in range(cfg.num_hidden_layers):
+            for name in past_names(i):
+                inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", kv_heads, "max_seq", d]))
+            for name in present_names(i):
+                outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", kv_heads, "max_seq", d]))
+        for name, default in self.adapter_inputs:  # graph inputs with a default: overridable initializers
+            rank = f"rank.{name.rsplit('.', 1)[0]}"
+            shape = [default.shape[0], rank] if name.endswith(".AT") else [rank, default.shape[1]]
+            inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, shape))
+            g.init(name, default)
+        return helper.make_graph(g.nodes, "edgepeft-fused-decoder", inputs, outputs, g.inits)
 
 
 def build_graph(model: torch.nn.Module, sides: dict[str, SideBranch], opset: int = 17
@@ -166,117 +322,22 @@ def build_graph(model: torch.nn.Module, sides: dict[str, SideBranch], opset: int
     """The fused decoder graph of ``model`` (fp32 weights as initializers).
 
     Args:
-        model: a Llama-family causal LM (merged weights for a merged artifact).
+        model: a causal LM of a family in ``edgepeft.families`` (merged weights for a merged artifact).
         sides: the adapters' side branches; their LoRA targets decide which groups get inputs.
         opset: ONNX opset of the default domain.
 
     Returns:
         ``(model proto, [(adapter input name, identity default)], used groups)``. Each default is
         a rank-0 array, so a run that feeds nothing is the base model.
+
+    Raises:
+        EdgepeftError: what :func:`unsupported` finds.
     """
     check_supported(model, sides)
-    cfg = model.config
-    sd = model.state_dict()
-    n_layers, hidden = cfg.num_hidden_layers, cfg.hidden_size
-    heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
-    head_dim = getattr(cfg, "head_dim", None) or hidden // heads
-    eps = float(cfg.rms_norm_eps)
-    inter = cfg.intermediate_size
-    outs, ins = widths(model)
-    used = groups_used(sides, n_layers)
-    g = _Graph()
-    adapter_inputs: list[tuple[str, np.ndarray]] = []
-
-    def linear(x: str, layer: int, group: str) -> str:
-        projs = GROUPS[group]
-        prefix = f"model.layers.{layer}.{_PARENT[projs[0]]}"
-        w = np.concatenate([_np(sd[f"{prefix}.{p}.weight"]) for p in projs], axis=0)  # (out_total, in)
-        wname = g.init(f"{prefix}.{group}.weight_t", w.T)  # (in, out_total)
-        (y,) = g.node("MatMul", [x, wname])
-        biases = [sd.get(f"{prefix}.{p}.bias") for p in projs]
-        if any(b is not None for b in biases):
-            bias = np.concatenate([_np(b) if b is not None else np.zeros(outs[p], np.float32)
-                                   for p, b in zip(projs, biases)])
-            (y,) = g.node("Add", [y, g.init(f"{prefix}.{group}.bias", bias)])
-        if (layer, group) in used:
-            name_a, name_b = lora_group_names(layer, group)
-            adapter_inputs.append((name_a, np.zeros((ins[projs[0]], 0), np.float32)))
-            adapter_inputs.append((name_b, np.zeros((0, sum(outs[p] for p in projs)), np.float32)))
-            (t,) = g.node("MatMul", [x, name_a])  # (B, S, R)
-            (d,) = g.node("MatMul", [t, name_b])  # (B, S, out)
-            (y,) = g.node("Add", [y, d])
-        return y
-
-    embed = g.init("model.embed_tokens.weight", _np(sd["model.embed_tokens.weight"]))  # (V, H)
-    (x,) = g.node("Gather", [embed, "input_ids"])  # (B, S, H)
-    cos, sin = rotary_tables(model, int(cfg.max_position_embeddings))
-    g.init("rotary.cos", cos)
-    g.init("rotary.sin", sin)
-    (normed,) = g.node("SimplifiedLayerNormalization",
-                       [x, g.init("model.layers.0.input_layernorm.weight",
-                                  _np(sd["model.layers.0.input_layernorm.weight"]))], epsilon=eps, axis=-1)
-    residual = x
-    for i in range(n_layers):
-        qkv = linear(normed, i, "qkv")  # (B, S, (H + 2 H_kv) D)
-        pk, pv = past_names(i)
-        ok, ov = present_names(i)
-        (attn,) = g.node("GroupQueryAttention",
-                         [qkv, "", "", pk, pv, "seqlens_k", "total_sequence_length", "rotary.cos", "rotary.sin"],
-                         [f"attn.{i}", ok, ov], domain="com.microsoft", num_heads=heads,
-                         kv_num_heads=kv_heads, do_rotary=1, rotary_interleaved=0)[:1]
-        o = linear(attn, i, "o")
-        post = g.init(f"model.layers.{i}.post_attention_layernorm.weight",
-                      _np(sd[f"model.layers.{i}.post_attention_layernorm.weight"]))
-        normed, _, _, residual = g.node("SkipSimplifiedLayerNormalization", [o, residual, post], 4,
-                                        domain="com.microsoft", epsilon=eps)
-        gu = linear(normed, i, "gate_up")  # (B, S, 2 I)
-        gate, up = g.node("Split", [gu, g.init(f"mlp.{i}.split", np.array([inter, inter], np.int64))], 2, axis=-1)
-        (sig,) = g.node("Sigmoid", [gate])
-        (act,) = g.node("Mul", [gate, sig])
-        (act,) = g.node("Mul", [act, up])  # (B, S, I)
-        down = linear(act, i, "down")
-        last = i == n_layers - 1
-        gamma = "model.norm.weight" if last else f"model.layers.{i + 1}.input_layernorm.weight"
-        normed, _, _, residual = g.node("SkipSimplifiedLayerNormalization", [down, residual,
-                                        g.init(gamma, _np(sd[gamma]))], 4, domain="com.microsoft", epsilon=eps)
-    head = sd.get("lm_head.weight")
-    if head is None or getattr(cfg, "tie_word_embeddings", False) and torch.equal(head, sd["model.embed_tokens.weight"]):
-        (head_t,) = g.node("Transpose", [embed], perm=[1, 0])  # tied: the table, read transposed
-    else:
-        head_t = g.init("lm_head.weight_t", _np(head).T)  # (H, V)
-    g.node("MatMul", [normed, head_t], ["logits"])  # (B, S, V)
-
-    vocab = int(sd["model.embed_tokens.weight"].shape[0])
-    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
-              helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"]),
-              helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, [])]
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "seq", vocab])]
-    for i in range(n_layers):
-        for name in past_names(i):
-            inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", kv_heads, "max_seq", head_dim]))
-        for name in present_names(i):
-            outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", kv_heads, "max_seq", head_dim]))
-    for name, default in adapter_inputs:  # graph inputs with a default: overridable initializers
-        rank = f"rank.{name.rsplit('.', 1)[0]}"
-        shape = [default.shape[0], rank] if name.endswith(".AT") else [rank, default.shape[1]]
-        inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, shape))
-        g.init(name, default)
-    graph = helper.make_graph(g.nodes, "edgepeft-fused-decoder", inputs, outputs, g.inits)
+    builder = _Builder(model, sides)
+    graph = builder.build()
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset),
                                                     helper.make_opsetid("com.microsoft", 1)],
                               producer_name="edgepeft")
     proto.ir_version = 8
-    return proto, adapter_inputs, used
-
-
-def widths(model: torch.nn.Module) -> tuple[dict[str, int], dict[str, int]]:
-    """``(outs, ins)``: output and input width of each projection, for :func:`pack_adapter`."""
-    cfg = model.config
-    heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    h, inter = cfg.hidden_size, cfg.intermediate_size
-    outs = {"q_proj": heads * head_dim, "k_proj": kv_heads * head_dim, "v_proj": kv_heads * head_dim,
-            "o_proj": h, "gate_proj": inter, "up_proj": inter, "down_proj": h}
-    ins = {"q_proj": h, "k_proj": h, "v_proj": h, "o_proj": heads * head_dim,
-           "gate_proj": h, "up_proj": h, "down_proj": inter}
-    return outs, ins
+    return proto, builder.adapter_inputs, groups_used(model, sides)
