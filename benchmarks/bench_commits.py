@@ -39,7 +39,7 @@ from edgepeft.demo import ADAPTERS, ADAPTERS_DIR
 from edgepeft.demo.data import smollm2_dir
 from edgepeft.export import ExportConfig, export
 out = Path(sys.argv[1])
-export(ExportConfig(base=smollm2_dir(), out=out, adapters=tuple((n, ADAPTERS_DIR / n) for n in ADAPTERS),
+export(ExportConfig(graph="generic", base=smollm2_dir(), out=out, adapters=tuple((n, ADAPTERS_DIR / n) for n in ADAPTERS),
                     force=out.exists()), quiet=True)
 """
 

@@ -56,7 +56,7 @@ def _artifact(path: str | None) -> Path:
     except Exception:  # missing or from an older edgepeft: export again
         pass
     print(f"[bench_js] exporting the demo artifact into {out}", file=sys.stderr, flush=True)
-    export(ExportConfig(base=smollm2_dir(), out=out, adapters=tuple((n, ADAPTERS_DIR / n) for n in ADAPTERS),
+    export(ExportConfig(graph="generic", base=smollm2_dir(), out=out, adapters=tuple((n, ADAPTERS_DIR / n) for n in ADAPTERS),
                         force=out.exists()), quiet=True)
     return out
 

@@ -44,7 +44,7 @@ def _export(base, adapters, out: Path, precision: str, reuse: bool) -> float:
     if reuse and (out / "manifest.json").is_file():
         return 0.0
     t = time.perf_counter()
-    export(ExportConfig(base=base, out=out, adapters=tuple(adapters.items()), force=out.exists(),
+    export(ExportConfig(graph="generic", base=base, out=out, adapters=tuple(adapters.items()), force=out.exists(),
                         quant=QuantConfig(precision=precision)), quiet=True)
     return time.perf_counter() - t
 

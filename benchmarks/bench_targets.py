@@ -66,7 +66,7 @@ def run_one(model: str, target: str, base: Path, adapters: dict, reuse: bool, li
     t = time.perf_counter()
     if not (reuse and (out / "manifest.json").is_file()):
         print(f"[bench_targets] {model} {target}: export", file=sys.stderr, flush=True)
-        export(ExportConfig(base=base, out=out, adapters=tuple(adapters.items()), force=out.exists(),
+        export(ExportConfig(graph="generic", base=base, out=out, adapters=tuple(adapters.items()), force=out.exists(),
                             target=load_target(target)), quiet=True)
     export_s = time.perf_counter() - t
     m = read_manifest(out)

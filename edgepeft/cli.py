@@ -102,11 +102,13 @@ def _export_args(p):
                    help="a PEFT adapter folder under a name; repeat for more")
     p.add_argument("--mode", choices=["side", "merged"], default="side",
                    help="side: adapters as run-time inputs of one graph (default); merged: one graph per adapter")
-    p.add_argument("--graph", choices=["generic", "fused"], default="generic",
-                   help="generic: the traced model, every architecture and adapter kind (default); fused: "
-                        "Llama-family causal LMs with LoRA, built from onnxruntime's fused kernels "
+    p.add_argument("--graph", choices=["auto", "generic", "fused"], default="auto",  # export.config.GRAPHS
+                   help="auto (default): fused wherever the model family, adapter kinds, target and precision "
+                        "allow, else generic, and export says why; fused: causal LMs of the families in "
+                        "edgepeft/families with LoRA-form adapters, built from onnxruntime's fused kernels "
                         "(GroupQueryAttention, in-place KV cache, packed q|k|v and gate|up): several times "
-                        "faster decoding on CPU")
+                        "faster decoding on CPU; generic: the traced model, every architecture, adapter kind, "
+                        "target and precision")
     p.add_argument("--out", required=True, help="artifact directory to create")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("--target", default=None, metavar="NAME_OR_FILE",

@@ -42,5 +42,5 @@ def llama_side(llama_base, llama_adapters, tmp_path_factory) -> Path:
     from edgepeft.export import ExportConfig, export
 
     out = tmp_path_factory.mktemp("llama-side") / "out"
-    export(ExportConfig(base=llama_base, out=out, adapters=tuple(llama_adapters.items())), quiet=True)
+    export(ExportConfig(graph="generic", base=llama_base, out=out, adapters=tuple(llama_adapters.items())), quiet=True)
     return out

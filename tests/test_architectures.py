@@ -37,7 +37,7 @@ def _artifact(arch: str, mode: str, tmp_path_factory):
     root, base, adapters, outs = _BUILT[arch]
     if mode not in outs:
         outs[mode] = root / mode
-        export(ExportConfig(base=base, out=outs[mode], adapters=tuple(adapters.items()), mode=mode),
+        export(ExportConfig(graph="generic", base=base, out=outs[mode], adapters=tuple(adapters.items()), mode=mode),
                quiet=True)
     return base, outs[mode]
 

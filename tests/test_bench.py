@@ -36,7 +36,7 @@ def lm(tmp_path_factory):
     chat = make_lora(base, root / "chat", r=4, target_modules=["q_proj", "v_proj"])
     sql = make_lora(base, root / "sql", seed=2, r=8, target_modules="all-linear")
     side = root / "side"
-    export(ExportConfig(base=base, out=side, adapters=(("chat", chat), ("sql", sql))), quiet=True)
+    export(ExportConfig(graph="generic", base=base, out=side, adapters=(("chat", chat), ("sql", sql))), quiet=True)
     out = root / "bench-out"
     p = subprocess.run([sys.executable, "-m", "edgepeft", "bench", str(side), "--compare-torch", str(base),
                         "--repeats", "2", "--prefill-samples", "3", "--new-tokens", "5", "--prompt-tokens", "6",
@@ -140,7 +140,7 @@ def test_classifier_bench(tmp_path, capsys):
     base = make_encoder("bert", tmp_path / "base", hidden=32, layers=1, heads=2)
     ads = {k: make_adapter(base, tmp_path / k, k, seed=i + 1, task="SEQ_CLS") for i, k in enumerate(("lora", "ia3"))}
     side = tmp_path / "side"
-    export(ExportConfig(base=base, out=side, adapters=tuple(ads.items())), quiet=True)
+    export(ExportConfig(graph="generic", base=base, out=side, adapters=tuple(ads.items())), quiet=True)
     code = main(["bench", str(side), "--merged", "no", "--repeats", "1", "--batch-sizes", "4",
                  "--batch-samples", "3", "--json", "--quiet"])
     out, err = capsys.readouterr()

@@ -37,7 +37,7 @@ def encoder(request, tmp_path_factory):
     ads["bottleneck"] = make_bottleneck(base, root / "bottleneck", task="SEQ_CLS", heads=CLASSIFIER_HEADS[arch],
                                         seed=7)
     side = root / "side"
-    export(ExportConfig(base=base, out=side, adapters=tuple(ads.items())), quiet=True)
+    export(ExportConfig(graph="generic", base=base, out=side, adapters=tuple(ads.items())), quiet=True)
     rng = np.random.default_rng(0)
     rows = [{"text": " ".join(f"w{i}" for i in rng.integers(3, VOCAB, rng.integers(3, 20))),
              "label": int(rng.integers(0, 2))} for _ in range(40)]
@@ -89,7 +89,7 @@ def test_padding_does_not_change_a_row(encoder):
 def test_merged_classifiers_match_pytorch(encoder, tmp_path):
     arch, base, ads, _, labelled = encoder
     out = tmp_path / "merged"
-    export(ExportConfig(base=base, out=out, mode="merged",
+    export(ExportConfig(graph="generic", base=base, out=out, mode="merged",
                         adapters=tuple((k, ads[k]) for k in ("lora", "dora", "ia3"))), quiet=True)
     result = validate(out, base, budget=TIGHT, labelled=labelled)
     assert [c["case"] for c in result["cases"]] == ["lora", "dora", "ia3"]
@@ -100,7 +100,7 @@ def test_encoder_prefix_and_headless_adapters_are_refused(tmp_path):
     base = make_encoder("bert", tmp_path / "base", seed=None, tokenizer=False)  # not re-seeded
     prefix = make_adapter(base, tmp_path / "prefix", "prefix", task="SEQ_CLS")
     with pytest.raises(EdgepeftError, match="prefix tuning is exported for decoders only"):
-        export(ExportConfig(base=base, out=tmp_path / "o1", adapters=(("p", prefix),)), quiet=True)
+        export(ExportConfig(graph="generic", base=base, out=tmp_path / "o1", adapters=(("p", prefix),)), quiet=True)
     headless = make_adapter(base, tmp_path / "headless", "lora", task="SEQ_CLS", modules_to_save=None)
     cfg = json.loads((headless / "adapter_config.json").read_text())
     if cfg.get("modules_to_save"):  # PEFT adds the head for SEQ_CLS; drop it from the file
@@ -109,7 +109,7 @@ def test_encoder_prefix_and_headless_adapters_are_refused(tmp_path):
         t = {k: v for k, v in load_file(headless / "adapter_model.safetensors").items() if "classifier" not in k}
         save_file(t, headless / "adapter_model.safetensors")
     with pytest.raises(EdgepeftError, match="has no trained classification head .* does not carry one"):
-        export(ExportConfig(base=base, out=tmp_path / "o2", adapters=(("h", headless),)), quiet=True)
+        export(ExportConfig(graph="generic", base=base, out=tmp_path / "o2", adapters=(("h", headless),)), quiet=True)
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
 
 

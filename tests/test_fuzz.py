@@ -319,7 +319,7 @@ class _Artifact:
 @pytest.fixture(scope="module")
 def artifact_copy(llama_base, kinds, tmp_path_factory) -> _Artifact:
     root = tmp_path_factory.mktemp("fuzz-art")
-    export(ExportConfig(base=llama_base, out=root / "art", adapters=(("chat", kinds["lora"]),
+    export(ExportConfig(graph="generic", base=llama_base, out=root / "art", adapters=(("chat", kinds["lora"]),
                                                                       ("pre", kinds["prefix"]))), quiet=True)
     return _Artifact(root / "art", root / "work")
 

@@ -76,7 +76,7 @@ def browser_case(tools, tmp_path_factory) -> Path:
         "sql": make_lora(base, root / "sql", seed=2, r=8, lora_alpha=16, target_modules="all-linear"),
     }
     out = root / "artifact"
-    export(ExportConfig(base=base, out=out, adapters=tuple(adapters.items())), quiet=True)
+    export(ExportConfig(graph="generic", base=base, out=out, adapters=tuple(adapters.items())), quiet=True)
     model = Model(out)
     expected = {"adapter": model.generate_text(PROMPT, max_new_tokens=MAX_NEW, adapter=ADAPTER),
                 "mix": model.generate_text(PROMPT, max_new_tokens=MAX_NEW, adapter=MIX)}

@@ -85,7 +85,7 @@ def _static_cases(root: Path, base: Path, ads: dict) -> dict:
                                     target_modules=["k_proj", "up_proj"], layers_to_transform=[1])}
     (root / "small-npu.toml").write_text(SMALL_NPU)
     out = root / "static"
-    export(ExportConfig(base=base, out=out, adapters=tuple(ads.items()),
+    export(ExportConfig(graph="generic", base=base, out=out, adapters=tuple(ads.items()),
                         target=load_target(root / "small-npu.toml")), quiet=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -134,7 +134,7 @@ def _vera_cases(root: Path, base: Path, lora: Path) -> dict:
            "v2": make_adapter(base, root / "v2", "vera", seed=3, r=4, target_modules=["k_proj", "o_proj", "up_proj"]),
            "chat": lora}
     out = root / "vera"
-    export(ExportConfig(base=base, out=out, adapters=tuple(ads.items())), quiet=True)
+    export(ExportConfig(graph="generic", base=base, out=out, adapters=tuple(ads.items())), quiet=True)
     cases = _lm_cases(out, [None, "v1", "v2", "v1b", {"v1": 1.0, "chat": 0.5}], 1e-5, text=False)
     cases["refusals"] = _refusals(Model(out), out, [
         {"method": "logits", "ids": [[5, 6, 7]], "adapter": {"v1": 1.0, "v2": 1.0}}])
@@ -158,11 +158,11 @@ def build_cases(root: Path) -> Path:
         "ia3": make_adapter(base, root / "ia3", "ia3", seed=4),
     }
     side, int8, merged = root / "side", root / "int8", root / "merged"
-    export(ExportConfig(base=base, out=side, adapters=tuple(ads.items())), quiet=True)
-    export(ExportConfig(base=base, out=int8, adapters=tuple(ads.items()),
+    export(ExportConfig(graph="generic", base=base, out=side, adapters=tuple(ads.items())), quiet=True)
+    export(ExportConfig(graph="generic", base=base, out=int8, adapters=tuple(ads.items()),
                         quant=QuantConfig(precision="int8", int8_scheme="dynamic", adapter_precision="fp16")),
            quiet=True)
-    export(ExportConfig(base=base, out=merged, adapters=(("chat", ads["chat"]),), mode="merged"), quiet=True)
+    export(ExportConfig(graph="generic", base=base, out=merged, adapters=(("chat", ads["chat"]),), mode="merged"), quiet=True)
     choices = [None, "chat", "sql", "prefix", "houlsby", "ia3", {"chat": 0.7, "sql": 0.3},
                {"chat": 0.5, "houlsby": 0.25}, {"chat": 1.0, "prefix": 1.0}]
     artifacts = {"side": _lm_cases(side, choices, 1e-5),
@@ -176,7 +176,7 @@ def build_cases(root: Path) -> Path:
                "bottleneck": make_bottleneck(enc, root / "cls-bottleneck", task="SEQ_CLS", heads=["classifier"],
                                              seed=7)}
     cls = root / "cls"
-    export(ExportConfig(base=enc, out=cls, adapters=tuple(cls_ads.items())), quiet=True)
+    export(ExportConfig(graph="generic", base=enc, out=cls, adapters=tuple(cls_ads.items())), quiet=True)
     m = Model(cls)
     texts = ["w5 w9 w11", "w40 w41 w42 w43 w44 w45 w46", "w7"]
     ids = [[5, 9, 11], [40, 41, 42, 43, 44]]
@@ -194,7 +194,7 @@ def build_cases(root: Path) -> Path:
 
     (root / "small-npu-enc.toml").write_text(SMALL_NPU.replace("[1, 4]", "[1, 8, 16]"))
     cls_static = root / "cls-static"
-    export(ExportConfig(base=enc, out=cls_static, adapters=tuple(cls_ads.items()),
+    export(ExportConfig(graph="generic", base=enc, out=cls_static, adapters=tuple(cls_ads.items()),
                         target=load_target(root / "small-npu-enc.toml")), quiet=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # NNAPI is not in this onnxruntime build: CPU runs
@@ -215,7 +215,7 @@ def build_cases(root: Path) -> Path:
 
     loha_ads = {"hada": make_loha(base, root / "hada", r=3, target_modules=["q_proj", "down_proj"]),
                 "chat": ads["chat"]}
-    export(ExportConfig(base=base, out=root / "loha", adapters=tuple(loha_ads.items())), quiet=True)
+    export(ExportConfig(graph="generic", base=base, out=root / "loha", adapters=tuple(loha_ads.items())), quiet=True)
     artifacts["loha"] = _lm_cases(root / "loha", ["hada", {"hada": 0.7, "chat": 0.3}], 1e-5, text=False)
     artifacts["vera"] = _vera_cases(root, base, ads["chat"])
     out = root / "cases.json"

@@ -39,7 +39,7 @@ def kinds(tmp_path_factory):
 def side(kinds, tmp_path_factory):
     base, ads = kinds
     out = tmp_path_factory.mktemp("kinds-side") / "out"
-    export(ExportConfig(base=base, out=out, adapters=tuple(ads.items())), quiet=True)
+    export(ExportConfig(graph="generic", base=base, out=out, adapters=tuple(ads.items())), quiet=True)
     return out
 
 
@@ -119,7 +119,7 @@ def merged(kinds, tmp_path_factory):
     base, ads = kinds
     out = tmp_path_factory.mktemp("kinds-merged") / "out"
     pick = ("lora", "dora", "ia3")
-    export(ExportConfig(base=base, out=out, adapters=tuple((k, ads[k]) for k in pick), mode="merged"),
+    export(ExportConfig(graph="generic", base=base, out=out, adapters=tuple((k, ads[k]) for k in pick), mode="merged"),
            quiet=True)
     return out
 
@@ -135,7 +135,7 @@ def test_merged_kinds_match_pytorch(merged, kinds):
 def test_merging_a_non_linear_kind_is_refused(kinds, tmp_path, kind):
     base, ads = kinds
     with pytest.raises(EdgepeftError, match=r"cannot be merged.*--mode side"):
-        export(ExportConfig(base=base, out=tmp_path / "m", adapters=((kind, ads[kind]),), mode="merged"),
+        export(ExportConfig(graph="generic", base=base, out=tmp_path / "m", adapters=((kind, ads[kind]),), mode="merged"),
                quiet=True)
     assert not (tmp_path / "m").exists()
 
@@ -148,8 +148,8 @@ def test_conv1d_family_kinds(tmp_path):
                                 fan_in_fan_out=True),
            "prefix": make_adapter(base, tmp_path / "prefix", "prefix", seed=3),
            "bottleneck": make_bottleneck(base, tmp_path / "bn", config="pfeiffer", act="silu", seed=4)}
-    export(ExportConfig(base=base, out=tmp_path / "side", adapters=tuple(ads.items())), quiet=True)
+    export(ExportConfig(graph="generic", base=base, out=tmp_path / "side", adapters=tuple(ads.items())), quiet=True)
     assert validate(tmp_path / "side", base, max_new_tokens=4, budget=TIGHT)["passed"]
-    export(ExportConfig(base=base, out=tmp_path / "merged", mode="merged",
+    export(ExportConfig(graph="generic", base=base, out=tmp_path / "merged", mode="merged",
                         adapters=(("ia3", ads["ia3"]), ("dora", ads["dora"]))), quiet=True)
     assert validate(tmp_path / "merged", base, max_new_tokens=4, budget=TIGHT)["passed"]

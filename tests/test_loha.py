@@ -133,7 +133,7 @@ def llama(tmp_path_factory):
 @pytest.fixture(scope="module")
 def side(llama):
     root, base, ads = llama
-    export(ExportConfig(base=base, out=root / "side", adapters=tuple(ads.items())), quiet=True)
+    export(ExportConfig(graph="generic", base=base, out=root / "side", adapters=tuple(ads.items())), quiet=True)
     return root / "side"
 
 
@@ -201,7 +201,7 @@ def test_merged_equals_peft(llama):
     for (n, p), (_, q) in zip(ours.state_dict().items(), theirs.state_dict().items()):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=0, msg=n)
     out = root / "merged"
-    export(ExportConfig(base=base, out=out, mode="merged", adapters=(("hada", ads["hada"]), ("hada8", ads["hada8"]))),
+    export(ExportConfig(graph="generic", base=base, out=out, mode="merged", adapters=(("hada", ads["hada"]), ("hada8", ads["hada8"]))),
            quiet=True)
     ids, mask = _ragged()
     m = Model(out)
@@ -235,7 +235,7 @@ def test_validate_passes(side, llama):
 def quantized(request, llama):
     root, base, ads = llama
     out = root / request.param
-    export(ExportConfig(base=base, out=out, adapters=(("hada", ads["hada"]), ("lora", ads["lora"])),
+    export(ExportConfig(graph="generic", base=base, out=out, adapters=(("hada", ads["hada"]), ("lora", ads["lora"])),
                         quant=QuantConfig(precision=request.param)), quiet=True)
     return request.param, out
 
@@ -289,7 +289,7 @@ def test_encoder_classifier_side_and_merged(tmp_path):
                                            attention_mask=torch.from_numpy(mask)).logits.numpy()
     for mode in ("side", "merged"):
         out = tmp_path / mode
-        export(ExportConfig(base=base, out=out, mode=mode, adapters=(("cls", ad),)), quiet=True)
+        export(ExportConfig(graph="generic", base=base, out=out, mode=mode, adapters=(("cls", ad),)), quiet=True)
         m = Model(out)
         np.testing.assert_allclose(m.classify_logits(rows, adapter="cls"), want, atol=1e-4, rtol=0)
         assert validate(out, base, budget=TIGHT)["passed"]
@@ -321,7 +321,7 @@ def test_train_exports_and_validates(llama, tmp_path):
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LOHA" and cfg["alpha"] == 2 * cfg["r"]
     assert sorted(cfg["target_modules"]) == ["q_proj", "v_proj"]  # PEFT's LoHa default for Llama
-    export(ExportConfig(base=base, out=tmp_path / "art", adapters=(("t", out),)), quiet=True)
+    export(ExportConfig(graph="generic", base=base, out=tmp_path / "art", adapters=(("t", out),)), quiet=True)
     ids = np.array([[5, 9, 11, 40, 3, 7]])
     assert np.abs(Model(tmp_path / "art").logits(ids, "t") - Model(tmp_path / "art").logits(ids)).max() > 1e-6
     assert validate(tmp_path / "art", base, max_new_tokens=4, budget=TIGHT)["passed"]
@@ -336,7 +336,7 @@ def test_cli_trains_a_classifier(tmp_path, capsys):
     code = main(["train", str(base), "--data", str(_jsonl(tmp_path / "cls.jsonl", True)), "--kind", "loha",
                  "--out", str(out), "--steps", "2", "--batch-size", "4", "--quiet"])
     assert code == 0 and capsys.readouterr().out.startswith("trained loha (classification, labels neg, pos)")
-    export(ExportConfig(base=base, out=tmp_path / "art", adapters=(("c", out),)), quiet=True)
+    export(ExportConfig(graph="generic", base=base, out=tmp_path / "art", adapters=(("c", out),)), quiet=True)
     assert Model(tmp_path / "art").manifest["adapters"]["c"]["head"] == ["classifier.bias", "classifier.weight"]
     assert validate(tmp_path / "art", base, budget=TIGHT)["passed"]
 
@@ -421,7 +421,7 @@ def test_static_target_counts_the_exported_rank(llama, tmp_path):
     _, base, ads = llama
     (tmp_path / "npu.toml").write_text(SMALL_NPU)
     with pytest.raises(EdgepeftError, match=r"has lora rank 16 as exported, above max_rank 10"):
-        export(ExportConfig(base=base, out=tmp_path / "o", adapters=(("hada", ads["hada"]),),
+        export(ExportConfig(graph="generic", base=base, out=tmp_path / "o", adapters=(("hada", ads["hada"]),),
                             target=load_target(tmp_path / "npu.toml")), quiet=True)
     assert not (tmp_path / "o").exists()
 

@@ -30,7 +30,7 @@ def setup(tmp_path_factory):
            "ia3": make_adapter(base, root / "ia3", "ia3", seed=2),
            "prefix": make_adapter(base, root / "prefix", "prefix", seed=3)}
     fp32 = root / "fp32"
-    export(ExportConfig(base=base, out=fp32, adapters=tuple(ads.items())), quiet=True)
+    export(ExportConfig(graph="generic", base=base, out=fp32, adapters=tuple(ads.items())), quiet=True)
     rng = np.random.default_rng(1)  # calibration texts in the tiny word-level vocabulary
     (root / "calib.txt").write_text("\n".join(" ".join(f"w{i}" for i in rng.integers(3, 96, rng.integers(4, 24)))
                                               for _ in range(48)))
@@ -42,7 +42,7 @@ def quantized(request, setup):
     root, base, ads, _ = setup
     out = root / request.param
     calib = str(root / "calib.txt") if request.param == "int8-static" else None
-    export(ExportConfig(base=base, out=out, adapters=tuple(ads.items()),
+    export(ExportConfig(graph="generic", base=base, out=out, adapters=tuple(ads.items()),
                         quant=QuantConfig(precision=request.param, adapter_precision="fp16", calibration=calib)),
            quiet=True)
     return request.param, out
@@ -128,7 +128,7 @@ def test_calibration_over_every_adapter_prevents_clipping(tmp_path):
     t = load_file(loud / "adapter_model.safetensors")
     save_file({k: v * (30.0 if "lora_B" in k else 1.0) for k, v in t.items()}, loud / "adapter_model.safetensors")
     out = tmp_path / "fp32"
-    export(ExportConfig(base=base, out=out, adapters=(("loud", loud),)), quiet=True)
+    export(ExportConfig(graph="generic", base=base, out=out, adapters=(("loud", loud),)), quiet=True)
     m = Model(out)
     rng = np.random.default_rng(0)
     calib = [rng.integers(3, 96, (2, 12)) for _ in range(6)]
@@ -161,7 +161,7 @@ def test_quantization_refusals(setup, tmp_path):
     with pytest.raises(EdgepeftError, match="--calibration is for integer precisions"):
         QuantConfig(precision="fp16", calibration="default")
     with pytest.raises(EdgepeftError, match="no such file, nor a set"):
-        export(ExportConfig(base=base, out=tmp_path / "o", adapters=(("lora", ads["lora"]),),
+        export(ExportConfig(graph="generic", base=base, out=tmp_path / "o", adapters=(("lora", ads["lora"]),),
                             quant=QuantConfig(precision="int8-static", calibration="nope")), quiet=True)
     assert not (tmp_path / "o").exists()
 
@@ -171,7 +171,7 @@ def test_embeddings_and_head_are_kept_unless_asked(setup, tmp_path):
     sizes = {}
     for flag in (False, True):
         out = tmp_path / f"e{flag}"
-        man = export(ExportConfig(base=base, out=out, adapters=(("lora", ads["lora"]),),
+        man = export(ExportConfig(graph="generic", base=base, out=out, adapters=(("lora", ads["lora"]),),
                                   quant=QuantConfig(precision="int8", quantize_embeddings=flag)), quiet=True)
         sizes[flag] = (out / "model.onnx.data").stat().st_size
         info = man["graph"]["quantization"]
@@ -186,8 +186,8 @@ def test_classifier_heads_still_swap_after_quantization(tmp_path, precision):
     base = make_encoder("bert", tmp_path / "bert", seed=None)  # not re-seeded
     ads = {n: make_adapter(base, tmp_path / n, "lora", seed=i + 1, task="SEQ_CLS") for i, n in enumerate(("a", "b"))}
     fp32, q = tmp_path / "fp32", tmp_path / "q"
-    export(ExportConfig(base=base, out=fp32, adapters=tuple(ads.items())), quiet=True)
-    export(ExportConfig(base=base, out=q, adapters=tuple(ads.items()), quant=QuantConfig(precision=precision)),
+    export(ExportConfig(graph="generic", base=base, out=fp32, adapters=tuple(ads.items())), quiet=True)
+    export(ExportConfig(graph="generic", base=base, out=q, adapters=tuple(ads.items()), quant=QuantConfig(precision=precision)),
            quiet=True)
     texts = ["w5 w9 w11", "w40 w41 w42 w43", "w7 w8"]
     ref, got = Model(fp32), Model(q)
@@ -236,8 +236,8 @@ def test_protect_picks_the_matmul_with_the_largest_error(tmp_path):
     model.save_pretrained(base)
     loud = model.model.layers[1].self_attn.v_proj.weight.detach().numpy().T  # (K, N) as the graph holds it
     fp32, q = tmp_path / "fp32", tmp_path / "int4"
-    export(ExportConfig(base=base, out=fp32), quiet=True)
-    export(ExportConfig(base=base, out=q, quant=QuantConfig(precision="int4", protect=1 / 14)), quiet=True)
+    export(ExportConfig(graph="generic", base=base, out=fp32), quiet=True)
+    export(ExportConfig(graph="generic", base=base, out=q, quant=QuantConfig(precision="int4", protect=1 / 14)), quiet=True)
     protected = Model(q).manifest["graph"]["quantization"]["protected"]
     graph = onnx.load(str(fp32 / "model.onnx"), load_external_data=True).graph
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
@@ -322,7 +322,7 @@ def test_tied_embedding_and_head_quantized_when_asked(tmp_path, precision):
     for name, quant in (("fp32", QuantConfig()), ("plain", QuantConfig(precision=precision)),
                         ("emb", QuantConfig(precision=precision, quantize_embeddings=True))):
         outs[name] = tmp_path / name
-        export(ExportConfig(base=base, out=outs[name], adapters=(("lora", lora),), quant=quant), quiet=True)
+        export(ExportConfig(graph="generic", base=base, out=outs[name], adapters=(("lora", lora),), quant=quant), quiet=True)
     graph = onnx.load(str(outs["emb"] / "model.onnx"), load_external_data=False).graph
     ops = {n.op_type for n in graph.node}
     producer = {o: n for n in graph.node for o in n.output}
@@ -360,7 +360,7 @@ def test_tied_table_stored_once(tmp_path, precision):
     profile = tmp_path / "arm.toml"
     profile.write_text('platform = "arm64"\nort_format = true\n')
     out = tmp_path / "out"
-    export(ExportConfig(base=base, out=out, adapters=(("lora", lora),), quant=QuantConfig(precision=precision),
+    export(ExportConfig(graph="generic", base=base, out=out, adapters=(("lora", lora),), quant=QuantConfig(precision=precision),
                         target=load_target(profile)), quiet=True)
     graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
     vocab, d = 96, 64

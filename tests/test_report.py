@@ -38,7 +38,7 @@ def causal(tmp_path_factory):
     ads = (("chat", make_adapter(base, root / "chat", "lora", seed=1, target_modules=["q_proj", "v_proj"])),
            ("sql", make_adapter(base, root / "sql", "lora", seed=2, target_modules=["v_proj", "down_proj"])))
     art = root / "art"
-    export(ExportConfig(base=base, out=art, adapters=ads), quiet=True)
+    export(ExportConfig(graph="generic", base=base, out=art, adapters=ads), quiet=True)
     return base, art, _texts(root / "texts.txt")
 
 
@@ -108,7 +108,7 @@ def test_classifier_report_with_accuracy(capsys, tmp_path_factory):
     ads = (("pos", make_adapter(base, root / "pos", "lora", seed=1, task="SEQ_CLS")),
            ("neg", make_adapter(base, root / "neg", "ia3", seed=2, task="SEQ_CLS")))
     art = root / "art"
-    export(ExportConfig(base=base, out=art, adapters=ads), quiet=True)
+    export(ExportConfig(graph="generic", base=base, out=art, adapters=ads), quiet=True)
     rng = np.random.default_rng(0)
     labelled = root / "labelled.jsonl"
     labelled.write_text("".join(json.dumps({"text": " ".join(f"w{i}" for i in rng.integers(3, VOCAB, 8)),

@@ -51,7 +51,7 @@ def _run(capsys, *argv):
 def _export(base, out, **adapters):
     from edgepeft.export import ExportConfig, export
 
-    export(ExportConfig(base=base, out=out, adapters=tuple(adapters.items())), quiet=True)
+    export(ExportConfig(graph="generic", base=base, out=out, adapters=tuple(adapters.items())), quiet=True)
     return out
 
 
@@ -116,7 +116,7 @@ def test_same_base_copy_and_names_accepted(tmp_path, llama_base, llama_adapters,
 
     def check(base, ad):
         with pytest.raises(_Reached):
-            export(ExportConfig(base=base, out=tmp_path / "out", adapters=(("a", ad),)), quiet=True)
+            export(ExportConfig(graph="generic", base=base, out=tmp_path / "out", adapters=(("a", ad),)), quiet=True)
 
     copy = shutil.copytree(llama_base, tmp_path / "copy")
     check(copy, llama_adapters["chat"])
@@ -131,7 +131,7 @@ def test_same_base_copy_and_names_accepted(tmp_path, llama_base, llama_adapters,
     check(llama_base, ad)  # a plain folder name says nothing about the model in it
     with pytest.raises(EdgepeftError, match=r"'acme/other-llama', but .* is a snapshot of 'acme/tiny-llama'.*"
                                             r"--allow-base-mismatch"):
-        export(ExportConfig(base=hub, out=tmp_path / "out", adapters=(("a", ad),)), quiet=True)
+        export(ExportConfig(graph="generic", base=hub, out=tmp_path / "out", adapters=(("a", ad),)), quiet=True)
 
 
 @pytest.mark.parametrize("task", ["causal-lm", "classification"])
@@ -153,7 +153,7 @@ def test_trained_adapter_bound_by_fingerprint(tmp_path, llama_base, other_base, 
     assert binding["base_fingerprint"].startswith("sha256:") and binding["task"] == task
 
     def run(base, **kw):
-        export(ExportConfig(base=base, out=tmp_path / "out", adapters=(("a", ad),), **kw), quiet=True)
+        export(ExportConfig(graph="generic", base=base, out=tmp_path / "out", adapters=(("a", ad),), **kw), quiet=True)
 
     with pytest.raises(_Reached):
         run(llama_base)  # train's fingerprint is the one export computes
@@ -476,7 +476,7 @@ def test_leftovers_of_killed_exports_are_removed_live_ones_kept(tmp_path, llama_
     fcntl.flock(fd, fcntl.LOCK_EX)
     try:
         with pytest.raises(_Reached):
-            export(ExportConfig(base=llama_base, out=parent / "out", adapters=(("a", llama_adapters["chat"]),)),
+            export(ExportConfig(graph="generic", base=llama_base, out=parent / "out", adapters=(("a", llama_adapters["chat"]),)),
                    quiet=True)
     finally:
         os.close(fd)

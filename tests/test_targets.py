@@ -243,7 +243,7 @@ def test_merged_artifact_gets_one_ort_per_graph(llama_base, llama_adapters, tmp_
                        'ort_format = true\n')
     out = tmp_path / "merged"
     adapters = (("chat", llama_adapters["chat"]), ("code", llama_adapters["code"]))
-    m = export(ExportConfig(base=llama_base, out=out, adapters=adapters, mode="merged",
+    m = export(ExportConfig(graph="generic", base=llama_base, out=out, adapters=adapters, mode="merged",
                             target=load_target(profile)), quiet=True)
     assert [a["graph"]["ort"]["file"] for a in m["adapters"].values()] == ["merged/chat.ort", "merged/code.ort"]
     assert (out / "required_operators_and_types.config").is_file() and check(out) == []
@@ -296,7 +296,7 @@ def small_static(llama_base, llama_adapters, tmp_path_factory):
     root = tmp_path_factory.mktemp("small-static")
     (root / "small-npu.toml").write_text(SMALL_NPU)
     out = root / "out"
-    export(ExportConfig(base=llama_base, out=out, adapters=tuple(llama_adapters.items()),
+    export(ExportConfig(graph="generic", base=llama_base, out=out, adapters=tuple(llama_adapters.items()),
                         target=load_target(root / "small-npu.toml")), quiet=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ProviderFallbackWarning)
@@ -369,8 +369,8 @@ def test_static_encoder_pads_to_buckets(tmp_path):
     profile = tmp_path / "enc-npu.toml"
     profile.write_text(SMALL_NPU.replace("[1, 4]", "[1, 8, 16]"))  # 1: dropped for encoders
     dyn, st = tmp_path / "dyn", tmp_path / "static"
-    export(ExportConfig(base=base, out=dyn, adapters=tuple(ads.items())), quiet=True)
-    export(ExportConfig(base=base, out=st, adapters=tuple(ads.items()), target=load_target(profile)), quiet=True)
+    export(ExportConfig(graph="generic", base=base, out=dyn, adapters=tuple(ads.items())), quiet=True)
+    export(ExportConfig(graph="generic", base=base, out=st, adapters=tuple(ads.items()), target=load_target(profile)), quiet=True)
     assert verify(st) == []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ProviderFallbackWarning)

@@ -41,7 +41,7 @@ def lm(tmp_path_factory):
            "v2": make_adapter(base, root / "v2", "vera", seed=3, r=4, target_modules=OTHER),
            "lora": make_adapter(base, root / "lora", "lora", seed=4, target_modules=["q_proj", "v_proj"])}
     side = root / "side"
-    export(ExportConfig(base=base, out=side, adapters=tuple(ads.items())), quiet=True)
+    export(ExportConfig(graph="generic", base=base, out=side, adapters=tuple(ads.items())), quiet=True)
     return root, base, ads, side
 
 
@@ -182,7 +182,7 @@ def test_add_adapter_checks_the_defaults_it_relies_on(lm, tmp_path):
     alone = {}
     for name in ("v1b", "v2"):  # exported alone, each leaves all its projections to its graph
         alone[name] = tmp_path / name
-        export(ExportConfig(base=base, out=alone[name], adapters=((name, ads[name]),)), quiet=True)
+        export(ExportConfig(graph="generic", base=base, out=alone[name], adapters=((name, ads[name]),)), quiet=True)
         assert all(".shared." not in n for n in _adapter_arrays(alone[name] / "adapters" / f"{name}.onnx_adapter"))
     m = Model(side)
     m.add_adapter(alone["v1b"], "v1b", as_name="v1b-added")
@@ -195,7 +195,7 @@ def test_add_adapter_checks_the_defaults_it_relies_on(lm, tmp_path):
 def test_merged_matches_peft(lm, refs, tmp_path):
     _, base, ads, _ = lm
     out = tmp_path / "merged"
-    export(ExportConfig(base=base, out=out, mode="merged", adapters=(("v1", ads["v1"]), ("v2", ads["v2"]))),
+    export(ExportConfig(graph="generic", base=base, out=out, mode="merged", adapters=(("v1", ads["v1"]), ("v2", ads["v2"]))),
            quiet=True)
     m = Model(out)
     _, mask = _left_padded(ROWS)
@@ -212,7 +212,7 @@ def test_quantized_base_keeps_the_vera_branch(lm, precision, tmp_path):
     the adapter than without it; the projections stay float, as the manifest states them."""
     _, base, ads, side = lm
     out = tmp_path / precision
-    export(ExportConfig(base=base, out=out, adapters=tuple(ads.items()),
+    export(ExportConfig(graph="generic", base=base, out=out, adapters=tuple(ads.items()),
                         quant=QuantConfig(precision=precision, adapter_precision="fp16")), quiet=True)
     assert verify(out) == []  # includes each shared default's digest against the quantized graph
     inits = {t.name: t for t in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.initializer}
@@ -235,7 +235,7 @@ def test_static_shapes_take_the_shared_defaults(lm, tmp_path):
     _, base, ads, side = lm
     (tmp_path / "npu.toml").write_text(SMALL_NPU)
     out = tmp_path / "static"
-    export(ExportConfig(base=base, out=out, adapters=tuple(ads.items()), target=load_target(tmp_path / "npu.toml"),
+    export(ExportConfig(graph="generic", base=base, out=out, adapters=tuple(ads.items()), target=load_target(tmp_path / "npu.toml"),
                         quant=QuantConfig(precision="fp32")), quiet=True)
     assert verify(out) == []
     with warnings.catch_warnings():
@@ -265,22 +265,22 @@ def test_files_edgepeft_cannot_reproduce_are_refused(lm, tmp_path):
     no_proj = make_adapter(base, tmp_path / "no-proj", "vera", target_modules=["q_proj"], save_projection=False)
     with pytest.raises(EdgepeftError, match=r"no-proj/adapter_config.json: save_projection=false: .*PEFT "
                                             r"regenerates them from projection_prng_key with torch's random generator"):
-        export(ExportConfig(base=base, out=tmp_path / "a", adapters=(("x", no_proj),)), quiet=True)
+        export(ExportConfig(graph="generic", base=base, out=tmp_path / "a", adapters=(("x", no_proj),)), quiet=True)
     key = "base_model.model.model.layers.0.self_attn.q_proj.vera_lambda_b"
     short = _edit_tensors(ads["v1"], tmp_path / "short", lambda t: {**t, key: t[key][:-1]})
     with pytest.raises(EdgepeftError, match=r"short/adapter_model.safetensors: model.layers.0.self_attn.q_proj: "
                                             r"vera_lambda_d \(8,\) and vera_lambda_b \(63,\) must be \(8,\) and \(64,\)"):
-        export(ExportConfig(base=base, out=tmp_path / "b", adapters=(("x", short),)), quiet=True)
+        export(ExportConfig(graph="generic", base=base, out=tmp_path / "b", adapters=(("x", short),)), quiet=True)
     narrow = _edit_tensors(ads["v1"], tmp_path / "narrow",
                            lambda t: {**t, "base_model.vera_A": t["base_model.vera_A"][:, :100].contiguous()})
     with pytest.raises(EdgepeftError, match=r"narrow/adapter_model.safetensors: model.layers.\d.mlp.down_proj "
                                             r"\(128 -> 64\) does not fit the projections vera_A \(8, 100\)"):
-        export(ExportConfig(base=base, out=tmp_path / "c", adapters=(("x", narrow),)), quiet=True)
+        export(ExportConfig(graph="generic", base=base, out=tmp_path / "c", adapters=(("x", narrow),)), quiet=True)
     bias = _edit_tensors(ads["v1"], tmp_path / "bias", lambda t: t)
     cfg = json.loads((bias / "adapter_config.json").read_text())
     (bias / "adapter_config.json").write_text(json.dumps({**cfg, "bias": "all"}))
     with pytest.raises(EdgepeftError, match="bias='all': trained biases are not exported"):
-        export(ExportConfig(base=base, out=tmp_path / "d", adapters=(("x", bias),)), quiet=True)
+        export(ExportConfig(graph="generic", base=base, out=tmp_path / "d", adapters=(("x", bias),)), quiet=True)
 
 
 @pytest.mark.parametrize("make, message", [
@@ -327,7 +327,7 @@ def test_encoder_classifier_matches_peft(bert, mode):
     root, base, ads = bert
     out = root / mode
     if not out.exists():
-        export(ExportConfig(base=base, out=out, mode=mode, adapters=tuple(ads.items())), quiet=True)
+        export(ExportConfig(graph="generic", base=base, out=out, mode=mode, adapters=tuple(ads.items())), quiet=True)
     m = Model(out)
     rows = [[5, 9, 11, 40], [7, 8], [30, 31, 32, 33, 34, 35, 36]]
     width = max(len(r) for r in rows)
@@ -376,7 +376,7 @@ def test_train_exports_and_validates(lm, bert, tmp_path, task):
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "VERA" and cfg["save_projection"] is True
     art = tmp_path / "art"
-    export(ExportConfig(base=base, out=art, adapters=(("trained", out),)), quiet=True)
+    export(ExportConfig(graph="generic", base=base, out=art, adapters=(("trained", out),)), quiet=True)
     result = validate(art, base, max_new_tokens=3, budget=Budget(max_abs_logits=1e-4), quiet=True,
                       **({"labelled": data} if task == "classification" else {}))
     assert result["passed"], result["cases"]

@@ -15,10 +15,11 @@ is written last.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
-from edgepeft.export.build import builder
+from edgepeft.export.build import builder, choose_graph
 from edgepeft.export.bundle import target_bundle
 from edgepeft.export.config import GRAPHS, MODES, TASKS, ExportConfig
 from edgepeft.export.load import Base, load_base, read_adapters
@@ -40,6 +41,9 @@ def export(cfg: ExportConfig, quiet: bool = False) -> dict:
     log(f"loading base model {cfg.base}", quiet)
     base = load_base(cfg)  # 1
     adapters = read_adapters(cfg, base, quiet)  # 2
+    graph, why = choose_graph(cfg, base, adapters)
+    log(f"graph: {graph}" + (f" (the traced model; not fused: {why})" if why else ""), quiet)
+    cfg = dataclasses.replace(cfg, graph=graph)
     with atomic_dir(cfg.out) as tmp:  # 7: renamed to OUT when the block succeeds, else removed
         manifest = write_artifact(cfg, base, adapters, tmp, quiet)
     log(f"wrote {cfg.out} in {time.perf_counter() - t0:.1f}s", quiet)

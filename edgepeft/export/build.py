@@ -33,8 +33,24 @@ from edgepeft.export.plan import plan_traced, side_branches
 from edgepeft.progress import bar, log
 
 
+def choose_graph(cfg: ExportConfig, base: Base, adapters: list) -> tuple[str, str | None]:
+    """``(graph, why)``: ``cfg.graph`` when it names one, else (``auto``) ``fused`` wherever the
+    task, the target, the precision, the base's family and the adapters allow it, else
+    ``generic`` and the reason (None for a graph that was asked for or is fused)."""
+    if cfg.graph != "auto":
+        return cfg.graph, None
+    why = cfg.why_not_fused()
+    if why is None and base.task != "causal-lm":
+        why = f"a {base.task} model (the fused graph is for causal LMs)"
+    if why is None:
+        sides = {} if cfg.mode == "merged" else side_branches(cfg, base, adapters)
+        why = fused.unsupported(base.model, sides)
+    return ("generic", why) if why else ("fused", None)
+
+
 def builder(cfg: ExportConfig, base: Base):
-    """The builder for ``cfg.graph`` and ``cfg.mode``.
+    """The builder for ``cfg.graph`` (``generic`` or ``fused``: resolved by :func:`choose_graph`)
+    and ``cfg.mode``.
 
     Raises:
         EdgepeftError: ``--graph fused`` for a model that is not a causal LM.

@@ -10,7 +10,7 @@ from edgepeft.quantize import QuantConfig
 from edgepeft.targets import Target, load_target, quant_defaults
 
 MODES = ("side", "merged")
-GRAPHS = ("generic", "fused")
+GRAPHS = ("auto", "generic", "fused")
 TASKS = ("auto", "causal-lm", "classification")
 
 
@@ -37,10 +37,13 @@ class ExportConfig:
         target: the deployment profile (``edgepeft.targets``): providers recorded for the
             runtime, opset, default precision, ORT-format bundle, partition report, max_rank;
             None: ``cpu-x86_64``.
-        graph: ``generic`` (the traced model: every architecture and adapter kind) or ``fused``
-            (causal LMs of the Llama family with LoRA: a graph of onnxruntime's fused kernels,
-            GroupQueryAttention with an in-place KV cache, q|k|v and gate|up packed;
-            ``edgepeft.export.fused``). Fused decodes several times faster on CPU.
+        graph: ``fused`` (causal LMs of a family in ``edgepeft.families`` with LoRA-form
+            adapters: a graph of onnxruntime's fused kernels, GroupQueryAttention with an in-place
+            KV cache, q|k|v and gate|up packed; ``edgepeft.export.fused``; decodes several times
+            faster on CPU), ``generic`` (the traced model: every architecture, adapter kind,
+            target and precision), or ``auto`` (default): fused wherever the family, the adapter
+            kinds, the target and the precision allow, else generic, with the reason
+            (:func:`edgepeft.export.build.choose_graph`).
     """
 
     base: Path
@@ -53,13 +56,13 @@ class ExportConfig:
     quant: QuantConfig | None = None
     allow_base_mismatch: bool = False
     target: Target | None = None
-    graph: str = "generic"
+    graph: str = "auto"
 
     def __post_init__(self):
         self._fill_from_target()
         self._check_choices()
-        if self.graph == "fused":
-            self._check_fused()
+        if self.graph == "fused" and self.why_not_fused():
+            raise EdgepeftError(f"--graph fused: {self.why_not_fused()}; use --graph generic for it.")
         self._check_adapters_and_out()
 
     def _fill_from_target(self) -> None:
@@ -79,14 +82,16 @@ class ExportConfig:
         if self.graph not in GRAPHS:
             raise EdgepeftError(f"--graph {self.graph!r}: choose one of {', '.join(GRAPHS)}.")
 
-    def _check_fused(self) -> None:
-        """What a fused graph cannot do: static shapes, calibration feeds."""
+    def why_not_fused(self) -> str | None:
+        """What of this config a fused graph cannot do, known before loading the model: static
+        shapes, calibration feeds, fp16 (None: nothing)."""
         if self.target.static_shapes:
-            raise EdgepeftError(f"--graph fused with target {self.target.name!r}: fused graphs have "
-                                "dynamic shapes; use --graph generic for static-shape targets.")
+            return f"target {self.target.name!r} fixes every shape, and fused graphs have dynamic shapes"
         if self.quant.precision == "int8-static" or self.quant.protect:
-            raise EdgepeftError("--graph fused: int8-static and --protect need calibration feeds "
-                                "of the generic graph; use --graph generic for them.")
+            return "int8-static and --protect calibrate on the generic graph's feeds"
+        if self.quant.precision == "fp16":
+            return "fp16 (the fused graph is fp32, int8 or int4)"
+        return None
 
     def _check_adapters_and_out(self) -> None:
         names = [n for n, _ in self.adapters]

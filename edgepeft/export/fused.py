@@ -58,11 +58,10 @@ def unsupported(model: torch.nn.Module, sides: dict[str, SideBranch]) -> str | N
 
     The reason is one phrase: ``model_type 'x' (...)``, ``hidden_act ...``, ``adapter 'a' has ...``.
     """
-    cfg = model.config
-    module = families.REGISTRY.get(cfg.model_type)
-    if module is None:
-        return f"model_type {cfg.model_type!r} (the fused graph knows {', '.join(families.REGISTRY)})"
-    fam = module.FAMILY
+    fam = families.REGISTRY.get(model.config.model_type)
+    if fam is None:
+        return f"model_type {model.config.model_type!r} (the fused graph knows {', '.join(families.REGISTRY)})"
+    cfg = fam.text_config(model.config)
     if activation(cfg) not in ACTIVATIONS:
         return f"hidden activation {activation(cfg)!r} (the fused graph computes {', '.join(ACTIVATIONS)})"
     why = fam.check(cfg)
@@ -98,7 +97,7 @@ def groups_used(model: torch.nn.Module, sides: dict[str, SideBranch]) -> list[tu
     """``(layer, group)`` pairs that at least one adapter touches, in graph order."""
     fam = families.family(model.config)
     touched = {m for side in sides.values() for m, _ in side.layers}
-    return [(i, g) for i in range(model.config.num_hidden_layers)
+    return [(i, g) for i in range(fam.text_config(model.config).num_hidden_layers)
             for g, mods in group_modules(fam, i).items() if touched & set(mods)]
 
 
@@ -161,8 +160,9 @@ class _Builder:
     """Builds one fused decoder graph; one method per piece of a layer."""
 
     def __init__(self, model: torch.nn.Module, sides: dict[str, SideBranch]):
-        self.model, self.cfg = model, model.config
-        self.fam = families.family(self.cfg)
+        self.model = model
+        self.fam = families.family(model.config)
+        self.cfg = self.fam.text_config(model.config)
         self.sd = model.state_dict()
         self.eps = float(self.cfg.rms_norm_eps)
         self.used = set(groups_used(model, sides))

@@ -1,6 +1,6 @@
 """Decoder families the fused graph builds (``edgepeft.export.fused``): one description per file.
 
-:data:`REGISTRY` (HF ``model_type`` -> family module, each with a ``FAMILY``) is the one list;
+:data:`REGISTRY` (HF ``model_type`` -> the family's description, from its file) is the one list;
 :func:`family` looks a config up and refuses what is not in it.
 """
 
@@ -11,14 +11,15 @@ from edgepeft.families import gemma2, gemma3, llama, mistral, phi3, qwen2, qwen3
 from edgepeft.families.common import Family, Layer
 
 REGISTRY = {
-    "llama": llama,
-    "mistral": mistral,
-    "qwen2": qwen2,
-    "qwen3": qwen3,
-    "smollm3": smollm3,
-    "phi3": phi3,
-    "gemma3_text": gemma3,
-    "gemma2": gemma2,
+    "llama": llama.FAMILY,
+    "mistral": mistral.FAMILY,
+    "qwen2": qwen2.FAMILY,
+    "qwen3": qwen3.FAMILY,
+    "smollm3": smollm3.FAMILY,
+    "phi3": phi3.FAMILY,
+    "gemma3_text": gemma3.FAMILY,
+    "gemma3": gemma3.TOWER,
+    "gemma2": gemma2.FAMILY,
 }
 
 
@@ -28,10 +29,10 @@ def family(cfg) -> Family:
     Raises:
         EdgepeftError: a model type without a description.
     """
-    module = REGISTRY.get(cfg.model_type)
-    if module is None:
+    fam = REGISTRY.get(cfg.model_type)
+    if fam is None:
         raise EdgepeftError(f"model_type {cfg.model_type!r} (the fused graph knows {', '.join(REGISTRY)})")
-    return module.FAMILY
+    return fam
 
 
 __all__ = ["REGISTRY", "Family", "Layer", "family"]

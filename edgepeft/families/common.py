@@ -134,6 +134,7 @@ class Family:
             checks for every family.
         embed_scale: the token embeddings' multiplier (Gemma: sqrt(hidden)); None: none.
         softcaps: config attributes of the attention-logit and final-logit soft caps (Gemma 2).
+        text_config: the decoder's config within the model's (a multimodal model's text tower).
     """
 
     groups: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: LLAMA_GROUPS)
@@ -147,6 +148,7 @@ class Family:
     check: Callable[[object], str | None] = no_check
     embed_scale: Callable[[object], float] | None = None
     softcaps: tuple[str, str] | None = None
+    text_config: Callable = lambda cfg: cfg
 
     def __post_init__(self):
         if set(self.groups) != {"qkv", "o", "gate_up", "down"}:

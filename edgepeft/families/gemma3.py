@@ -1,7 +1,9 @@
-"""Gemma 3 (``gemma3_text``): ``(1 + w)`` RMSNorms, sandwich norms around attention and the MLP,
+"""Gemma 3 (``gemma3_text``, and as :data:`TOWER` the text tower of the multimodal ``gemma3``): ``(1 + w)`` RMSNorms, sandwich norms around attention and the MLP,
 RMSNorm over each head of q and k, attention scaled by ``query_pre_attn_scalar ** -0.5``,
 GELU-tanh gated MLP, embeddings scaled by sqrt(hidden), sliding-window layers interleaved with
 global ones, each layer type with its own rotary base."""
+
+import dataclasses
 
 import torch
 
@@ -36,3 +38,7 @@ FAMILY = Family(norms=NORMS, qk_norm=True, norm_offset=1.0, layers=layers, rotar
                 scale=lambda cfg: float(cfg.query_pre_attn_scalar) ** -0.5, check=check,
                 embed_scale=lambda cfg: float(cfg.hidden_size) ** 0.5,
                 softcaps=("attn_logit_softcapping", "final_logit_softcapping"))
+
+# Gemma3ForConditionalGeneration: the same decoder under model.language_model (images are not
+# exported; a prompt of text tokens runs it as Gemma 3 text)
+TOWER = dataclasses.replace(FAMILY, decoder="model.language_model", text_config=lambda cfg: cfg.text_config)
