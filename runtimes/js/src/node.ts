@@ -32,10 +32,14 @@ export function fileSource(dir: string): Source {
   };
 }
 
+/** onnxruntime-node writes preallocated output tensors in place: a fused graph's KV buffer is
+ * bound as both past and present (no copy per decode step). */
+const backend: OrtApi = { InferenceSession: ort.InferenceSession, Tensor: ort.Tensor, inPlaceOutputs: true } as unknown as OrtApi;
+
 export class Model extends Core {
   /** Load the artifact in directory `dir` (checks manifest, sha256 sums, adapter files). */
   static async load(dir: string, options: LoadOptions = {}): Promise<Model> {
-    return (await Core.open(fileSource(dir), ort as unknown as OrtApi, options)) as Model;
+    return (await Core.open(fileSource(dir), backend, options)) as Model;
   }
 }
 export { ort };
