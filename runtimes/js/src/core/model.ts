@@ -269,6 +269,16 @@ export class Model {
           `(${layers} layers); the manifest was edited. Export the artifact again.`);
       }
     }
+    const fusedInputs = ['seqlens_k', 'total_sequence_length'];
+    if (this.fused && !fusedInputs.every((n) => inputs.has(n))) {
+      throw new EdgepeftError(`${this.where}: graph layout "fused", but ${this.source.describe(file)} has no ` +
+        `'${fusedInputs.find((n) => !inputs.has(n))}' input (not a fused graph); the manifest was edited. Export ` +
+        'the artifact again.');
+    }
+    if (!this.fused && fusedInputs.some((n) => inputs.has(n))) {
+      throw new EdgepeftError(`${this.where}: no graph layout given, but ${this.source.describe(file)} is a fused ` +
+        `graph (it takes '${fusedInputs.find((n) => inputs.has(n))}'); the manifest was edited. Export the artifact again.`);
+    }
     if (!session.outputNames.includes('logits')) {
       throw new EdgepeftError(`${this.source.describe(file)}: has no 'logits' output. Export the artifact again.`);
     }
