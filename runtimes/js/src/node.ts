@@ -32,8 +32,9 @@ export function fileSource(dir: string): Source {
   };
 }
 
-/** onnxruntime-node writes preallocated output tensors in place: a fused graph's KV buffer is
- * bound as both past and present (no copy per decode step). */
+/** onnxruntime-node writes preallocated output tensors: a fused graph's KV buffer is passed as
+ * both past and present (no new arrays per decode step; the binding still copies per call, see
+ * core/fused.ts). */
 const backend: OrtApi = { InferenceSession: ort.InferenceSession, Tensor: ort.Tensor, inPlaceOutputs: true } as unknown as OrtApi;
 
 export class Model extends Core {

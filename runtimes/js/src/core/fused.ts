@@ -9,8 +9,11 @@
  * `past.{i}.key|value (B, H_kv, M, D)`, that is also `present`:
  *
  * - in place (`inPlace`, onnxruntime-node): the buffer is passed as the input and as the
- *   preallocated output of the same name; onnxruntime writes each step's keys and values into it
- *   and a decode step copies no cache (Python binds one OrtValue to both with I/O binding);
+ *   preallocated output of the same name, and each step's keys and values land in it (Python binds
+ *   one OrtValue to both with I/O binding, so its decode step copies no cache). Measured on
+ *   onnxruntime-node 1.30, this is no faster than feeding back: its decode speed falls with the
+ *   buffer size M in both modes alike (Python's does not), so the binding copies the cache per
+ *   call either way; kept because it allocates nothing per step;
  * - copying (onnxruntime-web: its wasm backend copies every input into its heap and every output
  *   out of it, and does not write preallocated CPU outputs): each step's `present` is fed back as
  *   the next `past`, the whole buffer crossing the JS / wasm boundary twice per step.

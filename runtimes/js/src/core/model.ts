@@ -32,9 +32,9 @@ import type { TextTokenizer } from './tokenizer.js';
 export interface OrtApi {
   InferenceSession: { create(buffer: Uint8Array, options?: InferenceSession.SessionOptions): Promise<InferenceSession> };
   Tensor: typeof Tensor;
-  /** The backend writes preallocated CPU output tensors in place (onnxruntime-node does; the wasm
-   * backend of onnxruntime-web does not): a fused graph's KV buffer is then passed as both past and
-   * present and never copied. Default false: present is fed back as the next past. */
+  /** The backend writes preallocated CPU output tensors (onnxruntime-node does; the wasm backend
+   * of onnxruntime-web does not): a fused graph's KV buffer is then passed as both past and
+   * present. Default false: present is fed back as the next past. */
   inPlaceOutputs?: boolean;
 }
 
