@@ -1,6 +1,9 @@
 """The web demo (runtimes/js/web) in headless Chromium gives the Python runtime's text.
 
-One tiny Llama artifact with two LoRA adapters of different ranks is exported; the Python runtime
+A tiny Llama artifact with two LoRA adapters of different ranks is exported, once per graph (the
+traced graph; the fused graph in fp32; the fused graph in int4 with the fast options, whose
+GroupQueryAttention, MatMulNBits and GatherBlockQuantized contrib ops onnxruntime-web's wasm
+backend runs); the Python runtime
 computes the expected text for one adapter, a weighted mix and the base model;
 runtimes/js/test/browser.test.mjs serves the page, drives Chromium (playwright-core), compares the shown text, reads the shown swap
 time and tok/s, and checks screenshots. Needs Node >= 20, runtimes/js built
@@ -63,20 +66,28 @@ def tools() -> tuple[str, str]:
     return _prerequisites()
 
 
-@pytest.fixture(scope="module")
-def browser_case(tools, tmp_path_factory) -> Path:
+GRAPHS = {"traced": {"graph": "generic"}, "fused": {"graph": "fused"},
+          "fused-int4": {"graph": "fused", "quant": dict(precision="int4", accuracy_level=4, head_bits=8)}}
+
+
+@pytest.fixture(scope="module", params=list(GRAPHS))
+def browser_case(tools, tmp_path_factory, request) -> Path:
     """The case JSON for browser.test.mjs: artifact, prompt, choices and the Python texts."""
     from edgepeft.export import ExportConfig, export
+    from edgepeft.quantize import QuantConfig
     from edgepeft.runtime import Model
 
-    root = tmp_path_factory.mktemp("js-browser")
+    graph = dict(GRAPHS[request.param])
+    if "quant" in graph:
+        graph["quant"] = QuantConfig(**graph["quant"])
+    root = tmp_path_factory.mktemp(f"js-browser-{request.param}")
     base = make_base("llama", root / "base", tokenizer=True)
     adapters = {
         "chat": make_lora(base, root / "chat", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
         "sql": make_lora(base, root / "sql", seed=2, r=8, lora_alpha=16, target_modules="all-linear"),
     }
     out = root / "artifact"
-    export(ExportConfig(graph="generic", base=base, out=out, adapters=tuple(adapters.items())), quiet=True)
+    export(ExportConfig(base=base, out=out, adapters=tuple(adapters.items()), **graph), quiet=True)
     model = Model(out)
     expected = {"adapter": model.generate_text(PROMPT, max_new_tokens=MAX_NEW, adapter=ADAPTER),
                 "mix": model.generate_text(PROMPT, max_new_tokens=MAX_NEW, adapter=MIX)}

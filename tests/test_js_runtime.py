@@ -3,12 +3,16 @@
 Tiny artifacts are exported here (a LoRA / prefix / bottleneck / IA3 side artifact in fp32 and in
 int8 with fp16 adapter files, a merged artifact, an encoder classifier, a static-shape artifact
 with LoRAs of ranks 4 / 8 / 2, a LoHa + LoRA artifact, a VeRA artifact whose shared projections are
-graph defaults), the Python runtime's
+graph defaults; fused-layout artifacts: fp32 side, int4 side with the fast options, merged), the
+Python runtime's
 outputs on fixed inputs are written to a cases dir, and ``node --test`` runs
 ``runtimes/js/test/parity.test.mjs`` on them: logits within 1e-5 (fp32), greedy ids and texts
 identical, classify labels identical, and the refusals (tampered file, other format version,
 unknown adapter; on the static artifact: KV window overflow and a mix above max_rank; on the VeRA
-artifact: one adapter's projections replacing those another relies on).
+artifact: one adapter's projections replacing those another relies on). Fused artifacts run both
+ways the JS runtime has (KV buffer written in place: onnxruntime-node; present fed back as past:
+the core with a plain ort, as onnxruntime-web does), and an adapter swapped on a running KV buffer
+gives Python's next-step logits.
 
 Needs the package built: ``(cd runtimes/js && npm ci && npm run build)``; without it the test
 fails (it does not skip), so CI cannot pass without running the JS side.
@@ -42,6 +46,10 @@ BUILD_HINT = "run `(cd runtimes/js && npm ci && npm run build)` first"
 # int8 graphs: onnxruntime 1.32 (Python) and 1.30 (node) may pick other integer kernels; the max
 # |diff| observed on these artifacts is reported by the node test (see its output).
 INT8_TOL = 1e-4
+# fused graphs: GroupQueryAttention / MatMulNBits of onnxruntime 1.32 (Python) and 1.30 (node)
+FUSED_TOL = 1e-4
+INT4_TOL = 1e-4
+FAST_INT4 = dict(precision="int4", accuracy_level=4, head_bits=8)
 
 
 def _f32(a) -> str:
@@ -81,8 +89,6 @@ def _static_cases(root: Path, base: Path, ads: dict) -> dict:
     from edgepeft.runtime import Model
     from edgepeft.targets import load_target
 
-    ads = {**ads, "code": make_lora(base, root / "code", seed=3, r=2, lora_alpha=3,
-                                    target_modules=["k_proj", "up_proj"], layers_to_transform=[1])}
     (root / "small-npu.toml").write_text(SMALL_NPU)
     out = root / "static"
     export(ExportConfig(graph="generic", base=base, out=out, adapters=tuple(ads.items()),
@@ -121,6 +127,50 @@ def _refusals(m, out: Path, calls: list[dict]) -> list[dict]:
     return refusals
 
 
+def _swap_case(path: Path) -> dict:
+    """Python's next-step logits when the adapter changes on a running KV buffer of a fused graph:
+    a prompt with ``sql``, then one token each with ``chat``, the base, ``code`` and a mix."""
+    from edgepeft.runtime import Model, fused
+
+    m = Model(path)
+    lay = m._layouts[None]
+    ids, lengths = [[5, 9, 17, 33, 4]], np.array([5])
+    kv = fused.Cache(lay.session, lay.cache, 1, 10)
+    kv.bind_adapter(lay.values(m._store.feeds("sql")[0]))
+    kv.run(np.array(ids), lengths)
+    steps = []
+    for choice in ("chat", None, "code", {"chat": 0.7, "sql": 0.3}):
+        kv.bind_adapter(lay.values(m._store.feeds(choice)[0]))
+        lengths = lengths + 1
+        out = kv.run(np.array([[7]]), lengths)  # (1, 1, V)
+        steps.append({"adapter": choice, "ids": [[7]], "lengths": lengths.tolist(), "dims": list(out.shape),
+                      "data": _f32(out)})
+    return {"first": "sql", "ids": ids, "lengths": [5], "slots": 10, "steps": steps}
+
+
+def _fused_cases(root: Path, base: Path, ads: dict) -> dict:
+    """Fused-layout artifacts (``--graph fused``): fp32 side with three LoRAs (q/v; all-linear
+    rsLoRA with a rank pattern; k/up on one layer), int4 side with the fast options, merged."""
+    from edgepeft.export import ExportConfig, export
+    from edgepeft.quantize import QuantConfig
+
+    side, int4, merged = root / "fused", root / "fused-int4", root / "fused-merged"
+    export(ExportConfig(base=base, out=side, adapters=tuple(ads.items()), graph="fused"), quiet=True)
+    export(ExportConfig(base=base, out=int4, adapters=tuple(ads.items()), graph="fused",
+                        quant=QuantConfig(**FAST_INT4)), quiet=True)
+    export(ExportConfig(base=base, out=merged, adapters=(("sql", ads["sql"]),), mode="merged", graph="fused"),
+           quiet=True)
+    mix = {"chat": 0.7, "sql": 0.3}
+    cases = {"fused": _lm_cases(side, [None, "chat", "sql", "code", mix, {"chat": 0.5, "sql": 0.25, "code": 1.5}],
+                                FUSED_TOL),
+             "fused-int4": _lm_cases(int4, [None, "sql", mix], INT4_TOL, text=False),
+             "fused-merged": _lm_cases(merged, ["sql"], FUSED_TOL, text=False)}
+    for case in cases.values():
+        case["fused"] = True
+    cases["fused"]["swap"] = _swap_case(side)
+    return cases
+
+
 def _vera_cases(root: Path, base: Path, lora: Path) -> dict:
     """A VeRA side artifact: two adapters with the graph's projections (lambdas-only files), one
     with its own (other targets and rank, zero-padded), a LoRA; swaps, a VeRA + LoRA sum, and the
@@ -157,6 +207,8 @@ def build_cases(root: Path) -> Path:
         "houlsby": make_bottleneck(base, root / "houlsby"),
         "ia3": make_adapter(base, root / "ia3", "ia3", seed=4),
     }
+    code = make_lora(base, root / "code", seed=3, r=2, lora_alpha=3, target_modules=["k_proj", "up_proj"],
+                     layers_to_transform=[1])
     side, int8, merged = root / "side", root / "int8", root / "merged"
     export(ExportConfig(graph="generic", base=base, out=side, adapters=tuple(ads.items())), quiet=True)
     export(ExportConfig(graph="generic", base=base, out=int8, adapters=tuple(ads.items()),
@@ -209,7 +261,9 @@ def build_cases(root: Path) -> Path:
                                  "probs": _f32(probs), "labels": lg.argmax(-1).tolist()})
     artifacts["cls-static"] = {"dir": str(cls_static), "task": "classification", "tol": 1e-5,
                                "adapters": ms.adapters, "classify": static_cases}
-    artifacts["static"] = _static_cases(root, base, {"chat": ads["chat"], "sql": ads["sql"]})
+    loras = {"chat": ads["chat"], "sql": ads["sql"], "code": code}
+    artifacts["static"] = _static_cases(root, base, loras)
+    artifacts.update(_fused_cases(root, base, loras))
     # LoHa (fed to the graph as the LoRA it equals): its own small artifact, alone and mixed with a LoRA
     from test_loha import make_loha
 

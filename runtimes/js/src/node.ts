@@ -32,10 +32,15 @@ export function fileSource(dir: string): Source {
   };
 }
 
+/** onnxruntime-node writes preallocated output tensors: a fused graph's KV buffer is passed as
+ * both past and present (no new arrays per decode step; the binding still copies per call, see
+ * core/fused.ts). */
+const backend: OrtApi = { InferenceSession: ort.InferenceSession, Tensor: ort.Tensor, inPlaceOutputs: true } as unknown as OrtApi;
+
 export class Model extends Core {
   /** Load the artifact in directory `dir` (checks manifest, sha256 sums, adapter files). */
   static async load(dir: string, options: LoadOptions = {}): Promise<Model> {
-    return (await Core.open(fileSource(dir), ort as unknown as OrtApi, options)) as Model;
+    return (await Core.open(fileSource(dir), backend, options)) as Model;
   }
 }
 export { ort };

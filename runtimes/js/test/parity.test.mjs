@@ -5,6 +5,7 @@ import { cpSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:f
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, describe, test } from 'node:test';
+import { KvBuffer } from '../dist/core/fused.js';
 import { Model as Core } from '../dist/core/index.js';
 import { EdgepeftError, Model, ort } from '../dist/node.js';
 import { Model as RNModel } from '../dist/react-native.js';
@@ -92,6 +93,39 @@ describe('core with a plain Source (the browser path: weights passed as external
   });
 });
 
+describe('fused artifacts with present fed back as past (the core with a plain ort: how onnxruntime-web runs them)', () => {
+  for (const [key, art] of Object.entries(artifacts).filter(([, a]) => a.fused)) {
+    test(`${key}: same logits and greedy ids as Python`, async (t) => {
+      const source = { read: async (rel) => new Uint8Array(readFileSync(join(art.dir, rel))), describe: (rel) => `mem:${rel}` };
+      const m = await Core.open(source, ort);
+      let worst = 0;
+      for (const c of art.logits) {
+        const got = await m.logits(c.ids, { adapter: c.adapter, attentionMask: c.mask });
+        worst = Math.max(worst, maxDiff(got.data, got.dims, f32(c.data), c.dims));
+      }
+      t.diagnostic(`max|diff| ${worst.toExponential(2)}`);
+      assert.ok(worst <= art.tol, `max |diff| ${worst} > ${art.tol}`);
+      for (const g of art.generate) {
+        assert.deepEqual(await m.generate(g.ids, { maxNewTokens: g.max_new_tokens, adapter: g.adapter }), g.out, name(g.adapter));
+      }
+    });
+  }
+  const swap = artifacts.fused?.swap;
+  for (const inPlace of [true, false]) {
+    test(`adapter swapped on a running KV buffer (${inPlace ? 'written in place' : 'fed back'}): Python's next-step logits`, async (t) => {
+      const m = await load(artifacts.fused);
+      const kv = new KvBuffer(ort.Tensor, m.sessions.get(null), m.cache, 1, swap.slots, inPlace);
+      await kv.run(m.feeds(swap.first).feeds, swap.ids, swap.lengths);
+      for (const s of swap.steps) {
+        const out = await kv.run(m.feeds(s.adapter).feeds, s.ids, s.lengths);
+        const d = maxDiff(out.data, [...out.dims], f32(s.data), s.dims);
+        t.diagnostic(`${name(s.adapter)} max|diff| ${d.toExponential(2)}`);
+        assert.ok(d <= artifacts.fused.tol, `${name(s.adapter)}: max |diff| ${d}`);
+      }
+    });
+  }
+});
+
 describe('react-native entry (onnxruntime-node standing in for onnxruntime-react-native: same onnxruntime-common API)', () => {
   test('Model.load(ort, {read, describe}): same greedy ids and mix logits', async (t) => {
     const art = artifacts.side;
@@ -161,9 +195,14 @@ describe('refusals', () => {
     await refuses(copy('otherbase', (d) => editManifest(d, (m) => { m.adapters.chat.base_fingerprint = 'sha256:00'; })),
       /chat\.safetensors: made for base sha256:00/);
   });
-  test('fused layout: not supported yet', async () => {
+  test('fused layout on a graph that is not fused (and the reverse): the manifest was edited', async () => {
     await refuses(copy('fused', (d) => editManifest(d, (m) => { m.graph.layout = 'fused'; })),
-      /graph layout "fused" is not supported by the JS runtime yet; export without --graph fused/);
+      /graph layout "fused", but .*model\.onnx has no 'seqlens_k' input \(not a fused graph\); the manifest was edited/);
+    const fused = artifacts.fused.dir;
+    const d = join(tmp, 'unfused');
+    cpSync(fused, d, { recursive: true });
+    editManifest(d, (m) => { delete m.graph.layout; });
+    await refuses(d, /no graph layout given, but .*model\.onnx is a fused graph \(it takes 'seqlens_k'\)/);
   });
   for (const [key, art] of Object.entries(artifacts)) for (const c of art.refusals ?? []) {
     test(`${key}: ${c.method} ${name(c.adapter)} refused with Python's message`, async () => {

@@ -6,12 +6,14 @@
  * rebuilt; the feeds (ort Tensors) of each choice are built once and cached.
  *
  * Scope: the default graph layout with a dynamic KV cache (causal-lm) and classification, side and
- * merged mode, and static-shape artifacts (manifest "static": one session per sequence bucket, see
- * static.ts). Refused: graph layout "fused". */
+ * merged mode, static-shape artifacts (manifest "static": one session per sequence bucket, see
+ * static.ts), and fused-layout artifacts (graph layout "fused": onnxruntime's fused kernels, one KV
+ * buffer per layer, see fused.ts). */
 import type { InferenceSession, Tensor } from 'onnxruntime-common';
 import { EdgepeftError } from './errors.js';
 import { ADAPTER_FILE_FORMAT, baseTag, MANIFEST_NAME, PROMPT_INPUT, readManifest } from './manifest.js';
 import type { AdapterEntry, GraphEntry, Manifest } from './manifest.js';
+import { FusedRunner } from './fused.js';
 import { combine, mixKey } from './mix.js';
 import type { LoadedAdapter, Mix } from './mix.js';
 import { decodeFloats, externalDataLocations, takeInitializers } from './onnxproto.js';
@@ -30,6 +32,10 @@ import type { TextTokenizer } from './tokenizer.js';
 export interface OrtApi {
   InferenceSession: { create(buffer: Uint8Array, options?: InferenceSession.SessionOptions): Promise<InferenceSession> };
   Tensor: typeof Tensor;
+  /** The backend writes preallocated CPU output tensors (onnxruntime-node does; the wasm backend
+   * of onnxruntime-web does not): a fused graph's KV buffer is then passed as both past and
+   * present. Default false: present is fed back as the next past. */
+  inPlaceOutputs?: boolean;
 }
 
 export type AdapterChoice = string | Mix | null | undefined;
@@ -93,6 +99,8 @@ export class Model {
   private staticSpec: StaticSpec | null = null;
   private buckets = new Map<number, InferenceSession>();
   private fixed: Record<string, number[]> = {};
+  /** Fused layout (graph layout "fused"): right-aligned rows, seqlens_k, one KV buffer per layer. */
+  private fused: FusedRunner | null = null;
 
   protected constructor(source: Source, ort: OrtApi, manifest: Manifest) {
     this.source = source;
@@ -118,9 +126,13 @@ export class Model {
   private async init(options: LoadOptions): Promise<void> {
     const m = this.manifest;
     const graphs = this.merged ? Object.values(m.adapters).map((e) => e.graph!) : [m.graph];
-    if (graphs.some((g) => g.layout === 'fused')) {
-      throw new EdgepeftError(`${this.where}: graph layout "fused" is not supported by the JS runtime yet; ` +
-        'export without --graph fused.');
+    if (m.graph.layout === 'fused' || graphs.some((g) => g.layout === 'fused')) {
+      if (this.task !== 'causal-lm' || m.static != null) {
+        throw new EdgepeftError(`${this.where}: graph layout "fused" goes with a causal-lm artifact without ` +
+          `static shapes (this one: ${this.task}${m.static != null ? ', static' : ''}); the manifest was edited. ` +
+          'Export the artifact again.');
+      }
+      this.fused = new FusedRunner(this.ort.Tensor, this.cache, this.ort.inPlaceOutputs === true);
     }
     if (this.merged) {
       for (const [name, entry] of Object.entries(m.adapters)) {
@@ -256,6 +268,16 @@ export class Model {
         throw new EdgepeftError(`${this.where}: kv_cache does not match the KV-cache inputs of ${this.source.describe(file)} ` +
           `(${layers} layers); the manifest was edited. Export the artifact again.`);
       }
+    }
+    const fusedInputs = ['seqlens_k', 'total_sequence_length'];
+    if (this.fused && !fusedInputs.every((n) => inputs.has(n))) {
+      throw new EdgepeftError(`${this.where}: graph layout "fused", but ${this.source.describe(file)} has no ` +
+        `'${fusedInputs.find((n) => !inputs.has(n))}' input (not a fused graph); the manifest was edited. Export ` +
+        'the artifact again.');
+    }
+    if (!this.fused && fusedInputs.some((n) => inputs.has(n))) {
+      throw new EdgepeftError(`${this.where}: no graph layout given, but ${this.source.describe(file)} is a fused ` +
+        `graph (it takes '${fusedInputs.find((n) => inputs.has(n))}'); the manifest was edited. Export the artifact again.`);
     }
     if (!session.outputNames.includes('logits')) {
       throw new EdgepeftError(`${this.source.describe(file)}: has no 'logits' output. Export the artifact again.`);
@@ -437,6 +459,14 @@ export class Model {
   }
 
   // ------------------------------------------------------------------ running
+  /** A fused graph has no KV-cache seed input (export refuses prefix / prompt tuning with it). */
+  private noPrefix(choice: Choice): void {
+    if (choice.prefix) {
+      throw new EdgepeftError(`${this.where}: a prefix (prefix / prompt tuning) cannot run on a fused graph; ` +
+        'export that adapter into an artifact with --graph generic.');
+    }
+  }
+
   /** Rows -> (B, S) ids and mask; ragged rows are left-padded (Python's batch_inputs). A mask is
    * accepted with rectangular rows. */
   private batch(ids: number[][] | number[], attentionMask?: number[][] | null): { ids: number[][]; mask: number[][] } {
@@ -519,6 +549,13 @@ export class Model {
       this.stats.prefillMs = now() - t;
       return out;
     }
+    if (this.fused) {
+      this.noPrefix(choice);
+      const t = now();
+      const out = await this.fused.logits(session, choice.feeds, b.ids, b.mask);
+      this.stats.prefillMs = now() - t;
+      return out;
+    }
     const { past, mask } = this.start(b.ids.length, b.mask, choice.prefix);
     const t = now();
     const out = await this.run(session, choice.feeds, b.ids, mask, past);
@@ -542,6 +579,13 @@ export class Model {
       const t = now();
       const res = await this.static.generate(choice.feeds, b.ids, b.mask, choice.prefix, maxNew, eos, fill);
       this.stats = { ...this.stats, prefillMs: 0, decodeMs: now() - t, newTokens: res.newTokens };
+      return res.out;
+    }
+    if (this.fused) {
+      this.noPrefix(choice);
+      const t0 = now();
+      const res = await this.fused.generate(session, choice.feeds, b.ids, b.mask, maxNew, eos, fill, now);
+      this.stats = { ...this.stats, prefillMs: res.t1 - t0, decodeMs: now() - res.t1, newTokens: res.newTokens };
       return res.out;
     }
     const out = b.ids.map((r) => r.slice());

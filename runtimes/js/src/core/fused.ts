@@ -1,0 +1,167 @@
+/** Fused-layout artifacts (`--graph fused`, edgepeft/export/fused.py), exactly as Python's
+ * FusedLayout / Cache (edgepeft/runtime/fused.py); the greedy loop is edgepeft/runtime/decode.py.
+ *
+ * The graph is built from onnxruntime's fused kernels (GroupQueryAttention,
+ * SkipSimplifiedLayerNormalization; MatMulNBits / GatherBlockQuantized when int4). It takes
+ * `input_ids (B, S)`, `seqlens_k (B,)` int32 (each row's total length - 1) and
+ * `total_sequence_length ()` int32 instead of a mask and positions, so rows are right-aligned
+ * (moved to the left edge, padding after them). Its KV cache is one buffer of M slots per layer,
+ * `past.{i}.key|value (B, H_kv, M, D)`, that is also `present`:
+ *
+ * - in place (`inPlace`, onnxruntime-node): the buffer is passed as the input and as the
+ *   preallocated output of the same name, and each step's keys and values land in it (Python binds
+ *   one OrtValue to both with I/O binding, so its decode step copies no cache). Measured on
+ *   onnxruntime-node 1.30, this is no faster than feeding back: its decode speed falls with the
+ *   buffer size M in both modes alike (Python's does not), so the binding copies the cache per
+ *   call either way; kept because it allocates nothing per step;
+ * - copying (onnxruntime-web: its wasm backend copies every input into its heap and every output
+ *   out of it, and does not write preallocated CPU outputs): each step's `present` is fed back as
+ *   the next `past`, the whole buffer crossing the JS / wasm boundary twice per step.
+ *
+ * Adapter inputs are `lora.{layer}.{group}.AT (in, r)` / `.BT (r, out)`; the Model's feeds carry
+ * every one of them (unfed ones: the graph's rank-0 defaults, the identity), mixed by the
+ * manifest's `cat1` / `cat0w` rules (mix.ts), so nothing of a previous choice stays bound. */
+import type { InferenceSession, Tensor } from 'onnxruntime-common';
+import { EdgepeftError } from './errors.js';
+import { pickNext } from './static.js';
+
+type Rows = number[][];
+type Feeds = Record<string, Tensor>;
+type TensorCtor = typeof Tensor;
+
+/** Rows moved to the left edge, padding (token 0) after them: `(ids (B, L), lengths (B,))` with
+ * L = max(lengths). Refuses a row whose ones have a gap, or an empty row. */
+export function rightAlign(ids: Rows, mask: Rows): { ids: Rows; lengths: number[] } {
+  const lengths = mask.map((r) => r.reduce((a, v) => a + v, 0));
+  const starts = mask.map((r) => Math.max(r.indexOf(1), 0));
+  mask.forEach((r, b) => {
+    if (!lengths[b] || r.slice(starts[b], starts[b] + lengths[b]).some((v) => v !== 1)) {
+      throw new EdgepeftError(`attention_mask row ${b}: this artifact's fused graph needs each row's tokens in ` +
+        'one run (left or right padding), with at least one token.');
+    }
+  });
+  const width = Math.max(...lengths);
+  const out = ids.map((r, b) => {
+    const row = r.slice(starts[b], starts[b] + lengths[b]);
+    return [...row, ...new Array(width - row.length).fill(0)];
+  });
+  return { ids: out, lengths };
+}
+
+/** `(B, L, V)` right-aligned logits back to the caller's `(B, S, V)` layout (padded positions hold
+ * copies of real ones, as in Python: a causal LM's outputs there mean nothing either way). */
+export function restore(data: Float32Array, dims: number[], mask: Rows): { data: Float32Array; dims: number[] } {
+  const [B, L, V] = dims, S = mask[0].length;
+  const out = new Float32Array(B * S * V);
+  mask.forEach((r, b) => {
+    const n = r.reduce((a, v) => a + v, 0), s = Math.max(r.indexOf(1), 0);
+    for (let j = 0; j < S; j++) {
+      const src = Math.min(Math.max(j - s, 0), n - 1);  // np.clip(j - start, 0, n - 1)
+      out.set(data.subarray((b * L + src) * V, (b * L + src + 1) * V), (b * S + j) * V);
+    }
+  });
+  return { data: out, dims: [B, S, V] };
+}
+
+/** The KV buffers of one generation (Python's fused.Cache): M slots per layer, written by each run. */
+export class KvBuffer {
+  private readonly kv = new Map<string, Tensor>();
+  private stepLogits: Tensor | null = null;
+
+  /** `cache`: [(kv_heads, head_dim)] per layer; `slots`: M, the prompt + new tokens at most. */
+  constructor(private readonly T: TensorCtor, private readonly session: InferenceSession,
+              cache: [number, number][], batch: number, readonly slots: number, private readonly inPlace: boolean) {
+    cache.forEach(([h, d], i) => {
+      for (const n of ['key', 'value']) {
+        this.kv.set(`${i}.${n}`, new T('float32', new Float32Array(batch * h * slots * d), [batch, h, slots, d]));
+      }
+    });
+  }
+
+  /** Run `ids (B, S)` (right-padded) after each row's cached tokens with the adapter `feeds`;
+   * `lengths`: each row's total length once they are added. Returns the `(B, S, V)` logits. */
+  async run(feeds: Feeds, ids: Rows, lengths: number[]): Promise<Tensor> {
+    const longest = Math.max(...lengths);
+    if (longest > this.slots) {
+      throw new EdgepeftError(`the KV buffer holds ${this.slots} tokens; this step needs ${longest}.`);
+    }
+    const b = ids.length, s = ids[0].length;
+    const flat = new BigInt64Array(b * s);
+    ids.forEach((r, i) => r.forEach((v, j) => { flat[i * s + j] = BigInt(v); }));
+    const inputs: Feeds = {
+      ...feeds,
+      input_ids: new this.T('int64', flat, [b, s]),
+      seqlens_k: new this.T('int32', Int32Array.from(lengths, (n) => n - 1), [b]),
+      total_sequence_length: new this.T('int32', Int32Array.of(longest), []),
+    };
+    for (const [k, t] of this.kv) inputs[`past.${k}`] = t;
+    if (!this.inPlace) {
+      const out = await this.session.run(inputs);
+      for (const k of this.kv.keys()) this.kv.set(k, out[`present.${k}`]);  // (B, H, M, D): next step's past
+      return out.logits;
+    }
+    // the buffers are also the preallocated outputs: onnxruntime writes the new keys / values into
+    // them (GroupQueryAttention sees past and present at one address: its shared-buffer mode)
+    const fetches: Record<string, Tensor | null> = { logits: null };
+    if (s === 1) {  // decode steps write their (B, 1, V) logits into one preallocated tensor too
+      const v = this.vocab();
+      if (this.stepLogits?.dims[0] !== b) this.stepLogits = new this.T('float32', new Float32Array(b * v), [b, 1, v]);
+      fetches.logits = this.stepLogits;
+    }
+    for (const [k, t] of this.kv) fetches[`present.${k}`] = t;
+    const out = await this.session.run(inputs, fetches as InferenceSession.FetchesType);
+    return s === 1 ? this.stepLogits! : out.logits;
+  }
+
+  private vocab(): number {
+    const meta = (this.session as any).outputMetadata as { name: string; shape?: unknown[] }[] | undefined;
+    const v = meta?.find((m) => m.name === 'logits')?.shape?.at(-1);
+    if (typeof v !== 'number') throw new EdgepeftError("the fused graph's logits output has no fixed vocabulary size.");
+    return v;
+  }
+}
+
+/** Runs a fused-layout graph (causal LMs): logits of every position, and greedy decoding. */
+export class FusedRunner {
+  constructor(private readonly T: TensorCtor, private readonly cache: [number, number][],
+              private readonly inPlace: boolean) {}
+
+  /** A new KV buffer of `slots` tokens for `batch` rows on `session` (one generation). */
+  buffer(session: InferenceSession, batch: number, slots: number): KvBuffer {
+    return new KvBuffer(this.T, session, this.cache, batch, slots, this.inPlace);
+  }
+
+  /** `(B, S, V)` logits of every position of `ids (B, S)` in the caller's (left- or right-padded) layout. */
+  async logits(session: InferenceSession, feeds: Feeds, ids: Rows, mask: Rows): Promise<{ data: Float32Array; dims: number[] }> {
+    const right = rightAlign(ids, mask);
+    const out = await this.buffer(session, ids.length, right.ids[0].length).run(feeds, right.ids, right.lengths);
+    return restore(out.data as Float32Array, [...out.dims], mask);
+  }
+
+  /** Greedy decoding on one KV buffer of prompt + `maxNew` slots. Returns the caller's ids rows
+   * followed by the new tokens, the number of new tokens and when the prompt was done (`t1`). */
+  async generate(session: InferenceSession, feeds: Feeds, ids: Rows, mask: Rows, maxNew: number, eos: number[],
+                 fill: number, now: () => number): Promise<{ out: Rows; newTokens: number; t1: number }> {
+    const out = ids.map((r) => r.slice());
+    if (maxNew <= 0) return { out, newTokens: 0, t1: now() };
+    const right = rightAlign(ids, mask);
+    let lengths = right.lengths;
+    const kv = this.buffer(session, ids.length, right.ids[0].length + maxNew);
+    const pre = await kv.run(feeds, right.ids, lengths);
+    const t1 = now();
+    const [B, L, V] = pre.dims as number[];
+    const src = pre.data as Float32Array;
+    let data: Float32Array = new Float32Array(B * V);  // (B, 1, V): each row's logits at its last real token
+    lengths.forEach((n, r) => data.set(src.subarray((r * L + n - 1) * V, (r * L + n) * V), r * V));
+    const done = ids.map(() => false);
+    let n = 0;
+    for (let step = 0; step < maxNew; step++) {
+      const next = pickNext(data, [B, 1, V], out, done, eos, fill);
+      n++;
+      if ((eos.length && done.every(Boolean)) || step === maxNew - 1) break;
+      lengths = lengths.map((x) => x + 1);
+      data = (await kv.run(feeds, next.map((t) => [t]), lengths)).data as Float32Array;
+    }
+    return { out, newTokens: n, t1 };
+  }
+}
