@@ -363,7 +363,7 @@ def test_export_killed_at_20_random_points_leaves_out_absent_or_complete(tmp_pat
     parent = tmp_path / "arts"
     parent.mkdir()
     out = parent / "out"
-    argv = ["export", str(base), "--adapter", f"a={ad}", "--out", str(out), "--quiet"]
+    argv = ["export", str(base), "--adapter", f"a={ad}", "--out", str(out), "--quiet", "--graph", "generic"]
     server = subprocess.Popen([sys.executable, "-c", _FORK_SERVER], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True, env=_env(), cwd=tmp_path)
 
