@@ -36,6 +36,50 @@ ARCHS = {
     "falcon": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB,
                    new_decoder_architecture=False),
 }
+_FATTN = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=128)
+_GEMMA = dict(_FATTN, head_dim=16, num_hidden_layers=3, sliding_window=4, query_pre_attn_scalar=24,
+              layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+
+# model_type -> tiny config with every feature its fused-graph description covers (tests/test_families.py)
+FAMILIES = {
+    "llama": dict(_FATTN, rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
+                                          "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                          "original_max_position_embeddings": 16}),
+    "qwen2": _FATTN,  # q/k/v biases
+    "mistral": dict(_FATTN, sliding_window=4),
+    "qwen3": dict(_FATTN, head_dim=16),  # q/k norm
+    "smollm3": dict(_FATTN, num_hidden_layers=4, no_rope_layer_interval=2, pad_token_id=0),  # NoPE layers 1, 3
+    "phi3": dict(_FATTN, hidden_size=128, pad_token_id=0, partial_rotary_factor=0.5),  # packed, rotary 16 of 32
+    "gemma3_text": dict(_GEMMA, rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                                 "full_attention": {"rope_type": "default", "rope_theta": 1e6}}),
+    "gemma3": dict(text_config=dict(_GEMMA, vocab_size=VOCAB + 4), mm_tokens_per_image=4,  # text tower
+                   vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, image_size=28, patch_size=14),
+                   boi_token_index=VOCAB, eoi_token_index=VOCAB + 1, image_token_index=VOCAB + 2),
+    "gemma2": dict(_GEMMA, attn_logit_softcapping=3.0, final_logit_softcapping=2.0,
+                   attn_implementation="eager"),
+}
+
+
+
+
+def make_family_base(arch: str, path: Path) -> Path:
+    """A tiny causal LM of ``FAMILIES[arch]`` with every 1-D weight (norms, biases) randomized."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    _quiet()
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model(arch, **FAMILIES[arch])
+    model = AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:  # norms (and biases): away from their init, so each one counts
+                p.copy_(torch.randn_like(p) * 0.3 + (0.0 if "gemma" in arch else 1.0) * ("norm" in name))
+    model.save_pretrained(path)
+    return path
+
+
 # Families whose merged export is tested too (the rest: side branch, which covers the same export).
 MERGED_ARCHS = ("llama", "qwen2", "mistral", "gpt2")
 

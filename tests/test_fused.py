@@ -143,7 +143,7 @@ def test_fused_refusals(llama_base, llama_adapters, tmp_path):
         assert not out.exists() and not list(tmp_path.glob(f".out-{name}*"))
     from edgepeft.targets import load_target
 
-    with pytest.raises(EdgepeftError, match="static"):
+    with pytest.raises(EdgepeftError, match="fixes every shape"):
         ExportConfig(base=llama_base, out=tmp_path / "x", graph="fused", target=load_target("android-nnapi"))
     with pytest.raises(EdgepeftError, match="int8-static"):
         ExportConfig(base=llama_base, out=tmp_path / "x", graph="fused", quant=QuantConfig(precision="int8-static"))

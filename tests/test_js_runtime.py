@@ -35,7 +35,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from helpers import make_adapter, make_base, make_bottleneck, make_encoder, make_lora  # noqa: E402
+from helpers import make_adapter, make_base, make_bottleneck, make_encoder, make_family_base, make_lora  # noqa: E402
 # the static-shape target: batch 2, buckets 1 / 4, a 24-slot KV window, max_rank 10 (chat q_proj
 # rank 4 + sql 8 overflow it; chat + code fit)
 from test_targets import SMALL_NPU  # noqa: E402
@@ -165,6 +165,11 @@ def _fused_cases(root: Path, base: Path, ads: dict) -> dict:
                                 FUSED_TOL),
              "fused-int4": _lm_cases(int4, [None, "sql", mix], INT4_TOL, text=False),
              "fused-merged": _lm_cases(merged, ["sql"], FUSED_TOL, text=False)}
+    for arch in ("gemma3_text", "gemma2"):  # q/k norm, FastGelu, windows, sandwich norms, soft caps
+        fam = make_family_base(arch, root / arch / "base")
+        lora = make_lora(fam, root / arch / "lora", r=4, target_modules="all-linear")
+        export(ExportConfig(base=fam, out=root / arch / "fused", adapters=(("a", lora),), graph="fused"), quiet=True)
+        cases[f"fused-{arch}"] = _lm_cases(root / arch / "fused", [None, "a"], FUSED_TOL, text=False)
     for case in cases.values():
         case["fused"] = True
     cases["fused"]["swap"] = _swap_case(side)
