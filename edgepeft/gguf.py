@@ -69,10 +69,10 @@ class BaseSource:
 
 
 def is_gguf(path: Path) -> bool:
-    """Whether ``path`` names a GGUF file rather than a model folder: a name ending in ``.gguf``, or
-    any regular file (a folder is never one)."""
+    """Whether ``path`` names a GGUF file rather than a model folder: any regular file, or a name
+    ending in ``.gguf`` that is not a folder."""
     path = Path(path)
-    return path.suffix.lower() == GGUF_SUFFIX or path.is_file()
+    return path.is_file() or (path.suffix.lower() == GGUF_SUFFIX and not path.is_dir())
 
 
 def check_magic(path: Path) -> None:
