@@ -51,6 +51,10 @@ def export(args) -> int:
     .onnx_adapter file, swapped, mixed or composed per call. merged: one graph per adapter with
     its weights folded in (fastest, no swapping; LoRA, DoRA, IA3 only). OUT is written atomically.
 
+    BASE is a Hugging Face model folder or a GGUF file; a GGUF is dequantized to float32 once, by
+    transformers' GGUF loader, into a cached folder (~/.cache/edgepeft/gguf/SHA256, or under
+    $EDGEPEFT_CACHE), and the manifest records the file's sha256 beside the weight fingerprint.
+
     An adapter must belong to BASE: one trained by `edgepeft train` on other weights (its
     edgepeft.json), or whose PEFT base_model_name_or_path names another model folder, is refused
     unless --allow-base-mismatch.
@@ -97,7 +101,8 @@ def export(args) -> int:
 
 
 def _export_args(p):
-    p.add_argument("base", help="Hugging Face model folder of the base model")
+    p.add_argument("base", help="Hugging Face model folder of the base model, or a GGUF file (dequantized to "
+                                "float32 once, into a cache keyed by its sha256)")
     p.add_argument("--adapter", action="append", metavar="NAME=DIR",
                    help="a PEFT adapter folder under a name; repeat for more")
     p.add_argument("--mode", choices=["side", "merged"], default="side",
@@ -258,6 +263,8 @@ def _show(root: Path, m: dict) -> None:
     print(f"{root}: {m['task']}, mode {m['mode']}, precision {m['precision']}, "
           f"base {m['base']['model_type']} ({m['base']['fingerprint'][:19]}...), "
           f"edgepeft {m['edgepeft_version']}, format {m['format_version']}")
+    if m["base"].get("gguf"):
+        print(f"base dequantized from GGUF {m['base']['gguf']['file']} (sha256 {m['base']['gguf']['sha256'][:16]}...)")
     if m["task"] == "causal-lm":
         print(f"kv cache: {m['kv_cache']['layers']} layers", end="; ")
     else:
@@ -389,7 +396,7 @@ def validate(args) -> int:
 
 def _validate_args(p):
     p.add_argument("artifact", help="artifact directory")
-    p.add_argument("--reference", required=True, help="the base model folder used at export")
+    p.add_argument("--reference", required=True, help="the base model folder (or GGUF file) used at export")
     p.add_argument("--prompts", default=None, help="text file, one prompt per line (greedy continuations compared)")
     p.add_argument("--texts", default=None, metavar="FILE_OR_NAME",
                    help="texts compared at every token position (.txt one per line, or .jsonl "
@@ -528,7 +535,8 @@ def _train_args(p):
             if set(s.tasks) != set(TRAIN_TASKS)]
 
     p.add_argument("model", nargs="?", default=None,
-                   help="Hugging Face model folder of the base model (with its tokenizer); or --model")
+                   help="Hugging Face model folder of the base model (with its tokenizer), or a GGUF file; "
+                        "or --model")
     p.add_argument("--model", dest="model_option", default=None, metavar="BASE", help="same as MODEL")
     p.add_argument("--data", required=True, help="JSON-lines file: {\"text\": ...} or {\"text\": ..., \"label\": ...} per line")
     p.add_argument("--kind", required=True, choices=list(TRAIN),

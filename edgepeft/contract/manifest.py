@@ -109,6 +109,9 @@ def _check_fields(m: dict, path: Path) -> None:
     for key in ("fingerprint", "model_type"):
         need(is_str(base.get(key)), f"base.{key}", "a string", base.get(key))
     need(_is_int(base.get("vocab_size"), 1), "base.vocab_size", "an integer >= 1", base.get("vocab_size"))
+    gguf = base.get("gguf")  # a base exported from a GGUF file: that file and its sha256
+    need(gguf is None or (isinstance(gguf, dict) and is_str(gguf.get("file")) and is_str(gguf.get("sha256"))),
+         "base.gguf", "absent, or {file, sha256} strings", gguf)
     eos = base.get("eos_token_id")
     need(eos is None or _is_int(eos) or (isinstance(eos, list) and all(_is_int(e) for e in eos)),
          "base.eos_token_id", "null, a token id or a list of them", eos)

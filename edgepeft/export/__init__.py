@@ -1,6 +1,7 @@
 """``edgepeft export``: base model + PEFT adapters -> an artifact directory, as a pipeline.
 
-1. load the base model (:mod:`~edgepeft.export.load`)
+1. load the base model (:mod:`~edgepeft.export.load`; a GGUF file is dequantized once into a cached
+   Hugging Face folder first, :mod:`edgepeft.gguf`)
 2. read the adapters and check they belong to it (:mod:`~edgepeft.export.load`)
 3. plan the adapter slots (:mod:`~edgepeft.export.plan`)
 4. build the graph(s): traced | fused | merged, and the adapter files (:mod:`~edgepeft.export.build`)
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from edgepeft.export.build import builder, choose_graph
@@ -25,6 +27,7 @@ from edgepeft.export.config import GRAPHS, MODES, TASKS, ExportConfig
 from edgepeft.export.load import Base, load_base, read_adapters
 from edgepeft.export.manifest import manifest_head, write_manifest, write_tokenizer
 from edgepeft.export.publish import atomic_dir, remove_dead_temps
+from edgepeft.gguf import resolve_base
 from edgepeft.progress import log
 
 __all__ = ["GRAPHS", "MODES", "TASKS", "Base", "ExportConfig", "export", "load_base", "write_artifact"]
@@ -33,13 +36,20 @@ __all__ = ["GRAPHS", "MODES", "TASKS", "Base", "ExportConfig", "export", "load_b
 def export(cfg: ExportConfig, quiet: bool = False) -> dict:
     """Export per ``cfg``; returns the manifest written to ``cfg.out``.
 
+    ``cfg.base`` may be a GGUF file (:func:`edgepeft.gguf.resolve_base`): the artifact is exported
+    from its dequantized folder, whose path the manifest records as ``base.source``, with the
+    file and its sha256 as ``base.gguf``.
+
     Raises:
-        EdgepeftError: bad base model, adapters, or an OUT that exists.
+        EdgepeftError: bad base model (or GGUF file), adapters, or an OUT that exists.
     """
     t0 = time.perf_counter()
     remove_dead_temps(cfg.out)  # what killed exports to OUT left
     log(f"loading base model {cfg.base}", quiet)
-    base = load_base(cfg)  # 1
+    source = resolve_base(cfg.base, quiet)  # a GGUF file: its dequantized folder in the cache
+    if source.gguf is not None:
+        cfg = replace(cfg, base=source.folder)  # every later step reads that folder
+    base = load_base(cfg, gguf=source.manifest())  # 1
     adapters = read_adapters(cfg, base, quiet)  # 2
     graph, why = choose_graph(cfg, base, adapters)
     log(f"graph: {graph}" + (f" (the traced model; not fused: {why})" if why else ""), quiet)

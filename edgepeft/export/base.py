@@ -29,7 +29,7 @@ def load_causal_lm(base: Path) -> nn.Module:
     cfg = base / "config.json"
     if not cfg.is_file():
         raise EdgepeftError(f"{base}: not a Hugging Face model folder (no config.json). Pass the "
-                            "folder written by save_pretrained.")
+                            "folder written by save_pretrained, or a GGUF file.")
     try:
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     except (OSError, ValueError, KeyError) as e:
@@ -55,7 +55,7 @@ def detect_task(base: Path, adapter_tasks: list[str | None]) -> str:
     cfg = base / "config.json"
     if not cfg.is_file():
         raise EdgepeftError(f"{base}: not a Hugging Face model folder (no config.json). Pass the "
-                            "folder written by save_pretrained.")
+                            "folder written by save_pretrained, or a GGUF file.")
     config = json.loads(cfg.read_text(encoding="utf-8"))
     archs = " ".join(config.get("architectures") or [])
     if "SequenceClassification" in archs or config.get("model_type") in ENCODER_TYPES:
@@ -83,7 +83,7 @@ def load_classifier(base: Path, num_labels: int | None = None) -> tuple[nn.Modul
 
     if not (base / "config.json").is_file():
         raise EdgepeftError(f"{base}: not a Hugging Face model folder (no config.json). Pass the "
-                            "folder written by save_pretrained.")
+                            "folder written by save_pretrained, or a GGUF file.")
     kwargs = {"num_labels": num_labels} if num_labels else {}
     torch.manual_seed(0)
     try:

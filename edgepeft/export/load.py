@@ -28,6 +28,8 @@ class Base:
             classification head); excluded from the fingerprint.
         fingerprint: ``sha256:...`` of the base weights (:func:`edgepeft.export.base.fingerprint`).
         cache: a causal LM's KV cache geometry (probed with one forward pass); None: a classifier.
+        gguf: ``{"file", "sha256"}`` of the GGUF file the base folder was dequantized from
+            (:meth:`edgepeft.gguf.BaseSource.manifest`), None for a base given as a folder.
     """
 
     task: str
@@ -35,11 +37,15 @@ class Base:
     fresh: tuple[str, ...]
     fingerprint: str
     cache: CacheShape | None
+    gguf: dict | None = None
 
 
-def load_base(cfg: ExportConfig) -> Base:
+def load_base(cfg: ExportConfig, gguf: dict | None = None) -> Base:
     """Load the base model for the task (the adapters' PEFT task_type or the base's architecture,
-    unless ``cfg.task`` names it), with as many labels as the adapters' heads have."""
+    unless ``cfg.task`` names it), with as many labels as the adapters' heads have.
+
+    ``cfg.base`` is a model folder (a GGUF file was resolved to one before); ``gguf``: the GGUF it
+    came from, kept for the manifest."""
     for _, path in cfg.adapters:
         read_config(path)  # a readable error for a missing adapter dir before loading anything
     task = cfg.task if cfg.task != "auto" else detect_task(cfg.base, [task_of(p) for _, p in cfg.adapters])
@@ -52,7 +58,7 @@ def load_base(cfg: ExportConfig) -> Base:
             model, fresh = load_classifier(cfg.base, labels)
     base_fp = fingerprint(model, fresh)
     cache = probe_cache(model) if task == "causal-lm" else None
-    return Base(task, model, tuple(fresh), base_fp, cache)
+    return Base(task, model, tuple(fresh), base_fp, cache, gguf)
 
 
 def read_adapters(cfg: ExportConfig, base: Base, quiet: bool) -> list:

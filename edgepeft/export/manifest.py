@@ -30,7 +30,9 @@ def manifest_head(cfg: ExportConfig, base: Base) -> dict:
         "adapter_precision": quant.adapter_precision, "target": cfg.target.manifest(cfg.mode),
         "quantization": asdict(quant), "budget": asdict(BUDGETS[quant.precision]),
         "base": {"source": str(cfg.base), "model_type": model.config.model_type,
-                 "fingerprint": base.fingerprint, "vocab_size": int(model.config.get_text_config().vocab_size)},
+                 "fingerprint": base.fingerprint,
+                 **({"gguf": base.gguf} if base.gguf else {}),  # the GGUF file the weights came from
+                 "vocab_size": int(model.config.get_text_config().vocab_size)},
         "graph": None, "slots": [], "inputs": {}, "adapters": {}, "tokenizer": None,
     }
     if base.task == "causal-lm":

@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from edgepeft.errors import EdgepeftError
+from edgepeft.gguf import check_magic, is_gguf, resolve_base
 from edgepeft.kinds import TRAIN
 from edgepeft.kinds.common import TRAIN_TASKS
 
@@ -55,7 +56,8 @@ class TrainConfig:
     Attributes:
         kind: a train kind of :data:`edgepeft.kinds.TRAIN` (``lora``, ``dora``, ``ia3``, ``prompt``,
             ``prefix``: causal LM only, ``bottleneck``).
-        model: Hugging Face model folder of the base model (with its tokenizer).
+        model: Hugging Face model folder of the base model (with its tokenizer), or a GGUF file
+            (trained on its dequantized folder, :func:`edgepeft.gguf.resolve_base`).
         data: JSON-lines file: ``{"text": ...}`` rows, or ``{"text": ..., "label": ...}`` rows.
         out: adapter folder to create (must not exist unless ``force``).
         task: ``causal-lm``, ``classification`` or ``auto`` (classification when rows have ``label``).
@@ -100,9 +102,11 @@ class TrainConfig:
             raise EdgepeftError(f"--task {self.task!r} is not one of {', '.join(TASKS)}.")
         if self.task != "auto":
             _check_task(self.kind, self.task)
-        if not (self.model / "config.json").is_file():
+        if is_gguf(self.model):
+            check_magic(self.model)  # the rest of the file is checked when it is dequantized
+        elif not (self.model / "config.json").is_file():
             raise EdgepeftError(f"{self.model}: not a Hugging Face model folder (no config.json). Pass "
-                                "the folder of the base model, as saved by save_pretrained.")
+                                "the folder of the base model, as saved by save_pretrained, or a GGUF file.")
         if not self.data.is_file():
             raise EdgepeftError(f"{self.data}: data file not found. Pass a JSON-lines file with one "
                                 '{"text": ...} (or {"text": ..., "label": ...}) object per line.')
@@ -333,9 +337,10 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
         raise EdgepeftError(f"{cfg.data}: --task classification needs a \"label\" on every row; the rows "
                             "have none.")
     _check_task(cfg.kind, task)
+    folder = resolve_base(cfg.model, quiet).folder  # a GGUF file: its dequantized folder in the cache
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError, TypeError) as e:
         raise EdgepeftError(f"{cfg.model}: cannot load its tokenizer ({e}). The model folder must hold "
                             "the tokenizer files (tokenizer.json, tokenizer_config.json).") from None
@@ -351,13 +356,13 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
     try:
         if classification:
             model, info = AutoModelForSequenceClassification.from_pretrained(
-                cfg.model, num_labels=len(names), id2label=dict(enumerate(names)),
+                folder, num_labels=len(names), id2label=dict(enumerate(names)),
                 label2id={n: i for i, n in enumerate(names)}, problem_type="single_label_classification",
                 dtype=torch.float32, output_loading_info=True)
             model.config.pad_token_id = tokenizer.pad_token_id
             fresh = sorted(set(info.get("missing_keys", [])) & {n for n, _ in model.named_parameters()})
         else:
-            model, fresh = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32), []
+            model, fresh = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32), []
     except (OSError, ValueError, KeyError) as e:
         raise EdgepeftError(f"{cfg.model}: cannot load it as a "
                             f"{'sequence-classification' if classification else 'causal'} model ({e}).") from None

@@ -32,6 +32,7 @@ import torch
 from edgepeft.contract import PROMPT_INPUT
 from edgepeft.data import load_texts
 from edgepeft.errors import EdgepeftError
+from edgepeft.gguf import resolve_base
 from edgepeft.progress import bar
 from edgepeft.quantize.budgets import BUDGETS, Budget
 from edgepeft.runtime import Model
@@ -158,7 +159,9 @@ class _Reference:
     prompt and LoRA, in one model; bottleneck adapters use edgepeft's own torch module).
     """
 
-    def __init__(self, reference: Path, manifest: dict, adapter_dirs: dict[str, Path]):
+    def __init__(self, reference: Path, manifest: dict, adapter_dirs: dict[str, Path], given: Path | None = None):
+        """``reference``: the base model folder; ``given``: what the user passed, for messages (a
+        GGUF file whose dequantized folder ``reference`` is), default ``reference``."""
         from edgepeft.export.base import fingerprint, load_causal_lm, load_classifier
         from edgepeft.kinds import kind_module
 
@@ -171,9 +174,9 @@ class _Reference:
             base, fresh = load_classifier(reference, manifest["base"].get("num_labels"))
         fp = fingerprint(base, fresh)
         if fp != manifest["base"]["fingerprint"]:
-            raise EdgepeftError(f"{reference}: its weights (fingerprint {fp[:19]}...) are not the base "
+            raise EdgepeftError(f"{given or reference}: its weights (fingerprint {fp[:19]}...) are not the base "
                                 f"this artifact was exported from ({manifest['base']['fingerprint'][:19]}"
-                                "...). Pass the same --reference folder that export used.")
+                                "...). Pass the same --reference folder (or GGUF file) that export used.")
         self.base = base
         self.dirs = adapter_dirs
         self.kinds = {n: kind_module(e["kind"]) for n, e in manifest["adapters"].items()}
@@ -409,7 +412,8 @@ def validate(artifact_dir: Path, reference: Path, prompts: list[str] | None = No
 
     Args:
         artifact_dir: output of ``edgepeft export``.
-        reference: the base model folder the artifact was exported from.
+        reference: the base model folder the artifact was exported from, or the GGUF file (the
+            folder is its dequantized copy, :func:`edgepeft.gguf.resolve_base`).
         prompts: causal LMs: texts whose greedy continuations are compared (needs the artifact's
             tokenizer); default: built-in prompts, or seeded random token ids without a tokenizer.
         texts: texts whose every token position is compared (top-1, KL, |Δlogits|), with the
@@ -444,7 +448,8 @@ def validate(artifact_dir: Path, reference: Path, prompts: list[str] | None = No
                             "for classifiers.")
     if texts is None and manifest.get("tokenizer"):
         texts = load_texts(DEFAULT_TEXTS)
-    ref = _Reference(reference, manifest, dirs)
+    source = resolve_base(reference, quiet)  # a GGUF file: its dequantized folder in the cache
+    ref = _Reference(source.folder, manifest, dirs, given=reference)
     if art.task == "classification":
         results = _validate_classifier(art, ref, prompts or texts, budget, labelled, limit, quiet)
     else:
