@@ -5,6 +5,14 @@ One graph serves prefill and decode: inputs ``input_ids (B, S)``, ``attention_ma
 ``slots.py`` (e.g. ``lora.{module}.A (r, in)`` / ``lora.{module}.B (out, r)``, a dynamic rank per
 slot). Outputs ``logits (B, S, V)`` and ``present.{i}.key|value (B, H_kv, P+S, D)``. Prefix and
 decoder prompt tuning need no inputs of their own: the runtime seeds ``past``.
+
+Sliding-window layers (Gemma 2/3, Mistral, Qwen2 with ``use_sliding_window``) keep every key like
+the others (transformers' plain ``DynamicLayer``, not its sliding-window layer, whose ``past <=
+window`` bookkeeping torch.export cannot trace with a dynamic past), and the window is applied in
+their attention mask instead: a key is seen when it is at most ``sliding_window - 1`` positions
+before the query. Positions, not cache slots: a row's left padding (which sits between a prefix
+adapter's keys and its tokens) then never changes what the window covers, so a padded row
+computes what it computes alone. The graph's inputs and outputs are those of every other family.
 """
 
 from __future__ import annotations
@@ -29,14 +37,53 @@ class _CacheWrapper(nn.Module):
         from transformers import DynamicCache
 
         self.feed.update(zip(self.names, adapter))
-        cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(self.layers)],
-                             config=self.model.config)
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         cache=cache, use_cache=True)
+        # No config: every layer a plain DynamicLayer (full past), sliding ones included.
+        cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(self.layers)])
+        masks = window_masks(self.model.config, self.model.dtype, input_ids, attention_mask, position_ids, cache)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask if masks is None else masks,
+                         position_ids=position_ids, cache=cache, use_cache=True)
         present = []
         for layer in out.cache.layers:
             present += [layer.keys, layer.values]
         return (out.logits, *present)
+
+
+def window_masks(config, dtype: torch.dtype, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 position_ids: torch.Tensor, cache) -> dict | torch.Tensor | None:
+    """The attention masks of a model with sliding-window layers, windowed by position.
+
+    Args:
+        config: the model's config (``sliding_window``; ``layer_types`` when layers differ).
+        dtype: the model's float type (of an additive mask, for eager attention).
+        input_ids: ``(B, S)``.
+        attention_mask: ``(B, P + S)`` 0/1 over the past and the new tokens.
+        position_ids: ``(B, S)``.
+        cache: the model's cache, before this call's update (plain layers: ``P`` keys each).
+
+    Returns:
+        None without a sliding window (the model builds its own masks); with ``layer_types``, the
+        ``{"full_attention": mask, "sliding_attention": mask}`` mapping the model's forward
+        takes in place of the 2-D mask; without (every layer sliding, Mistral), the sliding one.
+    """
+    from transformers.masking_utils import create_causal_mask
+
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if window is None or (types is not None and "sliding_attention" not in types):
+        return None
+    pos = attention_mask.long().cumsum(-1) - 1  # (B, P + S): each slot's position (pads: stale, masked)
+
+    def recent(batch_idx, head_idx, q_idx, kv_idx):
+        return pos[batch_idx, kv_idx] > pos[batch_idx, q_idx] - window
+
+    # create_causal_mask reads the batch size, query length, dtype and device off inputs_embeds
+    carrier = torch.zeros(*input_ids.shape, 1, dtype=dtype)  # (B, S, 1)
+    kwargs = dict(config=config, inputs_embeds=carrier, attention_mask=attention_mask, cache=cache,
+                  position_ids=position_ids)
+    sliding = create_causal_mask(**kwargs, and_mask_function=recent)
+    if types is None:
+        return sliding
+    return {"full_attention": create_causal_mask(**kwargs), "sliding_attention": sliding}
 
 
 def export_graph(model: nn.Module, slots: list[Slot], specs: list[InputSpec], cache: CacheShape,

@@ -88,9 +88,13 @@ def side(adapter: PromptAdapter, model: nn.Module) -> SideBranch:
     head = head_to_numpy(adapter.head)
     if adapter.task != "causal-lm":
         return SideBranch(prompt=np.ascontiguousarray(adapter.embeddings.numpy(), np.float32), head=head)
+    from transformers import DynamicCache
+
     n = adapter.embeddings.shape[0]
+    # A cache of plain layers keeps all n keys on sliding-window layers too (the config's cache
+    # would keep the last window - 1 there): the traced graph's past is full on every layer.
     out = model(inputs_embeds=adapter.embeddings[None], position_ids=torch.arange(n)[None],
-                attention_mask=torch.ones(1, n, dtype=torch.long), use_cache=True)
+                attention_mask=torch.ones(1, n, dtype=torch.long), cache=DynamicCache(), use_cache=True)
     prefix = [(np.ascontiguousarray(layer.keys.float().numpy()),  # (1, H, n, D)
                np.ascontiguousarray(layer.values.float().numpy())) for layer in out.cache.layers]
     return SideBranch(prefix=prefix, prefix_from_prompt=True, head=head)

@@ -97,7 +97,9 @@ class _Ref:
         prompt_learning: a PEFT prompt-learning model (prefix / prompt / P-tuning): PEFT drops
             given position ids for prompts, so it is run on each unpadded row alone.
         prefix: per layer ``(key, value)`` ``(1, H, p, D)`` to seed the cache with (a LoRA +
-            prefix composition, which PEFT cannot run as one model), else None.
+            prefix composition, which PEFT cannot run as one model), else None. Also run on each
+            unpadded row alone: a row's left padding would sit between the prefix and its tokens,
+            and a sliding window over cache slots (transformers' masks) would count it.
         enter: a context manager factory to run inside (e.g. a mix's merged deltas).
     """
 
@@ -109,28 +111,32 @@ class _Ref:
     def logits(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """Causal LM logits ``(B, S, V)`` at every position of the (left-padded) batch."""
         with self.enter():
-            if self.prompt_learning:
+            if self.prompt_learning or self.prefix is not None:
                 out = None
                 for i in range(ids.shape[0]):
                     real = ids[i][mask[i].astype(bool)]
-                    row = self.model(input_ids=torch.from_numpy(real[None])).logits[0, -len(real):]
+                    row = self._row(real)  # (len(real), V)
                     if out is None:
                         out = np.zeros((*ids.shape, row.shape[-1]), np.float32)
-                    out[i, mask[i].astype(bool)] = row.float().numpy()
+                    out[i, mask[i].astype(bool)] = row
                 return out
-            kwargs = {}
-            full = mask
-            if self.prefix is not None:
-                from transformers import DynamicCache
-
-                b, p = ids.shape[0], self.prefix[0][0].shape[2]
-                data = [(k.expand(b, -1, -1, -1).clone(), v.expand(b, -1, -1, -1).clone()) for k, v in self.prefix]
-                kwargs["cache"] = DynamicCache(ddp_cache_data=data, config=self.model.config)
-                full = np.concatenate([np.ones((b, p), np.int64), mask], axis=1)  # (B, p + S)
-            out = self.model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(full),
-                             position_ids=_positions_t(full)[:, -ids.shape[1]:], use_cache=bool(kwargs),
-                             **kwargs)
+            out = self.model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                             position_ids=_positions_t(mask))
             return out.logits.float().numpy()  # (B, S, V)
+
+    def _row(self, real: np.ndarray) -> np.ndarray:
+        """Logits ``(S, V)`` of one unpadded row ``(S,)``, after the prefix when there is one."""
+        if self.prefix is None:
+            return self.model(input_ids=torch.from_numpy(real[None])).logits[0, -len(real):].float().numpy()
+        from transformers import DynamicCache
+
+        p = self.prefix[0][0].shape[2]
+        cache = DynamicCache(ddp_cache_data=[(k.clone(), v.clone()) for k, v in self.prefix],
+                             config=self.model.config)
+        pos = torch.arange(p, p + len(real))[None]  # (1, S): the tokens follow the prefix
+        out = self.model(input_ids=torch.from_numpy(real[None]), attention_mask=torch.ones(1, p + len(real),
+                         dtype=torch.long), position_ids=pos, cache=cache, use_cache=True)
+        return out.logits[0].float().numpy()
 
     @torch.no_grad()
     def classify_logits(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
