@@ -75,7 +75,7 @@ def family(request, tmp_path_factory):
     AutoModelForCausalLM.from_config(_config(request.param)).save_pretrained(root / "base")
     make_tokenizer(root / "base")
     ads = _adapters(root / "base", root)
-    export(ExportConfig(base=root / "base", out=root / "side", adapters=tuple(ads.items())), quiet=True)
+    export(ExportConfig(graph="generic", base=root / "base", out=root / "side", adapters=tuple(ads.items())), quiet=True)
     return request.param, root / "base", ads, root / "side"
 
 
@@ -194,7 +194,7 @@ def test_merged_export_matches_pytorch(family, tmp_path):
     if name != "gemma3":
         pytest.skip("one merged export, on Gemma 3")
     out = tmp_path / "merged"
-    export(ExportConfig(base=base, out=out, mode="merged", adapters=(("dora", ads["dora"]),)), quiet=True)
+    export(ExportConfig(graph="generic", base=base, out=out, mode="merged", adapters=(("dora", ads["dora"]),)), quiet=True)
     model = _reference(base, "dora", ads["dora"])
     m = Model(out)
     assert _max_diff(m.logits(ROWS, adapter="dora"), _ref_rows(model, ROWS, False)) <= 1e-4
