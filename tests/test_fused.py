@@ -135,8 +135,8 @@ def test_fused_refusals(llama_base, llama_adapters, tmp_path):
     """What the fused graph cannot compute is refused before anything is written, with the reason
     and the way out (--graph generic)."""
     prefix = make_adapter(llama_base, tmp_path / "prefix", "prefix")
-    ia3 = make_adapter(llama_base, tmp_path / "ia3", "ia3")
-    for name, path in (("prefix", prefix), ("ia3", ia3)):
+    vera = make_adapter(llama_base, tmp_path / "vera", "vera", target_modules=["q_proj", "v_proj"])
+    for name, path in (("prefix", prefix), ("vera", vera)):
         out = tmp_path / f"out-{name}"
         with pytest.raises(EdgepeftError, match=rf"adapter '{name}'.*--graph generic"):
             export(ExportConfig(base=llama_base, out=out, adapters=((name, path),), graph="fused"), quiet=True)

@@ -29,6 +29,25 @@ A feature adds graph inputs named ``{feature}.{module}.{part}``. Each :class:`Pa
   one    at most one active adapter may feed it, with weight 1 (non-linear in the weights)
   ====== ==================================================================================
 
+A feature the fused graph (``edgepeft/export/fused.py``) can compute names its *fused form*
+(:data:`FUSED_FORMS`): which of the fused graph's per-group inputs each of its parts feeds. The
+fused graph packs the projections that read one input (q|k|v, gate|up) into one MatMul and
+computes, per packed group (``x (B, S, in)``, ``y (B, S, out)``, ``out`` the group's total)::
+
+    x = x * (1 + scale.in)              in     a per-channel scale of the input   (in,)
+    y = x W^T                           the packed base MatMul
+    y = y * (1 + scale.mag)             mag    a per-output scale, before the bias (out,)
+    y = y + b                           the base bias, if any
+    y = y + (x AT) BT                   AT/BT  the low-rank branch, ranks concatenated
+    y = y * (1 + scale.out)             out    a per-output scale of the whole output (out,)
+
+so a fused scale input holds its part's value *minus the part's identity*: zero is the identity
+of every fused input (what a group an adapter does not touch, or a projection of the group it
+does not touch, is fed). ``AT``/``BT`` mix by ``cat1``/``cat0w``; the scales by their part's rule,
+which must be ``one`` (a product of scales is not a weighted sum). The low-rank places take the
+part values as they are (``B`` carries every scale), so a feature whose low-rank parts are ``one``
+in the traced graph (DoRA) relies on its ``mag`` scale to refuse what does not mix.
+
 The manifest records each exported feature's parts (``manifest["features"]``, see :meth:`Feature.table`)
 and each input's rule, so the runtimes (Python and JavaScript) and ``verify`` need no copy of them.
 
@@ -46,6 +65,18 @@ SYMBOLS = ("in", "out", "r", "R")
 RANK = "r"
 FIXED_RANK = "R"
 WIDTHS = ("in", "out")
+# The fused graph's per-group inputs (see the module docstring): low-rank A^T / B^T and three scales.
+FUSED_LOW_RANK = ("AT", "BT")
+FUSED_SCALES = ("in", "mag", "out")
+# the shape of the part that feeds each fused input (AT / BT are A / B transposed)
+_FUSED_PART_SHAPES = {"AT": (RANK, "in"), "BT": ("out", RANK), "in": ("in",), "mag": ("out",), "out": ("out",)}
+# fused form -> {part name: the fused input it feeds}; a feature's parts must match its form's.
+FUSED_FORMS = {
+    "low_rank": {"A": "AT", "B": "BT"},  # LoRA
+    "low_rank+mag": {"A": "AT", "B": "BT", "mag": "mag"},  # DoRA: low rank and a scale before the bias
+    "in_scale": {"scale": "in"},  # a scale of the input
+    "out_scale": {"scale": "out"},  # a scale of the output, bias and low rank included
+}
 
 
 @dataclass(frozen=True)
@@ -112,8 +143,8 @@ class Feature:
         on_input: ``(h, parts) -> h``, applied to the layer's input before the base layer, or None.
         on_output: ``(y, h, base, parts) -> y``, applied to the output (``base`` is the wrapped
             layer, ``h`` its input), or None. ``parts`` maps part name -> fed tensor.
-        fused: the feature's form in the fused graph (``edgepeft/export/fused.py``), None if the
-            fused graph cannot take it.
+        fused: the feature's form in the fused graph (a key of :data:`FUSED_FORMS`, see the
+            module docstring), None if the fused graph cannot take it.
     """
 
     name: str
@@ -133,8 +164,30 @@ class Feature:
         if RANK in symbols and FIXED_RANK in symbols:
             raise ValueError(f"feature {self.name}: its rank is either dynamic ({RANK!r}) or fixed "
                              f"({FIXED_RANK!r}), not both")
-        if self.fused is not None and self.fixed_rank:
+        if self.fused is not None:
+            self._check_fused()
+
+    def _check_fused(self) -> None:
+        """The fused form exists, places every part, and its scales are identity-shifted ``one`` parts."""
+        if self.fixed_rank:
             raise ValueError(f"feature {self.name}: the fused graph takes dynamic ranks only")
+        form = FUSED_FORMS.get(self.fused)
+        if form is None:
+            raise ValueError(f"feature {self.name}: fused form {self.fused!r} is not one of {list(FUSED_FORMS)}")
+        if set(form) != {p.name for p in self.parts}:
+            raise ValueError(f"feature {self.name}: fused form {self.fused!r} places parts {sorted(form)}, "
+                             f"the feature has {sorted(p.name for p in self.parts)}")
+        for part, place in form.items():
+            p, want = self.part(part), _FUSED_PART_SHAPES[place]
+            if p.shape != want:
+                raise ValueError(f"feature {self.name}: part {part} feeds the fused {place}, so its shape "
+                                 f"is {want}, not {p.shape}")
+            if place in FUSED_SCALES and p.mix != "one":
+                raise ValueError(f"feature {self.name}: part {part} is a fused scale, so it mixes by 'one'")
+        low_rank_one = any(self.part(n).mix == "one" for n, place in form.items() if place in FUSED_LOW_RANK)
+        if low_rank_one and not any(place in FUSED_SCALES for place in form.values()):
+            raise ValueError(f"feature {self.name}: its low-rank parts mix by 'one', which the fused graph's "
+                             "concatenated AT / BT cannot enforce without a scale part that mixes by 'one'")
 
     @property
     def fixed_rank(self) -> bool:

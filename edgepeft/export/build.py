@@ -2,8 +2,8 @@
 
 - :func:`traced_side`: the traced base model with a side branch per planned slot; adapters are
   files of graph inputs (every architecture and adapter kind).
-- :func:`fused_side`: the fused-kernel graph of a Llama-family causal LM (``edgepeft.export.fused``)
-  with packed LoRA inputs.
+- :func:`fused_side`: the fused-kernel graph of a causal LM of a known family
+  (``edgepeft.export.fused``) with packed LoRA / DoRA / IA3 inputs.
 - :func:`merged`: one graph per adapter, its delta folded into the weights (traced or fused).
 
 Each saves its graphs through step 5 (:func:`edgepeft.export.graphs.save_graph`: quantization)
@@ -97,8 +97,8 @@ def traced_side(cfg: ExportConfig, base: Base, adapters: list, root: Path, quiet
 
 
 def fused_side(cfg: ExportConfig, base: Base, adapters: list, root: Path, quiet: bool) -> dict:
-    """One fused graph with packed LoRA inputs for the q|k|v and gate|up groups any adapter feeds,
-    and one file per adapter packed to them."""
+    """One fused graph with packed adapter inputs (low rank, scales) for the projection groups
+    any adapter feeds, and one file per adapter packed to them."""
     model = base.model
     sides = side_branches(cfg, base, adapters)
     log("building fused graph", quiet)
@@ -150,11 +150,14 @@ def _trace(cfg: ExportConfig, base: Base, model: torch.nn.Module, slots, specs, 
 
 
 def _fused_input(name: str, default: np.ndarray) -> dict:
-    """Manifest entry of a fused LoRA input: ``*.AT (in, r)`` mixes along axis 1, ``*.BT (r, out)``
-    along axis 0 (weighted)."""
+    """Manifest entry of a fused adapter input (``edgepeft.export.fused``): ``*.AT (in, r)`` mixes
+    along axis 1, ``*.BT (r, out)`` along axis 0 (weighted); a scale ``(in,)`` / ``(out,)`` is
+    taken from one adapter (``one``: a product of scales is no weighted sum)."""
     if name.endswith(".AT"):
         return {"shape": [int(default.shape[0]), None], "mix": "cat1"}
-    return {"shape": [None, int(default.shape[1])], "mix": "cat0w"}
+    if name.endswith(".BT"):
+        return {"shape": [None, int(default.shape[1])], "mix": "cat0w"}
+    return {"shape": [int(d) for d in default.shape], "mix": "one"}
 
 
 def _write_adapter(cfg: ExportConfig, base: Base, a, arrays: dict[str, np.ndarray], root: Path,

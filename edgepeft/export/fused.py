@@ -15,14 +15,31 @@ scales) is read from the family's description (``edgepeft.families``); this file
 Inputs: ``input_ids (B, S)``, ``seqlens_k (B,)`` int32 (each row's total length - 1),
 ``total_sequence_length ()`` int32, ``past.{i}.key|value (B, H_kv, M, D)`` (a buffer of M slots the
 runtime binds to ``present.{i}.key|value`` too: onnxruntime writes the new keys in place), and the
-LoRA inputs ``lora.{layer}.{group}.AT (in, R)`` / ``.BT (R, out)``, transposed so both are plain
-row-major MatMuls (a transposed-B MatMul on a run-time input costs ~10 % more per decode step). A
-group packs the projections that read the same input (q|k|v, gate|up): their A's stack along the
-rank axis and their B's sit block-diagonally, so one adapter (or a mix, which concatenates ranks)
-runs as two MatMuls per group. Rows are right-padded (the runtime converts); positions are each row's own.
+adapter inputs of each packed group (:func:`fused_input_name`). A group packs the projections
+that read the same input (q|k|v, gate|up) into one MatMul; per group the graph computes
+(``x (B, S, in)``, ``y (B, S, out)``, ``out`` the group's total)::
 
-Scope: the families of ``edgepeft.families`` and plain LoRA adapters. Anything else is refused
-with the reason (:func:`unsupported`); the traced graph handles it.
+    x = x * (1 + scale.{i}.{g}.in)       (in,)      IA3 on a feed-forward input
+    y = x W^T                                       the packed base MatMul
+    y = y * (1 + scale.{i}.{g}.mag)      (out,)     DoRA's g - 1, before the bias
+    y = y + b
+    y = y + (x lora.{i}.{g}.AT) lora.{i}.{g}.BT     (in, R), (R, out): LoRA / DoRA (B = g s B)
+    y = y * (1 + scale.{i}.{g}.out)      (out,)     IA3 on an output, bias and LoRA included
+
+(the order of the traced graph's slot, ``edgepeft/export/slots.py``). Which of these a kind feeds
+is its features' fused form (``edgepeft.contract.features.FUSED_FORMS``); this file names no kind.
+Every input's default is its identity: AT / BT have rank 0; a scale holds the part's value
+minus its identity, so zeros (also for the projections of a group an adapter does not touch)
+leave the group as the base computes it. AT / BT are transposed so both are plain row-major
+MatMuls (a transposed-B MatMul on a run-time input costs ~10 % more per decode step); their A's
+stack along the rank axis and their B's sit block-diagonally, so one adapter (or a mix, which
+concatenates ranks) runs as two MatMuls per group. Rows are right-padded (the runtime converts);
+positions are each row's own.
+
+Scope: the families of ``edgepeft.families`` and adapters whose features have a fused form, on
+the attention and MLP projections; an input scale on a packed group needs the same scale on all
+its projections (they share one input). Anything else is refused with the reason
+(:func:`unsupported`); the traced graph handles it.
 """
 
 from __future__ import annotations
@@ -34,14 +51,26 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edgepeft import families, kinds
 from edgepeft.contract import past_names, present_names
+from edgepeft.contract.features import FUSED_FORMS, FUSED_LOW_RANK, FUSED_SCALES
 from edgepeft.errors import EdgepeftError
 from edgepeft.families.common import ACTIVATIONS, Family, head_dim, rotary_dim, rotary_positions
 from edgepeft.kinds.common import SideBranch, to_numpy as _np
 
 
+def fused_input_name(layer: int, group: str, place: str) -> str:
+    """Graph input of one packed group: ``lora.{layer}.{group}.AT (in, R)`` / ``.BT (R, out)``,
+    ``scale.{layer}.{group}.in (in,)`` / ``.mag (out,)`` / ``.out (out,)``."""
+    return f"{'lora' if place in FUSED_LOW_RANK else 'scale'}.{layer}.{group}.{place}"
+
+
 def lora_group_names(layer: int, group: str) -> tuple[str, str]:
     """Graph input names of one packed LoRA group: ``A^T (in, R)``, ``B^T (R, out)``."""
-    return f"lora.{layer}.{group}.AT", f"lora.{layer}.{group}.BT"
+    return fused_input_name(layer, group, "AT"), fused_input_name(layer, group, "BT")
+
+
+def places(feature: str) -> dict[str, str]:
+    """``{part: fused input}`` of a feature with a fused form (see ``contract.features``)."""
+    return FUSED_FORMS[kinds.feature(feature).fused]
 
 
 def activation(cfg) -> str:
@@ -76,9 +105,34 @@ def unsupported(model: torch.nn.Module, sides: dict[str, SideBranch]) -> str | N
         if side.head or side.prompt is not None or side.prefix:
             return f"adapter {name!r} has a prompt, prefix or classification head"
         for m, feat in side.layers:
-            if kinds.feature(feat).fused != "lora" or m not in modules:
-                return (f"adapter {name!r} has {m} ({feat}); the fused graph takes LoRA on the "
-                        "attention and MLP projections")
+            if kinds.feature(feat).fused is None or m not in modules:
+                return (f"adapter {name!r} has {m} ({feat}); the fused graph takes LoRA, DoRA and IA3 "
+                        "on the attention and MLP projections")
+        why = _packing_problem(fam, cfg.num_hidden_layers, name, side)
+        if why:
+            return why
+    return None
+
+
+def _packing_problem(fam: Family, layers: int, name: str, side: SideBranch) -> str | None:
+    """Why one adapter's scales do not fit the packed groups, or None: a projection fed one scale
+    twice, or an input scale that differs between the projections of one group (they read one
+    input through one MatMul)."""
+    for i in range(layers):
+        for group, mods in group_modules(fam, i).items():
+            scales = {place: [None] * len(mods) for place in FUSED_SCALES}
+            for j, m in enumerate(mods):
+                for (mod, feat), parts in side.layers.items():
+                    for part, place in places(feat).items() if mod == m else ():
+                        if place in scales and scales[place][j] is not None:
+                            return f"adapter {name!r} feeds {m} two {place} scales"
+                        if place in scales:
+                            scales[place][j] = parts[part]
+            ins = scales["in"]
+            if any(v is not None for v in ins) and (any(v is None for v in ins) or
+                                                    any(not np.array_equal(v, ins[0]) for v in ins)):
+                return (f"adapter {name!r} scales the inputs of {', '.join(mods)} differently; the fused "
+                        "graph runs them as one MatMul on one input")
     return None
 
 
@@ -93,47 +147,95 @@ def check_supported(model: torch.nn.Module, sides: dict[str, SideBranch]) -> Non
         raise EdgepeftError(f"--graph fused: {why}. Export with --graph generic.")
 
 
+def group_inputs(model: torch.nn.Module, sides: dict[str, SideBranch]) -> dict[tuple[int, str], tuple[str, ...]]:
+    """``{(layer, group): fused inputs}`` of the groups at least one adapter touches, in graph
+    order; the inputs (``AT``, ``BT``, ``in``, ``mag``, ``out``) those adapters' features feed."""
+    fam = families.family(model.config)
+    fed: dict[str, set[str]] = {}
+    for side in sides.values():
+        for m, feat in side.layers:
+            fed.setdefault(m, set()).update(places(feat).values())
+    order = FUSED_LOW_RANK + FUSED_SCALES
+    used = {}
+    for i in range(fam.text_config(model.config).num_hidden_layers):
+        for g, mods in group_modules(fam, i).items():
+            wanted = set().union(*(fed.get(m, set()) for m in mods))
+            if wanted:
+                used[(i, g)] = tuple(p for p in order if p in wanted)
+    return used
+
+
 def groups_used(model: torch.nn.Module, sides: dict[str, SideBranch]) -> list[tuple[int, str]]:
     """``(layer, group)`` pairs that at least one adapter touches, in graph order."""
-    fam = families.family(model.config)
-    touched = {m for side in sides.values() for m, _ in side.layers}
-    return [(i, g) for i in range(fam.text_config(model.config).num_hidden_layers)
-            for g, mods in group_modules(fam, i).items() if touched & set(mods)]
+    return list(group_inputs(model, sides))
 
 
 def pack_adapter(model: torch.nn.Module, side: SideBranch, used: list[tuple[int, str]]) -> dict[str, np.ndarray]:
-    """One adapter's LoRA arrays in the fused graph's packed inputs.
+    """One adapter's arrays in the fused graph's packed inputs (:func:`fused_input_name`).
 
     Args:
         model: the base (its weights give each module's width).
         side: the adapter's side branch (``B`` already carries the scale).
-        used: the graph's LoRA groups (:func:`groups_used`).
+        used: the graph's groups (:func:`groups_used`).
 
     Returns:
-        ``{lora.{layer}.{group}.AT: (in, R), ...BT: (R, out_total)}`` for the groups this
-        adapter touches: A's stacked, B's block-diagonal (zeros elsewhere), so the product is exact.
+        For the groups this adapter touches: ``lora.{layer}.{group}.AT (in, R)`` / ``.BT (R,
+        out_total)``, A's stacked and B's block-diagonal (zeros elsewhere), so the product is
+        exact; ``scale.{layer}.{group}.in (in,)`` / ``.mag`` / ``.out (out_total,)``, each
+        projection's part value minus its identity (zeros for the projections it does not scale).
     """
     fam = families.family(model.config)
     params = dict(model.named_parameters())
+    by_module: dict[str, list[tuple[str, dict]]] = {}
+    for (m, feat), parts in side.layers.items():
+        by_module.setdefault(m, []).append((feat, parts))
     out: dict[str, np.ndarray] = {}
     for layer, group in used:
         mods = group_modules(fam, layer)[group]
         widths = [tuple(params[f"{m}.weight"].shape) for m in mods]  # (out, in) each
-        parts = [side.layers.get((m, "lora")) for m in mods]
-        if not any(parts):
-            continue
-        ranks = [0 if p is None else p["A"].shape[0] for p in parts]
-        a = np.zeros((sum(ranks), widths[0][1]), np.float32)  # (R, in)
-        b = np.zeros((sum(o for o, _ in widths), sum(ranks)), np.float32)  # (out_total, R)
-        r0 = o0 = 0
-        for (o, _), part, r in zip(widths, parts, ranks):
-            if part is not None:
-                a[r0:r0 + r] = part["A"]
-                b[o0:o0 + o, r0:r0 + r] = part["B"]
-            r0, o0 = r0 + r, o0 + o
-        name_a, name_b = lora_group_names(layer, group)
-        out[name_a], out[name_b] = np.ascontiguousarray(a.T), np.ascontiguousarray(b.T)  # (in, R), (R, out)
+        low_rank: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in mods]  # per module: (A, B)
+        scales = {place: [None] * len(mods) for place in FUSED_SCALES}
+        for j, m in enumerate(mods):
+            for feat, parts in by_module.get(m, ()):
+                feature, where = kinds.feature(feat), places(feat)
+                at = next((parts[p] for p, w in where.items() if w == "AT"), None)
+                if at is not None:
+                    low_rank[j].append((at, next(parts[p] for p, w in where.items() if w == "BT")))
+                for part, place in where.items():
+                    if place in scales:
+                        scales[place][j] = parts[part] - np.float32(feature.part(part).identity)
+        if any(low_rank):
+            out.update(_pack_low_rank(layer, group, widths, low_rank))
+        for place, values in scales.items():
+            if any(v is not None for v in values):
+                out[fused_input_name(layer, group, place)] = _pack_scale(place, widths, values)
     return out
+
+
+def _pack_low_rank(layer: int, group: str, widths: list[tuple[int, int]],
+                   pairs: list[list[tuple[np.ndarray, np.ndarray]]]) -> dict[str, np.ndarray]:
+    """``AT (in, R)``, ``BT (R, out_total)`` of one group from each module's ``(A (r, in), B (out, r))``."""
+    flat = [(j, a, b) for j, ps in enumerate(pairs) for a, b in ps]
+    offsets = np.cumsum([0] + [o for o, _ in widths])  # each module's first output row
+    a = np.zeros((sum(x.shape[0] for _, x, _ in flat), widths[0][1]), np.float32)  # (R, in)
+    b = np.zeros((int(offsets[-1]), a.shape[0]), np.float32)  # (out_total, R)
+    r0 = 0
+    for j, part_a, part_b in flat:
+        r = part_a.shape[0]
+        a[r0:r0 + r] = part_a
+        b[offsets[j]:offsets[j + 1], r0:r0 + r] = part_b
+        r0 += r
+    name_a, name_b = fused_input_name(layer, group, "AT"), fused_input_name(layer, group, "BT")
+    return {name_a: np.ascontiguousarray(a.T), name_b: np.ascontiguousarray(b.T)}  # (in, R), (R, out)
+
+
+def _pack_scale(place: str, widths: list[tuple[int, int]], values: list[np.ndarray | None]) -> np.ndarray:
+    """One group's scale input: ``in`` the projections' common ``(in,)`` (checked equal by
+    :func:`unsupported`), ``mag`` / ``out`` the projections' ``(out,)`` end to end, zeros where unset."""
+    if place == "in":
+        return np.ascontiguousarray(values[0], np.float32)
+    return np.concatenate([np.zeros(o, np.float32) if v is None else v.astype(np.float32)
+                           for (o, _), v in zip(widths, values)])  # (out_total,)
 
 
 class _Graph:
@@ -165,9 +267,10 @@ class _Builder:
         self.cfg = self.fam.text_config(model.config)
         self.sd = model.state_dict()
         self.eps = float(self.cfg.rms_norm_eps)
-        self.used = set(groups_used(model, sides))
+        self.used = group_inputs(model, sides)
         self.g = _Graph()
         self.adapter_inputs: list[tuple[str, np.ndarray]] = []
+        self._one = ""  # the scalar 1 the scales add, made on first use
 
     def weight(self, name: str) -> np.ndarray:
         return _np(self.sd[name])
@@ -180,24 +283,42 @@ class _Builder:
         return self.g.node("SimplifiedLayerNormalization", [x, self.norm_weight(name)], epsilon=self.eps, axis=-1)[0]
 
     def linear(self, x: str, layer: int, group: str) -> str:
-        """``x @ W^T (+ b) (+ x @ A^T @ B^T)`` of one packed group."""
+        """``x @ W^T (+ b)`` of one packed group, with the adapter inputs its adapters feed
+        (scales and the low-rank branch, in the order of the module docstring)."""
         g, mods = self.g, group_modules(self.fam, layer)[group]
         prefix = f"{mods[0].rpartition('.')[0]}.{group}"  # e.g. model.layers.0.self_attn.qkv
         w = np.concatenate([self.weight(f"{m}.weight") for m in mods], axis=0)  # (out_total, in)
+        fed = self.used.get((layer, group), ())
+        if "in" in fed:
+            x = self.scaled(x, fused_input_name(layer, group, "in"), w.shape[1])
         (y,) = g.node("MatMul", [x, g.init(f"{prefix}.weight_t", w.T)])  # (B, S, out_total)
+        if "mag" in fed:
+            y = self.scaled(y, fused_input_name(layer, group, "mag"), w.shape[0])
         biases = [self.sd.get(f"{m}.bias") for m in mods]
         if any(b is not None for b in biases):
             bias = np.concatenate([_np(b) if b is not None else np.zeros(self.sd[f"{m}.weight"].shape[0], np.float32)
                                    for m, b in zip(mods, biases)])
             (y,) = g.node("Add", [y, g.init(f"{prefix}.bias", bias)])
-        if (layer, group) in self.used:
-            name_a, name_b = lora_group_names(layer, group)
+        if "AT" in fed:
+            name_a, name_b = fused_input_name(layer, group, "AT"), fused_input_name(layer, group, "BT")
             self.adapter_inputs.append((name_a, np.zeros((w.shape[1], 0), np.float32)))
             self.adapter_inputs.append((name_b, np.zeros((0, w.shape[0]), np.float32)))
             (t,) = g.node("MatMul", [x, name_a])  # (B, S, R)
             (d,) = g.node("MatMul", [t, name_b])  # (B, S, out)
             (y,) = g.node("Add", [y, d])
+        if "out" in fed:
+            y = self.scaled(y, fused_input_name(layer, group, "out"), w.shape[0])
         return y
+
+    def scaled(self, x: str, name: str, width: int) -> str:
+        """``x * (1 + name)`` over the last axis, ``name`` an adapter input ``(width,)`` whose
+        identity default is zeros (the fed value is the scale minus 1)."""
+        g = self.g
+        self.adapter_inputs.append((name, np.zeros(width, np.float32)))
+        if not self._one:
+            self._one = g.init("adapter_scale.one", np.array(1.0, np.float32))
+        (factor,) = g.node("Add", [name, self._one])  # (width,)
+        return g.node("Mul", [x, factor])[0]
 
     def head_norm(self, x: str, heads: int, name: str) -> str:
         """RMSNorm over each head: ``(B, S, H D) -> (B, S, H, D)`` -> norm -> ``(B, S, H D)``."""
@@ -311,7 +432,9 @@ class _Builder:
                 outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", kv_heads, "max_seq", d]))
         for name, default in self.adapter_inputs:  # graph inputs with a default: overridable initializers
             rank = f"rank.{name.rsplit('.', 1)[0]}"
-            shape = [default.shape[0], rank] if name.endswith(".AT") else [rank, default.shape[1]]
+            place = name.rsplit(".", 1)[1]
+            shape = ([default.shape[0], rank] if place == "AT" else [rank, default.shape[1]] if place == "BT"
+                     else list(default.shape))
             inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, shape))
             g.init(name, default)
         return helper.make_graph(g.nodes, "edgepeft-fused-decoder", inputs, outputs, g.inits)
@@ -328,7 +451,7 @@ def build_graph(model: torch.nn.Module, sides: dict[str, SideBranch], opset: int
 
     Returns:
         ``(model proto, [(adapter input name, identity default)], used groups)``. Each default is
-        a rank-0 array, so a run that feeds nothing is the base model.
+        the identity (rank-0 AT / BT, zero scales), so a run that feeds nothing is the base model.
 
     Raises:
         EdgepeftError: what :func:`unsupported` finds.

@@ -29,9 +29,9 @@ MERGEABLE = True
 
 FEATURES = (
     Feature("ia3_in", (Part("scale", ("in",), 1.0, "one"),), order=10,
-            on_input=lambda h, p: h * p["scale"]),  # feed-forward layers: scale the input
+            on_input=lambda h, p: h * p["scale"], fused="in_scale"),  # feed-forward layers: scale the input
     Feature("ia3_out", (Part("scale", ("out",), 1.0, "one"),), order=40,
-            on_output=lambda y, h, base, p: y * p["scale"]),  # other layers: scale the output
+            on_output=lambda y, h, base, p: y * p["scale"], fused="out_scale"),  # other layers: scale the output
 )
 
 

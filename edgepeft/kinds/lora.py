@@ -50,9 +50,9 @@ def _dora_out(y: torch.Tensor, h: torch.Tensor, base: nn.Module, p: dict) -> tor
 
 FEATURES = (
     Feature("lora", (Part("A", ("r", "in"), 0.0, "cat0"), Part("B", ("out", "r"), 0.0, "cat1w")),
-            order=30, on_output=_lora_out, fused="lora"),
+            order=30, on_output=_lora_out, fused="low_rank"),
     Feature("dora", (Part("A", ("r", "in"), 0.0, "one"), Part("B", ("out", "r"), 0.0, "one"),
-                     Part("mag", ("out",), 0.0, "one")), order=20, on_output=_dora_out),
+                     Part("mag", ("out",), 0.0, "one")), order=20, on_output=_dora_out, fused="low_rank+mag"),
 )
 
 # adapter_config.json fields PEFT can set that change the maths in ways edgepeft does not export (yet).
