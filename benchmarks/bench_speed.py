@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # measure this checkout's edgepeft, not whichever one is installed (editable)
 RESULTS = ROOT / "benchmarks" / "results"
 OUT = RESULTS / "speed"
 PROMPT = ("Number: 4821\nIn words: four thousand eight hundred twenty-one\nNumber: 97\nIn words: "
