@@ -253,12 +253,7 @@ def worker_llamacpp(spec: dict) -> dict:
                 break
         return t0, stamps, out
 
-    generate(8)
-    rates, prefill = [], []
-    for _ in range(spec["runs"]):
-        t0, stamps, out = generate(spec["new_tokens"])
-        prefill.append((stamps[0] - t0) * 1e3)
-        rates.append(_decode_rate(stamps))
+    rates, prefill, out = _timed_runs(generate, spec)
     use(spec.get("other", "sentiment"))
     generate(4)
     swap_ms = _median_ms(lambda i: use((spec.get("other", "sentiment"), "numbers")[i % 2]), 2000)
@@ -276,6 +271,18 @@ def worker_llamacpp(spec: dict) -> dict:
     return {"load_s": load_s, "decode_tok_s": statistics.median(rates), "prefill_ms": statistics.median(prefill),
             "tokens": out, "swap_ms": swap_ms, "after_swap_ms": statistics.median(after),
             "steady_ms": statistics.median(steady), "peak_rss_mb": _rss()["VmHWM"], "rss_mb": _rss()["VmRSS"]}
+
+
+def _timed_runs(generate, spec: dict) -> tuple[list[float], list[float], list[int]]:
+    """One warm-up, then ``spec["runs"]`` generations: decode tok/s and prefill ms of each, and
+    the last run's tokens. ``generate(n) -> (t0, stamps after each token, tokens)``."""
+    generate(8)
+    rates, prefill = [], []
+    for _ in range(spec["runs"]):
+        t0, stamps, out = generate(spec["new_tokens"])
+        prefill.append((stamps[0] - t0) * 1e3)
+        rates.append(_decode_rate(stamps))
+    return rates, prefill, out
 
 
 def worker_genai(spec: dict) -> dict:
@@ -303,12 +310,7 @@ def worker_genai(spec: dict) -> dict:
             out.append(int(gen.get_next_tokens()[0]))
         return t0, stamps, out
 
-    generate(8)
-    rates, prefill = [], []
-    for _ in range(spec["runs"]):
-        t0, stamps, out = generate(spec["new_tokens"])
-        prefill.append((stamps[0] - t0) * 1e3)
-        rates.append(_decode_rate(stamps))
+    rates, prefill, out = _timed_runs(generate, spec)
     return {"load_s": load_s, "decode_tok_s": statistics.median(rates), "prefill_ms": statistics.median(prefill),
             "tokens": out, "peak_rss_mb": _rss()["VmHWM"], "rss_mb": _rss()["VmRSS"]}
 
