@@ -16,8 +16,8 @@ PROTOCOL = ("NAMES", "FEATURES", "MERGEABLE", "read", "merge", "side", "manifest
             "TRAIN")
 # Where a kind or feature name may still appear outside edgepeft/kinds/, and why.
 ALLOWED = {
-    # The fused graph packs one feature form ("lora": A^T / B^T per projection group) into
-    # GroupQueryAttention-era MatMuls; kinds opt in with Feature.fused = "lora".
+    # The fused graph's low-rank inputs keep their artifact names (lora.{layer}.{group}.AT / .BT);
+    # kinds opt in with a fused form (Feature.fused, contract.features.FUSED_FORMS).
     "export/fused.py": {"lora"},
 }
 

@@ -118,22 +118,29 @@ def _packing_problem(fam: Family, layers: int, name: str, side: SideBranch) -> s
     """Why one adapter's scales do not fit the packed groups, or None: a projection fed one scale
     twice, or an input scale that differs between the projections of one group (they read one
     input through one MatMul)."""
+    by_module = _by_module(side)
     for i in range(layers):
-        for group, mods in group_modules(fam, i).items():
-            scales = {place: [None] * len(mods) for place in FUSED_SCALES}
-            for j, m in enumerate(mods):
-                for (mod, feat), parts in side.layers.items():
-                    for part, place in places(feat).items() if mod == m else ():
-                        if place in scales and scales[place][j] is not None:
-                            return f"adapter {name!r} feeds {m} two {place} scales"
-                        if place in scales:
-                            scales[place][j] = parts[part]
-            ins = scales["in"]
-            if any(v is not None for v in ins) and (any(v is None for v in ins) or
-                                                    any(not np.array_equal(v, ins[0]) for v in ins)):
+        for mods in group_modules(fam, i).values():
+            ins = []
+            for m in mods:
+                fed = [place for feat, _ in by_module.get(m, ()) for place in places(feat).values()
+                       if place in FUSED_SCALES]
+                if len(fed) != len(set(fed)):
+                    return f"adapter {name!r} feeds {m} one scale twice ({', '.join(fed)})"
+                ins += [parts[part] for feat, parts in by_module.get(m, ())
+                        for part, place in places(feat).items() if place == "in"] or [None]
+            if any(v is not None for v in ins) and any(v is None or not np.array_equal(v, ins[0]) for v in ins):
                 return (f"adapter {name!r} scales the inputs of {', '.join(mods)} differently; the fused "
                         "graph runs them as one MatMul on one input")
     return None
+
+
+def _by_module(side: SideBranch) -> dict[str, list[tuple[str, dict[str, np.ndarray]]]]:
+    """``{module: [(feature, parts), ...]}`` of one adapter."""
+    out: dict[str, list] = {}
+    for (m, feat), parts in side.layers.items():
+        out.setdefault(m, []).append((feat, parts))
+    return out
 
 
 def check_supported(model: torch.nn.Module, sides: dict[str, SideBranch]) -> None:
@@ -186,9 +193,7 @@ def pack_adapter(model: torch.nn.Module, side: SideBranch, used: list[tuple[int,
     """
     fam = families.family(model.config)
     params = dict(model.named_parameters())
-    by_module: dict[str, list[tuple[str, dict]]] = {}
-    for (m, feat), parts in side.layers.items():
-        by_module.setdefault(m, []).append((feat, parts))
+    by_module = _by_module(side)
     out: dict[str, np.ndarray] = {}
     for layer, group in used:
         mods = group_modules(fam, layer)[group]
@@ -197,13 +202,12 @@ def pack_adapter(model: torch.nn.Module, side: SideBranch, used: list[tuple[int,
         scales = {place: [None] * len(mods) for place in FUSED_SCALES}
         for j, m in enumerate(mods):
             for feat, parts in by_module.get(m, ()):
-                feature, where = kinds.feature(feat), places(feat)
-                at = next((parts[p] for p, w in where.items() if w == "AT"), None)
-                if at is not None:
-                    low_rank[j].append((at, next(parts[p] for p, w in where.items() if w == "BT")))
-                for part, place in where.items():
-                    if place in scales:
-                        scales[place][j] = parts[part] - np.float32(feature.part(part).identity)
+                part_of = {place: part for part, place in places(feat).items()}  # fused input -> part
+                if "AT" in part_of:
+                    low_rank[j].append((parts[part_of["AT"]], parts[part_of["BT"]]))
+                for place in scales.keys() & part_of.keys():
+                    identity = kinds.feature(feat).part(part_of[place]).identity
+                    scales[place][j] = parts[part_of[place]] - np.float32(identity)  # 0: the identity
         if any(low_rank):
             out.update(_pack_low_rank(layer, group, widths, low_rank))
         for place, values in scales.items():
