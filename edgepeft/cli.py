@@ -110,7 +110,7 @@ def _export_args(p):
     p.add_argument("--graph", choices=["auto", "generic", "fused"], default="auto",  # export.config.GRAPHS
                    help="auto (default): fused wherever the model family, adapter kinds, target and precision "
                         "allow, else generic, and export says why; fused: causal LMs of the families in "
-                        "edgepeft/families with LoRA-form adapters, built from onnxruntime's fused kernels "
+                        "edgepeft/families with adapter kinds that have a fused form (README), built from onnxruntime's fused kernels "
                         "(GroupQueryAttention, in-place KV cache, packed q|k|v and gate|up): several times "
                         "faster decoding on CPU; generic: the traced model, every architecture, adapter kind, "
                         "target and precision")

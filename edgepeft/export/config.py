@@ -37,7 +37,7 @@ class ExportConfig:
         target: the deployment profile (``edgepeft.targets``): providers recorded for the
             runtime, opset, default precision, ORT-format bundle, partition report, max_rank;
             None: ``cpu-x86_64``.
-        graph: ``fused`` (causal LMs of a family in ``edgepeft.families`` with LoRA-form
+        graph: ``fused`` (causal LMs of a family in ``edgepeft.families`` with LoRA, LoHa, DoRA, IA3
             adapters: a graph of onnxruntime's fused kernels, GroupQueryAttention with an in-place
             KV cache, q|k|v and gate|up packed; ``edgepeft.export.fused``; decodes several times
             faster on CPU), ``generic`` (the traced model: every architecture, adapter kind,
