@@ -57,8 +57,6 @@ ROWS = {
     "fused-fp32-side": ("fused", "fp32", "side", {}),
     "fused-int4-merged": ("fused", "int4", "merged", FAST),
     "fused-int4-side": ("fused", "int4", "side", FAST),
-    "fused-int4-merged-intzp": ("fused", "int4", "merged", {**FAST, "zero_points": "integer"}),
-    "fused-int4-side-intzp": ("fused", "int4", "side", {**FAST, "zero_points": "integer"}),
 }
 
 

@@ -76,8 +76,7 @@ def export(args) -> int:
                         calibration=args.calibration, calibration_method=args.calibration_method,
                         quantize_embeddings=args.quantize_embeddings,
                         block_size=args.block_size, protect=args.protect,
-                        accuracy_level=args.accuracy_level, head_bits=args.head_bits,
-                        zero_points=args.zero_points)
+                        accuracy_level=args.accuracy_level, head_bits=args.head_bits)
     cfg = ExportConfig(base=Path(args.base), out=Path(args.out), adapters=_adapter_pairs(args.adapter),
                        mode=args.mode, force=args.force, opset=args.opset, task=args.task, quant=quant,
                        allow_base_mismatch=args.allow_base_mismatch, target=target, graph=args.graph)
@@ -147,10 +146,6 @@ def _export_args(p):
     p.add_argument("--accuracy-level", type=int, choices=[0, 4], default=0,
                    help="int4: MatMulNBits compute, 0 = float activations (default), 4 = activations rounded to "
                         "int8 per block (integer dot products: ~3x faster per MatMul on x86, a little more error)")
-    p.add_argument("--zero-points", choices=["exact", "integer"], default="exact",
-                   help="int4: exact (default) keeps HQQ's float zero points through a small offset term per "
-                        "MatMul; integer refits each block with an integer zero point and drops those terms "
-                        "(faster decode, more error: README 'Accuracy budgets')")
     p.add_argument("--head-bits", type=int, choices=[4, 8], default=None,
                    help="int4: quantize the LM head (untied if tied) to 8 or 4 bits; the token table stays "
                         "float (default: float head)")
@@ -232,8 +227,7 @@ def _scheme(m: dict) -> str:
         return f" (int8 weights, {q.get('static_activations', 'int8')} activations, {q.get('calibration_method')})"
     if p == "int4":
         return (f" (HQQ, block {q.get('block_size')}" + (", int8 compute" if q.get("accuracy_level") == 4 else "")
-                + (f", {q['head_bits']}-bit head" if q.get("head_bits") else "")
-                + (", integer zero points" if q.get("zero_points") == "integer" else "") + ")")
+                + (f", {q['head_bits']}-bit head" if q.get("head_bits") else "") + ")")
     return ""
 
 

@@ -44,7 +44,6 @@ ADAPTER_PRECISIONS = ("fp32", "fp16")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 INT8_SCHEMES = ("weight-only", "dynamic")
 STATIC_ACTIVATIONS = ("int16", "int8")
-ZERO_POINTS = ("exact", "integer")
 # Ops an adapter weight passes through before it meets activations: follow them.
 _LAYOUT_OPS = {"Transpose", "Cast", "Reshape", "Unsqueeze", "Squeeze", "Identity", "Concat", "Expand",
                "Flatten"}
@@ -82,10 +81,6 @@ class QuantConfig:
             MatMulNBits with the table float (``4``; SmolLM2: top-1 ~80 %, over budget); None: both
             float (default). In float the head is a third of a 4-bit SmolLM2 decode step and the
             table 113 of its resident MB.
-        zero_points: int4: ``exact`` (default) keeps HQQ's float zero points exactly, as integer
-            zero points plus a small float offset term per MatMul (three nodes, an fp32 value per
-            block and output); ``integer`` fits each block again with an integer zero point and
-            drops the offset terms (SmolLM2-135M fused decode ~1.25x faster, more error: README).
     """
 
     precision: str = "fp32"
@@ -99,7 +94,6 @@ class QuantConfig:
     protect: float = 0.0
     accuracy_level: int = 0
     head_bits: int | None = None
-    zero_points: str = "exact"
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -134,10 +128,6 @@ class QuantConfig:
             raise EdgepeftError(f"--accuracy-level / --head-bits are for --precision int4, not {self.precision}.")
         if self.head_bits not in (None, 4, 8):
             raise EdgepeftError(f"--head-bits {self.head_bits}: 4 or 8.")
-        if self.zero_points not in ZERO_POINTS:
-            raise EdgepeftError(f"--zero-points {self.zero_points!r}: choose one of {', '.join(ZERO_POINTS)}.")
-        if self.zero_points != "exact" and self.precision != "int4":
-            raise EdgepeftError(f"--zero-points is for --precision int4, not {self.precision}.")
         if self.head_bits is not None and self.quantize_embeddings:
             raise EdgepeftError("--head-bits and --quantize-embeddings both set the head; pick one.")
 
@@ -582,7 +572,7 @@ def _quantize(model, dst, cfg, keep, branches, ops, protected, calibration, src)
                                      algo_config=HQQWeightOnlyQuantConfig(block_size=cfg.block_size, bits=4))
             q.process()
             model = q.model.model
-            integer_zero_points(model, exact=cfg.zero_points == "exact")
+            integer_zero_points(model)
             for node in model.graph.node if cfg.accuracy_level else ():  # every MatMulNBits' compute type
                 if node.op_type == "MatMulNBits":
                     attrs = [a for a in node.attribute if a.name != "accuracy_level"]
@@ -668,36 +658,7 @@ def gather_uint8(model: onnx.ModelProto, block: int) -> int:
     return count
 
 
-def fit_integer_blocks(w: np.ndarray, bits: int = 4, steps: int = 24) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Blockwise asymmetric quantization with *integer* zero points, fitted by search.
-
-    ``w``: ``(..., block)`` weights. For each block, scales ``(hi - lo) / qmax * f`` for ``f`` on a
-    grid over [0.8, 1.2] are tried; each takes the zero point ``z = round(-lo / s)`` and the codes
-    ``q = clip(round(w / s) + z)``, then the least-squares scale for those codes; the pair with the
-    smallest squared error wins (llama.cpp's ``make_qkx2_quants`` searches the same way, with a float
-    minimum). Returns ``(q uint8, s float32, z uint8)`` of shapes ``w.shape``, ``w.shape[:-1]`` x2.
-    """
-    qmax = (1 << bits) - 1
-    lo, hi = np.minimum(w.min(-1), 0.0), np.maximum(w.max(-1), 0.0)  # 0 on the grid: zero stays zero
-    span = np.where(hi > lo, hi - lo, 1.0).astype(np.float32)
-    best = (np.full(w.shape[:-1], np.inf, np.float32), None, None, None)
-    for f in np.linspace(0.8, 1.2, steps + 1, dtype=np.float32):
-        s = span / qmax * f
-        z = np.clip(np.round(-lo / s), 0, qmax)
-        q = np.clip(np.round(w / s[..., None]) + z[..., None], 0, qmax)
-        d = q - z[..., None]
-        dd = (d * d).sum(-1)
-        s = np.where(dd > 0, (w * d).sum(-1) / np.where(dd > 0, dd, 1), s).astype(np.float32)
-        err = ((s[..., None] * d - w) ** 2).sum(-1)
-        better = err < best[0]
-        best = (np.where(better, err, best[0]),
-                q if best[1] is None else np.where(better[..., None], q, best[1]),
-                s if best[2] is None else np.where(better, s, best[2]),
-                z if best[3] is None else np.where(better, z, best[3]))
-    return best[1].astype(np.uint8), best[2].astype(np.float32), best[3].astype(np.uint8)
-
-
-def integer_zero_points(model: onnx.ModelProto, exact: bool = True, base_dir: str | None = None) -> int:
+def integer_zero_points(model: onnx.ModelProto) -> int:
     """Give HQQ's 4-bit MatMulNBits nodes uint8 zero points, exactly, in place.
 
     HQQ fits a float zero point ``z`` per block (``w = (q - z) s``); onnxruntime's fast 4-bit
@@ -706,10 +667,6 @@ def integer_zero_points(model: onnx.ModelProto, exact: bool = True, base_dir: st
     Split ``z = zi + f`` with ``zi = round(z)``: ``x W = MatMulNBits(x; q, s, zi) - (x E) C`` where
     ``E`` ``(K, K/block)`` sums each block of ``x`` and ``C[b, n] = f[n, b] s[n, b]`` — two small
     float MatMuls (~4 % of the FLOPs) that keep the result exact.
-
-    With ``exact=False`` there are no offset terms: each block is fitted again from HQQ's weights
-    with an integer zero point (``fit_integer_blocks``), which costs accuracy (measured in the
-    README) and saves the offsets' bytes and three nodes per MatMul.
 
     Returns:
         How many nodes were rewritten.
@@ -731,36 +688,29 @@ def integer_zero_points(model: onnx.ModelProto, exact: bool = True, base_dir: st
         z = numpy_helper.to_array(zp).reshape(n, blocks)
         scale = numpy_helper.to_array(inits[node.input[2]]).reshape(n, blocks)
         zi = np.clip(np.round(z), 0, 15).astype(np.uint8)
-        if not exact:
-            codes = numpy_helper.to_array(inits[node.input[1]], base_dir).reshape(n, blocks, block // 2)
-            q = np.stack([codes & 15, codes >> 4], -1).reshape(n, blocks, block).astype(np.float32)
-            q, scale, zi = fit_integer_blocks((q - z[..., None]) * scale[..., None])  # HQQ's weights, refitted
-            codes = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)  # two per byte, low nibble first
-            model.graph.initializer.extend([numpy_helper.from_array(codes, f"{node.input[1]}_int"),
-                                            numpy_helper.from_array(scale.reshape(-1), f"{node.input[2]}_int")])
-            node.input[1], node.input[2] = f"{node.input[1]}_int", f"{node.input[2]}_int"
         packed = np.zeros((n, (blocks + 1) // 2), np.uint8)  # two per byte, low nibble first
         for b in range(blocks):
             packed[:, b // 2] |= zi[:, b] << (4 * (b % 2))
         name = node.input[3]
-        model.graph.initializer.append(numpy_helper.from_array(packed, f"{name}_u4"))
-        node.input[3] = f"{name}_u4"
-        count += 1
-        if not exact:
-            continue
         summer = f"blocksum_{k}x{block}"  # one per shape, shared by every MatMul of that K
-        if summer not in shared:
-            shared[summer] = numpy_helper.from_array(np.repeat(np.eye(blocks, dtype=np.float32), block, axis=0), summer)
-            model.graph.initializer.append(shared[summer])  # (K, blocks)
-        model.graph.initializer.append(
-            numpy_helper.from_array(((z - zi) * scale).T.astype(np.float32), f"{name}_offset"))  # (blocks, N)
+        extra = [numpy_helper.from_array(packed, f"{name}_u4"),
+                 numpy_helper.from_array(np.repeat(np.eye(blocks, dtype=np.float32), block, axis=0), summer),  # (K, blocks)
+                 numpy_helper.from_array(((z - zi) * scale).T.astype(np.float32), f"{name}_offset")]  # (blocks, N)
+        if summer in shared:
+            extra[1] = shared[summer]
+            model.graph.initializer.extend([extra[0], extra[2]])
+        else:
+            shared[summer] = extra[1]
+            model.graph.initializer.extend(extra)
+        node.input[3] = extra[0].name
         out = node.output[0]
         node.output[0] = f"{out}/int_zp"
         x = node.input[0]
-        nodes += [onnx.helper.make_node("MatMul", [x, summer], [f"{out}/block_sums"], name=f"{node.name}/block_sums"),
-                  onnx.helper.make_node("MatMul", [f"{out}/block_sums", f"{name}_offset"], [f"{out}/offset"],
+        nodes += [onnx.helper.make_node("MatMul", [x, extra[1].name], [f"{out}/block_sums"], name=f"{node.name}/block_sums"),
+                  onnx.helper.make_node("MatMul", [f"{out}/block_sums", extra[2].name], [f"{out}/offset"],
                                         name=f"{node.name}/offset"),
                   onnx.helper.make_node("Sub", [node.output[0], f"{out}/offset"], [out], name=f"{node.name}/exact")]
+        count += 1
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     used = {i for node in model.graph.node for i in node.input}
