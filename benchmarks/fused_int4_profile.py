@@ -14,6 +14,8 @@ it, sharing its ``model.onnx.data``), never changes to ``edgepeft/export/fused.p
 - ``nospin``: ``base`` with ``session.intra_op.allow_spinning = 0``;
 - ``t1``: ``base`` with 1 intra-op thread;
 - ``reducesum``: HQQ's block sums as ``Reshape + ReduceSum`` instead of a MatMul with the 0/1 matrix E;
+- ``offset8``: HQQ's offset ``(x E) C`` with ``C`` as an 8-bit ``MatMulNBits`` (compute in float)
+  instead of an fp32 MatMul: a quarter of the offset bytes (NOT exact: ``C`` rounded to 8 bits);
 - ``nooffset``: HQQ's exact offset terms dropped (NOT exact: an upper bound of what removing their
   cost, e.g. by folding them elsewhere or integer zero points that need none, could win).
 
@@ -39,7 +41,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 ART = RESULTS / "speed" / "fused-int4-side"
-VARIANTS = ("base", "perproj", "reducesum", "nooffset", "nospin", "t1")
+VARIANTS = ("base", "perproj", "reducesum", "nooffset", "offset8", "nospin", "t1")
 _DTYPE_BYTES = {1: 4, 2: 1, 3: 1, 6: 4, 7: 8, 10: 2, 16: 2, 21: 0.5, 22: 0.5}
 
 
@@ -126,6 +128,45 @@ def reducesum(proto):
     return proto
 
 
+def offset8(proto, block: int = 16, accuracy: int = 0):
+    """HQQ's offset ``(x E) C`` with ``C`` as 8-bit ``MatMulNBits`` (per-block scale and zero point
+    along the block axis) instead of an fp32 MatMul: a quarter of the bytes, error at most
+    ``scale / 2`` of ``C``'s 8-bit grid (NOT exact)."""
+    from onnx import helper, numpy_helper
+
+    g = proto.graph
+    inits = {i.name: i for i in g.initializer}
+    new_nodes = []
+    for node in g.node:
+        if node.op_type == "MatMul" and node.name.endswith("/offset"):
+            c = numpy_helper.to_array(inits[node.input[1]], str(ART)).astype(np.float32)  # (blocks, N)
+            k, n = c.shape
+            nb = -(-k // block)
+            ct = np.zeros((n, nb * block), np.float32)
+            ct[:, :k] = c.T
+            b = ct.reshape(n, nb, block)
+            lo, hi = np.minimum(b.min(-1), 0), np.maximum(b.max(-1), 0)
+            scale = np.where(hi > lo, (hi - lo) / 255.0, 1.0).astype(np.float32)
+            zp = np.clip(np.round(-lo / scale), 0, 255).astype(np.uint8)
+            q = np.clip(np.round(b / scale[..., None]) + zp[..., None], 0, 255).astype(np.uint8)
+            name = node.input[1]
+            g.initializer.extend([numpy_helper.from_array(q, f"{name}_q8"),
+                                  numpy_helper.from_array(scale.reshape(-1), f"{name}_s8"),
+                                  numpy_helper.from_array(zp.reshape(-1), f"{name}_z8")])
+            new_nodes.append(helper.make_node("MatMulNBits", [node.input[0], f"{name}_q8", f"{name}_s8", f"{name}_z8"],
+                                              list(node.output), name=node.name, domain="com.microsoft", K=k, N=n,
+                                              bits=8, block_size=block, accuracy_level=accuracy))
+        else:
+            new_nodes.append(node)
+    del g.node[:]
+    g.node.extend(new_nodes)
+    used = {i for n in g.node for i in n.input}
+    keep = [i for i in g.initializer if i.name in used]
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    return proto
+
+
 def nooffset(proto):
     """Drop HQQ's ``- (x E) C`` terms: each ``Sub`` of an ``/exact`` node becomes an Identity."""
     from onnx import helper
@@ -198,10 +239,10 @@ def variant_model(name: str) -> tuple[Path, dict[str, np.ndarray], dict[str, str
                 feeds[f"lora.{layer}.qkv.BT.{p}"] = np.ascontiguousarray(bt[r0:r0 + rs[j], edges[j]:edges[j + 1]])
                 r0 += rs[j]
         return path, feeds, config
-    if name in ("reducesum", "nooffset"):
+    if name in ("reducesum", "nooffset", "offset8"):
         path = ART / f"model.exp-{name}.onnx"
         if not path.is_file():
-            _save({"reducesum": reducesum, "nooffset": nooffset}[name](_load()), name)
+            _save({"reducesum": reducesum, "nooffset": nooffset, "offset8": offset8}[name](_load()), name)
         return path, feeds, config
     if name == "nospin":
         config["session.intra_op.allow_spinning"] = "0"
