@@ -124,6 +124,33 @@ def test_fused_int4_fast(llama_base, llama_adapters, tmp_path, ragged):
         assert (la[real].argmax(-1) == lb[real].argmax(-1)).mean() >= 0.9
 
 
+def test_fused_int4_protect(llama_base, llama_adapters, fused_side, tmp_path, ragged):
+    """``--protect`` on the fused graph: the share of packed MatMuls with the largest measured
+    error (probe: calibration texts run through the fused graph itself) is 8-bit, the rest 4-bit,
+    the graph stays fused, and protecting everything brings the logits closest to fp32."""
+    outs = {}
+    for share in (0.0, 0.25, 1.0):
+        outs[share] = tmp_path / f"protect-{share}"
+        export(ExportConfig(base=llama_base, out=outs[share], adapters=tuple(llama_adapters.items()), graph="auto",
+                            quant=QuantConfig(precision="int4", accuracy_level=4, protect=share)), quiet=True)
+    m = Model(outs[0.25])
+    assert m.fused
+    protected = m.manifest["graph"]["quantization"]["protected"]
+    proto = onnx.load(str(outs[0.25] / "model.onnx"), load_external_data=False)
+    bits = {n.name: {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}["bits"]
+            for n in proto.graph.node if n.op_type == "MatMulNBits"}
+    assert len(protected) == 2 and len(bits) == 8  # 2 layers x (q|k|v, o, gate|up, down); the head stays float
+    assert sorted(bits.values()) == [4] * 6 + [8] * 2
+    assert all(bits[f"{name}_Q8"] == 8 for name in protected)
+    ids, mask = ragged
+    real = mask == 1
+    ref = Model(fused_side)
+    for choice in (None, "sql"):
+        want = ref.logits(ids, choice, mask)[real]
+        err = {s: np.abs(Model(o).logits(ids, choice, mask)[real] - want).mean() for s, o in outs.items()}
+        assert 0 < err[1.0] < min(err[0.0], err[0.25])  # 8-bit everywhere: closest; a 2-of-8 share is within noise here
+
+
 def test_right_align_refuses_gaps():
     with pytest.raises(EdgepeftError, match="row 0"):
         fused.right_align(np.ones((1, 4), np.int64), np.array([[1, 0, 1, 1]]))

@@ -25,7 +25,7 @@ from edgepeft.contract.adapter_files import write_adapter_files
 from edgepeft.contract.entries import adapter_entry, merged_adapter_entry
 from edgepeft.errors import EdgepeftError
 from edgepeft.export import causal_lm, encoder, fused
-from edgepeft.export.calibrate import quantization_feeds
+from edgepeft.export.calibrate import fused_probe_feeds, quantization_feeds
 from edgepeft.export.config import ExportConfig
 from edgepeft.export.graphs import save_graph, static_graphs
 from edgepeft.export.load import Base
@@ -105,7 +105,9 @@ def fused_side(cfg: ExportConfig, base: Base, adapters: list, root: Path, quiet:
     proto, defaults, used = fused.build_graph(model, sides, cfg.opset or 17)
     fam = families.family(model.config)
     names = [n for n, _ in defaults]
-    parts = {"graph": {**save_graph(proto, root, "model.onnx", cfg.quant, names, quiet=quiet), "layout": "fused"},
+    probe = fused_probe_feeds(cfg, model, base.cache, defaults)
+    parts = {"graph": {**save_graph(proto, root, "model.onnx", cfg.quant, names, probe=probe, quiet=quiet),
+                       "layout": "fused"},
              "slots": [{"layer": layer, "group": group, "modules": fused.group_modules(fam, layer)[group]}
                        for layer, group in used],
              "inputs": {n: _fused_input(n, d) for n, d in defaults}}
@@ -130,8 +132,9 @@ def merged(cfg: ExportConfig, base: Base, adapters: list, root: Path, quiet: boo
         rel = f"merged/{a.name}.onnx"
         if is_fused:
             proto, _, _ = fused.build_graph(model, {}, cfg.opset or 17)
+            probe = fused_probe_feeds(cfg, model, base.cache, [])
             del model
-            graph = {**save_graph(proto, root, rel, cfg.quant, [], quiet=quiet), "layout": "fused"}
+            graph = {**save_graph(proto, root, rel, cfg.quant, [], probe=probe, quiet=quiet), "layout": "fused"}
         else:
             calibration, probe = quantization_feeds(cfg, base.task, model, [], {}, [], base.cache, quiet)
             proto = _trace(cfg, base, model, [], [], [])

@@ -34,6 +34,30 @@ def quantization_feeds(cfg, task: str, model, adapters, sides: dict, specs, cach
     return calibration, probe
 
 
+def fused_probe_feeds(cfg, model, cache, defaults) -> list[dict[str, np.ndarray]] | None:
+    """``--protect``'s probe for a fused graph (``edgepeft.export.fused``): calibration texts as
+    that graph takes them (rows at the left edge, ``seqlens_k``, ``total_sequence_length``, zeroed
+    KV buffers) with the base's adapter inputs ``defaults`` (``(name, array)``: no adapter).
+    None unless ``cfg.quant.protect``."""
+    if not cfg.quant.protect:
+        return None
+    rows = _token_rows(cfg, model, load_texts(cfg.quant.calibration), 128)[:PROBE_BATCHES * BATCH]
+    feeds = []
+    for i in range(0, len(rows), BATCH):
+        batch = rows[i:i + BATCH]
+        longest = max(len(r) for r in batch)
+        ids = np.zeros((len(batch), longest), np.int64)  # (B, L), pads after each row
+        for j, r in enumerate(batch):
+            ids[j, :len(r)] = r
+        feed = {"input_ids": ids, "seqlens_k": np.array([len(r) - 1 for r in batch], np.int32),
+                "total_sequence_length": np.array(longest, np.int32), **dict(defaults)}
+        for layer, (h, d) in enumerate(zip(cache.kv_heads, cache.head_dims)):
+            for name in past_names(layer):
+                feed[name] = np.zeros((len(batch), h, longest, d), np.float32)  # (B, H_kv, L, D)
+        feeds.append(feed)
+    return feeds
+
+
 def _token_rows(cfg, model, texts: list[str], limit: int) -> list[list[int]]:
     from transformers import AutoTokenizer
 

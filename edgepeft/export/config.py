@@ -87,8 +87,8 @@ class ExportConfig:
         shapes, calibration feeds, fp16 (None: nothing)."""
         if self.target.static_shapes:
             return f"target {self.target.name!r} fixes every shape, and fused graphs have dynamic shapes"
-        if self.quant.precision == "int8-static" or self.quant.protect:
-            return "int8-static and --protect calibrate on the generic graph's feeds"
+        if self.quant.precision == "int8-static":
+            return "int8-static calibrates on the generic graph's feeds"
         if self.quant.precision == "fp16":
             return "fp16 (the fused graph is fp32, int8 or int4)"
         return None
