@@ -158,8 +158,14 @@ def offset8(proto, block: int = 16, accuracy: int = 0):
                                               bits=8, block_size=block, accuracy_level=accuracy))
         else:
             new_nodes.append(node)
+    return _replace_nodes(proto, new_nodes)
+
+
+def _replace_nodes(proto, nodes):
+    """``proto`` with ``nodes`` as its graph's nodes and the initializers they no longer read dropped."""
+    g = proto.graph
     del g.node[:]
-    g.node.extend(new_nodes)
+    g.node.extend(nodes)
     used = {i for n in g.node for i in n.input}
     keep = [i for i in g.initializer if i.name in used]
     del g.initializer[:]
@@ -179,13 +185,7 @@ def nooffset(proto):
         if node.name.endswith("/exact"):
             node = helper.make_node("Identity", [node.input[0]], list(node.output), name=node.name)
         new_nodes.append(node)
-    del g.node[:]
-    g.node.extend(new_nodes)
-    used = {i for n in g.node for i in n.input}
-    keep = [i for i in g.initializer if i.name in used]
-    del g.initializer[:]
-    g.initializer.extend(keep)
-    return proto
+    return _replace_nodes(proto, new_nodes)
 
 
 def _adapter(name: str = "numbers") -> dict[str, np.ndarray]:
