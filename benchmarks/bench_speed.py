@@ -59,6 +59,8 @@ ROWS = {
     "fused-int4-side": ("fused", "int4", "side", FAST),
     # 63 % of Gemma 3 270M Q4_K_M's body matrices are 5-8 bit (Q5_0/Q6_K/Q8_0): protect as many
     "fused-int4-side-protect": ("fused", "int4", "side", {**FAST, "protect": 0.63}),
+    # before --widths source (the default since): every base MatMul 4-bit, off Q5_0/Q6_K/Q8_0 grids
+    "fused-int4-side-uniform": ("fused", "int4", "side", {**FAST, "widths": "uniform"}),
 }
 
 

@@ -76,7 +76,7 @@ def export(args) -> int:
                         calibration=args.calibration, calibration_method=args.calibration_method,
                         quantize_embeddings=args.quantize_embeddings,
                         block_size=args.block_size, protect=args.protect,
-                        accuracy_level=args.accuracy_level, head_bits=args.head_bits)
+                        accuracy_level=args.accuracy_level, head_bits=args.head_bits, widths=args.widths)
     cfg = ExportConfig(base=Path(args.base), out=Path(args.out), adapters=_adapter_pairs(args.adapter),
                        mode=args.mode, force=args.force, opset=args.opset, task=args.task, quant=quant,
                        allow_base_mismatch=args.allow_base_mismatch, target=target, graph=args.graph)
@@ -146,6 +146,10 @@ def _export_args(p):
     p.add_argument("--accuracy-level", type=int, choices=[0, 4], default=0,
                    help="int4: MatMulNBits compute, 0 = float activations (default), 4 = activations rounded to "
                         "int8 per block (integer dot products: ~3x faster per MatMul on x86, a little more error)")
+    p.add_argument("--widths", choices=["source", "uniform"], default="source",
+                   help="int4: source (default) keeps at 8 bits the MatMuls a mixed-width GGUF base (e.g. "
+                        "Q4_K_M) stored wider than 4 bits, found from the weights' grid; a float base is "
+                        "unchanged. uniform: every base MatMul 4-bit")
     p.add_argument("--head-bits", type=int, choices=[4, 8], default=None,
                    help="int4: quantize the LM head (untied if tied) to 8 or 4 bits; the token table stays "
                         "float (default: float head)")
@@ -293,6 +297,8 @@ def _show(root: Path, m: dict) -> None:
         if q:
             line += (f", {q['quantized_weight_nodes']}/{q['weight_nodes']} weight nodes quantized, "
                      f"{q['adapter_nodes']} adapter-branch nodes kept float")
+            if q.get("source_wide_nodes"):
+                line += f", {q['source_wide_nodes']} kept 8-bit (off the source's 4-bit grid)"
             if q.get("protected_nodes"):
                 line += f", {q['protected_nodes']} protected ({'8-bit' if m['precision'] == 'int4' else 'float'})"
         print(line)

@@ -1,9 +1,9 @@
 """GGUF bases in: a ``.gguf`` file wherever a model folder is accepted (export, validate --reference,
 train), dequantized once into a cache keyed by the file's sha256.
 
-The GGUF is written here with the ``gguf`` package: a tiny Llama (2 layers, hidden 64) with F32 and
-Q8_0 tensors and a byte-level BPE vocabulary in its metadata, as llama.cpp's converter writes them
-(q/k rows permuted for its rotary layout). ``EDGEPEFT_CACHE`` points into the test's temp dir.
+The GGUF is written here with the ``gguf`` package: a tiny Llama (2 layers, hidden 64) with F32 (or
+Q4_1, for the mixed-width case) and Q8_0 tensors and a byte-level BPE vocabulary in its metadata,
+as llama.cpp's converter writes them (q/k rows permuted for its rotary layout). ``EDGEPEFT_CACHE`` points into the test's temp dir.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from pathlib import Path
 
 import gguf
 import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -30,9 +31,10 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(path: Path, arch: str = "llama", seed: int = 0) -> dict[str, np.ndarray]:
+def write_gguf(path: Path, arch: str = "llama", seed: int = 0, q4: bool = False) -> dict[str, np.ndarray]:
     """Write a tiny GGUF of ``arch`` (Llama tensor names and keys); returns the Hugging Face state
-    dict it holds (the Q8_0 tensors as they dequantize)."""
+    dict it holds (the quantized tensors as they dequantize). o_proj and gate_proj are Q8_0; with
+    ``q4`` the other projections are Q4_1 (a mixed file, as Q4_K_M is), else F32."""
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     rng = np.random.default_rng(seed)
@@ -59,11 +61,14 @@ def write_gguf(path: Path, arch: str = "llama", seed: int = 0) -> dict[str, np.n
     w.add_eos_token_id(vocab - 1)
     hf = {}
 
-    def put(name: str, hf_name: str, value: np.ndarray, stored: np.ndarray | None = None, q8: bool = False):
-        if q8:  # Q8_0 blocks; the model gets them back dequantized
-            blocks = gguf.quants.quantize(value, gguf.GGMLQuantizationType.Q8_0)
-            w.add_tensor(name, blocks, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-            hf[hf_name] = gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType.Q8_0)
+    Q8, Q4 = gguf.GGMLQuantizationType.Q8_0, (gguf.GGMLQuantizationType.Q4_1 if q4 else None)
+
+    def put(name: str, hf_name: str, value: np.ndarray, stored: np.ndarray | None = None, qtype=None):
+        if qtype is not None:  # quantized blocks (rows are blocked alone, so q/k's row permutation
+            # commutes with it); the model gets them back dequantized
+            blocks = gguf.quants.quantize(value if stored is None else stored, qtype)
+            w.add_tensor(name, blocks, raw_dtype=qtype)
+            hf[hf_name] = gguf.quants.dequantize(gguf.quants.quantize(value, qtype), qtype)
         else:
             w.add_tensor(name, value if stored is None else stored)
             hf[hf_name] = value
@@ -76,14 +81,14 @@ def write_gguf(path: Path, arch: str = "llama", seed: int = 0) -> dict[str, np.n
         g, h = f"blk.{i}.", f"model.layers.{i}."
         q, k = rand(HIDDEN, HIDDEN), rand(KV_HEADS * head_dim, HIDDEN)
         put(g + "attn_norm.weight", h + "input_layernorm.weight", 1 + rand(HIDDEN))
-        put(g + "attn_q.weight", h + "self_attn.q_proj.weight", q, _permute(q, HEADS))
-        put(g + "attn_k.weight", h + "self_attn.k_proj.weight", k, _permute(k, KV_HEADS))
-        put(g + "attn_v.weight", h + "self_attn.v_proj.weight", rand(KV_HEADS * head_dim, HIDDEN))
-        put(g + "attn_output.weight", h + "self_attn.o_proj.weight", rand(HIDDEN, HIDDEN), q8=True)
+        put(g + "attn_q.weight", h + "self_attn.q_proj.weight", q, _permute(q, HEADS), qtype=Q4)
+        put(g + "attn_k.weight", h + "self_attn.k_proj.weight", k, _permute(k, KV_HEADS), qtype=Q4)
+        put(g + "attn_v.weight", h + "self_attn.v_proj.weight", rand(KV_HEADS * head_dim, HIDDEN), qtype=Q4)
+        put(g + "attn_output.weight", h + "self_attn.o_proj.weight", rand(HIDDEN, HIDDEN), qtype=Q8)
         put(g + "ffn_norm.weight", h + "post_attention_layernorm.weight", 1 + rand(HIDDEN))
-        put(g + "ffn_gate.weight", h + "mlp.gate_proj.weight", rand(FFN, HIDDEN), q8=True)
-        put(g + "ffn_up.weight", h + "mlp.up_proj.weight", rand(FFN, HIDDEN))
-        put(g + "ffn_down.weight", h + "mlp.down_proj.weight", rand(HIDDEN, FFN))
+        put(g + "ffn_gate.weight", h + "mlp.gate_proj.weight", rand(FFN, HIDDEN), qtype=Q8)
+        put(g + "ffn_up.weight", h + "mlp.up_proj.weight", rand(FFN, HIDDEN), qtype=Q4)
+        put(g + "ffn_down.weight", h + "mlp.down_proj.weight", rand(HIDDEN, FFN), qtype=Q4)
     put("output_norm.weight", "model.norm.weight", 1 + rand(HIDDEN))
     put("output.weight", "lm_head.weight", rand(vocab, HIDDEN))
     w.write_header_to_file()
@@ -227,3 +232,35 @@ def test_bad_gguf_files_are_refused_clearly(tiny, tmp_path, capsys, monkeypatch,
     assert not (tmp_path / "o").exists() and not (tmp_path / "t").exists()
     cache = tmp_path / "cache" / "gguf"
     assert not cache.exists() or not any(cache.iterdir())  # nothing half-written
+
+
+def test_int4_keeps_the_wider_tensors_of_a_mixed_gguf(tmp_path, cache, capsys):
+    """A mixed-width GGUF (Q4_1 projections, Q8_0 o_proj and gate_proj, as Q4_K_M mixes Q4_K with
+    Q5_0-Q8_0): int4 keeps the fused MatMuls holding an 8-bit tensor (o; gate|up) at 8 bits and
+    the rest 4-bit, found from the weights' grid (``--widths source``, the default); ``--widths
+    uniform`` makes all 4-bit, further from the fp32 artifact; inspect says which."""
+    path = tmp_path / "mixed.gguf"
+    write_gguf(path, seed=1, q4=True)
+    outs = {}
+    for name, extra in (("fp32", ()), ("source", ("--precision", "int4")),
+                        ("uniform", ("--precision", "int4", "--widths", "uniform"))):
+        outs[name] = tmp_path / name
+        code, _, err = _run(capsys, "export", path, "--out", outs[name], "--quiet", *extra)
+        assert code == 0, err
+    bits = {}
+    for name in ("source", "uniform"):
+        graph = onnx.load(str(outs[name] / "model.onnx"), load_external_data=False).graph
+        assert any(n.op_type == "GroupQueryAttention" for n in graph.node)  # the fused graph
+        bits[name] = sorted((n.input[1].split(".")[-2], onnx.helper.get_attribute_value(
+            next(a for a in n.attribute if a.name == "bits"))) for n in graph.node if n.op_type == "MatMulNBits")
+    per_layer = [("down", 4), ("gate_up", 8), ("o", 8), ("qkv", 4)]
+    assert bits["source"] == sorted(per_layer * LAYERS)
+    assert bits["uniform"] == sorted([(g, 4) for g, _ in per_layer] * LAYERS)
+    code, text, _ = _run(capsys, "inspect", outs["source"])
+    assert code == 0 and f"{2 * LAYERS} kept 8-bit (off the source's 4-bit grid)" in text
+    from edgepeft.runtime import Model
+
+    ids = np.array([[5, 9, 17, 30, 2, 41, 7, 12]])
+    want = Model(outs["fp32"]).logits(ids)
+    err = {n: np.abs(Model(outs[n]).logits(ids) - want).mean() for n in ("source", "uniform")}
+    assert 0 < err["source"] < 0.5 * err["uniform"]

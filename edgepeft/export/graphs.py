@@ -10,6 +10,7 @@ from pathlib import Path
 import onnx
 
 from edgepeft.contract import sha256_file
+from edgepeft.progress import log
 from edgepeft.quantize import QuantConfig, quantize_graph, store_tied_table_once, tied_table
 from edgepeft.targets import Target
 
@@ -31,6 +32,9 @@ def save_graph(proto: onnx.ModelProto, root: Path, rel: str, quant: QuantConfig 
         _save(proto, path)
         return graph_entry(proto, root, rel, f"{rel}.data", None)
     quantized = _quantize(proto, root, path, quant, adapter_inputs, calibration, probe, quiet)
+    if quantized.get("source_wide_nodes"):
+        log(f"{rel}: {quantized['source_wide_nodes']} of {quantized['quantized_weight_nodes']} MatMuls kept 8-bit: "
+            "not on the 4-bit grid the other weights come on (--widths uniform: all 4-bit)", quiet)
     proto = onnx.load(str(path), load_external_data=False)
     return graph_entry(proto, root, rel, f"{rel}.data", quantized)
 

@@ -44,6 +44,7 @@ ADAPTER_PRECISIONS = ("fp32", "fp16")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 INT8_SCHEMES = ("weight-only", "dynamic")
 STATIC_ACTIVATIONS = ("int16", "int8")
+WIDTHS = ("source", "uniform")
 # Ops an adapter weight passes through before it meets activations: follow them.
 _LAYOUT_OPS = {"Transpose", "Cast", "Reshape", "Unsqueeze", "Squeeze", "Identity", "Concat", "Expand",
                "Flatten"}
@@ -72,7 +73,8 @@ class QuantConfig:
             outliers survive 16-bit ranges; what NPUs such as QNN HTP run LLMs with) or ``int8``
             (A8W8: integer kernels on CPU and NNAPI, but SmolLM2-135M: top-1 7 %).
         protect: share (0..1) of base MatMuls, the most sensitive by measured error, kept at
-            higher precision (int4: 8-bit; int8 / int8-static: float). Default 0.
+            higher precision (int4: 8-bit; int8 / int8-static: float). Default 0. Under int4 the
+            share is of the MatMuls ``widths`` leaves at 4 bits.
         accuracy_level: int4: onnxruntime's MatMulNBits compute type, 0 (float activations,
             default) or 4 (activations rounded to int8 per block: integer dot products, ~3x
             faster per MatMul on x86; SmolLM2-135M KL 0.0003 -> ~0.01).
@@ -81,6 +83,13 @@ class QuantConfig:
             MatMulNBits with the table float (``4``; SmolLM2: top-1 ~80 %, over budget); None: both
             float (default). In float the head is a third of a 4-bit SmolLM2 decode step and the
             table 113 of its resident MB.
+        widths: int4: ``source`` (default) keeps at 8 bits the base MatMuls whose weights are
+            *not* on a 4-bit grid when others are (:func:`source_wide`): a base dequantized from a
+            mixed GGUF such as Q4_K_M (Gemma 3 270M: 45 of 72 packed MatMuls stored at 5-8 bits)
+            keeps its wider tensors wide, as llama.cpp runs them; a float base, or one on a 4-bit
+            grid throughout (SmolLM2's Q4_1), is unchanged. In a merged graph the MatMuls an
+            adapter changed are off the grid too, and kept 8-bit. ``uniform``: every base MatMul
+            4-bit.
     """
 
     precision: str = "fp32"
@@ -94,6 +103,7 @@ class QuantConfig:
     protect: float = 0.0
     accuracy_level: int = 0
     head_bits: int | None = None
+    widths: str = "source"
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -128,6 +138,10 @@ class QuantConfig:
             raise EdgepeftError(f"--accuracy-level / --head-bits are for --precision int4, not {self.precision}.")
         if self.head_bits not in (None, 4, 8):
             raise EdgepeftError(f"--head-bits {self.head_bits}: 4 or 8.")
+        if self.widths not in WIDTHS:
+            raise EdgepeftError(f"--widths {self.widths!r}: choose one of {', '.join(WIDTHS)}.")
+        if self.widths != "source" and self.precision != "int4":
+            raise EdgepeftError(f"--widths is for --precision int4, not {self.precision}.")
         if self.head_bits is not None and self.quantize_embeddings:
             raise EdgepeftError("--head-bits and --quantize-embeddings both set the head; pick one.")
 
@@ -321,6 +335,40 @@ def _weight_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     return [n for n in model.graph.node if n.op_type in _WEIGHT_OPS and len(n.input) > 1 and n.input[1] in inits]
 
 
+def grid_levels(w: np.ndarray, block: int) -> int:
+    """The most distinct values in any block of ``block`` weights along K of ``w`` ``(K, N)``:
+    at most 16 for a matrix dequantized from a 4-bit GGUF type (Q4_0, Q4_1, Q4_K), up to
+    ``block`` for anything wider or float."""
+    k, n = w.shape
+    full = k - k % block
+    levels = 0
+    for part in (w[:full].reshape(-1, block, n), w[full:][None]):  # (K/block, block, N), the tail
+        if part.shape[1]:
+            s = np.sort(part, axis=1)
+            levels = max(levels, int((np.diff(s, axis=1) != 0).sum(1).max()) + 1)
+    return levels
+
+
+def source_wide(model: onnx.ModelProto, nodes: list[onnx.NodeProto], block: int) -> dict[str, int]:
+    """The MatMuls of ``nodes`` that a 4-bit quantization would take off their source grid.
+
+    A base dequantized from a GGUF keeps each tensor's grid: every block of 32 weights of a Q4_K
+    or Q4_1 tensor holds at most 16 distinct values, which HQQ's per-block scale and zero point
+    reproduce. Mixed files store some tensors wider (Q4_K_M: Q5_0, Q6_K, Q8_0); 4 bits would
+    round those. So when some of ``nodes`` are on a 4-bit grid, the others are returned (to be
+    kept at 8 bits); when none is (a float base) or all are, nothing is.
+
+    Returns:
+        ``{node name: most distinct values in one block}`` of the nodes off the 4-bit grid.
+    """
+    from onnx import numpy_helper
+
+    weights = {i.name: i for i in model.graph.initializer}
+    levels = {n.name: grid_levels(numpy_helper.to_array(weights[n.input[1]]), block) for n in nodes}
+    wide = {name: v for name, v in levels.items() if v > 16}
+    return wide if len(wide) < len(levels) else {}
+
+
 def _fake_quant_blocks(w: np.ndarray, bits: int, block: int) -> np.ndarray:
     """Symmetric round-to-nearest of ``w`` ``(K, N)`` in blocks of ``block`` along K."""
     k, n = w.shape
@@ -469,10 +517,15 @@ def quantize_graph(src: Path, dst: Path, cfg: QuantConfig, adapter_inputs: list[
     weights = [n.name for n in weight_nodes]
     skipped = {n.name for n in weight_nodes if weight_only and n.op_type != "MatMul"}  # MatMulNBits: MatMul only
     protected: dict[str, float] = {}
+    candidates = [n for n in weight_nodes if n.op_type == "MatMul" and n.name not in keep]
+    wide: dict[str, int] = {}
+    if cfg.precision == "int4" and cfg.widths == "source":
+        head = head_nodes(model)
+        wide = source_wide(model, [n for n in candidates if n.name not in head], cfg.block_size)
+        candidates = [n for n in candidates if n.name not in wide]
     if cfg.protect and cfg.precision not in ("fp32", "fp16"):
         if not probe:
             raise EdgepeftError(f"--protect {cfg.protect} needs calibration texts to measure sensitivity.")
-        candidates = [n for n in weight_nodes if n.op_type == "MatMul" and n.name not in keep]
         stages.set_postfix_str("sensitivity")
         errors = sensitivity(model, candidates, probe, cfg)
         stages.update()
@@ -485,12 +538,14 @@ def quantize_graph(src: Path, dst: Path, cfg: QuantConfig, adapter_inputs: list[
             "weight_nodes": len(weights),
             "quantized_weight_nodes": len([w for w in weights if w not in keep | float_protect | skipped]),
             "protected_nodes": len(protected),
-            "protected": {k: round(v, 6) for k, v in protected.items()}}
+            "protected": {k: round(v, 6) for k, v in protected.items()},
+            "source_wide_nodes": len(wide)}
     keep = keep | float_protect
     stages.set_postfix_str("quantize")
     try:
         with _quiet_quantizers():
-            _quantize(model, dst, cfg, keep, branches, ops, protected, calibration, src)
+            _quantize(model, dst, cfg, keep, branches, ops, {**protected, **dict.fromkeys(wide, 0.0)},
+                      calibration, src)
         if not data.is_file():  # small graphs: the quantizer may inline everything; keep the layout
             _save(onnx.load(str(dst), load_external_data=True), dst)
         stages.update()
