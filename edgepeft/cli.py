@@ -165,14 +165,23 @@ def _export_args(p):
 
 
 def run(args) -> int:
-    """Generate text from an artifact with an adapter, a weighted mix, or the base model."""
+    """Generate text from an artifact with an adapter, a weighted mix, or the base model: greedy,
+    or sampled (--temperature, --top-k, --top-p, --repetition-penalty, --seed), ended by EOS,
+    --stop strings or --max-new-tokens; --stream prints it as it comes."""
     from edgepeft.runtime import Model
 
     m = Model(args.artifact, threads=args.threads)
     if args.adapter and args.mix:
         raise EdgepeftError("pass either --adapter or --mix, not both.")
     choice = _mix(args.mix) if args.mix else args.adapter
-    print(m.generate_text(args.prompt, max_new_tokens=args.max_new_tokens, adapter=choice))
+    opts = dict(stop=args.stop or (), temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                repetition_penalty=args.repetition_penalty, seed=args.seed)
+    if args.stream:
+        for piece in m.stream_text(args.prompt, args.max_new_tokens, choice, **opts):
+            print(piece, end="", flush=True)
+        print()
+    else:
+        print(m.generate_text(args.prompt, max_new_tokens=args.max_new_tokens, adapter=choice, **opts))
     return 0
 
 
@@ -182,6 +191,15 @@ def _run_args(p):
     p.add_argument("--mix", default=None, metavar="NAME=W,...", help="weighted mix, e.g. chat=0.7,sql=0.3")
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; above 0: sample")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (default 0: all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="sample among the most likely tokens whose "
+                   "probabilities add up to this (default 1: all)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="penalize tokens already in the "
+                   "text (transformers' rule; default 1: off)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the sampling (reproducible output)")
+    p.add_argument("--stop", action="append", metavar="TEXT", help="end the text before this string (repeatable)")
+    p.add_argument("--stream", action="store_true", help="print the text as it is generated")
     p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
 
 

@@ -24,7 +24,7 @@ The parts: :mod:`~edgepeft.runtime.session` (providers, files, integrity checks)
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -205,8 +205,10 @@ class Model:
         return layout.logits(feeds, prefix, ids, mask)
 
     def generate(self, input_ids, max_new_tokens: int = 32, adapter: AdapterChoice = None,
-                 attention_mask=None, stop_at_eos: bool = True) -> np.ndarray:
-        """Greedy decoding with the KV cache (causal LM artifacts).
+                 attention_mask=None, stop_at_eos: bool = True, *, temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
+                 stop_token_ids: Sequence[int] = ()) -> np.ndarray:
+        """Decoding with the KV cache (causal LM artifacts): greedy by default, or sampled.
 
         Args:
             input_ids: ``(B, S)`` ints or ragged lists (left-padded).
@@ -214,16 +216,20 @@ class Model:
             adapter: as in :meth:`logits`.
             attention_mask: as in :meth:`logits`.
             stop_at_eos: stop a row at the base model's EOS (later positions repeat EOS).
+            temperature, top_k, top_p, repetition_penalty, seed: how the next token is chosen
+                (:class:`edgepeft.runtime.decode.Sampling`; temperature 0 is greedy).
+            stop_token_ids: more tokens that end a row, as EOS does.
 
         Returns:
             ``(B, S + n)`` int64: the (padded) prompt followed by ``n <= max_new_tokens`` tokens.
         """
         self._need("causal-lm", "generate()")
+        sampling = decode.Sampling(temperature, top_k, top_p, repetition_penalty, seed)
         layout, feeds, prefix = self._choose(adapter)
         ids, mask = batch_inputs(input_ids, attention_mask, self.manifest["base"]["vocab_size"])
-        eos = decode.eos_ids(self.manifest, stop_at_eos)
+        eos = decode.eos_ids(self.manifest, stop_at_eos, stop_token_ids)
         runs = layout.decodings(feeds, prefix, ids, mask, max_new_tokens)
-        return decode.generate(ids, runs, max_new_tokens, eos)
+        return decode.generate(ids, mask, runs, max_new_tokens, eos, sampling)
 
     # ---------------------------------------------------------------- classification
     def classify(self, texts_or_ids, adapter: AdapterChoice = None, attention_mask=None) -> np.ndarray:
@@ -275,8 +281,51 @@ class Model:
             self._tokenizer = text.load_tokenizer(self.path, self.manifest)
         return self._tokenizer
 
-    def generate_text(self, prompt: str, max_new_tokens: int = 32, adapter: AdapterChoice = None) -> str:
-        """Tokenize ``prompt``, :meth:`generate`, and decode only the new tokens."""
-        ids = self.tokenizer.encode(prompt).ids
-        out = self.generate([ids], max_new_tokens=max_new_tokens, adapter=adapter)
-        return self.tokenizer.decode(out[0, len(ids):].tolist(), skip_special_tokens=True)
+    def generate_text(self, prompt: str, max_new_tokens: int = 32, adapter: AdapterChoice = None, *,
+                      stop: Sequence[str] = (), **sampling) -> str:
+        """The continuation of ``prompt`` (its new tokens decoded), ended by EOS, a ``stop``
+        string (not included) or ``max_new_tokens``; ``sampling``: the keyword options of
+        :meth:`generate` (temperature, top_k, top_p, repetition_penalty, seed, stop_token_ids)."""
+        return "".join(self.stream_text(prompt, max_new_tokens, adapter, stop=stop, **sampling))
+
+    def stream_text(self, prompt: str, max_new_tokens: int = 32, adapter: AdapterChoice = None, *,
+                    stop: Sequence[str] = (), temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                    repetition_penalty: float = 1.0, seed: int | None = None,
+                    stop_token_ids: Sequence[int] = ()) -> Iterator[str]:
+        """:meth:`generate_text` piece by piece, as the tokens come: each yield is new text.
+        Text that could be the start of a ``stop`` string, or an unfinished UTF-8 character, is
+        held back until the next tokens decide; the pieces join to :meth:`generate_text`'s result."""
+        self._need("causal-lm", "stream_text()")
+        if isinstance(stop, str):
+            stop = [stop]
+        if any(not isinstance(x, str) or not x for x in stop):
+            raise EdgepeftError(f"stop={list(stop)!r}: non-empty strings.")
+        sampling = decode.Sampling(temperature, top_k, top_p, repetition_penalty, seed)
+        layout, feeds, prefix = self._choose(adapter)
+        prompt_ids = self.tokenizer.encode(prompt).ids
+        ids, mask = batch_inputs([prompt_ids], None, self.manifest["base"]["vocab_size"])
+        eos = decode.eos_ids(self.manifest, True, stop_token_ids)
+        (run,) = layout.decodings(feeds, prefix, ids, mask, max_new_tokens)
+        pick = decode.Picker(sampling, [ids[0][mask[0] == 1]])
+        tokens: list[int] = []
+        sent = ""
+        for nxt in decode.steps(run, max_new_tokens, eos, pick, slice(0, run.rows)):
+            t = int(nxt[0])
+            if t in eos:
+                break
+            tokens.append(t)
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            cut = min((i for i in (text.find(x, max(0, len(sent) - len(x))) for x in stop) if i >= 0), default=-1)
+            if cut >= 0:
+                if cut > len(sent):
+                    yield text[len(sent):cut]
+                return
+            ready = len(text.rstrip("\ufffd"))  # an unfinished character decodes as U+FFFD
+            ready -= max((k for x in stop for k in range(1, min(len(x), ready + 1))  # a tail a stop
+                          if text[:ready].endswith(x[:k])), default=0)            # string may start
+            if ready > len(sent):
+                yield text[len(sent):ready]
+                sent = text[:ready]
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        if len(text) > len(sent):
+            yield text[len(sent):]
