@@ -151,6 +151,19 @@ def test_fused_int4_protect(llama_base, llama_adapters, fused_side, tmp_path, ra
         assert 0 < err[1.0] < min(err[0.0], err[0.25])  # 8-bit everywhere: closest; a 2-of-8 share is within noise here
 
 
+def test_calls_past_the_rotary_tables_are_refused(fused_side):
+    """The manifest records the rotary tables' rows (the base's max_position_embeddings, 128); a
+    prompt, or prompt + new tokens, past them is refused by name instead of onnxruntime's kernel
+    error; up to them it runs."""
+    m = Model(fused_side)
+    assert m.manifest["graph"]["positions"] == 128
+    with pytest.raises(EdgepeftError, match=r"^120 prompt tokens \+ 10 new tokens exceed the 128 positions"):
+        m.generate([[3 + i % 90 for i in range(120)]], max_new_tokens=10, adapter="sql")
+    with pytest.raises(EdgepeftError, match=r"^130 prompt tokens exceed the 128 positions .*shorten the prompt\.$"):
+        m.logits(np.full((1, 130), 5))
+    assert m.generate([[3 + i % 90 for i in range(120)]], max_new_tokens=8, adapter="sql").shape == (1, 128)
+
+
 def test_right_align_refuses_gaps():
     with pytest.raises(EdgepeftError, match="row 0"):
         fused.right_align(np.ones((1, 4), np.int64), np.array([[1, 0, 1, 1]]))

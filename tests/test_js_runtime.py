@@ -173,6 +173,11 @@ def _fused_cases(root: Path, base: Path, ads: dict) -> dict:
     for case in cases.values():
         case["fused"] = True
     cases["fused"]["swap"] = _swap_case(side)
+    from edgepeft.runtime import Model
+
+    cases["fused"]["refusals"] = _refusals(Model(side), side, [  # past the 128 rotary positions
+        {"method": "generate", "ids": [[3 + i % 90 for i in range(120)]], "max_new_tokens": 10, "adapter": "chat"},
+        {"method": "logits", "ids": [[5] * 130], "adapter": None}])
     return cases
 
 

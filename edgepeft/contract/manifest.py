@@ -98,6 +98,9 @@ def _check_fields(m: dict, path: Path) -> None:
         need(ort is None or (isinstance(ort, dict) and is_str(ort.get("file")) and is_str(ort.get("sha256"))),
              f"{field}.ort", "null or {file, sha256} strings", ort)
         need(g.get("layout") in LAYOUTS, f"{field}.layout", f"one of {LAYOUTS}", g.get("layout"))
+        pos = g.get("positions")
+        need(pos is None or (isinstance(pos, int) and not isinstance(pos, bool) and pos > 0), f"{field}.positions",
+             "a positive integer or null", pos)
 
     need(m["task"] in ("causal-lm", "classification") if is_str(m["task"]) else False, "task",
          "'causal-lm' or 'classification'", m["task"])

@@ -107,7 +107,7 @@ def fused_side(cfg: ExportConfig, base: Base, adapters: list, root: Path, quiet:
     names = [n for n, _ in defaults]
     probe = fused_probe_feeds(cfg, model, base.cache, defaults)
     parts = {"graph": {**save_graph(proto, root, "model.onnx", cfg.quant, names, probe=probe, quiet=quiet),
-                       "layout": "fused"},
+                       "layout": "fused", "positions": fused.positions(model)},
              "slots": [{"layer": layer, "group": group, "modules": fused.group_modules(fam, layer)[group]}
                        for layer, group in used],
              "inputs": {n: _fused_input(n, d) for n, d in defaults}}
@@ -133,8 +133,10 @@ def merged(cfg: ExportConfig, base: Base, adapters: list, root: Path, quiet: boo
         if is_fused:
             proto, _, _ = fused.build_graph(model, {}, cfg.opset or 17)
             probe = fused_probe_feeds(cfg, model, base.cache, [])
+            positions = fused.positions(model)
             del model
-            graph = {**save_graph(proto, root, rel, cfg.quant, [], probe=probe, quiet=quiet), "layout": "fused"}
+            graph = {**save_graph(proto, root, rel, cfg.quant, [], probe=probe, quiet=quiet), "layout": "fused",
+                     "positions": positions}
         else:
             calibration, probe = quantization_feeds(cfg, base.task, model, [], {}, [], base.cache, quiet)
             proto = _trace(cfg, base, model, [], [], [])

@@ -82,6 +82,12 @@ def group_modules(fam: Family, layer: int) -> dict[str, list[str]]:
     return {g: [f"{fam.decoder}.layers.{layer}.{m}" for m in mods] for g, mods in fam.groups.items()}
 
 
+def positions(model: torch.nn.Module) -> int:
+    """Rows of the graph's rotary tables: the longest sequence it computes (the manifest's
+    ``graph.positions``, which the runtimes check a call against)."""
+    return rotary_positions(families.family(model.config).text_config(model.config))
+
+
 def unsupported(model: torch.nn.Module, sides: dict[str, SideBranch]) -> str | None:
     """Why the fused graph cannot compute ``model`` with these adapters exactly, or None.
 

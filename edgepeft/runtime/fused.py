@@ -154,13 +154,16 @@ class FusedLayout:
         inputs: the manifest's adapter inputs (``{name: {shape, mix}}``); those a choice does not
             feed are bound to their rank-0 identity.
         keep: how many adapter bindings (:meth:`values`) to keep, asked on each new one.
+        positions: rows of the graph's rotary tables (the manifest's ``graph.positions``): the
+            longest prompt + generation it computes; None for artifacts that did not record it.
     """
 
     longest = None
 
     def __init__(self, opened: Opened, cache: list[tuple[int, int]], inputs: Mapping[str, dict],
-                 keep: Callable[[], int]):
+                 keep: Callable[[], int], positions: int | None = None):
         self.session = opened.session
+        self.positions = positions
         self.cache = cache
         self.feeding = Feeding(shapes=opened.shapes, base={})
         self._identity = {k: np.zeros([d or 0 for d in v["shape"]], np.float32) for k, v in inputs.items()}
@@ -183,8 +186,18 @@ class FusedLayout:
                 self._values.pop(next(iter(self._values)))
             return values
 
+    def fits(self, tokens: int, new_tokens: int = 0) -> None:
+        """Refuse a call whose longest row would pass the rotary tables (onnxruntime would fail
+        with a kernel error)."""
+        if self.positions is not None and tokens + new_tokens > self.positions:
+            what = f"{tokens} prompt tokens" + (f" + {new_tokens} new tokens" if new_tokens else "")
+            raise EdgepeftError(f"{what} exceed the {self.positions} positions this fused graph computes "
+                                "(the model's max_position_embeddings); shorten the prompt"
+                                + (" or ask for fewer new tokens." if new_tokens else "."))
+
     def logits(self, feeds: dict, prefix, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         right, lengths = right_align(ids, mask)
+        self.fits(int(lengths.max()))
         kv = Cache(self.session, self.cache, ids.shape[0], right.shape[1])
         kv.bind_adapter(self.values(feeds))
         return restore(kv.run(right, lengths), mask)
@@ -202,6 +215,7 @@ class _Decoding:
     def __init__(self, layout: FusedLayout, feeds: dict, ids: np.ndarray, mask: np.ndarray, new_tokens: int):
         self.rows = ids.shape[0]
         self._right, self._lengths = right_align(ids, mask)
+        layout.fits(int(self._lengths.max()), new_tokens)
         self._kv = Cache(layout.session, layout.cache, ids.shape[0], self._right.shape[1] + new_tokens)
         self._kv.bind_adapter(layout.values(feeds))
 

@@ -62,7 +62,8 @@ def open_layouts(opener: SessionOpener, manifest: dict, cache: list[tuple[int, i
 
     def one(graph: dict, adapter_inputs) -> Layout:
         opened = opener.open(graph, adapter_inputs)
-        return FusedLayout(opened, cache, inputs, keep) if fused else TracedLayout(opened, cache)
+        return (FusedLayout(opened, cache, inputs, keep, graph.get("positions")) if fused
+                else TracedLayout(opened, cache))
 
     if manifest["mode"] == "merged":
         return {name: one(entry["graph"], None) for name, entry in manifest["adapters"].items()}

@@ -123,8 +123,20 @@ export class KvBuffer {
 
 /** Runs a fused-layout graph (causal LMs): logits of every position, and greedy decoding. */
 export class FusedRunner {
+  /** `positions`: rows of the graph's rotary tables (the manifest's `graph.positions`), the
+   * longest prompt + generation it computes; null for artifacts that did not record it. */
   constructor(private readonly T: TensorCtor, private readonly cache: [number, number][],
-              private readonly inPlace: boolean) {}
+              private readonly inPlace: boolean, private readonly positions: number | null = null) {}
+
+  /** Refuse a call whose longest row would pass the rotary tables (onnxruntime would fail with a
+   * kernel error), as Python's `FusedLayout.fits`. */
+  fits(tokens: number, newTokens = 0): void {
+    if (this.positions != null && tokens + newTokens > this.positions) {
+      const what = `${tokens} prompt tokens` + (newTokens ? ` + ${newTokens} new tokens` : '');
+      throw new EdgepeftError(`${what} exceed the ${this.positions} positions this fused graph computes ` +
+        "(the model's max_position_embeddings); shorten the prompt" + (newTokens ? ' or ask for fewer new tokens.' : '.'));
+    }
+  }
 
   /** A new KV buffer of `slots` tokens for `batch` rows on `session` (one generation). */
   buffer(session: InferenceSession, batch: number, slots: number): KvBuffer {
@@ -134,6 +146,7 @@ export class FusedRunner {
   /** `(B, S, V)` logits of every position of `ids (B, S)` in the caller's (left- or right-padded) layout. */
   async logits(session: InferenceSession, feeds: Feeds, ids: Rows, mask: Rows): Promise<{ data: Float32Array; dims: number[] }> {
     const right = rightAlign(ids, mask);
+    this.fits(Math.max(...right.lengths));
     const out = await this.buffer(session, ids.length, right.ids[0].length).run(feeds, right.ids, right.lengths);
     return restore(out.data as Float32Array, [...out.dims], mask);
   }
@@ -146,6 +159,7 @@ export class FusedRunner {
     if (maxNew <= 0) return { out, newTokens: 0, t1: now() };
     const right = rightAlign(ids, mask);
     let lengths = right.lengths;
+    this.fits(Math.max(...lengths), maxNew);
     const kv = this.buffer(session, ids.length, right.ids[0].length + maxNew);
     const pre = await kv.run(feeds, right.ids, lengths);
     const t1 = now();

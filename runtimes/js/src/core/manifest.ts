@@ -12,6 +12,8 @@ export type { MixRule } from './contract.js';
 export interface GraphEntry {
   file: string; data_file: string; sha256: string; data_sha256: string;
   layout?: string | null; inputs?: { name: string; shape: (string | number)[]; dtype: string }[];
+  /** Fused layout: rows of the rotary tables, the longest prompt + generation the graph computes. */
+  positions?: number | null;
   buckets?: unknown; [k: string]: unknown;
 }
 export interface AdapterEntry {
@@ -116,6 +118,7 @@ function checkFields(m: any, where: string): void {
     need(ort == null || (isObj(ort) && isStr(ort.file) && isStr(ort.sha256)), `${field}.ort`,
       'null or {file, sha256} strings', ort);
     need(g.layout == null || g.layout === 'fused', `${field}.layout`, "one of (None, 'fused')", g.layout);
+    need(g.positions == null || isInt(g.positions, 1), `${field}.positions`, 'a positive integer or null', g.positions);
   };
   need(m.task === 'causal-lm' || m.task === 'classification', 'task', "'causal-lm' or 'classification'", m.task);
   need(m.mode === 'side' || m.mode === 'merged', 'mode', "'side' or 'merged'", m.mode);

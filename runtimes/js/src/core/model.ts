@@ -132,7 +132,9 @@ export class Model {
           `static shapes (this one: ${this.task}${m.static != null ? ', static' : ''}); the manifest was edited. ` +
           'Export the artifact again.');
       }
-      this.fused = new FusedRunner(this.ort.Tensor, this.cache, this.ort.inPlaceOutputs === true);
+      const positions = graphs.map((g) => g.positions).filter((p): p is number => typeof p === 'number');
+      this.fused = new FusedRunner(this.ort.Tensor, this.cache, this.ort.inPlaceOutputs === true,
+        positions.length ? Math.min(...positions) : null);
     }
     if (this.merged) {
       for (const [name, entry] of Object.entries(m.adapters)) {
