@@ -14,30 +14,7 @@ from pathlib import Path
 
 from edgepeft.errors import EdgepeftError
 
-# The runtime install (`pip install edgepeft`: onnxruntime, numpy, tokenizers) runs and reads
-# artifacts; the commands that make or check them against PyTorch need the toolchain extra.
-TOOLCHAIN_PIP = 'pip install torch==2.13.0 && pip install "edgepeft[export]"'
-TOOLCHAIN_MODULES = ("torch", "transformers", "peft", "onnxscript", "safetensors", "matplotlib")
-NEEDS_TOOLCHAIN = ("export", "validate", "train", "demo")
-
-
-def missing_toolchain() -> list[str]:
-    """The toolchain's packages this environment lacks (none: ``edgepeft[export]`` is installed)."""
-    import importlib.util
-
-    return [m for m in TOOLCHAIN_MODULES if importlib.util.find_spec(m) is None]
-
-
-def require_toolchain(what: str) -> None:
-    """Refuse ``what`` in a runtime-only install, with the one line to install the toolchain.
-
-    Raises:
-        EdgepeftError: some toolchain package is missing.
-    """
-    missing = missing_toolchain()
-    if missing:
-        raise EdgepeftError(f"{what} needs the edgepeft toolchain ({', '.join(missing)} not installed; this is "
-                            f"the runtime-only install). Install it with: {TOOLCHAIN_PIP}")
+from edgepeft.toolchain import NEEDS_TOOLCHAIN, TOOLCHAIN_PIP, missing_toolchain, require_toolchain
 
 
 def _adapter_pairs(values: list[str] | None) -> tuple[tuple[str, Path], ...]:

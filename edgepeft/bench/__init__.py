@@ -233,7 +233,7 @@ def _merged_artifact(root: Path, manifest: dict, merged: str | Path, adapter: st
         if adapter not in m["adapters"]:
             raise EdgepeftError(f"--merged {path}: holds {', '.join(m['adapters'])}, not {adapter!r}.")
         return path, adapter, f"given: {path}"
-    from edgepeft.cli import TOOLCHAIN_PIP, missing_toolchain
+    from edgepeft.toolchain import TOOLCHAIN_PIP, missing_toolchain
 
     if missing_toolchain():
         return None, None, f"not compared: --merged auto exports one, which needs the toolchain ({TOOLCHAIN_PIP})"
