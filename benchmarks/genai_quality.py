@@ -3,7 +3,7 @@
 ``bench_speed.py`` times onnxruntime-genai's builder output (``-p int4 -e cpu --extra_options
 adapter_path=numbers``) but cannot validate it (no edgepeft manifest). This script scores its logits
 the way ``edgepeft validate`` scores an artifact's: every position of the validate texts
-(``calibration/heldout.txt``, first 64 tokens each), mean KL(fp32 || system) and top-1 agreement,
+(``edgepeft/calibration/heldout.txt``, first 64 tokens each), mean KL(fp32 || system) and top-1 agreement,
 against edgepeft's fused fp32 side artifact with ``numbers`` active (itself within 2e-11 KL of PyTorch
 + peft: ``bench_speed``'s validate column). edgepeft's int4 artifacts are scored the same way beside it.
 

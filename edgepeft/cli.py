@@ -14,6 +14,8 @@ from pathlib import Path
 
 from edgepeft.errors import EdgepeftError
 
+from edgepeft.toolchain import NEEDS_TOOLCHAIN, TOOLCHAIN_PIP, missing_toolchain, require_toolchain
+
 
 def _adapter_pairs(values: list[str] | None) -> tuple[tuple[str, Path], ...]:
     pairs = []
@@ -127,7 +129,7 @@ def _export_args(p):
                    help="storage of adapter files (computed in fp32 either way)")
     p.add_argument("--calibration", default=None, metavar="FILE_OR_NAME",
                    help="int8-static ranges and --protect sensitivities: .txt / .jsonl texts or a set in "
-                        "calibration/ (default: 'default')")
+                        "the package (default: 'default')")
     p.add_argument("--calibration-method", choices=["minmax", "entropy", "percentile"], default="minmax",
                    help="int8-static range estimator")
     p.add_argument("--int8-scheme", choices=["weight-only", "dynamic"], default=None,
@@ -280,7 +282,6 @@ def inspect(args) -> int:
 
 def _show(root: Path, m: dict) -> None:
     from edgepeft.contract import inside
-    from edgepeft.kinds import kind_module
 
     print(f"{root}: {m['task']}, mode {m['mode']}, precision {m['precision']}, "
           f"base {m['base']['model_type']} ({m['base']['fingerprint'][:19]}...), "
@@ -331,8 +332,7 @@ def _show(root: Path, m: dict) -> None:
               + ", ".join(b.get("ort", {}).get("file") or b["file"] for b in m["graph"]["buckets"])
               + f" (weights shared with {m['graph']['data_file']})")
     for name, a in m["adapters"].items():
-        line = f"adapter {name}: {a['kind']}"
-        line += kind_module(a["kind"]).describe(a)
+        line = f"adapter {name}: {a['kind']} {a.get('summary') or _kind_summary(a)}"
         line += f", {len(a.get('targets', []))} layers"
         line += f", head {', '.join(a['head'])}" if a.get("head") else ""
         print(line)
@@ -342,6 +342,17 @@ def _show(root: Path, m: dict) -> None:
         total += size
         print(f"  {size / 1e6:10.2f} MB  {f.relative_to(root)}")
     print(f"  {total / 1e6:10.2f} MB  total")
+
+
+def _kind_summary(entry: dict) -> str:
+    """The kind's summary of an adapter entry written before manifests carried ``summary``: from
+    the kind module, which needs the toolchain."""
+    missing = missing_toolchain()
+    if missing:
+        return f"(details: exported before manifests carried them; {TOOLCHAIN_PIP} to show them)"
+    from edgepeft.kinds import kind_module
+
+    return kind_module(entry["kind"]).describe(entry).strip()
 
 
 def _inspect_args(p):
@@ -374,7 +385,7 @@ def validate(args) -> int:
 
     Compares, per adapter, per mix, per LoRA + prefix composition and for the base model:
     max |Δlogits|, mean KL and top-1 agreement at every token position of the prompts and of
-    held-out texts (--texts; default calibration/heldout.txt), and greedy generations from the
+    held-out texts (--texts; default the packaged set heldout), and greedy generations from the
     prompts. Classifiers: the same on the class logits; with --labels FILE.jsonl ({"text": ...,
     "label": ...} rows) the accuracy of both sides too. Writes report.json into the artifact (or
     --report) and beside it report.md and report.html (one file, plots embedded: |Δlogits|
@@ -424,7 +435,7 @@ def _validate_args(p):
     p.add_argument("--prompts", default=None, help="text file, one prompt per line (greedy continuations compared)")
     p.add_argument("--texts", default=None, metavar="FILE_OR_NAME",
                    help="texts compared at every token position (.txt one per line, or .jsonl "
-                        "{\"text\"}; or a set in calibration/); default: heldout")
+                        "{\"text\"}; or a packaged set); default: heldout")
     p.add_argument("--adapter", action="append", metavar="NAME=DIR",
                    help="PEFT folder of an adapter (default: the path recorded at export)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="greedy tokens compared per prompt")
@@ -463,6 +474,8 @@ def bench(args) -> int:
     """
     from edgepeft.bench import format_bench, run_bench
 
+    if args.compare_torch:
+        require_toolchain("bench --compare-torch")
     try:
         sizes = tuple(int(x) for x in args.batch_sizes.split(",") if x.strip())
     except ValueError:
@@ -588,8 +601,9 @@ def _train_args(p):
 def targets(args) -> int:
     """List the target profiles, one line each; with NAME_OR_FILE, every field of one profile.
 
-    Profiles are TOML files in targets/ (pass your own file to --target). Columns: name,
-    providers, default precision, bundle format, shapes, LoRA rank limit, description.
+    Profiles are TOML files packaged in edgepeft/targets/profiles/ (pass your own file to
+    --target). Columns: name, providers, default precision, bundle format, shapes, LoRA rank
+    limit, description.
     """
     from dataclasses import fields
 
@@ -670,6 +684,13 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name, help=doc.splitlines()[0], description=doc,
                            formatter_class=argparse.RawDescriptionHelpFormatter, add_args=add_args)
         p.set_defaults(fn=fn)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in NEEDS_TOOLCHAIN:  # before its parser is built (train's imports torch)
+        try:
+            require_toolchain(f"edgepeft {argv[0]}")
+        except EdgepeftError as e:
+            print(f"edgepeft {argv[0]}: error: {e}", file=sys.stderr)
+            return 2
     args = parser.parse_args(argv)
     try:
         return args.fn(args)

@@ -1,14 +1,16 @@
 """Text sets shared by the stages: calibration texts for static int8 (export) and the texts
-``edgepeft validate`` compares on. A set is a file, or a name of one in ``calibration/``."""
+``edgepeft validate`` compares on. A set is a file, or the name of one packaged in
+``edgepeft/calibration/`` (package data, so a wheel carries them)."""
 
 from __future__ import annotations
 
 import json
+from importlib import resources
 from pathlib import Path
 
 from edgepeft.errors import EdgepeftError
 
-CALIBRATION_DIR = Path(__file__).resolve().parents[1] / "calibration"
+CALIBRATION_DIR = Path(str(resources.files("edgepeft") / "calibration"))
 
 
 def load_texts(source: str | None, default: str = "default", option: str = "--calibration") -> list[str]:
@@ -28,7 +30,7 @@ def load_texts(source: str | None, default: str = "default", option: str = "--ca
         named = CALIBRATION_DIR / f"{source}.txt"
         if not named.is_file():
             sets = sorted(p.stem for p in CALIBRATION_DIR.glob("*.txt")) if CALIBRATION_DIR.is_dir() else []
-            raise EdgepeftError(f"{option} {source}: no such file, nor a set in {CALIBRATION_DIR} "
+            raise EdgepeftError(f"{option} {source}: no such file, nor a packaged set "
                                 f"(sets: {', '.join(sets) or 'none'}). Pass a .txt (one text per line) "
                                 "or .jsonl ({\"text\": ...}) file.")
         path = named

@@ -160,7 +160,7 @@ def test_quantization_refusals(setup, tmp_path):
         QuantConfig(precision="int3")
     with pytest.raises(EdgepeftError, match="--calibration is for integer precisions"):
         QuantConfig(precision="fp16", calibration="default")
-    with pytest.raises(EdgepeftError, match="no such file, nor a set"):
+    with pytest.raises(EdgepeftError, match="no such file, nor a packaged set"):
         export(ExportConfig(graph="generic", base=base, out=tmp_path / "o", adapters=(("lora", ads["lora"]),),
                             quant=QuantConfig(precision="int8-static", calibration="nope")), quiet=True)
     assert not (tmp_path / "o").exists()

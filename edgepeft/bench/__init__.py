@@ -138,8 +138,9 @@ def classifier_batches(root: Path, manifest: dict, sizes: list[int]) -> dict:
 
 def bench_choices(manifest: dict) -> list:
     """What is measured: base (causal LM, or a classifier with a trained head), each adapter,
-    and an equal-weight mix of the LoRA adapters (side artifacts with two or more): those of
-    :func:`edgepeft.kinds.mix_group` without a head."""
+    and an equal-weight mix of the adapters that mix by weight (:func:`edgepeft.contract.mixes`),
+    of the first one's kind, without a head (two or more; read from the manifest alone, so the
+    runtime install benches mixes too)."""
     from edgepeft.contract import mixes
 
     entries = manifest["adapters"]
@@ -147,13 +148,10 @@ def bench_choices(manifest: dict) -> list:
         return list(entries)
     base_ok = manifest["task"] == "causal-lm" or manifest["base"].get("head_trained", True)
     choices: list = ([None] if base_ok else []) + list(entries)
-    loras = []
-    if sum(mixes(manifest, n) for n in entries) >= 2:  # the kinds (torch) only when a mix is possible
-        from edgepeft.kinds import mix_group
-
-        loras = [n for n in mix_group(manifest) if not entries[n].get("head")]
-    if len(loras) >= 2:
-        choices.append({n: round(1 / len(loras), 4) for n in loras})
+    names = [n for n in entries if mixes(manifest, n) and not entries[n].get("head")]
+    group = [n for n in names if entries[n]["kind"] == entries[names[0]]["kind"]] if names else []
+    if len(group) >= 2:
+        choices.append({n: round(1 / len(group), 4) for n in group})
     return choices
 
 
@@ -235,6 +233,10 @@ def _merged_artifact(root: Path, manifest: dict, merged: str | Path, adapter: st
         if adapter not in m["adapters"]:
             raise EdgepeftError(f"--merged {path}: holds {', '.join(m['adapters'])}, not {adapter!r}.")
         return path, adapter, f"given: {path}"
+    from edgepeft.toolchain import TOOLCHAIN_PIP, missing_toolchain
+
+    if missing_toolchain():
+        return None, None, f"not compared: --merged auto exports one, which needs the toolchain ({TOOLCHAIN_PIP})"
     adapter = _pick_merged_adapter(manifest, root, adapter)
     if adapter is None:
         return None, None, f"no mergeable adapter ({', '.join(_mergeable_kinds())}) in the artifact"
@@ -511,10 +513,16 @@ def run_bench(artifact: Path, out: Path | None = None, compare_torch: Path | Non
     result["seconds"] = round(time.perf_counter() - t_start, 1)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(result, indent=1) + "\n")
-    from edgepeft.bench.plot import write_png
+    result["files"] = {"json": str(out / "bench.json")}
+    import importlib.util
 
-    write_png(result, out / "bench.png")
-    result["files"] = {"json": str(out / "bench.json"), "png": str(out / "bench.png")}
+    if importlib.util.find_spec("matplotlib") is None:
+        result["files"]["png_not_drawn"] = "matplotlib is part of the toolchain (edgepeft[export])"
+    else:
+        from edgepeft.bench.plot import write_png
+
+        write_png(result, out / "bench.png")
+        result["files"]["png"] = str(out / "bench.png")
     return result
 
 
@@ -580,7 +588,9 @@ def format_bench(result: dict) -> str:
     lines += ["", f"{'sizes on disk':<64}{'MB':>12}", "-" * 76]
     lines += [f"{k:<64}{_f(v, '12.2f')}" for k, v in result["sizes_mb"].items()]
     if "files" in result:
-        lines += ["", f"wrote {result['files']['json']} and {result['files']['png']} ({result['seconds']:.0f} s)"]
+        f = result["files"]
+        lines += ["", f"wrote {f['json']}" + (f" and {f['png']}" if "png" in f else f" (no bench.png: {f['png_not_drawn']})")
+                  + f" ({result['seconds']:.0f} s)"]
     return "\n".join(lines)
 
 

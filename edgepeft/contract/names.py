@@ -24,6 +24,12 @@ ADAPTER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 LAYOUTS = (None, "fused")
 PROMPT_INPUT = "prompt.embeds"  # encoder prompt tuning: (n_virtual, hidden), rule "one"
 
+# The manifest's quantization vocabulary (``precision`` and the int8 options), shared by the
+# quantizer and the target profiles (which the runtime install reads without the quantizer).
+PRECISIONS = ("fp32", "fp16", "int8", "int8-static", "int4")
+INT8_SCHEMES = ("weight-only", "dynamic")
+STATIC_ACTIVATIONS = ("int16", "int8")
+
 
 def slot_input_name(feature: str, module: str, part: str) -> str:
     """Graph input name of one part of a feature of an adapted layer."""

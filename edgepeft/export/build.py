@@ -142,7 +142,7 @@ def merged(cfg: ExportConfig, base: Base, adapters: list, root: Path, quiet: boo
             proto = _trace(cfg, base, model, [], [], [])
             graph = save_graph(proto, root, rel, cfg.quant, [], calibration, probe, quiet=quiet)
             del model
-        entries[a.name] = merged_adapter_entry(kind_module(a).manifest_entry(a), graph, base.fingerprint,
+        entries[a.name] = merged_adapter_entry(_kind_entry(a), graph, base.fingerprint,
                                                a.source)
     return {"adapters": entries, "graph": {"per_adapter": True, **({"layout": "fused"} if is_fused else {})}}
 
@@ -152,6 +152,13 @@ def _trace(cfg: ExportConfig, base: Base, model: torch.nn.Module, slots, specs, 
     if base.task == "causal-lm":
         return causal_lm.export_graph(model, slots, specs, base.cache, cfg.opset)
     return encoder.export_graph(model, slots, specs, head_params, cfg.opset)
+
+
+def _kind_entry(a) -> dict:
+    """The kind's manifest fields plus ``summary``, its one-line description (``inspect`` shows it
+    without importing the kind modules, which need torch)."""
+    entry = kind_module(a).manifest_entry(a)
+    return {**entry, "summary": kind_module(a).describe(entry).strip()}
 
 
 def _fused_input(name: str, default: np.ndarray) -> dict:
@@ -170,5 +177,5 @@ def _write_adapter(cfg: ExportConfig, base: Base, a, arrays: dict[str, np.ndarra
     """Write ``root/adapters/NAME.onnx_adapter`` (+ its safetensors twin); returns its manifest entry."""
     path = root / "adapters" / f"{a.name}.onnx_adapter"
     files = write_adapter_files(arrays, path, cfg.quant.adapter_precision, base.fingerprint)
-    return adapter_entry(kind_module(a).manifest_entry(a), files, base.fingerprint, inputs, prefix, a.source,
+    return adapter_entry(_kind_entry(a), files, base.fingerprint, inputs, prefix, a.source,
                          defaults)

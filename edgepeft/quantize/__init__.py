@@ -37,13 +37,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from edgepeft.contract.names import INT8_SCHEMES, PRECISIONS, STATIC_ACTIVATIONS
 from edgepeft.errors import EdgepeftError
 
-PRECISIONS = ("fp32", "fp16", "int8", "int8-static", "int4")
 ADAPTER_PRECISIONS = ("fp32", "fp16")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
-INT8_SCHEMES = ("weight-only", "dynamic")
-STATIC_ACTIVATIONS = ("int16", "int8")
 WIDTHS = ("source", "uniform")
 # Ops an adapter weight passes through before it meets activations: follow them.
 _LAYOUT_OPS = {"Transpose", "Cast", "Reshape", "Unsqueeze", "Squeeze", "Identity", "Concat", "Expand",
@@ -59,7 +57,7 @@ class QuantConfig:
         precision: one of ``PRECISIONS``.
         adapter_precision: ``fp32`` or ``fp16``: storage of adapter files (the branch computes in
             fp32 either way; fp16 halves the files and rounds the weights once).
-        calibration: int8-static only: a txt/jsonl file, or the name of a set in ``calibration/``.
+        calibration: int8-static only: a txt/jsonl file, or the name of a set in ``edgepeft/calibration/``.
         calibration_method: ``minmax``, ``entropy`` or ``percentile``.
         quantize_embeddings: also quantize the LM head (untied first when tied, as in SmolLM2)
             with the scheme's MatMul quantizer, and the token embedding table: 8-bit under int8

@@ -1,4 +1,4 @@
-"""Target profiles: ``targets/NAME.toml`` -> :class:`Target` (providers, opset, precision, shapes, format).
+"""Target profiles: ``edgepeft/targets/profiles/NAME.toml`` (package data) -> :class:`Target` (providers, opset, precision, shapes, format).
 
 A profile is data. ``edgepeft export --target NAME_OR_FILE`` applies one (``cpu-x86_64`` by
 default); the manifest records the resolved fields, and what of them this version does not apply
@@ -9,12 +9,14 @@ README's Targets section). torch-free: the runtime and ``edgepeft targets`` use 
 from __future__ import annotations
 
 import tomllib
+from importlib import resources
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 from edgepeft.errors import EdgepeftError
 
-TARGETS_DIR = Path(__file__).resolve().parents[2] / "targets"  # beside calibration/, as found there
+# The shipped profiles, inside the package (a wheel carries them); a profile file by path works too.
+TARGETS_DIR = Path(str(resources.files("edgepeft.targets") / "profiles"))
 DEFAULT_TARGET = "cpu-x86_64"
 PLATFORMS = {"x86_64": "amd64", "arm64": "arm", "wasm": None}  # -> convert_onnx_models_to_ort --target_platform
 ORT_OPTIMIZATIONS = ("fixed", "runtime")
@@ -84,7 +86,7 @@ class Target:
                 raise EdgepeftError(f"{where}: {key} = {v!r}: expected a list of "
                                     f"{'strings' if item is str else 'integers'}.")
             object.__setattr__(self, key, tuple(v))
-        from edgepeft.quantize import INT8_SCHEMES, PRECISIONS, STATIC_ACTIVATIONS
+        from edgepeft.contract.names import INT8_SCHEMES, PRECISIONS, STATIC_ACTIVATIONS
 
         for key, allowed in (("platform", tuple(PLATFORMS)), ("precision", PRECISIONS),
                              ("int8_scheme", INT8_SCHEMES), ("static_activations", STATIC_ACTIVATIONS),
@@ -194,7 +196,7 @@ def load_target(name_or_file: str | Path | None = None) -> Target:
     if not (path.suffix == ".toml" or path.is_file() or "/" in value):
         path = TARGETS_DIR / f"{value}.toml"
         if not path.is_file():
-            raise EdgepeftError(f"--target {value}: no such profile in {TARGETS_DIR} (profiles: "
+            raise EdgepeftError(f"--target {value}: no such packaged profile (profiles: "
                                 f"{', '.join(shipped_names()) or 'none'}), and no such file. Pass a "
                                 "profile name or a .toml file.")
     if not path.is_file():
@@ -208,7 +210,7 @@ def load_target(name_or_file: str | Path | None = None) -> Target:
 
 
 def shipped_names() -> list[str]:
-    """Names of the profiles in ``targets/``."""
+    """Names of the packaged profiles."""
     return sorted(p.stem for p in TARGETS_DIR.glob("*.toml")) if TARGETS_DIR.is_dir() else []
 
 

@@ -47,7 +47,7 @@ DEFAULT_PROMPTS = (
     "def fibonacci(n):",
 )
 # Held-out texts whose every position is compared (teacher-forced) when the caller gives none:
-# calibration/heldout.txt, never used for calibration. Enough positions (~1,700 on SmolLM2) that
+# edgepeft/calibration/heldout.txt, never used for calibration. Enough positions (~1,700 on SmolLM2) that
 # a 99 % top-1 bound is not decided by one near-tie.
 DEFAULT_TEXTS = "heldout"
 TEXT_TOKENS = 64  # longest text row compared, in tokens
@@ -423,7 +423,7 @@ def validate(artifact_dir: Path, reference: Path, prompts: list[str] | None = No
         prompts: causal LMs: texts whose greedy continuations are compared (needs the artifact's
             tokenizer); default: built-in prompts, or seeded random token ids without a tokenizer.
         texts: texts whose every token position is compared (top-1, KL, |Δlogits|), with the
-            prompts; classifiers: the texts classified. Default: ``calibration/heldout.txt`` when
+            prompts; classifiers: the texts classified. Default: ``edgepeft/calibration/heldout.txt`` when
             the artifact has a tokenizer, else seeded random token ids.
         max_new_tokens: greedy tokens compared per prompt (causal LMs).
         budget: bounds; default the artifact precision's.
