@@ -201,6 +201,46 @@ def _vera_cases(root: Path, base: Path, lora: Path) -> dict:
     return cases
 
 
+def _sampling_cases(side: Path, fused_dir: str) -> dict:
+    """Decoding options (issue 21): the next-token rules on fixed logits (JS must compute Python's
+    processed logits), stop strings, stop token ids and the refusals of bad options on two
+    artifacts (traced and fused), greedy so the texts are Python's exactly."""
+    from edgepeft.errors import EdgepeftError
+    from edgepeft.runtime import Model
+    from edgepeft.runtime.decode import Sampling
+
+    rng = np.random.default_rng(5)
+    logits = (rng.standard_normal((4, 40)) * 3).astype(np.float32)
+    seen = rng.integers(0, 40, (4, 5))
+    rules = []
+    for opts in (dict(temperature=0.7), dict(temperature=1.0, top_k=5), dict(temperature=1.3, top_p=0.8),
+                 dict(temperature=0.9, top_k=20, top_p=0.5), dict(repetition_penalty=1.3),
+                 dict(temperature=0.8, repetition_penalty=0.7, top_k=7, top_p=0.9)):
+        got = Sampling(**opts).processed(logits, list(seen))
+        rules.append({"opts": opts, "logits": _f32(logits), "seen": seen.tolist(), "dims": list(logits.shape),
+                      "want": _f32(np.where(np.isinf(got), -1e30, got))})
+    texts = []
+    for path in (side, Path(fused_dir)):
+        m = Model(path)
+        prompt = "w3 w7 w11 w5"
+        full = m.generate_text(prompt, max_new_tokens=12, adapter="sql")
+        stop = " " + full.split()[3]
+        ids = m.tokenizer.encode(prompt).ids
+        tok = int(m.generate([ids], max_new_tokens=12, adapter="sql")[0, len(ids) + 2])
+        texts.append({"dir": str(path), "prompt": prompt, "adapter": "sql", "max_new_tokens": 12, "full": full,
+                      "stop": [stop, "never"], "stopped": m.generate_text(prompt, 12, "sql", stop=[stop, "never"]),
+                      "ids": [ids], "stop_token_ids": [tok],
+                      "cut": m.generate([ids], 12, "sql", stop_token_ids=[tok]).tolist()})
+    refusals = []
+    for opts in (dict(temperature=-1), dict(top_k=-2), dict(top_p=1.5), dict(repetition_penalty=0), dict(seed=-1)):
+        try:
+            Sampling(**opts)
+        except EdgepeftError as e:
+            refusals.append({"opts": opts, "message": str(e)})
+    assert len(refusals) == 5
+    return {"rules": rules, "texts": texts, "refusals": refusals}
+
+
 def build_cases(root: Path) -> Path:
     """Export the tiny artifacts under ``root`` and write ``root/cases.json``."""
     from edgepeft.export import ExportConfig, export
@@ -283,7 +323,7 @@ def build_cases(root: Path) -> Path:
     artifacts["loha"] = _lm_cases(root / "loha", ["hada", {"hada": 0.7, "chat": 0.3}], 1e-5, text=False)
     artifacts["vera"] = _vera_cases(root, base, ads["chat"])
     out = root / "cases.json"
-    out.write_text(json.dumps({"artifacts": artifacts}))
+    out.write_text(json.dumps({"artifacts": artifacts, "sampling": _sampling_cases(side, artifacts["fused"]["dir"])}))
     return out
 
 

@@ -6,13 +6,14 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, describe, test } from 'node:test';
 import { KvBuffer } from '../dist/core/fused.js';
+import { Sampler } from '../dist/core/sampling.js';
 import { Model as Core } from '../dist/core/index.js';
 import { EdgepeftError, Model, ort } from '../dist/node.js';
 import { Model as RNModel } from '../dist/react-native.js';
 
 const dir = process.env.EDGEPEFT_JS_CASES;
 if (!dir) throw new Error('set EDGEPEFT_JS_CASES to the dir tests/test_js_runtime.py wrote (python tests/test_js_runtime.py DIR)');
-const { artifacts } = JSON.parse(readFileSync(join(dir, 'cases.json'), 'utf8'));
+const { artifacts, sampling } = JSON.parse(readFileSync(join(dir, 'cases.json'), 'utf8'));
 
 const f32 = (b64) => {
   const buf = Buffer.from(b64, 'base64');
@@ -240,4 +241,55 @@ describe('refusals', () => {
     assert.equal(m.feeds({ sql: 0.3, chat: 0.7 }), first);
     assert.equal(m.feeds('chat'), m.feeds('chat'));
   });
+});
+
+// Python's option names -> JS's
+const jsOpts = (o) => ({ temperature: o.temperature, topK: o.top_k, topP: o.top_p,
+  repetitionPenalty: o.repetition_penalty, seed: o.seed });
+
+describe('decoding options (issue 21): as the Python runtime', () => {
+  for (const c of sampling.rules) {
+    test(`rules ${JSON.stringify(c.opts)}: Python's processed logits`, () => {
+      const [B, V] = c.dims, x = f32(c.logits), want = f32(c.want);
+      const s = new Sampler(jsOpts(c.opts));
+      for (let b = 0; b < B; b++) {
+        const got = s.processed(x.subarray(b * V, (b + 1) * V), c.seen[b]);
+        for (let v = 0; v < V; v++) {
+          const w = want[b * V + v];
+          if (w <= -1e29) assert.equal(got[v], -Infinity, `row ${b} token ${v} kept`);
+          else assert.ok(Math.abs(got[v] - w) <= 1e-5 * Math.max(1, Math.abs(w)), `row ${b} token ${v}: ${got[v]} vs ${w}`);
+        }
+      }
+    });
+  }
+  for (const c of sampling.refusals) {
+    test(`refuses ${JSON.stringify(c.opts)} with Python's message`, () => {
+      assert.throws(() => new Sampler(jsOpts(c.opts)), (e) => e instanceof EdgepeftError && e.message === c.message);
+    });
+  }
+  for (const c of sampling.texts) {
+    test(`${c.dir.split('/').pop()}: stop strings, stop token ids and streaming as in Python`, async () => {
+      const m = await Model.load(c.dir);
+      const o = { maxNewTokens: c.max_new_tokens, adapter: c.adapter };
+      assert.equal(await m.generateText(c.prompt, o), c.full);
+      assert.equal(await m.generateText(c.prompt, { ...o, stop: c.stop }), c.stopped);
+      const pieces = [];
+      for await (const p of m.streamText(c.prompt, o)) pieces.push(p);
+      assert.equal(pieces.join(''), c.full);
+      assert.ok(pieces.length > 1, 'streamed in pieces');
+      pieces.length = 0;
+      for await (const p of m.streamText(c.prompt, { ...o, stop: c.stop })) pieces.push(p);
+      assert.equal(pieces.join(''), c.stopped);
+      assert.deepEqual(await m.generate(c.ids, { ...o, stopTokenIds: c.stop_token_ids }), c.cut);
+      // sampling: a seed reproduces a generation; top-k 1 is greedy; temperature 0 is greedy
+      const greedy = await m.generate(c.ids, o);
+      assert.deepEqual(await m.generate(c.ids, { ...o, temperature: 1, topK: 1, seed: 3 }), greedy);
+      const a = await m.generate(c.ids, { ...o, temperature: 1.5, seed: 11 });
+      assert.deepEqual(await m.generate(c.ids, { ...o, temperature: 1.5, seed: 11 }), a);
+      const others = [];
+      for (const seed of [12, 13, 14]) others.push(await m.generate(c.ids, { ...o, temperature: 1.5, seed }));
+      assert.ok(others.some((x) => JSON.stringify(x) !== JSON.stringify(a)), 'other seeds, other tokens');
+      await assert.rejects(m.generateText(c.prompt, { ...o, topP: 0 }), /top_p=0: must be in \(0, 1\]/);
+    });
+  }
 });

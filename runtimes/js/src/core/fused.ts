@@ -23,6 +23,7 @@
  * manifest's `cat1` / `cat0w` rules (mix.ts), so nothing of a previous choice stays bound. */
 import type { InferenceSession, Tensor } from 'onnxruntime-common';
 import { EdgepeftError } from './errors.js';
+import type { Sampler } from './sampling.js';
 import { pickNext } from './static.js';
 
 type Rows = number[][];
@@ -154,7 +155,8 @@ export class FusedRunner {
   /** Greedy decoding on one KV buffer of prompt + `maxNew` slots. Returns the caller's ids rows
    * followed by the new tokens, the number of new tokens and when the prompt was done (`t1`). */
   async generate(session: InferenceSession, feeds: Feeds, ids: Rows, mask: Rows, maxNew: number, eos: number[],
-                 fill: number, now: () => number): Promise<{ out: Rows; newTokens: number; t1: number }> {
+                 fill: number, now: () => number, sampler: Sampler | null = null,
+                 onStep: ((next: number[]) => boolean | void) | null = null): Promise<{ out: Rows; newTokens: number; t1: number }> {
     const out = ids.map((r) => r.slice());
     if (maxNew <= 0) return { out, newTokens: 0, t1: now() };
     const right = rightAlign(ids, mask);
@@ -170,9 +172,9 @@ export class FusedRunner {
     const done = ids.map(() => false);
     let n = 0;
     for (let step = 0; step < maxNew; step++) {
-      const next = pickNext(data, [B, 1, V], out, done, eos, fill);
+      const next = pickNext(data, [B, 1, V], out, done, eos, fill, sampler, 0, onStep);
       n++;
-      if ((eos.length && done.every(Boolean)) || step === maxNew - 1) break;
+      if (done.every(Boolean) || step === maxNew - 1) break;  // done: EOS, or the caller stopped
       lengths = lengths.map((x) => x + 1);
       data = (await kv.run(feeds, next.map((t) => [t]), lengths)).data as Float32Array;
     }

@@ -22,6 +22,7 @@ import { parseSafetensors } from './safetensors.js';
 import type { Array32 } from './safetensors.js';
 import { sha256Hex } from './sha256.js';
 import { padFeeds, pickNext, StaticRunner } from './static.js';
+import { Sampler, type SamplingOptions } from './sampling.js';
 import type { StaticSpec } from './static.js';
 import type { Source } from './source.js';
 import { inside } from './source.js';
@@ -61,8 +62,9 @@ interface Choice { feeds: Feeds; prefix: [Array32, Array32][] | null; promptLeng
 
 const now = () => (globalThis.performance ?? Date).now();
 
-/** CPython's iteration order of a small set of ints (what `next(iter(eos))` picks in Python). */
-function pySetFirst(values: number[]): number {
+/** CPython's iteration order of a small set of ints (what `list(eos)` and `next(iter(eos))` give
+ * in Python). */
+function pySetOrder(values: number[]): number[] {
   const uniq = [...new Set(values)];
   let size = 8;
   while (uniq.length * 5 >= size * 3) size *= 2;
@@ -72,7 +74,21 @@ function pySetFirst(values: number[]): number {
     while (table[i] !== undefined) i = (i + 1) % size;
     table[i] = v;
   }
-  return table.find((v) => v !== undefined)!;
+  return table.filter((v): v is number => v !== undefined);
+}
+
+/** Options of `generate`: Python's keyword options in camelCase. */
+export interface GenerateOptions extends SamplingOptions {
+  maxNewTokens?: number; adapter?: AdapterChoice; attentionMask?: number[][] | null; stopAtEos?: boolean;
+  /** More tokens that end a row, as EOS does. */
+  stopTokenIds?: number[];
+  /** Called with each step's tokens (one per row); returning false ends the generation. */
+  onStep?: (next: number[]) => boolean | void;
+}
+
+/** Options of `generateText` / `streamText`: `stop` strings end the text before them. */
+export interface TextOptions extends SamplingOptions {
+  maxNewTokens?: number; adapter?: AdapterChoice; stop?: string[]; stopTokenIds?: number[];
 }
 
 export class Model {
@@ -568,25 +584,27 @@ export class Model {
   /** Greedy decoding with the KV cache (causal-lm). Returns the (left-padded) prompt rows followed
    * by n <= maxNewTokens tokens, like Python's generate; a row stops at the base's EOS (later
    * positions repeat EOS) unless stopAtEos is false. */
-  async generate(ids: number[][] | number[], opts: { maxNewTokens?: number; adapter?: AdapterChoice;
-                 attentionMask?: number[][] | null; stopAtEos?: boolean } = {}): Promise<number[][]> {
+  async generate(ids: number[][] | number[], opts: GenerateOptions = {}): Promise<number[][]> {
     this.need('causal-lm', 'generate()');
     const maxNew = opts.maxNewTokens ?? 32;
+    const sampler = new Sampler(opts, []);
     const [session, choice] = this.sessionFor(opts.adapter);
     const b = this.batch(ids, opts.attentionMask);
     const e = opts.stopAtEos === false ? null : this.manifest.base.eos_token_id;
-    const eos = e == null ? [] : Array.isArray(e) ? e : [e];
-    const fill = eos.length ? pySetFirst(eos) : 0;
+    const eos = pySetOrder([...(e == null ? [] : Array.isArray(e) ? e : [e]), ...(opts.stopTokenIds ?? [])]);
+    const fill = eos.length ? eos[0] : 0;
+    const pick = sampler.greedy ? null : new Sampler(opts, b.ids.map((r, i) => r.filter((_, j) => b.mask[i][j] === 1)));
+    const onStep = opts.onStep ?? null;
     if (this.static) {
       const t = now();
-      const res = await this.static.generate(choice.feeds, b.ids, b.mask, choice.prefix, maxNew, eos, fill);
+      const res = await this.static.generate(choice.feeds, b.ids, b.mask, choice.prefix, maxNew, eos, fill, pick, onStep);
       this.stats = { ...this.stats, prefillMs: 0, decodeMs: now() - t, newTokens: res.newTokens };
       return res.out;
     }
     if (this.fused) {
       this.noPrefix(choice);
       const t0 = now();
-      const res = await this.fused.generate(session, choice.feeds, b.ids, b.mask, maxNew, eos, fill, now);
+      const res = await this.fused.generate(session, choice.feeds, b.ids, b.mask, maxNew, eos, fill, now, pick, onStep);
       this.stats = { ...this.stats, prefillMs: res.t1 - t0, decodeMs: now() - res.t1, newTokens: res.newTokens };
       return res.out;
     }
@@ -599,9 +617,10 @@ export class Model {
     for (let it = 0; it < maxNew; it++) {
       const res = await this.run(session, choice.feeds, step, mask, past);
       if (it === 0) t1 = now();
-      const next = pickNext(res.logits.data as Float32Array, res.logits.dims as number[], out, done, eos, fill);
+      const next = pickNext(res.logits.data as Float32Array, res.logits.dims as number[], out, done, eos, fill, pick, 0,
+        onStep);
       n++;
-      if (done.every(Boolean) && eos.length) break;
+      if (done.every(Boolean)) break;  // EOS in every row, or the caller stopped
       step = next.map((x) => [x]);
       mask = mask.map((r) => [...r, 1]);
       past = {};
@@ -731,10 +750,70 @@ export class Model {
   }
 
   /** Tokenize `prompt`, generate, and decode only the new tokens (special tokens skipped). */
-  async generateText(prompt: string, opts: { maxNewTokens?: number; adapter?: AdapterChoice } = {}): Promise<string> {
+  async generateText(prompt: string, opts: TextOptions = {}): Promise<string> {
+    let text = '';
+    for await (const piece of this.streamText(prompt, opts)) text += piece;
+    return text;
+  }
+
+  /** `generateText` piece by piece as the tokens come, as Python's `stream_text`: text that could
+   * start a `stop` string, or an unfinished UTF-8 character, waits for the next tokens. */
+  async *streamText(prompt: string, opts: TextOptions = {}): AsyncGenerator<string> {
+    this.need('causal-lm', 'streamText()');
+    const stop = opts.stop ?? [];
+    if (stop.some((x) => typeof x !== 'string' || !x)) {
+      throw new EdgepeftError(`stop=${JSON.stringify(stop)}: non-empty strings.`);
+    }
+    new Sampler(opts, []);  // bad options are refused before anything runs
     const tok = this.tokenizer;
     const ids = tok.encode(prompt);
-    const out = await this.generate([ids], { maxNewTokens: opts.maxNewTokens ?? 32, adapter: opts.adapter });
-    return tok.decode(out[0].slice(ids.length), true);
+    const e = this.manifest.base.eos_token_id;
+    const eos = new Set([...(e == null ? [] : Array.isArray(e) ? e : [e]), ...(opts.stopTokenIds ?? [])]);
+    const queue: number[] = [];
+    let finished = false, failure: unknown = null, wake: (() => void) | null = null;
+    const ping = () => { const w = wake; wake = null; w?.(); };
+    let ended = false, halt = false;
+    const run = this.generate([ids], { ...opts, maxNewTokens: opts.maxNewTokens ?? 32, stopAtEos: true,
+      onStep: (next) => {
+        if (!ended) { if (eos.has(next[0])) ended = true; else queue.push(next[0]); }
+        ping();
+        return !halt;
+      } })
+      .then(() => { finished = true; ping(); }, (err) => { failure = err; finished = true; ping(); });
+    const tokens: number[] = [];
+    let sent = '';
+    for (;;) {
+      while (!queue.length && !finished) await new Promise<void>((r) => { wake = r; });
+      if (failure) throw failure;
+      if (!queue.length && finished) break;
+      tokens.push(queue.shift()!);
+      const text = tok.decode(tokens, true);
+      let cut = -1;
+      for (const x of stop) {
+        const i = text.indexOf(x, Math.max(0, sent.length - x.length));
+        if (i >= 0 && (cut < 0 || i < cut)) cut = i;
+      }
+      if (cut >= 0) {
+        halt = true;  // no more tokens: the generation ends at its next step
+        if (cut > sent.length) yield text.slice(sent.length, cut);
+        await run;
+        return;
+      }
+      let ready = text.replace(/\uFFFD+$/, '').length;  // an unfinished character decodes as U+FFFD
+      let hold = 0;
+      for (const x of stop) {
+        for (let k = Math.min(x.length - 1, ready); k > hold; k--) {
+          if (text.slice(0, ready).endsWith(x.slice(0, k))) { hold = k; break; }
+        }
+      }
+      ready -= hold;
+      if (ready > sent.length) {
+        yield text.slice(sent.length, ready);
+        sent = text.slice(0, ready);
+      }
+    }
+    await run;
+    const text = tokens.length ? tok.decode(tokens, true) : '';  // the tokenizer refuses no ids
+    if (text.length > sent.length) yield text.slice(sent.length);
   }
 }

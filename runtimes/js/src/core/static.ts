@@ -9,18 +9,20 @@
 import type { InferenceSession, Tensor } from 'onnxruntime-common';
 import { EdgepeftError } from './errors.js';
 import type { Array32 } from './safetensors.js';
+import type { Sampler } from './sampling.js';
 
 /** Greedy next token of every row from the last position of logits (B, S, V), appended to `out`;
  * with EOS ids, a finished row repeats `fill` and `done` marks rows that produced an EOS. */
 export function pickNext(data: Float32Array, dims: number[], out: number[][], done: boolean[],
-                         eos: number[], fill: number): number[] {
+                         eos: number[], fill: number, sampler: Sampler | null = null, rowOffset = 0,
+                         onStep: ((next: number[]) => boolean | void) | null = null): number[] {
   const [B, S, V] = dims;
   const next: number[] = [];
   for (let r = 0; r < B; r++) {
     const base = (r * S + S - 1) * V;
-    let best = 0;
-    for (let v = 1; v < V; v++) if (data[base + v] > data[base + best]) best = v;  // first max, as argmax
-    let tok = best;
+    let tok = 0;
+    if (sampler) tok = sampler.next(data.subarray(base, base + V), rowOffset + r);
+    else for (let v = 1; v < V; v++) if (data[base + v] > data[base + tok]) tok = v;  // first max, as argmax
     if (eos.length) {
       if (done[r]) tok = fill;
       if (eos.includes(tok)) done[r] = true;
@@ -28,6 +30,7 @@ export function pickNext(data: Float32Array, dims: number[], out: number[][], do
     next.push(tok);
     out[r].push(tok);
   }
+  if (onStep?.(next) === false) done.fill(true);  // the caller wants no more tokens
   return next;
 }
 
@@ -197,16 +200,18 @@ export class StaticRunner {
 
   /** Greedy decoding on the bucket graphs, one group of the fixed batch at a time. */
   async generate(feeds: Record<string, Tensor>, ids: Rows, mask: Rows, prefix: Prefix, maxNew: number,
-                 eos: number[], fill: number): Promise<{ out: Rows; newTokens: number }> {
+                 eos: number[], fill: number, sampler: Sampler | null = null,
+                 onStep: ((next: number[]) => boolean | void) | null = null): Promise<{ out: Rows; newTokens: number }> {
     const groups: Rows[] = [];
     const first = Math.min(...this.buckets.keys());
     let newTokens = 0;
+    let offset = 0;
     for (const [gi, gm] of this.rowGroups(ids, mask)) {
       const pre = await this.prefill(feeds, gi, gm, prefix, maxNew);
       let data = pre.data, dims = pre.dims;
       const out = gi.map((r) => r.slice()), done = gi.map(() => false);
       for (let step = 0; step < maxNew; step++) {
-        const next = pickNext(data, dims, out, done, eos, fill);
+        const next = pickNext(data, dims, out, done, eos, fill, sampler, offset, onStep);
         newTokens = Math.max(newTokens, step + 1);
         if (done.every(Boolean) || step === maxNew - 1) break;
         const pad = new Array(first - 1).fill(0);
@@ -216,6 +221,7 @@ export class StaticRunner {
         dims = [...lg.dims];
       }
       groups.push(out);
+      offset += gi.length;
     }
     const width = Math.max(...groups.map((g) => g[0].length));
     return { out: groups.flat().slice(0, ids.length).map((r) => [...r, ...new Array(width - r.length).fill(fill)]),
