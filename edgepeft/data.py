@@ -15,7 +15,7 @@ CALIBRATION_DIR = Path(str(resources.files("edgepeft") / "calibration"))
 
 def load_texts(source: str | None, default: str = "default", option: str = "--calibration") -> list[str]:
     """Texts of a text set: a .txt (one per line, ``#`` lines skipped) or .jsonl (``{"text"}``)
-    file, or the name of a set in ``calibration/``.
+    file, or the name of a set packaged in ``edgepeft/calibration/``.
 
     Args:
         source: a file path or a set name; None: the ``default`` set.
