@@ -13,7 +13,6 @@ import warnings
 from pathlib import Path
 
 from edgepeft.errors import EdgepeftError
-
 from edgepeft.toolchain import NEEDS_TOOLCHAIN, TOOLCHAIN_PIP, missing_toolchain, require_toolchain
 
 

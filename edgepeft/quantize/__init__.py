@@ -362,7 +362,12 @@ def source_wide(model: onnx.ModelProto, nodes: list[onnx.NodeProto], block: int)
     from onnx import numpy_helper
 
     weights = {i.name: i for i in model.graph.initializer}
-    levels = {n.name: grid_levels(numpy_helper.to_array(weights[n.input[1]]), block) for n in nodes}
+
+    def levels_of(w: np.ndarray) -> int:  # a float matrix shows it in its first blocks: skip the full sort
+        first = grid_levels(w[:8 * block], block)
+        return first if first > 16 else grid_levels(w, block)
+
+    levels = {n.name: levels_of(numpy_helper.to_array(weights[n.input[1]])) for n in nodes}
     wide = {name: v for name, v in levels.items() if v > 16}
     return wide if len(wide) < len(levels) else {}
 
@@ -505,9 +510,9 @@ def quantize_graph(src: Path, dst: Path, cfg: QuantConfig, adapter_inputs: list[
     if (cfg.quantize_embeddings or cfg.head_bits) and cfg.precision != "fp16":
         untie_head(model)
     branches = adapter_nodes(model, adapter_inputs)
-    keep = set(branches) if cfg.quantize_embeddings or cfg.precision == "fp16" else branches | head_nodes(model)
+    head = head_nodes(model)
+    keep = set(branches) if cfg.quantize_embeddings or cfg.precision == "fp16" else branches | head
     if cfg.head_bits:  # the head MatMul is quantized (below); the token Gather stays float
-        head = head_nodes(model)
         keep -= {n.name for n in model.graph.node if n.name in head and n.op_type == "MatMul"}
     ops = ["MatMul", "Gemm"] + (["Gather"] if cfg.quantize_embeddings else [])
     weight_only = cfg.precision == "int4" or (cfg.precision == "int8" and cfg.int8_scheme == "weight-only")
@@ -518,7 +523,6 @@ def quantize_graph(src: Path, dst: Path, cfg: QuantConfig, adapter_inputs: list[
     candidates = [n for n in weight_nodes if n.op_type == "MatMul" and n.name not in keep]
     wide: dict[str, int] = {}
     if cfg.precision == "int4" and cfg.widths == "source":
-        head = head_nodes(model)
         wide = source_wide(model, [n for n in candidates if n.name not in head], cfg.block_size)
         candidates = [n for n in candidates if n.name not in wide]
     if cfg.protect and cfg.precision not in ("fp32", "fp16"):

@@ -225,11 +225,18 @@ class Model:
         """
         self._need("causal-lm", "generate()")
         sampling = decode.Sampling(temperature, top_k, top_p, repetition_penalty, seed)
+        ids, mask, runs, eos = self._decodings(input_ids, attention_mask, adapter, max_new_tokens, stop_at_eos,
+                                               stop_token_ids)
+        return decode.generate(ids, mask, runs, max_new_tokens, eos, sampling)
+
+    def _decodings(self, input_ids, attention_mask, adapter: AdapterChoice, max_new_tokens: int,
+                   stop_at_eos: bool, stop_token_ids: Sequence[int]) -> tuple:
+        """``(ids, mask, runs, eos)`` of a generation: the batch, its row groups' decodings and the
+        tokens that end a row (what :meth:`generate` and :meth:`stream_text` share)."""
         layout, feeds, prefix = self._choose(adapter)
         ids, mask = batch_inputs(input_ids, attention_mask, self.manifest["base"]["vocab_size"])
         eos = decode.eos_ids(self.manifest, stop_at_eos, stop_token_ids)
-        runs = layout.decodings(feeds, prefix, ids, mask, max_new_tokens)
-        return decode.generate(ids, mask, runs, max_new_tokens, eos, sampling)
+        return ids, mask, layout.decodings(feeds, prefix, ids, mask, max_new_tokens), eos
 
     # ---------------------------------------------------------------- classification
     def classify(self, texts_or_ids, adapter: AdapterChoice = None, attention_mask=None) -> np.ndarray:
@@ -301,12 +308,9 @@ class Model:
         if any(not isinstance(x, str) or not x for x in stop):
             raise EdgepeftError(f"stop={list(stop)!r}: non-empty strings.")
         sampling = decode.Sampling(temperature, top_k, top_p, repetition_penalty, seed)
-        layout, feeds, prefix = self._choose(adapter)
         prompt_ids = self.tokenizer.encode(prompt).ids
-        ids, mask = batch_inputs([prompt_ids], None, self.manifest["base"]["vocab_size"])
-        eos = decode.eos_ids(self.manifest, True, stop_token_ids)
-        (run,) = layout.decodings(feeds, prefix, ids, mask, max_new_tokens)
-        pick = decode.Picker(sampling, [ids[0][mask[0] == 1]])
+        _, _, (run,), eos = self._decodings([prompt_ids], None, adapter, max_new_tokens, True, stop_token_ids)
+        pick = decode.Picker(sampling, [prompt_ids])
         tokens: list[int] = []
         sent = ""
         for nxt in decode.steps(run, max_new_tokens, eos, pick, slice(0, run.rows)):
