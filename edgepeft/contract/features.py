@@ -48,6 +48,15 @@ which must be ``one`` (a product of scales is not a weighted sum). The low-rank 
 part values as they are (``B`` carries every scale), so a feature whose low-rank parts are ``one``
 in the traced graph (DoRA) relies on its ``mag`` scale to refuse what does not mix.
 
+A feature that is linear in its rank columns (its rank parts mix by ``cat*`` rules) may declare
+``rows``: the graph then gives each slot one more input, ``{feature}.{slot}.rows (N, 1, r)``, that
+weights the rank columns per row (``N`` is 1 or the batch; its default ``(1, 1, 1)`` ones is the
+identity), so one run can give each row of a batch its own adapter or mix: the adapters of the
+batch are concatenated along the rank axis as in a mix, and row ``b`` weights the columns of
+adapter ``a`` by its weight ``w_{b,a}`` (zero for the adapters it does not use). The manifest's
+``rows`` maps each such input to the inputs whose rank columns it weights (see
+:func:`edgepeft.contract.names.rows_input_name`).
+
 The manifest records each exported feature's parts (``manifest["features"]``, see :meth:`Feature.table`)
 and each input's rule, so the runtimes (Python and JavaScript) and ``verify`` need no copy of them.
 
@@ -145,6 +154,8 @@ class Feature:
             layer, ``h`` its input), or None. ``parts`` maps part name -> fed tensor.
         fused: the feature's form in the fused graph (a key of :data:`FUSED_FORMS`, see the
             module docstring), None if the fused graph cannot take it.
+        rows: the graph weights its rank columns per row (see the module docstring); its torch
+            maths then receives ``parts["rows"]`` ``(N, 1, r)`` too.
     """
 
     name: str
@@ -153,6 +164,7 @@ class Feature:
     on_input: Callable | None = None
     on_output: Callable | None = None
     fused: str | None = None
+    rows: bool = False
 
     def __post_init__(self):
         if (self.on_input is None) == (self.on_output is None):
@@ -166,6 +178,10 @@ class Feature:
                              f"({FIXED_RANK!r}), not both")
         if self.fused is not None:
             self._check_fused()
+        if self.rows and (RANK not in symbols or any(
+                p.mix not in ("cat0", "cat1", "cat0w", "cat1w") for p in self.parts if p.rank_axis is not None)):
+            raise ValueError(f"feature {self.name}: per-row weights need a dynamic rank axis whose parts "
+                             "concatenate (cat rules): the feature must be linear in its rank columns")
 
     def _check_fused(self) -> None:
         """The fused form exists, places every part, and its scales are identity-shifted ``one`` parts."""

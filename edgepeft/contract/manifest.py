@@ -150,6 +150,12 @@ def _check_fields(m: dict, path: Path) -> None:
              f"inputs[{name!r}].shape", "a list of sizes (null: varies per adapter)", shape)
         need(spec.get("default") is None or (is_str(spec["default"]) and None not in shape),
              f"inputs[{name!r}].default", "absent, or the sha256 of a fixed-shape default", spec.get("default"))
+    rows = m.get("rows", {})  # per-row weights input -> the adapter inputs whose rank columns it weights
+    need(isinstance(rows, dict) and all(
+        isinstance(v, dict) and isinstance(v.get("inputs"), list) and v["inputs"]
+        and all(is_str(k) and k in inputs for k in v["inputs"]) and _is_int(v.get("axis"))
+        and v["axis"] < len(inputs[v["inputs"][0]]["shape"]) for v in rows.values()), "rows",
+         "{rows input: {'inputs': [adapter inputs it weights], 'axis': the first one's rank axis}}", rows)
     need(isinstance(m.get("slots", []), list), "slots", "a list", m.get("slots"))
     features = m.get("features", {})
     need(isinstance(features, dict) and all(

@@ -42,6 +42,16 @@ def shared_input_name(feature: str, part: str, widths: list[int]) -> str:
     return f"{feature}.shared.{'x'.join(str(w) for w in widths)}.{part}"
 
 
+ROWS_PART = "rows"  # per-row weights over a slot's rank columns (contract.features, "rows")
+ROWS_AXIS = "rows"  # their first axis: the batch's rows, or 1 (the default: every row alike)
+
+
+def rows_input_name(prefix: str) -> str:
+    """Graph input of a slot's per-row weights, ``{prefix}.rows (N, 1, r)``: ``prefix`` is the
+    slot's input prefix, ``lora.{module}`` (traced graph) or ``lora.{layer}.{group}`` (fused)."""
+    return f"{prefix}.{ROWS_PART}"
+
+
 def head_input_name(param: str) -> str:
     """Graph input of one classification-head parameter (PEFT ``modules_to_save``), rule "one"."""
     return f"head.{param}"

@@ -30,6 +30,7 @@ from edgepeft.export.config import ExportConfig
 from edgepeft.export.graphs import save_graph, static_graphs
 from edgepeft.export.load import Base
 from edgepeft.export.plan import plan_traced, side_branches
+from edgepeft.export.slots import free_rows, rows_manifest
 from edgepeft.progress import bar, log
 
 
@@ -70,8 +71,9 @@ def traced_side(cfg: ExportConfig, base: Base, adapters: list, root: Path, quiet
         quiet)
     calibration, probe = quantization_feeds(cfg, base.task, base.model, adapters, plan.sides, plan.specs,
                                             base.cache, quiet)
-    proto = _trace(cfg, base, base.model, plan.slots, plan.specs, plan.head_params)
-    parts = {"graph": save_graph(proto, root, "model.onnx", cfg.quant, [x.name for x in plan.specs],
+    proto = _trace(cfg, base, base.model, plan.slots, plan.specs + plan.rows, plan.head_params)
+    free_rows(proto, plan.rows)
+    parts = {"graph": save_graph(proto, root, "model.onnx", cfg.quant, [x.name for x in plan.specs + plan.rows],
                                  calibration, probe, quiet=quiet)}
     if cfg.target.static_shapes:
         log(f"writing fixed-shape graphs for sequence buckets {list(cfg.target.sequence_buckets)}", quiet)
@@ -80,6 +82,7 @@ def traced_side(cfg: ExportConfig, base: Base, adapters: list, root: Path, quiet
                        "features": list(s.features)} for s in plan.slots]
     parts["features"] = {f: kinds.feature(f).table(plan.fixed.get(f)) for s in plan.slots for f in s.features}
     parts["inputs"] = {s.name: s.manifest() for s in plan.specs}
+    parts["rows"] = rows_manifest(plan.slots)
     (root / "adapters").mkdir()
     parts["adapters"] = {}
     for a in adapters:
@@ -105,12 +108,14 @@ def fused_side(cfg: ExportConfig, base: Base, adapters: list, root: Path, quiet:
     proto, defaults, used = fused.build_graph(model, sides, cfg.opset or 17)
     fam = families.family(model.config)
     names = [n for n, _ in defaults]
+    rows = fused.rows_manifest(used, names)
     probe = fused_probe_feeds(cfg, model, base.cache, defaults)
-    parts = {"graph": {**save_graph(proto, root, "model.onnx", cfg.quant, names, probe=probe, quiet=quiet),
+    parts = {"graph": {**save_graph(proto, root, "model.onnx", cfg.quant, names + list(rows), probe=probe,
+                                    quiet=quiet),
                        "layout": "fused", "positions": fused.positions(model)},
              "slots": [{"layer": layer, "group": group, "modules": fused.group_modules(fam, layer)[group]}
                        for layer, group in used],
-             "inputs": {n: _fused_input(n, d) for n, d in defaults}}
+             "inputs": {n: _fused_input(n, d) for n, d in defaults}, "rows": rows}
     (root / "adapters").mkdir()
     parts["adapters"] = {}
     for a in adapters:

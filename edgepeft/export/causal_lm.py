@@ -124,7 +124,7 @@ def export_graph(model: nn.Module, slots: list[Slot], specs: list[InputSpec], ca
         "attention_mask": {0: batch, 1: total},
         "position_ids": {0: batch, 1: seq},
         "past": [{0: batch, 2: past_len} for _ in past],
-        "adapter": spec_dims(specs),
+        "adapter": spec_dims(specs, {"batch": batch}),
     }
     input_names = ["input_ids", "attention_mask", "position_ids"]
     output_names = ["logits"]

@@ -65,6 +65,6 @@ def export_graph(model: nn.Module, slots: list[Slot], specs: list[InputSpec], he
     adapter = [torch.from_numpy(x.sample) for x in specs]
     batch, seq = Dim("batch"), Dim("seq", max=int(getattr(model.config, "max_position_embeddings", 512)))
     dynamic = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq},
-               "adapter": spec_dims(specs)}
+               "adapter": spec_dims(specs, {"batch": batch})}
     return dynamo_export(wrapped, (ids, mask, adapter), dynamic, ["input_ids", "attention_mask", *names],
                          ["logits"], opset, specs, model.config.model_type)

@@ -23,7 +23,9 @@ that read the same input (q|k|v, gate|up) into one MatMul; per group the graph c
     y = x W^T                                       the packed base MatMul
     y = y * (1 + scale.{i}.{g}.mag)      (out,)     DoRA's g - 1, before the bias
     y = y + b
-    y = y + (x lora.{i}.{g}.AT) lora.{i}.{g}.BT     (in, R), (R, out): LoRA / DoRA (B = g s B)
+    y = y + ((x lora.{i}.{g}.AT) * lora.{i}.{g}.rows) lora.{i}.{g}.BT
+                                  (in, R), (N, 1, R), (R, out): LoRA / DoRA (B = g s B), rows
+                                  weighting each row's rank columns (default ones: all alike)
     y = y * (1 + scale.{i}.{g}.out)      (out,)     IA3 on an output, bias and LoRA included
 
 (the order of the traced graph's slot, ``edgepeft/export/slots.py``). Which of these a kind feeds
@@ -50,7 +52,8 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from edgepeft import families, kinds
-from edgepeft.contract import past_names, present_names
+from edgepeft.contract import past_names, present_names, rows_input_name
+from edgepeft.contract.names import ROWS_AXIS
 from edgepeft.contract.features import FUSED_FORMS, FUSED_LOW_RANK, FUSED_SCALES
 from edgepeft.errors import EdgepeftError
 from edgepeft.families.common import ACTIVATIONS, Family, head_dim, rotary_dim, rotary_positions
@@ -66,6 +69,19 @@ def fused_input_name(layer: int, group: str, place: str) -> str:
 def lora_group_names(layer: int, group: str) -> tuple[str, str]:
     """Graph input names of one packed LoRA group: ``A^T (in, R)``, ``B^T (R, out)``."""
     return fused_input_name(layer, group, "AT"), fused_input_name(layer, group, "BT")
+
+
+def rows_name(layer: int, group: str) -> str:
+    """Per-row weights of one packed group's rank columns, ``lora.{layer}.{group}.rows (N, 1, R)``."""
+    return rows_input_name(f"lora.{layer}.{group}")
+
+
+def rows_manifest(used: list[tuple[int, str]], inputs: list[str]) -> dict[str, dict]:
+    """The manifest's ``rows`` of the groups with a low-rank branch (``inputs``: the graph's
+    adapter inputs): each group's ``rows`` weights the columns of its ``AT`` (axis 1) and ``BT``."""
+    have = set(inputs)
+    return {rows_name(layer, group): {"inputs": list(lora_group_names(layer, group)), "axis": 1}
+            for layer, group in used if lora_group_names(layer, group)[0] in have}
 
 
 def places(feature: str) -> dict[str, str]:
@@ -280,6 +296,7 @@ class _Builder:
         self.used = group_inputs(model, sides)
         self.g = _Graph()
         self.adapter_inputs: list[tuple[str, np.ndarray]] = []
+        self.rows_inputs: list[str] = []  # per-row weights of the low-rank groups (graph inputs, default ones)
         self._one = ""  # the scalar 1 the scales add, made on first use
 
     def weight(self, name: str) -> np.ndarray:
@@ -314,6 +331,8 @@ class _Builder:
             self.adapter_inputs.append((name_a, np.zeros((w.shape[1], 0), np.float32)))
             self.adapter_inputs.append((name_b, np.zeros((0, w.shape[0]), np.float32)))
             (t,) = g.node("MatMul", [x, name_a])  # (B, S, R)
+            self.rows_inputs.append(rows_name(layer, group))
+            (t,) = g.node("Mul", [t, self.rows_inputs[-1]])  # (B, S, R) * (N, 1, R): each row's columns
             (d,) = g.node("MatMul", [t, name_b])  # (B, S, out)
             (y,) = g.node("Add", [y, d])
         if "out" in fed:
@@ -447,6 +466,10 @@ class _Builder:
                      else list(default.shape))
             inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, shape))
             g.init(name, default)
+        for name in self.rows_inputs:  # default (1, 1, 1) ones: every row alike
+            rank = f"rank.{name.rsplit('.', 1)[0]}"
+            inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, [ROWS_AXIS, 1, rank]))
+            g.init(name, np.ones((1, 1, 1), np.float32))
         return helper.make_graph(g.nodes, "edgepeft-fused-decoder", inputs, outputs, g.inits)
 
 

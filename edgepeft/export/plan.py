@@ -15,7 +15,7 @@ from edgepeft.kinds.common import SideBranch
 from edgepeft.errors import EdgepeftError
 from edgepeft.export.config import ExportConfig
 from edgepeft.export.load import Base
-from edgepeft.export.slots import InputSpec, Slot, fix_ranks, input_specs, plan_slots, shared_defaults
+from edgepeft.export.slots import InputSpec, Slot, fix_ranks, input_specs, plan_slots, rows_specs, shared_defaults
 from edgepeft.targets import check_ranks
 
 
@@ -31,6 +31,7 @@ class Plan:
         arrays: ``{adapter name: {graph input: array}}`` (``SideBranch.arrays``).
         fixed: the fixed rank of each fixed-rank feature.
         shared: the default of each shared input (the value most adapters have).
+        rows: the per-row weight inputs (``slots.rows_specs``): graph inputs, not adapter inputs.
     """
 
     sides: dict[str, SideBranch]
@@ -40,6 +41,7 @@ class Plan:
     arrays: dict[str, dict[str, np.ndarray]]
     fixed: dict[str, int]
     shared: dict[str, np.ndarray]
+    rows: list[InputSpec]
 
 
 def side_branches(cfg: ExportConfig, base: Base, adapters: list) -> dict[str, SideBranch]:
@@ -72,4 +74,4 @@ def plan_traced(cfg: ExportConfig, base: Base, adapters: list) -> Plan:
                             "Export prompt-tuning adapters with a target without static_shapes "
                             "(e.g. --target cpu-arm64).")
     specs = input_specs(slots, model, head_params, prompt_width, fixed=fixed, shared=shared)
-    return Plan(sides, slots, specs, head_params, arrays, fixed, shared)
+    return Plan(sides, slots, specs, head_params, arrays, fixed, shared, rows_specs(slots))

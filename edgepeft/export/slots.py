@@ -32,12 +32,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgepeft.contract import head_input_name, shared_input_name, slot_input_name, value_digest
+from edgepeft.contract.names import ROWS_AXIS
+from edgepeft.contract import head_input_name, rows_input_name, shared_input_name, slot_input_name, value_digest
 from edgepeft.contract.features import Part, widths
+from edgepeft.errors import EdgepeftError
 from edgepeft import kinds
 from edgepeft.kinds.common import SideBranch
 
 SAMPLE_RANK = 7  # sample size of every dynamic rank axis in the export (>= 2, unlike other dims)
+SAMPLE_BATCH = 2  # the exporters' sample batch (causal_lm.py, encoder.py): per-row weights match it
 
 
 @dataclass(frozen=True)
@@ -182,6 +185,57 @@ def _feature_specs(slot: Slot, rng: np.random.Generator, fixed: dict[str, int],
     return out
 
 
+def rows_specs(slots: list[Slot], seed: int = 1) -> list[InputSpec]:
+    """The per-row weights of every slot feature that declares ``rows`` (``contract.features``):
+    ``{feature}.{module}.rows (N, 1, r)``, default ``(1, 1, 1)`` ones (every row alike), ``N`` the
+    batch axis and ``r`` the slot's own rank axis, so the exporter sees one shape per slot."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for slot in slots:
+        for f in slot.features:
+            if kinds.feature(f).rows:
+                sample = 1 + rng.standard_normal((SAMPLE_BATCH, 1, SAMPLE_RANK)) * 0.1
+                out.append(InputSpec(rows_input_name(f"{f}.{slot.module}"), np.ones((1, 1, 1), np.float32),
+                                     sample.astype(np.float32), {0: "batch", 2: f"rank.{f}.{slot.module}"}, "rows"))
+    return out
+
+
+def free_rows(proto, specs: list[InputSpec]) -> None:
+    """Free the first axis of the per-row weights from the batch's in the exported ``proto``, in
+    place: name it ``rows`` (ROWS_AXIS), and read the batch size from ``input_ids`` wherever the
+    exporter read it from them. They are traced with the batch's own axis (the Mul broadcasts
+    them over it), but the graph takes ``(1, 1, r)`` too: all rows alike.
+
+    Raises:
+        EdgepeftError: the exporter used their shape otherwise (a graph this code does not know).
+    """
+    names = {s.name for s in specs if s.mix == "rows"}
+    for v in proto.graph.input:
+        if v.name in names:
+            v.type.tensor_type.shape.dim[0].dim_param = ROWS_AXIS
+    for node in proto.graph.node:
+        if node.input and node.input[0] in names and node.op_type == "Shape":
+            span = {a.name: a.i for a in node.attribute}
+            if span.get("start", 0) != 0 or span.get("end") != 1:
+                raise EdgepeftError(f"the exported graph reads {dict(span)} of {node.input[0]}'s shape; only "
+                                    "its batch size is known to be the input_ids' own. Please report this.")
+            node.input[0] = "input_ids"  # (B, S): the same first axis
+
+
+def rows_manifest(slots: list[Slot]) -> dict[str, dict]:
+    """The manifest's ``rows``: each per-row weights input -> the inputs whose rank columns it
+    weights (the first one's rank axis: ``axis``)."""
+    out = {}
+    for slot in slots:
+        for f in slot.features:
+            feature = kinds.feature(f)
+            if feature.rows:
+                ranked = [p for p in feature.parts if p.rank_axis is not None]
+                out[rows_input_name(f"{f}.{slot.module}")] = {
+                    "inputs": [part_input_name(f, p, slot) for p in ranked], "axis": ranked[0].rank_axis}
+    return out
+
+
 def input_specs(slots: list[Slot], model: nn.Module, head_params: list[str],
                 prompt_width: int | None, seed: int = 0, fixed: dict[str, int] | None = None,
                 shared: dict[str, np.ndarray] | None = None) -> list[InputSpec]:
@@ -220,7 +274,12 @@ class _SlotLayer(nn.Module):
         self.base, self.slot, self.feed = base, slot, feed
 
     def _parts(self, name: str) -> dict[str, torch.Tensor]:
-        return {p.name: self.feed[part_input_name(name, p, self.slot)] for p in kinds.feature(name).parts}
+        feature = kinds.feature(name)
+        parts = {p.name: self.feed[part_input_name(name, p, self.slot)] for p in feature.parts}
+        rows = rows_input_name(f"{name}.{self.slot.module}")
+        if feature.rows and rows in self.feed:
+            parts["rows"] = self.feed[rows]
+        return parts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         feats = sorted((kinds.feature(f) for f in self.slot.features), key=lambda f: f.order)  # stable
@@ -269,11 +328,12 @@ def with_side_branches(model: nn.Module, slots: list[Slot], head_params: list[st
     return model
 
 
-def spec_dims(specs: list[InputSpec]) -> list[dict]:
-    """``dynamic_shapes`` entries for the adapter inputs: one ``Dim`` per distinct name."""
+def spec_dims(specs: list[InputSpec], known: dict | None = None) -> list[dict]:
+    """``dynamic_shapes`` entries for the adapter inputs: one ``Dim`` per distinct name
+    (``known``: the exporter's own, e.g. ``{"batch": Dim}`` for per-row weights)."""
     from torch.export import Dim
 
-    dims: dict[str, Dim] = {}
+    dims: dict[str, Dim] = dict(known or {})
     out = []
     for s in specs:
         out.append({axis: dims.setdefault(name, Dim(name.replace(".", "_"))) for axis, name in s.dynamic.items()}

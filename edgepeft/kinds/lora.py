@@ -38,8 +38,12 @@ MERGEABLE = True
 
 
 def _lora_out(y: torch.Tensor, h: torch.Tensor, base: nn.Module, p: dict) -> torch.Tensor:
-    """``y + (h A^T) B^T`` with ``A (r, in)``, ``B = s B (out, r)``; a mix concatenates along r."""
-    return y + F.linear(F.linear(h, p["A"]), p["B"])  # (B, S, in) -> (B, S, r) -> (B, S, out)
+    """``y + ((h A^T) * rows) B^T`` with ``A (r, in)``, ``B = s B (out, r)``; a mix concatenates
+    along r, and ``rows (N, 1, r)`` weights each row's rank columns (ones: every row the same)."""
+    t = F.linear(h, p["A"])  # (B, S, in) -> (B, S, r)
+    if "rows" in p:
+        t = t * p["rows"]  # (B, S, r) * (N, 1, r): each row its own adapters' columns
+    return y + F.linear(t, p["B"])  # (B, S, out)
 
 
 def _dora_out(y: torch.Tensor, h: torch.Tensor, base: nn.Module, p: dict) -> torch.Tensor:
@@ -50,7 +54,7 @@ def _dora_out(y: torch.Tensor, h: torch.Tensor, base: nn.Module, p: dict) -> tor
 
 FEATURES = (
     Feature("lora", (Part("A", ("r", "in"), 0.0, "cat0"), Part("B", ("out", "r"), 0.0, "cat1w")),
-            order=30, on_output=_lora_out, fused="low_rank"),
+            order=30, on_output=_lora_out, fused="low_rank", rows=True),
     Feature("dora", (Part("A", ("r", "in"), 0.0, "one"), Part("B", ("out", "r"), 0.0, "one"),
                      Part("mag", ("out",), 0.0, "one")), order=20, on_output=_dora_out, fused="low_rank+mag"),
 )

@@ -19,7 +19,7 @@ import numpy as np
 from edgepeft.contract import MANIFEST_NAME, check_adapter_name, prefix_names, read_manifest
 from edgepeft.contract.adapter_files import read_checked_adapter
 from edgepeft.errors import EdgepeftError
-from edgepeft.runtime.mix import Key, combine
+from edgepeft.runtime.mix import Key, combine, combine_rows
 
 AdapterChoice = str | Mapping[str, float] | None
 MIX_CACHE_SIZE = 8
@@ -146,8 +146,8 @@ class AdapterStore:
                                             f"they must agree ({where}). Export the artifact again.")
             graph[k] = v
         # Inputs that share a rank (LoRA A and B, a bottleneck's four parts) come together or not at all.
-        for k, shape in shapes.items():
-            if k not in graph and any(isinstance(e, str) and e in sizes for e in shape):
+        for k, shape in shapes.items():  # (per-row weights share a rank too, but adapters never feed them)
+            if k in inputs and k not in graph and any(isinstance(e, str) and e in sizes for e in shape):
                 raise EdgepeftError(f"{file}: has {sizes[next(e for e in shape if e in sizes)][1]} but "
                                     f"not {k}, which goes with it ({where}). Export the artifact again.")
         return graph
@@ -224,7 +224,7 @@ class AdapterStore:
             check_names([name], self._loaded, self.root)
             self._loaded = {k: v for k, v in self._loaded.items() if k != name}
         with self._lock:
-            for key in [k for k in self._mixes if any(n == name for n, _ in k)]:
+            for key in [k for k in self._mixes if name in _names_of(k)]:
                 del self._mixes[key]
 
     def clear_mixes(self) -> None:
@@ -233,6 +233,38 @@ class AdapterStore:
             self._mixes.clear()
 
     # ---------------------------------------------------------------- feeds
+    def feeds_rows(self, choices: Sequence[AdapterChoice]) -> tuple[dict[str, np.ndarray], list | None]:
+        """Graph feeds and KV-cache seed of a batch whose row ``b`` runs ``choices[b]`` (None, a
+        name or a mix), in one session run (:func:`edgepeft.runtime.mix.combine_rows`); cached
+        with the mixes, per composition."""
+        loaded = self._loaded
+        keys = []
+        for choice in choices:
+            if choice is None:
+                keys.append(())
+                continue
+            mix = {choice: 1.0} if isinstance(choice, str) else choice
+            if not isinstance(mix, Mapping) or not mix:
+                raise EdgepeftError(f"adapter row {len(keys)}: {choice!r}: pass None, a name, or a "
+                                    "non-empty {name: weight} mix per row.")
+            check_names(list(mix), loaded, self.root)
+            keys.append(tuple(sorted((n, float(w)) for n, w in mix.items())))
+        key = ("rows", *keys)
+        used = tuple(loaded[n] for k in keys for n, _ in k)
+        with self._lock:
+            hit = self._mixes.get(key)
+            if hit is not None and all(x is y for x, y in zip(hit[0], used)):
+                self._mixes.move_to_end(key)
+                return hit[1]
+        feeds, prefix = combine_rows(keys, loaded, self.manifest.get("inputs", {}), self.manifest.get("rows", {}),
+                                     self.root / MANIFEST_NAME)
+        result = (feeds if self.feeding.pad is None else self.feeding.pad(feeds, sorted(set(used_names(keys))))), prefix
+        with self._lock:
+            self._mixes[key] = (used, result)
+            while len(self._mixes) > MIX_CACHE_SIZE:
+                self._mixes.popitem(last=False)
+        return result
+
     def feeds(self, adapter: AdapterChoice) -> tuple[dict[str, np.ndarray], list | None]:
         """Graph feeds and KV-cache seed for None (base), a name, or ``{name: weight}``.
 
@@ -267,6 +299,19 @@ class AdapterStore:
             while len(self._mixes) > MIX_CACHE_SIZE:
                 self._mixes.popitem(last=False)
         return result
+
+
+def _names_of(key) -> set[str]:
+    """The adapter names of a mix-cache key: a mix's ``((name, weight), ...)`` or a batch's
+    ``("rows", key of row 0, key of row 1, ...)``."""
+    if key and key[0] == "rows":
+        return {n for k in key[1:] for n, _ in k}
+    return {n for n, _ in key}
+
+
+def used_names(keys) -> list[tuple[str, float]]:
+    """``(name, weight)`` pairs of the rows' mix keys (how a static layout names them in errors)."""
+    return [(n, w) for k in keys for n, w in k]
 
 
 def find_adapter(path: Path, name: str | None) -> tuple[Path, str]:

@@ -12,7 +12,7 @@ numpy + onnxruntime only.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 import onnxruntime as ort
@@ -156,17 +156,19 @@ class FusedLayout:
         keep: how many adapter bindings (:meth:`values`) to keep, asked on each new one.
         positions: rows of the graph's rotary tables (the manifest's ``graph.positions``): the
             longest prompt + generation it computes; None for artifacts that did not record it.
+        rows: the manifest's per-row weights inputs, bound to ones ``(1, 1, 1)`` when unfed.
     """
 
     longest = None
 
     def __init__(self, opened: Opened, cache: list[tuple[int, int]], inputs: Mapping[str, dict],
-                 keep: Callable[[], int], positions: int | None = None):
+                 keep: Callable[[], int], positions: int | None = None, rows: Iterable[str] = ()):
         self.session = opened.session
         self.positions = positions
         self.cache = cache
         self.feeding = Feeding(shapes=opened.shapes, base={})
         self._identity = {k: np.zeros([d or 0 for d in v["shape"]], np.float32) for k, v in inputs.items()}
+        self._identity.update({k: np.ones((1, 1, 1), np.float32) for k in rows})  # every row alike
         self._keep = keep
         self._lock = threading.Lock()
         self._values: dict[int, tuple[dict, dict]] = {}  # id(feeds) -> (feeds, OrtValues)

@@ -90,3 +90,68 @@ def _prefix(key: Key, loaded: Mapping) -> list | None:
             f"the base weights at export, so it cannot be combined with {others[0]!r}, which "
             "changes those weights (PEFT would run the prompt through them too).")
     return loaded[n].prefix
+
+
+def combine_rows(keys: list[Key], loaded: Mapping, inputs: Mapping[str, dict], rows: Mapping[str, dict],
+                 manifest: Path) -> tuple[dict, list | None]:
+    """The feeds and KV-cache seed of a batch whose row ``b`` runs the mix ``keys[b]`` (``()``:
+    the base), in one session run.
+
+    The adapters of the batch are concatenated along each row-weighted slot's rank axis at weight
+    1 (as in a mix) and the slot's per-row weights input (the manifest's ``rows``) gives row ``b``
+    its weight on each adapter's columns, zero on the others: ``y_b = x_b W^T + sum_a w_{b,a}
+    (x_b A_a^T) B_a^T``. Every other input (IA3 and DoRA scales, heads, prompts) and the KV-cache
+    seed apply to all rows alike, so the rows must agree on them.
+
+    Args:
+        keys: one mix key per row (:data:`Key`), checked by :func:`combine` each.
+        loaded: name -> adapter, as for :func:`combine`.
+        inputs: the manifest's ``inputs``.
+        rows: the manifest's ``rows``: per-row weights input -> ``{inputs, axis}``.
+        manifest: the manifest file, for messages.
+
+    Raises:
+        EdgepeftError: a graph without per-row weights, or rows that need different values of an
+            input that applies to every row (naming both rows, the adapters and the input).
+    """
+    if not rows:
+        raise EdgepeftError(f"{manifest}: this graph has no per-row weights (exported by an earlier "
+                            "edgepeft, or for adapters with no LoRA-type branch); run rows with "
+                            "different adapters in separate calls, or export the artifact again.")
+    alone = [combine(key, loaded, inputs, manifest) if key else ({}, None) for key in keys]
+    weighted = {k for spec in rows.values() for k in spec["inputs"]}
+
+    def name(b: int) -> str:
+        return "+".join(f"{n}" if w == 1 else f"{n}*{w:g}" for n, w in keys[b]) or "the base"
+
+    feeds0, prefix0 = alone[0]
+    for b, (feeds, prefix) in enumerate(alone[1:], 1):
+        for k in sorted((feeds.keys() | feeds0.keys()) - weighted):
+            if k not in feeds or k not in feeds0 or not np.array_equal(feeds[k], feeds0[k]):
+                raise EdgepeftError(
+                    f"row 0 ({name(0)}) and row {b} ({name(b)}) need different values of {k}, which the "
+                    "graph applies to every row of a call (IA3 and DoRA scales, heads and prompts do "
+                    "not vary per row); run them in separate calls.")
+        same = (prefix is None) == (prefix0 is None) and (prefix is None or all(
+            k is k0 and v is v0 for (k, v), (k0, v0) in zip(prefix, prefix0)))
+        if not same:
+            raise EdgepeftError(f"row 0 ({name(0)}) and row {b} ({name(b)}) start from different KV-cache "
+                                "prefixes (prefix / prompt tuning), which a call shares; run them in "
+                                "separate calls.")
+    feeds = {k: v for k, v in feeds0.items() if k not in weighted}
+    union = sorted({n for key in keys for n, _ in key})
+    for name_rows, spec in rows.items():
+        first, axis = spec["inputs"][0], spec["axis"]
+        cols = [(n, loaded[n].graph[first].shape[axis]) for n in union if first in loaded[n].graph]
+        if not cols:
+            continue
+        for k in spec["inputs"]:
+            feeds[k] = _mix(k, inputs[k]["mix"], [(n, 1.0, loaded[n].graph[k]) for n, _ in cols], manifest)
+        weights = np.zeros((len(keys), 1, sum(r for _, r in cols)), np.float32)  # (B, 1, R)
+        for b, key in enumerate(keys):
+            of_row, start = dict(key), 0
+            for n, r in cols:
+                weights[b, 0, start:start + r] = of_row.get(n, 0.0)
+                start += r
+        feeds[name_rows] = weights
+    return feeds, prefix0

@@ -62,7 +62,7 @@ def open_layouts(opener: SessionOpener, manifest: dict, cache: list[tuple[int, i
 
     def one(graph: dict, adapter_inputs) -> Layout:
         opened = opener.open(graph, adapter_inputs)
-        return (FusedLayout(opened, cache, inputs, keep, graph.get("positions")) if fused
+        return (FusedLayout(opened, cache, inputs, keep, graph.get("positions"), manifest.get("rows", {})) if fused
                 else TracedLayout(opened, cache))
 
     if manifest["mode"] == "merged":
@@ -181,6 +181,28 @@ class Model:
                             f"adapter=<name> works (one of {', '.join(self.adapters)}). Export with "
                             "--mode side for the base model and weighted mixes.")
 
+    def _groups(self, adapter: AdapterChoice | Sequence[AdapterChoice], rows: int) -> list[tuple]:
+        """``[(rows, layout, feeds, KV-cache seed)]``: the calls that run a batch of ``rows`` rows
+        with ``adapter``, one choice for every row (``rows``: ``slice(None)``) or a list of one per
+        row.
+
+        A side-branch artifact runs a list in one call (:meth:`AdapterStore.feeds_rows`: each row
+        weights its own adapters' rank columns); a merged one has a graph per adapter, so its rows
+        run in one call per distinct adapter."""
+        everyone = slice(None)
+        if not isinstance(adapter, (list, tuple)):
+            return [(everyone, *self._choose(adapter))]
+        if len(adapter) != rows:
+            raise EdgepeftError(f"adapter= lists {len(adapter)} choices for a batch of {rows} rows: pass "
+                                "one per row (None, a name or a {name: weight} mix), or one choice for all rows.")
+        if all(a == adapter[0] for a in adapter):
+            return [(everyone, *self._choose(adapter[0]))]
+        if self._store is not None:
+            return [(everyone, self._layouts[None], *self._store.feeds_rows(adapter))]
+        order = list(dict.fromkeys(adapter))  # distinct choices, first seen first
+        return [(np.array([b for b, a in enumerate(adapter) if a == choice]), *self._choose(choice))
+                for choice in order]
+
     def _need(self, task: str, method: str) -> None:
         if self.task != task:
             other = "classify()" if self.task == "classification" else "logits() / generate()"
@@ -193,16 +215,22 @@ class Model:
 
         Args:
             input_ids: ``(B, S)`` ints, or a list of lists (ragged rows are left-padded).
-            adapter: None (base), an adapter name, or ``{name: weight}``.
+            adapter: None (base), an adapter name, or ``{name: weight}``; or a list of those, one
+                per row (per-row adapters, see :meth:`_groups`: rows that differ in LoRA-type
+                adapters share one call; IA3, DoRA, heads, prompts and prefixes must agree).
             attention_mask: ``(B, S)`` 0/1, left or right padding; default all ones.
 
         Returns:
             ``(B, S, vocab)`` float32 (a prefix adapter's virtual tokens are not included).
         """
         self._need("causal-lm", "logits()")
-        layout, feeds, prefix = self._choose(adapter)
         ids, mask = batch_inputs(input_ids, attention_mask, self.manifest["base"]["vocab_size"])
-        return layout.logits(feeds, prefix, ids, mask)
+        groups = self._groups(adapter, ids.shape[0])
+        if len(groups) == 1:
+            _, layout, feeds, prefix = groups[0]
+            return layout.logits(feeds, prefix, ids, mask)
+        return _scatter(ids.shape[0], [(rows, layout.logits(feeds, prefix, ids[rows], mask[rows]))
+                                       for rows, layout, feeds, prefix in groups])
 
     def generate(self, input_ids, max_new_tokens: int = 32, adapter: AdapterChoice = None,
                  attention_mask=None, stop_at_eos: bool = True, *, temperature: float = 0.0, top_k: int = 0,
@@ -213,7 +241,8 @@ class Model:
         Args:
             input_ids: ``(B, S)`` ints or ragged lists (left-padded).
             max_new_tokens: tokens to add at most.
-            adapter: as in :meth:`logits`.
+            adapter: as in :meth:`logits` (per-row lists too; on a merged artifact each adapter's
+                rows are their own generation, so a seeded sample differs from one batch's).
             attention_mask: as in :meth:`logits`.
             stop_at_eos: stop a row at the base model's EOS (later positions repeat EOS).
             temperature, top_k, top_p, repetition_penalty, seed: how the next token is chosen
@@ -225,17 +254,24 @@ class Model:
         """
         self._need("causal-lm", "generate()")
         sampling = decode.Sampling(temperature, top_k, top_p, repetition_penalty, seed)
-        ids, mask, runs, eos = self._decodings(input_ids, attention_mask, adapter, max_new_tokens, stop_at_eos,
-                                               stop_token_ids)
-        return decode.generate(ids, mask, runs, max_new_tokens, eos, sampling)
+        ids, mask = batch_inputs(input_ids, attention_mask, self.manifest["base"]["vocab_size"])
+        eos = decode.eos_ids(self.manifest, stop_at_eos, stop_token_ids)
+        parts = [(rows, decode.generate(ids[rows], mask[rows], layout.decodings(feeds, prefix, ids[rows], mask[rows],
+                                                                               max_new_tokens),
+                                        max_new_tokens, eos, sampling))
+                 for rows, layout, feeds, prefix in self._groups(adapter, ids.shape[0])]
+        width = max(p.shape[1] for _, p in parts)  # groups that stop early end in EOS, as rows do
+        fill = next(iter(eos)) if eos else 0
+        return _scatter(ids.shape[0], [(rows, np.pad(p, ((0, 0), (0, width - p.shape[1])), constant_values=fill))
+                                       for rows, p in parts])
 
     def _decodings(self, input_ids, attention_mask, adapter: AdapterChoice, max_new_tokens: int,
                    stop_at_eos: bool, stop_token_ids: Sequence[int]) -> tuple:
         """``(ids, mask, runs, eos)`` of a generation: the batch, its row groups' decodings and the
         tokens that end a row (what :meth:`generate` and :meth:`stream_text` share)."""
-        layout, feeds, prefix = self._choose(adapter)
         ids, mask = batch_inputs(input_ids, attention_mask, self.manifest["base"]["vocab_size"])
         eos = decode.eos_ids(self.manifest, stop_at_eos, stop_token_ids)
+        _, layout, feeds, prefix = self._groups(adapter, ids.shape[0])[0]  # one row: one group
         return ids, mask, layout.decodings(feeds, prefix, ids, mask, max_new_tokens), eos
 
     # ---------------------------------------------------------------- classification
@@ -247,7 +283,8 @@ class Model:
                 truncated to the model's length, right-padded), ``(B, S)`` ints, or ragged lists of
                 ids (right-padded).
             adapter: None (the base head; only when the base has a trained one), an adapter name,
-                or ``{name: weight}`` (at most one of them may carry a head).
+                or ``{name: weight}`` (at most one of them may carry a head); or a list, one per row
+                (as in :meth:`logits`: the rows' heads must agree on a side-branch artifact).
             attention_mask: ``(B, S)`` 0/1 with a rectangular ids array; default all ones.
 
         Returns:
@@ -261,16 +298,22 @@ class Model:
         """Like :meth:`classify`, but the raw logits ``(B, num_labels)``."""
         self._need("classification", "classify()")
         base = self.manifest["base"]
-        if adapter is None and not base.get("head_trained", True):
+        if not base.get("head_trained", True) and any(
+                a is None for a in (adapter if isinstance(adapter, (list, tuple)) else [adapter])):
             raise EdgepeftError(f"{self.path}: the base model has no trained classification head; "
-                                f"choose an adapter ({', '.join(self.adapters)}).")
-        layout, feeds, _ = self._choose(adapter)
-        if not self.merged and not any(k.startswith("head.") for k in feeds) and not base.get("head_trained", True):
-            raise EdgepeftError(f"adapter={adapter!r} carries no classification head and the base has "
-                                "no trained one; include an adapter with a head.")
-        prompt = feeds.get(PROMPT_INPUT)
-        ids, mask = self._encode(texts_or_ids, attention_mask, 0 if prompt is None else prompt.shape[0])
-        return layout.classify(feeds, ids, mask)
+                                f"choose an adapter ({', '.join(self.adapters)}) for every row.")
+        groups = self._groups(adapter, 1 if isinstance(texts_or_ids, str) else len(texts_or_ids))
+        for _, _, feeds, _ in groups:
+            if not self.merged and not any(k.startswith("head.") for k in feeds) and not base.get("head_trained", True):
+                raise EdgepeftError(f"adapter={adapter!r} carries no classification head and the base has "
+                                    "no trained one; include an adapter with a head.")
+        reserved = max(0 if feeds.get(PROMPT_INPUT) is None else feeds[PROMPT_INPUT].shape[0]
+                       for _, _, feeds, _ in groups)
+        ids, mask = self._encode(texts_or_ids, attention_mask, reserved)
+        if len(groups) == 1:
+            _, layout, feeds, _ = groups[0]
+            return layout.classify(feeds, ids, mask)
+        return _scatter(ids.shape[0], [(r, layout.classify(feeds, ids[r], mask[r])) for r, layout, feeds, _ in groups])
 
     def _encode(self, texts_or_ids, attention_mask, reserved: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """Right-padded ids and mask; texts truncated to the model's length minus ``reserved``
@@ -333,3 +376,12 @@ class Model:
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
         if len(text) > len(sent):
             yield text[len(sent):]
+
+
+def _scatter(rows: int, parts: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """One array of ``rows`` rows from ``[(row indices, their rows)]`` (the groups of a batch)."""
+    first = parts[0][1]
+    out = np.empty((rows, *first.shape[1:]), first.dtype)
+    for index, part in parts:
+        out[index] = part
+    return out

@@ -31,6 +31,7 @@ class StaticLayout:
                  cache: list[tuple[int, int]]):
         self.root = opener.root
         self.static = manifest["static"]  # batch, max_rank, context (causal LMs)
+        self.manifest_rows = frozenset(manifest.get("rows", {}))
         self.cache = cache
         self.pad_id = (manifest.get("tokenizer") or {}).get("pad_token_id") or 0
         self.buckets = {}
@@ -39,7 +40,11 @@ class StaticLayout:
             self.buckets[entry["seq"]] = opened.session
         self.longest = max(self.buckets)  # the longest fixed-shape graph
         self.fixed = dict(opened.shapes)  # each adapter input's fixed shape
-        zeros = {k: np.zeros(v, np.float32) for k, v in self.fixed.items() if k not in opened.defaults}
+        rows = manifest.get("rows", {})  # per-row weights: (batch, 1, max_rank), default ones
+        graph_inputs = opened.session.get_inputs() + opened.session.get_overridable_initializers()
+        self.fixed.update({i.name: tuple(i.shape) for i in graph_inputs if i.name in rows})
+        zeros = {k: np.zeros(v, np.float32) for k, v in self.fixed.items()
+                 if k not in opened.defaults and k not in rows}  # rows: their default, ones
         # Adapter files are checked against the dynamic graph's shapes (ranks vary there).
         shapes = {i["name"]: i["shape"] for i in manifest["graph"]["inputs"] if i["name"] in adapter_inputs}
         self.feeding = Feeding(shapes=shapes, base=zeros, pad=self.pad)
@@ -51,6 +56,12 @@ class StaticLayout:
         out = dict(self.feeding.base)
         for k, v in feeds.items():
             shape = self.fixed[k]
+            if k in self.manifest_rows and v.shape[0] != shape[0]:
+                if v.shape[0] > shape[0]:
+                    raise EdgepeftError(f"{v.shape[0]} rows with different adapters: this static-shape "
+                                        f"artifact runs {shape[0]} rows per call (its fixed batch). Pass at "
+                                        "most that many rows per call, or export with a profile with a larger batch.")
+                v = np.concatenate([v, np.repeat(v[-1:], shape[0] - v.shape[0], 0)])  # as row_groups fills
             if v.shape == shape:
                 out[k] = v
                 continue

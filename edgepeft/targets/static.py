@@ -11,6 +11,7 @@ attention_mask     (batch, total_seq)           (B, C)        decoders: the whol
 past.{i}.*         (batch, H, past_seq, D)      (B, H, C - S, D)
 present.{i}.*      (batch, H, past_seq+seq, D)  (B, H, C, D)
 LoRA / DoRA A, B   (r, in), (out, r)            (max_rank, in), (out, max_rank)
+LoRA rows          (batch, 1, r), default ones  (B, 1, max_rank), default ones
 bottleneck parts   (r, out), (r,), (out, r)     max_rank in place of r
 encoders           input_ids / mask (batch, seq) (B, S)
 =================  ===========================  =====================================
@@ -31,8 +32,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import numpy as np
 import onnx
 
+from edgepeft.contract.names import ROWS_PART
 from edgepeft.errors import EdgepeftError
 
 _RANK = re.compile(r"^rank_")
@@ -44,7 +47,7 @@ def bucket_file(seq: int) -> str:
 
 def bucket_dims(task: str, batch: int, seq: int, context: int | None) -> dict[str, int]:
     """The dynamic graph's named axes and their values in the graph of bucket ``seq``."""
-    dims = {"batch": batch, "seq": seq}
+    dims = {"batch": batch, "seq": seq, "rows": batch}  # rows: per-row weights, one per row
     if task == "causal-lm":
         dims.update(past_seq=context - seq, total_seq=context)
     return dims
@@ -95,6 +98,10 @@ def fix_shapes(proto: onnx.ModelProto, dims: dict[str, int], max_rank: int | Non
                     ranked.add(v.name)
                 d.dim_value = _value(d.dim_param, dims, max_rank, where)  # clears dim_param (oneof)
     keep = [t for t in out.graph.initializer if t.name not in ranked]
+    # per-row weights (``*.rows``) keep a default: ones of the fixed shape, every row alike
+    fixed = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in out.graph.input}
+    keep += [onnx.numpy_helper.from_array(np.ones(fixed[t.name], np.float32), t.name)
+             for t in out.graph.initializer if t.name in ranked and t.name.endswith(f".{ROWS_PART}")]
     del out.graph.initializer[:]
     out.graph.initializer.extend(keep)
     _expands_to_concats(out)

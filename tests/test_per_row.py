@@ -1,0 +1,171 @@
+"""Per-row adapters: ``adapter=[...]``, one choice per row of a batch, in one session run.
+
+Every row of a per-row batch must give what the same row gives alone with its own adapter (the
+rank columns of the other rows' adapters are weighted zero for it); inputs that apply to every
+row (IA3 / DoRA scales, heads, prompts, prefixes) must agree, else a clear error.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+from helpers import make_adapter, make_encoder
+from edgepeft.errors import EdgepeftError
+from edgepeft.export import ExportConfig, export
+from edgepeft.runtime import Model, ProviderFallbackWarning
+from edgepeft.targets import load_target
+
+IDS = [[5, 6, 7, 8, 9, 10], [3, 4, 5], [7, 8, 9, 10], [11, 12], [13, 14, 15]]
+CHOICES = ["chat", "sql", None, {"code": 0.5, "chat": 1.0}, {"sql": -0.7}]
+SMALL_NPU = """providers = ["NnapiExecutionProvider", "CPUExecutionProvider"]
+platform = "arm64"
+static_shapes = true
+batch = 4
+sequence_buckets = [1, 4]
+context_length = 24
+max_rank = 16
+"""
+
+
+@pytest.fixture(scope="module")
+def artifacts(llama_base, llama_adapters, tmp_path_factory) -> dict[str, Model]:
+    """The tiny Llama's three LoRAs (chat, sql, code) plus an IA3 one, as a traced side-branch
+    artifact, a fused one, a fixed-shape one (batch 4) and a merged one (chat, sql)."""
+    root = tmp_path_factory.mktemp("per-row")
+    ia3 = make_adapter(llama_base, root / "ia3", "ia3", seed=4, target_modules=["k_proj", "down_proj"],
+                       feedforward_modules=["down_proj"])
+    (root / "small-npu.toml").write_text(SMALL_NPU)
+    loras = tuple(llama_adapters.items())
+    configs = {
+        "generic": dict(graph="generic", adapters=loras + (("ia3", ia3),)),
+        "fused": dict(graph="fused", adapters=loras),
+        "static": dict(graph="generic", adapters=loras, target=load_target(root / "small-npu.toml")),
+        "merged": dict(graph="fused", adapters=loras[:2], mode="merged"),
+    }
+    out = {}
+    for name, kw in configs.items():
+        export(ExportConfig(base=llama_base, out=root / name, **kw), quiet=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ProviderFallbackWarning)
+            out[name] = Model(root / name)
+    return out
+
+
+def _alone(model: Model, ids, choices, fn):
+    """Each row's result run by itself with its own choice."""
+    return [fn(model, [row], c)[0] for row, c in zip(ids, choices)]
+
+
+def _logits(model, ids, choice):
+    return model.logits(ids, choice)
+
+
+@pytest.mark.parametrize("name", ["generic", "fused", "static"])
+def test_per_row_logits_are_each_rows_own(artifacts, name):
+    model = artifacts[name]
+    ids, choices = (IDS[:4], CHOICES[:4]) if name == "static" else (IDS, CHOICES)  # static: batch 4
+    got = model.logits(ids, choices)
+    for b, want in enumerate(_alone(model, ids, choices, _logits)):
+        n = len(ids[b])
+        np.testing.assert_allclose(got[b, -n:], want[-n:], atol=1e-5, err_msg=f"{name} row {b} ({choices[b]})")
+    # the rows really differ: a batch all on sql gives another row 0
+    assert np.abs(got[0] - model.logits(ids, "sql")[0]).max() > 1e-2
+
+
+@pytest.mark.parametrize("name", ["generic", "fused", "static", "merged"])
+def test_per_row_generation_is_each_rows_own(artifacts, name):
+    model = artifacts[name]
+    choices = {"merged": ["sql", "chat", "sql"], "static": CHOICES[:3]}.get(name, CHOICES)
+    ids = IDS[:len(choices)]
+    got = model.generate(ids, 6, choices, stop_at_eos=False)
+    for b, c in enumerate(choices):
+        alone = model.generate([ids[b]], 6, c, stop_at_eos=False)
+        assert got[b, -6:].tolist() == alone[0, -6:].tolist(), f"{name} row {b} ({c})"
+
+
+def _count_runs(model: Model, monkeypatch) -> list[int]:
+    """Count session runs (plain and with I/O binding) of every session of ``model``."""
+    calls = [0]
+    for layout in model._layouts.values():
+        for session in getattr(layout, "buckets", {None: getattr(layout, "session", None)}).values():
+            for method in ("run", "run_with_iobinding"):
+                real = getattr(session, method)
+
+                def counted(*a, _real=real, **k):
+                    calls[0] += 1
+                    return _real(*a, **k)
+                monkeypatch.setattr(session, method, counted)
+    return calls
+
+
+@pytest.mark.parametrize("name", ["generic", "fused"])
+def test_a_per_row_batch_is_one_run_per_step(artifacts, name, monkeypatch):
+    model = artifacts[name]
+    calls = _count_runs(model, monkeypatch)
+    model.generate(IDS, 5, CHOICES, stop_at_eos=False)
+    per_row = calls[0]
+    calls[0] = 0
+    model.generate(IDS, 5, "sql", stop_at_eos=False)
+    assert per_row == calls[0] == 5  # prefill + 4 steps, as for one adapter on every row
+
+
+def test_a_merged_artifact_runs_one_group_per_adapter(artifacts, monkeypatch):
+    model = artifacts["merged"]
+    calls = _count_runs(model, monkeypatch)
+    got = model.logits(IDS[:3], ["sql", "chat", "sql"])
+    assert calls[0] == 2
+    np.testing.assert_allclose(got[1, -3:], model.logits([IDS[1]], "chat")[0], atol=1e-5)
+    with pytest.raises(EdgepeftError, match="merged artifact"):
+        model.logits(IDS[:2], ["sql", None])
+
+
+def test_rows_must_agree_on_what_every_row_shares(artifacts):
+    model = artifacts["generic"]
+    with pytest.raises(EdgepeftError, match=r"row 0 \(chat\) and row 1 \(ia3\) need different values of ia3_in\.model"):
+        model.logits(IDS[:2], ["chat", "ia3"])
+    # IA3 on every row with per-row LoRAs is fine: the IA3 scales agree
+    got = model.logits(IDS[:2], [{"ia3": 1.0, "chat": 1.0}, {"ia3": 1.0, "sql": 0.5}])
+    np.testing.assert_allclose(got[1, -3:], model.logits([IDS[1]], {"ia3": 1.0, "sql": 0.5})[0], atol=1e-5)
+
+
+def test_bad_per_row_requests_are_refused(artifacts):
+    model = artifacts["generic"]
+    with pytest.raises(EdgepeftError, match="lists 2 choices for a batch of 3 rows"):
+        model.logits(IDS[:3], ["chat", "sql"])
+    with pytest.raises(EdgepeftError, match="nope"):
+        model.logits(IDS[:2], ["chat", "nope"])
+    with pytest.raises(EdgepeftError, match="runs 4 rows per call"):
+        artifacts["static"].logits(IDS, CHOICES)
+
+
+def test_an_artifact_without_per_row_weights_says_so(artifacts, tmp_path):
+    import json
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(artifacts["fused"].path, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    del manifest["rows"]  # as an artifact of an earlier edgepeft (its graph simply has no rows inputs)
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    model = Model(old)
+    with pytest.raises(EdgepeftError, match="no per-row weights"):
+        model.logits(IDS[:2], ["chat", "sql"])
+    assert model.logits(IDS[:2], ["chat", "chat"]).shape[0] == 2  # one choice for all rows still works
+
+
+def test_classifier_rows_share_their_head(tmp_path):
+    """Each PEFT classifier adapter carries its own head, which a call applies to every row: rows
+    with different ones are refused by name; a list of one adapter is that adapter."""
+    base = make_encoder("bert", tmp_path / "base")
+    ads = {k: make_adapter(base, tmp_path / k, "lora", seed=i, task="SEQ_CLS") for i, k in enumerate(("a", "b"))}
+    export(ExportConfig(graph="generic", base=base, out=tmp_path / "out", adapters=tuple(ads.items())), quiet=True)
+    model = Model(tmp_path / "out")
+    ids = [[5, 6, 7, 8], [9, 10, 11]]
+    np.testing.assert_array_equal(model.classify_logits(ids, ["a", "a"]), model.classify_logits(ids, "a"))
+    with pytest.raises(EdgepeftError, match=r"row 0 \(a\) and row 1 \(b\) need different values of head\."):
+        model.classify_logits(ids, ["a", "b"])
+    with pytest.raises(EdgepeftError, match="lists 3 choices for a batch of 2 rows"):
+        model.classify_logits(ids, ["a", "a", "b"])
