@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from helpers import make_adapter, make_encoder
+from test_targets import SMALL_NPU as TARGETS_NPU
 from edgepeft.errors import EdgepeftError
 from edgepeft.export import ExportConfig, export
 from edgepeft.runtime import Model, ProviderFallbackWarning
@@ -20,14 +21,7 @@ from edgepeft.targets import load_target
 
 IDS = [[5, 6, 7, 8, 9, 10], [3, 4, 5], [7, 8, 9, 10], [11, 12], [13, 14, 15]]
 CHOICES = ["chat", "sql", None, {"code": 0.5, "chat": 1.0}, {"sql": -0.7}]
-SMALL_NPU = """providers = ["NnapiExecutionProvider", "CPUExecutionProvider"]
-platform = "arm64"
-static_shapes = true
-batch = 4
-sequence_buckets = [1, 4]
-context_length = 24
-max_rank = 16
-"""
+SMALL_NPU = TARGETS_NPU.replace("batch = 2", "batch = 4").replace("max_rank = 10", "max_rank = 16")
 
 
 @pytest.fixture(scope="module")
@@ -169,3 +163,24 @@ def test_classifier_rows_share_their_head(tmp_path):
         model.classify_logits(ids, ["a", "b"])
     with pytest.raises(EdgepeftError, match="lists 3 choices for a batch of 2 rows"):
         model.classify_logits(ids, ["a", "a", "b"])
+
+
+def test_validate_checks_a_per_row_batch(artifacts, llama_base, monkeypatch):
+    """validate's per-row case compares each row with its own choice's PyTorch reference, and
+    fails when the rows get another row's adapter."""
+    import edgepeft.runtime.adapters as adapters_module
+    from edgepeft.validate import validate
+
+    path = artifacts["fused"].path
+    report = validate(path, llama_base, max_new_tokens=4, report=path.parent / "fused-report.json", quiet=True)
+    case = report["cases"][-1]
+    assert case["case"].startswith("per-row(base|chat|sql|code|mix(") and not case["failures"], case
+    real = adapters_module.combine_rows
+
+    def every_row_everything(*a, **k):  # rows weights all ones: each row runs every adapter
+        feeds, prefix = real(*a, **k)
+        return {n: np.ones_like(v) if n.endswith(".rows") else v for n, v in feeds.items()}, prefix
+
+    monkeypatch.setattr(adapters_module, "combine_rows", every_row_everything)
+    report = validate(path, llama_base, max_new_tokens=4, report=path.parent / "bad-report.json", quiet=True)
+    assert report["cases"][-1]["failures"] and not report["passed"]

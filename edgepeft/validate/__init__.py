@@ -1,7 +1,7 @@
 """``edgepeft validate``: does the artifact still agree with the PyTorch (peft) model?
 
-Per case (no adapter, each adapter, a weighted LoRA mix, a LoRA + prefix composition) both sides
-run the same inputs. The PyTorch side of each adapter is built as its kind describes
+Per case (no adapter, each adapter, a weighted LoRA mix, a LoRA + prefix composition, and one
+batch whose rows each run another of those, :func:`per_row_choices`) both sides run the same inputs. The PyTorch side of each adapter is built as its kind describes
 (``kind_module(entry["kind"]).REFERENCE``, :class:`edgepeft.kinds.common.Reference`); which
 adapters mix and which prefix composes is read from the manifest and those descriptions.
 Causal LMs: a left-padded batch, real-token positions compared: max |Δlogits|, mean
@@ -279,6 +279,21 @@ def default_choices(artifact: Model) -> list:
     return choices
 
 
+def per_row_choices(artifact: Model, choices: list) -> list | None:
+    """The per-row case: one batch whose rows cycle through the base, each adapter and the mix
+    of ``choices`` that the graph can vary per row (every input of the adapter weighted per row:
+    the manifest's ``rows``); None when fewer than two such choices (or a merged artifact, or one
+    exported before per-row weights)."""
+    if artifact.merged or not artifact.manifest.get("rows"):
+        return None
+    entries = artifact.manifest["adapters"]
+    weighted = {k for spec in artifact.manifest["rows"].values() for k in spec["inputs"]}
+    free = {n for n, e in entries.items() if not e.get("prefix") and set(e["inputs"]) <= weighted}
+    rows = [c for c in choices if c is None or (isinstance(c, str) and c in free)
+            or (isinstance(c, dict) and set(c) <= free)]
+    return rows if sum(c is not None for c in rows) >= 2 else None
+
+
 def read_labelled(path: Path) -> tuple[list[str], list]:
     """Texts and labels of a jsonl file with ``{"text": ..., "label": ...}`` rows.
 
@@ -497,13 +512,24 @@ def _validate_causal(art: Model, ref: _Reference, prompts, texts, budget: Budget
     batches = [batch_inputs(rows[i:i + BATCH], vocab=vocab) for i in range(0, len(rows), BATCH)]
     pos = np.concatenate([positions(m)[m.astype(bool)] for _, m in batches])  # of every compared row
     results = []
-    cases = bar(default_choices(art), desc="validate", unit="case", quiet=quiet)
+    choices = default_choices(art)
+    per_row = per_row_choices(art, choices)
+    mine = [per_row[b % len(per_row)] for b in range(BATCH)] if per_row else []  # row b's choice
+    first = None  # the references of the first batch's rows, each its own choice's
+    first_gen = np.zeros((ids.shape[0], max_new_tokens), np.int64) if per_row else None
+    cases = bar(choices, desc="validate", unit="case", quiet=quiet)
     for choice in cases:
         cases.set_postfix_str(case_name(choice))
         torch_ref = ref.get(choice)
         rows_of_case: list[dict] = []
-        stats = [_stats(art.logits(i, adapter=choice, attention_mask=m), torch_ref.logits(i, m), m.astype(bool),
-                        rows_of_case) for i, m in batches]
+        stats = []
+        for k, (i, m) in enumerate(batches):
+            pt = torch_ref.logits(i, m)
+            if k == 0 and per_row:
+                keep = [b for b in range(i.shape[0]) if mine[b] == choice]
+                first = np.zeros_like(pt) if first is None else first
+                first[keep] = pt[keep]
+            stats.append(_stats(art.logits(i, adapter=choice, attention_mask=m), pt, m.astype(bool), rows_of_case))
         diff, kl, top1, failures = _verdict(stats, budget)
         gen = art.generate(ids, max_new_tokens, adapter=choice, attention_mask=mask,
                            stop_at_eos=False)[:, ids.shape[1]:]
@@ -514,7 +540,24 @@ def _validate_causal(art: Model, ref: _Reference, prompts, texts, budget: Budget
         results.append(CaseResult(case_name(choice), int(sum(s[3] for s in stats)), diff, kl, top1,
                                   int(gen.size), mism, tuple(failures),
                                   distributions=_distributions(rows_of_case, pos)))
+        if per_row:
+            keep = [b for b in range(ids.shape[0]) if mine[b % BATCH] == choice]
+            first_gen[keep] = pt_gen[keep]
     cases.close()
+    if per_row:  # the first batch and the prompts, row b on mine[b]: each against its choice's reference
+        i, m = batches[0]
+        rows_of_case = []
+        stats = [_stats(art.logits(i, adapter=mine[:i.shape[0]], attention_mask=m), first, m.astype(bool),
+                        rows_of_case)]
+        diff, kl, top1, failures = _verdict(stats, budget)
+        gen = art.generate(ids, max_new_tokens, adapter=[mine[b % BATCH] for b in range(ids.shape[0])],
+                           attention_mask=mask, stop_at_eos=False)[:, ids.shape[1]:]
+        mism = int((gen != first_gen).sum())
+        if budget.greedy_must_match and mism:
+            failures.append(f"greedy generation differs at {mism}/{gen.size} tokens")
+        results.append(CaseResult("per-row(" + "|".join(case_name(c) for c in per_row) + ")",
+                                  int(sum(s[3] for s in stats)), diff, kl, top1, int(gen.size), mism,
+                                  tuple(failures), distributions=_distributions(rows_of_case, pos[:int(m.sum())])))
     return results
 
 
@@ -541,7 +584,12 @@ def _validate_classifier(art: Model, ref: _Reference, prompts, budget: Budget, l
     else:
         batches = [art._encode(texts[i:i + 32], None, reserved) for i in range(0, len(texts), 32)]
     results = []
-    cases = bar(default_choices(art), desc="validate", unit="case", quiet=quiet)
+    choices = default_choices(art)
+    per_row = per_row_choices(art, choices)
+    mine = [per_row[b % len(per_row)] for b in range(BATCH)] if per_row else []  # row b's choice
+    first = None  # the references of the first batch's rows, each its own choice's
+    first_gen = np.zeros((ids.shape[0], max_new_tokens), np.int64) if per_row else None
+    cases = bar(choices, desc="validate", unit="case", quiet=quiet)
     for choice in cases:
         cases.set_postfix_str(case_name(choice))
         torch_ref = ref.get(choice)
