@@ -11,7 +11,7 @@ from pathlib import Path
 from edgepeft.bench.workers import median, timeit_us
 
 REPO = Path(__file__).resolve().parent.parent
-__all__ = ["REPO", "machine_info", "median", "timeit_us"]
+__all__ = ["REPO", "machine_info", "median", "timeit_us", "write_result"]
 
 
 def machine_info() -> dict:
@@ -48,3 +48,14 @@ def machine_info() -> dict:
             "mem_total_gb": mem, "platform": platform.platform(), "python": sys.version.split()[0],
             "versions": versions, "git_commit": commit, "edgepeft_tree_dirty": dirty,
             "loadavg_start": os.getloadavg()}
+
+
+def write_result(stem: str, result: dict, lines: list[str]) -> None:
+    """``docs/bench/{stem}.json`` (the numbers) and ``.md`` (the table ``lines``), and print the table."""
+    import json
+
+    out = REPO / "docs" / "bench"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))

@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, machine_info  # noqa: E402
+from _common import REPO, machine_info, write_result  # noqa: E402
 
 WORK = REPO / "benchmarks" / "results" / "per-row"
 RANKS = (8, 8, 16, 16, 16, 32, 32, 32)
@@ -163,16 +163,12 @@ def main() -> int:
             "uniform_r32 / uniform_r32_no_rows": med["uniform_r32"] / med["uniform_r32_no_rows"],
         },
     }
-    out = REPO / "docs" / "bench"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "per-row.json").write_text(json.dumps(res, indent=2) + "\n")
     lines = ["| case | tok/s median | min | max |", "|---|---|---|---|"]
     lines += [f"| {k} | {med[k]:.1f} | {min(v):.1f} | {max(v):.1f} |" for k, v in rates.items()]
     lines += ["", "| ratio | value |", "|---|---|"] + [f"| {k} | {v:.3f} |" for k, v in res["ratios"].items()]
     lines += ["", f"rows token-equal to alone: {same_tokens}/{ROWS}; load average {load[0][0]:.2f} -> {load[1][0]:.2f}; "
               f"{args.rounds} interleaved rounds, {args.threads} threads"]
-    (out / "per-row.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_result("per-row", res, lines)
     return 0
 
 

@@ -18,7 +18,6 @@ table in ``docs/bench/per-row-design.{json,md}``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -30,7 +29,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, machine_info  # noqa: E402
+from _common import machine_info, write_result  # noqa: E402
 
 HIDDEN, INTER, KV, LAYERS = 576, 1536, 192, 30
 SLOTS = {"q": (HIDDEN, HIDDEN), "k": (HIDDEN, KV), "v": (HIDDEN, KV), "o": (HIDDEN, HIDDEN),
@@ -130,15 +129,11 @@ def main() -> int:
            "rows": ROWS, "ranks": list(RANKS),
            "adapter_mb": {d: r * sum(i + o for i, o in SLOTS.values()) * LAYERS * 4 / 2**20 for d, r in mb.items()},
            "ms": {d: {"median": med[d], "min": min(v), "max": max(v), "all": v} for d, v in ms.items()}}
-    out = REPO / "docs" / "bench"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "per-row-design.json").write_text(json.dumps(res, indent=2) + "\n")
     lines = ["| design | ms per step (median) | min | max | adapter weights read, MB |", "|---|---|---|---|---|"]
     lines += [f"| {d} | {med[d]:.2f} | {min(v):.2f} | {max(v):.2f} | {res['adapter_mb'][d]:.0f} |" for d, v in ms.items()]
     lines += ["", f"LoRA branches only (30 layers x 7 slots of SmolLM2-135M), 8 rows, one decode step; "
               f"{args.rounds} interleaved rounds of {args.runs} runs; load average {load[0][0]:.2f} -> {load[1][0]:.2f}"]
-    (out / "per-row-design.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_result("per-row-design", res, lines)
     return 0
 
 

@@ -530,16 +530,10 @@ def _validate_causal(art: Model, ref: _Reference, prompts, texts, budget: Budget
                 first = np.zeros_like(pt) if first is None else first
                 first[keep] = pt[keep]
             stats.append(_stats(art.logits(i, adapter=choice, attention_mask=m), pt, m.astype(bool), rows_of_case))
-        diff, kl, top1, failures = _verdict(stats, budget)
         gen = art.generate(ids, max_new_tokens, adapter=choice, attention_mask=mask,
                            stop_at_eos=False)[:, ids.shape[1]:]
         pt_gen = torch_ref.greedy(ids, mask, max_new_tokens)
-        mism = int((gen != pt_gen).sum())
-        if budget.greedy_must_match and mism:
-            failures.append(f"greedy generation differs at {mism}/{gen.size} tokens")
-        results.append(CaseResult(case_name(choice), int(sum(s[3] for s in stats)), diff, kl, top1,
-                                  int(gen.size), mism, tuple(failures),
-                                  distributions=_distributions(rows_of_case, pos)))
+        results.append(_causal_case(case_name(choice), stats, gen, pt_gen, budget, rows_of_case, pos))
         if per_row:
             keep = [b for b in range(ids.shape[0]) if mine[b % BATCH] == choice]
             first_gen[keep] = pt_gen[keep]
@@ -549,16 +543,22 @@ def _validate_causal(art: Model, ref: _Reference, prompts, texts, budget: Budget
         rows_of_case = []
         stats = [_stats(art.logits(i, adapter=mine[:i.shape[0]], attention_mask=m), first, m.astype(bool),
                         rows_of_case)]
-        diff, kl, top1, failures = _verdict(stats, budget)
         gen = art.generate(ids, max_new_tokens, adapter=[mine[b % BATCH] for b in range(ids.shape[0])],
                            attention_mask=mask, stop_at_eos=False)[:, ids.shape[1]:]
-        mism = int((gen != first_gen).sum())
-        if budget.greedy_must_match and mism:
-            failures.append(f"greedy generation differs at {mism}/{gen.size} tokens")
-        results.append(CaseResult("per-row(" + "|".join(case_name(c) for c in per_row) + ")",
-                                  int(sum(s[3] for s in stats)), diff, kl, top1, int(gen.size), mism,
-                                  tuple(failures), distributions=_distributions(rows_of_case, pos[:int(m.sum())])))
+        results.append(_causal_case("per-row(" + "|".join(case_name(c) for c in per_row) + ")", stats, gen,
+                                    first_gen, budget, rows_of_case, pos[:int(m.sum())]))
     return results
+
+
+def _causal_case(name: str, stats: list, gen: np.ndarray, pt_gen: np.ndarray, budget: Budget,
+                 rows_of_case: list[dict], pos: np.ndarray) -> CaseResult:
+    """One causal case's result: the per-position verdict of ``stats`` and the greedy comparison."""
+    diff, kl, top1, failures = _verdict(stats, budget)
+    mism = int((gen != pt_gen).sum())
+    if budget.greedy_must_match and mism:
+        failures.append(f"greedy generation differs at {mism}/{gen.size} tokens")
+    return CaseResult(name, int(sum(s[3] for s in stats)), diff, kl, top1, int(gen.size), mism, tuple(failures),
+                      distributions=_distributions(rows_of_case, pos))
 
 
 def _validate_classifier(art: Model, ref: _Reference, prompts, budget: Budget, labelled, limit,
@@ -584,12 +584,7 @@ def _validate_classifier(art: Model, ref: _Reference, prompts, budget: Budget, l
     else:
         batches = [art._encode(texts[i:i + 32], None, reserved) for i in range(0, len(texts), 32)]
     results = []
-    choices = default_choices(art)
-    per_row = per_row_choices(art, choices)
-    mine = [per_row[b % len(per_row)] for b in range(BATCH)] if per_row else []  # row b's choice
-    first = None  # the references of the first batch's rows, each its own choice's
-    first_gen = np.zeros((ids.shape[0], max_new_tokens), np.int64) if per_row else None
-    cases = bar(choices, desc="validate", unit="case", quiet=quiet)
+    cases = bar(default_choices(art), desc="validate", unit="case", quiet=quiet)
     for choice in cases:
         cases.set_postfix_str(case_name(choice))
         torch_ref = ref.get(choice)
