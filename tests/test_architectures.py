@@ -47,7 +47,8 @@ def test_artifact_matches_peft(arch, mode, tmp_path_factory):
     base, out = _artifact(arch, mode, tmp_path_factory)
     result = validate(out, base, max_new_tokens=32, budget=STRICT)
     cases = {c["case"]: c for c in result["cases"]}
-    expected = {"a", "b"} | ({"base", "mix(a=0.7,b=0.3)"} if mode == "side" else set())
+    expected = {"a", "b"} | ({"base", "mix(a=0.7,b=0.3)", "per-row(base|a|b|mix(a=0.7,b=0.3))"}
+                             if mode == "side" else set())
     assert set(cases) == expected
     for name, c in cases.items():
         assert not c["failures"], f"{arch} {mode} {name}: {c['failures']}"

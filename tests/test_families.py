@@ -52,7 +52,7 @@ def test_fused_family_matches_peft(arch, tmp_path_factory):
     assert Model(out).fused
     result = validate(out, base, max_new_tokens=32, budget=STRICT)
     cases = {c["case"]: c for c in result["cases"]}
-    assert set(cases) == {"a", "b", "base", "mix(a=0.7,b=0.3)"}
+    assert set(cases) == {"a", "b", "base", "mix(a=0.7,b=0.3)", "per-row(base|a|b|mix(a=0.7,b=0.3))"}
     for name, c in cases.items():
         assert not c["failures"], f"{arch} {name}: {c['failures']}"
         assert c["greedy_tokens"] == 4 * 32
