@@ -84,7 +84,7 @@ def test_adapters_swap_mix_and_match_pytorch(quantized, setup):
     np.testing.assert_allclose(q.logits(ids, adapter={"lora": 1.0}), q.logits(ids, adapter="lora"), atol=1e-5)
     result = validate(out, base, max_new_tokens=4, budget=LOOSE)
     assert result["passed"], result["cases"]
-    assert len(result["cases"]) == 7  # base, 4 adapters, a mix, a composition
+    assert len(result["cases"]) == 8  # base, 4 adapters, a mix, a composition, a per-row batch
 
 
 def test_budget_is_enforced(quantized, setup):
