@@ -238,32 +238,12 @@ class AdapterStore:
         name or a mix), in one session run (:func:`edgepeft.runtime.mix.combine_rows`); cached
         with the mixes, per composition."""
         loaded = self._loaded
-        keys = []
-        for choice in choices:
-            if choice is None:
-                keys.append(())
-                continue
-            mix = {choice: 1.0} if isinstance(choice, str) else choice
-            if not isinstance(mix, Mapping) or not mix:
-                raise EdgepeftError(f"adapter row {len(keys)}: {choice!r}: pass None, a name, or a "
-                                    "non-empty {name: weight} mix per row.")
-            check_names(list(mix), loaded, self.root)
-            keys.append(tuple(sorted((n, float(w)) for n, w in mix.items())))
-        key = ("rows", *keys)
-        used = tuple(loaded[n] for k in keys for n, _ in k)
-        with self._lock:
-            hit = self._mixes.get(key)
-            if hit is not None and all(x is y for x, y in zip(hit[0], used)):
-                self._mixes.move_to_end(key)
-                return hit[1]
-        feeds, prefix = combine_rows(keys, loaded, self.manifest.get("inputs", {}), self.manifest.get("rows", {}),
-                                     self.root / MANIFEST_NAME)
-        result = (feeds if self.feeding.pad is None else self.feeding.pad(feeds, sorted(set(used_names(keys))))), prefix
-        with self._lock:
-            self._mixes[key] = (used, result)
-            while len(self._mixes) > MIX_CACHE_SIZE:
-                self._mixes.popitem(last=False)
-        return result
+        keys = [() if c is None else self._mix_key({c: 1.0} if isinstance(c, str) else c, loaded, f"row {b}: ")
+                for b, c in enumerate(choices)]
+        pairs = [pair for k in keys for pair in k]  # how a static layout names them in errors
+        return self._cached(("rows", *keys), tuple(loaded[n] for n, _ in pairs), sorted(set(pairs)),
+                            lambda: combine_rows(keys, loaded, self.manifest.get("inputs", {}),
+                                                 self.manifest.get("rows", {}), self.root / MANIFEST_NAME))
 
     def feeds(self, adapter: AdapterChoice) -> tuple[dict[str, np.ndarray], list | None]:
         """Graph feeds and KV-cache seed for None (base), a name, or ``{name: weight}``.
@@ -281,19 +261,29 @@ class AdapterStore:
             if self.feeding.pad is None:
                 return a.graph, a.prefix
             adapter = {adapter: 1.0}  # padded to the fixed shapes once, cached with the mixes
-        if not isinstance(adapter, Mapping) or not adapter:
-            raise EdgepeftError(f"adapter={adapter!r}: pass None, a name, or a non-empty "
+        key = self._mix_key(adapter, loaded)
+        return self._cached(key, tuple(loaded[n] for n, _ in key), key,
+                            lambda: combine(key, loaded, self.manifest.get("inputs", {}), self.root / MANIFEST_NAME))
+
+    def _mix_key(self, mix, loaded: Mapping, where: str = "") -> Key:
+        """The cache key of a ``{name: weight}`` mix, its names checked."""
+        if not isinstance(mix, Mapping) or not mix:
+            raise EdgepeftError(f"adapter={where}{mix!r}: pass None, a name, or a non-empty "
                                 "{name: weight} mix.")
-        check_names(list(adapter), loaded, self.root)
-        key = tuple(sorted((n, float(w)) for n, w in adapter.items()))
-        used = tuple(loaded[n] for n, _ in key)
+        check_names(list(mix), loaded, self.root)
+        return tuple(sorted((n, float(w)) for n, w in mix.items()))
+
+    def _cached(self, key, used: tuple, names, make: Callable[[], tuple]) -> tuple[dict[str, np.ndarray], list | None]:
+        """``make()``'s feeds (padded to the fixed shapes on a static artifact; ``names``: the
+        adapters, for its errors) and KV-cache seed, cached under ``key`` while the adapters
+        ``used`` stay loaded (a removed and re-added adapter is another object)."""
         with self._lock:
             hit = self._mixes.get(key)
             if hit is not None and all(x is y for x, y in zip(hit[0], used)):
                 self._mixes.move_to_end(key)
                 return hit[1]
-        feeds, prefix = combine(key, loaded, self.manifest.get("inputs", {}), self.root / MANIFEST_NAME)
-        result = (feeds if self.feeding.pad is None else self.feeding.pad(feeds, key)), prefix
+        feeds, prefix = make()
+        result = (feeds if self.feeding.pad is None else self.feeding.pad(feeds, names)), prefix
         with self._lock:
             self._mixes[key] = (used, result)
             while len(self._mixes) > MIX_CACHE_SIZE:
@@ -307,11 +297,6 @@ def _names_of(key) -> set[str]:
     if key and key[0] == "rows":
         return {n for k in key[1:] for n, _ in k}
     return {n for n, _ in key}
-
-
-def used_names(keys) -> list[tuple[str, float]]:
-    """``(name, weight)`` pairs of the rows' mix keys (how a static layout names them in errors)."""
-    return [(n, w) for k in keys for n, w in k]
 
 
 def find_adapter(path: Path, name: str | None) -> tuple[Path, str]:
