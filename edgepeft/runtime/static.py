@@ -31,7 +31,7 @@ class StaticLayout:
                  cache: list[tuple[int, int]]):
         self.root = opener.root
         self.static = manifest["static"]  # batch, max_rank, context (causal LMs)
-        self.manifest_rows = frozenset(manifest.get("rows", {}))
+        self.manifest_rows = frozenset(manifest.get("rows", {}))  # per-row weights: (batch, 1, max_rank), default ones
         self.cache = cache
         self.pad_id = (manifest.get("tokenizer") or {}).get("pad_token_id") or 0
         self.buckets = {}
@@ -40,7 +40,7 @@ class StaticLayout:
             self.buckets[entry["seq"]] = opened.session
         self.longest = max(self.buckets)  # the longest fixed-shape graph
         self.fixed = dict(opened.shapes)  # each adapter input's fixed shape
-        rows = manifest.get("rows", {})  # per-row weights: (batch, 1, max_rank), default ones
+        rows = self.manifest_rows
         graph_inputs = opened.session.get_inputs() + opened.session.get_overridable_initializers()
         self.fixed.update({i.name: tuple(i.shape) for i in graph_inputs if i.name in rows})
         zeros = {k: np.zeros(v, np.float32) for k, v in self.fixed.items()

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from edgepeft.contract.names import ROWS_PART
+from edgepeft.contract.names import ROWS_AXIS, ROWS_PART
 from edgepeft.errors import EdgepeftError
 
 _RANK = re.compile(r"^rank_")
@@ -47,7 +47,7 @@ def bucket_file(seq: int) -> str:
 
 def bucket_dims(task: str, batch: int, seq: int, context: int | None) -> dict[str, int]:
     """The dynamic graph's named axes and their values in the graph of bucket ``seq``."""
-    dims = {"batch": batch, "seq": seq, "rows": batch}  # rows: per-row weights, one per row
+    dims = {"batch": batch, "seq": seq, ROWS_AXIS: batch}  # per-row weights: one per row
     if task == "causal-lm":
         dims.update(past_seq=context - seq, total_seq=context)
     return dims
