@@ -207,6 +207,10 @@ class FusedLayout:
     def decodings(self, feeds: dict, prefix, ids: np.ndarray, mask: np.ndarray, new_tokens: int) -> list:
         return [_Decoding(self, feeds, ids, mask, new_tokens)]
 
+    def slots(self, capacity: int, context: int) -> Slots:
+        """KV slots for rows that join and leave a running batch (:class:`Slots`)."""
+        return Slots(self, capacity, context)
+
     def classify(self, feeds: dict, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         raise EdgepeftError("fused graphs are causal LMs; classification artifacts have a traced graph.")
 
@@ -228,3 +232,46 @@ class _Decoding:
     def step(self, tokens: np.ndarray) -> np.ndarray:
         self._lengths = self._lengths + 1
         return self._kv.run(tokens[:, None], self._lengths)[:, 0]  # (B, V)
+
+
+class Slots:
+    """Rows that join and leave a running batch (:class:`edgepeft.runtime.batching.Batcher`): one
+    KV buffer of ``capacity`` rows x ``context`` slots, every row at its own length.
+
+    A joining row's prompt runs alone on a KV buffer of its own length, then its keys and values
+    are copied into its row of the batch buffer; each decode step runs all ``capacity`` rows in
+    one call (idle rows run one scratch token at slot 0, which a later join overwrites).
+    """
+
+    dense = True  # the graph batch is every slot, idle ones included
+
+    def __init__(self, layout: FusedLayout, capacity: int, context: int):
+        layout.fits(context)
+        self._layout, self.capacity, self.context = layout, capacity, context
+        self._kv = Cache(layout.session, layout.cache, capacity, context)
+        self._lengths = np.ones(capacity, np.int64)  # (capacity,) each row's tokens in the buffer
+
+    def prefill(self, slot: int, feeds: dict, prefix, ids: np.ndarray) -> np.ndarray:
+        """Run ``ids (S,)`` into ``slot``'s row; the ``(V,)`` logits of its next token."""
+        one = Cache(self._layout.session, self._layout.cache, 1, len(ids))
+        one.bind_adapter(self._layout.values(feeds))
+        logits = one.run(ids[None], np.array([len(ids)], np.int64))  # (1, S, V)
+        for (big, _), (small, _) in zip(self._kv.buffers, one.buffers):
+            big[slot, :, :len(ids)] = small[0]  # (H_kv, S, D)
+        self._lengths[slot] = len(ids)
+        return logits[0, -1]
+
+    def step(self, feeds: dict, live: list[int], tokens: np.ndarray) -> np.ndarray:
+        """Append ``tokens`` to the ``live`` rows (in that order) in one call; their ``(n, V)``
+        logits. ``feeds``: for all ``capacity`` rows."""
+        ids = np.zeros((self.capacity, 1), np.int64)  # (capacity, 1)
+        ids[live, 0] = tokens
+        self._lengths[live] += 1
+        idle = np.ones(self.capacity, bool)
+        idle[live] = False
+        self._lengths[idle] = 1
+        self._kv.bind_adapter(self._layout.values(feeds))
+        return self._kv.run(ids, self._lengths)[live, 0]
+
+    def free(self, slot: int) -> None:
+        self._lengths[slot] = 1

@@ -274,6 +274,14 @@ class Model:
         _, layout, feeds, prefix = self._groups(adapter, ids.shape[0])[0]  # one row: one group
         return ids, mask, layout.decodings(feeds, prefix, ids, mask, max_new_tokens), eos
 
+    def batcher(self, capacity: int = 8, context: int | None = None):
+        """A running batch that generations join and leave between decode steps, each with its
+        own adapter and sampling, one session run per step
+        (:class:`edgepeft.runtime.batching.Batcher`: fused and traced side-branch artifacts)."""
+        from edgepeft.runtime.batching import Batcher
+
+        return Batcher(self, capacity, context)
+
     # ---------------------------------------------------------------- classification
     def classify(self, texts_or_ids, adapter: AdapterChoice = None, attention_mask=None) -> np.ndarray:
         """Class probabilities (classification artifacts).
@@ -346,36 +354,23 @@ class Model:
         Text that could be the start of a ``stop`` string, or an unfinished UTF-8 character, is
         held back until the next tokens decide; the pieces join to :meth:`generate_text`'s result."""
         self._need("causal-lm", "stream_text()")
-        if isinstance(stop, str):
-            stop = [stop]
-        if any(not isinstance(x, str) or not x for x in stop):
-            raise EdgepeftError(f"stop={list(stop)!r}: non-empty strings.")
+        out = text.TextStream(self.tokenizer, stop)
         sampling = decode.Sampling(temperature, top_k, top_p, repetition_penalty, seed)
         prompt_ids = self.tokenizer.encode(prompt).ids
         _, _, (run,), eos = self._decodings([prompt_ids], None, adapter, max_new_tokens, True, stop_token_ids)
         pick = decode.Picker(sampling, [prompt_ids])
-        tokens: list[int] = []
-        sent = ""
         for nxt in decode.steps(run, max_new_tokens, eos, pick, slice(0, run.rows)):
             t = int(nxt[0])
             if t in eos:
                 break
-            tokens.append(t)
-            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-            cut = min((i for i in (text.find(x, max(0, len(sent) - len(x))) for x in stop) if i >= 0), default=-1)
-            if cut >= 0:
-                if cut > len(sent):
-                    yield text[len(sent):cut]
+            piece = out.push(t)
+            if piece:
+                yield piece
+            if out.stopped:
                 return
-            ready = len(text.rstrip("\ufffd"))  # an unfinished character decodes as U+FFFD
-            ready -= max((k for x in stop for k in range(1, min(len(x), ready + 1))  # a tail a stop
-                          if text[:ready].endswith(x[:k])), default=0)            # string may start
-            if ready > len(sent):
-                yield text[len(sent):ready]
-                sent = text[:ready]
-        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-        if len(text) > len(sent):
-            yield text[len(sent):]
+        piece = out.flush()
+        if piece:
+            yield piece
 
 
 def _scatter(rows: int, parts: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:

@@ -4,7 +4,7 @@ right-padded batches classifiers take. numpy (+ tokenizers, imported when a toke
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -96,3 +96,52 @@ def _right_padded(rows: list[list[int]], manifest: dict, limit: int, reserved: i
         raise EdgepeftError(f"sequences of {longest} tokens exceed the model's {limit} (after "
                             f"{reserved} virtual tokens); shorten them.")
     return ids, mask
+
+
+class TextStream:
+    """A generation's text as its tokens come, held back while it may still change: text that
+    could be the start of a ``stop`` string, or an unfinished UTF-8 character (decoded as
+    U+FFFD). The pieces :meth:`push` and :meth:`flush` return join to the whole text, cut before
+    the first stop string (then ``stopped`` is set and later tokens are ignored).
+
+    Args:
+        tokenizer: a ``tokenizers.Tokenizer``.
+        stop: strings that end the text (not included).
+    """
+
+    def __init__(self, tokenizer, stop: Sequence[str] = ()):
+        if isinstance(stop, str):
+            stop = [stop]
+        if any(not isinstance(x, str) or not x for x in stop):
+            raise EdgepeftError(f"stop={list(stop)!r}: non-empty strings.")
+        self._tokenizer, self._stop = tokenizer, list(stop)
+        self._tokens: list[int] = []
+        self.sent = ""  # the text returned so far
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        """Add ``token``; the new text that is final (may be empty)."""
+        if self.stopped:
+            return ""
+        self._tokens.append(int(token))
+        text = self._tokenizer.decode(self._tokens, skip_special_tokens=True)
+        sent = self.sent
+        cut = min((i for i in (text.find(x, max(0, len(sent) - len(x))) for x in self._stop) if i >= 0), default=-1)
+        if cut >= 0:
+            self.stopped = True
+            return self._send(text[:cut]) if cut > len(sent) else ""
+        ready = len(text.rstrip("\ufffd"))  # an unfinished character decodes as U+FFFD
+        ready -= max((k for x in self._stop for k in range(1, min(len(x), ready + 1))  # a tail a stop
+                      if text[:ready].endswith(x[:k])), default=0)                   # string may start
+        return self._send(text[:ready]) if ready > len(sent) else ""
+
+    def flush(self) -> str:
+        """The text held back, at the end of the generation."""
+        if self.stopped:
+            return ""
+        text = self._tokenizer.decode(self._tokens, skip_special_tokens=True)
+        return self._send(text) if len(text) > len(self.sent) else ""
+
+    def _send(self, upto: str) -> str:
+        piece, self.sent = upto[len(self.sent):], upto
+        return piece

@@ -60,6 +60,10 @@ class TracedLayout:
     def decodings(self, feeds: dict, prefix, ids: np.ndarray, mask: np.ndarray, new_tokens: int) -> list:
         return [_Decoding(self, feeds, prefix, ids, mask)]
 
+    def slots(self, capacity: int, context: int) -> Slots:
+        """The live rows of a running batch (:class:`Slots`)."""
+        return Slots(self, capacity, context)
+
     def classify(self, feeds: dict, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         return self.session.run(["logits"], {"input_ids": ids, "attention_mask": mask, **feeds})[0]
 
@@ -88,3 +92,53 @@ class _Decoding:
         outputs = self._layout.run(self._feeds, ids, self._mask, self._past)
         self._past = self._layout.presents(outputs)
         return outputs[0][:, -1]  # (B, V)
+
+
+class Slots:
+    """Rows that join and leave a running batch (:class:`edgepeft.runtime.batching.Batcher`) on
+    the traced graph: the batch holds the live rows only, left-padded to one past length.
+
+    A joining row's prompt runs alone (its adapter's prefix seeds its cache), then its past is
+    merged into the batch's; a leaving row's past is dropped, and the columns no row uses any more
+    with it. Positions follow each row's own mask, so rows at different lengths decode together.
+    """
+
+    dense = False  # the graph batch is the live rows, in ``order``
+
+    def __init__(self, layout: TracedLayout, capacity: int, context: int):
+        self._layout, self.capacity, self.context = layout, capacity, context
+        self.order: list[int] = []  # slot of each batch row
+        self._past: dict[str, np.ndarray] = {}  # name -> (B, H, P, D)
+        self._mask = np.zeros((0, 0), np.int64)  # (B, P)
+
+    def prefill(self, slot: int, feeds: dict, prefix, ids: np.ndarray) -> np.ndarray:
+        past, mask = self._layout.start(1, np.ones((1, len(ids)), np.int64), prefix)
+        outputs = self._layout.run(feeds, ids[None], mask, past)
+        new = self._layout.presents(outputs)
+        width = max(self._mask.shape[1], mask.shape[1])
+
+        def left(x: np.ndarray, axis: int) -> np.ndarray:
+            pad = [(0, 0)] * x.ndim
+            pad[axis] = (width - x.shape[axis], 0)
+            return np.pad(x, pad)
+
+        self._past = {n: np.concatenate([left(self._past[n], 2), left(v, 2)]) if self.order else v
+                      for n, v in new.items()}
+        self._mask = np.concatenate([left(self._mask, 1), left(mask, 1)]) if self.order else mask
+        self.order.append(slot)
+        return outputs[0][0, -1]
+
+    def step(self, feeds: dict, live: list[int], tokens: np.ndarray) -> np.ndarray:
+        """Append ``tokens`` to the ``live`` rows (``order``) in one call; their ``(n, V)`` logits."""
+        self._mask = np.concatenate([self._mask, np.ones((len(live), 1), np.int64)], axis=1)  # (B, P+1)
+        outputs = self._layout.run(feeds, tokens[:, None], self._mask, self._past)
+        self._past = self._layout.presents(outputs)
+        return outputs[0][:, -1]
+
+    def free(self, slot: int) -> None:
+        keep = np.array([s != slot for s in self.order])
+        self.order = [s for s in self.order if s != slot]
+        used = self._mask[keep].any(0)  # columns a remaining row attends to
+        first = int(used.argmax()) if used.any() else self._mask.shape[1]
+        self._mask = self._mask[keep, first:]
+        self._past = {n: v[keep][:, :, first:] for n, v in self._past.items()}
