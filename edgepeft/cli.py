@@ -627,12 +627,42 @@ def _targets_args(p):
                    help="show every field of this profile (a name or a .toml file)")
 
 
+def serve(args) -> int:
+    """An OpenAI-compatible HTTP server over an artifact: /v1/completions, /v1/chat/completions
+    (the tokenizer's chat template), /v1/models (the base under the artifact's name, and each
+    adapter), /v1/classify (classifiers), /health. A request picks its adapter by `model` or an
+    `adapter` field (a name or {name: weight}); concurrent requests with different adapters are
+    decoded together. Needs: pip install 'edgepeft[serve]'."""
+    from edgepeft.serve import serve as run_server
+
+    run_server(args.artifact, args.host, args.port, args.max_batch, args.api_key, args.drain_timeout,
+               args.context, args.threads, args.name)
+    return 0
+
+
+def _serve_args(p):
+    p.add_argument("artifact", help="artifact directory")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; any other "
+                   "needs --api-key)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together at most (default 8)")
+    p.add_argument("--context", type=int, default=None, help="tokens per request, prompt + max_tokens "
+                   "(default: the model's, at most 1024)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    p.add_argument("--drain-timeout", type=float, default=30.0, help="on SIGTERM, seconds to finish running "
+                   "requests (default 30)")
+    p.add_argument("--name", default=None, help="the base model's id in /v1/models (default: the artifact "
+                   "directory's name)")
+    p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
+
+
 COMMANDS = {
     "export": (export, _export_args),
     "targets": (targets, _targets_args),
     "validate": (validate, _validate_args),
     "bench": (bench, _bench_args),
     "run": (run, _run_args),
+    "serve": (serve, _serve_args),
     "classify": (classify, _classify_args),
     "inspect": (inspect, _inspect_args),
     "verify": (verify, _verify_args),

@@ -184,3 +184,71 @@ def test_validate_checks_a_per_row_batch(artifacts, llama_base, monkeypatch):
     monkeypatch.setattr(adapters_module, "combine_rows", every_row_everything)
     report = validate(path, llama_base, max_new_tokens=4, report=path.parent / "bad-report.json", quiet=True)
     assert report["cases"][-1]["failures"] and not report["passed"]
+
+
+# ---------------------------------------------------------------- rows joining and leaving
+def _run_joining(model: Model, prompts, choices, new: int, **kw):
+    """Rows join one per step (the first two together); each keeps its own length."""
+    b = model.batcher(**kw)
+    rows = [b.join(prompts[0], choices[0], new, stop_at_eos=False)]
+    for p, c in zip(prompts[1:], choices[1:]):
+        rows.append(b.join(p, c, new, stop_at_eos=False))
+        b.step()
+    while b.rows:
+        b.step()
+    return b, rows
+
+
+@pytest.mark.parametrize("name", ["generic", "fused"])
+def test_rows_joining_mid_generation_are_each_rows_own(artifacts, name, monkeypatch):
+    """Rows that join a running batch (and leave at different steps) get what each gets alone:
+    the same greedy tokens, and their last logits within 1e-5 of a full-sequence run; after the
+    prefills, one session run per step serves every row."""
+    model = artifacts[name]
+    news = [6, 3, 5, 2, 4]  # rows leave at different steps
+    b = model.batcher(capacity=4, context=40)
+    calls = _count_runs(model, monkeypatch)
+    rows, steps = [], 0
+    for p, c, n in zip(IDS, CHOICES, news):
+        while not b.fits(c):  # the fifth waits for a free row
+            b.step()
+            steps += 1
+        rows.append(b.join(p, c, n, stop_at_eos=False))
+        b.step()
+        steps += 1
+    while b.rows:
+        b.step()
+        steps += 1
+    assert calls[0] == len(IDS) + b.runs and b.runs <= steps  # one run per prefill, one per step
+    for b_, (row, p, c, n) in enumerate(zip(rows, IDS, CHOICES, news)):
+        alone = model.generate([p], n, c, stop_at_eos=False)[0, len(p):].tolist()
+        assert row.tokens == alone and row.finish == "length", f"{name} row {b_} ({c})"
+        full = model.logits([p + row.tokens[:-1]], c)[0, -1]
+        np.testing.assert_allclose(row.logits, full, atol=1e-5, err_msg=f"{name} row {b_} ({c})")
+
+
+@pytest.mark.parametrize("name", ["static", "merged"])
+def test_a_batcher_on_fixed_shapes_or_merged_graphs_runs_one_row_at_a_time(artifacts, name):
+    model = artifacts[name]
+    choices = ["sql", "chat"]
+    b, rows = _run_joining(model, IDS[:1], choices[:1], 4, capacity=4, context=32)
+    assert b.serial and b.capacity == 1
+    assert rows[0].tokens == model.generate([IDS[0]], 4, "sql", stop_at_eos=False)[0, len(IDS[0]):].tolist()
+    b.join(IDS[1], "chat", 3, stop_at_eos=False)
+    assert not b.fits("sql")  # one at a time: the next waits
+    with pytest.raises(EdgepeftError, match="batch is full"):
+        b.join(IDS[2], "sql", 3)
+
+
+def test_a_batcher_refuses_what_cannot_share_a_call(artifacts):
+    model = artifacts["generic"]
+    b = model.batcher(capacity=2, context=16)
+    b.join(IDS[0], "chat", 3)
+    assert not b.fits("ia3")  # IA3 scales apply to every row of a call: it waits
+    assert b.fits("sql")
+    with pytest.raises(EdgepeftError, match="nope"):
+        b.fits("nope")
+    with pytest.raises(EdgepeftError, match="exceed the 16 tokens a row holds"):
+        b.join(list(range(3, 15)), "sql", 8)
+    with pytest.raises(EdgepeftError, match="non-empty list of token ids"):
+        b.join([], "sql", 2)

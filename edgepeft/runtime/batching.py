@@ -42,6 +42,7 @@ class Row:
     tokens: list[int] = field(default_factory=list)
     finish: str | None = None
     pending: int | None = None  # the last picked token, not yet run through the graph
+    logits: np.ndarray | None = None  # (V,) the logits the last token was picked from
 
 
 class Batcher:
@@ -51,7 +52,8 @@ class Batcher:
         model: a side-branch causal-LM :class:`~edgepeft.runtime.Model` on a fused or traced graph.
         capacity: rows decoded together at most.
         context: KV slots per row: a row's prompt + new tokens at most (default: the model's
-            ``max_length``, at most 1024; the fused graph keeps ``capacity x context`` slots).
+            ``max_length`` or the positions its graph computes, at most 1024; the fused graph keeps
+            ``capacity x context`` slots).
 
     Merged artifacts (one graph per adapter) and fixed-shape targets cannot run rows of
     different lengths side by side: their ``Batcher`` has ``serial`` set and a capacity of 1 (one
@@ -65,10 +67,11 @@ class Batcher:
         model._need("causal-lm", "a Batcher")
         if not isinstance(capacity, int) or capacity < 1:
             raise EdgepeftError(f"capacity={capacity!r}: an integer >= 1.")
-        context = context or min(int(model.manifest["base"].get("max_length") or 1024), 1024)
+        layout = None if model.merged else model._layouts[None]
+        longest = model.manifest["base"].get("max_length") or getattr(layout, "positions", None) or 1024
+        context = context or min(int(longest), 1024)
         if not isinstance(context, int) or context < 2:
             raise EdgepeftError(f"context={context!r}: an integer >= 2 (prompt + new tokens per row).")
-        layout = None if model.merged else model._layouts[None]
         self.serial = layout is None or not hasattr(layout, "slots")
         if self.serial:  # merged graphs, fixed-shape targets: one row at a time
             capacity = 1
@@ -121,7 +124,7 @@ class Batcher:
         slot = min(set(range(self.capacity)) - set(self.rows))
         row = Row(slot, ids, adapter, max_new_tokens, frozenset(eos_ids(self.model.manifest, stop_at_eos, stop_token_ids)),
                   Picker(sampling, [ids]))
-        logits = self._slots.prefill(slot, *self._open(adapter), ids)  # (V,)
+        logits = self._slots.prefill(slot, *self._open(adapter), ids, max_new_tokens)  # (V,)
         self.rows[slot] = row
         self._take(row, logits[None])
         return row
@@ -148,6 +151,7 @@ class Batcher:
 
     def _take(self, row: Row, logits: np.ndarray) -> None:
         """Pick ``row``'s next token from ``logits (1, V)``; end and drop the row when it ends."""
+        row.logits = logits[0]
         t = int(row.picker(logits, slice(0, 1))[0])
         if t in row.stop:
             row.finish = "stop"
@@ -195,10 +199,10 @@ class _Serial:
         self.context = context
         self._run = None
 
-    def prefill(self, slot: int, chosen: tuple, prefix, ids: np.ndarray) -> np.ndarray:
+    def prefill(self, slot: int, chosen: tuple, prefix, ids: np.ndarray, new_tokens: int) -> np.ndarray:
         layout, feeds = chosen
         self._run = layout.decodings(feeds, prefix, ids[None], np.ones((1, len(ids)), np.int64),
-                                     self.context - len(ids))[0]
+                                     new_tokens)[0]
         return self._run.prefill()[0]
 
     def step(self, feeds: dict, live: list[int], tokens: np.ndarray) -> np.ndarray:

@@ -251,8 +251,9 @@ class Slots:
         self._kv = Cache(layout.session, layout.cache, capacity, context)
         self._lengths = np.ones(capacity, np.int64)  # (capacity,) each row's tokens in the buffer
 
-    def prefill(self, slot: int, feeds: dict, prefix, ids: np.ndarray) -> np.ndarray:
-        """Run ``ids (S,)`` into ``slot``'s row; the ``(V,)`` logits of its next token."""
+    def prefill(self, slot: int, feeds: dict, prefix, ids: np.ndarray, new_tokens: int) -> np.ndarray:
+        """Run ``ids (S,)`` into ``slot``'s row (``new_tokens`` to follow); the ``(V,)`` logits of
+        its next token."""
         one = Cache(self._layout.session, self._layout.cache, 1, len(ids))
         one.bind_adapter(self._layout.values(feeds))
         logits = one.run(ids[None], np.array([len(ids)], np.int64))  # (1, S, V)

@@ -339,6 +339,11 @@ class Model:
             self._tokenizer = text.load_tokenizer(self.path, self.manifest)
         return self._tokenizer
 
+    def chat_prompt(self, messages: Sequence[dict]) -> str:
+        """``[{role, content}, ...]`` rendered by the tokenizer's chat template, ending where the
+        assistant's answer starts (:func:`edgepeft.runtime.text.chat_prompt`; needs jinja2)."""
+        return text.chat_prompt(self.path, self.manifest, list(messages))
+
     def generate_text(self, prompt: str, max_new_tokens: int = 32, adapter: AdapterChoice = None, *,
                       stop: Sequence[str] = (), **sampling) -> str:
         """The continuation of ``prompt`` (its new tokens decoded), ended by EOS, a ``stop``

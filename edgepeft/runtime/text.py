@@ -4,6 +4,7 @@ right-padded batches classifiers take. numpy (+ tokenizers, imported when a toke
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -145,3 +146,46 @@ class TextStream:
     def _send(self, upto: str) -> str:
         piece, self.sent = upto[len(self.sent):], upto
         return piece
+
+
+def chat_prompt(root: Path, manifest: dict, messages: list[dict]) -> str:
+    """``messages`` rendered by the tokenizer's chat template, ending with the assistant's turn
+    (the text to continue), as transformers' ``apply_chat_template(add_generation_prompt=True)``
+    renders it: a sandboxed Jinja2 environment with ``raise_exception`` and the special tokens.
+
+    Raises:
+        EdgepeftError: no tokenizer or no chat template in the artifact, jinja2 missing, or the
+            template refusing the messages (its own message).
+    """
+    tok = manifest.get("tokenizer")
+    if not tok:
+        raise EdgepeftError(f"{root}: the artifact has no tokenizer, so no chat template.")
+    folder = inside(root, tok["dir"], str(root / "manifest.json"))
+    config_file = folder / "tokenizer_config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+    template = config.get("chat_template")
+    if isinstance(template, list):  # [{name, template}]: the default one
+        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    if (folder / "chat_template.jinja").is_file():
+        template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    if not template:
+        raise EdgepeftError(f"{folder}: the tokenizer has no chat template (the base model has none); send "
+                            "the text yourself to /v1/completions.")
+    try:
+        from jinja2 import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    except ImportError:
+        raise EdgepeftError("chat templates need jinja2: pip install 'edgepeft[serve]'.") from None
+
+    def raise_exception(message):
+        raise TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.filters["tojson"] = lambda x, indent=None, **_: json.dumps(x, indent=indent, ensure_ascii=False)
+    env.globals["raise_exception"] = raise_exception
+    special = {k: (v if isinstance(v, str) else (v or {}).get("content"))
+               for k, v in config.items() if k.endswith("_token")}
+    try:
+        return env.from_string(template).render(messages=messages, add_generation_prompt=True, **special)
+    except TemplateError as e:
+        raise EdgepeftError(f"the chat template refused these messages: {e}") from None

@@ -111,7 +111,7 @@ class Slots:
         self._past: dict[str, np.ndarray] = {}  # name -> (B, H, P, D)
         self._mask = np.zeros((0, 0), np.int64)  # (B, P)
 
-    def prefill(self, slot: int, feeds: dict, prefix, ids: np.ndarray) -> np.ndarray:
+    def prefill(self, slot: int, feeds: dict, prefix, ids: np.ndarray, new_tokens: int) -> np.ndarray:
         past, mask = self._layout.start(1, np.ones((1, len(ids)), np.int64), prefix)
         outputs = self._layout.run(feeds, ids[None], mask, past)
         new = self._layout.presents(outputs)
