@@ -6,6 +6,7 @@ templates); the runtime itself does not.
 
 from __future__ import annotations
 
+import signal
 import sys
 import time
 from pathlib import Path
@@ -50,8 +51,17 @@ def serve(artifact: str | Path, host: str = "127.0.0.1", port: int = 8000, max_b
           file=sys.stderr, flush=True)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=drain_timeout,
                             access_log=False)
+    # uvicorn drains on SIGTERM / SIGINT, restores the handlers it found, then raises the signal
+    # again; these handlers let that end here, so the engine is closed and the exit code is 0.
+    stopped_by: list[int] = []
+    previous = {sig: signal.signal(sig, lambda sig, frame: stopped_by.append(sig))
+                for sig in (signal.SIGTERM, signal.SIGINT)}
     started = time.monotonic()
-    uvicorn.Server(config).run()
+    try:
+        uvicorn.Server(config).run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if engine is not None:  # uvicorn waited for open requests; anything left ends here
         left = max(0.0, drain_timeout - (time.monotonic() - started)) if drain_timeout else 0.0
         engine.close(min(left, drain_timeout))

@@ -76,7 +76,7 @@ def create_app(model, engine: Engine | None, name: str, api_key: str | None = No
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "busy": engine.busy if engine else 0}
+        return {"status": "ok", "busy": engine.busy if engine else 0, **(engine.stats if engine else {})}
 
     @app.get("/v1/models")
     async def models():

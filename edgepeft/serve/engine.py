@@ -75,6 +75,7 @@ class Engine:
         self._running: dict[int, tuple[Job, TextStream, int]] = {}  # slot -> (job, text, tokens sent)
         self._wake = threading.Condition()
         self._closing = False
+        self.stats = {"served": 0, "cancelled": 0}  # jobs that ended, and those dropped for their client
         self._thread = threading.Thread(target=self._loop, name="edgepeft-engine", daemon=True)
         self._thread.start()
 
@@ -173,6 +174,8 @@ class Engine:
         if row is not None:
             self.batcher.leave(row)
         if finish is None and error is None:
+            self.stats["cancelled"] += 1
             return  # cancelled: nobody to tell
+        self.stats["served"] += 1
         rest = "" if error else text.flush()
         job._send(Event(text=rest, finish=finish or "error", completion_tokens=sent, error=error))
