@@ -17,7 +17,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "edgepeft"
-TORCH_FREE = ("runtime", "contract")  # subpackages that must run without torch (numpy + onnxruntime)
+TORCH_FREE = ("runtime", "contract", "serve")  # subpackages that must run without torch (numpy + onnxruntime)
 HEAVY = ("torch", "transformers", "peft")
 
 

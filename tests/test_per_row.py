@@ -175,13 +175,12 @@ def test_validate_checks_a_per_row_batch(artifacts, llama_base, monkeypatch):
     report = validate(path, llama_base, max_new_tokens=4, report=path.parent / "fused-report.json", quiet=True)
     case = report["cases"][-1]
     assert case["case"].startswith("per-row(base|chat|sql|code|mix(") and not case["failures"], case
-    real = adapters_module.combine_rows
+    real = adapters_module.row_weights
 
     def every_row_everything(*a, **k):  # rows weights all ones: each row runs every adapter
-        feeds, prefix = real(*a, **k)
-        return {n: np.ones_like(v) if n.endswith(".rows") else v for n, v in feeds.items()}, prefix
+        return {n: np.ones_like(v) for n, v in real(*a, **k).items()}
 
-    monkeypatch.setattr(adapters_module, "combine_rows", every_row_everything)
+    monkeypatch.setattr(adapters_module, "row_weights", every_row_everything)
     report = validate(path, llama_base, max_new_tokens=4, report=path.parent / "bad-report.json", quiet=True)
     assert report["cases"][-1]["failures"] and not report["passed"]
 

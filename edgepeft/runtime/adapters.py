@@ -8,6 +8,7 @@ it once, so a call sees an adapter either wholly or not at all.
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
@@ -19,7 +20,7 @@ import numpy as np
 from edgepeft.contract import MANIFEST_NAME, check_adapter_name, prefix_names, read_manifest
 from edgepeft.contract.adapter_files import read_checked_adapter
 from edgepeft.errors import EdgepeftError
-from edgepeft.runtime.mix import Key, combine, combine_rows
+from edgepeft.runtime.mix import Key, combine, row_weights, shared_by_rows, union_feeds
 
 AdapterChoice = str | Mapping[str, float] | None
 MIX_CACHE_SIZE = 8
@@ -233,17 +234,38 @@ class AdapterStore:
             self._mixes.clear()
 
     # ---------------------------------------------------------------- feeds
-    def feeds_rows(self, choices: Sequence[AdapterChoice]) -> tuple[dict[str, np.ndarray], list | None]:
-        """Graph feeds and KV-cache seed of a batch whose row ``b`` runs ``choices[b]`` (None, a
-        name or a mix), in one session run (:func:`edgepeft.runtime.mix.combine_rows`); cached
-        with the mixes, per composition."""
+    def rows_parts(self, choices: Sequence[AdapterChoice], union: Sequence[str] = ()) -> tuple[dict, dict, list | None]:
+        """The feeds of a batch whose row ``b`` runs ``choices[b]`` (None, a name or a mix) in one
+        session run, in two parts (:mod:`edgepeft.runtime.mix`, per-row batches):
+
+        - ``fixed``: the adapters of the batch (and of ``union``, names a running batch keeps)
+          concatenated along each slot's rank axis, with the inputs every row shares; one cached
+          object per set of adapters, so rows that join and leave do not rebuild it;
+        - ``weights``: each slot's per-row weights ``(B, 1, R)``, made per call (small);
+
+        and the KV-cache seed the rows share.
+        """
         loaded = self._loaded
         keys = [() if c is None else self._mix_key({c: 1.0} if isinstance(c, str) else c, loaded, f"row {b}: ")
                 for b, c in enumerate(choices)]
-        pairs = [pair for k in keys for pair in k]  # how a static layout names them in errors
-        return self._cached(("rows", *keys), tuple(loaded[n] for n, _ in pairs), sorted(set(pairs)),
-                            lambda: combine_rows(keys, loaded, self.manifest.get("inputs", {}),
-                                                 self.manifest.get("rows", {}), self.root / MANIFEST_NAME))
+        check_names(list(union), loaded, self.root)
+        inputs, rows, manifest = self.manifest.get("inputs", {}), self.manifest.get("rows", {}), self.root / MANIFEST_NAME
+        shared, prefix = shared_by_rows(keys, loaded, inputs, rows, manifest)
+        names = tuple(sorted({n for k in keys for n, _ in k} | set(union)))
+        tag = tuple((k, hashlib.sha1(np.ascontiguousarray(v).tobytes()).hexdigest()) for k, v in sorted(shared.items()))
+        pairs = [(n, 1.0) for n in names]  # how a static layout names them in errors
+        fixed, _ = self._cached(("rows", names, tag), tuple(loaded[n] for n in names), pairs,
+                                lambda: ({**shared, **union_feeds(names, loaded, inputs, rows, manifest)}, None))
+        weights = row_weights(keys, names, loaded, rows)
+        if self.feeding.pad is not None:
+            weights = {k: v for k, v in self.feeding.pad(weights, pairs).items() if k in weights}
+        return fixed, weights, prefix
+
+    def feeds_rows(self, choices: Sequence[AdapterChoice]) -> tuple[dict[str, np.ndarray], list | None]:
+        """Graph feeds and KV-cache seed of a batch whose row ``b`` runs ``choices[b]``, in one
+        session run (:meth:`rows_parts`, joined)."""
+        fixed, weights, prefix = self.rows_parts(choices)
+        return {**fixed, **weights}, prefix
 
     def feeds(self, adapter: AdapterChoice) -> tuple[dict[str, np.ndarray], list | None]:
         """Graph feeds and KV-cache seed for None (base), a name, or ``{name: weight}``.
@@ -293,9 +315,9 @@ class AdapterStore:
 
 def _names_of(key) -> set[str]:
     """The adapter names of a mix-cache key: a mix's ``((name, weight), ...)`` or a batch's
-    ``("rows", key of row 0, key of row 1, ...)``."""
+    ``("rows", adapter names, shared inputs)``."""
     if key and key[0] == "rows":
-        return {n for k in key[1:] for n, _ in k}
+        return set(key[1])
     return {n for n, _ in key}
 
 

@@ -17,7 +17,7 @@ batch on a sliding window) do not; :meth:`Batcher.__init__` says so.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -80,6 +80,8 @@ class Batcher:
             self._slots = layout.slots(capacity, context)
         self.model, self.capacity, self.context = model, capacity, context
         self.rows: dict[int, Row] = {}  # slot -> row, the live ones
+        self._union: set[str] = set()  # adapters of this busy spell's rows (see _feeds)
+        self._last = None  # (rows' choices, union) -> (fixed, weights) of the last per-row step
         self.runs = 0  # decode calls so far (one per step, whatever the rows' adapters)
 
     # ---------------------------------------------------------------- rows
@@ -125,6 +127,9 @@ class Batcher:
         row = Row(slot, ids, adapter, max_new_tokens, frozenset(eos_ids(self.model.manifest, stop_at_eos, stop_token_ids)),
                   Picker(sampling, [ids]))
         logits = self._slots.prefill(slot, *self._open(adapter), ids, max_new_tokens)  # (V,)
+        if not self.rows:
+            self._union.clear()
+        self._union |= set([adapter] if isinstance(adapter, str) else adapter or ())
         self.rows[slot] = row
         self._take(row, logits[None])
         return row
@@ -142,7 +147,8 @@ class Batcher:
         if not live:
             return []
         tokens = np.array([self.rows[s].pending for s in live], np.int64)
-        logits = self._slots.step(self._feeds({s: self.rows[s].adapter for s in live}), live, tokens)  # (n, V)
+        fixed, weights = self._feeds({s: self.rows[s].adapter for s in live})
+        logits = self._slots.step(fixed, weights, live, tokens)  # (n, V)
         self.runs += 1
         rows = [self.rows[s] for s in live]
         for row, x in zip(rows, logits):
@@ -170,24 +176,30 @@ class Batcher:
             return (layout, feeds), prefix
         return self.model._store.feeds(adapter)
 
-    def _feeds(self, choices: dict[int, AdapterChoice]) -> dict:
-        """The graph feeds of a step whose rows (by slot) run ``choices``: one adapter's own
-        when they agree, else per-row weights over the rows the graph runs."""
+    def _feeds(self, choices: dict[int, AdapterChoice]) -> tuple[dict, dict]:
+        """``(fixed, weights)``: the graph feeds of a step whose rows (by slot) run ``choices``.
+        Rows that agree run their adapter's own feeds; else the adapters every row of this busy
+        spell has used are concatenated once (``fixed``, kept while rows come and go) and the
+        small per-row weights pick each row's columns."""
         distinct = list({_key(c): c for c in choices.values()}.values())
         if self.serial:
-            return {}
+            return {}, {}
         if len(distinct) == 1:
-            return self.model._store.feeds(distinct[0])[0]
+            return self.model._store.feeds(distinct[0])[0], {}
         if self._slots.dense:  # every slot runs; idle ones copy a live row's choice
             some = next(iter(choices.values()))
             order = [choices.get(s, some) for s in range(self.capacity)]
         else:
             order = [choices[s] for s in (*self._slots.order, *[s for s in choices if s not in self._slots.order])]
-        return self.model._store.feeds_rows(order)[0]
+        key = (tuple(map(_key, order)), tuple(sorted(self._union)))
+        if self._last is None or self._last[0] != key:  # rows came or went: new weights
+            fixed, weights, _ = self.model._store.rows_parts(order, key[1])
+            self._last = key, (fixed, weights)
+        return self._last[1]
 
 
 def _key(choice: AdapterChoice):
-    return tuple(sorted(choice.items())) if isinstance(choice, dict) else choice
+    return tuple(sorted(choice.items())) if isinstance(choice, Mapping) else choice
 
 
 class _Serial:
@@ -205,7 +217,7 @@ class _Serial:
                                      new_tokens)[0]
         return self._run.prefill()[0]
 
-    def step(self, feeds: dict, live: list[int], tokens: np.ndarray) -> np.ndarray:
+    def step(self, fixed: dict, weights: dict, live: list[int], tokens: np.ndarray) -> np.ndarray:
         return self._run.step(tokens)
 
     def free(self, slot: int) -> None:

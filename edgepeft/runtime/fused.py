@@ -83,6 +83,8 @@ class Cache:
                 self.binding.bind_ortvalue_input(past, value)
                 self.binding.bind_ortvalue_output(present, value)
         self.slots = slots
+        self._layers = len(cache)
+        self._views: list[ort.OrtValue] = []  # OrtValues over the first rows (use_rows)
         self._step_ids = np.zeros((batch, 1), np.int64)  # (B, 1), rewritten in place every step
         self._seqlens = np.zeros(batch, np.int32)
         self._total = np.zeros((), np.int32)
@@ -90,13 +92,32 @@ class Cache:
         self._step_bound = False
         self._step_logits: np.ndarray | None = None  # (B, 1, V), decode steps write here
 
-    def bind_adapter(self, values: Mapping[str, ort.OrtValue]) -> None:
-        """Point the adapter inputs at ``values`` (already OrtValues: nothing is copied)."""
+    def use_rows(self, n: int) -> None:
+        """Run on the first ``n`` rows of the buffers from now on (rows joining and leaving a
+        running batch): the KV inputs and outputs are rebound to views of those rows, nothing is
+        copied."""
+        self._views = []
+        buffers = iter(self.buffers)
+        for i in range(self._layers):
+            for past, present in zip(past_names(i), present_names(i)):
+                view = ort.OrtValue.ortvalue_from_numpy(next(buffers)[0][:n])  # (n, H_kv, M, D), contiguous
+                self._views.append(view)
+                self.binding.bind_ortvalue_input(past, view)
+                self.binding.bind_ortvalue_output(present, view)
+        self._step_ids = np.zeros((n, 1), np.int64)
+        self._seqlens = np.zeros(n, np.int32)
+        self._step_logits = None
+        self._step_bound = False
+
+    def bind_adapter(self, values: Mapping[str, ort.OrtValue]) -> bool:
+        """Point the adapter inputs at ``values`` (already OrtValues: nothing is copied); False
+        when they already were."""
         if values is self._bound:
-            return
+            return False
         for name, value in values.items():
             self.binding.bind_ortvalue_input(name, value)
         self._bound = values
+        return True
 
     def run(self, ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         """Run ``ids (B, S)`` after each row's cached tokens.
@@ -236,43 +257,65 @@ class _Decoding:
 
 class Slots:
     """Rows that join and leave a running batch (:class:`edgepeft.runtime.batching.Batcher`): one
-    KV buffer of ``capacity`` rows x ``context`` slots, every row at its own length.
+    KV buffer of ``capacity`` rows x ``context`` slots; the live rows are its first rows, in
+    ``order``, each at its own length.
 
     A joining row's prompt runs alone on a KV buffer of its own length, then its keys and values
-    are copied into its row of the batch buffer; each decode step runs all ``capacity`` rows in
-    one call (idle rows run one scratch token at slot 0, which a later join overwrites).
+    are copied into the next row of the batch buffer; each decode step runs the live rows in one
+    call. A leaving row's place is taken by the last row (one row's keys and values copied).
     """
 
-    dense = True  # the graph batch is every slot, idle ones included
+    dense = False  # the graph batch is the live rows, in ``order``
 
     def __init__(self, layout: FusedLayout, capacity: int, context: int):
         layout.fits(context)
         self._layout, self.capacity, self.context = layout, capacity, context
         self._kv = Cache(layout.session, layout.cache, capacity, context)
-        self._lengths = np.ones(capacity, np.int64)  # (capacity,) each row's tokens in the buffer
+        self.order: list[int] = []  # slot of each buffer row
+        self._lengths = np.zeros(capacity, np.int64)  # (capacity,) each buffer row's tokens
+        self._rows = -1  # rows the binding runs
+        self._weights: dict[str, np.ndarray] = {}  # per-row weights inputs, bound, rewritten in place
 
     def prefill(self, slot: int, feeds: dict, prefix, ids: np.ndarray, new_tokens: int) -> np.ndarray:
-        """Run ``ids (S,)`` into ``slot``'s row (``new_tokens`` to follow); the ``(V,)`` logits of
+        """Run ``ids (S,)`` into the next buffer row, ``slot``'s from now on; the ``(V,)`` logits of
         its next token."""
         one = Cache(self._layout.session, self._layout.cache, 1, len(ids))
         one.bind_adapter(self._layout.values(feeds))
         logits = one.run(ids[None], np.array([len(ids)], np.int64))  # (1, S, V)
+        row = len(self.order)
         for (big, _), (small, _) in zip(self._kv.buffers, one.buffers):
-            big[slot, :, :len(ids)] = small[0]  # (H_kv, S, D)
-        self._lengths[slot] = len(ids)
+            big[row, :, :len(ids)] = small[0]  # (H_kv, S, D)
+        self._lengths[row] = len(ids)
+        self.order.append(slot)
         return logits[0, -1]
 
-    def step(self, feeds: dict, live: list[int], tokens: np.ndarray) -> np.ndarray:
-        """Append ``tokens`` to the ``live`` rows (in that order) in one call; their ``(n, V)``
-        logits. ``feeds``: for all ``capacity`` rows."""
-        ids = np.zeros((self.capacity, 1), np.int64)  # (capacity, 1)
-        ids[live, 0] = tokens
-        self._lengths[live] += 1
-        idle = np.ones(self.capacity, bool)
-        idle[live] = False
-        self._lengths[idle] = 1
-        self._kv.bind_adapter(self._layout.values(feeds))
-        return self._kv.run(ids, self._lengths)[live, 0]
+    def step(self, fixed: dict, weights: dict, live: list[int], tokens: np.ndarray) -> np.ndarray:
+        """Append ``tokens`` to the live rows (``order``) in one call; their ``(n, V)`` logits.
+        ``fixed``: the adapter feeds (bound once per object); ``weights``: per-row weights of the
+        live rows (copied into bound buffers)."""
+        n = len(self.order)
+        if n != self._rows:
+            self._kv.use_rows(n)
+            self._rows = n
+        self._lengths[:n] += 1
+        if self._kv.bind_adapter(self._layout.values(fixed)):
+            self._weights = {}  # rebinding set the per-row inputs to their default
+        for name, w in weights.items():
+            buf = self._weights.get(name)
+            if buf is None or buf.shape != w.shape:
+                buf = self._weights[name] = np.array(w, np.float32)
+                self._kv.binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(buf))
+            else:
+                np.copyto(buf, w)
+        return self._kv.run(tokens[:, None], self._lengths[:n])[:, 0]
 
     def free(self, slot: int) -> None:
-        self._lengths[slot] = 1
+        row, last = self.order.index(slot), len(self.order) - 1
+        if row != last:  # the last row moves into the hole
+            n = int(self._lengths[last])
+            for big, _ in self._kv.buffers:
+                big[row, :, :n] = big[last, :, :n]
+            self._lengths[row] = n
+            self.order[row] = self.order[last]
+        self.order.pop()
+        self._lengths[last] = 0

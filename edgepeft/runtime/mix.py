@@ -9,7 +9,7 @@ the same after scaling by the weight; so ``[A_1; A_2]`` with ``[w_1 B_1 | w_2 B_
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +19,8 @@ from edgepeft.errors import EdgepeftError
 Key = tuple[tuple[str, float], ...]  # sorted (name, weight) pairs: a mix and its cache key
 
 
-def combine(key: Key, loaded: Mapping, inputs: Mapping[str, dict], manifest: Path) -> tuple[dict, list | None]:
+def combine(key: Key, loaded: Mapping, inputs: Mapping[str, dict], manifest: Path,
+            skip: frozenset[str] = frozenset()) -> tuple[dict, list | None]:
     """The feeds and KV-cache seed of the mix ``key``.
 
     Args:
@@ -27,6 +28,7 @@ def combine(key: Key, loaded: Mapping, inputs: Mapping[str, dict], manifest: Pat
         loaded: name -> adapter with ``entry``, ``graph`` (feeds) and ``prefix`` (seed or None).
         inputs: the manifest's ``inputs`` (each with its ``mix`` rule).
         manifest: the manifest file, for messages.
+        skip: inputs left out (the per-row path builds its weighted inputs itself).
 
     Raises:
         EdgepeftError: two adapters set an input that does not mix, one of them at a weight
@@ -43,7 +45,8 @@ def combine(key: Key, loaded: Mapping, inputs: Mapping[str, dict], manifest: Pat
     parts: dict[str, list[tuple[str, float, np.ndarray]]] = {}
     for n, w in key:
         for k, v in loaded[n].graph.items():
-            parts.setdefault(k, []).append((n, w, v))
+            if k not in skip:
+                parts.setdefault(k, []).append((n, w, v))
     feeds = {k: _mix(k, inputs[k]["mix"], group, manifest) for k, group in parts.items()}
     return feeds, _prefix(key, loaded)
 
@@ -92,23 +95,22 @@ def _prefix(key: Key, loaded: Mapping) -> list | None:
     return loaded[n].prefix
 
 
-def combine_rows(keys: list[Key], loaded: Mapping, inputs: Mapping[str, dict], rows: Mapping[str, dict],
-                 manifest: Path) -> tuple[dict, list | None]:
-    """The feeds and KV-cache seed of a batch whose row ``b`` runs the mix ``keys[b]`` (``()``:
-    the base), in one session run.
+def weighted_inputs(rows: Mapping[str, dict]) -> frozenset[str]:
+    """The inputs whose rank columns a per-row weights input weights (the manifest's ``rows``)."""
+    return frozenset(k for spec in rows.values() for k in spec["inputs"])
 
-    The adapters of the batch are concatenated along each row-weighted slot's rank axis at weight
-    1 (as in a mix) and the slot's per-row weights input (the manifest's ``rows``) gives row ``b``
-    its weight on each adapter's columns, zero on the others: ``y_b = x_b W^T + sum_a w_{b,a}
-    (x_b A_a^T) B_a^T``. Every other input (IA3 and DoRA scales, heads, prompts) and the KV-cache
-    seed apply to all rows alike, so the rows must agree on them.
 
-    Args:
-        keys: one mix key per row (:data:`Key`), checked by :func:`combine` each.
-        loaded: name -> adapter, as for :func:`combine`.
-        inputs: the manifest's ``inputs``.
-        rows: the manifest's ``rows``: per-row weights input -> ``{inputs, axis}``.
-        manifest: the manifest file, for messages.
+def shared_by_rows(keys: list[Key], loaded: Mapping, inputs: Mapping[str, dict], rows: Mapping[str, dict],
+                   manifest: Path) -> tuple[dict, list | None]:
+    """The feeds a call applies to every row of a per-row batch (row ``b`` runs the mix ``keys[b]``,
+    ``()``: the base) and its KV-cache seed: every input but the weighted ones, which
+    :func:`union_feeds` and :func:`row_weights` build.
+
+    A per-row batch concatenates its adapters along each row-weighted slot's rank axis at weight 1
+    (as in a mix) and the slot's per-row weights input gives row ``b`` its weight on each adapter's
+    columns, zero on the others: ``y_b = x_b W^T + sum_a w_{b,a} (x_b A_a^T) B_a^T``. Every other
+    input (IA3 and DoRA scales, heads, prompts) and the KV-cache seed apply to all rows alike, so
+    the rows must agree on them.
 
     Raises:
         EdgepeftError: a graph without per-row weights, or rows that need different values of an
@@ -118,15 +120,15 @@ def combine_rows(keys: list[Key], loaded: Mapping, inputs: Mapping[str, dict], r
         raise EdgepeftError(f"{manifest}: this graph has no per-row weights (exported by an earlier "
                             "edgepeft, or for adapters with no LoRA-type branch); run rows with "
                             "different adapters in separate calls, or export the artifact again.")
-    alone = [combine(key, loaded, inputs, manifest) if key else ({}, None) for key in keys]
-    weighted = {k for spec in rows.values() for k in spec["inputs"]}
+    weighted = weighted_inputs(rows)
+    alone = [combine(key, loaded, inputs, manifest, weighted) if key else ({}, None) for key in keys]
 
     def name(b: int) -> str:
         return "+".join(f"{n}" if w == 1 else f"{n}*{w:g}" for n, w in keys[b]) or "the base"
 
     feeds0, prefix0 = alone[0]
     for b, (feeds, prefix) in enumerate(alone[1:], 1):
-        for k in sorted((feeds.keys() | feeds0.keys()) - weighted):
+        for k in sorted(feeds.keys() | feeds0.keys()):
             if k not in feeds or k not in feeds0 or not np.array_equal(feeds[k], feeds0[k]):
                 raise EdgepeftError(
                     f"row 0 ({name(0)}) and row {b} ({name(b)}) need different values of {k}, which the "
@@ -138,15 +140,36 @@ def combine_rows(keys: list[Key], loaded: Mapping, inputs: Mapping[str, dict], r
             raise EdgepeftError(f"row 0 ({name(0)}) and row {b} ({name(b)}) start from different KV-cache "
                                 "prefixes (prefix / prompt tuning), which a call shares; run them in "
                                 "separate calls.")
-    feeds = {k: v for k, v in feeds0.items() if k not in weighted}
-    union = sorted({n for key in keys for n, _ in key})
+    return feeds0, prefix0
+
+
+def _columns(names: Sequence[str], loaded: Mapping, spec: dict) -> list[tuple[str, int]]:
+    """``[(adapter, rank)]`` of the adapters in ``names`` that feed a row-weighted slot, in order."""
+    first, axis = spec["inputs"][0], spec["axis"]
+    return [(n, loaded[n].graph[first].shape[axis]) for n in names if first in loaded[n].graph]
+
+
+def union_feeds(names: Sequence[str], loaded: Mapping, inputs: Mapping[str, dict], rows: Mapping[str, dict],
+                manifest: Path) -> dict:
+    """The row-weighted inputs of a per-row batch over the adapters ``names``: each slot's
+    adapters concatenated along its rank axis at weight 1 (:func:`row_weights` gives each row its
+    columns). Depends only on ``names``, so a batch whose rows change keeps it."""
+    feeds = {}
+    for spec in rows.values():
+        cols = _columns(names, loaded, spec)
+        for k in spec["inputs"] if cols else ():
+            feeds[k] = _mix(k, inputs[k]["mix"], [(n, 1.0, loaded[n].graph[k]) for n, _ in cols], manifest)
+    return feeds
+
+
+def row_weights(keys: list[Key], names: Sequence[str], loaded: Mapping, rows: Mapping[str, dict]) -> dict:
+    """Each per-row weights input ``(B, 1, R)``: row ``b``'s weight on each adapter's columns of
+    :func:`union_feeds` over ``names`` (its mix weight, zero for adapters it does not run)."""
+    feeds = {}
     for name_rows, spec in rows.items():
-        first, axis = spec["inputs"][0], spec["axis"]
-        cols = [(n, loaded[n].graph[first].shape[axis]) for n in union if first in loaded[n].graph]
+        cols = _columns(names, loaded, spec)
         if not cols:
             continue
-        for k in spec["inputs"]:
-            feeds[k] = _mix(k, inputs[k]["mix"], [(n, 1.0, loaded[n].graph[k]) for n, _ in cols], manifest)
         weights = np.zeros((len(keys), 1, sum(r for _, r in cols)), np.float32)  # (B, 1, R)
         for b, key in enumerate(keys):
             of_row, start = dict(key), 0
@@ -154,4 +177,4 @@ def combine_rows(keys: list[Key], loaded: Mapping, inputs: Mapping[str, dict], r
                 weights[b, 0, start:start + r] = of_row.get(n, 0.0)
                 start += r
         feeds[name_rows] = weights
-    return feeds, prefix0
+    return feeds

@@ -128,10 +128,11 @@ class Slots:
         self.order.append(slot)
         return outputs[0][0, -1]
 
-    def step(self, feeds: dict, live: list[int], tokens: np.ndarray) -> np.ndarray:
-        """Append ``tokens`` to the ``live`` rows (``order``) in one call; their ``(n, V)`` logits."""
+    def step(self, fixed: dict, weights: dict, live: list[int], tokens: np.ndarray) -> np.ndarray:
+        """Append ``tokens`` to the ``live`` rows (``order``) in one call, with the adapter feeds
+        ``fixed`` and per-row ``weights``; their ``(n, V)`` logits."""
         self._mask = np.concatenate([self._mask, np.ones((len(live), 1), np.int64)], axis=1)  # (B, P+1)
-        outputs = self._layout.run(feeds, tokens[:, None], self._mask, self._past)
+        outputs = self._layout.run({**fixed, **weights}, tokens[:, None], self._mask, self._past)
         self._past = self._layout.presents(outputs)
         return outputs[0][:, -1]
 
