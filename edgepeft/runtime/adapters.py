@@ -234,28 +234,45 @@ class AdapterStore:
             self._mixes.clear()
 
     # ---------------------------------------------------------------- feeds
-    def rows_parts(self, choices: Sequence[AdapterChoice], union: Sequence[str] = ()) -> tuple[dict, dict, list | None]:
+    def rows_agree(self, choices: Sequence[AdapterChoice]) -> None:
+        """Raise unless rows running ``choices`` can share one call (what every row shares must
+        agree: :func:`~edgepeft.runtime.mix.shared_by_rows`); builds no feeds."""
+        self._shared(choices, self._loaded)
+
+    def _shared(self, choices, loaded) -> tuple[list, dict, list | None]:
+        keys = [() if c is None else self._mix_key({c: 1.0} if isinstance(c, str) else c, loaded, f"row {b}: ")
+                for b, c in enumerate(choices)]
+        return (keys, *shared_by_rows(keys, loaded, self.manifest.get("inputs", {}), self.manifest.get("rows", {}),
+                                      self.root / MANIFEST_NAME))
+
+    def rows_parts(self, choices: Sequence[AdapterChoice], union: Sequence[str] = (),
+                   cache: bool = True) -> tuple[dict, dict, list | None]:
         """The feeds of a batch whose row ``b`` runs ``choices[b]`` (None, a name or a mix) in one
         session run, in two parts (:mod:`edgepeft.runtime.mix`, per-row batches):
 
         - ``fixed``: the adapters of the batch (and of ``union``, names a running batch keeps)
           concatenated along each slot's rank axis, with the inputs every row shares; one cached
-          object per set of adapters, so rows that join and leave do not rebuild it;
+          object per set of adapters (``cache=False``: built, not cached; a running batch keeps
+          its own, so the cache does not hold one large concatenation per set it went through);
         - ``weights``: each slot's per-row weights ``(B, 1, R)``, made per call (small);
 
         and the KV-cache seed the rows share.
         """
         loaded = self._loaded
-        keys = [() if c is None else self._mix_key({c: 1.0} if isinstance(c, str) else c, loaded, f"row {b}: ")
-                for b, c in enumerate(choices)]
         check_names(list(union), loaded, self.root)
+        keys, shared, prefix = self._shared(choices, loaded)
         inputs, rows, manifest = self.manifest.get("inputs", {}), self.manifest.get("rows", {}), self.root / MANIFEST_NAME
-        shared, prefix = shared_by_rows(keys, loaded, inputs, rows, manifest)
         names = tuple(sorted({n for k in keys for n, _ in k} | set(union)))
         tag = tuple((k, hashlib.sha1(np.ascontiguousarray(v).tobytes()).hexdigest()) for k, v in sorted(shared.items()))
         pairs = [(n, 1.0) for n in names]  # how a static layout names them in errors
-        fixed, _ = self._cached(("rows", names, tag), tuple(loaded[n] for n in names), pairs,
-                                lambda: ({**shared, **union_feeds(names, loaded, inputs, rows, manifest)}, None))
+        def make():
+            return {**shared, **union_feeds(names, loaded, inputs, rows, manifest)}, None
+
+        if cache:
+            fixed, _ = self._cached(("rows", names, tag), tuple(loaded[n] for n in names), pairs, make)
+        else:
+            fixed = make()[0]
+            fixed = fixed if self.feeding.pad is None else self.feeding.pad(fixed, pairs)
         weights = row_weights(keys, names, loaded, rows)
         if self.feeding.pad is not None:
             weights = {k: v for k, v in self.feeding.pad(weights, pairs).items() if k in weights}

@@ -88,7 +88,7 @@ class Batcher:
     def fits(self, adapter: AdapterChoice) -> bool:
         """Whether a row with ``adapter`` can join now: a free slot, and its adapter can share a
         call with the live rows' (IA3, DoRA, heads and prefixes must agree: see
-        :func:`~edgepeft.runtime.mix.combine_rows`). A row that does not fit waits for rows to
+        :func:`~edgepeft.runtime.mix.shared_by_rows`). A row that does not fit waits for rows to
         leave; an unknown adapter raises."""
         self._open(adapter)  # names checked: unknown adapters raise
         if len(self.rows) >= self.capacity:
@@ -96,7 +96,7 @@ class Batcher:
         if self.serial:
             return True
         try:
-            self._feeds({**{s: r.adapter for s, r in self.rows.items()}, -1: adapter})
+            self.model._store.rows_agree([*(r.adapter for r in self.rows.values()), adapter])
         except EdgepeftError:
             return False
         return True
@@ -143,7 +143,7 @@ class Batcher:
     def step(self) -> list[Row]:
         """One decode call for every live row; the rows that got a token or ended (ended rows
         leave the batch). Nothing to do: an empty list."""
-        live = [s for s in (self._slots.order if not self._slots.dense else sorted(self.rows))]
+        live = list(self._slots.order)  # the rows of the graph batch, in order
         if not live:
             return []
         tokens = np.array([self.rows[s].pending for s in live], np.int64)
@@ -186,14 +186,11 @@ class Batcher:
             return {}, {}
         if len(distinct) == 1:
             return self.model._store.feeds(distinct[0])[0], {}
-        if self._slots.dense:  # every slot runs; idle ones copy a live row's choice
-            some = next(iter(choices.values()))
-            order = [choices.get(s, some) for s in range(self.capacity)]
-        else:
-            order = [choices[s] for s in (*self._slots.order, *[s for s in choices if s not in self._slots.order])]
+        order = [choices[s] for s in self._slots.order]
         key = (tuple(map(_key, order)), tuple(sorted(self._union)))
         if self._last is None or self._last[0] != key:  # rows came or went: new weights
-            fixed, weights, _ = self.model._store.rows_parts(order, key[1])
+            self._last = None  # the previous concatenation can go before the next is built
+            fixed, weights, _ = self.model._store.rows_parts(order, key[1], cache=False)
             self._last = key, (fixed, weights)
         return self._last[1]
 
@@ -205,20 +202,20 @@ def _key(choice: AdapterChoice):
 class _Serial:
     """One generation at a time on any layout's own decoding (merged graphs, fixed shapes)."""
 
-    dense = True
-
     def __init__(self, model, context: int):
         self.context = context
+        self.order: list[int] = []
         self._run = None
 
     def prefill(self, slot: int, chosen: tuple, prefix, ids: np.ndarray, new_tokens: int) -> np.ndarray:
         layout, feeds = chosen
         self._run = layout.decodings(feeds, prefix, ids[None], np.ones((1, len(ids)), np.int64),
                                      new_tokens)[0]
+        self.order = [slot]
         return self._run.prefill()[0]
 
     def step(self, fixed: dict, weights: dict, live: list[int], tokens: np.ndarray) -> np.ndarray:
         return self._run.step(tokens)
 
     def free(self, slot: int) -> None:
-        self._run = None
+        self._run, self.order = None, []

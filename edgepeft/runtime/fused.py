@@ -188,8 +188,8 @@ class FusedLayout:
         self.positions = positions
         self.cache = cache
         self.feeding = Feeding(shapes=opened.shapes, base={})
-        self._identity = {k: np.zeros([d or 0 for d in v["shape"]], np.float32) for k, v in inputs.items()}
-        self._identity.update({k: np.ones((1, 1, 1), np.float32) for k in rows})  # every row alike
+        self.identity = {k: np.zeros([d or 0 for d in v["shape"]], np.float32) for k, v in inputs.items()}
+        self.identity.update({k: np.ones((1, 1, 1), np.float32) for k in rows})  # every row alike
         self._keep = keep
         self._lock = threading.Lock()
         self._values: dict[int, tuple[dict, dict]] = {}  # id(feeds) -> (feeds, OrtValues)
@@ -203,7 +203,7 @@ class FusedLayout:
                 return hit[1]
             # every adapter input, the unfed ones rank-0 (the identity): a reused binding keeps no
             # input of the previous choice
-            values = ort_values({**self._identity, **feeds})
+            values = ort_values({**self.identity, **feeds})
             self._values[id(feeds)] = (feeds, values)  # holds feeds: its id stays unique
             while len(self._values) > self._keep():
                 self._values.pop(next(iter(self._values)))
@@ -265,8 +265,6 @@ class Slots:
     call. A leaving row's place is taken by the last row (one row's keys and values copied).
     """
 
-    dense = False  # the graph batch is the live rows, in ``order``
-
     def __init__(self, layout: FusedLayout, capacity: int, context: int):
         layout.fits(context)
         self._layout, self.capacity, self.context = layout, capacity, context
@@ -274,6 +272,7 @@ class Slots:
         self.order: list[int] = []  # slot of each buffer row
         self._lengths = np.zeros(capacity, np.int64)  # (capacity,) each buffer row's tokens
         self._rows = -1  # rows the binding runs
+        self._fixed: dict | None = None  # the adapter feeds bound now (their OrtValues held by the binding)
         self._weights: dict[str, np.ndarray] = {}  # per-row weights inputs, bound, rewritten in place
 
     def prefill(self, slot: int, feeds: dict, prefix, ids: np.ndarray, new_tokens: int) -> np.ndarray:
@@ -298,7 +297,10 @@ class Slots:
             self._kv.use_rows(n)
             self._rows = n
         self._lengths[:n] += 1
-        if self._kv.bind_adapter(self._layout.values(fixed)):
+        if fixed is not self._fixed:  # bound here, not through the layout's cache: only the
+            # current feeds stay alive (a busy batch's concatenations are large)
+            self._kv.bind_adapter(ort_values({**self._layout.identity, **fixed}))
+            self._fixed = fixed
             self._weights = {}  # rebinding set the per-row inputs to their default
         for name, w in weights.items():
             buf = self._weights.get(name)

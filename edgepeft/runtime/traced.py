@@ -103,8 +103,6 @@ class Slots:
     with it. Positions follow each row's own mask, so rows at different lengths decode together.
     """
 
-    dense = False  # the graph batch is the live rows, in ``order``
-
     def __init__(self, layout: TracedLayout, capacity: int, context: int):
         self._layout, self.capacity, self.context = layout, capacity, context
         self.order: list[int] = []  # slot of each batch row
