@@ -251,3 +251,24 @@ def test_a_batcher_refuses_what_cannot_share_a_call(artifacts):
         b.join(list(range(3, 15)), "sql", 8)
     with pytest.raises(EdgepeftError, match="non-empty list of token ids"):
         b.join([], "sql", 2)
+
+
+def test_a_running_batch_keeps_one_concatenation_alive(artifacts):
+    """Rows with a new adapter joining build the next concatenation of the batch's adapters; the
+    previous one is freed (neither the mix cache nor the layout holds it)."""
+    import gc
+    import weakref
+
+    model = artifacts["fused"]
+    b = model.batcher(capacity=3, context=24)
+    b.join(IDS[0], "chat", 6, stop_at_eos=False)
+    b.join(IDS[1], "sql", 6, stop_at_eos=False)
+    b.step()
+    first = [weakref.ref(v) for k, v in b._last[1][0].items() if not k.endswith(".rows") and v.size > 1]
+    assert first  # the chat + sql concatenation
+    b.join(IDS[2], "code", 6, stop_at_eos=False)
+    b.step()
+    gc.collect()
+    assert all(r() is None for r in first)
+    while b.rows:
+        b.step()

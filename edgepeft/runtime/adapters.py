@@ -88,6 +88,7 @@ class AdapterStore:
         self._edit = threading.Lock()  # add / remove, one at a time
         # key -> (the Adapter objects it was combined from, result): a hit must be the same objects
         self._mixes: OrderedDict[Key, tuple[tuple, tuple[dict, list | None]]] = OrderedDict()
+        self._kept: tuple | None = None  # (key, adapters used, feeds): rows_parts(cache=False)'s last
         # name -> Adapter. Replaced as a whole on add / remove, never changed in place.
         self._loaded: dict[str, Adapter] = {name: self.load(name, entry)
                                             for name, entry in manifest["adapters"].items()}
@@ -227,11 +228,14 @@ class AdapterStore:
         with self._lock:
             for key in [k for k in self._mixes if name in _names_of(k)]:
                 del self._mixes[key]
+            if self._kept is not None and name in _names_of(self._kept[0]):
+                self._kept = None
 
     def clear_mixes(self) -> None:
         """Empty the mix cache (benchmarks time uncached mixes)."""
         with self._lock:
             self._mixes.clear()
+            self._kept = None
 
     # ---------------------------------------------------------------- feeds
     def rows_agree(self, choices: Sequence[AdapterChoice]) -> None:
@@ -252,8 +256,9 @@ class AdapterStore:
 
         - ``fixed``: the adapters of the batch (and of ``union``, names a running batch keeps)
           concatenated along each slot's rank axis, with the inputs every row shares; one cached
-          object per set of adapters (``cache=False``: built, not cached; a running batch keeps
-          its own, so the cache does not hold one large concatenation per set it went through);
+          object per set of adapters (``cache=False``: only the last one is kept, outside the
+          mix cache, so a running batch reuses its concatenation without the cache holding one
+          per set of adapters it went through);
         - ``weights``: each slot's per-row weights ``(B, 1, R)``, made per call (small);
 
         and the KV-cache seed the rows share.
@@ -268,11 +273,17 @@ class AdapterStore:
         def make():
             return {**shared, **union_feeds(names, loaded, inputs, rows, manifest)}, None
 
+        key, used = ("rows", names, tag), tuple(loaded[n] for n in names)
+        kept = self._kept
         if cache:
-            fixed, _ = self._cached(("rows", names, tag), tuple(loaded[n] for n in names), pairs, make)
+            fixed, _ = self._cached(key, used, pairs, make)
+        elif kept is not None and kept[0] == key and all(x is y for x, y in zip(kept[1], used)):
+            fixed = kept[2]
         else:
+            self._kept = None  # the previous one can go before the next is built
             fixed = make()[0]
             fixed = fixed if self.feeding.pad is None else self.feeding.pad(fixed, pairs)
+            self._kept = key, used, fixed
         weights = row_weights(keys, names, loaded, rows)
         if self.feeding.pad is not None:
             weights = {k: v for k, v in self.feeding.pad(weights, pairs).items() if k in weights}

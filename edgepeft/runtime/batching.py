@@ -189,7 +189,7 @@ class Batcher:
         order = [choices[s] for s in self._slots.order]
         key = (tuple(map(_key, order)), tuple(sorted(self._union)))
         if self._last is None or self._last[0] != key:  # rows came or went: new weights
-            self._last = None  # the previous concatenation can go before the next is built
+            self._last = None  # a previous concatenation can go before the next is built
             fixed, weights, _ = self.model._store.rows_parts(order, key[1], cache=False)
             self._last = key, (fixed, weights)
         return self._last[1]

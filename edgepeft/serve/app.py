@@ -179,7 +179,7 @@ def create_app(model, engine: Engine | None, name: str, api_key: str | None = No
             job.cancel()
             raise
         if last.error:
-            raise ApiError(400, last.error)
+            raise ApiError(last.status, last.error, type="invalid_request_error" if last.status < 500 else "server_error")
         text = "".join(parts)
         choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": last.finish}
                   if kind == "chat.completion" else
@@ -210,7 +210,7 @@ async def _sse(job: Job, head: dict, kind: str, usage, include_usage: bool):
         while True:
             e: Event = await job.events.get()
             if e.error:
-                body = ApiError(400, e.error).body
+                body = ApiError(e.status, e.error, type="invalid_request_error" if e.status < 500 else "server_error").body
                 yield f"data: {json.dumps(body)}\n\n"
                 break
             if e.text:

@@ -29,6 +29,7 @@ class Event:
     finish: str | None = None
     completion_tokens: int = 0
     error: str | None = None
+    status: int = 400  # of an error: 400 the request's fault, 500 the model's
 
 
 @dataclass(eq=False)
@@ -121,7 +122,7 @@ class Engine:
                 rows = b.step()
             except Exception as e:  # a failed run must not leave clients waiting forever
                 for slot in list(self._running):
-                    self._end(slot, None, f"the model failed: {e}")
+                    self._end(slot, None, f"the model failed: {e}", 500)
                 continue
             for row in rows:
                 self._emit(row)
@@ -151,6 +152,9 @@ class Engine:
             except EdgepeftError as e:
                 job._send(Event(finish="error", error=str(e)))
                 continue
+            except Exception as e:  # a failed run must not stop the engine thread
+                job._send(Event(finish="error", error=f"the model failed: {e}", status=500))
+                continue
             self._running[row.slot] = (job, TextStream(self.model.tokenizer, job.stop), 0)
             self._emit(row)
 
@@ -168,7 +172,7 @@ class Engine:
         elif row.finish:
             self._end(row.slot, row.finish)
 
-    def _end(self, slot: int, finish: str | None, error: str | None = None) -> None:
+    def _end(self, slot: int, finish: str | None, error: str | None = None, status: int = 400) -> None:
         job, text, sent = self._running.pop(slot)
         row = self.batcher.rows.get(slot)
         if row is not None:
@@ -178,4 +182,4 @@ class Engine:
             return  # cancelled: nobody to tell
         self.stats["served"] += 1
         rest = "" if error else text.flush()
-        job._send(Event(text=rest, finish=finish or "error", completion_tokens=sent, error=error))
+        job._send(Event(text=rest, finish=finish or "error", completion_tokens=sent, error=error, status=status))
