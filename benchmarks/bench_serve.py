@@ -10,7 +10,7 @@ requests whose single-request answers the benchmark computes first with the runt
 
 - ``load``: ``--clients`` clients, each ``--requests`` streamed requests back to back; every answer
   checked (wrong or lost ones counted); time to first token and per-token latency (p50 / p99);
-  the server's RSS after a warm-up and at the end.
+  the server's RSS after a warm-up (the pool twice, concurrently) and at the end.
 - ``rounds``: ``--rounds`` interleaved rounds of the same ``--round-requests`` requests sent by
   ``--clients`` clients at once (``concurrent``) and one at a time (``sequential``); tokens/s of
   each, medians and spread.
@@ -138,7 +138,7 @@ def main() -> int:
                     out = list(ex.map(one, reqs))
             return time.perf_counter() - t0, out
 
-        warm_s, warm = run(pool, args.clients)  # warm-up: every pool entry once, concurrently
+        warm_s, warm = run(pool + pool, args.clients)  # warm-up: every pool entry twice, concurrently
         rss_warm = rss_mb(proc.pid)
         load = [os.getloadavg()]
 

@@ -189,7 +189,9 @@ class Batcher:
         order = [choices[s] for s in self._slots.order]
         key = (tuple(map(_key, order)), tuple(sorted(self._union)))
         if self._last is None or self._last[0] != key:  # rows came or went: new weights
-            self._last = None  # a previous concatenation can go before the next is built
+            if self._last is not None and self._last[0][1] != key[1]:  # a new set of adapters: the
+                self._last = None                                   # old concatenation goes first
+                self._slots.release()
             fixed, weights, _ = self.model._store.rows_parts(order, key[1], cache=False)
             self._last = key, (fixed, weights)
         return self._last[1]
@@ -216,6 +218,9 @@ class _Serial:
 
     def step(self, fixed: dict, weights: dict, live: list[int], tokens: np.ndarray) -> np.ndarray:
         return self._run.step(tokens)
+
+    def release(self) -> None:
+        pass
 
     def free(self, slot: int) -> None:
         self._run, self.order = None, []

@@ -311,6 +311,12 @@ class Slots:
                 np.copyto(buf, w)
         return self._kv.run(tokens[:, None], self._lengths[:n])[:, 0]
 
+    def release(self) -> None:
+        """Unbind the adapter feeds (before a large new set is built, so the old can go first)."""
+        if self._fixed is not None:
+            self._kv.bind_adapter(ort_values(self._layout.identity))
+            self._fixed, self._weights = None, {}
+
     def free(self, slot: int) -> None:
         row, last = self.order.index(slot), len(self.order) - 1
         if row != last:  # the last row moves into the hole

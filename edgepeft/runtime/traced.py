@@ -134,6 +134,9 @@ class Slots:
         self._past = self._layout.presents(outputs)
         return outputs[0][:, -1]
 
+    def release(self) -> None:
+        """Nothing bound between calls here."""
+
     def free(self, slot: int) -> None:
         keep = np.array([s != slot for s in self.order])
         self.order = [s for s in self.order if s != slot]
