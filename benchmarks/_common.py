@@ -11,7 +11,7 @@ from pathlib import Path
 from edgepeft.bench.workers import median, timeit_us
 
 REPO = Path(__file__).resolve().parent.parent
-__all__ = ["REPO", "machine_info", "median", "timeit_us", "write_result"]
+__all__ = ["REPO", "machine_info", "median", "spread", "spread_rows", "timeit_us", "write_result"]
 
 
 def machine_info() -> dict:
@@ -48,6 +48,19 @@ def machine_info() -> dict:
             "mem_total_gb": mem, "platform": platform.platform(), "python": sys.version.split()[0],
             "versions": versions, "git_commit": commit, "edgepeft_tree_dirty": dirty,
             "loadavg_start": os.getloadavg()}
+
+
+def spread(runs: dict[str, list[float]]) -> dict[str, dict]:
+    """``{case: {median, min, max, all}}`` of each case's measurements (the rounds)."""
+    import statistics
+
+    return {k: {"median": statistics.median(v), "min": min(v), "max": max(v), "all": v} for k, v in runs.items()}
+
+
+def spread_rows(runs: dict[str, list[float]], digits: int = 1, extra=lambda case: "") -> list[str]:
+    """Markdown table rows ``| case | median | min | max |`` (plus ``extra(case)`` cells)."""
+    return [f"| {k} | {d['median']:.{digits}f} | {d['min']:.{digits}f} | {d['max']:.{digits}f} |{extra(k)}"
+            for k, d in spread(runs).items()]
 
 
 def write_result(stem: str, result: dict, lines: list[str]) -> None:

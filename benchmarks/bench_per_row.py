@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, machine_info, write_result  # noqa: E402
+from _common import REPO, machine_info, spread, spread_rows, write_result  # noqa: E402
 
 WORK = REPO / "benchmarks" / "results" / "per-row"
 RANKS = (8, 8, 16, 16, 16, 32, 32, 32)
@@ -155,7 +155,7 @@ def main() -> int:
         "machine": machine_info(), "loadavg": load, "rounds": args.rounds, "threads": args.threads,
         "rows": ROWS, "prompt_tokens": PROMPT, "new_tokens": n, "ranks": list(RANKS), "export_s": export_s,
         "per_row_rows_token_equal_to_alone": f"{same_tokens}/{ROWS}",
-        "tok_s": {k: {"median": med[k], "min": min(v), "max": max(v), "all": v} for k, v in rates.items()},
+        "tok_s": spread(rates),
         "ratios": {
             "per_row / uniform_r32": med["per_row"] / med["uniform_r32"],
             "per_row / sequential": med["per_row"] / med["sequential"],
@@ -164,7 +164,7 @@ def main() -> int:
         },
     }
     lines = ["| case | tok/s median | min | max |", "|---|---|---|---|"]
-    lines += [f"| {k} | {med[k]:.1f} | {min(v):.1f} | {max(v):.1f} |" for k, v in rates.items()]
+    lines += spread_rows(rates)
     lines += ["", "| ratio | value |", "|---|---|"] + [f"| {k} | {v:.3f} |" for k, v in res["ratios"].items()]
     lines += ["", f"rows token-equal to alone: {same_tokens}/{ROWS}; load average {load[0][0]:.2f} -> {load[1][0]:.2f}; "
               f"{args.rounds} interleaved rounds, {args.threads} threads"]

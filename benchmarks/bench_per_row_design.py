@@ -29,7 +29,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine_info, write_result  # noqa: E402
+from _common import machine_info, spread, spread_rows, write_result  # noqa: E402
 
 HIDDEN, INTER, KV, LAYERS = 576, 1536, 192, 30
 SLOTS = {"q": (HIDDEN, HIDDEN), "k": (HIDDEN, KV), "v": (HIDDEN, KV), "o": (HIDDEN, HIDDEN),
@@ -123,14 +123,13 @@ def main() -> int:
                 times.append((time.perf_counter() - t) * 1e3)
             ms[d].append(statistics.median(times))
     load.append(os.getloadavg())
-    med = {d: statistics.median(v) for d, v in ms.items()}
     mb = {"rows": sum(RANKS), "gather": ROWS * 32, "uniform_r32": 32}
     res = {"machine": machine_info(), "loadavg": load, "rounds": args.rounds, "runs_per_round": args.runs,
            "rows": ROWS, "ranks": list(RANKS),
            "adapter_mb": {d: r * sum(i + o for i, o in SLOTS.values()) * LAYERS * 4 / 2**20 for d, r in mb.items()},
-           "ms": {d: {"median": med[d], "min": min(v), "max": max(v), "all": v} for d, v in ms.items()}}
+           "ms": spread(ms)}
     lines = ["| design | ms per step (median) | min | max | adapter weights read, MB |", "|---|---|---|---|---|"]
-    lines += [f"| {d} | {med[d]:.2f} | {min(v):.2f} | {max(v):.2f} | {res['adapter_mb'][d]:.0f} |" for d, v in ms.items()]
+    lines += spread_rows(ms, 2, lambda d: f" {res['adapter_mb'][d]:.0f} |")
     lines += ["", f"LoRA branches only (30 layers x 7 slots of SmolLM2-135M), 8 rows, one decode step; "
               f"{args.rounds} interleaved rounds of {args.runs} runs; load average {load[0][0]:.2f} -> {load[1][0]:.2f}"]
     write_result("per-row-design", res, lines)

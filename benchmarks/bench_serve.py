@@ -34,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, machine_info, write_result  # noqa: E402
+from _common import REPO, machine_info, spread, spread_rows, write_result  # noqa: E402
 
 ART = REPO / "benchmarks" / "results" / "per-row" / "side-int4"
 
@@ -198,7 +198,7 @@ def main() -> int:
                  "rss_mb": {"after_warmup": rss_warm, "end": rss_end, "max": max(rss_samples + [rss_end]),
                             "end / after_warmup": rss_end / rss_warm}},
         "rounds": {"n": args.rounds, "requests": args.round_requests, "wrong": wrong_rounds,
-                   "tok_s": {k: {"median": med[k], "min": min(v), "max": max(v), "all": v} for k, v in rates.items()},
+                   "tok_s": spread(rates),
                    "concurrent / sequential": med["concurrent"] / med["sequential"]},
         "server": {"health": health, "exit_code": code},
     }
@@ -212,7 +212,7 @@ def main() -> int:
              f"({L['rss_mb']['max']:.0f}) MB, end/warm-up {L['rss_mb']['end / after_warmup']:.3f} |",
              "", f"| {args.round_requests} requests, {args.rounds} interleaved rounds | tok/s median | min | max |",
              "|---|---|---|---|"]
-    lines += [f"| {k} | {med[k]:.1f} | {min(v):.1f} | {max(v):.1f} |" for k, v in rates.items()]
+    lines += spread_rows(rates)
     lines += ["", f"concurrent / sequential: {res['rounds']['concurrent / sequential']:.2f}x; wrong in rounds: "
               f"{wrong_rounds}; load average {load[0][0]:.2f} -> {load[1][0]:.2f}; server exit code {code}"]
     write_result("serve", res, lines)
