@@ -365,3 +365,32 @@ def test_a_classifier_serves_classify(tmp_path):
         _error(s.post("/v1/completions", {"model": "pos", "prompt": "w5"}), 404)  # no such route here
     finally:
         assert s.stop() == 0
+
+
+def test_a_merged_artifact_serves_one_request_at_a_time(tmp_path, artifact, model):
+    """A merged artifact (one graph per adapter) has no base and decodes one request at a time;
+    each answer still equals the runtime's, with requests in flight."""
+    src = artifact.parent
+    export(ExportConfig(graph="fused", base=src / "base", out=tmp_path / "merged", mode="merged",
+                        adapters=(("chat", src / "chat"), ("sql", src / "sql"))), quiet=True)
+    merged = Model(tmp_path / "merged")
+    s = Server(tmp_path / "merged")
+    try:
+        assert "one request at a time" in s.proc.stderr.readline()
+        jobs = [(p, name) for p in PROMPTS[:3] for name in ("chat", "sql")]
+
+        def one(job):
+            return s.client().completions.create(model=job[1], prompt=job[0], max_tokens=6, temperature=0,
+                                                 extra_body={"ignore_eos": True}).choices[0].text
+
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            got = list(pool.map(one, jobs))
+        for (prompt, name), text in zip(jobs, got):
+            assert text == _alone(merged, prompt, name, 6, ignore_eos=True), (prompt, name)
+        assert [m.id for m in s.client().models.list().data] == ["chat", "sql"]  # no base graph
+        err = _error(s.post("/v1/completions", {"model": "merged", "prompt": "w5"}), 404)
+        assert "chat, sql" in err["message"]
+        err = _error(s.post("/v1/completions", {"model": "chat", "prompt": "w5", "adapter": {"chat": 1}}), 400)
+        assert "merged artifact" in err["message"]  # mixes need a side-branch artifact
+    finally:
+        assert s.stop() == 0

@@ -50,6 +50,7 @@ def create_app(model, engine: Engine | None, name: str, api_key: str | None = No
     """The FastAPI app over ``model`` (and its decode ``engine``; None for classifiers)."""
     app = FastAPI(title="edgepeft", docs_url=None, redoc_url=None, openapi_url=None)
     created = int(time.time())
+    names = [*([] if model.merged else [name]), *model.adapters]  # a merged artifact has no base graph
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, e: ApiError):
@@ -81,7 +82,7 @@ def create_app(model, engine: Engine | None, name: str, api_key: str | None = No
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": n, "object": "model", "created": created, "owned_by": "edgepeft"}
-                                           for n in [name, *model.adapters]]}
+                                           for n in names]}
 
     if model.task == "classification":
         @app.post("/v1/classify")
@@ -92,7 +93,7 @@ def create_app(model, engine: Engine | None, name: str, api_key: str | None = No
                 texts = [texts]
             if not isinstance(texts, list) or not texts or not all(isinstance(t, str) and t for t in texts):
                 raise ApiError(400, "input: a non-empty string or list of non-empty strings.", "input")
-            adapter = _adapter(body, model, name)
+            adapter = _adapter(body, model, name, names)
             try:
                 probs = await asyncio.to_thread(model.classify, texts, adapter)
             except EdgepeftError as e:
@@ -136,7 +137,7 @@ def create_app(model, engine: Engine | None, name: str, api_key: str | None = No
         return await _generate(body, model.tokenizer.encode(text, add_special_tokens=False).ids, "chat.completion")
 
     async def _generate(body: dict, ids: list[int], kind: str):
-        adapter = _adapter(body, model, name)
+        adapter = _adapter(body, model, name, names)
         max_tokens = _int(body, "max_tokens", 16, 1, engine.context)
         if len(ids) + max_tokens > engine.context:
             raise ApiError(400, f"this model's context holds {engine.context} tokens; the prompt has {len(ids)} "
@@ -244,9 +245,9 @@ async def _body(request, allowed: set[str]) -> dict:
     return body
 
 
-def _adapter(body: dict, model, name: str):
-    """The request's adapter choice: ``adapter`` (name or mix) if given, else ``model``."""
-    names = [name, *model.adapters]
+def _adapter(body: dict, model, name: str, names: list[str]):
+    """The request's adapter choice: ``adapter`` (name or mix) if given, else ``model`` (one of
+    ``names``; ``name``: the base)."""
     listing = ", ".join(names)
     choice = body.get("adapter")
     requested = body.get("model")
@@ -258,7 +259,7 @@ def _adapter(body: dict, model, name: str):
     if choice is None:
         return None if requested in (None, name) else requested
     if isinstance(choice, str):
-        if choice not in model.adapters and choice != name:
+        if choice not in names:
             raise ApiError(404, f"adapter {choice!r} does not exist; the adapters are: "
                            f"{', '.join(model.adapters)} (or {name} for the base).", "adapter", "model_not_found")
         return None if choice == name else choice
