@@ -41,7 +41,6 @@ class Row:
     picker: Picker
     tokens: list[int] = field(default_factory=list)
     finish: str | None = None
-    pending: int | None = None  # the last picked token, not yet run through the graph
     logits: np.ndarray | None = None  # (V,) the logits the last token was picked from
 
 
@@ -75,7 +74,7 @@ class Batcher:
         self.serial = layout is None or not hasattr(layout, "slots")
         if self.serial:  # merged graphs, fixed-shape targets: one row at a time
             capacity = 1
-            self._slots = _Serial(model, context)
+            self._slots = _Serial(context)
         else:
             self._slots = layout.slots(capacity, context)
         self.model, self.capacity, self.context = model, capacity, context
@@ -146,7 +145,7 @@ class Batcher:
         live = list(self._slots.order)  # the rows of the graph batch, in order
         if not live:
             return []
-        tokens = np.array([self.rows[s].pending for s in live], np.int64)
+        tokens = np.array([self.rows[s].tokens[-1] for s in live], np.int64)  # a live row has one
         fixed, weights = self._feeds({s: self.rows[s].adapter for s in live})
         logits = self._slots.step(fixed, weights, live, tokens)  # (n, V)
         self.runs += 1
@@ -163,7 +162,6 @@ class Batcher:
             row.finish = "stop"
         else:
             row.tokens.append(t)
-            row.pending = t
             if len(row.tokens) >= row.max_new_tokens:
                 row.finish = "length"
         if row.finish:
@@ -181,9 +179,9 @@ class Batcher:
         Rows that agree run their adapter's own feeds; else the adapters every row of this busy
         spell has used are concatenated once (``fixed``, kept while rows come and go) and the
         small per-row weights pick each row's columns."""
-        distinct = list({_key(c): c for c in choices.values()}.values())
         if self.serial:
             return {}, {}
+        distinct = list({_key(c): c for c in choices.values()}.values())
         if len(distinct) == 1:
             return self.model._store.feeds(distinct[0])[0], {}
         order = [choices[s] for s in self._slots.order]
@@ -204,7 +202,7 @@ def _key(choice: AdapterChoice):
 class _Serial:
     """One generation at a time on any layout's own decoding (merged graphs, fixed shapes)."""
 
-    def __init__(self, model, context: int):
+    def __init__(self, context: int):
         self.context = context
         self.order: list[int] = []
         self._run = None

@@ -41,8 +41,9 @@ class ApiError(Exception):
     """A request error: its status and OpenAI's error body."""
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type: str = "invalid_request_error"):
+                 type: str | None = None):
         super().__init__(message)
+        type = type or ("invalid_request_error" if status < 500 else "server_error")
         self.status, self.body = status, {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
@@ -180,7 +181,7 @@ def create_app(model, engine: Engine | None, name: str, api_key: str | None = No
             job.cancel()
             raise
         if last.error:
-            raise ApiError(last.status, last.error, type="invalid_request_error" if last.status < 500 else "server_error")
+            raise ApiError(last.status, last.error)
         text = "".join(parts)
         choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": last.finish}
                   if kind == "chat.completion" else
@@ -211,7 +212,7 @@ async def _sse(job: Job, head: dict, kind: str, usage, include_usage: bool):
         while True:
             e: Event = await job.events.get()
             if e.error:
-                body = ApiError(e.status, e.error, type="invalid_request_error" if e.status < 500 else "server_error").body
+                body = ApiError(e.status, e.error).body
                 yield f"data: {json.dumps(body)}\n\n"
                 break
             if e.text:
