@@ -1,8 +1,9 @@
 """Per-row adapters: ``adapter=[...]``, one choice per row of a batch, in one session run.
 
 Every row of a per-row batch must give what the same row gives alone with its own adapter (the
-rank columns of the other rows' adapters are weighted zero for it); inputs that apply to every
-row (IA3 / DoRA scales, heads, prompts, prefixes) must agree, else a clear error.
+rank columns of the other rows' adapters are weighted zero for it, and IA3 / DoRA scales are
+offset per row); inputs that apply to every row (heads, prompts, prefixes) must agree, else a
+clear error.
 """
 
 from __future__ import annotations
@@ -26,17 +27,20 @@ SMALL_NPU = TARGETS_NPU.replace("batch = 2", "batch = 4").replace("max_rank = 10
 
 @pytest.fixture(scope="module")
 def artifacts(llama_base, llama_adapters, tmp_path_factory) -> dict[str, Model]:
-    """The tiny Llama's three LoRAs (chat, sql, code) plus an IA3 one, as a traced side-branch
-    artifact, a fused one, a fixed-shape one (batch 4) and a merged one (chat, sql)."""
+    """The tiny Llama's three LoRAs (chat, sql, code) plus an IA3 and a DoRA one, as a traced
+    side-branch artifact, a fused one, a fixed-shape one (batch 4; LoRAs and IA3) and a merged one
+    (chat, sql)."""
     root = tmp_path_factory.mktemp("per-row")
     ia3 = make_adapter(llama_base, root / "ia3", "ia3", seed=4, target_modules=["k_proj", "down_proj"],
                        feedforward_modules=["down_proj"])
+    dora = make_adapter(llama_base, root / "dora", "dora", seed=5, target_modules=["q_proj", "v_proj", "up_proj"])
     (root / "small-npu.toml").write_text(SMALL_NPU)
     loras = tuple(llama_adapters.items())
+    scales = (("ia3", ia3), ("dora", dora))
     configs = {
-        "generic": dict(graph="generic", adapters=loras + (("ia3", ia3),)),
-        "fused": dict(graph="fused", adapters=loras),
-        "static": dict(graph="generic", adapters=loras, target=load_target(root / "small-npu.toml")),
+        "generic": dict(graph="generic", adapters=loras + scales),
+        "fused": dict(graph="fused", adapters=loras + scales),
+        "static": dict(graph="generic", adapters=loras + scales[:1], target=load_target(root / "small-npu.toml")),
         "merged": dict(graph="fused", adapters=loras[:2], mode="merged"),
     }
     out = {}
@@ -116,11 +120,51 @@ def test_a_merged_artifact_runs_one_group_per_adapter(artifacts, monkeypatch):
         model.logits(IDS[:2], ["sql", None])
 
 
+SCALED = ["ia3", "dora", "chat", None, {"ia3": 1.0, "sql": 0.5}]  # IA3 and DoRA scales differ per row
+
+
+@pytest.mark.parametrize("name", ["generic", "fused", "static"])
+def test_ia3_and_dora_scales_vary_per_row(artifacts, name):
+    """IA3 and DoRA scales are offset per row: rows on IA3, DoRA, a LoRA, the base and IA3 mixed
+    with a LoRA each get what they get alone, in one call."""
+    model = artifacts[name]
+    choices = [c for c in SCALED if c != "dora"][:4] if name == "static" else SCALED  # static: LoRAs + IA3, batch 4
+    ids = IDS[:len(choices)]
+    got = model.logits(ids, choices)
+    for b, want in enumerate(_alone(model, ids, choices, _logits)):
+        n = len(ids[b])
+        np.testing.assert_allclose(got[b, -n:], want[-n:], atol=1e-5, err_msg=f"{name} row {b} ({choices[b]})")
+    # the scales really act: the IA3 row differs from the base on the same tokens
+    assert np.abs(got[0, -len(ids[0]):] - model.logits([ids[0]])[0]).max() > 1e-2
+    gen = model.generate(ids, 5, choices, stop_at_eos=False)
+    for b, c in enumerate(choices):
+        assert gen[b, -5:].tolist() == model.generate([ids[b]], 5, c, stop_at_eos=False)[0, -5:].tolist()
+
+
 def test_rows_must_agree_on_what_every_row_shares(artifacts):
     model = artifacts["generic"]
+    # a row's own mix is checked as in a call of its own: DoRA scales do not mix at another weight
+    with pytest.raises(EdgepeftError, match=r"adapter 'dora' sets dora\..*which does not scale linearly"):
+        model.logits(IDS[:2], ["chat", {"dora": 0.5}])
+    ok = model.logits(IDS[:2], ["chat", {"ia3": 1.0, "dora": 1.0}])  # on different layers, they mix
+    np.testing.assert_allclose(ok[1, -3:], model.logits([IDS[1]], {"ia3": 1.0, "dora": 1.0})[0], atol=1e-5)
+
+
+def test_an_artifact_without_per_row_scales_says_so(artifacts, tmp_path):
+    """An artifact of an earlier edgepeft (no ``row_values``: its graph applies IA3 scales to
+    every row) refuses rows that need different scales, naming both rows and the input."""
+    import json
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(artifacts["generic"].path, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    del manifest["row_values"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    model = Model(old)
     with pytest.raises(EdgepeftError, match=r"row 0 \(chat\) and row 1 \(ia3\) need different values of ia3_in\.model"):
         model.logits(IDS[:2], ["chat", "ia3"])
-    # IA3 on every row with per-row LoRAs is fine: the IA3 scales agree
+    # IA3 on every row with per-row LoRAs is fine there: the IA3 scales agree
     got = model.logits(IDS[:2], [{"ia3": 1.0, "chat": 1.0}, {"ia3": 1.0, "sql": 0.5}])
     np.testing.assert_allclose(got[1, -3:], model.logits([IDS[1]], {"ia3": 1.0, "sql": 0.5})[0], atol=1e-5)
 
@@ -142,7 +186,7 @@ def test_an_artifact_without_per_row_weights_says_so(artifacts, tmp_path):
     old = tmp_path / "old"
     shutil.copytree(artifacts["fused"].path, old)
     manifest = json.loads((old / "manifest.json").read_text())
-    del manifest["rows"]  # as an artifact of an earlier edgepeft (its graph simply has no rows inputs)
+    del manifest["rows"], manifest["row_values"]  # as an artifact of an earlier edgepeft (no per-row inputs)
     (old / "manifest.json").write_text(json.dumps(manifest))
     model = Model(old)
     with pytest.raises(EdgepeftError, match="no per-row weights"):
@@ -174,7 +218,8 @@ def test_validate_checks_a_per_row_batch(artifacts, llama_base, monkeypatch):
     path = artifacts["fused"].path
     report = validate(path, llama_base, max_new_tokens=4, report=path.parent / "fused-report.json", quiet=True)
     case = report["cases"][-1]
-    assert case["case"].startswith("per-row(base|chat|sql|code|mix(") and not case["failures"], case
+    assert case["case"].startswith("per-row(base|") and not case["failures"], case
+    assert all(f"|{n}|" in case["case"] for n in ("chat", "sql", "code", "ia3", "dora")), case["case"]
     real = adapters_module.row_weights
 
     def every_row_everything(*a, **k):  # rows weights all ones: each row runs every adapter
@@ -208,7 +253,8 @@ def test_rows_joining_mid_generation_are_each_rows_own(artifacts, name, monkeypa
     b = model.batcher(capacity=4, context=40)
     calls = _count_runs(model, monkeypatch)
     rows, steps = [], 0
-    for p, c, n in zip(IDS, CHOICES, news):
+    choices = ["chat", "ia3", None, {"code": 0.5, "chat": 1.0}, "dora"]  # LoRAs and per-row scales
+    for p, c, n in zip(IDS, choices, news):
         while not b.fits(c):  # the fifth waits for a free row
             b.step()
             steps += 1
@@ -219,7 +265,7 @@ def test_rows_joining_mid_generation_are_each_rows_own(artifacts, name, monkeypa
         b.step()
         steps += 1
     assert calls[0] == len(IDS) + b.runs and b.runs <= steps  # one run per prefill, one per step
-    for b_, (row, p, c, n) in enumerate(zip(rows, IDS, CHOICES, news)):
+    for b_, (row, p, c, n) in enumerate(zip(rows, IDS, choices, news)):
         alone = model.generate([p], n, c, stop_at_eos=False)[0, len(p):].tolist()
         assert row.tokens == alone and row.finish == "length", f"{name} row {b_} ({c})"
         full = model.logits([p + row.tokens[:-1]], c)[0, -1]
@@ -243,8 +289,7 @@ def test_a_batcher_refuses_what_cannot_share_a_call(artifacts):
     model = artifacts["generic"]
     b = model.batcher(capacity=2, context=16)
     b.join(IDS[0], "chat", 3)
-    assert not b.fits("ia3")  # IA3 scales apply to every row of a call: it waits
-    assert b.fits("sql")
+    assert b.fits("ia3") and b.fits("dora") and b.fits("sql")  # scales are offset per row
     with pytest.raises(EdgepeftError, match="nope"):
         b.fits("nope")
     with pytest.raises(EdgepeftError, match="exceed the 16 tokens a row holds"):

@@ -48,14 +48,23 @@ which must be ``one`` (a product of scales is not a weighted sum). The low-rank 
 part values as they are (``B`` carries every scale), so a feature whose low-rank parts are ``one``
 in the traced graph (DoRA) relies on its ``mag`` scale to refuse what does not mix.
 
-A feature that is linear in its rank columns (its rank parts mix by ``cat*`` rules) may declare
-``rows``: the graph then gives each slot one more input, ``{feature}.{slot}.rows (N, 1, r)``, that
-weights the rank columns per row (``N`` is 1 or the batch; its default ``(1, 1, 1)`` ones is the
-identity), so one run can give each row of a batch its own adapter or mix: the adapters of the
-batch are concatenated along the rank axis as in a mix, and row ``b`` weights the columns of
-adapter ``a`` by its weight ``w_{b,a}`` (zero for the adapters it does not use). The manifest's
-``rows`` maps each such input to the inputs whose rank columns it weights (see
-:func:`edgepeft.contract.names.rows_input_name`).
+A feature may declare ``rows``, so one run can give each row of a batch its own adapter or mix.
+Its rank parts (if any) must concatenate (``cat*`` rules: the feature is linear in its rank
+columns) and its other parts must be per-layer ``one`` parts (scales):
+
+- the graph gives the slot one more input, ``{feature}.{slot}.rows (N, 1, r)``, that weights the
+  rank columns per row (``N`` is 1 or the batch; its default ``(1, 1, 1)`` ones is the identity):
+  the adapters of the batch are concatenated along the rank axis as in a mix, and row ``b``
+  weights the columns of adapter ``a`` by its weight ``w_{b,a}`` (zero for the adapters it does
+  not use). The manifest's ``rows`` maps each such input to the inputs whose rank columns it
+  weights;
+- each scale part ``p`` gets a per-row *offset* ``{input of p}.rows (N, 1, width)``, default zeros:
+  the graph uses ``p + offset`` where it used ``p``. A per-row batch feeds ``p`` nothing (its
+  identity) and row ``b``'s offset is its adapter's value minus the identity (zeros for a row
+  whose adapter does not set ``p``). The manifest's ``row_values`` maps each offset input to
+  ``{"input": p's input, "identity": its identity}``.
+
+(see :func:`edgepeft.contract.names.rows_input_name`).
 
 The manifest records each exported feature's parts (``manifest["features"]``, see :meth:`Feature.table`)
 and each input's rule, so the runtimes (Python and JavaScript) and ``verify`` need no copy of them.
@@ -154,8 +163,10 @@ class Feature:
             layer, ``h`` its input), or None. ``parts`` maps part name -> fed tensor.
         fused: the feature's form in the fused graph (a key of :data:`FUSED_FORMS`, see the
             module docstring), None if the fused graph cannot take it.
-        rows: the graph weights its rank columns per row (see the module docstring); its torch
-            maths then receives ``parts["rows"]`` ``(N, 1, r)`` too.
+        rows: each row of a batch may run its own adapter (see the module docstring): the graph
+            weights the rank columns per row (its torch maths then receives ``parts["rows"]``
+            ``(N, 1, r)`` too) and offsets its scales per row (the maths receives ``p + offset``,
+            ``(N, 1, width)``, in place of the part ``p``).
     """
 
     name: str
@@ -178,10 +189,11 @@ class Feature:
                              f"({FIXED_RANK!r}), not both")
         if self.fused is not None:
             self._check_fused()
-        if self.rows and (RANK not in symbols or any(
-                p.mix not in ("cat0", "cat1", "cat0w", "cat1w") for p in self.parts if p.rank_axis is not None)):
-            raise ValueError(f"feature {self.name}: per-row weights need a dynamic rank axis whose parts "
-                             "concatenate (cat rules): the feature must be linear in its rank columns")
+        if self.rows and (FIXED_RANK in symbols or any(
+                p.mix not in ("cat0", "cat1", "cat0w", "cat1w") for p in self.parts if p.rank_axis is not None)
+                or any(p.mix != "one" or p.shared or len(p.shape) != 1 for p in self.row_valued)):
+            raise ValueError(f"feature {self.name}: per-row adapters need rank parts that concatenate (cat "
+                             "rules: linear in the rank columns) and other parts that are per-layer 'one' vectors (scales)")
 
     def _check_fused(self) -> None:
         """The fused form exists, places every part, and its scales are identity-shifted ``one`` parts."""
@@ -204,6 +216,16 @@ class Feature:
         if low_rank_one and not any(place in FUSED_SCALES for place in form.values()):
             raise ValueError(f"feature {self.name}: its low-rank parts mix by 'one', which the fused graph's "
                              "concatenated AT / BT cannot enforce without a scale part that mixes by 'one'")
+
+    @property
+    def row_weighted(self) -> bool:
+        """Whether the feature has rank columns a per-row weights input weights (``rows`` and a rank)."""
+        return self.rows and any(p.rank_axis is not None for p in self.parts)
+
+    @property
+    def row_valued(self) -> tuple[Part, ...]:
+        """The parts that take a per-row offset (``rows``: the parts without a rank axis)."""
+        return tuple(p for p in self.parts if p.rank_axis is None) if self.rows else ()
 
     @property
     def fixed_rank(self) -> bool:

@@ -156,6 +156,11 @@ def _check_fields(m: dict, path: Path) -> None:
         and all(is_str(k) and k in inputs for k in v["inputs"]) and _is_int(v.get("axis"))
         and v["axis"] < len(inputs[v["inputs"][0]]["shape"]) for v in rows.values()), "rows",
          "{rows input: {'inputs': [adapter inputs it weights], 'axis': the first one's rank axis}}", rows)
+    values = m.get("row_values", {})  # per-row offsets input -> the scale input it offsets, and its identity
+    need(isinstance(values, dict) and all(
+        isinstance(v, dict) and is_str(v.get("input")) and v["input"] in inputs
+        and isinstance(v.get("identity"), (int, float)) for v in values.values()), "row_values",
+         "{offsets input: {'input': the scale input it offsets, 'identity': that input's identity}}", values)
     need(isinstance(m.get("slots", []), list), "slots", "a list", m.get("slots"))
     features = m.get("features", {})
     need(isinstance(features, dict) and all(

@@ -42,13 +42,22 @@ def shared_input_name(feature: str, part: str, widths: list[int]) -> str:
     return f"{feature}.shared.{'x'.join(str(w) for w in widths)}.{part}"
 
 
-ROWS_PART = "rows"  # per-row weights over a slot's rank columns (contract.features, "rows")
+ROWS_PART = "rows"  # per-row weights over a slot's rank columns, or per-row offsets of a scale (contract.features)
 ROWS_AXIS = "rows"  # their first axis: the batch's rows, or 1 (the default: every row alike)
+
+
+def rows_axis(name: str) -> str:
+    """The first axis of the per-row input ``name``: ``rows.{name}``, its own, because a per-row
+    call feeds some per-row inputs one row per batch row and leaves others at their default of
+    one row (onnxruntime takes inputs sharing an axis name to share its size). Artifacts of
+    earlier versions named them all :data:`ROWS_AXIS`."""
+    return f"{ROWS_AXIS}.{name}"
 
 
 def rows_input_name(prefix: str) -> str:
     """Graph input of a slot's per-row weights, ``{prefix}.rows (N, 1, r)``: ``prefix`` is the
-    slot's input prefix, ``lora.{module}`` (traced graph) or ``lora.{layer}.{group}`` (fused)."""
+    slot's input prefix, ``lora.{module}`` (traced graph) or ``lora.{layer}.{group}`` (fused); or of
+    a scale's per-row offsets, ``{input}.rows (N, 1, width)``: ``prefix`` is the scale's input."""
     return f"{prefix}.{ROWS_PART}"
 
 

@@ -82,7 +82,7 @@ def traced_side(cfg: ExportConfig, base: Base, adapters: list, root: Path, quiet
                        "features": list(s.features)} for s in plan.slots]
     parts["features"] = {f: kinds.feature(f).table(plan.fixed.get(f)) for s in plan.slots for f in s.features}
     parts["inputs"] = {s.name: s.manifest() for s in plan.specs}
-    parts["rows"] = rows_manifest(plan.slots)
+    parts["rows"], parts["row_values"] = rows_manifest(plan.slots)
     (root / "adapters").mkdir()
     parts["adapters"] = {}
     for a in adapters:
@@ -108,14 +108,14 @@ def fused_side(cfg: ExportConfig, base: Base, adapters: list, root: Path, quiet:
     proto, defaults, used = fused.build_graph(model, sides, cfg.opset or 17)
     fam = families.family(model.config)
     names = [n for n, _ in defaults]
-    rows = fused.rows_manifest(used, names)
+    rows, values = fused.rows_manifest(used, names)
     probe = fused_probe_feeds(cfg, model, base.cache, defaults)
-    parts = {"graph": {**save_graph(proto, root, "model.onnx", cfg.quant, names + list(rows), probe=probe,
+    parts = {"graph": {**save_graph(proto, root, "model.onnx", cfg.quant, names + list(rows) + list(values), probe=probe,
                                     quiet=quiet),
                        "layout": "fused", "positions": fused.positions(model)},
              "slots": [{"layer": layer, "group": group, "modules": fused.group_modules(fam, layer)[group]}
                        for layer, group in used],
-             "inputs": {n: _fused_input(n, d) for n, d in defaults}, "rows": rows}
+             "inputs": {n: _fused_input(n, d) for n, d in defaults}, "rows": rows, "row_values": values}
     (root / "adapters").mkdir()
     parts["adapters"] = {}
     for a in adapters:

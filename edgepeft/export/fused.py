@@ -28,6 +28,9 @@ that read the same input (q|k|v, gate|up) into one MatMul; per group the graph c
                                   weighting each row's rank columns (default ones: all alike)
     y = y * (1 + scale.{i}.{g}.out)      (out,)     IA3 on an output, bias and LoRA included
 
+where each scale ``s`` is ``s + s.rows`` with ``s.rows (N, 1, width)`` its per-row offsets
+(default zeros: every row alike), so each row of a batch can run its own adapter.
+
 (the order of the traced graph's slot, ``edgepeft/export/slots.py``). Which of these a kind feeds
 is its features' fused form (``edgepeft.contract.features.FUSED_FORMS``); this file names no kind.
 Every input's default is its identity: AT / BT have rank 0; a scale holds the part's value
@@ -53,7 +56,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edgepeft import families, kinds
 from edgepeft.contract import past_names, present_names, rows_input_name
-from edgepeft.contract.names import ROWS_AXIS
+from edgepeft.contract.names import rows_axis
 from edgepeft.contract.features import FUSED_FORMS, FUSED_LOW_RANK, FUSED_SCALES
 from edgepeft.errors import EdgepeftError
 from edgepeft.families.common import ACTIVATIONS, Family, head_dim, rotary_dim, rotary_positions
@@ -76,12 +79,16 @@ def rows_name(layer: int, group: str) -> str:
     return rows_input_name(f"lora.{layer}.{group}")
 
 
-def rows_manifest(used: list[tuple[int, str]], inputs: list[str]) -> dict[str, dict]:
-    """The manifest's ``rows`` of the groups with a low-rank branch (``inputs``: the graph's
-    adapter inputs): each group's ``rows`` weights the columns of its ``AT`` (axis 1) and ``BT``."""
+def rows_manifest(used: list[tuple[int, str]], inputs: list[str]) -> tuple[dict[str, dict], dict[str, dict]]:
+    """The manifest's ``rows`` and ``row_values`` (``inputs``: the graph's adapter inputs): each
+    low-rank group's ``rows`` weights the columns of its ``AT`` (axis 1) and ``BT``; each scale
+    ``s`` has per-row offsets ``s.rows`` (identity 0: a fused scale holds its value minus 1)."""
     have = set(inputs)
-    return {rows_name(layer, group): {"inputs": list(lora_group_names(layer, group)), "axis": 1}
+    rows = {rows_name(layer, group): {"inputs": list(lora_group_names(layer, group)), "axis": 1}
             for layer, group in used if lora_group_names(layer, group)[0] in have}
+    values = {rows_input_name(n): {"input": n, "identity": 0.0}
+              for n in inputs if n.rpartition(".")[2] in FUSED_SCALES}
+    return rows, values
 
 
 def places(feature: str) -> dict[str, str]:
@@ -297,6 +304,7 @@ class _Builder:
         self.g = _Graph()
         self.adapter_inputs: list[tuple[str, np.ndarray]] = []
         self.rows_inputs: list[str] = []  # per-row weights of the low-rank groups (graph inputs, default ones)
+        self.offset_inputs: list[tuple[str, int]] = []  # per-row offsets of the scales, width (default zeros)
         self._one = ""  # the scalar 1 the scales add, made on first use
 
     def weight(self, name: str) -> np.ndarray:
@@ -340,13 +348,16 @@ class _Builder:
         return y
 
     def scaled(self, x: str, name: str, width: int) -> str:
-        """``x * (1 + name)`` over the last axis, ``name`` an adapter input ``(width,)`` whose
-        identity default is zeros (the fed value is the scale minus 1)."""
+        """``x * (1 + name + name.rows)`` over the last axis, ``name`` an adapter input ``(width,)``
+        whose identity default is zeros (the fed value is the scale minus 1), ``name.rows`` its
+        per-row offsets ``(N, 1, width)``, default zeros."""
         g = self.g
         self.adapter_inputs.append((name, np.zeros(width, np.float32)))
+        self.offset_inputs.append((rows_input_name(name), width))
         if not self._one:
             self._one = g.init("adapter_scale.one", np.array(1.0, np.float32))
         (factor,) = g.node("Add", [name, self._one])  # (width,)
+        (factor,) = g.node("Add", [factor, self.offset_inputs[-1][0]])  # (N, 1, width)
         return g.node("Mul", [x, factor])[0]
 
     def head_norm(self, x: str, heads: int, name: str) -> str:
@@ -468,8 +479,11 @@ class _Builder:
             g.init(name, default)
         for name in self.rows_inputs:  # default (1, 1, 1) ones: every row alike
             rank = f"rank.{name.rsplit('.', 1)[0]}"
-            inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, [ROWS_AXIS, 1, rank]))
+            inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, [rows_axis(name), 1, rank]))
             g.init(name, np.ones((1, 1, 1), np.float32))
+        for name, width in self.offset_inputs:  # default (1, 1, width) zeros: every row alike
+            inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, [rows_axis(name), 1, width]))
+            g.init(name, np.zeros((1, 1, width), np.float32))
         return helper.make_graph(g.nodes, "edgepeft-fused-decoder", inputs, outputs, g.inits)
 
 

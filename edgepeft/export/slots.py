@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgepeft.contract.names import ROWS_AXIS
+from edgepeft.contract.names import rows_axis
 from edgepeft.contract import head_input_name, rows_input_name, shared_input_name, slot_input_name, value_digest
 from edgepeft.contract.features import Part, widths
 from edgepeft.errors import EdgepeftError
@@ -186,25 +186,33 @@ def _feature_specs(slot: Slot, rng: np.random.Generator, fixed: dict[str, int],
 
 
 def rows_specs(slots: list[Slot], seed: int = 1) -> list[InputSpec]:
-    """The per-row weights of every slot feature that declares ``rows`` (``contract.features``):
-    ``{feature}.{module}.rows (N, 1, r)``, default ``(1, 1, 1)`` ones (every row alike), ``N`` the
-    batch axis and ``r`` the slot's own rank axis, so the exporter sees one shape per slot."""
+    """The per-row inputs of every slot feature that declares ``rows`` (``contract.features``): its
+    weights ``{feature}.{module}.rows (N, 1, r)``, default ``(1, 1, 1)`` ones (every row alike),
+    ``r`` the slot's own rank axis, so the exporter sees one shape per slot; and each scale's
+    offsets ``{input}.rows (N, 1, width)``, default zeros. ``N`` is the batch axis."""
     rng = np.random.default_rng(seed)
     out = []
     for slot in slots:
         for f in slot.features:
-            if kinds.feature(f).rows:
+            feature = kinds.feature(f)
+            if feature.row_weighted:
                 sample = 1 + rng.standard_normal((SAMPLE_BATCH, 1, SAMPLE_RANK)) * 0.1
                 out.append(InputSpec(rows_input_name(f"{f}.{slot.module}"), np.ones((1, 1, 1), np.float32),
                                      sample.astype(np.float32), {0: "batch", 2: f"rank.{f}.{slot.module}"}, "rows"))
+            for part in feature.row_valued:
+                (width,) = part.dims(slot.in_features, slot.out_features, None)
+                sample = rng.standard_normal((SAMPLE_BATCH, 1, width)) * 0.01
+                out.append(InputSpec(rows_input_name(part_input_name(f, part, slot)), np.zeros((1, 1, width), np.float32),
+                                     sample.astype(np.float32), {0: "batch"}, "rows"))
     return out
 
 
 def free_rows(proto, specs: list[InputSpec]) -> None:
-    """Free the first axis of the per-row weights from the batch's in the exported ``proto``, in
-    place: name it ``rows`` (ROWS_AXIS), and read the batch size from ``input_ids`` wherever the
-    exporter read it from them. They are traced with the batch's own axis (the Mul broadcasts
-    them over it), but the graph takes ``(1, 1, r)`` too: all rows alike.
+    """Free the first axis of the per-row inputs from the batch's in the exported ``proto``, in
+    place: give each its own name (:func:`~edgepeft.contract.names.rows_axis`), and read the batch
+    size from ``input_ids`` wherever the exporter read it from them. They are traced with the
+    batch's own axis (the Mul broadcasts them over it), but the graph takes ``(1, 1, r)`` too: all
+    rows alike.
 
     Raises:
         EdgepeftError: the exporter used their shape otherwise (a graph this code does not know).
@@ -212,7 +220,7 @@ def free_rows(proto, specs: list[InputSpec]) -> None:
     names = {s.name for s in specs if s.mix == "rows"}
     for v in proto.graph.input:
         if v.name in names:
-            v.type.tensor_type.shape.dim[0].dim_param = ROWS_AXIS
+            v.type.tensor_type.shape.dim[0].dim_param = rows_axis(v.name)
     for node in proto.graph.node:
         if node.input and node.input[0] in names and node.op_type == "Shape":
             span = {a.name: a.i for a in node.attribute}
@@ -222,18 +230,22 @@ def free_rows(proto, specs: list[InputSpec]) -> None:
             node.input[0] = "input_ids"  # (B, S): the same first axis
 
 
-def rows_manifest(slots: list[Slot]) -> dict[str, dict]:
-    """The manifest's ``rows``: each per-row weights input -> the inputs whose rank columns it
-    weights (the first one's rank axis: ``axis``)."""
-    out = {}
+def rows_manifest(slots: list[Slot]) -> tuple[dict[str, dict], dict[str, dict]]:
+    """The manifest's ``rows`` (each per-row weights input -> the inputs whose rank columns it
+    weights, the first one's rank axis: ``axis``) and ``row_values`` (each per-row offsets input ->
+    the scale input it offsets and that input's identity)."""
+    rows, values = {}, {}
     for slot in slots:
         for f in slot.features:
             feature = kinds.feature(f)
-            if feature.rows:
+            if feature.row_weighted:
                 ranked = [p for p in feature.parts if p.rank_axis is not None]
-                out[rows_input_name(f"{f}.{slot.module}")] = {
+                rows[rows_input_name(f"{f}.{slot.module}")] = {
                     "inputs": [part_input_name(f, p, slot) for p in ranked], "axis": ranked[0].rank_axis}
-    return out
+            for part in feature.row_valued:
+                name = part_input_name(f, part, slot)
+                values[rows_input_name(name)] = {"input": name, "identity": float(part.identity)}
+    return rows, values
 
 
 def input_specs(slots: list[Slot], model: nn.Module, head_params: list[str],
@@ -277,8 +289,12 @@ class _SlotLayer(nn.Module):
         feature = kinds.feature(name)
         parts = {p.name: self.feed[part_input_name(name, p, self.slot)] for p in feature.parts}
         rows = rows_input_name(f"{name}.{self.slot.module}")
-        if feature.rows and rows in self.feed:
-            parts["rows"] = self.feed[rows]
+        if feature.row_weighted and rows in self.feed:
+            parts["rows"] = self.feed[rows]  # (N, 1, r)
+        for p in feature.row_valued:  # (width,) + (N, 1, width): each row its own scale
+            offsets = self.feed.get(rows_input_name(part_input_name(name, p, self.slot)))
+            if offsets is not None:
+                parts[p.name] = parts[p.name] + offsets
         return parts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -28,10 +28,11 @@ NAMES = (KIND,)
 MERGEABLE = True
 
 FEATURES = (
+    # scale (in,) / (out,), or (N, 1, width) per row (``rows``: each row of a batch its own scale)
     Feature("ia3_in", (Part("scale", ("in",), 1.0, "one"),), order=10,
-            on_input=lambda h, p: h * p["scale"], fused="in_scale"),  # feed-forward layers: scale the input
+            on_input=lambda h, p: h * p["scale"], fused="in_scale", rows=True),  # feed-forward layers: scale the input
     Feature("ia3_out", (Part("scale", ("out",), 1.0, "one"),), order=40,
-            on_output=lambda y, h, base, p: y * p["scale"], fused="out_scale"),  # other layers: scale the output
+            on_output=lambda y, h, base, p: y * p["scale"], fused="out_scale", rows=True),  # other layers: the output
 )
 
 

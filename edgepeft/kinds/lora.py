@@ -37,26 +37,34 @@ NAMES = ("lora", "dora")
 MERGEABLE = True
 
 
-def _lora_out(y: torch.Tensor, h: torch.Tensor, base: nn.Module, p: dict) -> torch.Tensor:
-    """``y + ((h A^T) * rows) B^T`` with ``A (r, in)``, ``B = s B (out, r)``; a mix concatenates
-    along r, and ``rows (N, 1, r)`` weights each row's rank columns (ones: every row the same)."""
+def _low_rank(h: torch.Tensor, p: dict) -> torch.Tensor:
+    """``((h A^T) * rows) B^T`` with ``A (r, in)``, ``B = s B (out, r)``; a mix concatenates along
+    r, and ``rows (N, 1, r)`` weights each row's rank columns (ones: every row the same)."""
     t = F.linear(h, p["A"])  # (B, S, in) -> (B, S, r)
     if "rows" in p:
         t = t * p["rows"]  # (B, S, r) * (N, 1, r): each row its own adapters' columns
-    return y + F.linear(t, p["B"])  # (B, S, out)
+    return F.linear(t, p["B"])  # (B, S, out)
+
+
+def _lora_out(y: torch.Tensor, h: torch.Tensor, base: nn.Module, p: dict) -> torch.Tensor:
+    """``y + ((h A^T) * rows) B^T``: LoRA beside ``base``."""
+    return y + _low_rank(h, p)
 
 
 def _dora_out(y: torch.Tensor, h: torch.Tensor, base: nn.Module, p: dict) -> torch.Tensor:
-    """``y + mag * (y - b) + (h A^T) B^T`` with ``mag = g - 1``, ``B = g s B``: DoRA around ``base``."""
+    """``y + mag * (y - b) + ((h A^T) * rows) B^T`` with ``mag = g - 1`` (``(out,)``, or
+    ``(N, 1, out)`` per row), ``B = g s B``: DoRA around ``base``. Two DoRA adapters on one layer
+    do not mix (``mag`` is ``one``), so per row at most one adapter's columns are non-zero."""
     plain = y if base.bias is None else y - base.bias  # h W^T  (B, S, out)
-    return y + p["mag"] * plain + F.linear(F.linear(h, p["A"]), p["B"])
+    return y + p["mag"] * plain + _low_rank(h, p)
 
 
 FEATURES = (
     Feature("lora", (Part("A", ("r", "in"), 0.0, "cat0"), Part("B", ("out", "r"), 0.0, "cat1w")),
             order=30, on_output=_lora_out, fused="low_rank", rows=True),
-    Feature("dora", (Part("A", ("r", "in"), 0.0, "one"), Part("B", ("out", "r"), 0.0, "one"),
-                     Part("mag", ("out",), 0.0, "one")), order=20, on_output=_dora_out, fused="low_rank+mag"),
+    Feature("dora", (Part("A", ("r", "in"), 0.0, "cat0"), Part("B", ("out", "r"), 0.0, "cat1w"),
+                     Part("mag", ("out",), 0.0, "one")), order=20, on_output=_dora_out, fused="low_rank+mag",
+            rows=True),
 )
 
 # adapter_config.json fields PEFT can set that change the maths in ways edgepeft does not export (yet).

@@ -247,7 +247,7 @@ class AdapterStore:
         keys = [() if c is None else self._mix_key({c: 1.0} if isinstance(c, str) else c, loaded, f"row {b}: ")
                 for b, c in enumerate(choices)]
         return (keys, *shared_by_rows(keys, loaded, self.manifest.get("inputs", {}), self.manifest.get("rows", {}),
-                                      self.root / MANIFEST_NAME))
+                                      self.root / MANIFEST_NAME, self.manifest.get("row_values", {})))
 
     def rows_parts(self, choices: Sequence[AdapterChoice], union: Sequence[str] = (),
                    cache: bool = True) -> tuple[dict, dict, list | None]:
@@ -259,7 +259,8 @@ class AdapterStore:
           object per set of adapters (``cache=False``: only the last one is kept, outside the
           mix cache, so a running batch reuses its concatenation without the cache holding one
           per set of adapters it went through);
-        - ``weights``: each slot's per-row weights ``(B, 1, R)``, made per call (small);
+        - ``weights``: each slot's per-row weights ``(B, 1, R)`` and each scale's per-row offsets
+          ``(B, 1, width)``, made per call (small);
 
         and the KV-cache seed the rows share.
         """
@@ -284,7 +285,7 @@ class AdapterStore:
             fixed = make()[0]
             fixed = fixed if self.feeding.pad is None else self.feeding.pad(fixed, pairs)
             self._kept = key, used, fixed
-        weights = row_weights(keys, names, loaded, rows)
+        weights = row_weights(keys, names, loaded, rows, self.manifest.get("row_values", {}))
         if self.feeding.pad is not None:
             weights = {k: v for k, v in self.feeding.pad(weights, pairs).items() if k in weights}
         return fixed, weights, prefix

@@ -178,18 +178,22 @@ class FusedLayout:
         positions: rows of the graph's rotary tables (the manifest's ``graph.positions``): the
             longest prompt + generation it computes; None for artifacts that did not record it.
         rows: the manifest's per-row weights inputs, bound to ones ``(1, 1, 1)`` when unfed.
+        row_values: the manifest's per-row offsets of the scales, bound to zeros ``(1, 1, width)``.
     """
 
     longest = None
 
     def __init__(self, opened: Opened, cache: list[tuple[int, int]], inputs: Mapping[str, dict],
-                 keep: Callable[[], int], positions: int | None = None, rows: Iterable[str] = ()):
+                 keep: Callable[[], int], positions: int | None = None, rows: Iterable[str] = (),
+                 row_values: Mapping[str, dict] | None = None):
         self.session = opened.session
         self.positions = positions
         self.cache = cache
         self.feeding = Feeding(shapes=opened.shapes, base={})
         self.identity = {k: np.zeros([d or 0 for d in v["shape"]], np.float32) for k, v in inputs.items()}
         self.identity.update({k: np.ones((1, 1, 1), np.float32) for k in rows})  # every row alike
+        self.identity.update({k: np.zeros((1, 1, *inputs[v["input"]]["shape"]), np.float32)
+                              for k, v in (row_values or {}).items()})
         self._keep = keep
         self._lock = threading.Lock()
         self._values: dict[int, tuple[dict, dict]] = {}  # id(feeds) -> (feeds, OrtValues)

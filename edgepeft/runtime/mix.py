@@ -101,27 +101,32 @@ def weighted_inputs(rows: Mapping[str, dict]) -> frozenset[str]:
 
 
 def shared_by_rows(keys: list[Key], loaded: Mapping, inputs: Mapping[str, dict], rows: Mapping[str, dict],
-                   manifest: Path) -> tuple[dict, list | None]:
+                   manifest: Path, row_values: Mapping[str, dict] | None = None) -> tuple[dict, list | None]:
     """The feeds a call applies to every row of a per-row batch (row ``b`` runs the mix ``keys[b]``,
-    ``()``: the base) and its KV-cache seed: every input but the weighted ones, which
+    ``()``: the base) and its KV-cache seed: every input but the per-row ones, which
     :func:`union_feeds` and :func:`row_weights` build.
 
     A per-row batch concatenates its adapters along each row-weighted slot's rank axis at weight 1
     (as in a mix) and the slot's per-row weights input gives row ``b`` its weight on each adapter's
-    columns, zero on the others: ``y_b = x_b W^T + sum_a w_{b,a} (x_b A_a^T) B_a^T``. Every other
-    input (IA3 and DoRA scales, heads, prompts) and the KV-cache seed apply to all rows alike, so
-    the rows must agree on them.
+    columns, zero on the others: ``y_b = x_b W^T + sum_a w_{b,a} (x_b A_a^T) B_a^T``. A scale
+    with per-row offsets (the manifest's ``row_values``: IA3 and DoRA) is left at its identity and
+    its offsets give row ``b`` its own value. Every other input (heads, prompts) and the KV-cache
+    seed apply to all rows alike, so the rows must agree on them.
 
     Raises:
-        EdgepeftError: a graph without per-row weights, or rows that need different values of an
-            input that applies to every row (naming both rows, the adapters and the input).
+        EdgepeftError: a graph without per-row inputs, a row whose mix does not mix (as in one
+            call), or rows that need different values of an input that applies to every row
+            (naming both rows, the adapters and the input).
     """
-    if not rows:
+    row_values = row_values or {}
+    if not rows and not row_values:
         raise EdgepeftError(f"{manifest}: this graph has no per-row weights (exported by an earlier "
                             "edgepeft, or for adapters with no LoRA-type branch); run rows with "
                             "different adapters in separate calls, or export the artifact again.")
-    weighted = weighted_inputs(rows)
-    alone = [combine(key, loaded, inputs, manifest, weighted) if key else ({}, None) for key in keys]
+    valued = {v["input"] for v in row_values.values()}
+    # each row's own feeds, checked as in a call of its own (a scale of a row: its adapter's, at weight 1)
+    alone = [combine(key, loaded, inputs, manifest, weighted_inputs(rows)) if key else ({}, None) for key in keys]
+    alone = [({k: v for k, v in feeds.items() if k not in valued}, prefix) for feeds, prefix in alone]
 
     def name(b: int) -> str:
         return "+".join(f"{n}" if w == 1 else f"{n}*{w:g}" for n, w in keys[b]) or "the base"
@@ -132,8 +137,9 @@ def shared_by_rows(keys: list[Key], loaded: Mapping, inputs: Mapping[str, dict],
             if k not in feeds or k not in feeds0 or not np.array_equal(feeds[k], feeds0[k]):
                 raise EdgepeftError(
                     f"row 0 ({name(0)}) and row {b} ({name(b)}) need different values of {k}, which the "
-                    "graph applies to every row of a call (IA3 and DoRA scales, heads and prompts do "
-                    "not vary per row); run them in separate calls.")
+                    "graph applies to every row of a call (heads and prompts do not vary per row"
+                    + ("" if row_values else "; nor do IA3 and DoRA scales in a graph exported before "
+                       "edgepeft offset them per row") + "); run them in separate calls.")
         same = (prefix is None) == (prefix0 is None) and (prefix is None or all(
             k is k0 and v is v0 for (k, v), (k0, v0) in zip(prefix, prefix0)))
         if not same:
@@ -162,10 +168,25 @@ def union_feeds(names: Sequence[str], loaded: Mapping, inputs: Mapping[str, dict
     return feeds
 
 
-def row_weights(keys: list[Key], names: Sequence[str], loaded: Mapping, rows: Mapping[str, dict]) -> dict:
+def row_weights(keys: list[Key], names: Sequence[str], loaded: Mapping, rows: Mapping[str, dict],
+                row_values: Mapping[str, dict] | None = None) -> dict:
     """Each per-row weights input ``(B, 1, R)``: row ``b``'s weight on each adapter's columns of
-    :func:`union_feeds` over ``names`` (its mix weight, zero for adapters it does not run)."""
+    :func:`union_feeds` over ``names`` (its mix weight, zero for adapters it does not run); and
+    each per-row offsets input ``(B, 1, width)`` a scale of ``names`` feeds: row ``b``'s adapter's
+    value minus the identity (zeros when its adapters leave the scale alone)."""
     feeds = {}
+    for name_rows, spec in (row_values or {}).items():
+        k = spec["input"]
+        setting = [n for n in names if k in loaded[n].graph]
+        if not setting:
+            continue
+        width = loaded[setting[0]].graph[k].shape
+        offsets = np.zeros((len(keys), 1, *width), np.float32)  # (B, 1, width)
+        for b, key in enumerate(keys):
+            own = [n for n, _ in key if k in loaded[n].graph]  # at most one, at weight 1 (shared_by_rows)
+            if own:
+                offsets[b, 0] = loaded[own[0]].graph[k] - np.float32(spec["identity"])
+        feeds[name_rows] = offsets
     for name_rows, spec in rows.items():
         cols = _columns(names, loaded, spec)
         if not cols:

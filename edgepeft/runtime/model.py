@@ -62,7 +62,8 @@ def open_layouts(opener: SessionOpener, manifest: dict, cache: list[tuple[int, i
 
     def one(graph: dict, adapter_inputs) -> Layout:
         opened = opener.open(graph, adapter_inputs)
-        return (FusedLayout(opened, cache, inputs, keep, graph.get("positions"), manifest.get("rows", {})) if fused
+        return (FusedLayout(opened, cache, inputs, keep, graph.get("positions"), manifest.get("rows", {}),
+                            manifest.get("row_values", {})) if fused
                 else TracedLayout(opened, cache))
 
     if manifest["mode"] == "merged":

@@ -31,7 +31,8 @@ class StaticLayout:
                  cache: list[tuple[int, int]]):
         self.root = opener.root
         self.static = manifest["static"]  # batch, max_rank, context (causal LMs)
-        self.manifest_rows = frozenset(manifest.get("rows", {}))  # per-row weights: (batch, 1, max_rank), default ones
+        # per-row weights (batch, 1, max_rank), default ones, and offsets (batch, 1, width), default zeros
+        self.manifest_rows = frozenset(manifest.get("rows", {})) | frozenset(manifest.get("row_values", {}))
         self.cache = cache
         self.pad_id = (manifest.get("tokenizer") or {}).get("pad_token_id") or 0
         self.buckets = {}
@@ -44,7 +45,7 @@ class StaticLayout:
         graph_inputs = opened.session.get_inputs() + opened.session.get_overridable_initializers()
         self.fixed.update({i.name: tuple(i.shape) for i in graph_inputs if i.name in rows})
         zeros = {k: np.zeros(v, np.float32) for k, v in self.fixed.items()
-                 if k not in opened.defaults and k not in rows}  # rows: their default, ones
+                 if k not in opened.defaults and k not in rows}  # rows: their defaults
         # Adapter files are checked against the dynamic graph's shapes (ranks vary there).
         shapes = {i["name"]: i["shape"] for i in manifest["graph"]["inputs"] if i["name"] in adapter_inputs}
         self.feeding = Feeding(shapes=shapes, base=zeros, pad=self.pad)

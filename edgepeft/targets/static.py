@@ -12,6 +12,7 @@ past.{i}.*         (batch, H, past_seq, D)      (B, H, C - S, D)
 present.{i}.*      (batch, H, past_seq+seq, D)  (B, H, C, D)
 LoRA / DoRA A, B   (r, in), (out, r)            (max_rank, in), (out, max_rank)
 LoRA rows          (batch, 1, r), default ones  (B, 1, max_rank), default ones
+scale offsets      (batch, 1, w), default zeros (B, 1, w), default zeros
 bottleneck parts   (r, out), (r,), (out, r)     max_rank in place of r
 encoders           input_ids / mask (batch, seq) (B, S)
 =================  ===========================  =====================================
@@ -56,6 +57,8 @@ def bucket_dims(task: str, batch: int, seq: int, context: int | None) -> dict[st
 def _value(param: str, dims: dict[str, int], max_rank: int | None, where: str) -> int:
     if param in dims:
         return dims[param]
+    if param.startswith(f"{ROWS_AXIS}."):  # a per-row input's own axis (contract.names.rows_axis): one per row
+        return dims[ROWS_AXIS]
     if _RANK.match(param):
         if max_rank is None:
             raise EdgepeftError(f"{where}: axis {param!r} varies per adapter, and the target sets no "
@@ -97,11 +100,12 @@ def fix_shapes(proto: onnx.ModelProto, dims: dict[str, int], max_rank: int | Non
                 if _RANK.match(d.dim_param):
                     ranked.add(v.name)
                 d.dim_value = _value(d.dim_param, dims, max_rank, where)  # clears dim_param (oneof)
-    keep = [t for t in out.graph.initializer if t.name not in ranked]
-    # per-row weights (``*.rows``) keep a default: ones of the fixed shape, every row alike
+    keep = [t for t in out.graph.initializer if t.name not in ranked and not t.name.endswith(f".{ROWS_PART}")]
+    # per-row inputs (``*.rows``) keep a default of the fixed shape, every row alike: ones for the
+    # weights of rank columns, zeros for the offsets of scales (which have no rank axis)
     fixed = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in out.graph.input}
-    keep += [onnx.numpy_helper.from_array(np.ones(fixed[t.name], np.float32), t.name)
-             for t in out.graph.initializer if t.name in ranked and t.name.endswith(f".{ROWS_PART}")]
+    keep += [onnx.numpy_helper.from_array(np.full(fixed[t.name], float(t.name in ranked), np.float32), t.name)
+             for t in out.graph.initializer if t.name.endswith(f".{ROWS_PART}") and t.name in fixed]
     del out.graph.initializer[:]
     out.graph.initializer.extend(keep)
     _expands_to_concats(out)

@@ -281,13 +281,14 @@ def default_choices(artifact: Model) -> list:
 
 def per_row_choices(artifact: Model, choices: list) -> list | None:
     """The per-row case: one batch whose rows cycle through the base, each adapter and the mix
-    of ``choices`` that the graph can vary per row (every input of the adapter weighted per row:
-    the manifest's ``rows``); None when fewer than two such choices (or a merged artifact, or one
-    exported before per-row weights)."""
-    if artifact.merged or not artifact.manifest.get("rows"):
+    of ``choices`` that the graph can vary per row (every input of the adapter weighted or offset
+    per row: the manifest's ``rows`` and ``row_values``); None when fewer than two such choices
+    (or a merged artifact, or one exported before per-row weights)."""
+    if artifact.merged or not (artifact.manifest.get("rows") or artifact.manifest.get("row_values")):
         return None
     entries = artifact.manifest["adapters"]
-    weighted = {k for spec in artifact.manifest["rows"].values() for k in spec["inputs"]}
+    weighted = {k for spec in artifact.manifest.get("rows", {}).values() for k in spec["inputs"]}
+    weighted |= {v["input"] for v in artifact.manifest.get("row_values", {}).values()}
     free = {n for n, e in entries.items() if not e.get("prefix") and set(e["inputs"]) <= weighted}
     rows = [c for c in choices if c is None or (isinstance(c, str) and c in free)
             or (isinstance(c, dict) and set(c) <= free)]
