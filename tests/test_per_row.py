@@ -118,6 +118,8 @@ def test_a_merged_artifact_runs_one_group_per_adapter(artifacts, monkeypatch):
     np.testing.assert_allclose(got[1, -3:], model.logits([IDS[1]], "chat")[0], atol=1e-5)
     with pytest.raises(EdgepeftError, match="merged artifact"):
         model.logits(IDS[:2], ["sql", None])
+    with pytest.raises(EdgepeftError, match="merged artifact"):
+        model.logits(IDS[:2], ["sql", {"sql": 0.5, "chat": 0.5}])
 
 
 SCALED = ["ia3", "dora", "chat", None, {"ia3": 1.0, "sql": 0.5}]  # IA3 and DoRA scales differ per row
@@ -192,6 +194,12 @@ def test_an_artifact_without_per_row_weights_says_so(artifacts, tmp_path):
     with pytest.raises(EdgepeftError, match="no per-row weights"):
         model.logits(IDS[:2], ["chat", "sql"])
     assert model.logits(IDS[:2], ["chat", "chat"]).shape[0] == 2  # one choice for all rows still works
+    b = model.batcher(capacity=3, context=24)  # and rows alike still batch
+    rows = [b.join(IDS[0], "chat", 3, stop_at_eos=False), b.join(IDS[1], "chat", 3, stop_at_eos=False)]
+    assert not b.fits("sql")  # rows that differ wait
+    while b.rows:
+        b.step()
+    assert rows[1].tokens == model.generate([IDS[1]], 3, "chat", stop_at_eos=False)[0, -3:].tolist()
 
 
 def test_classifier_rows_share_their_head(tmp_path):
@@ -203,6 +211,7 @@ def test_classifier_rows_share_their_head(tmp_path):
     model = Model(tmp_path / "out")
     ids = [[5, 6, 7, 8], [9, 10, 11]]
     np.testing.assert_array_equal(model.classify_logits(ids, ["a", "a"]), model.classify_logits(ids, "a"))
+    np.testing.assert_array_equal(model.classify_logits(ids[0], ["b"]), model.classify_logits([ids[0]], "b"))  # one row
     with pytest.raises(EdgepeftError, match=r"row 0 \(a\) and row 1 \(b\) need different values of head\."):
         model.classify_logits(ids, ["a", "b"])
     with pytest.raises(EdgepeftError, match="lists 3 choices for a batch of 2 rows"):

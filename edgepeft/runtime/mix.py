@@ -114,12 +114,12 @@ def shared_by_rows(keys: list[Key], loaded: Mapping, inputs: Mapping[str, dict],
     seed apply to all rows alike, so the rows must agree on them.
 
     Raises:
-        EdgepeftError: a graph without per-row inputs, a row whose mix does not mix (as in one
+        EdgepeftError: a graph without per-row inputs (rows that differ), a row whose mix does not mix (as in one
             call), or rows that need different values of an input that applies to every row
             (naming both rows, the adapters and the input).
     """
     row_values = row_values or {}
-    if not rows and not row_values:
+    if not rows and not row_values and len(set(keys)) > 1:  # rows alike need no per-row inputs
         raise EdgepeftError(f"{manifest}: this graph has no per-row weights (exported by an earlier "
                             "edgepeft, or for adapters with no LoRA-type branch); run rows with "
                             "different adapters in separate calls, or export the artifact again.")

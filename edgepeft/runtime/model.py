@@ -200,6 +200,9 @@ class Model:
             return [(everyone, *self._choose(adapter[0]))]
         if self._store is not None:
             return [(everyone, self._layouts[None], *self._store.feeds_rows(adapter))]
+        for a in adapter:  # a merged artifact runs names only: a mix or the base is refused with the reason
+            if not isinstance(a, str):
+                self._choose(a)
         order = list(dict.fromkeys(adapter))  # distinct choices, first seen first
         return [(np.array([b for b, a in enumerate(adapter) if a == choice]), *self._choose(choice))
                 for choice in order]
@@ -311,7 +314,7 @@ class Model:
                 a is None for a in (adapter if isinstance(adapter, (list, tuple)) else [adapter])):
             raise EdgepeftError(f"{self.path}: the base model has no trained classification head; "
                                 f"choose an adapter ({', '.join(self.adapters)}) for every row.")
-        groups = self._groups(adapter, 1 if isinstance(texts_or_ids, str) else len(texts_or_ids))
+        groups = self._groups(adapter, _rows_of(texts_or_ids))
         for _, _, feeds, _ in groups:
             if not self.merged and not any(k.startswith("head.") for k in feeds) and not base.get("head_trained", True):
                 raise EdgepeftError(f"adapter={adapter!r} carries no classification head and the base has "
@@ -377,6 +380,16 @@ class Model:
         piece = out.flush()
         if piece:
             yield piece
+
+
+def _rows_of(texts_or_ids) -> int:
+    """How many rows ``classify`` gets: one for a string or a flat list of ids, else one per entry."""
+    if isinstance(texts_or_ids, str):
+        return 1
+    if isinstance(texts_or_ids, np.ndarray):
+        return 1 if texts_or_ids.ndim == 1 else len(texts_or_ids)
+    flat = len(texts_or_ids) > 0 and isinstance(texts_or_ids[0], (int, np.integer))
+    return 1 if flat else len(texts_or_ids)
 
 
 def _scatter(rows: int, parts: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
