@@ -14,6 +14,14 @@ ways the JS runtime has (KV buffer written in place: onnxruntime-node; present f
 the core with a plain ort, as onnxruntime-web does), and an adapter swapped on a running KV buffer
 gives Python's next-step logits.
 
+Per-row adapters and continuous batching (no export of their own: the artifacts above): a list of
+choices, one per row, on the traced, fused and static artifacts (JS logits within the tolerance
+of Python's per-row logits, greedy ids equal, one session run per step), the refusals of rows that
+cannot share a call (their prefixes, bottlenecks or heads differ, too many rows for a fixed batch,
+ranks above max_rank); and a ``Model.batcher`` schedule of rows joining at different steps with
+different adapters (each row's tokens equal to Python's ``generate`` of that row alone, Python's
+number of decode runs, one session run per step), serial on the static and merged artifacts.
+
 Needs the package built: ``(cd runtimes/js && npm ci && npm run build)``; without it the test
 fails (it does not skip), so CI cannot pass without running the JS side.
 
@@ -105,9 +113,14 @@ def _static_cases(root: Path, base: Path, ads: dict) -> dict:
                      "out": m.generate(rows, max_new_tokens=5, adapter=choice).tolist()})
     refusals = _refusals(m, out, [
         {"method": "generate", "ids": [list(range(3, 12))], "max_new_tokens": 20, "adapter": "chat"},
-        {"method": "logits", "ids": [[5, 6, 7]], "adapter": {"chat": 0.5, "sql": 0.5}}])
+        {"method": "logits", "ids": [[5, 6, 7]], "adapter": {"chat": 0.5, "sql": 0.5}},
+        # per-row: more rows than the fixed batch of 2; chat + sql ranks (4 + 8) above max_rank 10
+        {"method": "logits", "ids": PER_ROW_IDS[:3], "adapter": ["chat", "code", None]},
+        {"method": "logits", "ids": PER_ROW_IDS[:2], "adapter": ["chat", "sql"]}])
     return {"dir": str(out), "task": "causal-lm", "tol": 1e-5, "adapters": m.adapters, "logits": logits,
-            "generate": gens, "refusals": refusals}
+            "generate": gens, "refusals": refusals,
+            "per_row": _per_row_cases(out, [["chat", {"chat": 0.6, "code": 0.4}], [None, "code"]]),
+            "batcher": _batcher_case(out, ["chat", "code"], [4, 3], 4, 20)}
 
 
 def _refusals(m, out: Path, calls: list[dict]) -> list[dict]:
@@ -119,12 +132,59 @@ def _refusals(m, out: Path, calls: list[dict]) -> list[dict]:
         try:
             if call["method"] == "generate":
                 m.generate(call["ids"], max_new_tokens=call["max_new_tokens"], adapter=call["adapter"])
+            elif call["method"] == "classify":
+                m.classify_logits(call["ids"], adapter=call["adapter"])
             else:
                 m.logits(call["ids"], adapter=call["adapter"])
         except EdgepeftError as e:
             refusals.append({**call, "message": str(e).replace(str(out), "<dir>")})
     assert len(refusals) == len(calls), refusals
     return refusals
+
+
+PER_ROW_IDS = [[5, 9, 11, 40, 3, 7], [30, 31, 32], [12, 13, 14, 15], [60, 61]]
+PROMPTS = [[5, 9, 11, 40], [30, 31, 32], [12, 13, 14, 15, 16], [60, 61], [7, 8, 9], [20, 21, 22, 23]]
+
+
+def _per_row_cases(path: Path, lists: list[list], new: int = 5) -> list[dict]:
+    """Python's per-row logits and greedy ids (EOS ignored, so every step runs) of each list of
+    choices, one per row of ``PER_ROW_IDS``."""
+    m, cases = _model(path), []
+    for choices in lists:
+        ids = PER_ROW_IDS[:len(choices)]
+        out = m.logits(ids, adapter=choices)
+        cases.append({"adapter": choices, "ids": ids, "dims": list(out.shape), "data": _f32(out),
+                      "max_new_tokens": new,
+                      "out": m.generate(ids, new, choices, stop_at_eos=False).tolist()})
+    return cases
+
+
+def _model(path: Path):
+    from edgepeft.runtime import Model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # static targets: NNAPI is not in this onnxruntime build
+        return Model(path)
+
+
+def _batcher_case(path: Path, choices: list, news: list[int], capacity: int, context: int) -> dict:
+    """Rows joining a running ``Model.batcher`` one per step (each waiting while it does not fit),
+    then decoding to their length: Python's number of decode runs, each row's last logits, and
+    what each row gives alone (``generate``), which the JS batcher's rows must equal."""
+    m = _model(path)
+    b = m.batcher(capacity=capacity, context=context)
+    rows = []
+    for p, c, n in zip(PROMPTS, choices, news):
+        while not b.fits(c):
+            b.step()
+        rows.append(b.join(p, c, n, stop_at_eos=False))
+        b.step()
+    while b.rows:
+        b.step()
+    alone = [m.generate([p], n, c, stop_at_eos=False)[0, len(p):].tolist() for p, c, n in zip(PROMPTS, choices, news)]
+    return {"prompts": PROMPTS[:len(choices)], "choices": choices, "news": news, "capacity": capacity,
+            "context": context, "serial": b.serial, "runs": b.runs, "tokens": alone,
+            "python_tokens": [r.tokens for r in rows], "logits": [_f32(r.logits) for r in rows]}
 
 
 def _swap_case(path: Path) -> dict:
@@ -146,6 +206,29 @@ def _swap_case(path: Path) -> dict:
         steps.append({"adapter": choice, "ids": [[7]], "lengths": lengths.tolist(), "dims": list(out.shape),
                       "data": _f32(out)})
     return {"first": "sql", "ids": ids, "lengths": [5], "slots": 10, "steps": steps}
+
+
+def _per_row_side(side: Path) -> dict:
+    """The traced side artifact's per-row cases: LoRAs, the base and a mix per row; a bottleneck
+    every row shares; IA3 on one row (a case where the graph offsets IA3 scales per row, a refusal
+    where it does not); the refusals of rows that cannot share a call."""
+    from edgepeft.errors import EdgepeftError
+
+    lists = [["chat", "sql", None, {"chat": 0.5, "sql": 0.5}],
+             [{"houlsby": 0.25, "chat": 1.0}, {"houlsby": 0.25, "sql": 0.5}, {"houlsby": 0.25}]]
+    calls = [{"method": "logits", "ids": PER_ROW_IDS[:2], "adapter": ["prefix", "chat"]},  # KV-cache seeds
+             {"method": "logits", "ids": PER_ROW_IDS[:2], "adapter": [{"houlsby": 0.5}, "houlsby"]},  # bottlenecks
+             {"method": "generate", "ids": PER_ROW_IDS[:2], "max_new_tokens": 3, "adapter": ["chat", {"prefix": 0.5}]},
+             {"method": "logits", "ids": PER_ROW_IDS[:3], "adapter": ["chat", "sql"]}]  # one per row
+    m = _model(side)
+    try:  # IA3 per row: an artifact with per-row offsets runs it, an older graph refuses it
+        m.logits(PER_ROW_IDS[:2], adapter=["ia3", "chat"])
+        lists.append(["ia3", "chat"])
+    except EdgepeftError:
+        calls.append({"method": "logits", "ids": PER_ROW_IDS[:2], "adapter": ["ia3", "chat"]})
+    return {"per_row": _per_row_cases(side, lists), "refusals": _refusals(m, side, calls),
+            "batcher": _batcher_case(side, ["chat", "sql", None, {"chat": 0.5, "sql": 0.5}, "ia3", "prefix"],
+                                     [6, 3, 5, 2, 4, 3], 3, 40)}
 
 
 def _fused_cases(root: Path, base: Path, ads: dict) -> dict:
@@ -178,6 +261,10 @@ def _fused_cases(root: Path, base: Path, ads: dict) -> dict:
     cases["fused"]["refusals"] = _refusals(Model(side), side, [  # past the 128 rotary positions
         {"method": "generate", "ids": [[3 + i % 90 for i in range(120)]], "max_new_tokens": 10, "adapter": "chat"},
         {"method": "logits", "ids": [[5] * 130], "adapter": None}])
+    cases["fused"]["per_row"] = _per_row_cases(side, [["chat", "sql", None, {"chat": 0.5, "sql": 0.5}],
+                                                      ["code", {"sql": -0.7, "chat": 1.0}, "sql"]])
+    cases["fused"]["batcher"] = _batcher_case(side, ["chat", "sql", None, {"chat": 0.5, "sql": 0.5}, "code"],
+                                              [6, 3, 5, 2, 4], 3, 40)
     return cases
 
 
@@ -271,6 +358,8 @@ def build_cases(root: Path) -> Path:
                  "int8": _lm_cases(int8, [None, "chat", "prefix", "houlsby", {"chat": 0.7, "sql": 0.3}],
                                    INT8_TOL),
                  "merged": _lm_cases(merged, ["chat"], 1e-5)}
+    artifacts["side"].update(_per_row_side(side))
+    artifacts["merged"]["batcher"] = _batcher_case(merged, ["chat", "chat"], [4, 3], 4, 20)
 
     # an encoder classifier with a LoRA (its own head) and a bottleneck (its own head)
     enc = make_encoder("bert", root / "bert")
@@ -289,8 +378,13 @@ def build_cases(root: Path) -> Path:
             probs = m.classify(inp, adapter=choice)
             cases.append({"adapter": choice, "input": inp, "dims": list(lg.shape), "logits": _f32(lg),
                           "probs": _f32(probs), "labels": lg.argmax(-1).tolist()})
+    per_row = ["lora", {"lora": 1.0}]  # a list, one per row: the per-row path (the rows' heads agree)
+    lg = m.classify_logits(ids, adapter=per_row)
+    cases.append({"adapter": per_row, "input": ids, "dims": list(lg.shape), "logits": _f32(lg),
+                  "probs": _f32(m.classify(ids, adapter=per_row)), "labels": lg.argmax(-1).tolist()})
     artifacts["cls"] = {"dir": str(cls), "task": "classification", "tol": 1e-5, "adapters": m.adapters,
-                        "classify": cases}
+                        "classify": cases, "refusals": _refusals(m, cls, [  # two heads in one call
+                            {"method": "classify", "ids": ids, "adapter": ["lora", "bottleneck"]}])}
     # the same encoder on a static profile: one graph per bucket (8, 16), texts right-padded to one
     from edgepeft.targets import load_target
 

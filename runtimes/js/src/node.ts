@@ -7,7 +7,8 @@ import type { LoadOptions, OrtApi } from './core/model.js';
 import type { Source } from './core/source.js';
 
 export { EdgepeftError } from './core/errors.js';
-export type { AdapterChoice, LoadOptions, Logits, Stats } from './core/model.js';
+export type { AdapterChoice, AdapterChoices, GenerateOptions, LoadOptions, Logits, Stats, TextOptions } from './core/model.js';
+export type { Batcher, BatcherOptions, JoinOptions, Row } from './core/batching.js';
 export type { Mix } from './core/mix.js';
 export type { Source } from './core/source.js';
 

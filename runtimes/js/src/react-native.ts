@@ -17,7 +17,8 @@ import type { LoadOptions, OrtApi } from './core/model.js';
 import type { Source } from './core/source.js';
 
 export { EdgepeftError } from './core/errors.js';
-export type { AdapterChoice, LoadOptions, Logits, OrtApi, Stats } from './core/model.js';
+export type { AdapterChoice, AdapterChoices, GenerateOptions, LoadOptions, Logits, OrtApi, Stats, TextOptions } from './core/model.js';
+export type { Batcher, BatcherOptions, JoinOptions, Row } from './core/batching.js';
 export type { Source } from './core/source.js';
 
 export class Model extends Core {

@@ -19,7 +19,8 @@ const f32 = (b64) => {
   const buf = Buffer.from(b64, 'base64');
   return new Float32Array(buf.buffer.slice(buf.byteOffset, buf.byteOffset + buf.byteLength));
 };
-const name = (a) => (a == null ? 'base' : typeof a === 'string' ? a : `mix(${Object.entries(a).map(([k, v]) => `${k}=${v}`).join(',')})`);
+const name = (a) => (a == null ? 'base' : typeof a === 'string' ? a : Array.isArray(a) ? `[${a.map(name).join(' | ')}]`
+  : `mix(${Object.entries(a).map(([k, v]) => `${k}=${v}`).join(',')})`);
 
 function maxDiff(got, dims, want, wantDims) {
   assert.deepEqual(dims, wantDims, 'dims');
@@ -30,6 +31,77 @@ function maxDiff(got, dims, want, wantDims) {
     if (!(d <= m)) m = Number.isNaN(d) ? Infinity : d;
   }
   return m;
+}
+
+/** Counts the session runs of `m` (every graph it has) until `restore()`. */
+function countRuns(m) {
+  const sessions = [...new Set([...m.sessions.values(), ...(m.buckets?.values() ?? [])])];
+  const counter = { n: 0 };
+  const undo = sessions.map((s) => {
+    const own = Object.hasOwn(s, 'run'), real = s.run;
+    s.run = function (...args) { counter.n++; return real.apply(this, args); };
+    return () => { if (own) s.run = real; else delete s.run; };
+  });
+  counter.restore = () => undo.forEach((f) => f());
+  return counter;
+}
+
+/** Python's batcher schedule (tests/test_js_runtime.py `_batcher_case`): each row joins as soon as
+ * it fits (the batch steps while it does not), then one step; then steps until every row is done.
+ * Each row's tokens must be Python's `generate` of that row alone, the decode runs Python's, and
+ * every session run is a prefill (one per row) or a step (one for all live rows). */
+async function runBatcher(t, m, c, tol) {
+  const counter = countRuns(m);
+  try {
+    const b = m.batcher({ capacity: c.capacity, context: c.context });
+    assert.equal(b.serial, c.serial);
+    const rows = [];
+    let steps = 0;
+    for (let i = 0; i < c.prompts.length; i++) {
+      while (!b.fits(c.choices[i])) { await b.step(); steps++; }
+      rows.push(await b.join(c.prompts[i], { adapter: c.choices[i], maxNewTokens: c.news[i], stopAtEos: false }));
+      assert.ok(b.rows.size <= b.capacity);
+      await b.step();
+      steps++;
+    }
+    while (b.rows.size) { await b.step(); steps++; }
+    assert.equal(counter.n, rows.length + b.runs, 'one session run per prefill, one per step');
+    assert.equal(b.runs, c.runs, "Python's number of decode runs");
+    assert.ok(b.runs <= steps);
+    let worst = 0;
+    rows.forEach((r, i) => {
+      assert.deepEqual(r.tokens, c.tokens[i], `row ${i} (${name(c.choices[i])}): its tokens alone`);
+      assert.equal(r.finish, 'length');
+      worst = Math.max(worst, maxDiff(r.logits, [r.logits.length], f32(c.logits[i]), [r.logits.length]));
+    });
+    t.diagnostic(`${rows.length} rows, ${b.runs} decode runs; last logits max|diff| ${worst.toExponential(2)}`);
+    assert.ok(worst <= tol, `last logits: max |diff| ${worst} > ${tol}`);
+  } finally {
+    counter.restore();
+  }
+}
+
+/** Python's per-row logits and greedy ids of `c`, each in as many session runs as one adapter for
+ * every row takes (traced and fused graphs: one per step). */
+async function checkPerRow(t, m, c, art) {
+  const fixedShapes = m.manifest.static != null;
+  const counter = countRuns(m);
+  try {
+    const got = await m.logits(c.ids, { adapter: c.adapter });
+    const perRow = counter.n;
+    counter.n = 0;
+    await m.logits(c.ids, { adapter: c.adapter.find((a) => typeof a === 'string') });
+    assert.equal(perRow, counter.n, 'as many runs as one adapter for every row');
+    if (!fixedShapes) assert.equal(perRow, 1);
+    const d = maxDiff(got.data, got.dims, f32(c.data), c.dims);
+    t.diagnostic(`max|diff| ${d.toExponential(2)}`);
+    assert.ok(d <= art.tol, `max |diff| ${d} > ${art.tol}`);
+    counter.n = 0;
+    assert.deepEqual(await m.generate(c.ids, { maxNewTokens: c.max_new_tokens, adapter: c.adapter, stopAtEos: false }), c.out);
+    if (!fixedShapes) assert.equal(counter.n, c.max_new_tokens, 'prefill + one run per step');
+  } finally {
+    counter.restore();
+  }
 }
 
 const models = new Map();
@@ -57,6 +129,16 @@ for (const [key, art] of Object.entries(artifacts)) {
         const m = await load(art);
         assert.deepEqual(await m.generate(c.ids, { maxNewTokens: c.max_new_tokens, adapter: c.adapter }), c.out);
         assert.ok(m.stats.newTokens >= 1 && m.stats.prefillMs >= 0 && m.stats.decodeMs >= 0 && m.stats.feedsMs >= 0);
+      });
+    }
+    for (const c of art.per_row ?? []) {
+      test(`per-row ${name(c.adapter)}: Python's logits and greedy ids, one run per step`, async (t) => {
+        await checkPerRow(t, await load(art), c, art);
+      });
+    }
+    if (art.batcher) {
+      test(`batcher: rows ${name(art.batcher.choices)} joining at different steps`, async (t) => {
+        await runBatcher(t, await load(art), art.batcher, art.tol);
       });
     }
     for (const c of art.generate_text ?? []) {
@@ -111,6 +193,13 @@ describe('fused artifacts with present fed back as past (the core with a plain o
       }
     });
   }
+  test('fused: per-row adapters and the batcher, present fed back', async (t) => {
+    const art = artifacts.fused;
+    const source = { read: async (rel) => new Uint8Array(readFileSync(join(art.dir, rel))), describe: (rel) => `mem:${rel}` };
+    const m = await Core.open(source, ort);
+    for (const c of art.per_row) await checkPerRow(t, m, c, art);
+    await runBatcher(t, m, art.batcher, art.tol);
+  });
   const swap = artifacts.fused?.swap;
   for (const inPlace of [true, false]) {
     test(`adapter swapped on a running KV buffer (${inPlace ? 'written in place' : 'fed back'}): Python's next-step logits`, async (t) => {
@@ -209,7 +298,8 @@ describe('refusals', () => {
     test(`${key}: ${c.method} ${name(c.adapter)} refused with Python's message`, async () => {
       const m = await load(art);
       const call = c.method === 'generate' ? m.generate(c.ids, { maxNewTokens: c.max_new_tokens, adapter: c.adapter })
-        : m.logits(c.ids, { adapter: c.adapter });
+        : c.method === 'classify' ? m.classifyLogits(c.ids, { adapter: c.adapter })
+          : m.logits(c.ids, { adapter: c.adapter });
       await assert.rejects(call, (e) => {
         assert.ok(e instanceof EdgepeftError, `not an EdgepeftError: ${e}`);
         // Which overflowing input is named follows the order of the adapter's arrays: onnxruntime's
@@ -232,6 +322,84 @@ describe('refusals', () => {
     await assert.rejects(m.classify(['w5']), /causal-lm artifact: classify\(\) needs a classification artifact/);
     const merged = await load(artifacts.merged);
     await assert.rejects(merged.logits([[5, 6]], { adapter: { chat: 1 } }), /merged artifact: one graph per adapter/);
+  });
+  test('a graph without per-row weights refuses per-row lists, with the reason (one choice still works)', async () => {
+    const d = join(tmp, 'no-rows');
+    cpSync(artifacts.fused.dir, d, { recursive: true });
+    editManifest(d, (m) => { delete m.rows; delete m.row_values; });
+    const m = await Model.load(d);
+    await assert.rejects(m.logits([[5, 6], [7, 8]], { adapter: ['chat', 'sql'] }), (e) => e instanceof EdgepeftError &&
+      /manifest\.json: this graph has no per-row weights .*export the artifact again\.$/.test(e.message));
+    const one = await m.logits([[5, 6], [7, 8]], { adapter: ['chat', 'chat'] });
+    assert.deepEqual(one.dims.slice(0, 2), [2, 2]);
+    const b = m.batcher({ capacity: 2, context: 16 });  // rows of one adapter still share a call there
+    const rows = [await b.join([5, 6], { adapter: 'chat', maxNewTokens: 3 })];
+    assert.ok(!b.fits('sql') && b.fits('chat'));
+    rows.push(await b.join([7, 8, 9], { adapter: 'chat', maxNewTokens: 2 }));
+    while (b.rows.size) await b.step();
+    assert.equal(b.runs, 2);
+    assert.deepEqual(rows.map((r) => r.tokens.length), [3, 2]);
+  });
+  test('merged artifact: a per-row list runs one call per distinct adapter, rows back in order', async () => {
+    const art = artifacts.merged;
+    const d = join(tmp, 'merged-alias');
+    cpSync(art.dir, d, { recursive: true });
+    editManifest(d, (m) => { m.adapters.again = m.adapters.chat; });  // a second adapter: the same graph
+    const m = await Model.load(d);
+    const c = art.logits.find((x) => x.adapter === 'chat' && !x.mask && x.ids.length === 2 && x.ids[0].length !== x.ids[1].length);
+    const counter = countRuns(m);
+    const got = await m.logits(c.ids, { adapter: ['again', 'chat'] });
+    assert.equal(counter.n, 2);
+    counter.restore();
+    assert.ok(maxDiff(got.data, got.dims, f32(c.data), c.dims) <= art.tol);
+    const g = art.generate.find((x) => x.adapter === 'chat');
+    assert.deepEqual(await m.generate(g.ids, { maxNewTokens: g.max_new_tokens, adapter: ['chat', 'again'] }), g.out);
+    await assert.rejects(m.logits(c.ids, { adapter: ['chat', null] }), /merged artifact: one graph per adapter/);
+  });
+  test('bad per-row lists and batcher calls are refused', async () => {
+    const m = await load(artifacts.side);
+    await assert.rejects(m.logits([[5, 6], [7, 8]], { adapter: ['chat', 'nope'] }), /adapter 'nope' is not in/);
+    await assert.rejects(m.logits([[5, 6], [7, 8]], { adapter: ['chat', [1]] }), /adapter=row 1: \[1\]: pass null, a name/);
+    await assert.rejects(m.logits([[5, 6], [7, 8]], { adapter: ['chat', { sql: 'x' }] }), /adapter=row 1: .*finite numeric/);
+    assert.throws(() => m.batcher({ capacity: 0 }), /capacity=0: an integer >= 1/);
+    assert.throws(() => m.batcher({ context: 1 }), /context=1: an integer >= 2/);
+    const b = m.batcher({ capacity: 2, context: 16 });
+    assert.throws(() => b.fits('nope'), /adapter 'nope' is not in/);
+    await assert.rejects(b.join([], { adapter: 'chat' }), /a prompt is a non-empty list of token ids in \[0, 96\)/);
+    await assert.rejects(b.join([3, 400]), /token ids in \[0, 96\)/);
+    await assert.rejects(b.join([3, 4], { maxNewTokens: 0 }), /maxNewTokens=0: an integer >= 1/);
+    await assert.rejects(b.join(Array.from({ length: 12 }, (_, i) => 3 + i), { maxNewTokens: 8 }),
+      /12 prompt tokens \+ 8 new tokens exceed the 16 tokens a row holds/);
+    await assert.rejects(b.join([3, 4], { maxNewTokens: 3, temperature: -1 }), /temperature=-1: must be >= 0/);
+    const first = b.join([5, 6, 7], { adapter: 'chat', maxNewTokens: 3 });
+    await assert.rejects(b.step(), /a Batcher runs one call at a time/);
+    await first;
+    assert.ok(!b.fits('prefix'), 'a prefix cannot share a call with a LoRA row');
+    await assert.rejects(b.join([3, 4], { adapter: 'prefix', maxNewTokens: 3 }), /cannot share a call with the live rows; wait/);
+    const other = await b.join([8, 9], { adapter: 'sql', maxNewTokens: 5 });
+    assert.ok(!b.fits('chat'), 'full');
+    const stepping = b.step();
+    b.leave(other);  // during a step: it leaves when the step ends
+    assert.equal(b.rows.size, 2);
+    await stepping;
+    assert.ok(!b.rows.has(other.slot) && other.finish === null && b.fits('chat'));
+    while (b.rows.size) await b.step();
+    assert.deepEqual(await b.step(), []);
+    const cls = await load(artifacts.cls);
+    assert.throws(() => cls.batcher(), /classification artifact: a Batcher needs a causal-lm artifact/);
+  });
+  test('sampled rows in a batch: a seed reproduces each row', async () => {
+    const m = await load(artifacts.fused);
+    const run = async () => {
+      const b = m.batcher({ capacity: 2, context: 20 });
+      const r1 = await b.join([5, 9, 11], { adapter: 'chat', maxNewTokens: 6, temperature: 1.5, seed: 3, stopAtEos: false });
+      const r2 = await b.join([30, 31], { adapter: 'sql', maxNewTokens: 6, temperature: 1.5, seed: 4, stopAtEos: false });
+      while (b.rows.size) await b.step();
+      return [r1.tokens, r2.tokens];
+    };
+    const a = await run();
+    assert.deepEqual(await run(), a);
+    assert.equal(a[0].length, 6);
   });
   test('swapping adapters reuses the cached feeds (no rebuild)', async () => {
     const m = await load(artifacts.side);

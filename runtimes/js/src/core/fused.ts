@@ -23,8 +23,9 @@
  * manifest's `cat1` / `cat0w` rules (mix.ts), so nothing of a previous choice stays bound. */
 import type { InferenceSession, Tensor } from 'onnxruntime-common';
 import { EdgepeftError } from './errors.js';
-import type { Sampler } from './sampling.js';
-import { pickNext } from './static.js';
+import { lastPositions } from './decode.js';
+import type { Decoding } from './decode.js';
+import type { Opened, Slots } from './batching.js';
 
 type Rows = number[][];
 type Feeds = Record<string, Tensor>;
@@ -64,23 +65,73 @@ export function restore(data: Float32Array, dims: number[], mask: Rows): { data:
   return { data: out, dims: [B, S, V] };
 }
 
-/** The KV buffers of one generation (Python's fused.Cache): M slots per layer, written by each run. */
+/** The KV buffers of one generation (Python's fused.Cache): M slots per layer, written by each run.
+ * Each layer's keys and values live in one array of `batch` rows; a run takes its first rows
+ * (`useRows`: rows joining and leaving a running batch). */
 export class KvBuffer {
+  /** `${layer}.key|value` -> (batch, H_kv, M, D), the storage of the rows. */
+  private readonly store = new Map<string, Float32Array>();
+  /** What the next run takes as past: views over the storage's first rows, or (fed back) the
+   * last run's present. */
   private readonly kv = new Map<string, Tensor>();
+  private readonly heads = new Map<string, [number, number]>();
+  private rows = 0;
   private stepLogits: Tensor | null = null;
 
   /** `cache`: [(kv_heads, head_dim)] per layer; `slots`: M, the prompt + new tokens at most. */
   constructor(private readonly T: TensorCtor, private readonly session: InferenceSession,
-              cache: [number, number][], batch: number, readonly slots: number, private readonly inPlace: boolean) {
+              cache: [number, number][], readonly batch: number, readonly slots: number, private readonly inPlace: boolean) {
     cache.forEach(([h, d], i) => {
       for (const n of ['key', 'value']) {
-        this.kv.set(`${i}.${n}`, new T('float32', new Float32Array(batch * h * slots * d), [batch, h, slots, d]));
+        this.store.set(`${i}.${n}`, new Float32Array(batch * h * slots * d));
+        this.heads.set(`${i}.${n}`, [h, d]);
       }
     });
+    this.useRows(batch);
+  }
+
+  /** Run on the first `n` rows of the buffers from now on (nothing is copied). */
+  useRows(n: number): void {
+    this.sync();
+    for (const [k, a] of this.store) {
+      const [h, d] = this.heads.get(k)!;
+      this.kv.set(k, new this.T('float32', a.subarray(0, n * h * this.slots * d), [n, h, this.slots, d]));
+    }
+    this.rows = n;
+    this.stepLogits = null;
+  }
+
+  /** Bring the storage up to date (fed back: the last present is copied into it). */
+  private sync(): void {
+    for (const [k, t] of this.kv) {
+      const a = this.store.get(k)!;
+      const data = t.data as Float32Array;
+      if (data.buffer !== a.buffer) {
+        a.set(data);
+        const [h, d] = this.heads.get(k)!;
+        this.kv.set(k, new this.T('float32', a.subarray(0, this.rows * h * this.slots * d), [this.rows, h, this.slots, d]));
+      }
+    }
+  }
+
+  /** Row `row`'s first `n` slots of every layer from row `from` of `other` (or of this buffer). */
+  copyRow(row: number, n: number, other: KvBuffer = this, from = 0): void {
+    this.sync();
+    other.sync();
+    for (const [k, a] of this.store) {
+      const [h, d] = this.heads.get(k)!;
+      const src = other.store.get(k)!, m = other.slots;
+      for (let x = 0; x < h; x++) {
+        const at = ((from * h + x) * m) * d;
+        if (src === a) a.copyWithin(((row * h + x) * this.slots) * d, at, at + n * d);
+        else a.set(src.subarray(at, at + n * d), ((row * h + x) * this.slots) * d);
+      }
+    }
   }
 
   /** Run `ids (B, S)` (right-padded) after each row's cached tokens with the adapter `feeds`;
-   * `lengths`: each row's total length once they are added. Returns the `(B, S, V)` logits. */
+   * `lengths`: each row's total length once they are added. Returns the `(B, S, V)` logits (a
+   * decode step's may be a buffer the next step overwrites). */
   async run(feeds: Feeds, ids: Rows, lengths: number[]): Promise<Tensor> {
     const longest = Math.max(...lengths);
     if (longest > this.slots) {
@@ -122,12 +173,12 @@ export class KvBuffer {
   }
 }
 
-/** Runs a fused-layout graph (causal LMs): logits of every position, and greedy decoding. */
+/** Runs a fused-layout graph (causal LMs): logits of every position, and decoding. */
 export class FusedRunner {
   /** `positions`: rows of the graph's rotary tables (the manifest's `graph.positions`), the
    * longest prompt + generation it computes; null for artifacts that did not record it. */
   constructor(private readonly T: TensorCtor, private readonly cache: [number, number][],
-              private readonly inPlace: boolean, private readonly positions: number | null = null) {}
+              private readonly inPlace: boolean, readonly positions: number | null = null) {}
 
   /** Refuse a call whose longest row would pass the rotary tables (onnxruntime would fail with a
    * kernel error), as Python's `FusedLayout.fits`. */
@@ -152,32 +203,91 @@ export class FusedRunner {
     return restore(out.data as Float32Array, [...out.dims], mask);
   }
 
-  /** Greedy decoding on one KV buffer of prompt + `maxNew` slots. Returns the caller's ids rows
-   * followed by the new tokens, the number of new tokens and when the prompt was done (`t1`). */
-  async generate(session: InferenceSession, feeds: Feeds, ids: Rows, mask: Rows, maxNew: number, eos: number[],
-                 fill: number, now: () => number, sampler: Sampler | null = null,
-                 onStep: ((next: number[]) => boolean | void) | null = null): Promise<{ out: Rows; newTokens: number; t1: number }> {
-    const out = ids.map((r) => r.slice());
-    if (maxNew <= 0) return { out, newTokens: 0, t1: now() };
+  /** A generation on one KV buffer of prompt + `newTokens` slots, written in place (or fed back). */
+  decoding(session: InferenceSession, feeds: Feeds, ids: Rows, mask: Rows, newTokens: number): Decoding {
     const right = rightAlign(ids, mask);
     let lengths = right.lengths;
-    this.fits(Math.max(...lengths), maxNew);
-    const kv = this.buffer(session, ids.length, right.ids[0].length + maxNew);
-    const pre = await kv.run(feeds, right.ids, lengths);
-    const t1 = now();
-    const [B, L, V] = pre.dims as number[];
-    const src = pre.data as Float32Array;
-    let data: Float32Array = new Float32Array(B * V);  // (B, 1, V): each row's logits at its last real token
-    lengths.forEach((n, r) => data.set(src.subarray((r * L + n - 1) * V, (r * L + n) * V), r * V));
-    const done = ids.map(() => false);
-    let n = 0;
-    for (let step = 0; step < maxNew; step++) {
-      const next = pickNext(data, [B, 1, V], out, done, eos, fill, sampler, 0, onStep);
-      n++;
-      if (done.every(Boolean) || step === maxNew - 1) break;  // done: EOS, or the caller stopped
-      lengths = lengths.map((x) => x + 1);
-      data = (await kv.run(feeds, next.map((t) => [t]), lengths)).data as Float32Array;
+    this.fits(Math.max(...lengths), newTokens);
+    const kv = this.buffer(session, ids.length, right.ids[0].length + newTokens);
+    return {
+      rows: ids.length,
+      prefill: async () => {
+        const out = await kv.run(feeds, right.ids, lengths);  // each row's logits at its last real token
+        return lastPositions(out.data as Float32Array, out.dims, lengths.map((n) => n - 1));
+      },
+      step: async (tokens) => {
+        lengths = lengths.map((x) => x + 1);
+        return (await kv.run(feeds, tokens.map((t) => [t]), lengths)).data as Float32Array;  // (B, 1, V)
+      },
+    };
+  }
+
+  /** KV slots for rows that join and leave a running batch (`FusedSlots`). */
+  slots(session: InferenceSession, capacity: number, context: number): FusedSlots {
+    return new FusedSlots(this, session, capacity, context);
+  }
+}
+
+/** Rows that join and leave a running batch (`Batcher`, batching.ts), as Python's `fused.Slots`:
+ * one KV buffer of `capacity` rows x `context` slots; the live rows are its first rows, in
+ * `order`, each at its own length.
+ *
+ * A joining row's prompt runs alone on a KV buffer of its own length, then its keys and values
+ * are copied into the next row of the batch buffer; each decode step runs the live rows in one
+ * call. A leaving row's place is taken by the last row (one row's keys and values copied). */
+export class FusedSlots implements Slots {
+  /** Slot of each buffer row. */
+  readonly order: number[] = [];
+  private readonly lengths: number[];
+  private readonly kv: KvBuffer;
+  private rows = -1;  // rows the buffer runs
+
+  constructor(private readonly runner: FusedRunner, private readonly session: InferenceSession,
+              readonly capacity: number, readonly context: number) {
+    runner.fits(context);
+    this.kv = runner.buffer(session, capacity, context);
+    this.lengths = new Array(capacity).fill(0);
+  }
+
+  /** Run `ids` into the next buffer row, `slot`'s from now on; the `(V,)` logits of its next token. */
+  async prefill(slot: number, opened: Opened, ids: number[], newTokens: number): Promise<Float32Array> {
+    const one = this.runner.buffer(this.session, 1, ids.length);
+    const out = await one.run(opened.feeds, [ids], [ids.length]);  // (1, S, V)
+    const row = this.order.length;
+    this.kv.copyRow(row, ids.length, one, 0);
+    this.lengths[row] = ids.length;
+    this.order.push(slot);
+    this.rows = -1;
+    const [, S, V] = out.dims;
+    return (out.data as Float32Array).slice((S - 1) * V, S * V);
+  }
+
+  /** Append `tokens` to the live rows (`order`) in one call; their `(n, V)` logits (a buffer the
+   * next step overwrites). `fixed`: the adapter feeds; `weights`: per-row weights of the live rows. */
+  async step(fixed: Feeds, weights: Feeds, live: number[], tokens: number[]): Promise<Float32Array> {
+    const n = this.order.length;
+    if (n !== this.rows) {
+      this.kv.useRows(n);
+      this.rows = n;
     }
-    return { out, newTokens: n, t1 };
+    for (let r = 0; r < n; r++) this.lengths[r] += 1;
+    const out = await this.kv.run({ ...fixed, ...weights }, tokens.map((t) => [t]), this.lengths.slice(0, n));
+    return out.data as Float32Array;  // (n, 1, V)
+  }
+
+  /** Nothing is bound between calls here (the feeds go with each run). */
+  release(): void {}
+
+  free(slot: number): void {
+    const row = this.order.indexOf(slot), last = this.order.length - 1;
+    if (row < 0) return;
+    if (row !== last) {  // the last row moves into the hole
+      this.kv.copyRow(row, this.lengths[last], this.kv, last);
+      this.lengths[row] = this.lengths[last];
+      this.order[row] = this.order[last];
+    }
+    this.order.pop();
+    this.lengths[last] = 0;
+    this.rows = -1;
   }
 }

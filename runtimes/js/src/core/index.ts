@@ -1,7 +1,8 @@
 /** Backend-independent core: pass an onnxruntime-common API object and a Source to Model.open. */
 export { EdgepeftError } from './errors.js';
 export { Model } from './model.js';
-export type { AdapterChoice, LoadOptions, Logits, OrtApi, Stats } from './model.js';
+export type { AdapterChoice, AdapterChoices, GenerateOptions, LoadOptions, Logits, OrtApi, Stats, TextOptions } from './model.js';
+export type { Batcher, BatcherOptions, JoinOptions, Row } from './batching.js';
 export type { Mix } from './mix.js';
 export type { Source } from './source.js';
 export type { TextTokenizer } from './tokenizer.js';

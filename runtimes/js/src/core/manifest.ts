@@ -35,6 +35,12 @@ export interface Manifest {
   tokenizer?: { dir: string; pad_token_id?: number | null; eos_token_id?: number | null; bos_token_id?: number | null } | null;
   /** `default`: sha256 of a shared input's default value (not the identity), see `defaults`. */
   inputs: Record<string, { shape: (number | null)[]; mix: MixRule; default?: string }>;
+  /** Per-row weights inputs `{slot}.rows (N, 1, R)` -> the adapter inputs whose rank columns they
+   * weight (and the first one's rank axis): rows of one batch may run different adapters. */
+  rows?: Record<string, { inputs: string[]; axis: number }>;
+  /** Per-row offsets inputs `{input}.rows (N, 1, width)` -> the scale input they offset (IA3,
+   * DoRA) and that input's identity. */
+  row_values?: Record<string, { input: string; identity: number }>;
   adapters: Record<string, AdapterEntry>;
   [k: string]: unknown;
 }
@@ -162,6 +168,15 @@ function checkFields(m: any, where: string): void {
     need(spec.default == null || (isStr(spec.default) && !spec.shape.includes(null)), `inputs['${name}'].default`,
       'absent, or the sha256 of a fixed-shape default', spec.default);
   }
+  const rows = m.rows ?? {};
+  need(isObj(rows) && Object.values<any>(rows).every((v) => isObj(v) && Array.isArray(v.inputs) && v.inputs.length &&
+    v.inputs.every((k: unknown) => isStr(k) && Object.hasOwn(inputs, k)) && isInt(v.axis) &&
+    v.axis < inputs[v.inputs[0]].shape.length), 'rows',
+    "{rows input: {'inputs': [adapter inputs it weights], 'axis': the first one's rank axis}}", rows);
+  const values = m.row_values ?? {};
+  need(isObj(values) && Object.values<any>(values).every((v) => isObj(v) && isStr(v.input) && Object.hasOwn(inputs, v.input) &&
+    typeof v.identity === 'number'), 'row_values',
+    "{offsets input: {'input': the scale input it offsets, 'identity': that input's identity}}", values);
   need(Array.isArray(m.slots ?? []), 'slots', 'a list', m.slots);
   if (m.mode === 'side') {
     graph(m.graph, 'graph');

@@ -5,28 +5,36 @@
  * KV-cache seed). Choosing an adapter per call only changes which tensors are fed: no session is
  * rebuilt; the feeds (ort Tensors) of each choice are built once and cached.
  *
- * Scope: the default graph layout with a dynamic KV cache (causal-lm) and classification, side and
- * merged mode, static-shape artifacts (manifest "static": one session per sequence bucket, see
- * static.ts), and fused-layout artifacts (graph layout "fused": onnxruntime's fused kernels, one KV
- * buffer per layer, see fused.ts). */
+ * Scope: the default graph layout with a dynamic KV cache (causal-lm, traced.ts) and
+ * classification, side and merged mode, static-shape artifacts (manifest "static": one session per
+ * sequence bucket, see static.ts), and fused-layout artifacts (graph layout "fused": onnxruntime's
+ * fused kernels, one KV buffer per layer, see fused.ts). A list of choices, one per row of a
+ * batch, runs in one session run per step on a side-branch artifact (per-row weights, mix.ts),
+ * one run per distinct adapter on a merged one; `batcher()` keeps a running batch that rows join
+ * and leave (batching.ts). */
 import type { InferenceSession, Tensor } from 'onnxruntime-common';
 import { EdgepeftError } from './errors.js';
 import { ADAPTER_FILE_FORMAT, baseTag, MANIFEST_NAME, PROMPT_INPUT, readManifest } from './manifest.js';
 import type { AdapterEntry, GraphEntry, Manifest } from './manifest.js';
+import { Batcher } from './batching.js';
+import type { BatcherOptions, BatchHost } from './batching.js';
+import { decode } from './decode.js';
+import type { Decoding, OnStep } from './decode.js';
 import { FusedRunner } from './fused.js';
-import { combine, mixKey } from './mix.js';
-import type { LoadedAdapter, Mix } from './mix.js';
+import { combine, mixKey, rowWeights, sharedByRows, unionFeeds } from './mix.js';
+import type { Key, LoadedAdapter, Mix, RowsSpec, RowValuesSpec } from './mix.js';
 import { decodeFloats, externalDataLocations, takeInitializers } from './onnxproto.js';
 import type { DefaultTensor } from './onnxproto.js';
 import { parseSafetensors } from './safetensors.js';
 import type { Array32 } from './safetensors.js';
 import { sha256Hex } from './sha256.js';
-import { padFeeds, pickNext, StaticRunner } from './static.js';
+import { padFeeds, StaticRunner } from './static.js';
 import { Sampler, type SamplingOptions } from './sampling.js';
 import type { StaticSpec } from './static.js';
 import type { Source } from './source.js';
 import { inside } from './source.js';
 import { loadTokenizer } from './tokenizer.js';
+import { TracedRunner } from './traced.js';
 import type { TextTokenizer } from './tokenizer.js';
 
 /** The onnxruntime-common API object an entry point passes in (onnxruntime-node / -web / -react-native). */
@@ -39,7 +47,11 @@ export interface OrtApi {
   inPlaceOutputs?: boolean;
 }
 
+/** null / undefined: the base model; a name; or a `{name: weight}` mix (or composition). */
 export type AdapterChoice = string | Mix | null | undefined;
+/** One choice for every row, or a list of choices, one per row of the batch (per-row adapters:
+ * one session run per step on a side-branch artifact, see `Model.logits`). */
+export type AdapterChoices = AdapterChoice | AdapterChoice[];
 
 export interface LoadOptions {
   /** Extra onnxruntime session options (execution providers, threads, ...). */
@@ -59,6 +71,8 @@ export interface Stats {
 const MIX_CACHE_SIZE = 8;
 type Feeds = Record<string, Tensor>;
 interface Choice { feeds: Feeds; prefix: [Array32, Array32][] | null; promptLength: number; hasHead: boolean }
+/** One call of a batch: its rows (null: all of them), the session and the adapter feeds. */
+interface Group { rows: number[] | null; session: InferenceSession; choice: Choice }
 
 const now = () => (globalThis.performance ?? Date).now();
 
@@ -79,11 +93,16 @@ function pySetOrder(values: number[]): number[] {
 
 /** Options of `generate`: Python's keyword options in camelCase. */
 export interface GenerateOptions extends SamplingOptions {
-  maxNewTokens?: number; adapter?: AdapterChoice; attentionMask?: number[][] | null; stopAtEos?: boolean;
+  maxNewTokens?: number;
+  /** One choice for all rows, or one per row (see `Model.logits`). */
+  adapter?: AdapterChoices;
+  attentionMask?: number[][] | null; stopAtEos?: boolean;
   /** More tokens that end a row, as EOS does. */
   stopTokenIds?: number[];
-  /** Called with each step's tokens (one per row); returning false ends the generation. */
-  onStep?: (next: number[]) => boolean | void;
+  /** Called with each step's tokens (one per row); returning false ends the generation. On a
+   * merged artifact with a per-row list, each adapter's rows are a generation of their own, run
+   * one after another: the callback then sees one group's rows at a time. */
+  onStep?: OnStep;
 }
 
 /** Options of `generateText` / `streamText`: `stop` strings end the text before them. */
@@ -117,6 +136,14 @@ export class Model {
   private fixed: Record<string, number[]> = {};
   /** Fused layout (graph layout "fused"): right-aligned rows, seqlens_k, one KV buffer per layer. */
   private fused: FusedRunner | null = null;
+  /** The traced layout (mask, positions, a growing KV cache): every graph that is not fused. */
+  private readonly traced: TracedRunner;
+  /** Per-row inputs of the graph (the manifest's `rows` and `row_values`), fed their defaults
+   * unless a per-row batch feeds them. */
+  private readonly rowsSpec: RowsSpec;
+  private readonly rowValues: RowValuesSpec;
+  /** The last per-row feeds built outside the mix cache (`rowsParts(..., cache=false)`). */
+  private kept: { id: string; used: LoadedAdapter[]; fixed: Feeds } | null = null;
 
   protected constructor(source: Source, ort: OrtApi, manifest: Manifest) {
     this.source = source;
@@ -127,6 +154,9 @@ export class Model {
     this.where = source.describe(MANIFEST_NAME);
     const kv = manifest.kv_cache ?? { kv_heads: [], head_dims: [] };
     this.cache = kv.kv_heads.map((h, i) => [h, kv.head_dims[i]]);
+    this.traced = new TracedRunner(ort.Tensor, this.cache);
+    this.rowsSpec = this.merged ? {} : manifest.rows ?? {};
+    this.rowValues = this.merged ? {} : manifest.row_values ?? {};
   }
 
   /** Load an artifact from `source` with the onnxruntime API `ort`. Entry points (node.ts, web.ts,
@@ -159,10 +189,12 @@ export class Model {
       return;
     }
     const names = new Set(Object.keys(m.inputs));
+    // the per-row inputs are graph inputs with a default too: taken out and fed like the adapter inputs
+    const taken = new Set([...names, ...Object.keys(this.rowsSpec), ...Object.keys(this.rowValues)]);
     if (m.static != null) {
-      await this.initStatic(names, options);
+      await this.initStatic(taken, options);
     } else {
-      this.sessions.set(null, await this.session(m.graph, names, options));
+      this.sessions.set(null, await this.session(m.graph, taken, options));
     }
     for (const i of m.graph.inputs ?? []) if (names.has(i.name)) this.graphShapes[i.name] = i.shape;
     for (const [name, entry] of Object.entries(m.adapters)) this.loaded.set(name, await this.loadAdapter(name, entry));
@@ -178,6 +210,14 @@ export class Model {
     }
     this.sessions.set(null, this.buckets.get(Math.max(...this.buckets.keys()))!);
     for (const [k, v] of Object.entries(m.inputs)) this.fixed[k] = v.shape.map((d) => d ?? spec.max_rank);
+    for (const k of [...Object.keys(this.rowsSpec), ...Object.keys(this.rowValues)]) {  // (batch, 1, width): the default's shape
+      const d = this.defaults[k];
+      if (!d) {
+        throw new EdgepeftError(`${this.where}: per-row input '${k}' has no fixed-shape default in the bucket graphs. ` +
+          'Export the artifact again.');
+      }
+      this.fixed[k] = [...d.dims];
+    }
     for (const [k, shape] of Object.entries(this.fixed)) {
       if (this.defaults[k]) continue;
       const size = shape.reduce((a, b) => a * b, 1);
@@ -406,11 +446,26 @@ export class Model {
 
   private choiceOf(feeds: Map<string, Array32>, prefix: [Array32, Array32][] | null, names: string[] = []): Choice {
     const out: Feeds = { ...this.defaults };
-    if (this.staticSpec) feeds = padFeeds(feeds, this.fixed, names, this.staticSpec.max_rank);
+    if (this.staticSpec) feeds = padFeeds(feeds, this.fixed, names, this.staticSpec.max_rank, this.rowInputs());
     for (const [k, v] of feeds) out[k] = this.tensor(v, k);
     const prompt = feeds.get(PROMPT_INPUT);
     return { feeds: out, prefix, promptLength: prompt ? prompt.dims[0] : 0,
              hasHead: [...feeds.keys()].some((k) => k.startsWith('head.')) };
+  }
+
+  private rowInputs(): Set<string> {
+    return new Set([...Object.keys(this.rowsSpec), ...Object.keys(this.rowValues)]);
+  }
+
+  /** The key of a `{name: weight}` mix, its names and weights checked (`where`: "row b: "). */
+  private mixKeyOf(adapter: unknown, where = ''): Key {
+    if (typeof adapter !== 'object' || adapter === null || Array.isArray(adapter) || !Object.keys(adapter).length ||
+        Object.values(adapter).some((w) => typeof w !== 'number' || !Number.isFinite(w))) {
+      throw new EdgepeftError(`adapter=${where}${JSON.stringify(adapter)}: pass null, a name, or a non-empty ` +
+        '{name: weight} mix with finite numeric weights.');
+    }
+    this.checkNames(Object.keys(adapter), this.loaded.keys());
+    return mixKey(adapter as Mix);
   }
 
   /** Feeds (every adapter input: the choice's arrays, the defaults for the rest) and KV-cache seed,
@@ -429,43 +484,128 @@ export class Model {
       }
       return c;
     }
-    if (typeof adapter !== 'object' || Array.isArray(adapter) || !Object.keys(adapter).length ||
-        Object.values(adapter).some((w) => typeof w !== 'number' || !Number.isFinite(w))) {
-      throw new EdgepeftError(`adapter=${JSON.stringify(adapter)}: pass null, a name, or a non-empty {name: weight} ` +
-        'mix with finite numeric weights.');
-    }
-    this.checkNames(Object.keys(adapter), this.loaded.keys());
-    const key = mixKey(adapter);
-    const id = JSON.stringify(key);
+    const key = this.mixKeyOf(adapter);
     const used = key.map(([n]) => this.loaded.get(n)!);
+    return this.cached(JSON.stringify(key), used, () => {
+      const { feeds, prefix } = combine(key, this.loaded, this.manifest.inputs, this.where);
+      return this.choiceOf(feeds, prefix, key.map(([n]) => n));
+    });
+  }
+
+  /** `make()`'s choice, cached under `id` while the adapters `used` stay loaded (the last 8). */
+  private cached(id: string, used: LoadedAdapter[], make: () => Choice): Choice {
     const hit = this.mixes.get(id);
-    if (hit && hit.used.every((x, i) => x === used[i])) {
+    if (hit && hit.used.length === used.length && hit.used.every((x, i) => x === used[i])) {
       this.mixes.delete(id);
       this.mixes.set(id, hit);
       return hit.choice;
     }
-    const { feeds, prefix } = combine(key, this.loaded, this.manifest.inputs, this.where);
-    const choice = this.choiceOf(feeds, prefix, key.map(([n]) => n));
+    const choice = make();
     this.mixes.set(id, { used, choice });
     while (this.mixes.size > MIX_CACHE_SIZE) this.mixes.delete(this.mixes.keys().next().value!);
     return choice;
   }
 
-  private sessionFor(adapter: AdapterChoice): [InferenceSession, Choice] {
-    if (!this.merged) {
-      const t = now();
-      const c = this.feeds(adapter);
-      this.stats = { feedsMs: now() - t, prefillMs: 0, decodeMs: 0, newTokens: 0 };
-      return [this.sessions.get(null)!, c];
+  // ------------------------------------------------------------------ per-row adapters
+  /** Each row's mix key (`[]`: the base) and the feeds every row shares (Python's
+   * `AdapterStore._shared`: refused when the rows cannot share one call). */
+  private shared(choices: AdapterChoice[]): { keys: Key[]; feeds: Map<string, Array32>; prefix: [Array32, Array32][] | null } {
+    const keys = choices.map((c, b) => (c == null ? [] : this.mixKeyOf(typeof c === 'string' ? { [c]: 1.0 } : c, `row ${b}: `)));
+    return { keys, ...sharedByRows(keys, this.loaded, this.manifest.inputs, this.rowsSpec, this.where, this.rowValues) };
+  }
+
+  /** Throw unless rows running `choices` can share one call (what every row shares must agree);
+   * builds no feeds. Rows that all make one choice always can (they run it as one choice for
+   * every row, which needs no per-row inputs: a graph without them batches such rows too). */
+  private rowsAgree(choices: AdapterChoice[]): void {
+    const ids = choices.map(choiceId);
+    if (ids.every((x) => x === ids[0])) return;
+    this.shared(choices);
+  }
+
+  /** The feeds of a batch whose row `b` runs `choices[b]` in one session run (Python's
+   * `AdapterStore.rows_parts`), in two parts: `fixed`, the adapters of the batch (and of `union`,
+   * names a running batch keeps) concatenated along each slot's rank axis with the inputs every
+   * row shares, one cached object per set of adapters (`cache` false: only the last one is kept,
+   * outside the mix cache); and `weights`, each slot's per-row weights `(B, 1, R)` and each
+   * scale's per-row offsets `(B, 1, width)`, made per call (small). */
+  private rowsParts(choices: AdapterChoice[], union: string[] = [], cache = true):
+      { fixed: Feeds; weights: Feeds; prefix: [Array32, Array32][] | null } {
+    this.checkNames(union, this.loaded.keys());
+    const { keys, feeds: shared, prefix } = this.shared(choices);
+    const names = [...new Set([...keys.flatMap((k) => k.map(([n]) => n)), ...union])].sort();
+    // what the rows share follows from row 0's adapters that set a shared input (and their weights)
+    const tag = keys[0].filter(([n]) => [...this.loaded.get(n)!.graph.keys()].some((k) => shared.has(k)));
+    const id = JSON.stringify(['rows', names, tag]);
+    const used = names.map((n) => this.loaded.get(n)!);
+    const make = (): Choice => {
+      const feeds = new Map([...shared, ...unionFeeds(names, this.loaded, this.manifest.inputs, this.rowsSpec, this.where)]);
+      return this.choiceOf(feeds, prefix, names);
+    };
+    let fixed: Feeds;
+    const kept = this.kept;
+    if (cache) {
+      fixed = this.cached(id, used, make).feeds;
+    } else if (kept && kept.id === id && kept.used.every((x, i) => x === used[i])) {
+      fixed = kept.fixed;
+    } else {
+      this.kept = null;  // the previous one can go before the next is built
+      fixed = make().feeds;
+      this.kept = { id, used, fixed };
     }
+    let weights = rowWeights(keys, names, this.loaded, this.rowsSpec, this.rowValues);
+    if (this.staticSpec) weights = padFeeds(weights, this.fixed, names, this.staticSpec.max_rank, this.rowInputs());
+    const out: Feeds = {};
+    for (const [k, v] of weights) out[k] = this.tensor(v, k);
+    return { fixed, weights: out, prefix };
+  }
+
+  /** Graph feeds of a batch whose row `b` runs `choices[b]`, in one session run (`rowsParts`, joined). */
+  private feedsRows(choices: AdapterChoice[]): Choice {
+    const { fixed, weights, prefix } = this.rowsParts(choices);
+    const shared = [...Object.keys(fixed)].filter((k) => fixed[k] !== this.defaults[k]);
+    return { feeds: { ...fixed, ...weights }, prefix,
+             promptLength: fixed[PROMPT_INPUT] && fixed[PROMPT_INPUT] !== this.defaults[PROMPT_INPUT] ? fixed[PROMPT_INPUT].dims[0] : 0,
+             hasHead: shared.some((k) => k.startsWith('head.')) };
+  }
+
+  /** The session and feeds of one choice for every row. */
+  private choose(adapter: AdapterChoice): { session: InferenceSession; choice: Choice } {
+    if (!this.merged) return { session: this.sessions.get(null)!, choice: this.feeds(adapter) };
     if (typeof adapter === 'string') {
       if (!this.sessions.has(adapter)) this.checkNames([adapter], [...this.sessions.keys()] as string[]);
-      this.stats = { feedsMs: 0, prefillMs: 0, decodeMs: 0, newTokens: 0 };
-      return [this.sessions.get(adapter)!, { feeds: {}, prefix: null, promptLength: 0, hasHead: false }];
+      return { session: this.sessions.get(adapter)!, choice: { feeds: {}, prefix: null, promptLength: 0, hasHead: false } };
     }
     throw new EdgepeftError(`${this.source.describe('')} is a merged artifact: one graph per adapter, so only ` +
       `adapter: '<name>' works (one of ${this.adapters.join(', ')}). Export with --mode side for the base model ` +
       'and weighted mixes.');
+  }
+
+  /** The calls that run a batch of `rows` rows with `adapter` (Python's `Model._groups`): one
+   * choice for every row, or a list of one per row. A side-branch artifact runs a list in one call
+   * (each row weights its own adapters' rank columns); a merged one has a graph per adapter, so
+   * its rows run in one call per distinct adapter. Sets `stats.feedsMs`. */
+  private groups(adapter: AdapterChoices, rows: number): Group[] {
+    const t = now();
+    const out = this.groupsOf(adapter, rows);
+    this.stats = { feedsMs: now() - t, prefillMs: 0, decodeMs: 0, newTokens: 0 };
+    return out;
+  }
+
+  private groupsOf(adapter: AdapterChoices, rows: number): Group[] {
+    if (!Array.isArray(adapter)) return [{ rows: null, ...this.choose(adapter) }];
+    if (adapter.length !== rows) {
+      throw new EdgepeftError(`adapter= lists ${adapter.length} choices for a batch of ${rows} rows: pass one per row ` +
+        '(None, a name or a {name: weight} mix), or one choice for all rows.');
+    }
+    const ids = adapter.map(choiceId);
+    if (ids.every((x) => x === ids[0])) return [{ rows: null, ...this.choose(adapter[0]) }];
+    if (!this.merged) return [{ rows: null, session: this.sessions.get(null)!, choice: this.feedsRows(adapter) }];
+    const order = [...new Set(ids)];  // distinct choices, first seen first
+    return order.map((id) => {
+      const rowsOf = ids.flatMap((x, b) => (x === id ? [b] : []));
+      return { rows: rowsOf, ...this.choose(adapter[rowsOf[0]]) };
+    });
   }
 
   private need(task: string, method: string): void {
@@ -517,126 +657,146 @@ export class Model {
     return { ids: rows, mask };
   }
 
-  private int64(rows: number[][]): Tensor {
-    const b = rows.length, s = rows[0]?.length ?? 0;
-    const data = new BigInt64Array(b * s);
-    rows.forEach((r, i) => r.forEach((v, j) => { data[i * s + j] = BigInt(v); }));
-    return new this.ort.Tensor('int64', data, [b, s]);
-  }
-
-  /** Initial past (empty, or the adapter's prefix for every row) and the mask it needs. */
-  private start(batch: number, mask: number[][], prefix: [Array32, Array32][] | null): { past: Feeds; mask: number[][] } {
-    const past: Feeds = {};
-    this.cache.forEach(([h, d], i) => {
-      if (!prefix) {
-        past[`past.${i}.key`] = new this.ort.Tensor('float32', new Float32Array(0), [batch, h, 0, d]);
-        past[`past.${i}.value`] = new this.ort.Tensor('float32', new Float32Array(0), [batch, h, 0, d]);
-        return;
-      }
-      prefix[i].forEach((v, j) => {
-        const data = new Float32Array(batch * v.data.length);
-        for (let r = 0; r < batch; r++) data.set(v.data, r * v.data.length);
-        past[`past.${i}.${j ? 'value' : 'key'}`] = new this.ort.Tensor('float32', data, [batch, ...v.dims.slice(1)]);
-      });
-    });
-    if (prefix) {
-      const p = prefix[0][0].dims[2];
-      mask = mask.map((r) => [...new Array(p).fill(1), ...r]);
-    }
-    return { past, mask };
-  }
-
-  private async run(session: InferenceSession, feeds: Feeds, ids: number[][], mask: number[][], past: Feeds) {
-    const s = ids[0].length;
-    const pos = mask.map((r) => {  // transformers' positions: real tokens before; padded slots get 1
-      let c = -1;
-      return r.map((v) => { c += v; return v === 0 ? 1 : c; }).slice(-s);
-    });
-    return session.run({ input_ids: this.int64(ids), attention_mask: this.int64(mask),
-                         position_ids: this.int64(pos), ...past, ...feeds });
-  }
-
-  /** Next-token logits for every position (causal-lm): (B, S, vocab), left padding for ragged rows. */
-  async logits(ids: number[][] | number[], opts: { adapter?: AdapterChoice; attentionMask?: number[][] | null } = {}): Promise<Logits> {
-    this.need('causal-lm', 'logits()');
-    const [session, choice] = this.sessionFor(opts.adapter);
-    const b = this.batch(ids, opts.attentionMask);
-    if (this.static) {
-      const t = now();
-      const out = await this.static.logits(choice.feeds, b.ids, b.mask, choice.prefix);
-      this.stats.prefillMs = now() - t;
-      return out;
-    }
+  /** The generations that run `ids` (rows of one group) with `session` and `choice`, as the
+   * layout decodes them (static shapes: one per group of the fixed batch). */
+  private decodings(session: InferenceSession, choice: Choice, ids: number[][], mask: number[][],
+                    newTokens: number): Decoding[] {
+    if (this.static) return this.static.decodings(choice.feeds, ids, mask, choice.prefix, newTokens);
     if (this.fused) {
       this.noPrefix(choice);
-      const t = now();
-      const out = await this.fused.logits(session, choice.feeds, b.ids, b.mask);
-      this.stats.prefillMs = now() - t;
-      return out;
+      return [this.fused.decoding(session, choice.feeds, ids, mask, newTokens)];
     }
-    const { past, mask } = this.start(b.ids.length, b.mask, choice.prefix);
+    return [this.traced.decoding(session, choice.feeds, choice.prefix, ids, mask)];
+  }
+
+  /** Next-token logits for every position (causal-lm): (B, S, vocab), left padding for ragged rows.
+   *
+   * `adapter`: null (the base), a name or a `{name: weight}` mix for every row; or a list of those,
+   * one per row of the batch. On a side-branch artifact (traced, fused or fixed-shape graph) such a
+   * list runs in one session run: the adapters of the batch are concatenated along each LoRA-type
+   * slot's rank axis and each row weights its own adapters' rank columns (the graph's per-row
+   * weights, the manifest's `rows`), and IA3 / DoRA scales are offset per row where the graph has
+   * per-row offsets (`row_values`). What a call applies to every row (classification heads,
+   * prompts and prefixes; scales of a graph without offsets) must agree across the rows, else an
+   * EdgepeftError names both rows and the input. A merged artifact runs one call per distinct
+   * adapter. A list whose entries are all the same is one choice. */
+  async logits(ids: number[][] | number[],
+               opts: { adapter?: AdapterChoices; attentionMask?: number[][] | null } = {}): Promise<Logits> {
+    this.need('causal-lm', 'logits()');
+    const b = this.batch(ids, opts.attentionMask);
+    const groups = this.groups(opts.adapter, b.ids.length);
     const t = now();
-    const out = await this.run(session, choice.feeds, b.ids, mask, past);
+    const parts: { rows: number[] | null; out: Logits }[] = [];
+    for (const g of groups) {
+      const [gi, gm] = g.rows ? [g.rows.map((r) => b.ids[r]), g.rows.map((r) => b.mask[r])] : [b.ids, b.mask];
+      parts.push({ rows: g.rows, out: await this.logitsOf(g.session, g.choice, gi, gm) });
+    }
     this.stats.prefillMs = now() - t;
+    return scatter(b.ids.length, parts);
+  }
+
+  private async logitsOf(session: InferenceSession, choice: Choice, ids: number[][], mask: number[][]): Promise<Logits> {
+    if (this.static) return this.static.logits(choice.feeds, ids, mask, choice.prefix);
+    if (this.fused) {
+      this.noPrefix(choice);
+      return this.fused.logits(session, choice.feeds, ids, mask);
+    }
+    const { past, mask: full } = this.traced.start(ids.length, mask, choice.prefix);
+    const out = await this.traced.run(session, choice.feeds, ids, full, past);
     return { data: out.logits.data as Float32Array, dims: [...out.logits.dims] };
   }
 
-  /** Greedy decoding with the KV cache (causal-lm). Returns the (left-padded) prompt rows followed
-   * by n <= maxNewTokens tokens, like Python's generate; a row stops at the base's EOS (later
-   * positions repeat EOS) unless stopAtEos is false. */
+  /** Decoding with the KV cache (causal-lm): greedy by default, or sampled (temperature, topK,
+   * topP, repetitionPenalty, seed). Returns the (left-padded) prompt rows followed by n <=
+   * maxNewTokens tokens, like Python's generate; a row stops at the base's EOS or one of
+   * `stopTokenIds` (later positions repeat EOS) unless stopAtEos is false. `adapter`: as in
+   * `logits` (a list: one choice per row; on a merged artifact each adapter's rows are a
+   * generation of their own, so a seeded sample differs from one batch's). */
   async generate(ids: number[][] | number[], opts: GenerateOptions = {}): Promise<number[][]> {
     this.need('causal-lm', 'generate()');
     const maxNew = opts.maxNewTokens ?? 32;
-    const sampler = new Sampler(opts, []);
-    const [session, choice] = this.sessionFor(opts.adapter);
+    const sampler = new Sampler(opts, []);  // bad options are refused before anything runs
     const b = this.batch(ids, opts.attentionMask);
+    const groups = this.groups(opts.adapter, b.ids.length);
     const e = opts.stopAtEos === false ? null : this.manifest.base.eos_token_id;
     const eos = pySetOrder([...(e == null ? [] : Array.isArray(e) ? e : [e]), ...(opts.stopTokenIds ?? [])]);
     const fill = eos.length ? eos[0] : 0;
-    const pick = sampler.greedy ? null : new Sampler(opts, b.ids.map((r, i) => r.filter((_, j) => b.mask[i][j] === 1)));
     const onStep = opts.onStep ?? null;
-    if (this.static) {
-      const t = now();
-      const res = await this.static.generate(choice.feeds, b.ids, b.mask, choice.prefix, maxNew, eos, fill, pick, onStep);
-      this.stats = { ...this.stats, prefillMs: 0, decodeMs: now() - t, newTokens: res.newTokens };
-      return res.out;
+    const parts: { rows: number[] | null; out: number[][] }[] = [];
+    let prefillMs = 0, decodeMs = 0, newTokens = 0;
+    for (const g of groups) {
+      const [gi, gm] = g.rows ? [g.rows.map((r) => b.ids[r]), g.rows.map((r) => b.mask[r])] : [b.ids, b.mask];
+      const pick = sampler.greedy ? null : new Sampler(opts, gi.map((r, i) => r.filter((_, j) => gm[i][j] === 1)));
+      const outs: number[][][] = [];
+      let offset = 0;
+      for (const dec of this.decodings(g.session, g.choice, gi, gm, maxNew)) {
+        const rows = [...gi.slice(offset, offset + dec.rows)];
+        while (rows.length < dec.rows) rows.push(rows[rows.length - 1]);  // a fixed batch's filler rows
+        const out = rows.map((r) => r.slice());
+        const t0 = now();
+        const res = await decode(dec, out, maxNew, eos, fill, pick, offset, onStep, now);
+        prefillMs += res.t1 - t0;
+        decodeMs += now() - res.t1;
+        newTokens = Math.max(newTokens, res.newTokens);
+        outs.push(out);
+        offset += dec.rows;
+      }
+      parts.push({ rows: g.rows, out: padRows(outs.flat().slice(0, gi.length), fill) });
     }
-    if (this.fused) {
-      this.noPrefix(choice);
-      const t0 = now();
-      const res = await this.fused.generate(session, choice.feeds, b.ids, b.mask, maxNew, eos, fill, now, pick, onStep);
-      this.stats = { ...this.stats, prefillMs: res.t1 - t0, decodeMs: now() - res.t1, newTokens: res.newTokens };
-      return res.out;
+    this.stats = { ...this.stats, prefillMs, decodeMs, newTokens };
+    const width = Math.max(...parts.map((p) => p.out[0].length));  // groups that stop early end in EOS
+    const out: number[][] = new Array(b.ids.length);
+    for (const p of parts) {
+      p.out.forEach((r, i) => { out[p.rows ? p.rows[i] : i] = [...r, ...new Array(width - r.length).fill(fill)]; });
     }
-    const out = b.ids.map((r) => r.slice());
-    const done = out.map(() => false);
-    let { past, mask } = this.start(b.ids.length, b.mask, choice.prefix);
-    let step = b.ids;
-    const t0 = now();
-    let t1 = t0, n = 0;
-    for (let it = 0; it < maxNew; it++) {
-      const res = await this.run(session, choice.feeds, step, mask, past);
-      if (it === 0) t1 = now();
-      const next = pickNext(res.logits.data as Float32Array, res.logits.dims as number[], out, done, eos, fill, pick, 0,
-        onStep);
-      n++;
-      if (done.every(Boolean)) break;  // EOS in every row, or the caller stopped
-      step = next.map((x) => [x]);
-      mask = mask.map((r) => [...r, 1]);
-      past = {};
-      this.cache.forEach((_, i) => {
-        past[`past.${i}.key`] = res[`present.${i}.key`];
-        past[`past.${i}.value`] = res[`present.${i}.value`];
-      });
-    }
-    const end = now();
-    this.stats = { ...this.stats, prefillMs: t1 - t0, decodeMs: end - t1, newTokens: n };
     return out;
   }
 
+  /** A running batch that generations join and leave between decode steps, each with its own
+   * adapter (or mix), sampling, stop tokens and length, one session run per step for all of them
+   * (`Batcher`, batching.ts). Fused and traced side-branch artifacts; merged artifacts and
+   * fixed-shape targets get a serial batcher of capacity 1. */
+  batcher(opts: BatcherOptions = {}): Batcher {
+    this.need('causal-lm', 'a Batcher');
+    return new Batcher(this.batchHost(), opts);
+  }
+
+  /** What a Batcher needs of this model (its private parts, as closures). */
+  private batchHost(): BatchHost {
+    const serial = this.merged || this.static !== null;
+    const session = this.sessions.get(null) ?? null;
+    const base = this.manifest.base as { max_length?: number };
+    return {
+      vocab: this.manifest.base.vocab_size,
+      longest: base.max_length || (serial ? null : this.fused?.positions) || 1024,  // as Python's Batcher
+      eos: (stopAtEos, stopTokenIds) => {
+        const e = stopAtEos ? this.manifest.base.eos_token_id : null;
+        return [...(e == null ? [] : Array.isArray(e) ? e : [e]), ...stopTokenIds];
+      },
+      slots: serial ? null : (capacity, context) => (this.fused ? this.fused.slots(session!, capacity, context)
+        : this.traced.slots(session!, capacity, context)),
+      open: (adapter) => {
+        const { session: s, choice } = this.choose(adapter);
+        if (this.fused) this.noPrefix(choice);
+        return { session: s, feeds: choice.feeds, prefix: choice.prefix };
+      },
+      feeds: (adapter) => this.feeds(adapter).feeds,
+      rowsAgree: (choices) => this.rowsAgree(choices),
+      rowsParts: (choices, union) => {
+        const { fixed, weights } = this.rowsParts(choices, union, false);
+        return { fixed, weights };
+      },
+      decoding: (opened, ids, newTokens) => {
+        const choice: Choice = { feeds: opened.feeds, prefix: opened.prefix, promptLength: 0, hasHead: false };
+        return this.decodings(opened.session, choice, [ids], [ids.map(() => 1)], newTokens)[0];
+      },
+    };
+  }
+
   // ------------------------------------------------------------------ classification
-  /** Class probabilities (softmax of classifyLogits), (B, num_labels) row-major. */
-  async classify(textsOrIds: string | string[] | number[][] | number[], opts: { adapter?: AdapterChoice } = {}): Promise<Logits> {
+  /** Class probabilities (softmax of classifyLogits), (B, num_labels) row-major. `adapter`: as in
+   * `classifyLogits`. */
+  async classify(textsOrIds: string | string[] | number[][] | number[], opts: { adapter?: AdapterChoices } = {}): Promise<Logits> {
     const lg = await this.classifyLogits(textsOrIds, opts);
     const [B, L] = lg.dims;
     const data = new Float32Array(B * L);
@@ -660,22 +820,40 @@ export class Model {
     });
   }
 
-  /** Raw classification logits (B, num_labels): texts are tokenized and right-padded, ragged id rows right-padded. */
-  async classifyLogits(textsOrIds: string | string[] | number[][] | number[], opts: { adapter?: AdapterChoice } = {}): Promise<Logits> {
+  /** Raw classification logits (B, num_labels): texts are tokenized and right-padded, ragged id
+   * rows right-padded. `adapter`: null (the base head; only when the base has a trained one), a
+   * name or a `{name: weight}` mix (at most one of them may carry a head); or a list, one per row
+   * (as in `logits`: the rows' heads must agree on a side-branch artifact). */
+  async classifyLogits(textsOrIds: string | string[] | number[][] | number[], opts: { adapter?: AdapterChoices } = {}): Promise<Logits> {
     this.need('classification', 'classify()');
     const base = this.manifest.base;
     const adapter = opts.adapter;
-    if (adapter == null && !(base.head_trained ?? true)) {
+    if (!(base.head_trained ?? true) && (Array.isArray(adapter) ? adapter : [adapter]).some((a) => a == null)) {
       throw new EdgepeftError(`${this.source.describe('')}: the base model has no trained classification head; ` +
-        `choose an adapter (${this.adapters.join(', ')}).`);
+        `choose an adapter (${this.adapters.join(', ')}) for every row.`);
     }
-    const [session, choice] = this.sessionFor(adapter);
-    if (!this.merged && !choice.hasHead && !(base.head_trained ?? true)) {
-      throw new EdgepeftError(`adapter=${JSON.stringify(adapter)} carries no classification head and the base has ` +
-        'no trained one; include an adapter with a head.');
+    const rows = typeof textsOrIds === 'string' || (textsOrIds.length && typeof textsOrIds[0] === 'number') ? 1
+      : textsOrIds.length;
+    const groups = this.groups(adapter, rows);
+    for (const g of groups) {
+      if (!this.merged && !g.choice.hasHead && !(base.head_trained ?? true)) {
+        throw new EdgepeftError(`adapter=${JSON.stringify(adapter)} carries no classification head and the base has ` +
+          'no trained one; include an adapter with a head.');
+      }
     }
-    const { ids, mask } = await this.encode(textsOrIds, choice.promptLength);
+    const { ids, mask } = await this.encode(textsOrIds, Math.max(...groups.map((g) => g.choice.promptLength)));
     const t = now();
+    const parts: { rows: number[] | null; out: Logits }[] = [];
+    for (const g of groups) {
+      const [gi, gm] = g.rows ? [g.rows.map((r) => ids[r]), g.rows.map((r) => mask[r])] : [ids, mask];
+      parts.push({ rows: g.rows, out: await this.classifyOf(g.session, g.choice, gi, gm) });
+    }
+    this.stats.prefillMs = now() - t;
+    return scatter(ids.length, parts);
+  }
+
+  private async classifyOf(session: InferenceSession, choice: Choice, ids: number[][], mask: number[][]): Promise<Logits> {
+    const int64 = (rows: number[][]) => this.traced.int64(rows);
     if (this.static) {  // right-pad to the shortest bucket that holds the longest row, in row groups
       const s = [...this.buckets.keys()].sort((a, b) => a - b).find((x) => x >= ids[0].length)!;
       const pad = this.manifest.tokenizer?.pad_token_id || 0;
@@ -684,17 +862,15 @@ export class Model {
       const parts: Float32Array[] = [];
       let L = 0;
       for (const [i, m] of groups) {
-        const out = await this.buckets.get(s)!.run({ input_ids: this.int64(i), attention_mask: this.int64(m), ...choice.feeds });
+        const out = await this.buckets.get(s)!.run({ input_ids: int64(i), attention_mask: int64(m), ...choice.feeds });
         L = out.logits.dims[1];
         parts.push((out.logits.data as Float32Array).slice());
       }
       const data = new Float32Array(ids.length * L);
       parts.forEach((x, g) => data.set(x.subarray(0, Math.min(x.length, data.length - g * x.length)), g * x.length));
-      this.stats.prefillMs = now() - t;
       return { data, dims: [ids.length, L] };
     }
-    const out = await session.run({ input_ids: this.int64(ids), attention_mask: this.int64(mask), ...choice.feeds });
-    this.stats.prefillMs = now() - t;
+    const out = await session.run({ input_ids: int64(ids), attention_mask: int64(mask), ...choice.feeds });
     return { data: out.logits.data as Float32Array, dims: [...out.logits.dims] };
   }
 
@@ -816,4 +992,32 @@ export class Model {
     const text = tokens.length ? tok.decode(tokens, true) : '';  // the tokenizer refuses no ids
     if (text.length > sent.length) yield text.slice(sent.length);
   }
+}
+
+/** How a list of choices is compared (Python's `==`: a mix by its sorted entries). */
+function choiceId(c: AdapterChoice): string {
+  if (c == null) return 'null';
+  if (typeof c === 'string') return JSON.stringify(c);
+  if (typeof c === 'object' && !Array.isArray(c)) {
+    return 'mix:' + JSON.stringify(Object.entries(c).sort((a, b) => (a[0] < b[0] ? -1 : a[0] > b[0] ? 1 : 0)));
+  }
+  return 'other:' + String(c) + Math.random();  // refused when it is run
+}
+
+/** Rows of different lengths filled up to the longest with `fill`. */
+function padRows(rows: number[][], fill: number): number[][] {
+  const width = Math.max(...rows.map((r) => r.length));
+  return rows.map((r) => (r.length === width ? r : [...r, ...new Array(width - r.length).fill(fill)]));
+}
+
+/** One `(rows, ...)` array from the groups of a batch (`rows` null: the whole batch, in order). */
+function scatter(rows: number, parts: { rows: number[] | null; out: Logits }[]): Logits {
+  if (parts.length === 1 && parts[0].rows === null) return parts[0].out;
+  const dims = [rows, ...parts[0].out.dims.slice(1)];
+  const size = dims.slice(1).reduce((a, d) => a * d, 1);
+  const data = new Float32Array(rows * size);
+  for (const p of parts) {
+    p.rows!.forEach((r, i) => data.set(p.out.data.subarray(i * size, (i + 1) * size), r * size));
+  }
+  return { data, dims };
 }

@@ -9,30 +9,10 @@
 import type { InferenceSession, Tensor } from 'onnxruntime-common';
 import { EdgepeftError } from './errors.js';
 import type { Array32 } from './safetensors.js';
-import type { Sampler } from './sampling.js';
+import { lastPositions, pickNext } from './decode.js';
+import type { Decoding } from './decode.js';
 
-/** Greedy next token of every row from the last position of logits (B, S, V), appended to `out`;
- * with EOS ids, a finished row repeats `fill` and `done` marks rows that produced an EOS. */
-export function pickNext(data: Float32Array, dims: number[], out: number[][], done: boolean[],
-                         eos: number[], fill: number, sampler: Sampler | null = null, rowOffset = 0,
-                         onStep: ((next: number[]) => boolean | void) | null = null): number[] {
-  const [B, S, V] = dims;
-  const next: number[] = [];
-  for (let r = 0; r < B; r++) {
-    const base = (r * S + S - 1) * V;
-    let tok = 0;
-    if (sampler) tok = sampler.next(data.subarray(base, base + V), rowOffset + r);
-    else for (let v = 1; v < V; v++) if (data[base + v] > data[base + tok]) tok = v;  // first max, as argmax
-    if (eos.length) {
-      if (done[r]) tok = fill;
-      if (eos.includes(tok)) done[r] = true;
-    }
-    next.push(tok);
-    out[r].push(tok);
-  }
-  if (onStep?.(next) === false) done.fill(true);  // the caller wants no more tokens
-  return next;
-}
+export { pickNext };  // (it lived here)
 
 export interface StaticSpec { batch: number; max_rank: number; context: number }
 type Rows = number[][];
@@ -44,12 +24,26 @@ interface Window { kv: Map<string, Float32Array>; mask: Rows }
 export const pyShape = (d: number[]) => `(${d.join(', ')}${d.length === 1 ? ',' : ''})`;
 
 /** Zero-pad every feed to its fixed shape (ranks to max_rank): zero rows of A / columns of B add
- * nothing, so the result is exact. `names`: the adapters of the choice, for the refusal. */
+ * nothing, so the result is exact. `names`: the adapters of the choice, for the refusal. Per-row
+ * inputs (`rows`: the manifest's per-row weights and offsets, `(batch, 1, width)`) are filled up
+ * to the fixed batch with copies of their last row, as `rowGroups` fills the ids. */
 export function padFeeds(feeds: Map<string, Array32>, fixed: Record<string, number[]>, names: string[],
-                         maxRank: number): Map<string, Array32> {
+                         maxRank: number, perRow: ReadonlySet<string> = new Set()): Map<string, Array32> {
   const out = new Map<string, Array32>();
-  for (const [k, v] of feeds) {
+  for (let [k, v] of feeds) {
     const shape = fixed[k];
+    if (perRow.has(k) && v.dims[0] !== shape[0]) {
+      if (v.dims[0] > shape[0]) {
+        throw new EdgepeftError(`${v.dims[0]} rows with different adapters: this static-shape artifact runs ` +
+          `${shape[0]} rows per call (its fixed batch). Pass at most that many rows per call, or export with a ` +
+          'profile with a larger batch.');
+      }
+      const row = v.data.length / v.dims[0];
+      const data = new Float32Array(shape[0] * row);
+      data.set(v.data);
+      for (let r = v.dims[0]; r < shape[0]; r++) data.set(v.data.subarray(v.data.length - row), r * row);
+      v = { data, dims: [shape[0], ...v.dims.slice(1)] };
+    }
     if (v.dims.length === shape.length && v.dims.every((d, i) => d === shape[i])) {
       out.set(k, v);
       continue;
@@ -121,19 +115,28 @@ export class StaticRunner {
     return new this.Tensor('int64', data, [b, s]);
   }
 
-  /** A prompt through the bucket graphs: logits (B, L, V) of the real positions and the window. */
-  async prefill(feeds: Record<string, Tensor>, ids: Rows, mask: Rows, prefix: Prefix, newTokens = 0):
-      Promise<{ data: Float32Array; dims: number[]; window: Window }> {
-    const c = this.spec.context, b = ids.length, L = ids[0].length;
-    const chunks = this.chunks(L);
+  /** `chunks` of a prompt of `length` tokens, once it fits the KV window with the prefix and
+   * `newTokens` decode steps (refused otherwise). */
+  windowChunks(length: number, prefix: Prefix, newTokens: number): number[] {
+    const c = this.spec.context;
+    const chunks = this.chunks(length);
     const p = prefix ? prefix[0][0].dims[2] : 0;
     const need = p + chunks.reduce((a, x) => a + x, 0) + newTokens * Math.min(...this.buckets.keys());
     if (need > c) {
-      throw new EdgepeftError(`${this.where}: a prompt of ${L} tokens (run as bucket(s) [${chunks.join(', ')}])` +
+      throw new EdgepeftError(`${this.where}: a prompt of ${length} tokens (run as bucket(s) [${chunks.join(', ')}])` +
         (p ? `, a prefix of ${p}` : '') + (newTokens ? ` and ${newTokens} new tokens` : '') +
         ` take ${need} slots of the fixed KV cache, which has context_length ${c}. Shorten the prompt, generate ` +
         'fewer tokens, or export with a profile with a larger context_length.');
     }
+    return chunks;
+  }
+
+  /** A prompt through the bucket graphs: logits (B, L, V) of the real positions and the window. */
+  async prefill(feeds: Record<string, Tensor>, ids: Rows, mask: Rows, prefix: Prefix, newTokens = 0):
+      Promise<{ data: Float32Array; dims: number[]; window: Window }> {
+    const c = this.spec.context, b = ids.length, L = ids[0].length;
+    const chunks = this.windowChunks(L, prefix, newTokens);
+    const p = prefix ? prefix[0][0].dims[2] : 0;
     const kv = new Map<string, Float32Array>();
     this.cache.forEach(([h, d], i) => {
       ['key', 'value'].forEach((n, j) => {
@@ -198,33 +201,26 @@ export class StaticRunner {
     return { data, dims: [B, L, V] };
   }
 
-  /** Greedy decoding on the bucket graphs, one group of the fixed batch at a time. */
-  async generate(feeds: Record<string, Tensor>, ids: Rows, mask: Rows, prefix: Prefix, maxNew: number,
-                 eos: number[], fill: number, sampler: Sampler | null = null,
-                 onStep: ((next: number[]) => boolean | void) | null = null): Promise<{ out: Rows; newTokens: number }> {
-    const groups: Rows[] = [];
+  /** One generation per group of the fixed batch (the last group filled up with copies of its
+   * last row): each step is a call of the shortest bucket with the new token last. */
+  decodings(feeds: Record<string, Tensor>, ids: Rows, mask: Rows, prefix: Prefix, newTokens: number): Decoding[] {
+    this.windowChunks(ids[0].length, prefix, newTokens);
     const first = Math.min(...this.buckets.keys());
-    let newTokens = 0;
-    let offset = 0;
-    for (const [gi, gm] of this.rowGroups(ids, mask)) {
-      const pre = await this.prefill(feeds, gi, gm, prefix, maxNew);
-      let data = pre.data, dims = pre.dims;
-      const out = gi.map((r) => r.slice()), done = gi.map(() => false);
-      for (let step = 0; step < maxNew; step++) {
-        const next = pickNext(data, dims, out, done, eos, fill, sampler, offset, onStep);
-        newTokens = Math.max(newTokens, step + 1);
-        if (done.every(Boolean) || step === maxNew - 1) break;
-        const pad = new Array(first - 1).fill(0);
-        const lg = await this.step(feeds, next.map((t) => [...pad, t]), next.map(() => [...pad, 1]),
-          pre.window);
-        data = lg.data as Float32Array;
-        dims = [...lg.dims];
-      }
-      groups.push(out);
-      offset += gi.length;
-    }
-    const width = Math.max(...groups.map((g) => g[0].length));
-    return { out: groups.flat().slice(0, ids.length).map((r) => [...r, ...new Array(width - r.length).fill(fill)]),
-             newTokens };
+    const pad = new Array(first - 1).fill(0);
+    return this.rowGroups(ids, mask).map(([gi, gm]) => {
+      let window: Window | null = null;
+      return {
+        rows: gi.length,
+        prefill: async () => {
+          const pre = await this.prefill(feeds, gi, gm, prefix, newTokens);
+          window = pre.window;
+          return lastPositions(pre.data, pre.dims);
+        },
+        step: async (tokens: number[]) => {
+          const lg = await this.step(feeds, tokens.map((t) => [...pad, t]), tokens.map(() => [...pad, 1]), window!);
+          return lastPositions(lg.data as Float32Array, lg.dims);
+        },
+      };
+    });
   }
 }
