@@ -202,20 +202,25 @@ def test_an_artifact_without_per_row_weights_says_so(artifacts, tmp_path):
     assert rows[1].tokens == model.generate([IDS[1]], 3, "chat", stop_at_eos=False)[0, -3:].tolist()
 
 
-def test_classifier_rows_share_their_head(tmp_path):
-    """Each PEFT classifier adapter carries its own head, which a call applies to every row: rows
-    with different ones are refused by name; a list of one adapter is that adapter."""
-    base = make_encoder("bert", tmp_path / "base")
-    ads = {k: make_adapter(base, tmp_path / k, "lora", seed=i, task="SEQ_CLS") for i, k in enumerate(("a", "b"))}
+@pytest.mark.parametrize("arch", ["bert", "roberta"])  # a one-layer head; a two-layer one (dense, out_proj)
+def test_classifier_rows_run_their_own_heads(tmp_path, arch):
+    """Each PEFT classifier adapter carries its own head; in one call each row runs its own
+    (the head inputs fed zeros, each row's head as its offsets): each row equals itself alone."""
+    base = make_encoder(arch, tmp_path / "base")
+    ads = {k: make_adapter(base, tmp_path / k, kind, seed=i, task="SEQ_CLS")
+           for i, (k, kind) in enumerate((("a", "lora"), ("b", "lora"), ("c", "ia3")))}
     export(ExportConfig(graph="generic", base=base, out=tmp_path / "out", adapters=tuple(ads.items())), quiet=True)
     model = Model(tmp_path / "out")
-    ids = [[5, 6, 7, 8], [9, 10, 11]]
-    np.testing.assert_array_equal(model.classify_logits(ids, ["a", "a"]), model.classify_logits(ids, "a"))
+    ids = [[5, 6, 7, 8], [9, 10, 11], [12, 13, 14, 15, 16]]
+    choices = ["a", "b", "c"]
+    got = model.classify_logits(ids, choices)
+    for b, c in enumerate(choices):
+        np.testing.assert_allclose(got[b], model.classify_logits([ids[b]], c)[0], atol=1e-5, err_msg=f"row {b} ({c})")
+    assert np.abs(got[0] - model.classify_logits([ids[0]], "b")[0]).max() > 1e-3  # the heads differ
+    np.testing.assert_array_equal(model.classify_logits(ids[:2], ["a", "a"]), model.classify_logits(ids[:2], "a"))
     np.testing.assert_array_equal(model.classify_logits(ids[0], ["b"]), model.classify_logits([ids[0]], "b"))  # one row
-    with pytest.raises(EdgepeftError, match=r"row 0 \(a\) and row 1 \(b\) need different values of head\."):
-        model.classify_logits(ids, ["a", "b"])
     with pytest.raises(EdgepeftError, match="lists 3 choices for a batch of 2 rows"):
-        model.classify_logits(ids, ["a", "a", "b"])
+        model.classify_logits(ids[:2], ["a", "a", "b"])
 
 
 def test_validate_checks_a_per_row_batch(artifacts, llama_base, monkeypatch):

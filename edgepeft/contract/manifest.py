@@ -159,8 +159,10 @@ def _check_fields(m: dict, path: Path) -> None:
     values = m.get("row_values", {})  # per-row offsets input -> the scale input it offsets, and its identity
     need(isinstance(values, dict) and all(
         isinstance(v, dict) and is_str(v.get("input")) and v["input"] in inputs
-        and isinstance(v.get("identity"), (int, float)) for v in values.values()), "row_values",
-         "{offsets input: {'input': the scale input it offsets, 'identity': that input's identity}}", values)
+        and isinstance(v.get("identity"), (int, float)) and isinstance(v.get("fed", False), bool)
+        for v in values.values()), "row_values",
+         "{offsets input: {'input': the input it offsets, 'identity': that input's identity, 'fed': "
+         "whether a per-row call feeds the input its identity (optional)}}", values)
     need(isinstance(m.get("slots", []), list), "slots", "a list", m.get("slots"))
     features = m.get("features", {})
     need(isinstance(features, dict) and all(

@@ -30,7 +30,7 @@ from edgepeft.export.config import ExportConfig
 from edgepeft.export.graphs import save_graph, static_graphs
 from edgepeft.export.load import Base
 from edgepeft.export.plan import plan_traced, side_branches
-from edgepeft.export.slots import free_rows, rows_manifest
+from edgepeft.export.slots import free_rows, head_row_values, rows_manifest
 from edgepeft.progress import bar, log
 
 
@@ -83,6 +83,7 @@ def traced_side(cfg: ExportConfig, base: Base, adapters: list, root: Path, quiet
     parts["features"] = {f: kinds.feature(f).table(plan.fixed.get(f)) for s in plan.slots for f in s.features}
     parts["inputs"] = {s.name: s.manifest() for s in plan.specs}
     parts["rows"], parts["row_values"] = rows_manifest(plan.slots)
+    parts["row_values"].update(head_row_values(plan.head_params))
     (root / "adapters").mkdir()
     parts["adapters"] = {}
     for a in adapters:

@@ -15,7 +15,8 @@ from edgepeft.kinds.common import SideBranch
 from edgepeft.errors import EdgepeftError
 from edgepeft.export.config import ExportConfig
 from edgepeft.export.load import Base
-from edgepeft.export.slots import InputSpec, Slot, fix_ranks, input_specs, plan_slots, rows_specs, shared_defaults
+from edgepeft.export.slots import (InputSpec, Slot, fix_ranks, head_rows_specs, input_specs, plan_slots, rows_specs,
+                                   shared_defaults)
 from edgepeft.targets import check_ranks
 
 
@@ -74,4 +75,5 @@ def plan_traced(cfg: ExportConfig, base: Base, adapters: list) -> Plan:
                             "Export prompt-tuning adapters with a target without static_shapes "
                             "(e.g. --target cpu-arm64).")
     specs = input_specs(slots, model, head_params, prompt_width, fixed=fixed, shared=shared)
-    return Plan(sides, slots, specs, head_params, arrays, fixed, shared, rows_specs(slots))
+    return Plan(sides, slots, specs, head_params, arrays, fixed, shared,
+                rows_specs(slots) + head_rows_specs(model, head_params))

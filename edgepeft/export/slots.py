@@ -221,6 +221,7 @@ def free_rows(proto, specs: list[InputSpec]) -> None:
     for v in proto.graph.input:
         if v.name in names:
             v.type.tensor_type.shape.dim[0].dim_param = rows_axis(v.name)
+    _unbatch_row_values(proto, names)
     for node in proto.graph.node:
         if node.input and node.input[0] in names and node.op_type == "Shape":
             span = {a.name: a.i for a in node.attribute}
@@ -228,6 +229,51 @@ def free_rows(proto, specs: list[InputSpec]) -> None:
                 raise EdgepeftError(f"the exported graph reads {dict(span)} of {node.input[0]}'s shape; only "
                                     "its batch size is known to be the input_ids' own. Please report this.")
             node.input[0] = "input_ids"  # (B, S): the same first axis
+
+
+def head_rows_specs(model: nn.Module, head_params: list[str], seed: int = 2) -> list[InputSpec]:
+    """Per-row offsets of the classification head's parameters (``head.{param}``, whose default is
+    the base's head, not an identity): ``{input}.rows``, ``(N, out, in)`` for a weight and
+    ``(N, 1, out)`` for a bias, default zeros. A per-row call feeds the head inputs zeros and each
+    row's head as its offsets (the manifest's ``row_values`` with ``fed``)."""
+    rng = np.random.default_rng(seed)
+    params = dict(model.named_parameters())
+    out = []
+    for p in head_params:
+        shape = tuple(params[p].shape) if params[p].dim() > 1 else (1, *params[p].shape)
+        sample = rng.standard_normal((SAMPLE_BATCH, *shape)) * 0.01
+        out.append(InputSpec(rows_input_name(head_input_name(p)), np.zeros((1, *shape), np.float32),
+                             sample.astype(np.float32), {0: "batch"}, "rows"))
+    return out
+
+
+def head_row_values(head_params: list[str]) -> dict[str, dict]:
+    """The manifest's ``row_values`` of the head offsets: identity 0, and ``fed``: a per-row call
+    feeds the head input its identity (zeros), as its graph default is the base's head."""
+    return {rows_input_name(head_input_name(p)): {"input": head_input_name(p), "identity": 0.0, "fed": True}
+            for p in head_params}
+
+
+def _unbatch_row_values(proto, names: set[str]) -> None:
+    """Forget the first axis of the values computed from per-row inputs before any value of the
+    batch joins them (``scale + offsets``, a head's offsets reshaped), in place: the exporter
+    recorded it as the batch's (they were traced at the batch's size), but it is the per-row
+    input's own, 1 when it is left at its default; onnxruntime plans buffers by those shapes and
+    failed ("Shape mismatch attempting to re-use buffer") when a value it took for batch-sized
+    was one row."""
+    batch = next(d.dim_param for v in proto.graph.input if v.name == "input_ids"
+                 for d in v.type.tensor_type.shape.dim[:1])
+    info = {v.name: v for v in proto.graph.value_info}
+    first = {v.name: (v.type.tensor_type.shape.dim[0].dim_param if v.type.tensor_type.shape.dim else "")
+             for v in list(proto.graph.input) + list(proto.graph.value_info)}
+    rowed = set(names)
+    for node in proto.graph.node:  # topological order
+        ins = [i for i in node.input if i]
+        if any(i in rowed for i in ins) and not any(first.get(i) == batch and i not in rowed for i in ins):
+            for o in node.output:
+                rowed.add(o)
+                if o in info and info[o].type.tensor_type.shape.dim:
+                    info[o].type.tensor_type.shape.dim[0].Clear()  # unknown: 1 or the batch's rows
 
 
 def rows_manifest(slots: list[Slot]) -> tuple[dict[str, dict], dict[str, dict]]:
@@ -318,9 +364,17 @@ class _FedLinear(nn.Module):
         self.name, self.has_bias, self.feed = name, has_bias, feed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.feed[head_input_name(f"{self.name}.weight")]
-        b = self.feed[head_input_name(f"{self.name}.bias")] if self.has_bias else None
-        return F.linear(x, w, b)
+        w = self.feed[head_input_name(f"{self.name}.weight")]  # (out, in)
+        b = self.feed[head_input_name(f"{self.name}.bias")] if self.has_bias else None  # (out,)
+        w_rows = self.feed.get(rows_input_name(head_input_name(f"{self.name}.weight")))  # (N, out, in)
+        if w_rows is None:
+            return F.linear(x, w, b)
+        # x W^T + b + x W_rows^T + b_rows: every intermediate has the batch's rows (N is 1 or B)
+        x3 = x if x.dim() == 3 else x.unsqueeze(1)  # (B, S, in)
+        y = F.linear(x3, w, b) + torch.matmul(x3, w_rows.transpose(-1, -2))  # (B, S, out)
+        if b is not None:
+            y = y + self.feed[rows_input_name(head_input_name(f"{self.name}.bias"))]  # (N, 1, out)
+        return y if x.dim() == 3 else y.squeeze(1)
 
 
 def with_side_branches(model: nn.Module, slots: list[Slot], head_params: list[str], feed: dict) -> nn.Module:

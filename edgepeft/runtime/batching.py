@@ -86,7 +86,7 @@ class Batcher:
     # ---------------------------------------------------------------- rows
     def fits(self, adapter: AdapterChoice) -> bool:
         """Whether a row with ``adapter`` can join now: a free slot, and its adapter can share a
-        call with the live rows' (heads, prompts and prefixes must agree: see
+        call with the live rows' (prompts and prefixes must agree: see
         :func:`~edgepeft.runtime.mix.shared_by_rows`). A row that does not fit waits for rows to
         leave; an unknown adapter raises."""
         self._open(adapter)  # names checked: unknown adapters raise

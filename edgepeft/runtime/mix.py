@@ -110,8 +110,9 @@ def shared_by_rows(keys: list[Key], loaded: Mapping, inputs: Mapping[str, dict],
     (as in a mix) and the slot's per-row weights input gives row ``b`` its weight on each adapter's
     columns, zero on the others: ``y_b = x_b W^T + sum_a w_{b,a} (x_b A_a^T) B_a^T``. A scale
     with per-row offsets (the manifest's ``row_values``: IA3 and DoRA) is left at its identity and
-    its offsets give row ``b`` its own value. Every other input (heads, prompts) and the KV-cache
-    seed apply to all rows alike, so the rows must agree on them.
+    its offsets give row ``b`` its own value; a classification head likewise, with the head input
+    fed zeros (its default is the base's head). Every other input (prompts) and the KV-cache seed
+    apply to all rows alike, so the rows must agree on them.
 
     Raises:
         EdgepeftError: a graph without per-row inputs (rows that differ), a row whose mix does not mix (as in one
@@ -137,9 +138,9 @@ def shared_by_rows(keys: list[Key], loaded: Mapping, inputs: Mapping[str, dict],
             if k not in feeds or k not in feeds0 or not np.array_equal(feeds[k], feeds0[k]):
                 raise EdgepeftError(
                     f"row 0 ({name(0)}) and row {b} ({name(b)}) need different values of {k}, which the "
-                    "graph applies to every row of a call (heads and prompts do not vary per row"
-                    + ("" if row_values else "; nor do IA3 and DoRA scales in a graph exported before "
-                       "edgepeft offset them per row") + "); run them in separate calls.")
+                    "graph applies to every row of a call (prompts do not vary per row"
+                    + ("" if row_values else "; nor do IA3 and DoRA scales or heads in a graph exported "
+                       "before edgepeft offset them per row") + "); run them in separate calls.")
         same = (prefix is None) == (prefix0 is None) and (prefix is None or all(
             k is k0 and v is v0 for (k, v), (k0, v0) in zip(prefix, prefix0)))
         if not same:
@@ -180,12 +181,21 @@ def row_weights(keys: list[Key], names: Sequence[str], loaded: Mapping, rows: Ma
         setting = [n for n in names if k in loaded[n].graph]
         if not setting:
             continue
-        width = loaded[setting[0]].graph[k].shape
-        offsets = np.zeros((len(keys), 1, *width), np.float32)  # (B, 1, width)
+        shape = loaded[setting[0]].graph[k].shape
+        row_shape = shape if len(shape) > 1 else (1, *shape)  # a vector (1, width), a matrix as it is
+        offsets = np.zeros((len(keys), *row_shape), np.float32)  # (B, 1, width) / (B, out, in)
         for b, key in enumerate(keys):
             own = [n for n, _ in key if k in loaded[n].graph]  # at most one, at weight 1 (shared_by_rows)
             if own:
-                offsets[b, 0] = loaded[own[0]].graph[k] - np.float32(spec["identity"])
+                offsets[b] = (loaded[own[0]].graph[k] - np.float32(spec["identity"])).reshape(row_shape)
+            elif spec.get("fed"):  # the input's default is a value (the base's head), not the identity
+                row = "+".join(n for n, _ in key) or "the base"
+                raise EdgepeftError(
+                    f"row {b} ({row}) runs the base model's {k}, and other rows run their adapters' own: "
+                    "in one call a row's head comes from its adapter. Give that row an adapter with a head, "
+                    "or run it in a separate call.")
+        if spec.get("fed"):
+            feeds[k] = np.full(shape, np.float32(spec["identity"]))  # the offsets carry every row's value
         feeds[name_rows] = offsets
     for name_rows, spec in rows.items():
         cols = _columns(names, loaded, spec)

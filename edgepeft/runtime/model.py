@@ -221,7 +221,7 @@ class Model:
             input_ids: ``(B, S)`` ints, or a list of lists (ragged rows are left-padded).
             adapter: None (base), an adapter name, or ``{name: weight}``; or a list of those, one
                 per row (per-row adapters, see :meth:`_groups`: rows that differ in LoRA-type
-                adapters share one call; IA3, DoRA, heads, prompts and prefixes must agree).
+                adapters share one call, IA3 / DoRA scales and heads included; prompts and prefixes must agree).
             attention_mask: ``(B, S)`` 0/1, left or right padding; default all ones.
 
         Returns:
@@ -296,7 +296,7 @@ class Model:
                 ids (right-padded).
             adapter: None (the base head; only when the base has a trained one), an adapter name,
                 or ``{name: weight}`` (at most one of them may carry a head); or a list, one per row
-                (as in :meth:`logits`: the rows' heads must agree on a side-branch artifact).
+                (as in :meth:`logits`: each row runs its own adapter's head on a side-branch artifact).
             attention_mask: ``(B, S)`` 0/1 with a rectangular ids array; default all ones.
 
         Returns:
