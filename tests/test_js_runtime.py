@@ -17,8 +17,10 @@ gives Python's next-step logits.
 Per-row adapters and continuous batching (no export of their own: the artifacts above): a list of
 choices, one per row, on the traced, fused and static artifacts (JS logits within the tolerance
 of Python's per-row logits, greedy ids equal, one session run per step), the refusals of rows that
-cannot share a call (their prefixes, bottlenecks or heads differ, too many rows for a fixed batch,
-ranks above max_rank); and a ``Model.batcher`` schedule of rows joining at different steps with
+cannot share a call (their prefixes or bottlenecks differ, too many rows for a
+fixed batch, ranks above max_rank); per-row classification heads (each row its adapter's head, on
+the traced and static classifiers) and ``mix.row_weights``'s feeds and refusal of a row on the base
+head beside rows on their adapters' heads; and a ``Model.batcher`` schedule of rows joining at different steps with
 different adapters (each row's tokens equal to Python's ``generate`` of that row alone, Python's
 number of decode runs, one session run per step), serial on the static and merged artifacts.
 
@@ -231,6 +233,35 @@ def _per_row_side(side: Path) -> dict:
                                      [6, 3, 5, 2, 4, 3], 3, 40)}
 
 
+def _row_weights_cases(m) -> list[dict]:
+    """``mix.row_weights`` on the classifier's adapters for lists of row keys: each per-row feed
+    (the head offsets ``(B, out, in)`` / ``(B, 1, out)``, the head inputs fed zeros, IA3 offsets
+    and LoRA weights), or the refusal of a row that runs the base's head beside rows with their
+    adapters' (a classify call refuses such rows earlier when the base head is untrained, as here)."""
+    from edgepeft.errors import EdgepeftError
+    from edgepeft.runtime.mix import row_weights
+
+    from types import SimpleNamespace
+
+    rows, values = m.manifest.get("rows", {}), m.manifest.get("row_values", {})
+    out = []
+    # drop_heads: adapters given without their head arrays (as an adapter without a head is)
+    for keys, drop in (([[["lora", 1.0]], [["ia3", 1.0]], [["lora", 1.0]]], []), ([[["ia3", 1.0]], []], []),
+                       ([[["ia3", 1.0]], [["bottleneck", 1.0], ["lora", 0.5]]], ["bottleneck", "lora"])):
+        loaded = {n: SimpleNamespace(graph={k: v for k, v in a.graph.items() if not k.startswith("head.")})
+                  if n in drop else a for n, a in m._store._loaded.items()}
+        names = sorted({n for k in keys for n, _ in k})
+        case = {"keys": keys, "names": names, "drop_heads": drop}
+        try:
+            feeds = row_weights([tuple(map(tuple, k)) for k in keys], names, loaded, rows, values)
+            case["feeds"] = {k: {"dims": list(v.shape), "data": _f32(v)} for k, v in feeds.items()}
+        except EdgepeftError as e:
+            case["message"] = str(e)
+        out.append(case)
+    assert sum("message" in c for c in out) == 2, out
+    return out
+
+
 def _fused_cases(root: Path, base: Path, ads: dict) -> dict:
     """Fused-layout artifacts (``--graph fused``): fp32 side with three LoRAs (q/v; all-linear
     rsLoRA with a rank pattern; k/up on one layer), int4 side with the fast options, merged."""
@@ -361,11 +392,12 @@ def build_cases(root: Path) -> Path:
     artifacts["side"].update(_per_row_side(side))
     artifacts["merged"]["batcher"] = _batcher_case(merged, ["chat", "chat"], [4, 3], 4, 20)
 
-    # an encoder classifier with a LoRA (its own head) and a bottleneck (its own head)
+    # an encoder classifier with a LoRA, a bottleneck and an IA3 adapter (each with its own head)
     enc = make_encoder("bert", root / "bert")
     cls_ads = {"lora": make_adapter(enc, root / "cls-lora", "lora", seed=1, task="SEQ_CLS"),
                "bottleneck": make_bottleneck(enc, root / "cls-bottleneck", task="SEQ_CLS", heads=["classifier"],
-                                             seed=7)}
+                                             seed=7),
+               "ia3": make_adapter(enc, root / "cls-ia3", "ia3", seed=3, task="SEQ_CLS")}
     cls = root / "cls"
     export(ExportConfig(graph="generic", base=enc, out=cls, adapters=tuple(cls_ads.items())), quiet=True)
     m = Model(cls)
@@ -378,13 +410,17 @@ def build_cases(root: Path) -> Path:
             probs = m.classify(inp, adapter=choice)
             cases.append({"adapter": choice, "input": inp, "dims": list(lg.shape), "logits": _f32(lg),
                           "probs": _f32(probs), "labels": lg.argmax(-1).tolist()})
-    per_row = ["lora", {"lora": 1.0}]  # a list, one per row: the per-row path (the rows' heads agree)
-    lg = m.classify_logits(ids, adapter=per_row)
-    cases.append({"adapter": per_row, "input": ids, "dims": list(lg.shape), "logits": _f32(lg),
-                  "probs": _f32(m.classify(ids, adapter=per_row)), "labels": lg.argmax(-1).tolist()})
+    # a list, one per row: the per-row path, the rows' heads alike, or each row its adapter's own
+    # head (and IA3 scales) through the graph's per-row offsets
+    for per_row, inp in ((["lora", {"lora": 1.0}], ids), (["lora", "ia3"], ids), (["ia3", "lora", "ia3"], texts)):
+        lg = m.classify_logits(inp, adapter=per_row)
+        cases.append({"adapter": per_row, "input": inp, "dims": list(lg.shape), "logits": _f32(lg),
+                      "probs": _f32(m.classify(inp, adapter=per_row)), "labels": lg.argmax(-1).tolist()})
     artifacts["cls"] = {"dir": str(cls), "task": "classification", "tol": 1e-5, "adapters": m.adapters,
-                        "classify": cases, "refusals": _refusals(m, cls, [  # two heads in one call
-                            {"method": "classify", "ids": ids, "adapter": ["lora", "bottleneck"]}])}
+                        "classify": cases, "refusals": _refusals(m, cls, [
+                            # the rows' bottlenecks differ (a bottleneck applies to every row)
+                            {"method": "classify", "ids": ids, "adapter": ["lora", "bottleneck"]}]),
+                        "row_weights": _row_weights_cases(m)}
     # the same encoder on a static profile: one graph per bucket (8, 16), texts right-padded to one
     from edgepeft.targets import load_target
 
@@ -397,8 +433,8 @@ def build_cases(root: Path) -> Path:
         ms = Model(cls_static)
     long_ids = [list(range(3, 15)), [5, 9, 11]]  # 12 tokens: the 16 bucket
     static_cases = []
-    for choice in ("lora", "bottleneck"):
-        for inp in (texts, long_ids):
+    for choice in ("lora", "bottleneck", ["lora", "ia3"]):  # a list: each row its head (the fixed batch of 2)
+        for inp in (texts[:2], long_ids) if isinstance(choice, list) else (texts, long_ids):
             lg = ms.classify_logits(inp, adapter=choice)
             probs = ms.classify(inp, adapter=choice)
             static_cases.append({"adapter": choice, "input": inp, "dims": list(lg.shape), "logits": _f32(lg),

@@ -6,6 +6,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, describe, test } from 'node:test';
 import { KvBuffer } from '../dist/core/fused.js';
+import { rowWeights } from '../dist/core/mix.js';
 import { Sampler } from '../dist/core/sampling.js';
 import { Model as Core } from '../dist/core/index.js';
 import { EdgepeftError, Model, ort } from '../dist/node.js';
@@ -229,6 +230,31 @@ describe('react-native entry (onnxruntime-node standing in for onnxruntime-react
     const g = art.generate[0];
     assert.deepEqual(await m.generate(g.ids, { maxNewTokens: g.max_new_tokens, adapter: g.adapter }), g.out);
   });
+});
+
+describe("rowWeights: Python's mix.row_weights on the classifier's adapters", () => {
+  for (const [key, art] of Object.entries(artifacts)) for (const c of art.row_weights ?? []) {
+    test(`${key}: rows ${JSON.stringify(c.keys)}${c.drop_heads.length ? ` (no heads: ${c.drop_heads})` : ''}`, async () => {
+      const m = await load(art);
+      const loaded = new Map([...m.loaded].map(([n, a]) => [n, c.drop_heads.includes(n)
+        ? { ...a, graph: new Map([...a.graph].filter(([k]) => !k.startsWith('head.'))) } : a]));
+      const run = () => rowWeights(c.keys, c.names, loaded, m.rowsSpec, m.rowValues);
+      if (c.message) {
+        assert.throws(run, (e) => {
+          assert.ok(e instanceof EdgepeftError, `not an EdgepeftError: ${e}`);
+          assert.equal(e.message, c.message);
+          return true;
+        });
+        return;
+      }
+      const feeds = run();
+      assert.deepEqual([...feeds.keys()].sort(), Object.keys(c.feeds).sort());
+      for (const [k, want] of Object.entries(c.feeds)) {
+        assert.deepEqual(feeds.get(k).dims, want.dims, k);
+        assert.deepEqual([...feeds.get(k).data], [...f32(want.data)], k);  // exact: float32 as numpy's
+      }
+    });
+  }
 });
 
 describe('refusals', () => {

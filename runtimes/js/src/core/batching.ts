@@ -145,8 +145,8 @@ export class Batcher {
   }
 
   /** Whether a row with `adapter` can join now: a free row, and its adapter can share a call with
-   * the live rows' (heads and prefixes must agree, and IA3 / DoRA scales in a graph without
-   * per-row offsets). A row that does not fit waits for rows to leave; an unknown adapter throws. */
+   * the live rows' (prompts and prefixes must agree, and IA3 / DoRA scales and heads in a graph
+   * without per-row offsets). A row that does not fit waits for rows to leave; an unknown adapter throws. */
   fits(adapter: Choice = null): boolean {
     this.host.open(adapter);  // names checked: unknown adapters throw
     if (this.rows.size >= this.capacity) return false;

@@ -38,9 +38,11 @@ export interface Manifest {
   /** Per-row weights inputs `{slot}.rows (N, 1, R)` -> the adapter inputs whose rank columns they
    * weight (and the first one's rank axis): rows of one batch may run different adapters. */
   rows?: Record<string, { inputs: string[]; axis: number }>;
-  /** Per-row offsets inputs `{input}.rows (N, 1, width)` -> the scale input they offset (IA3,
-   * DoRA) and that input's identity. */
-  row_values?: Record<string, { input: string; identity: number }>;
+  /** Per-row offsets inputs `{input}.rows` -> the input they offset (a scale of IA3 / DoRA,
+   * offsets `(N, 1, width)`; a classification head's `head.*`, `(N, out, in)` / `(N, 1, out)`),
+   * that input's identity, and `fed` (optional): whether a per-row call feeds the input its
+   * identity (a head, whose graph default is the base's head). */
+  row_values?: Record<string, { input: string; identity: number; fed?: boolean }>;
   adapters: Record<string, AdapterEntry>;
   [k: string]: unknown;
 }
@@ -175,8 +177,9 @@ function checkFields(m: any, where: string): void {
     "{rows input: {'inputs': [adapter inputs it weights], 'axis': the first one's rank axis}}", rows);
   const values = m.row_values ?? {};
   need(isObj(values) && Object.values<any>(values).every((v) => isObj(v) && isStr(v.input) && Object.hasOwn(inputs, v.input) &&
-    typeof v.identity === 'number'), 'row_values',
-    "{offsets input: {'input': the scale input it offsets, 'identity': that input's identity}}", values);
+    typeof v.identity === 'number' && typeof (v.fed ?? false) === 'boolean'), 'row_values',
+    "{offsets input: {'input': the input it offsets, 'identity': that input's identity, 'fed': " +
+    "whether a per-row call feeds the input its identity (optional)}}", values);
   need(Array.isArray(m.slots ?? []), 'slots', 'a list', m.slots);
   if (m.mode === 'side') {
     graph(m.graph, 'graph');

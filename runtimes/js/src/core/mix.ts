@@ -148,9 +148,11 @@ function mixPrefix(key: Key, loaded: Map<string, LoadedAdapter>): Prefix {
 /** The manifest's `rows`: each per-row weights input `{slot}.rows (N, 1, R)` -> the adapter inputs
  * whose rank columns it weights and the first one's rank axis. */
 export type RowsSpec = Record<string, { inputs: string[]; axis: number }>;
-/** The manifest's `row_values`: each per-row offsets input `{input}.rows (N, 1, width)` -> the
- * scale input it offsets (IA3, DoRA) and that input's identity. */
-export type RowValuesSpec = Record<string, { input: string; identity: number }>;
+/** The manifest's `row_values`: each per-row offsets input `{input}.rows` -> the input it offsets
+ * and that input's identity: a scale (IA3, DoRA; offsets `(N, 1, width)`), or a classification
+ * head's parameter (`head.*`, offsets `(N, out, in)` of a weight, `(N, 1, out)` of a bias) with
+ * `fed`: a per-row call feeds the input its identity, as its graph default is the base's head. */
+export type RowValuesSpec = Record<string, { input: string; identity: number; fed?: boolean }>;
 
 /** The inputs whose rank columns a per-row weights input weights (the manifest's `rows`). */
 export function weightedInputs(rows: RowsSpec): Set<string> {
@@ -168,7 +170,8 @@ const sameArray = (a: Array32, b: Array32): boolean => a === b || (a.dims.length
  * (as in a mix) and the slot's per-row weights input gives row `b` its weight on each adapter's
  * columns, zero on the others: `y_b = x_b W^T + sum_a w_{b,a} (x_b A_a^T) B_a^T`. A scale with
  * per-row offsets (the manifest's `row_values`: IA3 and DoRA) is left at its identity and its
- * offsets give row `b` its own value. Every other input (heads, prompts, and scales of a graph
+ * offsets give row `b` its own value; a classification head likewise, with the head input fed
+ * zeros (its default is the base's head). Every other input (prompts; scales and heads of a graph
  * without offsets) and the KV-cache seed apply to all rows alike, so the rows must agree on them.
  *
  * Refuses a graph without per-row inputs, a row whose mix does not mix (as in a call of its own),
@@ -199,9 +202,9 @@ export function sharedByRows(keys: Key[], loaded: Map<string, LoadedAdapter>, ru
       const x = feeds.get(k), x0 = first.feeds.get(k);
       if (!x || !x0 || !sameArray(x, x0)) {
         throw new EdgepeftError(`row 0 (${name(0)}) and row ${b} (${name(b)}) need different values of ${k}, which ` +
-          'the graph applies to every row of a call (heads and prompts do not vary per row' +
-          (offsets.length ? '' : '; nor do IA3 and DoRA scales in a graph exported before edgepeft offset them ' +
-            'per row') + '); run them in separate calls.');
+          'the graph applies to every row of a call (prompts do not vary per row' +
+          (offsets.length ? '' : '; nor do IA3 and DoRA scales or heads in a graph exported before edgepeft ' +
+            'offset them per row') + '); run them in separate calls.');
       }
     }
     const same = (prefix === null) === (first.prefix === null) &&
@@ -240,8 +243,11 @@ export function unionFeeds(names: string[], loaded: Map<string, LoadedAdapter>, 
 
 /** Each per-row weights input `(B, 1, R)`: row `b`'s weight on each adapter's columns of
  * `unionFeeds` over `names` (its mix weight, zero for adapters it does not run); and each per-row
- * offsets input `(B, 1, width)` a scale of `names` feeds: row `b`'s adapter's value minus the
- * identity (zeros when its adapters leave the scale alone). */
+ * offsets input an input of `names` feeds, `(B, 1, width)` of a vector (a scale, a head's bias),
+ * `(B, ...shape)` of a matrix (a head's weight): row `b`'s adapter's value minus the identity
+ * (zeros when its adapters leave the input alone). An input with `fed` (a classification head,
+ * whose default is the base's head) is fed its identity and every row's offsets carry its
+ * adapter's value: a row whose adapters do not set it is refused (Python's `mix.row_weights`). */
 export function rowWeights(keys: Key[], names: string[], loaded: Map<string, LoadedAdapter>, rows: RowsSpec,
                            rowValues: RowValuesSpec = {}): Map<string, Array32> {
   const feeds = new Map<string, Array32>();
@@ -250,17 +256,25 @@ export function rowWeights(keys: Key[], names: string[], loaded: Map<string, Loa
     const k = spec.input;
     const setting = names.filter((n) => loaded.get(n)!.graph.has(k));
     if (!setting.length) continue;
-    const width = loaded.get(setting[0])!.graph.get(k)!.dims;
-    const size = width.reduce((a, d) => a * d, 1);
-    const data = new Float32Array(B * size);  // (B, 1, width)
+    const shape = loaded.get(setting[0])!.graph.get(k)!.dims;
+    const rowShape = shape.length > 1 ? shape.slice() : [1, ...shape];  // a vector (1, width), a matrix as it is
+    const size = shape.reduce((a, d) => a * d, 1);
+    const data = new Float32Array(B * size);  // (B, 1, width) / (B, out, in)
     const identity = Math.fround(spec.identity);
     keys.forEach((key, b) => {
       const own = key.find(([n]) => loaded.get(n)!.graph.has(k));  // at most one, at weight 1 (sharedByRows)
-      if (!own) return;
-      const v = loaded.get(own[0])!.graph.get(k)!.data;
-      for (let i = 0; i < size; i++) data[b * size + i] = v[i] - identity;  // float32 as numpy's
+      if (own) {
+        const v = loaded.get(own[0])!.graph.get(k)!.data;
+        for (let i = 0; i < size; i++) data[b * size + i] = v[i] - identity;  // float32 as numpy's
+      } else if (spec.fed) {  // the input's default is a value (the base's head), not the identity
+        const row = key.map(([n]) => n).join('+') || 'the base';
+        throw new EdgepeftError(`row ${b} (${row}) runs the base model's ${k}, and other rows run their adapters' ` +
+          "own: in one call a row's head comes from its adapter. Give that row an adapter with a head, or run it " +
+          'in a separate call.');
+      }
     });
-    feeds.set(nameRows, { data, dims: [B, 1, ...width] });
+    if (spec.fed) feeds.set(k, { data: new Float32Array(size).fill(identity), dims: shape.slice() });  // the offsets carry every row's value
+    feeds.set(nameRows, { data, dims: [B, ...rowShape] });
   }
   for (const [nameRows, spec] of Object.entries(rows)) {
     const cols = columns(names, loaded, spec);

@@ -527,8 +527,9 @@ export class Model {
    * `AdapterStore.rows_parts`), in two parts: `fixed`, the adapters of the batch (and of `union`,
    * names a running batch keeps) concatenated along each slot's rank axis with the inputs every
    * row shares, one cached object per set of adapters (`cache` false: only the last one is kept,
-   * outside the mix cache); and `weights`, each slot's per-row weights `(B, 1, R)` and each
-   * scale's per-row offsets `(B, 1, width)`, made per call (small). */
+   * outside the mix cache); and `weights`, each slot's per-row weights `(B, 1, R)`, each
+   * scale's per-row offsets `(B, 1, width)` and a classification head's per-row offsets (with its
+   * input fed zeros), made per call (small). */
   private rowsParts(choices: AdapterChoice[], union: string[] = [], cache = true):
       { fixed: Feeds; weights: Feeds; prefix: [Array32, Array32][] | null } {
     this.checkNames(union, this.loaded.keys());
@@ -564,9 +565,10 @@ export class Model {
   private feedsRows(choices: AdapterChoice[]): Choice {
     const { fixed, weights, prefix } = this.rowsParts(choices);
     const shared = [...Object.keys(fixed)].filter((k) => fixed[k] !== this.defaults[k]);
+    // a head is the rows' shared one, or per row (its input fed zeros, each row's head as offsets)
     return { feeds: { ...fixed, ...weights }, prefix,
              promptLength: fixed[PROMPT_INPUT] && fixed[PROMPT_INPUT] !== this.defaults[PROMPT_INPUT] ? fixed[PROMPT_INPUT].dims[0] : 0,
-             hasHead: shared.some((k) => k.startsWith('head.')) };
+             hasHead: [...shared, ...Object.keys(weights)].some((k) => k.startsWith('head.')) };
   }
 
   /** The session and feeds of one choice for every row. */
@@ -675,10 +677,10 @@ export class Model {
    * one per row of the batch. On a side-branch artifact (traced, fused or fixed-shape graph) such a
    * list runs in one session run: the adapters of the batch are concatenated along each LoRA-type
    * slot's rank axis and each row weights its own adapters' rank columns (the graph's per-row
-   * weights, the manifest's `rows`), and IA3 / DoRA scales are offset per row where the graph has
-   * per-row offsets (`row_values`). What a call applies to every row (classification heads,
-   * prompts and prefixes; scales of a graph without offsets) must agree across the rows, else an
-   * EdgepeftError names both rows and the input. A merged artifact runs one call per distinct
+   * weights, the manifest's `rows`), and IA3 / DoRA scales (and classification heads) are offset
+   * per row where the graph has per-row offsets (`row_values`). What a call applies to every row
+   * (prompts and prefixes; scales and heads of a graph without offsets) must agree across the
+   * rows, else an EdgepeftError names both rows and the input. A merged artifact runs one call per distinct
    * adapter. A list whose entries are all the same is one choice. */
   async logits(ids: number[][] | number[],
                opts: { adapter?: AdapterChoices; attentionMask?: number[][] | null } = {}): Promise<Logits> {
@@ -823,7 +825,9 @@ export class Model {
   /** Raw classification logits (B, num_labels): texts are tokenized and right-padded, ragged id
    * rows right-padded. `adapter`: null (the base head; only when the base has a trained one), a
    * name or a `{name: weight}` mix (at most one of them may carry a head); or a list, one per row
-   * (as in `logits`: the rows' heads must agree on a side-branch artifact). */
+   * (as in `logits`: on a side-branch artifact with per-row head offsets each row runs its
+   * adapter's head, and every row needs an adapter with a head when one does; an older graph
+   * needs the rows' heads to agree). */
   async classifyLogits(textsOrIds: string | string[] | number[][] | number[], opts: { adapter?: AdapterChoices } = {}): Promise<Logits> {
     this.need('classification', 'classify()');
     const base = this.manifest.base;
