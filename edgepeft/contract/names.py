@@ -61,6 +61,14 @@ def rows_input_name(prefix: str) -> str:
     return f"{prefix}.{ROWS_PART}"
 
 
+def row_offset_shape(shape) -> tuple[int, ...]:
+    """One row's offsets of an input of ``shape`` (its ``{input}.rows`` is ``(N, *this)``): ``(1,
+    width)`` for a vector, so they broadcast over a row's positions; the input's own shape for a
+    matrix (a head weight)."""
+    shape = tuple(int(d) for d in shape)
+    return shape if len(shape) > 1 else (1, *shape)
+
+
 def head_input_name(param: str) -> str:
     """Graph input of one classification-head parameter (PEFT ``modules_to_save``), rule "one"."""
     return f"head.{param}"

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgepeft.contract.names import rows_axis
+from edgepeft.contract.names import row_offset_shape, rows_axis
 from edgepeft.contract import head_input_name, rows_input_name, shared_input_name, slot_input_name, value_digest
 from edgepeft.contract.features import Part, widths
 from edgepeft.errors import EdgepeftError
@@ -200,9 +200,9 @@ def rows_specs(slots: list[Slot], seed: int = 1) -> list[InputSpec]:
                 out.append(InputSpec(rows_input_name(f"{f}.{slot.module}"), np.ones((1, 1, 1), np.float32),
                                      sample.astype(np.float32), {0: "batch", 2: f"rank.{f}.{slot.module}"}, "rows"))
             for part in feature.row_valued:
-                (width,) = part.dims(slot.in_features, slot.out_features, None)
-                sample = rng.standard_normal((SAMPLE_BATCH, 1, width)) * 0.01
-                out.append(InputSpec(rows_input_name(part_input_name(f, part, slot)), np.zeros((1, 1, width), np.float32),
+                shape = row_offset_shape(part.dims(slot.in_features, slot.out_features, None))  # (1, width)
+                sample = rng.standard_normal((SAMPLE_BATCH, *shape)) * 0.01
+                out.append(InputSpec(rows_input_name(part_input_name(f, part, slot)), np.zeros((1, *shape), np.float32),
                                      sample.astype(np.float32), {0: "batch"}, "rows"))
     return out
 
@@ -240,7 +240,7 @@ def head_rows_specs(model: nn.Module, head_params: list[str], seed: int = 2) -> 
     params = dict(model.named_parameters())
     out = []
     for p in head_params:
-        shape = tuple(params[p].shape) if params[p].dim() > 1 else (1, *params[p].shape)
+        shape = row_offset_shape(params[p].shape)  # (out, in) / (1, out)
         sample = rng.standard_normal((SAMPLE_BATCH, *shape)) * 0.01
         out.append(InputSpec(rows_input_name(head_input_name(p)), np.zeros((1, *shape), np.float32),
                              sample.astype(np.float32), {0: "batch"}, "rows"))

@@ -18,6 +18,7 @@ import numpy as np
 import onnxruntime as ort
 
 from edgepeft.contract import past_names, present_names
+from edgepeft.contract.names import row_offset_shape
 from edgepeft.errors import EdgepeftError
 from edgepeft.runtime.adapters import Feeding
 from edgepeft.runtime.session import Opened
@@ -192,7 +193,7 @@ class FusedLayout:
         self.feeding = Feeding(shapes=opened.shapes, base={})
         self.identity = {k: np.zeros([d or 0 for d in v["shape"]], np.float32) for k, v in inputs.items()}
         self.identity.update({k: np.ones((1, 1, 1), np.float32) for k in rows})  # every row alike
-        self.identity.update({k: np.zeros((1, 1, *inputs[v["input"]]["shape"]), np.float32)
+        self.identity.update({k: np.zeros((1, *row_offset_shape(inputs[v["input"]]["shape"])), np.float32)
                               for k, v in (row_values or {}).items()})
         self._keep = keep
         self._lock = threading.Lock()

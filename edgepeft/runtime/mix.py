@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgepeft.contract.names import row_offset_shape
 from edgepeft.errors import EdgepeftError
 
 Key = tuple[tuple[str, float], ...]  # sorted (name, weight) pairs: a mix and its cache key
@@ -124,9 +125,9 @@ def shared_by_rows(keys: list[Key], loaded: Mapping, inputs: Mapping[str, dict],
         raise EdgepeftError(f"{manifest}: this graph has no per-row weights (exported by an earlier "
                             "edgepeft, or for adapters with no LoRA-type branch); run rows with "
                             "different adapters in separate calls, or export the artifact again.")
-    valued = {v["input"] for v in row_values.values()}
+    valued, weighted = {v["input"] for v in row_values.values()}, weighted_inputs(rows)
     # each row's own feeds, checked as in a call of its own (a scale of a row: its adapter's, at weight 1)
-    alone = [combine(key, loaded, inputs, manifest, weighted_inputs(rows)) if key else ({}, None) for key in keys]
+    alone = [combine(key, loaded, inputs, manifest, weighted) if key else ({}, None) for key in keys]
     alone = [({k: v for k, v in feeds.items() if k not in valued}, prefix) for feeds, prefix in alone]
 
     def name(b: int) -> str:
@@ -182,7 +183,7 @@ def row_weights(keys: list[Key], names: Sequence[str], loaded: Mapping, rows: Ma
         if not setting:
             continue
         shape = loaded[setting[0]].graph[k].shape
-        row_shape = shape if len(shape) > 1 else (1, *shape)  # a vector (1, width), a matrix as it is
+        row_shape = row_offset_shape(shape)
         offsets = np.zeros((len(keys), *row_shape), np.float32)  # (B, 1, width) / (B, out, in)
         for b, key in enumerate(keys):
             own = [n for n, _ in key if k in loaded[n].graph]  # at most one, at weight 1 (shared_by_rows)
