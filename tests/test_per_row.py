@@ -152,18 +152,25 @@ def test_rows_must_agree_on_what_every_row_shares(artifacts):
     np.testing.assert_allclose(ok[1, -3:], model.logits([IDS[1]], {"ia3": 1.0, "dora": 1.0})[0], atol=1e-5)
 
 
-def test_an_artifact_without_per_row_scales_says_so(artifacts, tmp_path):
-    """An artifact of an earlier edgepeft (no ``row_values``: its graph applies IA3 scales to
-    every row) refuses rows that need different scales, naming both rows and the input."""
+def _as_earlier(model: Model, tmp_path, *keys: str) -> Model:
+    """A copy of ``model``'s artifact whose manifest lacks ``keys``, as an earlier edgepeft wrote it
+    (its graph simply has the per-row inputs unused)."""
     import json
     import shutil
 
     old = tmp_path / "old"
-    shutil.copytree(artifacts["generic"].path, old)
+    shutil.copytree(model.path, old)
     manifest = json.loads((old / "manifest.json").read_text())
-    del manifest["row_values"]
+    for k in keys:
+        del manifest[k]
     (old / "manifest.json").write_text(json.dumps(manifest))
-    model = Model(old)
+    return Model(old)
+
+
+def test_an_artifact_without_per_row_scales_says_so(artifacts, tmp_path):
+    """An artifact of an earlier edgepeft (no ``row_values``: its graph applies IA3 scales to
+    every row) refuses rows that need different scales, naming both rows and the input."""
+    model = _as_earlier(artifacts["generic"], tmp_path, "row_values")
     with pytest.raises(EdgepeftError, match=r"row 0 \(chat\) and row 1 \(ia3\) need different values of ia3_in\.model"):
         model.logits(IDS[:2], ["chat", "ia3"])
     # IA3 on every row with per-row LoRAs is fine there: the IA3 scales agree
@@ -182,15 +189,7 @@ def test_bad_per_row_requests_are_refused(artifacts):
 
 
 def test_an_artifact_without_per_row_weights_says_so(artifacts, tmp_path):
-    import json
-    import shutil
-
-    old = tmp_path / "old"
-    shutil.copytree(artifacts["fused"].path, old)
-    manifest = json.loads((old / "manifest.json").read_text())
-    del manifest["rows"], manifest["row_values"]  # as an artifact of an earlier edgepeft (no per-row inputs)
-    (old / "manifest.json").write_text(json.dumps(manifest))
-    model = Model(old)
+    model = _as_earlier(artifacts["fused"], tmp_path, "rows", "row_values")  # no per-row inputs at all
     with pytest.raises(EdgepeftError, match="no per-row weights"):
         model.logits(IDS[:2], ["chat", "sql"])
     assert model.logits(IDS[:2], ["chat", "chat"]).shape[0] == 2  # one choice for all rows still works
