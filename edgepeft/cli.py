@@ -80,7 +80,8 @@ def export(args) -> int:
                         accuracy_level=args.accuracy_level, head_bits=args.head_bits, widths=args.widths)
     cfg = ExportConfig(base=Path(args.base), out=Path(args.out), adapters=_adapter_pairs(args.adapter),
                        mode=args.mode, force=args.force, opset=args.opset, task=args.task, quant=quant,
-                       allow_base_mismatch=args.allow_base_mismatch, target=target, graph=args.graph)
+                       allow_base_mismatch=args.allow_base_mismatch, target=target, graph=args.graph,
+                       slots=args.slots)
     manifest = run_export(cfg, quiet=args.quiet)
     print(f"{args.out}: {manifest['mode']} artifact, adapters: {', '.join(manifest['adapters']) or '(none)'}")
     t = manifest["target"]
@@ -116,6 +117,10 @@ def _export_args(p):
                         "faster decoding on CPU; generic: the traced model, every architecture, adapter kind, "
                         "target and precision")
     p.add_argument("--out", required=True, help="artifact directory to create")
+    p.add_argument("--slots", default=None, metavar="SPEC",
+                   help="empty adapter slots to keep for `edgepeft adapter add` later: all-linear, module "
+                        "names (q_proj,v_proj), or per kind: lora:all-linear,ia3:k_proj,v_proj,down_proj "
+                        "(kinds: lora, dora, ia3; a classifier also reserves its head)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("--target", default=None, metavar="NAME_OR_FILE",
                    help="deployment profile: a name from `edgepeft targets` or a .toml file (default: cpu-x86_64)")
@@ -656,6 +661,71 @@ def _serve_args(p):
     p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
 
 
+def adapter(args) -> int:
+    """Change the adapters of a side-branch artifact in place, without exporting it again.
+
+      add OUT --adapter NAME=DIR   convert a PEFT adapter against OUT's graph (no base folder:
+                                   the module tree comes from the config OUT recorded; DoRA needs
+                                   --base); refused with the reason (and the --slots to export
+                                   with) when it needs slots, ranks or a kind the graph lacks, or
+                                   was trained on another base
+      remove OUT NAME              drop an adapter (the manifest first, then its files)
+      list OUT                     the adapters, and the slots the graph was exported with
+
+    Every change replaces manifest.json atomically: an app that opens OUT meanwhile sees the
+    adapters before or after, never half."""
+    from edgepeft.lifecycle.edit import list_lines, remove_adapter
+
+    root = Path(args.artifact)
+    if args.action == "list":
+        print("\n".join(list_lines(root)))
+        return 0
+    if args.action == "remove":
+        remove_adapter(root, args.name)
+        print(f"{root}: removed {args.name}")
+        return 0
+    require_toolchain("edgepeft adapter add")
+    from edgepeft.lifecycle.add import add_adapter
+
+    pairs = _adapter_pairs([args.adapter])
+    (name, path), = pairs
+    if args.validate and not args.reference:
+        raise EdgepeftError("--validate compares with PyTorch: pass --reference BASE (the base model folder or "
+                            "GGUF file used at export).")
+    result = add_adapter(root, name, path, base=Path(args.base) if args.base else None,
+                         allow_base_mismatch=args.allow_base_mismatch, validate=args.validate,
+                         reference=Path(args.reference) if args.reference else None, quiet=args.quiet)
+    print(f"{root}: added {name} ({result['entry']['summary']}) in {result['seconds']:.2f}s")
+    if result["report"] is not None:
+        from edgepeft.validate import format_report
+
+        print(format_report(result["report"]))
+        if not result["report"]["passed"]:
+            print(f"{root}: {name} broke the budget and was removed again", file=sys.stderr)
+            return 1
+    return 0
+
+
+def _adapter_args(p):
+    sub = p.add_subparsers(dest="action", required=True)
+    add = sub.add_parser("add", help="add a PEFT adapter to an artifact")
+    add.add_argument("artifact", help="side-branch artifact directory")
+    add.add_argument("--adapter", required=True, metavar="NAME=DIR", help="the adapter's name and PEFT folder")
+    add.add_argument("--base", default=None, metavar="DIR",
+                     help="the base model folder; only for kinds whose arrays read base weights (DoRA)")
+    add.add_argument("--validate", action="store_true",
+                     help="compare with PyTorch afterwards (needs --reference); removed again if a budget breaks")
+    add.add_argument("--reference", default=None, metavar="BASE", help="base folder or GGUF file for --validate")
+    add.add_argument("--allow-base-mismatch", action="store_true",
+                     help="add an adapter that records another base model anyway")
+    add.add_argument("--quiet", action="store_true", help="no progress lines")
+    rm = sub.add_parser("remove", help="remove an adapter from an artifact")
+    rm.add_argument("artifact", help="side-branch artifact directory")
+    rm.add_argument("name", help="adapter name")
+    ls = sub.add_parser("list", help="list an artifact's adapters and reserved slots")
+    ls.add_argument("artifact", help="artifact directory")
+
+
 COMMANDS = {
     "export": (export, _export_args),
     "targets": (targets, _targets_args),
@@ -663,6 +733,7 @@ COMMANDS = {
     "bench": (bench, _bench_args),
     "run": (run, _run_args),
     "serve": (serve, _serve_args),
+    "adapter": (adapter, _adapter_args),
     "classify": (classify, _classify_args),
     "inspect": (inspect, _inspect_args),
     "verify": (verify, _verify_args),

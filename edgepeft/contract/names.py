@@ -15,6 +15,7 @@ FORMAT = "edgepeft-artifact"
 ADAPTER_FILE_FORMAT = "edgepeft-adapter"  # metadata "format" of an adapter's safetensors twin
 FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
+BASE_CONFIG = "base_config.json"  # the base model's config, for adapters added after export
 MAX_MANIFEST_BYTES = 64 << 20  # a manifest is tens of KB; refuse absurd sizes before reading
 ADAPTER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 

@@ -25,7 +25,7 @@ from edgepeft.export.build import builder, choose_graph
 from edgepeft.export.bundle import target_bundle
 from edgepeft.export.config import GRAPHS, MODES, TASKS, ExportConfig
 from edgepeft.export.load import Base, load_base, read_adapters
-from edgepeft.export.manifest import manifest_head, write_manifest, write_tokenizer
+from edgepeft.export.manifest import manifest_head, write_base_config, write_manifest, write_tokenizer
 from edgepeft.export.publish import atomic_dir, remove_dead_temps
 from edgepeft.gguf import resolve_base
 from edgepeft.progress import log
@@ -65,6 +65,7 @@ def write_artifact(cfg: ExportConfig, base: Base, adapters: list, root: Path, qu
     files, then the manifest, which is returned."""
     manifest = manifest_head(cfg, base)
     manifest["tokenizer"] = write_tokenizer(cfg.base, root)
+    write_base_config(base, root)
     build = builder(cfg, base)  # traced | fused | merged
     manifest.update(build(cfg, base, adapters, root, quiet))  # steps 3-5
     target_bundle(cfg.target, manifest, root, quiet)

@@ -14,6 +14,36 @@ GRAPHS = ("auto", "generic", "fused")
 TASKS = ("auto", "causal-lm", "classification")
 
 
+def parse_slots(spec: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """``--slots SPEC`` as ``((kind, targets), ...)``.
+
+    SPEC is ``all-linear`` or a comma list of module names (LoRA slots), optionally grouped by
+    kind: ``lora:all-linear,ia3:k_proj,v_proj,down_proj`` (a ``kind:`` starts a group; the names
+    after it, up to the next ``kind:``, are its targets).
+
+    Raises:
+        EdgepeftError: an empty group or name, or ``all-linear`` beside other names of one kind.
+    """
+    groups: list[tuple[str, list[str]]] = []
+    for token in spec.split(","):
+        kind, sep, name = token.strip().rpartition(":")
+        if sep:
+            groups.append((kind.strip().lower(), []))
+        elif not groups:
+            groups.append(("lora", []))
+        if not name.strip() or (sep and not kind.strip()):
+            raise EdgepeftError(f"--slots {spec!r}: an empty kind or module name. Expected e.g. all-linear, "
+                                "q_proj,v_proj or lora:all-linear,ia3:k_proj,v_proj,down_proj.")
+        groups[-1][1].append(name.strip())
+    for kind, names in groups:
+        if "all-linear" in names and len(names) > 1:
+            raise EdgepeftError(f"--slots {spec!r}: {kind}: all-linear already names every linear layer; "
+                                "drop the other names.")
+    if len({k for k, _ in groups}) != len(groups):
+        raise EdgepeftError(f"--slots {spec!r}: a kind appears twice; list its modules in one group.")
+    return tuple((k, tuple(n)) for k, n in groups)
+
+
 @dataclass(frozen=True)
 class ExportConfig:
     """What to export.
@@ -57,6 +87,7 @@ class ExportConfig:
     allow_base_mismatch: bool = False
     target: Target | None = None
     graph: str = "auto"
+    slots: str | None = None
 
     def __post_init__(self):
         self._fill_from_target()
@@ -97,6 +128,11 @@ class ExportConfig:
         names = [n for n, _ in self.adapters]
         if len(set(names)) != len(names):
             raise EdgepeftError(f"--adapter: names repeat ({', '.join(names)}); give each a new name.")
+        if self.slots is not None:
+            if self.mode == "merged":
+                raise EdgepeftError("--slots reserves inputs of a side-branch graph; --mode merged has none. "
+                                    "Drop --slots or use --mode side.")
+            parse_slots(self.slots)
         if self.mode == "merged" and not self.adapters:
             raise EdgepeftError("--mode merged needs at least one --adapter NAME=DIR.")
         if self.out.exists() and not self.force:

@@ -137,7 +137,7 @@ def unsupported(model: torch.nn.Module, sides: dict[str, SideBranch]) -> str | N
             if kinds.feature(feat).fused is None or m not in modules:
                 return (f"adapter {name!r} has {m} ({feat}); the fused graph takes LoRA, DoRA and IA3 "
                         "on the attention and MLP projections")
-        why = _packing_problem(fam, cfg.num_hidden_layers, name, side)
+        why = None if side.reserved else _packing_problem(fam, cfg.num_hidden_layers, name, side)
         if why:
             return why
     return None

@@ -13,7 +13,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import edgepeft
-from edgepeft.contract import FORMAT, FORMAT_VERSION, MANIFEST_NAME
+from edgepeft.contract import BASE_CONFIG, FORMAT, FORMAT_VERSION, MANIFEST_NAME
 from edgepeft.export.base import save_tokenizer
 from edgepeft.export.config import ExportConfig
 from edgepeft.export.load import Base
@@ -32,9 +32,12 @@ def manifest_head(cfg: ExportConfig, base: Base) -> dict:
         "base": {"source": str(cfg.base), "model_type": model.config.model_type,
                  "fingerprint": base.fingerprint,
                  **({"gguf": base.gguf} if base.gguf else {}),  # the GGUF file the weights came from
-                 "vocab_size": int(model.config.get_text_config().vocab_size)},
+                 "vocab_size": int(model.config.get_text_config().vocab_size),
+                 "config": BASE_CONFIG},  # its module names and shapes: ``edgepeft adapter add``
         "graph": None, "slots": [], "inputs": {}, "adapters": {}, "tokenizer": None,
     }
+    if cfg.slots:
+        manifest["reserved"] = cfg.slots  # the --slots spec the graph was exported with
     if base.task == "causal-lm":
         cache = base.cache
         manifest["base"]["eos_token_id"] = getattr(model.generation_config, "eos_token_id", None)
@@ -55,6 +58,13 @@ def write_tokenizer(base_dir: Path, root: Path) -> dict | None:
     if tok is None:
         shutil.rmtree(root / "tokenizer", ignore_errors=True)
     return tok
+
+
+def write_base_config(base: Base, root: Path) -> None:
+    """``root/base_config.json``: the base model's config, from which ``edgepeft adapter add``
+    builds its module tree on the meta device (names and shapes, no weights) to read an adapter
+    against the graph without the base folder."""
+    base.model.config.to_json_file(str(root / BASE_CONFIG))
 
 
 def write_manifest(manifest: dict, root: Path) -> None:

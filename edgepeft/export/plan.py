@@ -10,10 +10,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgepeft.kinds import FEATURES, kind_module
+from edgepeft.kinds import FEATURES, kind_module, reserved_side
 from edgepeft.kinds.common import SideBranch
 from edgepeft.errors import EdgepeftError
-from edgepeft.export.config import ExportConfig
+from edgepeft.export.config import ExportConfig, parse_slots
 from edgepeft.export.load import Base
 from edgepeft.export.slots import (InputSpec, Slot, fix_ranks, head_rows_specs, input_specs, plan_slots, rows_specs,
                                    shared_defaults)
@@ -45,11 +45,16 @@ class Plan:
     rows: list[InputSpec]
 
 
+RESERVED = "(--slots)"  # the key of the reserved slots among the sides: no adapter can have it
+
+
 def side_branches(cfg: ExportConfig, base: Base, adapters: list) -> dict[str, SideBranch]:
     """Every adapter as a side branch, checked against the target's ``max_rank`` (before the slow
-    graph export)."""
+    graph export), and the empty slots of ``--slots`` under :data:`RESERVED`."""
     sides = {a.name: kind_module(a).side(a, base.model) for a in adapters}
     check_ranks(cfg.target, sides)
+    if cfg.slots:
+        sides[RESERVED] = reserved_side(parse_slots(cfg.slots), base.model, base.task)
     return sides
 
 

@@ -16,6 +16,9 @@ never names a kind; see ``lora.py`` for the fullest example):
     REFERENCE                       ``common.Reference``: how validate and bench build the PyTorch model
     TRAIN                           ``{train kind: common.TrainSpec}`` for ``edgepeft train --kind``
                                     (empty for a kind ``edgepeft train`` does not offer)
+    reserve(kind, modules, model) -> {module: features}   optional: the empty slots ``export
+                                    --slots kind:...`` reserves; a kind without it has a graph that
+                                    depends on the adapter (prefix or prompt length, bottleneck size)
 
 An unknown ``peft_type`` or ``kind`` is an error that lists the known ones, never a fallthrough.
 """
@@ -30,7 +33,7 @@ from edgepeft.contract import check_adapter_name, mixes
 from edgepeft.contract.features import Feature
 from edgepeft.errors import EdgepeftError
 from edgepeft.kinds import bottleneck, ia3, loha, lora, prefix, prompt, vera
-from edgepeft.kinds.common import Reference, TrainSpec, read_config
+from edgepeft.kinds.common import Reference, SideBranch, TrainSpec, linear_modules, read_config
 
 REGISTRY = {
     "LORA": lora,
@@ -97,6 +100,46 @@ def feature(name: str) -> Feature:
         raise EdgepeftError(f"adapter feature {name!r} is not known to this edgepeft (known: "
                             f"{', '.join(FEATURES)}).")
     return FEATURES[name]
+
+
+def reserved_side(slots: tuple[tuple[str, tuple[str, ...]], ...], model: nn.Module, task: str) -> SideBranch:
+    """The empty slots of ``export --slots``, as a side branch of identity values (rank 1 where a
+    part has a rank): planned like an adapter's, written to no file. A classifier also reserves
+    its head (every parameter outside the base model), so an added adapter can carry its own.
+
+    Args:
+        slots: ``((kind, targets), ...)`` (:func:`edgepeft.export.config.parse_slots`).
+        model: the base model.
+        task: ``causal-lm`` or ``classification``.
+
+    Raises:
+        EdgepeftError: an unknown kind, a kind whose graph depends on the adapter, or a target that
+            names no linear layer.
+    """
+    import numpy as np
+
+    dims = {n: (m.weight.shape[1], m.weight.shape[0]) if isinstance(m, nn.Linear) else tuple(m.weight.shape)
+            for n, m in model.named_modules() if hasattr(m, "weight") and getattr(m.weight, "ndim", 0) == 2}
+    layers = {}
+    for kind, targets in slots:
+        where = f"--slots {kind}:{','.join(targets)}"
+        module = kind_module(kind)
+        if not hasattr(module, "reserve"):
+            raise EdgepeftError(f"{where}: a {kind} adapter shapes the graph itself (its prefix or prompt "
+                                "length, or bottleneck size), so its slots cannot be reserved empty. "
+                                f"Export the {kind} adapter with --adapter; kinds with reserved slots: "
+                                + ", ".join(n for n in BY_NAME if hasattr(BY_NAME[n], "reserve")) + ".")
+        for m, features in module.reserve(kind, linear_modules(model, targets, where), model).items():
+            in_f, out_f = (int(d) for d in dims[m])
+            for f in features:
+                layers[(m, f)] = {p.name: np.full(p.dims(in_f, out_f, 1, 1), p.identity, np.float32)
+                                  for p in feature(f).parts}
+    head = {}
+    prefix = getattr(model, "base_model_prefix", "")
+    if task == "classification":
+        head = {n: p.detach().numpy().astype(np.float32) for n, p in model.named_parameters()
+                if not n.startswith(prefix + ".")}
+    return SideBranch(layers=layers, head=head, reserved=True)
 
 
 def task_of(adapter_dir: Path) -> str | None:

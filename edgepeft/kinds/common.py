@@ -209,6 +209,7 @@ class SideBranch:
     prompt: np.ndarray | None = None
     prefix: list[tuple[np.ndarray, np.ndarray]] | None = None
     prefix_from_prompt: bool = False
+    reserved: bool = False  # empty slots of ``export --slots`` (identity values), not an adapter
 
     def arrays(self, features: dict) -> dict[str, np.ndarray]:
         """Everything the adapter feeds, by name: graph inputs and the KV-cache seed.
@@ -297,6 +298,32 @@ def split_head(tensors: dict[str, torch.Tensor], config: dict, model: nn.Module,
         if not torch.isfinite(t).all():
             raise EdgepeftError(f"{weights_file}: head parameter {name} contains NaN or Inf.")
     return rest, {n: t.float() for n, t in head.items()}
+
+
+def linear_modules(model: nn.Module, targets: tuple[str, ...], where: str) -> list[str]:
+    """The linear layers ``targets`` name, in model order, by PEFT's rules for a list of names: a
+    module matches a name it equals or ends with after a dot; ``("all-linear",)``: every linear
+    layer of the base model but the output head (and a classifier's head, reserved on its own).
+
+    Raises:
+        EdgepeftError: a name that matches no linear layer (listing the ones there are).
+    """
+    from transformers.pytorch_utils import Conv1D
+
+    head = model.get_output_embeddings()
+    prefix = getattr(model, "base_model_prefix", "")
+    linear = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D)) and m is not head
+              and not (prefix and hasattr(model, prefix) and not n.startswith(prefix + "."))]
+    if tuple(targets) == ("all-linear",):
+        return linear
+    found = []
+    for t in targets:
+        hits = [n for n in linear if n == t or n.endswith("." + t)]
+        if not hits:
+            raise EdgepeftError(f"{where}: {t!r} names no linear layer of the base model. Linear layers: "
+                                f"{module_names_summary(linear)}.")
+        found += hits
+    return [n for n in linear if n in set(found)]
 
 
 def to_numpy(t: torch.Tensor) -> np.ndarray:

@@ -128,6 +128,14 @@ def side(adapter: Ia3Adapter, model: nn.Module) -> SideBranch:
     return SideBranch(layers=layers, head=head_to_numpy(adapter.head))
 
 
+def reserve(kind: str, modules: list[str], model: nn.Module) -> dict[str, tuple[str, ...]]:
+    """The feature an empty slot of ``export --slots`` gives each module: the input scale on
+    feed-forward output layers (PEFT's ``feedforward_modules`` by their usual names), the output
+    scale elsewhere. An adapter that scales another side of a layer needs that slot named."""
+    return {m: ("ia3_in" if any(m == f or m.endswith("." + f) for f in _FEEDFORWARD) else "ia3_out",)
+            for m in modules}
+
+
 def manifest_entry(adapter: Ia3Adapter) -> dict:
     """What the manifest records for this adapter (besides file and checksum)."""
     return {"kind": KIND, "targets": sorted(adapter.modules),

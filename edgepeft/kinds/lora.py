@@ -333,6 +333,12 @@ def side(adapter: LoraAdapter, model: nn.Module) -> SideBranch:
     return SideBranch(layers=layers, head=head_to_numpy(adapter.head))
 
 
+def reserve(kind: str, modules: list[str], model: nn.Module) -> dict[str, tuple[str, ...]]:
+    """The features an empty slot of ``export --slots`` gives each module: LoRA's, or DoRA's for
+    ``dora:`` (A, B and the magnitude)."""
+    return {m: ("dora" if kind == "dora" else KIND,) for m in modules}
+
+
 def manifest_entry(adapter: LoraAdapter) -> dict:
     """What the manifest records for this adapter (besides file and checksum)."""
     ranks = sorted({m.A.shape[0] for m in adapter.modules.values()})

@@ -429,7 +429,8 @@ def _verdict(stats: list[np.ndarray], budget: Budget):
 def validate(artifact_dir: Path, reference: Path, prompts: list[str] | None = None,
              texts: list[str] | None = None, max_new_tokens: int = 32, budget: Budget | None = None,
              adapter_dirs: dict[str, Path] | None = None, report: Path | None = None,
-             labelled: Path | None = None, limit: int | None = None, quiet: bool = False) -> dict:
+             labelled: Path | None = None, limit: int | None = None, quiet: bool = False,
+             choices: list | None = None) -> dict:
     """Compare an artifact with its PyTorch reference; see the module docstring.
 
     Args:
@@ -449,6 +450,8 @@ def validate(artifact_dir: Path, reference: Path, prompts: list[str] | None = No
             both sides, and its texts are the inputs compared.
         limit: use at most this many rows of ``labelled``.
         quiet: no progress bar (over the cases, on stderr).
+        choices: the cases to compare (adapter names, mixes, None for the base); default
+            :func:`default_choices` (``edgepeft adapter add --validate``: the added adapter).
 
     Returns:
         The report dict; ``report["passed"]`` is False when any case breaks the budget. Written
@@ -473,9 +476,9 @@ def validate(artifact_dir: Path, reference: Path, prompts: list[str] | None = No
     source = resolve_base(reference, quiet)  # a GGUF file: its dequantized folder in the cache
     ref = _Reference(source.folder, manifest, dirs, given=reference)
     if art.task == "classification":
-        results = _validate_classifier(art, ref, prompts or texts, budget, labelled, limit, quiet)
+        results = _validate_classifier(art, ref, prompts or texts, budget, labelled, limit, quiet, choices)
     else:
-        results = _validate_causal(art, ref, prompts, texts or [], budget, max_new_tokens, quiet)
+        results = _validate_causal(art, ref, prompts, texts or [], budget, max_new_tokens, quiet, choices)
     out = {"artifact": str(artifact_dir), "reference": str(reference), "task": art.task,
            "precision": manifest["precision"], "mode": manifest["mode"], "budget": asdict(budget),
            "graph_format": art.format, "providers": art.providers,
@@ -495,7 +498,7 @@ def validate(artifact_dir: Path, reference: Path, prompts: list[str] | None = No
 
 
 def _validate_causal(art: Model, ref: _Reference, prompts, texts, budget: Budget, max_new_tokens: int,
-                     quiet: bool = True):
+                     quiet: bool = True, choices: list | None = None):
     manifest = art.manifest
     if manifest.get("tokenizer"):
         prompt_rows = [art.tokenizer.encode(p).ids for p in (prompts or DEFAULT_PROMPTS)]
@@ -513,7 +516,7 @@ def _validate_causal(art: Model, ref: _Reference, prompts, texts, budget: Budget
     batches = [batch_inputs(rows[i:i + BATCH], vocab=vocab) for i in range(0, len(rows), BATCH)]
     pos = np.concatenate([positions(m)[m.astype(bool)] for _, m in batches])  # of every compared row
     results = []
-    choices = default_choices(art)
+    choices = default_choices(art) if choices is None else choices
     per_row = per_row_choices(art, choices)
     mine = [per_row[b % len(per_row)] for b in range(BATCH)] if per_row else []  # row b's choice
     first = None  # the references of the first batch's rows, each its own choice's
@@ -563,7 +566,7 @@ def _causal_case(name: str, stats: list, gen: np.ndarray, pt_gen: np.ndarray, bu
 
 
 def _validate_classifier(art: Model, ref: _Reference, prompts, budget: Budget, labelled, limit,
-                         quiet: bool = True):
+                         quiet: bool = True, choices: list | None = None):
     manifest = art.manifest
     labels = None
     if labelled is not None:
@@ -585,7 +588,7 @@ def _validate_classifier(art: Model, ref: _Reference, prompts, budget: Budget, l
     else:
         batches = [art._encode(texts[i:i + 32], None, reserved) for i in range(0, len(texts), 32)]
     results = []
-    cases = bar(default_choices(art), desc="validate", unit="case", quiet=quiet)
+    cases = bar(default_choices(art) if choices is None else choices, desc="validate", unit="case", quiet=quiet)
     for choice in cases:
         cases.set_postfix_str(case_name(choice))
         torch_ref = ref.get(choice)

@@ -1,0 +1,166 @@
+"""Changing the adapters of an existing artifact in place: one edit at a time (a lock file), the
+files first and the manifest last, replaced atomically. numpy only (the runtime install).
+
+A reader (an app's ``Model``, ``verify``) sees the old manifest or the new one, never half of one:
+an added adapter's files are complete and synced before the manifest that names them replaces the
+old one; a removed adapter's files go only after the manifest that no longer names them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from edgepeft.contract import MANIFEST_NAME, check_adapter_name, inside, read_manifest
+from edgepeft.errors import EdgepeftError
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: edits are not serialized against each other
+    fcntl = None
+
+LOCK_NAME = ".edgepeft-edit.lock"
+
+
+@contextlib.contextmanager
+def editing(root: Path) -> Iterator[dict]:
+    """Hold the artifact's edit lock and yield its manifest, read under the lock.
+
+    Raises:
+        EdgepeftError: not an artifact, or another edit holds the lock.
+    """
+    manifest = read_manifest(root)  # a readable error for a wrong path before any file is made
+    fd = os.open(root / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                raise EdgepeftError(f"{root}: another `edgepeft adapter` command is changing this artifact; "
+                                    "run this one when it has finished.") from None
+        yield read_manifest(root) if fcntl is not None else manifest
+    finally:
+        os.close(fd)
+
+
+def write_manifest_atomic(root: Path, manifest: dict) -> None:
+    """Replace ``root/manifest.json`` by ``manifest``: written to a temporary file beside it,
+    synced, renamed over it, the directory synced."""
+    fd, tmp = tempfile.mkstemp(prefix=".manifest.", suffix=".tmp", dir=root)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(json.dumps(manifest, indent=2) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, root / MANIFEST_NAME)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    sync_dir(root)
+
+
+def sync_file(path: Path) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def sync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return  # not possible everywhere (Windows)
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def side_artifact(root: Path, manifest: dict, what: str) -> None:
+    """Refuse a merged artifact: its adapters are graphs, made by an export.
+
+    Raises:
+        EdgepeftError: ``manifest`` is of a merged artifact.
+    """
+    if manifest["mode"] != "side":
+        raise EdgepeftError(f"{root}: a merged artifact (one graph per adapter); {what} works on side-branch "
+                            "artifacts, whose adapters are files. Export the adapter with `edgepeft export "
+                            "--mode merged` instead.")
+
+
+def new_name(root: Path, manifest: dict, name: str, where: str) -> str:
+    """``name``, checked as a file name and not taken.
+
+    Raises:
+        EdgepeftError: a name that is not allowed (path separators, ``..``) or already in use.
+    """
+    check_adapter_name(name, where)
+    if name in manifest["adapters"]:
+        raise EdgepeftError(f"{where}: {root} already has an adapter named {name!r}. Remove it first "
+                            f"(edgepeft adapter remove {root} {name}) or choose another name.")
+    return name
+
+
+def adapter_files(root: Path, entry: dict, where: str) -> list[Path]:
+    """The files of one adapter entry (its ``.onnx_adapter`` and safetensors twin), inside ``root``."""
+    rels = [entry.get("file"), (entry.get("safetensors") or {}).get("file")]
+    return [inside(root, rel, where) for rel in rels if rel]
+
+
+def remove_adapter(root: Path, name: str) -> dict:
+    """``edgepeft adapter remove``: drop ``name`` from the manifest, then delete its files.
+
+    Returns:
+        The new manifest.
+
+    Raises:
+        EdgepeftError: a merged artifact, or no adapter of that name.
+    """
+    with editing(root) as manifest:
+        side_artifact(root, manifest, "edgepeft adapter remove")
+        if name not in manifest["adapters"]:
+            raise EdgepeftError(f"{root}: no adapter named {name!r}; it has: "
+                                f"{', '.join(manifest['adapters']) or '(none)'}.")
+        files = adapter_files(root, manifest["adapters"][name], f"adapter {name!r} of {root / MANIFEST_NAME}")
+        manifest = {**manifest, "adapters": {k: v for k, v in manifest["adapters"].items() if k != name}}
+        write_manifest_atomic(root, manifest)
+        for f in files:
+            f.unlink(missing_ok=True)
+        sync_dir(root / "adapters")
+    return manifest
+
+
+def install_files(root: Path, staged: dict[str, Path]) -> None:
+    """Move staged, synced files to their places under ``root`` (``{relative path: staged file}``)."""
+    for rel, tmp in staged.items():
+        os.replace(tmp, inside(root, rel, str(root)))
+    for parent in {inside(root, rel, str(root)).parent for rel in staged}:
+        sync_dir(parent)
+
+
+def list_lines(root: Path) -> list[str]:
+    """``edgepeft adapter list``: one line per adapter (name, kind, ranks, layers, size), then the
+    graph's reserved slots."""
+    manifest = read_manifest(root)
+    lines = []
+    for name, e in manifest["adapters"].items():
+        size = sum(f.stat().st_size for f in adapter_files(root, e, name) if f.is_file()) if "file" in e else 0
+        ranks = e.get("ranks")
+        lines.append(f"{name}\t{e.get('kind', '?')}"
+                     + (f"\tranks {'/'.join(map(str, ranks))}" if ranks else "")
+                     + (f"\t{len(e['targets'])} layers" if e.get("targets") else "")
+                     + (f"\tmix of {', '.join(f'{k}:{w:g}' for k, w in e['mix_of'].items())}" if e.get("mix_of") else "")
+                     + (f"\t{size / 1e6:.2f} MB" if size else "")
+                     + ("\tadded" if e.get("added") else ""))
+    if not lines:
+        lines.append("(no adapters)")
+    reserved = manifest.get("reserved")
+    lines.append(f"slots: {len(manifest.get('slots', []))} adapted layers"
+                 + (f" (reserved at export: --slots {reserved})" if reserved else ""))
+    return lines
