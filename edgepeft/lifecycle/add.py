@@ -72,14 +72,14 @@ def add_adapter(root: Path, name: str, adapter_dir: Path, *, base: Path | None =
             raise EdgepeftError("--validate compares the artifact with PyTorch: pass --reference BASE (the base "
                                 "model folder or GGUF file used at export).")
         model, fp = _base_model(root, manifest, base)
-        _check_binding(adapter_dir, manifest, where, allow_base_mismatch)
         a = read_adapter(name, adapter_dir, model, manifest["task"])
+        _check_binding(adapter_dir, manifest, where, allow_base_mismatch)  # after the shapes: more precise
         side = _side(a, model, skeleton=base is None, where=where)
-        static = manifest.get("static")
-        if static:
+        max_rank = manifest["target"].get("max_rank")
+        if max_rank is not None:
             from edgepeft.targets import check_ranks
 
-            check_ranks(SimpleNamespace(name=manifest["target"]["name"], max_rank=static["max_rank"]), {name: side})
+            check_ranks(SimpleNamespace(name=manifest["target"]["name"], max_rank=max_rank), {name: side})
         if (manifest["graph"] or {}).get("layout") == "fused":
             arrays, prefix, defaults = _fused_arrays(manifest, model, a.kind, side, where), None, []
         else:
