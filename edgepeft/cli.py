@@ -671,6 +671,11 @@ def adapter(args) -> int:
                                    was trained on another base
       remove OUT NAME              drop an adapter (the manifest first, then its files)
       list OUT                     the adapters, and the slots the graph was exported with
+      pack OUT NAME --out FILE     one adapter as a .edgepeft-pack file for over-the-air delivery:
+                                   its arrays, manifest entry, --version, the base fingerprint, the
+                                   graph's slot schema and sha256 checksums; --sign KEY adds an
+                                   Ed25519 signature (edgepeft keygen). Apps load it with
+                                   Model(OUT, trusted_keys=[...]).add_adapter(FILE)
 
     Every change replaces manifest.json atomically: an app that opens OUT meanwhile sees the
     adapters before or after, never half."""
@@ -683,6 +688,13 @@ def adapter(args) -> int:
     if args.action == "remove":
         remove_adapter(root, args.name)
         print(f"{root}: removed {args.name}")
+        return 0
+    if args.action == "pack":
+        from edgepeft.lifecycle.edit import pack_adapter
+
+        header = pack_adapter(root, args.name, Path(args.out), args.version, Path(args.sign) if args.sign else None)
+        print(f"{args.out}: adapter {args.name} version {header['version']}"
+              + (", signed" if args.sign else ", not signed") + f", for slot schema {header['slot_schema'][:23]}...")
         return 0
     require_toolchain("edgepeft adapter add")
     from edgepeft.lifecycle.add import add_adapter
@@ -724,6 +736,27 @@ def _adapter_args(p):
     rm.add_argument("name", help="adapter name")
     ls = sub.add_parser("list", help="list an artifact's adapters and reserved slots")
     ls.add_argument("artifact", help="artifact directory")
+    pk = sub.add_parser("pack", help="write one adapter as a (signed) pack file")
+    pk.add_argument("artifact", help="side-branch artifact directory")
+    pk.add_argument("name", help="adapter name")
+    pk.add_argument("--out", required=True, help="the pack file to write (NAME.edgepeft-pack)")
+    pk.add_argument("--version", type=int, default=1, help="the pack's version, an integer from 1 (default 1); "
+                    "a device replaces a loaded adapter only by a newer version")
+    pk.add_argument("--sign", default=None, metavar="KEY", help="Ed25519 private key file (edgepeft keygen)")
+
+
+def keygen(args) -> int:
+    """Make an Ed25519 key pair for signing adapter packs: OUT (private, PEM, mode 0600) and
+    OUT.pub (one line, ed25519:BASE64, what apps pin as a trusted key)."""
+    from edgepeft.contract.packs import generate_key
+
+    pub, kid = generate_key(Path(args.out))
+    print(f"{args.out}: private key (keep it off devices); {pub}: public key {kid}")
+    return 0
+
+
+def _keygen_args(p):
+    p.add_argument("--out", required=True, help="private key file to create (OUT.pub is the public key)")
 
 
 COMMANDS = {
@@ -734,6 +767,7 @@ COMMANDS = {
     "run": (run, _run_args),
     "serve": (serve, _serve_args),
     "adapter": (adapter, _adapter_args),
+    "keygen": (keygen, _keygen_args),
     "classify": (classify, _classify_args),
     "inspect": (inspect, _inspect_args),
     "verify": (verify, _verify_args),

@@ -21,6 +21,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from edgepeft.contract.packs import slot_schema
 from edgepeft.export.build import builder, choose_graph
 from edgepeft.export.bundle import target_bundle
 from edgepeft.export.config import GRAPHS, MODES, TASKS, ExportConfig
@@ -69,5 +70,7 @@ def write_artifact(cfg: ExportConfig, base: Base, adapters: list, root: Path, qu
     build = builder(cfg, base)  # traced | fused | merged
     manifest.update(build(cfg, base, adapters, root, quiet))  # steps 3-5
     target_bundle(cfg.target, manifest, root, quiet)
+    if manifest["mode"] == "side":  # what an adapter pack must have been made for (contract.packs)
+        manifest["slot_schema"] = slot_schema(manifest)
     write_manifest(manifest, root)
     return manifest

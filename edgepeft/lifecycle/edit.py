@@ -164,3 +164,26 @@ def list_lines(root: Path) -> list[str]:
     lines.append(f"slots: {len(manifest.get('slots', []))} adapted layers"
                  + (f" (reserved at export: --slots {reserved})" if reserved else ""))
     return lines
+
+
+def pack_adapter(root: Path, name: str, out: Path, version: int = 1, sign: Path | None = None) -> dict:
+    """``edgepeft adapter pack``: one adapter of ``root`` as a pack file (``edgepeft.contract.packs``).
+
+    Returns:
+        The pack's header.
+
+    Raises:
+        EdgepeftError: a merged artifact, no such adapter, a damaged adapter file, a bad key.
+    """
+    from edgepeft.contract.adapter_files import read_checked_adapter
+    from edgepeft.contract.packs import PACK_SUFFIX, write_pack
+
+    manifest = read_manifest(root)
+    side_artifact(root, manifest, "edgepeft adapter pack")
+    if name not in manifest["adapters"]:
+        raise EdgepeftError(f"{root}: no adapter named {name!r}; it has: {', '.join(manifest['adapters']) or '(none)'}.")
+    if not out.name.endswith(PACK_SUFFIX):
+        raise EdgepeftError(f"--out {out}: a pack's file name ends with {PACK_SUFFIX} (runtimes tell packs by it).")
+    entry = manifest["adapters"][name]
+    _, _, arrays = read_checked_adapter(root, name, entry, manifest["base"]["fingerprint"])
+    return write_pack(arrays, out, name=name, version=version, entry=entry, manifest=manifest, sign=sign)

@@ -103,6 +103,11 @@ class AdapterStore:
         """Read and check one adapter of the artifact at ``root`` (default: this one)."""
         root = self.root if root is None else root
         file, where, arrays = read_checked_adapter(root, name, entry, self.manifest["base"]["fingerprint"])
+        return self.from_arrays(entry, arrays, file, where)
+
+    def from_arrays(self, entry: dict, arrays: dict[str, np.ndarray], file: Path, where: str) -> Adapter:
+        """An adapter from its arrays (as stored) and manifest entry, checked against the graph;
+        ``file`` and ``where`` name it in messages."""
         # fp16 storage (--adapter-precision fp16) halves the file; the branch computes in fp32.
         arrays = {k: v.astype(np.float32) if v.dtype == np.float16 else v for k, v in arrays.items()}
         graph = self._graph_arrays(file, where, arrays)
@@ -208,23 +213,30 @@ class AdapterStore:
         loaded = self.load(name, entry, root)
         return new, loaded._replace(entry={**entry, "artifact": str(root)})
 
-    def add(self, name: str, adapter: Adapter) -> None:
-        """Make ``adapter`` available as ``name``; calls already running do not see it.
+    def add(self, name: str, adapter: Adapter, replace: bool = False) -> None:
+        """Make ``adapter`` available as ``name``; calls already running do not see it. With
+        ``replace``, it takes the place of the adapter of that name (its mixes are forgotten).
 
         Raises:
-            EdgepeftError: the name is in use.
+            EdgepeftError: the name is in use (and not ``replace``).
         """
         with self._edit:
-            if name in self._loaded:
+            if name in self._loaded and not replace:
                 raise EdgepeftError(f"adapter {name!r} is already in {self.root}; remove_adapter({name!r}) "
                                     "first, or pass as_name=.")
             self._loaded = {**self._loaded, name: adapter}
+        if replace:
+            self._forget(name)
 
     def remove(self, name: str) -> None:
         """Unload ``name`` (calls already running finish with it) and forget the mixes with it."""
         with self._edit:
             check_names([name], self._loaded, self.root)
             self._loaded = {k: v for k, v in self._loaded.items() if k != name}
+        self._forget(name)
+
+    def _forget(self, name: str) -> None:
+        """Drop the cached mixes with ``name``."""
         with self._lock:
             for key in [k for k in self._mixes if name in _names_of(k)]:
                 del self._mixes[key]

@@ -11,9 +11,10 @@ A static-shape artifact (a target with ``static_shapes``: NNAPI, Core ML, QNN) h
 sequence bucket; the runtime pads what it is given to the fixed shapes and slides a fixed window
 of KV cache (:mod:`edgepeft.runtime.static`), so calls look the same as on a dynamic artifact.
 
-Adapters can be added (:meth:`Model.add_adapter`, from another artifact of the same base) and
-removed (:meth:`Model.remove_adapter`) while other threads run: see
-:mod:`edgepeft.runtime.adapters`.
+Adapters can be added (:meth:`Model.add_adapter`: an adapter pack, or one from another artifact of
+the same base) and removed (:meth:`Model.remove_adapter`) while other threads run: see
+:mod:`edgepeft.runtime.adapters`. Packs (:mod:`edgepeft.contract.packs`) are checked against the
+graph they were made for and, with ``trusted_keys``, against pinned Ed25519 keys.
 
 The parts: :mod:`~edgepeft.runtime.session` (providers, files, integrity checks),
 :mod:`~edgepeft.runtime.adapters` and :mod:`~edgepeft.runtime.mix` (adapter feeds), the layouts
@@ -29,7 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edgepeft.contract import PROMPT_INPUT, read_manifest
+from edgepeft.contract import PROMPT_INPUT, check_adapter_name, read_manifest
+from edgepeft.contract.packs import PACK_SUFFIX, key_id, public_key, read_pack
 from edgepeft.errors import EdgepeftError
 from edgepeft.runtime import decode, text
 from edgepeft.runtime.adapters import MIX_CACHE_SIZE, AdapterChoice, AdapterStore, case_name, check_names
@@ -91,8 +93,14 @@ class Model:
     """
 
     def __init__(self, path: str | Path, providers: Sequence[str] | None = None,
-                 threads: int | None = None, format: str = "auto"):
+                 threads: int | None = None, format: str = "auto", *,
+                 trusted_keys: Sequence[str | Path] | None = None, revoked: Sequence[str] = ()):
         self.path = Path(path)
+        # adapter packs: None accepts unsigned packs; a list accepts only packs signed by one of these
+        # keys (each "ed25519:BASE64" or a KEY.pub file), none of them revoked (key ids or keys)
+        self._trusted = None if trusted_keys is None else [public_key(k) for k in trusted_keys]
+        self._revoked = {r if str(r).startswith("sha256:") else key_id(public_key(r)) for r in revoked}
+        self._versions: dict[str, int] = {}  # adapter name -> version of the pack it was loaded from
         self.manifest = read_manifest(self.path)
         self.task = self.manifest["task"]
         if self.task not in ("causal-lm", "classification"):
@@ -124,35 +132,65 @@ class Model:
         return list(self.manifest["adapters"])
 
     def add_adapter(self, path: str | Path, name: str | None = None, *, as_name: str | None = None) -> str:
-        """Load an adapter exported into another side-branch artifact of the same base model.
+        """Load an adapter pack, or an adapter exported into another side-branch artifact of the
+        same base model.
 
-        The adapter is taken with its manifest entry, so ``path`` is either that artifact's
-        directory (``name`` picks the adapter; optional when it holds one) or its
-        ``adapters/NAME.onnx_adapter`` file. The other artifact must have this one's base
-        fingerprint and task, and every input the adapter feeds must be an input of this graph
-        with the shape it has here (adapter files are checked as at load: sha256, base, shapes).
+        A pack (``edgepeft adapter pack``, a ``.edgepeft-pack`` file) must fit this graph: its base
+        fingerprint and slot schema are this artifact's, every array matches its checksum, and,
+        when the model was opened with ``trusted_keys``, it is signed by one of them and by no
+        ``revoked`` key. Its name may already be loaded only from an older version of the pack
+        (or from the artifact itself): a newer version replaces it, calls running finish with
+        the old one.
+
+        Otherwise the adapter is taken with its manifest entry from another artifact: ``path`` is
+        that artifact's directory (``name`` picks the adapter; optional when it holds one) or its
+        ``adapters/NAME.onnx_adapter`` file. That artifact must have this one's base fingerprint and
+        task, and every input the adapter feeds must be an input of this graph with the shape it
+        has here (adapter files are checked as at load: sha256, base, shapes).
+
         Nothing is copied into this artifact's directory. Safe while other threads run calls.
 
         Args:
-            path: artifact directory or ``.onnx_adapter`` file inside one.
-            name: the adapter's name in that artifact.
-            as_name: its name here (default: ``name``).
+            path: a pack file, or an artifact directory or ``.onnx_adapter`` file inside one.
+            name: the adapter's name in that artifact (not for packs: they carry their name).
+            as_name: its name here (default: its own).
 
         Returns:
             The name it is available under.
 
         Raises:
-            EdgepeftError: a merged artifact, another base, an input this graph lacks or shapes
-                that do not fit, a name already in use, or a missing or damaged file.
+            EdgepeftError: a merged artifact, another base or graph, a damaged or altered file, a
+                missing, untrusted or revoked signature, a version not newer than the loaded one,
+                a name already in use, or shapes that do not fit; the model is left as it was.
         """
         if self._store is None:
             raise EdgepeftError(f"{self.path} is a merged artifact (one graph per adapter); "
                                 "add_adapter needs a side-branch artifact (--mode side).")
-        new, adapter = self._store.read_other(Path(path), name, as_name)
+        path = Path(path)
+        if path.is_file() and path.name.endswith(PACK_SUFFIX):
+            return self._add_pack(path, as_name)
+        new, adapter = self._store.read_other(path, name, as_name)
         with self._edit:
             self._store.add(new, adapter)
             self.manifest = {**self.manifest, "adapters": {**self.manifest["adapters"], new: adapter.entry}}
         return new
+
+    def _add_pack(self, path: Path, as_name: str | None) -> str:
+        header, arrays = read_pack(path, manifest=self.manifest, trusted=self._trusted, revoked=self._revoked)
+        name = check_adapter_name(as_name or header["name"], f"{path}")
+        version = header["version"]
+        entry = {**header["entry"], "pack": {"file": str(path), "version": version}}
+        adapter = self._store.from_arrays(entry, arrays, path, f"adapter pack {name!r}")
+        with self._edit:
+            loaded = self._versions.get(name, 0 if name in self.manifest["adapters"] else None)
+            if loaded is not None and version <= loaded:
+                raise EdgepeftError(f"{path}: version {version} of adapter {name!r}, but version {loaded} is "
+                                    "loaded; a pack replaces only an older version. Pack it with a higher "
+                                    "--version, or remove_adapter first.")
+            self._store.add(name, adapter, replace=loaded is not None)
+            self._versions[name] = version
+            self.manifest = {**self.manifest, "adapters": {**self.manifest["adapters"], name: entry}}
+        return name
 
     def remove_adapter(self, name: str) -> None:
         """Unload an adapter: later calls that name it raise EdgepeftError; calls already running
@@ -168,6 +206,7 @@ class Model:
                 self._store.remove(name)
             self.manifest = {**self.manifest, "adapters": {k: v for k, v in self.manifest["adapters"].items()
                                                            if k != name}}
+            self._versions.pop(name, None)
 
     def _choose(self, adapter: AdapterChoice) -> tuple[Layout, dict, list | None]:
         """The layout to run, its adapter feeds and KV-cache seed for ``adapter``."""
