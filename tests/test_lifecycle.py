@@ -213,3 +213,120 @@ def test_slots_spec_errors(llama_base, tmp_path):
         with pytest.raises(EdgepeftError, match=words):
             _export(llama_base, tmp_path / "x", "fused", slots=spec)
         assert not (tmp_path / "x").exists()
+
+
+# ---------------------------------------------------------------- packs
+@pytest.fixture(scope="module")
+def packs(llama_base, adapters, tmp_path_factory) -> dict:
+    """A shipped artifact (empty slots, no adapters), a build server's copy with adapters added,
+    two keys, and packs made from the copy."""
+    from edgepeft.contract.packs import generate_key
+
+    root = tmp_path_factory.mktemp("packs")
+    shipped = _export(llama_base, root / "shipped", "fused", slots=SLOTS)
+    server = root / "server"
+    shutil.copytree(shipped, server)
+    for name in ("lora", "ia3"):
+        assert main(["adapter", "add", str(server), "--adapter", f"{name}={adapters[name]}", "--quiet"]) == 0
+    keys = {k: generate_key(root / k)[0] for k in ("good", "other")}
+    out = {"shipped": shipped, "server": server, "keys": keys, "root": root}
+    for name, version, key in (("lora", 1, "good"), ("lora", 2, "good"), ("ia3", 1, "good"),
+                               ("ia3", 1, None), ("ia3", 1, "other")):
+        f = root / f"{name}-v{version}-{key}.edgepeft-pack"
+        args = ["adapter", "pack", str(server), name, "--out", str(f), "--version", str(version)]
+        assert main(args + (["--sign", str(root / key)] if key else [])) == 0
+        out[(name, version, key)] = f
+    return out
+
+
+def test_pack_round_trip(packs):
+    from edgepeft.contract.packs import key_id, public_key
+
+    model = Model(packs["shipped"], trusted_keys=[packs["keys"]["good"]])
+    server = Model(packs["server"])
+    assert model.add_adapter(packs[("lora", 1, "good")]) == "lora"
+    assert model.add_adapter(packs[("ia3", 1, "good")]) == "ia3"
+    for name in ("lora", "ia3"):
+        np.testing.assert_allclose(model.logits(IDS, adapter=name), server.logits(IDS, adapter=name), atol=1e-6)
+    assert model.manifest["adapters"]["lora"]["pack"]["version"] == 1
+    # a newer version replaces the loaded one; the same or an older one is refused
+    assert model.add_adapter(packs[("lora", 2, "good")]) == "lora"
+    with pytest.raises(Exception, match="version 2 is loaded"):
+        model.add_adapter(packs[("lora", 1, "good")])
+    model.remove_adapter("lora")
+    with pytest.raises(Exception, match="'lora' is not in"):
+        model.logits(IDS, adapter="lora")
+    # revocation by key id or by key
+    good = packs["keys"]["good"]
+    for revoked in (key_id(public_key(good)), str(good)):
+        m = Model(packs["shipped"], trusted_keys=[good], revoked=[revoked])
+        with pytest.raises(Exception, match="revoked"):
+            m.add_adapter(packs[("lora", 1, "good")])
+        assert m.adapters == []
+    # no pinned keys: an unsigned pack loads (development); checksums are still checked
+    assert Model(packs["shipped"]).add_adapter(packs[("ia3", 1, None)]) == "ia3"
+
+
+def _tampered(src: Path, dst: Path, *, header=None, array_byte=False) -> Path:
+    """A copy of a pack with its header text changed (``header(text) -> text``, the signature kept)
+    or one byte of its array data flipped."""
+    data = bytearray(src.read_bytes())
+    n = int.from_bytes(data[:8], "little")
+    head = json.loads(data[8:8 + n])
+    if header is not None:
+        head["__metadata__"]["pack"] = header(head["__metadata__"]["pack"])
+        text = json.dumps(head).encode()
+        data = bytearray(len(text).to_bytes(8, "little")) + text + data[8 + n:]
+    if array_byte:
+        data[-3] ^= 0x40
+    dst.write_bytes(bytes(data))
+    return dst
+
+
+def test_pack_refusals_leave_the_model_as_it_was(packs, llama_base, adapters, tmp_path):
+    good = packs["keys"]["good"]
+    model = Model(packs["shipped"], trusted_keys=[good])
+    model.add_adapter(packs[("lora", 1, "good")])
+    before = model.logits(IDS, adapter="lora")
+    other_base = make_base("llama", tmp_path / "other-base", seed=7)
+    other_art = _export(other_base, tmp_path / "other-art", "fused", slots=SLOTS)
+    main(["adapter", "add", str(other_art), "--adapter", f"ia3={adapters['ia3']}", "--allow-base-mismatch", "--quiet"])
+    main(["adapter", "pack", str(other_art), "ia3", "--out", str(tmp_path / "base.edgepeft-pack"), "--sign", str(packs["root"] / "good")])
+    other_slots = _export(llama_base, tmp_path / "other-slots", "fused", slots="q_proj,v_proj")
+    main(["adapter", "add", str(other_slots), "--adapter", f"qv={make_lora(llama_base, tmp_path / 'qv', target_modules=['q_proj'])}", "--quiet"])
+    main(["adapter", "pack", str(other_slots), "qv", "--out", str(tmp_path / "schema.edgepeft-pack"), "--sign", str(packs["root"] / "good")])
+    src = packs[("ia3", 1, "good")]
+    cases = {
+        "unsigned": (packs[("ia3", 1, None)], "not signed"),
+        "untrusted key": (packs[("ia3", 1, "other")], "not among the trusted keys"),
+        "header edited": (_tampered(src, tmp_path / "h.edgepeft-pack", header=lambda t: t.replace('"version":1', '"version":9')),
+                          "does not verify"),
+        "array byte": (_tampered(src, tmp_path / "a.edgepeft-pack", array_byte=True), "does not match its sha256"),
+        "other base": (tmp_path / "base.edgepeft-pack", "packed for base"),
+        "other slots": (tmp_path / "schema.edgepeft-pack", "slot schema"),
+        "not a pack": (_write(tmp_path / "junk.edgepeft-pack", b"\x00" * 40), "not a readable adapter pack"),
+        "older version": (packs[("lora", 1, "good")], "version 1 is loaded"),
+    }
+    for case, (path, words) in cases.items():
+        with pytest.raises(Exception, match=words):
+            model.add_adapter(path)
+        assert model.adapters == ["lora"], case
+    np.testing.assert_array_equal(model.logits(IDS, adapter="lora"), before)
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def test_pack_and_keygen_cli_errors(packs, tmp_path, capsys):
+    code, _, err = cli(capsys, "adapter", "pack", packs["server"], "nope", "--out", tmp_path / "x.edgepeft-pack")
+    assert code == 2 and "no adapter named 'nope'" in err
+    code, _, err = cli(capsys, "adapter", "pack", packs["server"], "lora", "--out", tmp_path / "x.bin")
+    assert code == 2 and ".edgepeft-pack" in err
+    code, _, err = cli(capsys, "adapter", "pack", packs["server"], "lora", "--out", tmp_path / "x.edgepeft-pack",
+                       "--sign", tmp_path / "nokey")
+    assert code == 2 and "no such key file" in err and not (tmp_path / "x.edgepeft-pack").exists()
+    code = main(["keygen", "--out", str(packs["root"] / "good")])
+    assert code == 2  # a key is never overwritten
+    assert oct((packs["root"] / "good").stat().st_mode & 0o777) == "0o600"
