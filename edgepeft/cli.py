@@ -671,6 +671,8 @@ def adapter(args) -> int:
                                    was trained on another base
       remove OUT NAME              drop an adapter (the manifest first, then its files)
       list OUT                     the adapters, and the slots the graph was exported with
+      mix OUT NAME=a:0.7,b:0.3     a weighted mix written as one more adapter (exactly what a call
+                                   with adapter={a: 0.7, b: 0.3} computes)
       pack OUT NAME --out FILE     one adapter as a .edgepeft-pack file for over-the-air delivery:
                                    its arrays, manifest entry, --version, the base fingerprint, the
                                    graph's slot schema and sha256 checksums; --sign KEY adds an
@@ -688,6 +690,12 @@ def adapter(args) -> int:
     if args.action == "remove":
         remove_adapter(root, args.name)
         print(f"{root}: removed {args.name}")
+        return 0
+    if args.action == "mix":
+        from edgepeft.lifecycle.edit import mix_adapter
+
+        entry = mix_adapter(root, args.spec)
+        print(f"{root}: added {args.spec.partition('=')[0]} ({entry['summary']})")
         return 0
     if args.action == "pack":
         from edgepeft.lifecycle.edit import pack_adapter
@@ -736,6 +744,9 @@ def _adapter_args(p):
     rm.add_argument("name", help="adapter name")
     ls = sub.add_parser("list", help="list an artifact's adapters and reserved slots")
     ls.add_argument("artifact", help="artifact directory")
+    mx = sub.add_parser("mix", help="write a weighted mix of adapters as one more adapter")
+    mx.add_argument("artifact", help="side-branch artifact directory")
+    mx.add_argument("spec", metavar="NAME=A:W,B:W", help="the new adapter's name and the mix, e.g. support=chat:0.7,sql:0.3")
     pk = sub.add_parser("pack", help="write one adapter as a (signed) pack file")
     pk.add_argument("artifact", help="side-branch artifact directory")
     pk.add_argument("name", help="adapter name")

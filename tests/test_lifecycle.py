@@ -330,3 +330,27 @@ def test_pack_and_keygen_cli_errors(packs, tmp_path, capsys):
     code = main(["keygen", "--out", str(packs["root"] / "good")])
     assert code == 2  # a key is never overwritten
     assert oct((packs["root"] / "good").stat().st_mode & 0o777) == "0o600"
+
+
+# ---------------------------------------------------------------- mix
+def test_mix_written_as_an_adapter(llama_base, adapters, tmp_path, capsys):
+    qv = make_lora(llama_base, tmp_path / "qv", seed=8, r=4, target_modules=["q_proj", "v_proj"])
+    root = _export(llama_base, tmp_path / "a", "fused", [("lora", adapters["lora"]), ("qv", qv),
+                                                          ("ia3", adapters["ia3"])])
+    code, out, _ = cli(capsys, "adapter", "mix", root, "both=lora:0.7,qv:0.3")
+    assert code == 0 and "mix of lora x0.7 + qv x0.3" in out
+    model = Model(root)
+    want = model.logits(IDS, adapter={"lora": 0.7, "qv": 0.3})
+    np.testing.assert_allclose(model.logits(IDS, adapter="both"), want, atol=1e-6)
+    assert np.abs(want - model.logits(IDS, adapter="lora")).max() > 1e-3
+    assert model.manifest["adapters"]["both"]["mix_of"] == {"lora": 0.7, "qv": 0.3} and verify(root) == []
+    report = __import__("edgepeft.validate", fromlist=["validate"]).validate(
+        root, llama_base, choices=["both"], max_new_tokens=4, quiet=True, report=tmp_path / "r.json")
+    assert report["passed"] and report["cases"][0]["case"] == "both"
+    before = snapshot(root)
+    for spec, words in (("both=lora:0.5", "already has an adapter named 'both'"),
+                        ("x=lora:0.5,ia3:1", "different kinds"), ("x=nope:1", "no adapter 'nope'"),
+                        ("x=lora", "expected NAME=ADAPTER:WEIGHT"), ("../x=lora:1", "not allowed")):
+        code, _, err = cli(capsys, "adapter", "mix", root, spec)
+        assert code == 2 and words in err, (spec, err)
+    assert snapshot(root) == before

@@ -226,6 +226,10 @@ def _check_fields(m: dict, path: Path) -> None:
         need(isinstance(uses, list) and all(is_str(n) and "default" in inputs.get(n, {}) and n not in feeds
                                             for n in uses),
              f"{field}.defaults", "a list of inputs with a 'default' that the adapter does not feed", uses)
+        mix = e.get("mix_of")  # written by `edgepeft adapter mix`: {adapter: weight}
+        need(mix is None or (isinstance(mix, dict) and mix and all(
+            is_str(k) and type(w) in (int, float) for k, w in mix.items())),
+             f"{field}.mix_of", "null or {adapter: weight}", mix)
         prefix = e.get("prefix")
         need(prefix is None or (isinstance(prefix, dict) and _is_int(prefix.get("length"), 1)
                                 and isinstance(prefix.get("from_prompt"), bool)),

@@ -85,7 +85,8 @@ def mix_group(manifest: dict) -> list[str]:
     of the first one's kind (one reference model holds the adapters of a mix). May carry heads.
     """
     entries = manifest["adapters"]
-    names = [n for n in entries if mixes(manifest, n) and reference(entries[n]).mix is not None]
+    names = [n for n in entries if mixes(manifest, n) and reference(entries[n]).mix is not None
+             and not entries[n].get("mix_of")]  # a written mix (edgepeft adapter mix) is not mixed again
     first = kind_module(entries[names[0]]["kind"]) if names else None
     return [n for n in names if kind_module(entries[n]["kind"]) is first]
 

@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -187,3 +188,94 @@ def pack_adapter(root: Path, name: str, out: Path, version: int = 1, sign: Path 
     entry = manifest["adapters"][name]
     _, _, arrays = read_checked_adapter(root, name, entry, manifest["base"]["fingerprint"])
     return write_pack(arrays, out, name=name, version=version, entry=entry, manifest=manifest, sign=sign)
+
+
+def parse_mix(spec: str) -> tuple[str, dict[str, float]]:
+    """``NAME=a:0.7,b:0.3`` as ``(NAME, {a: 0.7, b: 0.3})``.
+
+    Raises:
+        EdgepeftError: another form, a weight that is not a number, a name twice.
+    """
+    name, sep, rest = spec.partition("=")
+    weights: dict[str, float] = {}
+    for part in rest.split(",") if sep else ():
+        member, colon, w = part.partition(":")
+        try:
+            weight = float(w)
+        except ValueError:
+            colon = ""
+        if not colon or not member.strip() or member.strip() in weights:
+            weights = {}
+            break
+        weights[member.strip()] = weight
+    if not name.strip() or len(weights) < 1:
+        raise EdgepeftError(f"adapter mix {spec!r}: expected NAME=ADAPTER:WEIGHT[,ADAPTER:WEIGHT...], each adapter "
+                            "once, e.g. support=chat:0.7,sql:0.3.")
+    return name.strip(), weights
+
+
+def mix_adapter(root: Path, spec: str) -> dict:
+    """``edgepeft adapter mix``: a weighted mix of the artifact's adapters written as one more
+    adapter file (the manifest's mix rules, as a call with ``adapter={a: 0.7, b: 0.3}`` combines
+    them, so the new adapter computes exactly that mix). Its entry records ``mix_of``.
+
+    Returns:
+        The new entry.
+
+    Raises:
+        EdgepeftError: a merged artifact, a taken name, an unknown adapter, adapters of different
+            kinds, a mix the rules refuse (two IA3 scales, ...), ranks that add up above max_rank.
+    """
+    import numpy as np
+
+    from edgepeft.contract import prefix_names
+    from edgepeft.contract.adapter_files import read_checked_adapter, write_adapter_files
+    from edgepeft.runtime.adapters import Adapter
+    from edgepeft.runtime.mix import combine
+
+    name, weights = parse_mix(spec)
+    where = f"adapter mix {spec}"
+    with editing(root) as manifest:
+        side_artifact(root, manifest, "edgepeft adapter mix")
+        new_name(root, manifest, name, where)
+        entries, fp = manifest["adapters"], manifest["base"]["fingerprint"]
+        unknown = [n for n in weights if n not in entries]
+        if unknown:
+            raise EdgepeftError(f"{where}: {root} has no adapter {unknown[0]!r}; it has: {', '.join(entries) or '(none)'}.")
+        kinds = sorted({entries[n]["kind"] for n in weights})
+        if len(kinds) > 1:
+            raise EdgepeftError(f"{where}: adapters of different kinds ({', '.join(kinds)}) make no one adapter of a "
+                                "kind; combine them per call (adapter={...}) instead.")
+        loaded = {}
+        for n in weights:
+            _, _, arrays = read_checked_adapter(root, n, entries[n], fp)
+            arrays = {k: v.astype(np.float32) for k, v in arrays.items()}
+            layers = len((manifest.get("kv_cache") or {}).get("kv_heads", []))
+            prefix = [(arrays[prefix_names(i)[0]], arrays[prefix_names(i)[1]]) for i in range(layers)
+                      if prefix_names(i)[0] in arrays]
+            loaded[n] = Adapter(entries[n], {k: v for k, v in arrays.items() if k in manifest["inputs"]}, prefix or None)
+        feeds, prefix = combine(tuple(sorted(weights.items())), loaded, manifest["inputs"], root / MANIFEST_NAME)
+        max_rank = (manifest.get("target") or {}).get("max_rank")
+        for k, v in feeds.items():
+            axis = {"cat0": 0, "cat0w": 0, "cat1": 1, "cat1w": 1}.get(manifest["inputs"][k]["mix"])
+            if max_rank is not None and axis is not None and v.shape[axis] > max_rank:
+                raise EdgepeftError(f"{where}: the mix's ranks add up to {v.shape[axis]} on {k}, above max_rank "
+                                    f"{max_rank} of target {manifest['target']['name']!r}. Mix fewer adapters.")
+        arrays = dict(feeds)
+        for i, (k, v) in enumerate(prefix or []):
+            arrays[prefix_names(i)[0]], arrays[prefix_names(i)[1]] = k, v
+        defaults = sorted({d for n in weights for d in entries[n].get("defaults", []) if d not in feeds})
+        files = write_adapter_files(arrays, root / "adapters" / f"{name}.onnx_adapter", manifest["adapter_precision"], fp)
+        for f in adapter_files(root, files, where):
+            sync_file(f)
+        sync_dir(root / "adapters")
+        with_prefix = next((entries[n]["prefix"] for n in weights if entries[n].get("prefix")), None)
+        entry = {"kind": kinds[0], "summary": "mix of " + " + ".join(f"{n} x{w:g}" for n, w in weights.items()),
+                 "mix_of": weights, "targets": sorted({t for n in weights for t in entries[n].get("targets", [])}),
+                 "head": sorted({h for n in weights for h in entries[n].get("head", [])}), **files,
+                 "base_fingerprint": fp, "inputs": sorted(feeds), **({"defaults": defaults} if defaults else {}),
+                 "prefix": with_prefix, "source": None,
+                 "sources": {n: entries[n].get("source") for n in weights},
+                 "added": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        write_manifest_atomic(root, {**manifest, "adapters": {**entries, name: entry}})
+    return entry

@@ -185,7 +185,8 @@ class _Reference:
                                 "...). Pass the same --reference folder (or GGUF file) that export used.")
         self.base = base
         self.dirs = adapter_dirs
-        self.kinds = {n: kind_module(e["kind"]) for n, e in manifest["adapters"].items()}
+        # an adapter written by `edgepeft adapter mix` is its mix in PyTorch (get), not a model of its own
+        self.kinds = {n: kind_module(e["kind"]) for n, e in manifest["adapters"].items() if not e.get("mix_of")}
         self._models: dict[str, object] = {}  # own models, by adapter name
         self._shared: dict[object, object] = {}  # shared models, by kind module
 
@@ -229,6 +230,13 @@ class _Reference:
         """The reference for None, a name, or a mix / composition ``{name: weight}``."""
         if choice is None:
             return _Ref(self.base)
+        if isinstance(choice, str) and self.manifest["adapters"][choice].get("mix_of"):
+            mix = self.manifest["adapters"][choice]["mix_of"]
+            gone = [n for n in mix if n not in self.kinds]
+            if gone:
+                raise EdgepeftError(f"adapter {choice!r} is a mix of {', '.join(mix)}, and {gone[0]!r} is no longer in "
+                                    "the artifact: its PyTorch reference is that mix. Validate before removing them.")
+            return self.get(dict(mix))
         if isinstance(choice, str):
             model, prompt = self._single(choice)
             return _Ref(model, prompt_learning=prompt)
@@ -462,7 +470,7 @@ def validate(artifact_dir: Path, reference: Path, prompts: list[str] | None = No
     manifest = art.manifest
     if budget is None:
         budget = Budget(**manifest["budget"]) if manifest.get("budget") else BUDGETS[manifest["precision"]]
-    dirs = {n: Path(e["source"]) for n, e in manifest["adapters"].items()}
+    dirs = {n: Path(e["source"]) for n, e in manifest["adapters"].items() if not e.get("mix_of")}
     dirs.update(adapter_dirs or {})
     for n, d in dirs.items():
         if not (d / "adapter_config.json").is_file():
