@@ -203,7 +203,7 @@ def test_slots_spec_errors(llama_base, tmp_path):
     from edgepeft.errors import EdgepeftError
     from edgepeft.export.config import parse_slots
 
-    assert parse_slots("all-linear") == (("lora", ("all-linear",)),)
+    assert parse_slots("all-linear") == ((None, ("all-linear",)),)
     assert parse_slots("lora:all-linear,ia3:k_proj,v_proj") == (("lora", ("all-linear",)), ("ia3", ("k_proj", "v_proj")))
     for bad in ("", "lora:", "lora:q_proj,,v_proj", "all-linear,q_proj", "lora:q_proj,lora:v_proj"):
         with pytest.raises(EdgepeftError, match="--slots"):

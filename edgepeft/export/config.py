@@ -14,30 +14,31 @@ GRAPHS = ("auto", "generic", "fused")
 TASKS = ("auto", "causal-lm", "classification")
 
 
-def parse_slots(spec: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
-    """``--slots SPEC`` as ``((kind, targets), ...)``.
+def parse_slots(spec: str) -> tuple[tuple[str | None, tuple[str, ...]], ...]:
+    """``--slots SPEC`` as ``((kind, targets), ...)``; kind None: the default kind's (the kind module
+    that declares ``DEFAULT_SLOTS``, LoRA).
 
-    SPEC is ``all-linear`` or a comma list of module names (LoRA slots), optionally grouped by
-    kind: ``lora:all-linear,ia3:k_proj,v_proj,down_proj`` (a ``kind:`` starts a group; the names
+    SPEC is ``all-linear`` or a comma list of module names (default-kind slots), optionally grouped
+    by kind: ``lora:all-linear,ia3:k_proj,v_proj,down_proj`` (a ``kind:`` starts a group; the names
     after it, up to the next ``kind:``, are its targets).
 
     Raises:
         EdgepeftError: an empty group or name, or ``all-linear`` beside other names of one kind.
     """
-    groups: list[tuple[str, list[str]]] = []
+    groups: list[tuple[str | None, list[str]]] = []
     for token in spec.split(","):
         kind, sep, name = token.strip().rpartition(":")
         if sep:
             groups.append((kind.strip().lower(), []))
         elif not groups:
-            groups.append(("lora", []))
+            groups.append((None, []))
         if not name.strip() or (sep and not kind.strip()):
             raise EdgepeftError(f"--slots {spec!r}: an empty kind or module name. Expected e.g. all-linear, "
                                 "q_proj,v_proj or lora:all-linear,ia3:k_proj,v_proj,down_proj.")
         groups[-1][1].append(name.strip())
     for kind, names in groups:
         if "all-linear" in names and len(names) > 1:
-            raise EdgepeftError(f"--slots {spec!r}: {kind}: all-linear already names every linear layer; "
+            raise EdgepeftError(f"--slots {spec!r}: all-linear already names every linear layer; "
                                 "drop the other names.")
     if len({k for k, _ in groups}) != len(groups):
         raise EdgepeftError(f"--slots {spec!r}: a kind appears twice; list its modules in one group.")

@@ -19,6 +19,8 @@ never names a kind; see ``lora.py`` for the fullest example):
     reserve(kind, modules, model) -> {module: features}   optional: the empty slots ``export
                                     --slots kind:...`` reserves; a kind without it has a graph that
                                     depends on the adapter (prefix or prompt length, bottleneck size)
+    DEFAULT_SLOTS                   optional, True in one kind: whose slots ``--slots q_proj,...``
+                                    (no ``kind:``) reserves
 
 An unknown ``peft_type`` or ``kind`` is an error that lists the known ones, never a fallthrough.
 """
@@ -109,7 +111,7 @@ def reserved_side(slots: tuple[tuple[str, tuple[str, ...]], ...], model: nn.Modu
     its head (every parameter outside the base model), so an added adapter can carry its own.
 
     Args:
-        slots: ``((kind, targets), ...)`` (:func:`edgepeft.export.config.parse_slots`).
+        slots: ``((kind or None, targets), ...)`` (:func:`edgepeft.export.config.parse_slots`).
         model: the base model.
         task: ``causal-lm`` or ``classification``.
 
@@ -123,6 +125,7 @@ def reserved_side(slots: tuple[tuple[str, tuple[str, ...]], ...], model: nn.Modu
             for n, m in model.named_modules() if hasattr(m, "weight") and getattr(m.weight, "ndim", 0) == 2}
     layers = {}
     for kind, targets in slots:
+        kind = kind or next(m for m in _MODULES if getattr(m, "DEFAULT_SLOTS", False)).NAMES[0]
         where = f"--slots {kind}:{','.join(targets)}"
         module = kind_module(kind)
         if not hasattr(module, "reserve"):

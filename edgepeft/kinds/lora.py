@@ -34,6 +34,7 @@ from edgepeft.errors import EdgepeftError
 
 KIND = "lora"
 NAMES = ("lora", "dora")
+DEFAULT_SLOTS = True  # `export --slots q_proj,v_proj` (no kind) reserves LoRA slots
 MERGEABLE = True
 
 

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from edgepeft import kinds
-from edgepeft.contract import BASE_CONFIG, MANIFEST_NAME, value_digest
+from edgepeft.contract import BASE_CONFIG, MANIFEST_NAME, PROMPT_INPUT, value_digest
 from edgepeft.contract.adapter_files import write_adapter_files
 from edgepeft.contract.entries import adapter_entry
 from edgepeft.contract.features import table_parts
@@ -227,7 +227,7 @@ def _traced_arrays(manifest: dict, kind: str, side: SideBranch, where: str
     if stray:
         raise EdgepeftError(f"{where}: the graph has no input {stray[0]!r} ({len(stray)} missing: "
                             + ("a classification head" if stray[0].startswith("head.") else
-                               "an encoder prompt" if stray[0].startswith("prompt") else "a slot")
+                               "an encoder prompt" if stray[0] == PROMPT_INPUT else "a slot")
                             + "). Export the artifact again with this adapter"
                             + (", or with --slots (a classifier reserves its head)" if stray[0].startswith("head.") else "")
                             + ".")
