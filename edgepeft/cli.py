@@ -296,7 +296,9 @@ def _show(root: Path, m: dict) -> None:
         print(f"kv cache: {m['kv_cache']['layers']} layers", end="; ")
     else:
         print(f"{m['base']['num_labels']} labels, head trained in base: {m['base']['head_trained']}", end="; ")
-    print(f"adapted layers: {len(m.get('slots', []))}; adapter inputs: {len(m.get('inputs', {}))}")
+    print(f"adapted layers: {len(m.get('slots', []))}; adapter inputs: {len(m.get('inputs', {}))}"
+          + (f"; slots reserved with --slots {m['reserved']}" if m.get("reserved") else "")
+          + (f"; slot schema {m['slot_schema'][:23]}..." if m.get("slot_schema") else ""))
     t = m.get("target")
     if isinstance(t, dict):
         from edgepeft.targets.bundle import summary_lines
@@ -339,6 +341,7 @@ def _show(root: Path, m: dict) -> None:
         line = f"adapter {name}: {a['kind']} {a.get('summary') or _kind_summary(a)}"
         line += f", {len(a.get('targets', []))} layers"
         line += f", head {', '.join(a['head'])}" if a.get("head") else ""
+        line += f", added {a['added']}" if a.get("added") else ""
         print(line)
     total = 0
     for f in sorted(p for p in root.rglob("*") if p.is_file()):
@@ -637,11 +640,22 @@ def serve(args) -> int:
     (the tokenizer's chat template), /v1/models (the base under the artifact's name, and each
     adapter), /v1/classify (classifiers), /health. A request picks its adapter by `model` or an
     `adapter` field (a name or {name: weight}); concurrent requests with different adapters are
-    decoded together. Needs: pip install 'edgepeft[serve]'."""
+    decoded together. Needs: pip install 'edgepeft[serve]'.
+
+    With --admin-key KEY, adapter packs (edgepeft adapter pack) load and unload while the server
+    runs; requests send 'Authorization: Bearer KEY' (the --api-key does not open these routes,
+    and KEY does not open /v1):
+      GET    /admin/adapters          the loaded adapters and their versions
+      POST   /admin/adapters          body: the pack file (application/octet-stream, at most 1 GiB);
+                                      a newer version of a loaded adapter replaces it
+      DELETE /admin/adapters/NAME     unload NAME
+    A change waits for the requests running with that adapter, which finish with it; requests
+    that name a removed adapter afterwards get a 404. --trusted-key pins the keys packs must be
+    signed by (without it, unsigned packs load)."""
     from edgepeft.serve import serve as run_server
 
     run_server(args.artifact, args.host, args.port, args.max_batch, args.api_key, args.drain_timeout,
-               args.context, args.threads, args.name)
+               args.context, args.threads, args.name, args.admin_key, args.trusted_key, args.revoked)
     return 0
 
 
@@ -659,6 +673,13 @@ def _serve_args(p):
     p.add_argument("--name", default=None, help="the base model's id in /v1/models (default: the artifact "
                    "directory's name)")
     p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
+    p.add_argument("--admin-key", default=None, metavar="KEY", help="turn on the /admin/adapters routes (load "
+                   "and unload adapter packs while serving), which require 'Authorization: Bearer KEY'")
+    p.add_argument("--trusted-key", action="append", default=[], metavar="ed25519:B64_OR_FILE",
+                   help="a public key packs must be signed by (edgepeft keygen's KEY.pub, or its line); "
+                   "repeat for several. Without it, unsigned packs load")
+    p.add_argument("--revoked", action="append", default=[], metavar="KEYID",
+                   help="refuse packs signed by this key (its id, sha256:..., or the key); repeatable")
 
 
 def adapter(args) -> int:

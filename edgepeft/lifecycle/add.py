@@ -86,15 +86,20 @@ def add_adapter(root: Path, name: str, adapter_dir: Path, *, base: Path | None =
             arrays, prefix, defaults = _traced_arrays(manifest, a.kind, side, where)
         inputs = sorted(n for n in arrays if n in manifest["inputs"])
         path = root / "adapters" / f"{name}.onnx_adapter"
-        files = write_adapter_files(arrays, path, manifest["adapter_precision"], fp)
-        for f in adapter_files(root, files, where):
-            sync_file(f)
-        sync_dir(root / "adapters")
-        kind_fields = kind_module(a).manifest_entry(a)
-        kind_fields["summary"] = kind_module(a).describe(kind_fields).strip()
-        entry = {**adapter_entry(kind_fields, files, fp, inputs, prefix, a.source, defaults),
-                 "added": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        write_manifest_atomic(root, {**manifest, "adapters": {**manifest["adapters"], name: entry}})
+        try:  # no manifest names these files until the last step; on any failure they go again
+            files = write_adapter_files(arrays, path, manifest["adapter_precision"], fp)
+            for f in adapter_files(root, files, where):
+                sync_file(f)
+            sync_dir(root / "adapters")
+            kind_fields = kind_module(a).manifest_entry(a)
+            kind_fields["summary"] = kind_module(a).describe(kind_fields).strip()
+            entry = {**adapter_entry(kind_fields, files, fp, inputs, prefix, a.source, defaults),
+                     "added": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            write_manifest_atomic(root, {**manifest, "adapters": {**manifest["adapters"], name: entry}})
+        except BaseException:
+            for f in (path, path.with_suffix(".safetensors")):
+                f.unlink(missing_ok=True)
+            raise
     seconds = time.perf_counter() - t0
     log(f"added {name} to {root} in {seconds:.2f}s", quiet)
     report = None

@@ -265,17 +265,23 @@ def mix_adapter(root: Path, spec: str) -> dict:
         for i, (k, v) in enumerate(prefix or []):
             arrays[prefix_names(i)[0]], arrays[prefix_names(i)[1]] = k, v
         defaults = sorted({d for n in weights for d in entries[n].get("defaults", []) if d not in feeds})
-        files = write_adapter_files(arrays, root / "adapters" / f"{name}.onnx_adapter", manifest["adapter_precision"], fp)
-        for f in adapter_files(root, files, where):
-            sync_file(f)
-        sync_dir(root / "adapters")
-        with_prefix = next((entries[n]["prefix"] for n in weights if entries[n].get("prefix")), None)
-        entry = {"kind": kinds[0], "summary": "mix of " + " + ".join(f"{n} x{w:g}" for n, w in weights.items()),
-                 "mix_of": weights, "targets": sorted({t for n in weights for t in entries[n].get("targets", [])}),
-                 "head": sorted({h for n in weights for h in entries[n].get("head", [])}), **files,
-                 "base_fingerprint": fp, "inputs": sorted(feeds), **({"defaults": defaults} if defaults else {}),
-                 "prefix": with_prefix, "source": None,
-                 "sources": {n: entries[n].get("source") for n in weights},
-                 "added": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        write_manifest_atomic(root, {**manifest, "adapters": {**entries, name: entry}})
+        path = root / "adapters" / f"{name}.onnx_adapter"
+        try:  # no manifest names these files until the last step; on any failure they go again
+            files = write_adapter_files(arrays, path, manifest["adapter_precision"], fp)
+            for f in adapter_files(root, files, where):
+                sync_file(f)
+            sync_dir(root / "adapters")
+            with_prefix = next((entries[n]["prefix"] for n in weights if entries[n].get("prefix")), None)
+            entry = {"kind": kinds[0], "summary": "mix of " + " + ".join(f"{n} x{w:g}" for n, w in weights.items()),
+                     "mix_of": weights, "targets": sorted({t for n in weights for t in entries[n].get("targets", [])}),
+                     "head": sorted({h for n in weights for h in entries[n].get("head", [])}), **files,
+                     "base_fingerprint": fp, "inputs": sorted(feeds), **({"defaults": defaults} if defaults else {}),
+                     "prefix": with_prefix, "source": None,
+                     "sources": {n: entries[n].get("source") for n in weights},
+                     "added": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            write_manifest_atomic(root, {**manifest, "adapters": {**entries, name: entry}})
+        except BaseException:
+            for f in (path, path.with_suffix(".safetensors")):
+                f.unlink(missing_ok=True)
+            raise
     return entry

@@ -1,9 +1,11 @@
 """The OpenAI-compatible HTTP API over one artifact (FastAPI).
 
 Routes: ``/v1/models``, ``/v1/completions`` and ``/v1/chat/completions`` (causal LMs; ``stream``
-as server-sent events), ``/v1/classify`` (classifiers), ``/health``. The adapter of a request is
-its ``model`` (an adapter name, or the artifact's name for the base) or the ``adapter`` field
-(a name or a ``{name: weight}`` mix), which wins. Errors are OpenAI's body,
+as server-sent events), ``/v1/classify`` (classifiers), ``/health``; with an admin key, the
+``/admin/adapters`` routes (:mod:`edgepeft.serve.admin`). The adapter of a request is its
+``model`` (an adapter name, or the artifact's name for the base) or the ``adapter`` field (a name
+or a ``{name: weight}`` mix), which wins; the names are read per request, so adapters added or
+removed while the server runs show at once. Errors are OpenAI's body,
 ``{"error": {"message", "type", "param", "code"}}``, with a 4xx status; parameters edgepeft does
 not implement are refused by name, never ignored.
 """
@@ -35,6 +37,7 @@ COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "repetition_pe
 FIELDS = {"/v1/completions": COMMON | {"prompt"},
           "/v1/chat/completions": COMMON | {"messages", "max_completion_tokens"}}
 MAX_STOP = 4
+MAX_PACK_UPLOAD = 1 << 30  # bytes: the largest adapter pack POST /admin/adapters takes
 
 
 class ApiError(Exception):
@@ -47,11 +50,26 @@ class ApiError(Exception):
         self.status, self.body = status, {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
-def create_app(model, engine: Engine | None, name: str, api_key: str | None = None):
-    """The FastAPI app over ``model`` (and its decode ``engine``; None for classifiers)."""
+def create_app(model, engine: Engine | None, name: str, api_key: str | None = None,
+               admin_key: str | None = None, max_pack_bytes: int = MAX_PACK_UPLOAD):
+    """The FastAPI app over ``model`` (and its decode ``engine``; None for classifiers).
+
+    Args:
+        api_key: the key the /v1 routes require (``Authorization: Bearer KEY``); None: none.
+        admin_key: the key the /admin routes require; None: no /admin routes (404 as any
+            unknown route). Each key opens its own routes only.
+        max_pack_bytes: the largest adapter pack ``POST /admin/adapters`` takes (413 above).
+    """
     app = FastAPI(title="edgepeft", docs_url=None, redoc_url=None, openapi_url=None)
     created = int(time.time())
-    names = [*([] if model.merged else [name]), *model.adapters]  # a merged artifact has no base graph
+    withdrawn: set[str] = set()  # adapters being removed: refused to new requests, running ones finish
+
+    def adapters() -> list[str]:
+        """The adapters requests may name now (read per request: packs come and go)."""
+        return [a for a in model.adapters if a not in withdrawn]
+
+    def names() -> list[str]:
+        return [*([] if model.merged else [name]), *adapters()]  # a merged artifact has no base graph
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, e: ApiError):
@@ -68,12 +86,17 @@ def create_app(model, engine: Engine | None, name: str, api_key: str | None = No
 
     @app.middleware("http")
     async def _auth(request: Request, call_next):
-        if api_key is not None and request.url.path != "/health":
-            given = request.headers.get("authorization", "")
-            if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                return JSONResponse(ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'.",
-                                             code="invalid_api_key", type="authentication_error").body,
-                                    status_code=401)
+        path = request.url.path
+        if admin_key is not None and (path == "/admin" or path.startswith("/admin/")):
+            key, what = admin_key, "admin key (--admin-key)"  # the API key does not open these
+        elif api_key is not None and path != "/health":
+            key, what = api_key, "API key"
+        else:
+            return await call_next(request)
+        if not bearer(request, key):
+            return JSONResponse(ApiError(401, f"missing or wrong {what}: send 'Authorization: Bearer <key>'.",
+                                         code="invalid_api_key", type="authentication_error").body,
+                                status_code=401)
         return await call_next(request)
 
     @app.get("/health")
@@ -83,7 +106,12 @@ def create_app(model, engine: Engine | None, name: str, api_key: str | None = No
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": n, "object": "model", "created": created, "owned_by": "edgepeft"}
-                                           for n in names]}
+                                           for n in names()]}
+
+    if admin_key is not None:
+        from edgepeft.serve.admin import admin_routes
+
+        app.include_router(admin_routes(model, engine, name, withdrawn, max_pack_bytes))
 
     if model.task == "classification":
         @app.post("/v1/classify")
@@ -94,7 +122,7 @@ def create_app(model, engine: Engine | None, name: str, api_key: str | None = No
                 texts = [texts]
             if not isinstance(texts, list) or not texts or not all(isinstance(t, str) and t for t in texts):
                 raise ApiError(400, "input: a non-empty string or list of non-empty strings.", "input")
-            adapter = _adapter(body, model, name, names)
+            adapter = _adapter(body, name, names(), adapters())
             try:
                 probs = await asyncio.to_thread(model.classify, texts, adapter)
             except EdgepeftError as e:
@@ -138,7 +166,9 @@ def create_app(model, engine: Engine | None, name: str, api_key: str | None = No
         return await _generate(body, model.tokenizer.encode(text, add_special_tokens=False).ids, "chat.completion")
 
     async def _generate(body: dict, ids: list[int], kind: str):
-        adapter = _adapter(body, model, name, names)
+        # No await from here to engine.submit: an adapter an admin request removes is either refused
+        # here (withdrawn) or named by a job queued before the removal began, which it waits for.
+        adapter = _adapter(body, name, names(), adapters())
         max_tokens = _int(body, "max_tokens", 16, 1, engine.context)
         if len(ids) + max_tokens > engine.context:
             raise ApiError(400, f"this model's context holds {engine.context} tokens; the prompt has {len(ids)} "
@@ -246,9 +276,15 @@ async def _body(request, allowed: set[str]) -> dict:
     return body
 
 
-def _adapter(body: dict, model, name: str, names: list[str]):
+def bearer(request, key: str) -> bool:
+    """Whether ``request`` carries ``Authorization: Bearer <key>`` (compared in constant time)."""
+    given = request.headers.get("authorization", "")
+    return secrets.compare_digest(given.encode(), f"Bearer {key}".encode())
+
+
+def _adapter(body: dict, name: str, names: list[str], adapters: list[str]):
     """The request's adapter choice: ``adapter`` (name or mix) if given, else ``model`` (one of
-    ``names``; ``name``: the base)."""
+    ``names``; ``name``: the base; ``adapters``: the names of a mix)."""
     listing = ", ".join(names)
     choice = body.get("adapter")
     requested = body.get("model")
@@ -262,14 +298,14 @@ def _adapter(body: dict, model, name: str, names: list[str]):
     if isinstance(choice, str):
         if choice not in names:
             raise ApiError(404, f"adapter {choice!r} does not exist; the adapters are: "
-                           f"{', '.join(model.adapters)} (or {name} for the base).", "adapter", "model_not_found")
+                           f"{', '.join(adapters)} (or {name} for the base).", "adapter", "model_not_found")
         return None if choice == name else choice
     if isinstance(choice, Mapping) and choice and all(
             isinstance(k, str) and isinstance(w, (int, float)) and not isinstance(w, bool) for k, w in choice.items()):
-        unknown = [k for k in choice if k not in model.adapters]
+        unknown = [k for k in choice if k not in adapters]
         if unknown:
             raise ApiError(404, f"adapter {unknown[0]!r} does not exist; the adapters are: "
-                           f"{', '.join(model.adapters)}.", "adapter", "model_not_found")
+                           f"{', '.join(adapters) or '(none)'}.", "adapter", "model_not_found")
         return {k: float(w) for k, w in choice.items()}
     raise ApiError(400, "adapter: an adapter name or a {name: weight} mix.", "adapter")
 

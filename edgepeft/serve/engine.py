@@ -181,12 +181,11 @@ class Engine:
     def _between_steps(self, fn: Callable[[], T]) -> T:
         future: Future = Future()
         with self._wake:
-            if not self._stopped:
+            stopped = self._stopped
+            if not stopped:
                 self._calls.append((fn, future))
                 self._wake.notify()
-        if self._stopped and not future.running() and not future.done():  # no thread, no step to meet
-            return fn()
-        return future.result()
+        return fn() if stopped else future.result()  # stopped: no thread, no step to meet
 
     def _run_calls(self) -> None:
         with self._wake:
