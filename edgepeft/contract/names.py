@@ -164,3 +164,20 @@ def read_json_file(path: Path, max_bytes: int, what: str, fix: str, fix_size: st
         return json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, RecursionError) as e:  # JSON and UTF-8 errors, over-long numbers, deep nesting
         raise EdgepeftError(f"{path}: not valid JSON ({type(e).__name__}: {str(e)[:200]}). {fix}") from None
+
+
+def sync_dir(path: Path) -> None:
+    """fsync a directory (its entries: a rename or a new file in it survives a crash); a no-op
+    where the platform cannot (Windows)."""
+    import os
+
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -17,6 +17,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from edgepeft.contract.names import sync_dir
+
 try:
     import fcntl
 except ImportError:  # not POSIX: temporary dirs of killed exports stay (clearly named)
@@ -59,7 +61,7 @@ def atomic_dir(out: Path) -> Iterator[Path]:
         yield tmp
         _sync_tree(tmp)
         _rename(tmp, out)
-        _sync_dir(parent)
+        sync_dir(parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -108,19 +110,6 @@ def _release_temp(lock: tuple[int, Path]) -> None:
     os.close(fd)
 
 
-def _sync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return  # not possible everywhere (Windows)
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _sync_tree(root: Path) -> None:
     """fsync every file and directory under ``root``, so the rename publishes complete files even
     if the machine goes down right after."""
@@ -128,5 +117,5 @@ def _sync_tree(root: Path) -> None:
         for f in files:
             with open(os.path.join(dirpath, f), "rb") as fh:
                 os.fsync(fh.fileno())
-        _sync_dir(Path(dirpath))
+        sync_dir(Path(dirpath))
 

@@ -25,14 +25,12 @@ import torch
 
 from edgepeft import kinds
 from edgepeft.contract import BASE_CONFIG, MANIFEST_NAME, PROMPT_INPUT, value_digest
-from edgepeft.contract.adapter_files import write_adapter_files
 from edgepeft.contract.entries import adapter_entry
 from edgepeft.contract.features import table_parts
 from edgepeft.errors import EdgepeftError
 from edgepeft.kinds import kind_module, read_adapter
 from edgepeft.kinds.common import SideBranch
-from edgepeft.lifecycle.edit import (adapter_files, editing, new_name, remove_adapter, side_artifact, sync_dir,
-                                     sync_file, write_manifest_atomic)
+from edgepeft.lifecycle.edit import editing, new_adapter_files, new_name, remove_adapter, side_artifact, write_manifest_atomic
 from edgepeft.progress import log
 
 
@@ -85,21 +83,12 @@ def add_adapter(root: Path, name: str, adapter_dir: Path, *, base: Path | None =
         else:
             arrays, prefix, defaults = _traced_arrays(manifest, a.kind, side, where)
         inputs = sorted(n for n in arrays if n in manifest["inputs"])
-        path = root / "adapters" / f"{name}.onnx_adapter"
-        try:  # no manifest names these files until the last step; on any failure they go again
-            files = write_adapter_files(arrays, path, manifest["adapter_precision"], fp)
-            for f in adapter_files(root, files, where):
-                sync_file(f)
-            sync_dir(root / "adapters")
+        with new_adapter_files(root, name, arrays, manifest, where) as files:
             kind_fields = kind_module(a).manifest_entry(a)
             kind_fields["summary"] = kind_module(a).describe(kind_fields).strip()
             entry = {**adapter_entry(kind_fields, files, fp, inputs, prefix, a.source, defaults),
                      "added": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
             write_manifest_atomic(root, {**manifest, "adapters": {**manifest["adapters"], name: entry}})
-        except BaseException:
-            for f in (path, path.with_suffix(".safetensors")):
-                f.unlink(missing_ok=True)
-            raise
     seconds = time.perf_counter() - t0
     log(f"added {name} to {root} in {seconds:.2f}s", quiet)
     report = None

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from edgepeft.contract import MANIFEST_NAME, check_adapter_name, inside, read_manifest
+from edgepeft.contract.names import sync_dir
 from edgepeft.errors import EdgepeftError
 
 try:
@@ -65,22 +66,25 @@ def write_manifest_atomic(root: Path, manifest: dict) -> None:
     sync_dir(root)
 
 
-def sync_file(path: Path) -> None:
-    with open(path, "rb") as fh:
-        os.fsync(fh.fileno())
+@contextlib.contextmanager
+def new_adapter_files(root: Path, name: str, arrays: dict, manifest: dict, where: str) -> Iterator[dict]:
+    """Write adapter ``name``'s files (``adapters/NAME.onnx_adapter`` and its safetensors twin, at the
+    artifact's adapter precision, tagged with its base) and fsync them; yield their manifest fields.
+    No manifest names them yet: if the block fails, they are removed again."""
+    from edgepeft.contract.adapter_files import write_adapter_files
 
-
-def sync_dir(path: Path) -> None:
+    path = root / "adapters" / f"{name}.onnx_adapter"
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return  # not possible everywhere (Windows)
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        files = write_adapter_files(arrays, path, manifest["adapter_precision"], manifest["base"]["fingerprint"])
+        for f in adapter_files(root, files, where):
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        sync_dir(root / "adapters")
+        yield files
+    except BaseException:
+        for f in (path, path.with_suffix(".safetensors")):
+            f.unlink(missing_ok=True)
+        raise
 
 
 def side_artifact(root: Path, manifest: dict, what: str) -> None:
@@ -135,14 +139,6 @@ def remove_adapter(root: Path, name: str) -> dict:
             f.unlink(missing_ok=True)
         sync_dir(root / "adapters")
     return manifest
-
-
-def install_files(root: Path, staged: dict[str, Path]) -> None:
-    """Move staged, synced files to their places under ``root`` (``{relative path: staged file}``)."""
-    for rel, tmp in staged.items():
-        os.replace(tmp, inside(root, rel, str(root)))
-    for parent in {inside(root, rel, str(root)).parent for rel in staged}:
-        sync_dir(parent)
 
 
 def list_lines(root: Path) -> list[str]:
@@ -229,7 +225,7 @@ def mix_adapter(root: Path, spec: str) -> dict:
     import numpy as np
 
     from edgepeft.contract import prefix_names
-    from edgepeft.contract.adapter_files import read_checked_adapter, write_adapter_files
+    from edgepeft.contract.adapter_files import read_checked_adapter
     from edgepeft.runtime.adapters import Adapter
     from edgepeft.runtime.mix import combine
 
@@ -265,12 +261,7 @@ def mix_adapter(root: Path, spec: str) -> dict:
         for i, (k, v) in enumerate(prefix or []):
             arrays[prefix_names(i)[0]], arrays[prefix_names(i)[1]] = k, v
         defaults = sorted({d for n in weights for d in entries[n].get("defaults", []) if d not in feeds})
-        path = root / "adapters" / f"{name}.onnx_adapter"
-        try:  # no manifest names these files until the last step; on any failure they go again
-            files = write_adapter_files(arrays, path, manifest["adapter_precision"], fp)
-            for f in adapter_files(root, files, where):
-                sync_file(f)
-            sync_dir(root / "adapters")
+        with new_adapter_files(root, name, arrays, manifest, where) as files:
             with_prefix = next((entries[n]["prefix"] for n in weights if entries[n].get("prefix")), None)
             entry = {"kind": kinds[0], "summary": "mix of " + " + ".join(f"{n} x{w:g}" for n, w in weights.items()),
                      "mix_of": weights, "targets": sorted({t for n in weights for t in entries[n].get("targets", [])}),
@@ -280,8 +271,4 @@ def mix_adapter(root: Path, spec: str) -> dict:
                      "sources": {n: entries[n].get("source") for n in weights},
                      "added": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
             write_manifest_atomic(root, {**manifest, "adapters": {**entries, name: entry}})
-        except BaseException:
-            for f in (path, path.with_suffix(".safetensors")):
-                f.unlink(missing_ok=True)
-            raise
     return entry

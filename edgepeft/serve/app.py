@@ -93,7 +93,7 @@ def create_app(model, engine: Engine | None, name: str, api_key: str | None = No
             key, what = api_key, "API key"
         else:
             return await call_next(request)
-        if not bearer(request, key):
+        if not _bearer(request, key):
             return JSONResponse(ApiError(401, f"missing or wrong {what}: send 'Authorization: Bearer <key>'.",
                                          code="invalid_api_key", type="authentication_error").body,
                                 status_code=401)
@@ -276,7 +276,7 @@ async def _body(request, allowed: set[str]) -> dict:
     return body
 
 
-def bearer(request, key: str) -> bool:
+def _bearer(request, key: str) -> bool:
     """Whether ``request`` carries ``Authorization: Bearer <key>`` (compared in constant time)."""
     given = request.headers.get("authorization", "")
     return secrets.compare_digest(given.encode(), f"Bearer {key}".encode())

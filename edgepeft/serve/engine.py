@@ -181,7 +181,7 @@ class Engine:
     def _between_steps(self, fn: Callable[[], T]) -> T:
         future: Future = Future()
         with self._wake:
-            stopped = self._stopped
+            stopped = self._stopped or not self._thread.is_alive()
             if not stopped:
                 self._calls.append((fn, future))
                 self._wake.notify()
