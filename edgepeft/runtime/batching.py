@@ -100,6 +100,11 @@ class Batcher:
             return False
         return True
 
+    def forget(self, name: str) -> None:
+        """Drop ``name`` from the adapters this busy spell's rows used (no live row uses it any
+        more: the caller removed it from the model), so later steps do not look it up."""
+        self._union.discard(name)
+
     def join(self, prompt: Sequence[int], adapter: AdapterChoice = None, max_new_tokens: int = 32,
              sampling: Sampling = GREEDY, stop_token_ids: Sequence[int] = (), stop_at_eos: bool = True) -> Row:
         """Run ``prompt`` into a free slot and pick its first new token (in ``row.tokens``, or

@@ -43,21 +43,21 @@ def admin_routes(model, engine: Engine | None, base: str, withdrawn: set[str], m
     router = APIRouter()
     one_at_a_time = threading.Lock()  # changes of a classifier (the engine orders its own)
 
-    def describe(name: str) -> dict:
-        entry = model.manifest["adapters"][name]
+    def describe(name: str, entry: dict) -> dict:
         pack = entry.get("pack")
         return {"id": name, "object": "adapter", "version": pack["version"] if pack else 0,
                 "source": "pack" if pack else "artifact", "removing": name in withdrawn}
 
-    def change(names: set[str], fn, between_steps: bool = False):
+    def change(names: set[str], fn):
         if engine is not None:
-            return engine.change(names, fn, between_steps)
+            return engine.change(names, fn)
         with one_at_a_time:
             return fn()
 
     @router.get("/admin/adapters")
     async def listing():
-        return {"object": "list", "base": base, "data": [describe(n) for n in model.adapters]}
+        loaded = model.manifest["adapters"]  # one snapshot: a change replaces the manifest
+        return {"object": "list", "base": base, "data": [describe(n, e) for n, e in loaded.items()]}
 
     @router.post("/admin/adapters")
     async def add(request: Request):
@@ -99,8 +99,10 @@ def admin_routes(model, engine: Engine | None, base: str, withdrawn: set[str], m
                                "adapter, or serve with another --name.", code="name_in_use")
 
             def swap() -> dict:  # inside the change: no other change in between
-                before = describe(name)["version"] if name in model.adapters else None
-                return {**describe(model.add_adapter(path)), "replaced_version": before}
+                old = model.manifest["adapters"].get(name)
+                added = model.add_adapter(path)
+                return {**describe(added, model.manifest["adapters"][added]),
+                        "replaced_version": None if old is None else describe(name, old)["version"]}
 
             # held also when not loaded: a pack of that name may be loading for another request
             return _refuse(path, lambda: change({name}, swap))
@@ -109,11 +111,12 @@ def admin_routes(model, engine: Engine | None, base: str, withdrawn: set[str], m
 
     @router.delete("/admin/adapters/{name}")
     async def remove(name: str):
-        if name not in model.adapters or name in withdrawn:
+        loaded = model.manifest["adapters"]
+        if name not in loaded or name in withdrawn:
             raise ApiError(404, f"adapter {name!r} does not exist; the adapters are: "
-                           f"{', '.join(a for a in model.adapters if a not in withdrawn) or '(none)'}.", "name",
+                           f"{', '.join(a for a in loaded if a not in withdrawn) or '(none)'}.", "name",
                            "model_not_found")
-        version = describe(name)["version"]
+        version = describe(name, loaded[name])["version"]
         withdrawn.add(name)  # before any await: from here new requests for it are refused
         return await asyncio.to_thread(unload, name, version)
 

@@ -174,7 +174,7 @@ class Engine:
             # The Batcher keeps the names its busy spell's rows used, to concatenate their feeds
             # for steps whose rows differ; a removed name must leave that set, or the next such
             # step would look it up (and fail every row).
-            self.batcher._union.discard(name)
+            self.batcher.forget(name)
 
         self.change({name}, remove, between_steps=True)
 
