@@ -24,6 +24,14 @@ head beside rows on their adapters' heads; and a ``Model.batcher`` schedule of r
 different adapters (each row's tokens equal to Python's ``generate`` of that row alone, Python's
 number of decode runs, one session run per step), serial on the static and merged artifacts.
 
+Adapter packs (``_pack_cases``: no export of their own, ``edgepeft adapter`` commands on copies of
+the artifacts above): ``Model.addAdapter`` of signed packs (``edgepeft keygen``, ``edgepeft adapter
+pack --sign``) gives Python's logits for the adapter, alone and mixed, fp32 and fp16 arrays; a newer
+version replaces a loaded one (a call already running keeps the old one), ``removeAdapter``; and
+every refusal (array byte, header text, unsigned, untrusted or revoked key, another base, another
+slot schema, same or older version, a manifest without ``slot_schema``) leaves the model as it was,
+with Python's message.
+
 Needs the package built: ``(cd runtimes/js && npm ci && npm run build)``; without it the test
 fails (it does not skip), so CI cannot pass without running the JS side.
 
@@ -359,6 +367,110 @@ def _sampling_cases(side: Path, fused_dir: str) -> dict:
     return {"rules": rules, "texts": texts, "refusals": refusals}
 
 
+def _pack_cases(root: Path, fused: Path, int8: Path, side: Path, merged: Path, other_base: Path, code: Path) -> dict:
+    """Adapter packs for ``Model.addAdapter`` (no export: ``edgepeft adapter`` commands on copies).
+
+    ``shipped``: the fused artifact less ``sql`` (the app as shipped, with a slot schema); packs of
+    ``sql`` from the fused artifact (version 1: signed by the trusted key, by another key, unsigned;
+    a byte of an array flipped; its header text edited), from a copy where ``sql`` was added again
+    from other weights (version 2), of ``chat`` (version 1: replaces the shipped one), from an
+    artifact of another base and from the traced artifact (another slot schema); ``sql`` from the
+    int8 artifact (fp16 arrays) for a copy of it less ``sql``. Python's logits after each load and
+    Python's message for each refusal (the JS runtime names the pack by the same path)."""
+    from edgepeft.cli import main
+    from edgepeft.contract import packs
+    from edgepeft.errors import EdgepeftError
+    from edgepeft.runtime import Model
+
+    d = root / "packs"
+    d.mkdir()
+    for k in ("good", "other"):
+        packs.generate_key(d / k)
+    keys = {k: (d / f"{k}.pub").read_text().strip() for k in ("good", "other")}
+    shipped, server, shipped8 = d / "shipped", d / "server", d / "shipped-int8"
+    shutil.copytree(fused, shipped)
+    shutil.copytree(int8, shipped8)
+    assert main(["adapter", "remove", str(shipped), "sql"]) == 0
+    assert main(["adapter", "remove", str(shipped8), "sql"]) == 0
+    shutil.copytree(shipped, server)  # sql again, from other weights: its version 2
+    assert main(["adapter", "add", str(server), "--adapter", f"sql={code}", "--quiet"]) == 0
+
+    def pack(art: Path, name: str, out: str, version: int = 1, key: str | None = "good") -> str:
+        f = d / f"{out}.edgepeft-pack"
+        assert main(["adapter", "pack", str(art), name, "--out", str(f), "--version", str(version)]
+                    + (["--sign", str(d / key)] if key else [])) == 0
+        return str(f)
+
+    def tampered(src: str, out: str, *, header=None, array_byte=False) -> str:
+        data = bytearray(Path(src).read_bytes())
+        n = int.from_bytes(data[:8], "little")
+        if header is not None:  # the pack text edited, its signature kept
+            head = json.loads(data[8:8 + n])
+            head["__metadata__"]["pack"] = header(head["__metadata__"]["pack"])
+            text = json.dumps(head).encode()
+            data = bytearray(len(text).to_bytes(8, "little")) + text + data[8 + n:]
+        if array_byte:
+            data[-3] ^= 0x40
+        f = d / f"{out}.edgepeft-pack"
+        f.write_bytes(bytes(data))
+        return str(f)
+
+    v1, v2 = pack(fused, "sql", "sql-v1"), pack(server, "sql", "sql-v2", 2)
+    files = {"v1": v1, "v2": v2, "chat_v1": pack(fused, "chat", "chat-v1"), "int8": pack(int8, "sql", "sql-int8"),
+             "unsigned": pack(fused, "sql", "sql-unsigned", key=None)}
+    refused = {  # refused in the state where v1 is loaded
+        "array byte": tampered(v1, "array-byte", array_byte=True),
+        "header text": tampered(v1, "header", header=lambda t: t.replace('"version":1', '"version":9')),
+        "unsigned": files["unsigned"],
+        "untrusted key": pack(fused, "sql", "sql-other-key", key="other"),
+        "another base": pack(other_base, "a", "other-base"),
+        "another slot schema": pack(side, "sql", "traced"),
+        "same version": v1}
+    junk = d / "junk.edgepeft-pack"
+    junk.write_bytes(b"\x00" * 40)
+    files["junk"] = str(junk)
+    ids = [[5, 9, 11, 40, 3, 7], [30, 31, 32]]
+    mix = {"chat": 0.5, "sql": 0.5}
+
+    def logits(m, choice) -> dict:
+        out = m.logits(ids, adapter=choice)
+        return {"dims": list(out.shape), "data": _f32(out)}
+
+    def message(m, path: str) -> str:
+        try:
+            m.add_adapter(path)
+        except EdgepeftError as e:
+            return str(e).replace("remove_adapter", "removeAdapter")
+        raise AssertionError(f"{path} was not refused")
+
+    m = Model(shipped, trusted_keys=[keys["good"]])
+    shipped_adapters = m.adapters
+    assert m.add_adapter(v1) == "sql"
+    want = {"v1": logits(m, "sql"), "v1_mix": logits(m, mix)}
+    messages = {case: message(m, path) for case, path in refused.items()}
+    assert m.add_adapter(v2) == "sql"
+    want.update(v2=logits(m, "sql"), v2_mix=logits(m, mix))
+    messages["older version"] = message(m, v1)
+    assert m.add_adapter(files["chat_v1"]) == "chat"
+    want["chat"] = logits(m, "chat")
+    good_id = packs.key_id(packs.public_key(keys["good"]))
+    for revoked in (good_id, keys["good"]):
+        messages[f"revoked {revoked[:7]}"] = message(Model(shipped, trusted_keys=[keys["good"]], revoked=[revoked]), v1)
+    try:
+        Model(shipped, trusted_keys=["ed25519:AAAA"])
+    except EdgepeftError as e:
+        messages["bad key"] = str(e)
+    m8 = Model(shipped8, trusted_keys=[keys["good"]])
+    assert m8.add_adapter(files["int8"]) == "sql"
+    want["int8"] = logits(m8, "sql")
+    return {"shipped": str(shipped), "shipped_int8": str(shipped8), "shipped_adapters": shipped_adapters,
+            "keys": keys, "key_files": {k: str(d / f"{k}.pub") for k in keys}, "good_id": good_id, "files": files,
+            "refused": refused, "messages": messages, "ids": ids, "mix": mix, "want": want,
+            "tol": FUSED_TOL, "int8_tol": INT8_TOL, "merged": str(merged),
+            "constants": {"format": packs.PACK_FORMAT, "version": packs.PACK_VERSION, "suffix": packs.PACK_SUFFIX,
+                          "max_bytes": packs.MAX_PACK_BYTES, "key_prefix": packs.KEY_PREFIX}}
+
+
 def build_cases(root: Path) -> Path:
     """Export the tiny artifacts under ``root`` and write ``root/cases.json``."""
     from edgepeft.export import ExportConfig, export
@@ -452,8 +564,11 @@ def build_cases(root: Path) -> Path:
     export(ExportConfig(graph="generic", base=base, out=root / "loha", adapters=tuple(loha_ads.items())), quiet=True)
     artifacts["loha"] = _lm_cases(root / "loha", ["hada", {"hada": 0.7, "chat": 0.3}], 1e-5, text=False)
     artifacts["vera"] = _vera_cases(root, base, ads["chat"])
+    pack_cases = _pack_cases(root, Path(artifacts["fused"]["dir"]), int8, side, merged, root / "gemma3_text" / "fused",
+                             code)
     out = root / "cases.json"
-    out.write_text(json.dumps({"artifacts": artifacts, "sampling": _sampling_cases(side, artifacts["fused"]["dir"])}))
+    out.write_text(json.dumps({"artifacts": artifacts, "sampling": _sampling_cases(side, artifacts["fused"]["dir"]),
+                               "packs": pack_cases}))
     return out
 
 

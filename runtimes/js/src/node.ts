@@ -1,4 +1,5 @@
-/** Node entry: `Model.load(dir)` reads an artifact directory with onnxruntime-node. */
+/** Node entry: `Model.load(dir)` reads an artifact directory with onnxruntime-node; `addAdapter`
+ * takes a pack's path too, and `trustedKeys` / `revoked` take KEY.pub files too (as Python). */
 import { open, readFile, stat } from 'node:fs/promises';
 import * as path from 'node:path';
 import * as ort from 'onnxruntime-node';
@@ -7,7 +8,8 @@ import type { LoadOptions, OrtApi } from './core/model.js';
 import type { Source } from './core/source.js';
 
 export { EdgepeftError } from './core/errors.js';
-export type { AdapterChoice, AdapterChoices, GenerateOptions, LoadOptions, Logits, Stats, TextOptions } from './core/model.js';
+export type { AdapterChoice, AdapterChoices, AddOptions, GenerateOptions, LoadOptions, Logits, Stats, TextOptions } from './core/model.js';
+export type { VerifyEd25519 } from './core/packs.js';
 export type { Batcher, BatcherOptions, JoinOptions, Row } from './core/batching.js';
 export type { Mix } from './core/mix.js';
 export type { Source } from './core/source.js';
@@ -20,6 +22,7 @@ export function fileSource(dir: string): Source {
     describe: (rel) => (rel ? path.join(root, rel) : root),
     exists: async (rel) => (await stat(path.join(root, rel)).catch(() => null))?.isFile() ?? false,
     folder: (rel) => path.join(root, rel),
+    readFile: async (file) => new Uint8Array(await readFile(path.resolve(file))),
     readRange: async (rel, offset, length) => {
       const f = await open(path.join(root, rel), 'r');
       try {
@@ -38,10 +41,20 @@ export function fileSource(dir: string): Source {
  * core/fused.ts). */
 const backend: OrtApi = { InferenceSession: ort.InferenceSession, Tensor: ort.Tensor, inPlaceOutputs: true } as unknown as OrtApi;
 
+/** A key given as a KEY.pub file (what `edgepeft keygen` writes) -> its line; keys (`ed25519:...`),
+ * key ids (`sha256:...`) and what is not a file pass as they are (the core refuses bad ones). */
+async function keyText(value: string): Promise<string> {
+  const text = String(value).trim();
+  if (text.startsWith('ed25519:') || text.startsWith('sha256:')) return text;
+  return (await readFile(text, 'utf8').catch(() => null))?.trim() ?? text;
+}
+
 export class Model extends Core {
   /** Load the artifact in directory `dir` (checks manifest, sha256 sums, adapter files). */
   static async load(dir: string, options: LoadOptions = {}): Promise<Model> {
-    return (await Core.open(fileSource(dir), backend, options)) as Model;
+    const keys = async (list?: string[]) => (list == null ? list : Promise.all(list.map(keyText)));
+    const opts = { ...options, trustedKeys: await keys(options.trustedKeys), revoked: await keys(options.revoked) };
+    return (await Core.open(fileSource(dir), backend, opts)) as Model;
   }
 }
 export { ort };

@@ -7,6 +7,7 @@ import { join } from 'node:path';
 import { after, describe, test } from 'node:test';
 import { KvBuffer } from '../dist/core/fused.js';
 import { rowWeights } from '../dist/core/mix.js';
+import { KEY_PREFIX, MAX_PACK_BYTES, PACK_FORMAT, PACK_SUFFIX, PACK_VERSION } from '../dist/core/packs.js';
 import { Sampler } from '../dist/core/sampling.js';
 import { Model as Core } from '../dist/core/index.js';
 import { EdgepeftError, Model, ort } from '../dist/node.js';
@@ -14,7 +15,7 @@ import { Model as RNModel } from '../dist/react-native.js';
 
 const dir = process.env.EDGEPEFT_JS_CASES;
 if (!dir) throw new Error('set EDGEPEFT_JS_CASES to the dir tests/test_js_runtime.py wrote (python tests/test_js_runtime.py DIR)');
-const { artifacts, sampling } = JSON.parse(readFileSync(join(dir, 'cases.json'), 'utf8'));
+const { artifacts, sampling, packs } = JSON.parse(readFileSync(join(dir, 'cases.json'), 'utf8'));
 
 const f32 = (b64) => {
   const buf = Buffer.from(b64, 'base64');
@@ -486,4 +487,151 @@ describe('decoding options (issue 21): as the Python runtime', () => {
       await assert.rejects(m.generateText(c.prompt, { ...o, topP: 0 }), /top_p=0: must be in \(0, 1\]/);
     });
   }
+});
+
+describe("adapter packs (tests/test_js_runtime.py _pack_cases): Python's logits and refusals", () => {
+  const P = packs;
+  const trusted = { trustedKeys: [P.keys.good] };
+  const bytes = (path) => new Uint8Array(readFileSync(path));
+  const close = (t, got, want, tol, what) => {
+    const d = maxDiff(got.data, got.dims, f32(want.data), want.dims);
+    t.diagnostic(`${what} max|diff| ${d.toExponential(2)}`);
+    assert.ok(d <= tol, `${what}: max |diff| ${d} > ${tol}`);
+  };
+  const refusedWith = (promise, message) => assert.rejects(promise, (e) => {
+    assert.ok(e instanceof EdgepeftError, `not an EdgepeftError: ${e}`);
+    if (message instanceof RegExp) assert.match(e.message, message);
+    else assert.equal(e.message, message);
+    return true;
+  });
+  const tmp = mkdtempSync(join(tmpdir(), 'edgepeft-packs-'));
+  after(() => rmSync(tmp, { recursive: true, force: true }));
+
+  test("the pack format's constants are Python's", () => {
+    assert.deepEqual({ format: PACK_FORMAT, version: PACK_VERSION, suffix: PACK_SUFFIX, max_bytes: MAX_PACK_BYTES,
+      key_prefix: KEY_PREFIX }, P.constants);
+  });
+
+  test('signed packs load with Python\'s logits; every refusal leaves the model as it was; a newer version ' +
+       'replaces the loaded one (a running call keeps the old); removeAdapter', async (t) => {
+    const m = await Model.load(P.shipped, trusted);
+    const shipped = P.shipped_adapters;
+    assert.deepEqual(m.adapters, shipped);
+    assert.equal(await m.addAdapter(P.files.v1), 'sql');
+    assert.deepEqual(m.adapters, [...shipped, 'sql']);
+    assert.deepEqual(m.manifest.adapters.sql.pack, { file: P.files.v1, version: 1 });
+    const v1 = await m.logits(P.ids, { adapter: 'sql' });
+    close(t, v1, P.want.v1, P.tol, 'sql v1');
+    close(t, await m.logits(P.ids, { adapter: P.mix }), P.want.v1_mix, P.tol, 'mix with sql v1');
+    for (const [c, path] of Object.entries(P.refused)) {
+      await refusedWith(m.addAdapter(path), P.messages[c]);
+      assert.deepEqual(m.adapters, [...shipped, 'sql'], c);
+      assert.equal(m.manifest.adapters.sql.pack.version, 1, c);
+    }
+    await refusedWith(m.addAdapter(P.files.junk), /junk\.edgepeft-pack: not a readable adapter pack \(.+\)\.$/);
+    assert.deepEqual(m.adapters, [...shipped, 'sql']);
+    assert.deepEqual((await m.logits(P.ids, { adapter: 'sql' })).data, v1.data, 'the same adapter after the refusals');
+    const running = m.logits(P.ids, { adapter: 'sql' });  // its feeds are chosen now
+    assert.equal(await m.addAdapter(P.files.v2), 'sql');
+    assert.deepEqual((await running).data, v1.data, 'a call started before the replacement finishes with version 1');
+    assert.deepEqual(m.adapters, [...shipped, 'sql']);
+    const v2 = await m.logits(P.ids, { adapter: 'sql' });
+    close(t, v2, P.want.v2, P.tol, 'sql v2');
+    assert.ok(maxDiff(v2.data, v2.dims, v1.data, v1.dims) > 1e-3, 'version 2 computes other outputs');
+    close(t, await m.logits(P.ids, { adapter: P.mix }), P.want.v2_mix, P.tol, 'mix with sql v2');
+    await refusedWith(m.addAdapter(P.files.v1), P.messages['older version']);
+    assert.equal(m.manifest.adapters.sql.pack.version, 2);
+    assert.equal(await m.addAdapter(P.files.chat_v1), 'chat');  // the shipped chat counts as version 0
+    close(t, await m.logits(P.ids, { adapter: 'chat' }), P.want.chat, P.tol, 'chat v1');
+    assert.deepEqual(m.adapters, [...shipped, 'sql']);
+    m.removeAdapter('sql');
+    assert.deepEqual(m.adapters, shipped);
+    await refusedWith(m.logits(P.ids, { adapter: 'sql' }), /^adapter 'sql' is not in .*; it has: chat, code\.$/);
+    await refusedWith(m.logits(P.ids, { adapter: P.mix }), /adapter 'sql' is not in/);
+    await refusedWith(m.logits(P.ids, { adapter: ['chat', 'sql'] }), /adapter 'sql' is not in/);
+    assert.throws(() => m.removeAdapter('sql'), (e) => e instanceof EdgepeftError && /adapter 'sql' is not in/.test(e.message));
+    close(t, await m.logits(P.ids, { adapter: 'chat' }), P.want.chat, P.tol, 'chat after the removal');
+    assert.equal(await m.addAdapter(P.files.v1), 'sql');  // removed: any version loads again
+    assert.deepEqual((await m.logits(P.ids, { adapter: 'sql' })).data, v1.data);
+  });
+
+  test('revoked keys (by id and by key), a bad key, key files, no pinned keys', async () => {
+    for (const r of [P.good_id, P.keys.good]) {
+      const m = await Model.load(P.shipped, { ...trusted, revoked: [r] });
+      await refusedWith(m.addAdapter(P.files.v1), P.messages[`revoked ${r.slice(0, 7)}`]);
+      assert.deepEqual(m.adapters, P.shipped_adapters);
+    }
+    await refusedWith(Model.load(P.shipped, { trustedKeys: ['ed25519:AAAA'] }), P.messages['bad key']);
+    const byFile = await Model.load(P.shipped, { trustedKeys: [P.key_files.good], revoked: [P.key_files.other] });
+    assert.equal(await byFile.addAdapter(P.files.v1), 'sql');
+    await refusedWith(byFile.addAdapter(P.refused['untrusted key']), /sql-other-key\.edgepeft-pack: signed by key sha256:\w{16}, which is revoked\./);
+    const open = await Model.load(P.shipped);  // development: unsigned packs load, checksums are still checked
+    await refusedWith(open.addAdapter(P.refused['array byte']), P.messages['array byte']);
+    assert.equal(await open.addAdapter(P.files.unsigned), 'sql');
+    assert.equal(await open.addAdapter(P.refused['untrusted key'], { asName: 'sql2' }), 'sql2');
+  });
+
+  test('bytes (fp16 arrays: checksums over the stored bytes), labels, a manifest without slot_schema, paths, ' +
+       'a merged artifact', async (t) => {
+    const m8 = await Model.load(P.shipped_int8, trusted);
+    assert.equal(await m8.addAdapter(bytes(P.files.int8), { label: P.files.int8 }), 'sql');
+    close(t, await m8.logits(P.ids, { adapter: 'sql' }), P.want.int8, P.int8_tol, 'sql from fp16 arrays');
+    const m = await Model.load(P.shipped, trusted);
+    const b = readFileSync(P.files.v1);
+    assert.equal(await m.addAdapter(b.buffer.slice(b.byteOffset, b.byteOffset + b.byteLength)), 'sql');  // an ArrayBuffer
+    assert.equal(m.manifest.adapters.sql.pack.file, 'adapter pack');
+    await refusedWith(m.addAdapter(bytes(P.refused['header text'])),
+      /^adapter pack: the signature does not verify with key sha256:\w{16}: the pack was altered after signing/);
+    await refusedWith(m.addAdapter(join(tmp, 'x.bin')), /x\.bin: not an adapter pack .*adds adapters from packs only\./);
+    await refusedWith(m.addAdapter(join(tmp, 'none.edgepeft-pack')), /none\.edgepeft-pack: no such adapter pack \(/);
+    await refusedWith(m.addAdapter(42), /pass an adapter pack's bytes/);
+    const d = join(tmp, 'no-schema');
+    cpSync(P.shipped, d, { recursive: true });
+    const mp = join(d, 'manifest.json');
+    const man = JSON.parse(readFileSync(mp, 'utf8'));
+    delete man.slot_schema;
+    writeFileSync(mp, JSON.stringify(man));
+    const old = await Model.load(d, trusted);
+    await refusedWith(old.addAdapter(P.files.v1), /sql-v1\.edgepeft-pack: .*manifest\.json records no slot_schema .*Export the artifact again/);
+    assert.deepEqual(old.adapters, P.shipped_adapters);
+    const merged = await Model.load(P.merged, trusted);
+    await refusedWith(merged.addAdapter(P.files.v1), /is a merged artifact \(one graph per adapter\); addAdapter needs a side-branch/);
+    merged.removeAdapter('chat');  // a merged artifact's adapters are graphs: removed all the same
+    assert.deepEqual(merged.adapters, []);
+    await refusedWith(merged.logits(P.ids, { adapter: 'chat' }), /adapter 'chat' is not in .*; it has: \(none\)\./);
+    const plain = await Core.open({ read: async (rel) => bytes(join(P.shipped, rel)), describe: (rel) => `mem:${rel}` }, ort);
+    await refusedWith(plain.addAdapter(P.files.v1), /reads no files by path \(no readFile\); pass the pack's bytes/);
+  });
+
+  test('where WebCrypto has no Ed25519: @noble/ed25519 (react-native entry; core) or the verifier passed', async (t) => {
+    const source = { read: async (rel) => bytes(join(P.shipped, rel)), describe: (rel) => `rn:${rel}` };
+    const seen = [];
+    const spy = { ...trusted, verifyEd25519: async (key, sig) => { seen.push([key.length, sig.length]); return false; } };
+    const webcrypto = await Core.open(source, ort, spy);  // WebCrypto has Ed25519 here: the verifier passed is not asked
+    assert.equal(await webcrypto.addAdapter(bytes(P.files.v1)), 'sql');
+    assert.deepEqual(seen, []);
+    const subtle = globalThis.crypto.subtle;
+    const own = Object.hasOwn(subtle, 'importKey'), real = subtle.importKey;
+    subtle.importKey = function (format, key, alg, ...rest) {
+      if ((alg?.name ?? alg) === 'Ed25519') return Promise.reject(new DOMException('Unrecognized algorithm name', 'NotSupportedError'));
+      return real.call(this, format, key, alg, ...rest);
+    };
+    try {
+      const rn = await RNModel.load(ort, source, trusted);
+      assert.equal(await rn.addAdapter(bytes(P.files.v1)), 'sql');
+      close(t, await rn.logits(P.ids, { adapter: 'sql' }), P.want.v1, P.tol, 'react-native entry, sql v1');
+      await refusedWith(rn.addAdapter(bytes(P.refused['header text']), { label: P.refused['header text'] }),
+        P.messages['header text']);
+      await refusedWith(rn.addAdapter(bytes(P.refused['untrusted key'])), /which is not among the trusted keys/);
+      const core = await Core.open(source, ort, trusted);  // @noble/ed25519 imported on first use
+      assert.equal(await core.addAdapter(bytes(P.files.v2)), 'sql');
+      await refusedWith(core.addAdapter(bytes(P.refused['header text'])), /does not verify/);
+      const injected = await Core.open(source, ort, spy);
+      await refusedWith(injected.addAdapter(bytes(P.files.v1)), /adapter pack: the signature does not verify/);
+      assert.deepEqual(seen, [[32, 64]]);
+      assert.deepEqual(injected.adapters, P.shipped_adapters);
+    } finally {
+      if (own) subtle.importKey = real; else delete subtle.importKey;
+    }
+  });
 });

@@ -44,6 +44,9 @@ export interface Manifest {
    * identity (a head, whose graph default is the base's head). */
   row_values?: Record<string, { input: string; identity: number; fed?: boolean }>;
   adapters: Record<string, AdapterEntry>;
+  /** What an adapter pack must have been made for (edgepeft/contract/packs.py `slot_schema`):
+   * written at export; artifacts from before adapter packs lack it. */
+  slot_schema?: string;
   [k: string]: unknown;
 }
 

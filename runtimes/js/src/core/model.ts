@@ -11,10 +11,12 @@
  * fused kernels, one KV buffer per layer, see fused.ts). A list of choices, one per row of a
  * batch, runs in one session run per step on a side-branch artifact (per-row weights, mix.ts),
  * one run per distinct adapter on a merged one; `batcher()` keeps a running batch that rows join
- * and leave (batching.ts). */
+ * and leave (batching.ts). `addAdapter` loads an adapter pack (packs.ts), `removeAdapter` unloads
+ * an adapter: the loaded adapters are one map, replaced (never changed in place) on each, so a
+ * call that has started keeps the adapters it started with. */
 import type { InferenceSession, Tensor } from 'onnxruntime-common';
 import { EdgepeftError } from './errors.js';
-import { ADAPTER_FILE_FORMAT, baseTag, MANIFEST_NAME, PROMPT_INPUT, readManifest } from './manifest.js';
+import { ADAPTER_FILE_FORMAT, baseTag, checkAdapterName, MANIFEST_NAME, PROMPT_INPUT, readManifest } from './manifest.js';
 import type { AdapterEntry, GraphEntry, Manifest } from './manifest.js';
 import { Batcher } from './batching.js';
 import type { BatcherOptions, BatchHost } from './batching.js';
@@ -24,6 +26,8 @@ import { FusedRunner } from './fused.js';
 import { combine, mixKey, rowWeights, sharedByRows, unionFeeds } from './mix.js';
 import type { Key, LoadedAdapter, Mix, RowsSpec, RowValuesSpec } from './mix.js';
 import { decodeFloats, externalDataLocations, takeInitializers } from './onnxproto.js';
+import { PACK_SUFFIX, packKeys, readPack } from './packs.js';
+import type { PackKeys, VerifyEd25519 } from './packs.js';
 import type { DefaultTensor } from './onnxproto.js';
 import { parseSafetensors } from './safetensors.js';
 import type { Array32 } from './safetensors.js';
@@ -56,6 +60,25 @@ export type AdapterChoices = AdapterChoice | AdapterChoice[];
 export interface LoadOptions {
   /** Extra onnxruntime session options (execution providers, threads, ...). */
   sessionOptions?: InferenceSession.SessionOptions;
+  /** Adapter packs (`addAdapter`) must be signed by one of these public keys, each
+   * `ed25519:BASE64` as `edgepeft keygen` writes to KEY.pub (the node entry also takes the file).
+   * Unset: unsigned packs are accepted and signatures are not checked (development). */
+  trustedKeys?: string[];
+  /** Keys whose packs are refused even when trusted: key ids (`sha256:` + 16 hex digits) or keys. */
+  revoked?: string[];
+  /** Verifies a pack's Ed25519 signature where WebCrypto has no Ed25519 (React Native, older
+   * browsers): `(key 32 bytes, signature 64 bytes, message) => Promise<boolean>`. WebCrypto is used
+   * where it has Ed25519; without this option, @noble/ed25519 is imported (the react-native entry
+   * passes it). */
+  verifyEd25519?: VerifyEd25519;
+}
+
+/** Options of `addAdapter`. */
+export interface AddOptions {
+  /** The name to load the adapter under (default: the pack's). */
+  asName?: string;
+  /** How messages name the pack given as bytes (default 'adapter pack'; a path names itself). */
+  label?: string;
 }
 
 export interface Logits { data: Float32Array; dims: number[] }
@@ -111,7 +134,9 @@ export interface TextOptions extends SamplingOptions {
 }
 
 export class Model {
-  readonly manifest: Manifest;
+  /** The manifest, with the adapters loaded now (`addAdapter` / `removeAdapter` replace it). */
+  get manifest(): Manifest { return this.man; }
+  private man: Manifest;
   readonly task: 'causal-lm' | 'classification';
   readonly merged: boolean;
   /** Timing of the last logits() / generate() / classify() call. */
@@ -122,7 +147,12 @@ export class Model {
   private readonly cache: [number, number][];
   private sessions = new Map<string | null, InferenceSession>();
   private defaults: Feeds = {};
+  /** name -> adapter. Replaced as a whole by addAdapter / removeAdapter, never changed in place. */
   private loaded = new Map<string, LoadedAdapter>();
+  /** name -> the version of the pack it was loaded from (artifact adapters: none, i.e. 0). */
+  private versions = new Map<string, number>();
+  private keys: PackKeys = { trusted: null, revoked: new Set() };
+  private verifier: VerifyEd25519 | undefined;
   private graphShapes: Record<string, (string | number | null)[]> = {};
   private single = new Map<string, Choice>();
   private mixes = new Map<string, { used: LoadedAdapter[]; choice: Choice }>();
@@ -148,7 +178,7 @@ export class Model {
   protected constructor(source: Source, ort: OrtApi, manifest: Manifest) {
     this.source = source;
     this.ort = ort;
-    this.manifest = manifest;
+    this.man = manifest;
     this.task = manifest.task;
     this.merged = manifest.mode === 'merged';
     this.where = source.describe(MANIFEST_NAME);
@@ -162,8 +192,11 @@ export class Model {
   /** Load an artifact from `source` with the onnxruntime API `ort`. Entry points (node.ts, web.ts,
    * react-native.ts) call this with their Source and backend. */
   static async open(source: Source, ort: OrtApi, options: LoadOptions = {}): Promise<Model> {
+    const keys = await packKeys(options.trustedKeys, options.revoked);  // bad keys first, as Python
     const manifest = await readManifest(source);
     const m = new (this as unknown as new (s: Source, o: OrtApi, m: Manifest) => Model)(source, ort, manifest);
+    m.keys = keys;
+    m.verifier = options.verifyEd25519;
     await m.init(options);
     await m.loadTok();
     return m;
@@ -361,6 +394,14 @@ export class Model {
         `(format ${JSON.stringify(metadata.format)}, base tag ${JSON.stringify(metadata.base_tag)}, expected ` +
         `${baseTag(ours)} from ${ours.slice(0, 23)}...) (${where}). Export the adapter with this artifact's base.`);
     }
+    return this.adapterOf(name, entry, tensors, file, where);
+  }
+
+  /** An adapter from its arrays (float32) and manifest entry, checked against the graph (Python's
+   * `AdapterStore.from_arrays`): the artifact's adapter files and adapter packs alike; `file` and
+   * `where` name it in messages. */
+  private adapterOf(name: string, entry: AdapterEntry, tensors: Map<string, Array32>, file: string,
+                    where: string): LoadedAdapter {
     const graph = new Map<string, Array32>();
     const sizes = new Map<string, [number, string]>();
     for (const [k, v] of tensors) {
@@ -400,6 +441,13 @@ export class Model {
           'Export the artifact again.');
       }
     }
+    for (const k of entry.defaults ?? []) {  // shared inputs whose value is the graph's default
+      if (graph.has(k) || this.manifest.inputs[k]?.default == null) {
+        throw new EdgepeftError(`${file}: its manifest entry lists ${k} under 'defaults', but ` +
+          (graph.has(k) ? 'the file holds it' : 'the graph has no shared default of that name') +
+          ` (${where}). Export the artifact again.`);
+      }
+    }
     const prefix: [Array32, Array32][] = [];
     this.cache.forEach(([h, d], i) => {
       const k = tensors.get(`prefix.${i}.key`), v = tensors.get(`prefix.${i}.value`);
@@ -426,9 +474,91 @@ export class Model {
   }
 
   // ------------------------------------------------------------------ adapters
-  /** Names of the adapters in the artifact. */
+  /** Names of the adapters in the artifact (and added ones, less removed ones). */
   get adapters(): string[] {
     return Object.keys(this.manifest.adapters);
+  }
+
+  /** Load an adapter pack (`edgepeft adapter pack`, a `.edgepeft-pack` file): its bytes, or its
+   * path (URL in browsers) where the Source reads files by path (`readFile`: the node and web
+   * entries). As Python's `Model.add_adapter(pack)`: the pack must fit this graph (its base
+   * fingerprint and slot schema are this artifact's, every array matches its checksum) and, when
+   * the model was opened with `trustedKeys`, be signed by one of them and by no `revoked` key; its
+   * arrays are checked against the graph as the artifact's adapter files are. Its name may already
+   * be loaded only from an older version of the pack (or from the artifact itself, version 0): a
+   * newer version replaces it; calls already running finish with the old one. Nothing is written.
+   *
+   * Returns the name the adapter is available under.
+   * @throws EdgepeftError a merged artifact, another base or graph, a damaged or altered pack, a
+   *   missing, untrusted or revoked signature, a version not newer than the loaded one, or arrays
+   *   that do not fit; the model is left as it was. */
+  async addAdapter(pack: Uint8Array | ArrayBuffer | ArrayBufferView | string, opts: AddOptions = {}): Promise<string> {
+    if (this.merged) {
+      throw new EdgepeftError(`${this.source.describe('')} is a merged artifact (one graph per adapter); addAdapter ` +
+        'needs a side-branch artifact (--mode side).');
+    }
+    let bytes: Uint8Array, label: string;
+    if (typeof pack === 'string') {
+      label = opts.label ?? pack;
+      if (!pack.endsWith(PACK_SUFFIX)) {
+        throw new EdgepeftError(`${label}: not an adapter pack (a pack's file name ends with ${PACK_SUFFIX}; ` +
+          '`edgepeft adapter pack` makes one). The JS runtime adds adapters from packs only.');
+      }
+      if (!this.source.readFile) {
+        throw new EdgepeftError(`${label}: this model's Source reads no files by path (no readFile); pass the ` +
+          "pack's bytes (a Uint8Array).");
+      }
+      try {
+        bytes = await this.source.readFile(pack);
+      } catch (e) {
+        throw new EdgepeftError(`${label}: no such adapter pack (${String((e as Error)?.message ?? e).slice(0, 200)}).`);
+      }
+    } else if (pack instanceof Uint8Array) {
+      [bytes, label] = [pack, opts.label ?? 'adapter pack'];
+    } else if (pack instanceof ArrayBuffer || ArrayBuffer.isView(pack)) {
+      bytes = ArrayBuffer.isView(pack) ? new Uint8Array(pack.buffer, pack.byteOffset, pack.byteLength) : new Uint8Array(pack);
+      label = opts.label ?? 'adapter pack';
+    } else {
+      throw new EdgepeftError("addAdapter: pass an adapter pack's bytes (Uint8Array / ArrayBuffer) or its path.");
+    }
+    const { header, tensors } = await readPack(bytes, label, this.manifest, this.where, this.keys, this.verifier);
+    const name = checkAdapterName(opts.asName || header.name, label);
+    const version = header.version;
+    const entry = { ...header.entry, pack: { file: label, version } } as unknown as AdapterEntry;
+    checkPackEntry(entry, label);
+    const adapter = this.adapterOf(name, entry, tensors, label, `adapter pack '${name}'`);
+    // from here on no await: the version read and the replacement below are one step
+    const loaded = this.versions.get(name) ?? (Object.hasOwn(this.manifest.adapters, name) ? 0 : null);
+    if (loaded !== null && version <= loaded) {
+      throw new EdgepeftError(`${label}: version ${version} of adapter '${name}', but version ${loaded} is loaded; a ` +
+        'pack replaces only an older version. Pack it with a higher --version, or removeAdapter first.');
+    }
+    this.loaded = new Map([...this.loaded, [name, adapter]]);
+    this.versions = new Map([...this.versions, [name, version]]);
+    this.man = { ...this.man, adapters: { ...this.man.adapters, [name]: entry } };
+    if (loaded !== null) this.forget(name);
+    return name;
+  }
+
+  /** Unload an adapter (as Python's `remove_adapter`): later calls that name it are refused; calls
+   * already running finish with it; cached mixes with it are dropped. The artifact's files are not
+   * touched.
+   * @throws EdgepeftError no adapter of that name. */
+  removeAdapter(name: string): void {
+    this.checkNames([name], Object.keys(this.manifest.adapters));
+    if (this.merged) this.sessions = new Map([...this.sessions].filter(([k]) => k !== name));
+    this.loaded = new Map([...this.loaded].filter(([k]) => k !== name));
+    this.versions = new Map([...this.versions].filter(([k]) => k !== name));
+    this.man = { ...this.man, adapters: Object.fromEntries(Object.entries(this.man.adapters).filter(([k]) => k !== name)) };
+    this.forget(name);
+  }
+
+  /** Drop the cached feeds of `name` and of the mixes with it (the choices a running call holds
+   * stay with that call). */
+  private forget(name: string): void {
+    this.single.delete(name);
+    for (const [id, hit] of [...this.mixes]) if (hit.used.some((a) => a.name === name)) this.mixes.delete(id);
+    if (this.kept?.used.some((a) => a.name === name)) this.kept = null;
   }
 
   private tensor(a: Array32, name = ''): Tensor {
@@ -1006,6 +1136,20 @@ function choiceId(c: AdapterChoice): string {
     return 'mix:' + JSON.stringify(Object.entries(c).sort((a, b) => (a[0] < b[0] ? -1 : a[0] > b[0] ? 1 : 0)));
   }
   return 'other:' + String(c) + Math.random();  // refused when it is run
+}
+
+/** The fields of a pack's manifest entry the runtime reads (an artifact's are checked with its
+ * manifest): refused before they are used. */
+function checkPackEntry(e: AdapterEntry, label: string): void {
+  const strings = (v: unknown) => v == null || (Array.isArray(v) && v.every((x) => typeof x === 'string'));
+  const p = e.prefix;
+  const bad = typeof e.kind !== 'string' ? 'kind' : !strings(e.inputs) ? 'inputs' : !strings(e.defaults) ? 'defaults'
+    : !(p == null || (typeof p === 'object' && Number.isInteger(p.length) && p.length >= 1 && typeof p.from_prompt === 'boolean'))
+      ? 'prefix' : null;
+  if (bad) {
+    throw new EdgepeftError(`${label}: the adapter entry in its pack header has a damaged '${bad}' field. Pack the ` +
+      'adapter again.');
+  }
 }
 
 /** Rows of different lengths filled up to the longest with `fill`. */

@@ -3,7 +3,12 @@
 import { EdgepeftError } from './errors.js';
 
 export interface Array32 { data: Float32Array; dims: number[] }
-export interface SafeTensors { tensors: Map<string, Array32>; metadata: Record<string, string> }
+/** One tensor as the file stores it: its dtype (numpy's name) and its raw little-endian bytes (a
+ * view into the file's bytes, not a copy): what an adapter pack's checksums cover. */
+export interface Stored { dtype: 'float32' | 'float16'; bytes: Uint8Array }
+export interface SafeTensors {
+  tensors: Map<string, Array32>; metadata: Record<string, string>; stored: Map<string, Stored>;
+}
 
 const MAX_HEADER = 64 << 20;
 
@@ -17,9 +22,12 @@ export function halfToFloat(h: number): number {
   return s * (1 + f / 1024) * 2 ** (e - 15);
 }
 
-export function parseSafetensors(bytes: Uint8Array, where: string): SafeTensors {
+/** Parse `bytes`; `unreadable(what)` is the message of a malformed file (default: an artifact's
+ * adapter file, "export the artifact again"). */
+export function parseSafetensors(bytes: Uint8Array, where: string,
+                                 unreadable = (what: string) => `not a readable safetensors file (${what}). Export the artifact again.`): SafeTensors {
   const bad = (what: string): never => {
-    throw new EdgepeftError(`${where}: not a readable safetensors file (${what}). Export the artifact again.`);
+    throw new EdgepeftError(`${where}: ${unreadable(what)}`);
   };
   if (bytes.length < 8) bad('shorter than its 8-byte header length');
   const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
@@ -33,8 +41,11 @@ export function parseSafetensors(bytes: Uint8Array, where: string): SafeTensors 
   }
   if (typeof header !== 'object' || header === null || Array.isArray(header)) bad('header is not an object');
   const metadata = (header.__metadata__ ?? {}) as Record<string, string>;
+  if (typeof metadata !== 'object' || metadata === null || Array.isArray(metadata) ||
+      Object.values(metadata).some((v) => typeof v !== 'string')) bad('__metadata__ is not an object of strings');
   const body = bytes.subarray(8 + n);
   const tensors = new Map<string, Array32>();
+  const stored = new Map<string, Stored>();
   for (const [name, info] of Object.entries<any>(header)) {
     if (name === '__metadata__') continue;
     const dims = info?.shape;
@@ -49,6 +60,7 @@ export function parseSafetensors(bytes: Uint8Array, where: string): SafeTensors 
     if (size === 4) for (let i = 0; i < count; i++) data[i] = raw.getFloat32(4 * i, true);
     else for (let i = 0; i < count; i++) data[i] = halfToFloat(raw.getUint16(2 * i, true));
     tensors.set(name, { data, dims: dims.slice() });
+    stored.set(name, { dtype: size === 4 ? 'float32' : 'float16', bytes: body.subarray(off[0], off[1]) });
   }
-  return { tensors, metadata };
+  return { tensors, metadata, stored };
 }

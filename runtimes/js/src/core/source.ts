@@ -15,6 +15,9 @@ export interface Source {
    * onnxruntime reads a graph's external weights from there itself instead of being handed the
    * bytes (no copy of the weights in JS memory). */
   folder?(rel: string): string;
+  /** Optional: a file by its own path or URL, not under the artifact (an adapter pack given to
+   * `Model.addAdapter` by path). Node's source reads the file system, the browser's fetches. */
+  readFile?(path: string): Promise<Uint8Array>;
 }
 
 /** What an entry point hands the core besides the Source: how to create a session. */
