@@ -60,7 +60,7 @@ def test_wheel_and_sdist_carry_the_data_files(dists):
     requires = [line for line in zipfile.ZipFile(dists["wheel"]).read(meta).decode().splitlines()
                 if line.startswith("Requires-Dist:")]
     plain = sorted(r.split()[1].split("=")[0].split(">")[0].split("<")[0] for r in requires if "extra ==" not in r)
-    assert plain == ["numpy", "onnx", "onnxruntime", "tokenizers", "tqdm"]
+    assert plain == ["cryptography", "numpy", "onnx", "onnxruntime", "safetensors", "tokenizers", "tqdm"]
     assert any("torch==2.13.0" in r and "extra == \"export\"" in r for r in requires)
     with tarfile.open(dists["sdist"]) as t:
         members = {m.split("/", 1)[1] for m in t.getnames() if "/" in m}
@@ -106,6 +106,18 @@ def test_runtime_install_runs_an_artifact(runtime_venv, llama_side, tmp_path):
         r = _run([cli, *args], cwd=tmp_path)
         assert r.returncode == 0 and expect in r.stdout, (args, r.stdout[-2000:], r.stderr[-2000:])
         assert "Traceback" not in r.stderr
+    # adapter packs need no toolchain: keys, a signed pack, and the runtime loading it
+    for args in (["keygen", "--out", tmp_path / "k"], ["adapter", "list", llama_side],
+                 ["adapter", "pack", llama_side, "sql", "--out", tmp_path / "sql.edgepeft-pack", "--sign", tmp_path / "k"]):
+        r = _run([cli, *args], cwd=tmp_path)
+        assert r.returncode == 0 and "Traceback" not in r.stderr, (args, r.stderr[-2000:])
+    code = ("import sys, numpy as np; from edgepeft.runtime import Model; "
+            "m = Model(sys.argv[1], trusted_keys=[sys.argv[2]]); print(m.add_adapter(sys.argv[3], as_name='again')); "
+            "np.save(sys.argv[5], m.logits(np.load(sys.argv[4]), 'again'))")
+    r = _run([py, "-c", code, llama_side, tmp_path / "k.pub", tmp_path / "sql.edgepeft-pack", tmp_path / "ids.npy",
+              tmp_path / "pack.npy"], cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.strip() == "again", r.stderr[-2000:]
+    np.testing.assert_allclose(np.load(tmp_path / "pack.npy"), Model(llama_side).logits(ids, "sql"), atol=1e-6, rtol=0)
 
 
 def test_runtime_install_refuses_the_toolchain_commands(runtime_venv, llama_base, llama_side, tmp_path):
@@ -114,7 +126,8 @@ def test_runtime_install_refuses_the_toolchain_commands(runtime_venv, llama_base
     cli = runtime_venv / "bin" / "edgepeft"
     line = 'pip install torch==2.13.0 && pip install "edgepeft[export]"'
     for args in (["export", llama_base, "--out", tmp_path / "o"], ["validate", llama_side, "--reference", llama_base],
-                 ["train", "--help"], ["demo"], ["bench", llama_side, "--compare-torch", llama_base]):
+                 ["train", "--help"], ["demo"], ["bench", llama_side, "--compare-torch", llama_base],
+                 ["adapter", "add", llama_side, "--adapter", f"x={llama_base}"]):
         r = _run([cli, *args], cwd=tmp_path)
         assert r.returncode == 2 and line in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1
