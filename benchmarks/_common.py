@@ -11,7 +11,28 @@ from pathlib import Path
 from edgepeft.bench.workers import median, timeit_us
 
 REPO = Path(__file__).resolve().parent.parent
-__all__ = ["REPO", "machine_info", "median", "spread", "spread_rows", "timeit_us", "write_result"]
+__all__ = ["REPO", "machine_info", "median", "random_lora", "spread", "spread_rows", "timeit_us", "write_result"]
+
+
+def random_lora(base: Path, path: Path, r: int, seed: int) -> Path:
+    """A random all-linear LoRA of rank ``r`` over ``base`` at ``path`` (kept if there), B scaled up
+    so it visibly changes the output."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    if (path / "adapter_config.json").exists():
+        return path
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear",
+                                                  init_lora_weights=False, task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.mul_(4.0)
+    peft_model.save_pretrained(path)
+    return path
 
 
 def machine_info() -> dict:

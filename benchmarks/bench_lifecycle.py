@@ -32,29 +32,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, machine_info, spread, spread_rows, write_result  # noqa: E402
+from _common import REPO, machine_info, random_lora, spread, spread_rows, write_result  # noqa: E402
 
 WORK = REPO / "benchmarks" / "results" / "lifecycle"
 CLI = [sys.executable, "-m", "edgepeft"]
-
-
-def make_adapter(base: Path, path: Path) -> Path:
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    if (path / "adapter_config.json").exists():
-        return path
-    torch.manual_seed(16)
-    model = AutoModelForCausalLM.from_pretrained(base)
-    peft_model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear",
-                                                  init_lora_weights=False, task_type="CAUSAL_LM"))
-    with torch.no_grad():
-        for n, p in peft_model.named_parameters():
-            if "lora_B" in n:
-                p.mul_(4.0)
-    peft_model.save_pretrained(path)
-    return path
 
 
 def run(args: list, what: str) -> float:
@@ -79,7 +60,7 @@ def main() -> int:
 
     WORK.mkdir(parents=True, exist_ok=True)
     base = smollm2_dir()
-    lora = make_adapter(base, WORK / "lora-r16")
+    lora = random_lora(base, WORK / "lora-r16", 16, seed=16)
     slots = {"no-slots": [], "slots-qv": ["--slots", "q_proj,v_proj"], "slots": ["--slots", "all-linear"]}
     export_s = {}
     for key, extra in slots.items():

@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, machine_info, spread, spread_rows, write_result  # noqa: E402
+from _common import REPO, machine_info, random_lora, spread, spread_rows, write_result  # noqa: E402
 
 WORK = REPO / "benchmarks" / "results" / "per-row"
 RANKS = (8, 8, 16, 16, 16, 32, 32, 32)
@@ -41,27 +41,8 @@ ROWS, PROMPT = 8, 16
 
 
 def make_adapters(base: Path, root: Path) -> dict[str, Path]:
-    """Eight random all-linear LoRAs of RANKS (B scaled up so each visibly changes the output)."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    out = {}
-    for i, r in enumerate(RANKS):
-        path = root / f"a{i}-r{r}"
-        out[path.name] = path
-        if (path / "adapter_config.json").exists():
-            continue
-        torch.manual_seed(i)
-        model = AutoModelForCausalLM.from_pretrained(base)
-        peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear",
-                                                      init_lora_weights=False, task_type="CAUSAL_LM"))
-        with torch.no_grad():
-            for n, p in peft_model.named_parameters():
-                if "lora_B" in n:
-                    p.mul_(4.0)
-        peft_model.save_pretrained(path)
-    return out
+    """Eight random all-linear LoRAs of RANKS."""
+    return {f"a{i}-r{r}": random_lora(base, root / f"a{i}-r{r}", r, seed=i) for i, r in enumerate(RANKS)}
 
 
 def export_with(commit: str | None, base: Path, adapters: dict[str, Path], out: Path) -> None:
