@@ -286,6 +286,7 @@ def inspect(args) -> int:
 
 def _show(root: Path, m: dict) -> None:
     from edgepeft.contract import inside
+    from edgepeft.lifecycle.edit import LOCK_NAME as EDIT_LOCK
 
     print(f"{root}: {m['task']}, mode {m['mode']}, precision {m['precision']}, "
           f"base {m['base']['model_type']} ({m['base']['fingerprint'][:19]}...), "
@@ -344,7 +345,7 @@ def _show(root: Path, m: dict) -> None:
         line += f", added {a['added']}" if a.get("added") else ""
         print(line)
     total = 0
-    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+    for f in sorted(p for p in root.rglob("*") if p.is_file() and p.name != EDIT_LOCK):
         size = f.stat().st_size
         total += size
         print(f"  {size / 1e6:10.2f} MB  {f.relative_to(root)}")

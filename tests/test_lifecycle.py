@@ -113,6 +113,12 @@ def test_classifier_added_adapter_carries_its_head(tmp_path, capsys):
     a, b = Model(slotted).classify_logits(texts, adapter="lora"), Model(full).classify_logits(texts, adapter="lora")
     np.testing.assert_allclose(a, b, atol=1e-5)
     assert Model(slotted).manifest["adapters"]["lora"]["head"]  # it carries its own head (the base has none)
+    code, out, _ = cli(capsys, "adapter", "list", slotted)
+    assert out.startswith("lora\tlora") and "--slots query,value" in out
+    code, _, _ = cli(capsys, "adapter", "remove", slotted, "lora")
+    assert code == 0 and Model(slotted).adapters == [] and verify(slotted) == []
+    code, out, _ = cli(capsys, "inspect", slotted)
+    assert code == 0 and "slots reserved with --slots query,value" in out and ".edgepeft-edit.lock" not in out
 
 
 def test_remove_and_list(llama_base, adapters, tmp_path, capsys):
