@@ -115,6 +115,16 @@ def test_classifier_added_adapter_carries_its_head(tmp_path, capsys):
     assert Model(slotted).manifest["adapters"]["lora"]["head"]  # it carries its own head (the base has none)
     code, out, _ = cli(capsys, "adapter", "list", slotted)
     assert out.startswith("lora\tlora") and "--slots query,value" in out
+    headless = make_adapter(base, tmp_path / "headless", "lora", task="SEQ_CLS", modules_to_save=None,
+                            target_modules=["query"])
+    if json.loads((headless / "adapter_config.json").read_text()).get("modules_to_save"):
+        from safetensors.torch import load_file, save_file  # PEFT adds the head for SEQ_CLS: drop it
+
+        t = {k: v for k, v in load_file(headless / "adapter_model.safetensors").items() if "classifier" not in k}
+        save_file(t, headless / "adapter_model.safetensors")
+    before = snapshot(slotted)
+    code, _, err = cli(capsys, "adapter", "add", slotted, "--adapter", f"headless={headless}")
+    assert code == 2 and "does not carry one" in err and snapshot(slotted) == before
     code, _, _ = cli(capsys, "adapter", "remove", slotted, "lora")
     assert code == 0 and Model(slotted).adapters == [] and verify(slotted) == []
     code, out, _ = cli(capsys, "inspect", slotted)

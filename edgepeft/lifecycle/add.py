@@ -10,8 +10,9 @@ weights. A kind whose arrays depend on the base weights (DoRA's row norms) needs
 
 Refused, with the reason: an adapter that needs slots, features, ranks or a head the graph lacks
 (with the ``--slots`` to export with), one trained on another base (``edgepeft.json``, PEFT's
-``base_model_name_or_path``), a name that is taken or not a plain file name, and any adapter on an
-int8-static artifact unless ``--validate`` (its activation ranges were calibrated without it).
+``base_model_name_or_path``), a name that is taken or not a plain file name, a classifier adapter
+without a head on a base without a trained one, and any adapter on an int8-static artifact unless
+``--validate`` (its activation ranges were calibrated without it).
 """
 
 from __future__ import annotations
@@ -73,6 +74,10 @@ def add_adapter(root: Path, name: str, adapter_dir: Path, *, base: Path | None =
         a = read_adapter(name, adapter_dir, model, manifest["task"])
         _check_binding(adapter_dir, manifest, where, allow_base_mismatch)  # after the shapes: more precise
         side = _side(a, model, skeleton=base is None, where=where)
+        if manifest["task"] == "classification" and not manifest["base"].get("head_trained", True) and not side.head:
+            raise EdgepeftError(f"{where}: the artifact's base has no trained classification head and the adapter "
+                                "does not carry one. Train it with PEFT's task_type SEQ_CLS (which saves the head via "
+                                "modules_to_save).")
         max_rank = manifest["target"].get("max_rank")
         if max_rank is not None:
             from edgepeft.targets import check_ranks
