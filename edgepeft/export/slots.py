@@ -132,13 +132,13 @@ def fix_ranks(sides: dict[str, SideBranch]) -> tuple[dict[str, SideBranch], dict
         layers = {}
         for (module, f), parts in side.layers.items():
             feature = kinds.feature(f)
-            layers[(module, f)] = {p: _pad_axis(v, feature.part(p).fixed_rank_axis, fixed.get(f))
+            layers[(module, f)] = {p: pad_axis(v, feature.part(p).fixed_rank_axis, fixed.get(f))
                                    for p, v in parts.items()}
         out[name] = dataclasses.replace(side, layers=layers)
     return out, fixed
 
 
-def _pad_axis(v: np.ndarray, axis: int | None, size: int | None) -> np.ndarray:
+def pad_axis(v: np.ndarray, axis: int | None, size: int | None) -> np.ndarray:
     """``v`` zero-padded along ``axis`` to ``size`` (unchanged when axis is None or it has that size)."""
     if axis is None or v.shape[axis] == size:
         return v

@@ -17,6 +17,7 @@ without a head on a base without a trained one, and any adapter on an int8-stati
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -30,6 +31,7 @@ from edgepeft.contract.entries import adapter_entry
 from edgepeft.contract.features import table_parts
 from edgepeft.errors import EdgepeftError
 from edgepeft.kinds import kind_module, read_adapter
+from edgepeft.export.slots import pad_axis
 from edgepeft.kinds.common import SideBranch
 from edgepeft.lifecycle.edit import editing, new_adapter_files, new_name, remove_adapter, side_artifact, write_manifest_atomic
 from edgepeft.progress import log
@@ -189,23 +191,19 @@ def _traced_arrays(manifest: dict, kind: str, side: SideBranch, where: str
                             f"changes (e.g. {missing[0]}); {_slots_hint(kind, missing)}.")
     tables = manifest.get("features", {})
     layers = {}
-    for (module, f), parts in side.layers.items():
-        feature = kinds.feature(f)
-        slot = slots[module]
-        shapes = {p: shape for p, shape, _ in table_parts(tables[f], slot["in"], slot["out"])}
-        padded = {}
-        for p, v in parts.items():
-            axis = feature.part(p).fixed_rank_axis
-            if axis is not None and v.shape[axis] != shapes[p][axis]:
-                if v.shape[axis] > shapes[p][axis]:
-                    raise EdgepeftError(f"{where}: layer {module} has {f} rank {v.shape[axis]}, above the graph's "
-                                        f"fixed {shapes[p][axis]}. Export the artifact again with this adapter.")
-                pad = [(0, shapes[p][axis] - v.shape[axis]) if i == axis else (0, 0) for i in range(v.ndim)]
-                v = np.pad(v, pad).astype(np.float32)
-            padded[p] = v
-        layers[(module, f)] = padded
-    side = SideBranch(layers=layers, head=side.head, prompt=side.prompt, prefix=side.prefix,
-                      prefix_from_prompt=side.prefix_from_prompt)
+    for (module, f), parts in side.layers.items():  # fixed-rank features: padded to the graph's rank
+        feature, slot = kinds.feature(f), slots[module]
+        rank = feature.fixed_rank_of(parts)
+        fixed = None
+        if rank is not None:
+            shapes = {p: shape for p, shape, _ in table_parts(tables[f], slot["in"], slot["out"])}
+            fixed = next(shapes[p.name][p.fixed_rank_axis] for p in feature.parts if p.name in parts
+                         and p.fixed_rank_axis is not None)
+            if rank > fixed:
+                raise EdgepeftError(f"{where}: layer {module} has {f} rank {rank}, above the graph's fixed {fixed}. "
+                                    "Export the artifact again with this adapter.")
+        layers[(module, f)] = {p: pad_axis(v, feature.part(p).fixed_rank_axis, fixed) for p, v in parts.items()}
+    side = dataclasses.replace(side, layers=layers)
     try:
         arrays = side.arrays(kinds.FEATURES)
     except ValueError as e:

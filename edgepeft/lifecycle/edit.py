@@ -35,7 +35,7 @@ def editing(root: Path) -> Iterator[dict]:
     Raises:
         EdgepeftError: not an artifact, or another edit holds the lock.
     """
-    manifest = read_manifest(root)  # a readable error for a wrong path before any file is made
+    read_manifest(root)  # a readable error for a wrong path before the lock file is made
     fd = os.open(root / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         if fcntl is not None:
@@ -44,7 +44,7 @@ def editing(root: Path) -> Iterator[dict]:
             except OSError:
                 raise EdgepeftError(f"{root}: another `edgepeft adapter` command is changing this artifact; "
                                     "run this one when it has finished.") from None
-        yield read_manifest(root) if fcntl is not None else manifest
+        yield read_manifest(root)  # as it is now that no other edit runs
     finally:
         os.close(fd)
 
