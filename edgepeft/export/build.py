@@ -92,11 +92,8 @@ def traced_side(cfg: ExportConfig, base: Base, adapters: list, root: Path, quiet
         uses = sorted(n for n, v in plan.arrays[a.name].items()
                       if n in plan.shared and np.array_equal(v, plan.shared[n]))
         arrays = {n: v for n, v in plan.arrays[a.name].items() if n not in uses}
-        prefix = None
-        if side.prefix:  # per layer (key, value) of shape (1, H_kv, length, D)
-            prefix = {"length": int(side.prefix[0][0].shape[2]), "from_prompt": side.prefix_from_prompt}
         inputs = sorted(n for n in arrays if n in parts["inputs"])
-        parts["adapters"][a.name] = _write_adapter(cfg, base, a, arrays, root, inputs, prefix, uses)
+        parts["adapters"][a.name] = _write_adapter(cfg, base, a, arrays, root, inputs, side.prefix_entry(), uses)
     return parts
 
 

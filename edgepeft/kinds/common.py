@@ -211,6 +211,13 @@ class SideBranch:
     prefix_from_prompt: bool = False
     reserved: bool = False  # empty slots of ``export --slots`` (identity values), not an adapter
 
+    def prefix_entry(self) -> dict | None:
+        """The manifest's ``prefix`` of this adapter: ``{"length", "from_prompt"}``, None without a
+        KV-cache seed."""
+        if not self.prefix:
+            return None
+        return {"length": int(self.prefix[0][0].shape[2]), "from_prompt": self.prefix_from_prompt}
+
     def arrays(self, features: dict) -> dict[str, np.ndarray]:
         """Everything the adapter feeds, by name: graph inputs and the KV-cache seed.
 

@@ -212,14 +212,11 @@ def _traced_arrays(manifest: dict, kind: str, side: SideBranch, where: str
     defaults = sorted(n for n, v in arrays.items()
                       if n in inputs and inputs[n].get("default") == value_digest(v))
     arrays = {n: v for n, v in arrays.items() if n not in defaults}
-    prefix = None
-    if side.prefix:
-        kv = manifest.get("kv_cache") or {}
-        for layer, (k, _) in enumerate(side.prefix):
-            if (k.shape[1], k.shape[3]) != (kv["kv_heads"][layer], kv["head_dims"][layer]):
-                raise EdgepeftError(f"{where}: its prefix of layer {layer} has shape {list(k.shape)}, the graph's KV "
-                                    "cache another; it was made for another base.")
-        prefix = {"length": int(side.prefix[0][0].shape[2]), "from_prompt": side.prefix_from_prompt}
+    kv = manifest.get("kv_cache") or {}
+    for layer, (k, _) in enumerate(side.prefix or ()):
+        if (k.shape[1], k.shape[3]) != (kv["kv_heads"][layer], kv["head_dims"][layer]):
+            raise EdgepeftError(f"{where}: its prefix of layer {layer} has shape {list(k.shape)}, the graph's KV "
+                                "cache another; it was made for another base.")
     stray = sorted(n for n in arrays if n not in inputs and not n.startswith("prefix."))
     if stray:
         raise EdgepeftError(f"{where}: the graph has no input {stray[0]!r} ({len(stray)} missing: "
@@ -229,7 +226,7 @@ def _traced_arrays(manifest: dict, kind: str, side: SideBranch, where: str
                             + (", or with --slots (a classifier reserves its head)" if stray[0].startswith("head.") else "")
                             + ".")
     _check_shapes(arrays, inputs, where)
-    return arrays, prefix, defaults
+    return arrays, side.prefix_entry(), defaults
 
 
 def _fused_arrays(manifest: dict, model: torch.nn.Module, kind: str, side: SideBranch, where: str
