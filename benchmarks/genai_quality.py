@@ -40,7 +40,8 @@ def main() -> int:
 
     from edgepeft.data import load_texts
     from edgepeft.runtime import Model
-    from edgepeft.validate import DEFAULT_TEXTS, TEXT_TOKENS, _kl
+    from edgepeft.validate import DEFAULT_TEXTS, TEXT_TOKENS
+    from edgepeft.validate.metrics import kl_rows as _kl
 
     ref = Model(SPEED / "fused-fp32-side")
     rows = [ref.tokenizer.encode(t).ids[:TEXT_TOKENS] for t in load_texts(DEFAULT_TEXTS)]

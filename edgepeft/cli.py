@@ -389,19 +389,23 @@ def _verify_args(p):
 
 
 def validate(args) -> int:
-    """Check an artifact against the PyTorch base model + peft adapters; exit 1 if a budget breaks.
+    """Check artifacts against the PyTorch base model + peft adapters; exit 1 if a budget breaks.
 
     Compares, per adapter, per mix, per LoRA + prefix composition and for the base model:
     max |Δlogits|, mean KL and top-1 agreement at every token position of the prompts and of
     held-out texts (--texts; default the packaged set heldout), and greedy generations from the
-    prompts. Classifiers: the same on the class logits; with --labels FILE.jsonl ({"text": ...,
-    "label": ...} rows) the accuracy of both sides too. Writes report.json into the artifact (or
-    --report) and beside it report.md and report.html (one file, plots embedded: |Δlogits|
-    distribution, top-1 agreement and KL by token position, accuracy of both sides). Progress goes
-    to stderr (--quiet: none); --json prints only the result on stdout.
+    prompts. Causal LMs: --labels FILE.jsonl ({"prompt": ..., "target": ...} rows) adds the task
+    scores of both sides' greedy completions (exact match and token F1), on every case, or
+    --labels NAME=FILE on adapter NAME's cases. Classifiers: the same on the class logits; with
+    --labels FILE.jsonl ({"text": ..., "label": ...} rows) the accuracy of both sides too. Several
+    artifacts (e.g. the fp32, int4 and NNAPI builds of the same adapters) give one report, a row
+    per artifact and case; --ray [ADDRESS] runs the cases as Ray tasks (pip install
+    'edgepeft[scale]'; no address: a local Ray). Writes report.json into the artifact (several:
+    validate-report.json here; or --report) and beside it report.md and report.html (one file,
+    plots embedded: |Δlogits| distribution, top-1 agreement and KL by token position, accuracy of
+    both sides). Progress goes to stderr (--quiet: none); --json prints only the result on stdout.
     """
-    from edgepeft.validate import format_report
-    from edgepeft.validate import validate as run_validate
+    from edgepeft.validate import format_report, validate_many
 
     prompts = None
     if args.prompts:
@@ -416,29 +420,34 @@ def validate(args) -> int:
         from edgepeft.data import load_texts
 
         texts = load_texts(args.texts, option="--texts")
-    budget = None
     overrides = {k: getattr(args, k) for k in ("max_abs_logits", "min_top1", "max_kl", "max_accuracy_drop")
                  if getattr(args, k) is not None}
-    if overrides:
-        from dataclasses import replace
-
-        from edgepeft.contract import read_manifest
-        from edgepeft.quantize.budgets import BUDGETS, Budget
-
-        m = read_manifest(Path(args.artifact))
-        base = Budget(**m["budget"]) if m.get("budget") else BUDGETS[m["precision"]]
-        budget = replace(base, **overrides)
-    result = run_validate(Path(args.artifact), Path(args.reference), prompts=prompts, texts=texts, budget=budget,
-                          max_new_tokens=args.max_new_tokens, adapter_dirs=dict(_adapter_pairs(args.adapter)),
-                          report=Path(args.report) if args.report else None,
-                          labelled=Path(args.labels) if args.labels else None, limit=args.limit,
-                          quiet=args.quiet)
+    result = validate_many([Path(a) for a in args.artifact], Path(args.reference), prompts=prompts, texts=texts,
+                           overrides=overrides, max_new_tokens=args.max_new_tokens,
+                           adapter_dirs=dict(_adapter_pairs(args.adapter)),
+                           report=Path(args.report) if args.report else None,
+                           labelled=_labels(args.labels), limit=args.limit, quiet=args.quiet, ray=args.ray)
     print(json.dumps(result, indent=2) if args.json else format_report(result))
     return 0 if result["passed"] else 1
 
 
+def _labels(values: list[str] | None) -> dict[str | None, Path] | None:
+    """``--labels FILE`` (every case) and ``--labels NAME=FILE`` (adapter NAME's cases)."""
+    if not values:
+        return None
+    out: dict[str | None, Path] = {}
+    for v in values:
+        name, _, path = v.partition("=") if "=" in v and not Path(v).exists() else ("", "", v)
+        key = name or None
+        if not path or key in out:
+            raise EdgepeftError(f"--labels {v!r}: expected FILE.jsonl or NAME=FILE.jsonl, each name (and one plain "
+                                "FILE) once.")
+        out[key] = Path(path)
+    return out
+
+
 def _validate_args(p):
-    p.add_argument("artifact", help="artifact directory")
+    p.add_argument("artifact", nargs="+", help="artifact directories (several: one report)")
     p.add_argument("--reference", required=True, help="the base model folder (or GGUF file) used at export")
     p.add_argument("--prompts", default=None, help="text file, one prompt per line (greedy continuations compared)")
     p.add_argument("--texts", default=None, metavar="FILE_OR_NAME",
@@ -447,17 +456,22 @@ def _validate_args(p):
     p.add_argument("--adapter", action="append", metavar="NAME=DIR",
                    help="PEFT folder of an adapter (default: the path recorded at export)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="greedy tokens compared per prompt")
-    p.add_argument("--labels", default=None, metavar="FILE.jsonl",
-                   help="classifiers: labelled rows {\"text\", \"label\"}; reports accuracy of torch and artifact")
-    p.add_argument("--limit", type=int, default=None, help="use at most this many labelled rows")
+    p.add_argument("--labels", action="append", metavar="[NAME=]FILE.jsonl",
+                   help="causal LMs: {\"prompt\", \"target\"} rows, exact match and token F1 of torch and "
+                        "artifact, on every case or (NAME=) adapter NAME's; classifiers: {\"text\", \"label\"} "
+                        "rows, accuracy of both")
+    p.add_argument("--limit", type=int, default=None, help="use at most this many rows of each labelled file")
     p.add_argument("--max-abs-logits", type=float, default=None, help="override the budget's bound")
     p.add_argument("--min-top1", type=float, default=None, help="override the budget's top-1 agreement (0..1)")
     p.add_argument("--max-kl", type=float, default=None, help="override the budget's mean KL")
     p.add_argument("--max-accuracy-drop", type=float, default=None,
-                   help="override the budget's accuracy drop in points (classifiers with --labels)")
+                   help="override the budget's drop of accuracy / exact match / F1, in points (with --labels)")
+    p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="run the cases as Ray tasks on the cluster at ADDRESS (ray://HOST:10001, HOST:6379, "
+                        "auto), or without ADDRESS on a local Ray; needs pip install 'edgepeft[scale]'")
     p.add_argument("--report", default=None,
                    help="where to write report.json, with report.md and report.html beside it "
-                        "(default: in the artifact)")
+                        "(default: in the artifact; several artifacts: validate-report.json here)")
     p.add_argument("--json", action="store_true", help="print the machine-readable result")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
