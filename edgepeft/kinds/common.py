@@ -564,15 +564,15 @@ def peft_delta_mix(layer_class: Callable[[], type], holds: Callable[[nn.Module, 
                 if isinstance(module, cls):
                     deltas = [w * module.get_delta_weight(n) for n, w in weights.items() if holds(module, n)]
                     if deltas:
-                        delta = sum(deltas)
-                        module.get_base_layer().weight += delta
-                        applied.append((module, delta))
+                        weight = module.get_base_layer().weight
+                        applied.append((weight, weight.detach().clone()))
+                        weight += sum(deltas)
         try:
             with model.disable_adapter():
                 yield
         finally:
-            with torch.no_grad():
-                for module, delta in applied:
-                    module.get_base_layer().weight -= delta
+            with torch.no_grad():  # the saved weights: W + d - d is not W in floating point, and
+                for weight, saved in applied:  # a case after the mix would see the difference
+                    weight.copy_(saved)
 
     return mix

@@ -44,12 +44,20 @@ def bounds(result: dict, case: dict) -> list[tuple[str, str, str, bool | None]]:
         must = b["greedy_must_match"]
         rows.append(("greedy tokens identical", f"{same}/{case['greedy_tokens']}",
                      "all" if must else "not required", case["greedy_mismatches"] == 0 if must else None))
-    if case.get("accuracy_torch") is not None:
-        drop = 100 * (case["accuracy_torch"] - case["accuracy_artifact"])
-        rows.append(("accuracy drop", f"{drop:.2f} points (torch {case['accuracy_torch']:.2%}, "
-                     f"artifact {case['accuracy_artifact']:.2%})", f"≤ {b['max_accuracy_drop']:g} points",
-                     drop <= b["max_accuracy_drop"]))
+    scores = [("accuracy_torch", "accuracy_artifact", _acc_name(result))]
+    scores.append(("f1_torch", "f1_artifact", "token F1"))
+    for t, a, what in scores:
+        if case.get(t) is not None:
+            drop = 100 * (case[t] - case[a])
+            rows.append((f"{what} drop", f"{drop:.2f} points (torch {case[t]:.2%}, artifact {case[a]:.2%}"
+                         + (f", {case['task_rows']} rows)" if case.get("task_rows") else ")"),
+                         f"≤ {b['max_accuracy_drop']:g} points", drop <= b["max_accuracy_drop"]))
     return rows
+
+
+def _acc_name(result: dict) -> str:
+    """What ``accuracy_*`` measures: classifiers' accuracy, causal LMs' exact match."""
+    return "exact match" if result.get("task", "causal-lm") == "causal-lm" else "accuracy"
 
 
 def _mark(ok: bool | None) -> str:
@@ -63,7 +71,8 @@ def _budget_text(result: dict) -> str:
     if result.get("task", "causal-lm") == "causal-lm":
         parts.append("greedy identical" if b["greedy_must_match"] else "greedy may differ")
     if result.get("labelled"):
-        parts.append(f"accuracy drop ≤ {b['max_accuracy_drop']:g} points")
+        what = "exact match and token F1" if result.get("task", "causal-lm") == "causal-lm" else "accuracy"
+        parts.append(f"{what} drop ≤ {b['max_accuracy_drop']:g} points")
     return ", ".join(parts)
 
 
@@ -74,7 +83,12 @@ def _header(result: dict) -> list[tuple[str, str]]:
             ("budget", _budget_text(result))]
     if result.get("labelled"):
         rows.append(("labelled data", result["labelled"]))
-    rows.append(("date", f"{result.get('date', '?')} ({result.get('seconds', 0):.1f} s)"))
+    if result.get("ray"):
+        rows.append(("ran on", f"Ray ({result['ray']['address']}): {result['ray']['summary']}"))
+    if result.get("date"):
+        rows.append(("date", f"{result['date']} ({result.get('seconds', 0):.1f} s)"))
+    else:  # one artifact of several: its cases' time
+        rows.append(("time", f"{result.get('seconds', 0):.1f} s of cases"))
     return rows
 
 
@@ -83,8 +97,11 @@ def _summary_cells(result: dict, case: dict) -> list[str]:
              f"{case['top1_agreement']:.2%}"]
     if result.get("task", "causal-lm") == "causal-lm":
         cells.append(f"{case['greedy_tokens'] - case['greedy_mismatches']}/{case['greedy_tokens']}")
-    if case.get("accuracy_torch") is not None:
-        cells.append(f"{case['accuracy_torch']:.2%} / {case['accuracy_artifact']:.2%}")
+    if any(c.get("accuracy_torch") is not None for c in result["cases"]):
+        cells.append(f"{case['accuracy_torch']:.2%} / {case['accuracy_artifact']:.2%}"
+                     if case.get("accuracy_torch") is not None else "—")
+    if any(c.get("f1_torch") is not None for c in result["cases"]):
+        cells.append(f"{case['f1_torch']:.2%} / {case['f1_artifact']:.2%}" if case.get("f1_torch") is not None else "—")
     cells.append("PASS" if not case["failures"] else "FAIL")
     return cells
 
@@ -95,24 +112,58 @@ def _summary_head(result: dict) -> list[str]:
     if causal:
         head.append("greedy")
     if any(c.get("accuracy_torch") is not None for c in result["cases"]):
-        head.append("accuracy torch / artifact")
+        head.append(f"{_acc_name(result)} torch / artifact")
+    if any(c.get("f1_torch") is not None for c in result["cases"]):
+        head.append("token F1 torch / artifact")
     return head + ["verdict"]
 
 
 def write_markdown(result: dict, path: Path) -> Path:
-    """Write ``path`` (Markdown): header, summary table, per case a verdict line per bound."""
+    """Write ``path`` (Markdown): header, summary table, per case a verdict line per bound. Several
+    artifacts: one summary of every artifact and case, then each artifact's part."""
     verdict = "PASSED" if result["passed"] else "FAILED"
     out = [f"# edgepeft validate: {verdict}", ""]
-    out += [f"- **{k}**: {_md(v)}" for k, v in _header(result)]
+    if "artifacts" in result:
+        out += [f"- **{k}**: {_md(v)}" for k, v in _many_header(result)]
+        out += ["", "## Summary", "", "| artifact | case | verdict |", "|---|---|---|"]
+        for name, r in zip(_names(result), result["artifacts"]):
+            out += [f"| {_md(name)} | {_md(c['case'])} | {'PASS' if not c['failures'] else 'FAIL'} |"
+                    for c in r["cases"]]
+        out.append("")
+        for name, r in zip(_names(result), result["artifacts"]):
+            out += [f"## {_md(name)}: {'PASSED' if r['passed'] else 'FAILED'}", ""] + _markdown_part(r, "###")
+    else:
+        out += _markdown_part(result, "##")
+    path.write_text("\n".join(out), encoding="utf-8")
+    return path
+
+
+def _many_header(result: dict) -> list[tuple[str, str]]:
+    rows = [("reference", result["reference"]), ("artifacts", ", ".join(r["artifact"] for r in result["artifacts"]))]
+    if result.get("ray"):
+        rows.append(("ran on", f"Ray ({result['ray']['address']}): {result['ray']['summary']}"))
+    rows.append(("date", f"{result.get('date', '?')} ({result.get('seconds', 0):.1f} s)"))
+    return rows
+
+
+def _names(result: dict) -> list[str]:
+    from edgepeft.validate import _label
+
+    return _label([r["artifact"] for r in result["artifacts"]])
+
+
+def _markdown_part(result: dict, h: str) -> list[str]:
+    """One artifact's header, summary table and cases, under headings of level ``h``."""
+    out = [f"- **{k}**: {_md(v)}" for k, v in _header(result)]
     head = _summary_head(result)
-    out += ["", "## Summary", "", "| " + " | ".join(_md(h) for h in head) + " |", "|" + "---|" * len(head)]
+    out += ["", f"{h} Summary", "", "| " + " | ".join(_md(x) for x in head) + " |", "|" + "---|" * len(head)]
     for c in result["cases"]:
         cells = _summary_cells(result, c)
         cells = cells[:len(head) - 1] + ["—"] * (len(head) - len(cells)) + cells[-1:]
         out.append("| " + " | ".join(_md(x) for x in cells) + " |")
     out += ["", "Plots: report.html beside this file.", ""]
     for c in result["cases"]:
-        out += [f"## {_md(c['case'])}: {'PASS' if not c['failures'] else 'FAIL'}", ""]
+        out += [f"{h} {_md(c['case'])}: {'PASS' if not c['failures'] else 'FAIL'}", ""]
         for what, value, bound, ok in bounds(result, c):
             out.append(f"- {_mark(ok)}: {what} {_md(value)} (bound: {bound})")
         for f in c["failures"]:
@@ -123,8 +174,7 @@ def write_markdown(result: dict, path: Path) -> Path:
                        f" (max over {'vocabulary' if result.get('task', 'causal-lm') == 'causal-lm' else 'classes'}):"
                        f" median {d['p50']:.3g}, 99th percentile {d['p99']:.3g}, max {d['max']:.3g}")
         out.append("")
-    path.write_text("\n".join(out), encoding="utf-8")
-    return path
+    return out
 
 
 def _md(text: str) -> str:
@@ -181,7 +231,7 @@ def _figure(result: dict, case: dict):
     d = case.get("distributions") or {}
     b = result["budget"]
     acc = case.get("accuracy_torch") is not None
-    panels = 3 if causal or acc else 2
+    panels = (4 if causal and acc else 3) if causal or acc else 2
     fig = Figure(figsize=(3.7 * panels, 3.1), dpi=110, layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, panels, squeeze=False)[0]
@@ -221,8 +271,23 @@ def _figure(result: dict, case: dict):
         axes[2].set_title("mean KL(torch ‖ artifact) by token position")
         axes[2].set_ylabel("KL (nats, log scale)" if shown else "KL (nats)")
         axes[2].legend(loc="upper right", frameon=False)
-        for ax in axes[1:]:
+        for ax in axes[1:3]:
             ax.set_xlabel("token position" + (f" (groups of {width})" if width > 1 else ""))
+        if acc:  # task scores of the labelled prompts
+            import numpy as np
+
+            x = np.arange(2)
+            t = [100 * case["accuracy_torch"], 100 * case["f1_torch"]]
+            a = [100 * case["accuracy_artifact"], 100 * case["f1_artifact"]]
+            for off, vals, color, label in ((-0.18, t, TORCH, "torch"), (0.18, a, ARTIFACT, "artifact")):
+                bars = axes[3].bar(x + off, vals, width=0.34, color=color, label=label)
+                axes[3].bar_label(bars, labels=[f"{v:.1f}" for v in vals], padding=2, fontsize=8)
+            axes[3].set_xticks(x, ["exact match", "token F1"])
+            axes[3].set_ylim(0, 118)
+            axes[3].set_ylabel("%")
+            axes[3].set_title(f"task scores ({case.get('task_rows')} labelled prompts)")
+            axes[3].legend(loc="upper right", frameon=False, ncols=2)
+            axes[3].grid(axis="x", visible=False)
     else:
         _hist(axes[1], d.get("kl") or {}, None, "KL (nats, log scale)", "texts")
         axes[1].set_title("KL(torch ‖ artifact) per text")
@@ -335,7 +400,7 @@ def _overview(result: dict):
         for i, (x, y) in enumerate(zip(t, a)):
             ax.text(max(x, y) + 1, i, f"{x:.1f} / {y:.1f}", va="center", fontsize=8)
         ax.set_xlim(0, 125)
-        ax.set_title("accuracy: torch / artifact", fontsize=9.5)
+        ax.set_title(f"{_acc_name(result)}: torch / artifact", fontsize=9.5)
         ax.set_xlabel("%")
         ax.legend(loc="lower right", frameon=True, framealpha=0.85, fontsize=7.5)
     for k, ax in enumerate(axes):
@@ -377,13 +442,39 @@ section{border-top:1px solid #e5e5e5}p.note{color:#555;font-size:13px;margin:2px
 
 
 def write_html(result: dict, path: Path) -> Path:
-    """Write ``path``: the Markdown content plus one embedded PNG figure per case, one file."""
+    """Write ``path``: the Markdown content plus one embedded PNG figure per case, one file.
+    Several artifacts: a summary of every artifact and case, then each artifact's part."""
     e = html.escape
     verdict = "PASSED" if result["passed"] else "FAILED"
+    what = ", ".join(r["artifact"] for r in result["artifacts"]) if "artifacts" in result else result["artifact"]
     out = ["<!doctype html>", '<html lang="en"><head><meta charset="utf-8">',
-           f"<title>edgepeft validate: {verdict}: {e(result['artifact'])}</title>",
+           f"<title>edgepeft validate: {verdict}: {e(what)}</title>",
            f"<style>{CSS}</style></head><body>",
-           f'<h1>edgepeft validate: <span class="{verdict}">{verdict}</span></h1>', '<table class="meta">']
+           f'<h1>edgepeft validate: <span class="{verdict}">{verdict}</span></h1>']
+    if "artifacts" in result:
+        out.append('<table class="meta">')
+        out += [f"<tr><td>{e(k)}</td><td>{e(str(v))}</td></tr>" for k, v in _many_header(result)]
+        out.append("</table><h2>Summary</h2><table><tr><th>artifact</th><th>case</th><th>verdict</th></tr>")
+        for name, r in zip(_names(result), result["artifacts"]):
+            for c in r["cases"]:
+                v = "PASS" if not c["failures"] else "FAIL"
+                out.append(f'<tr><td>{e(name)}</td><td>{e(c["case"])}</td><td class="{v}">{v}</td></tr>')
+        out.append("</table>")
+        for name, r in zip(_names(result), result["artifacts"]):
+            v = "PASSED" if r["passed"] else "FAILED"
+            out.append(f'<h2 style="font-size:20px;margin-top:40px">{e(name)}: <span class="{v}">{v}</span></h2>')
+            out += _html_part(r)
+    else:
+        out += _html_part(result)
+    out.append("</body></html>")
+    path.write_text("\n".join(out) + "\n", encoding="utf-8")
+    return path
+
+
+def _html_part(result: dict) -> list[str]:
+    """One artifact's header, summary table, overview figure and per-case sections."""
+    e = html.escape
+    out = ['<table class="meta">']
     out += [f"<tr><td>{e(k)}</td><td>{e(str(v))}</td></tr>" for k, v in _header(result)]
     out.append("</table><h2>Summary</h2><table><tr>"
                + "".join(f"<th>{e(h)}</th>" for h in _summary_head(result)) + "</tr>")
@@ -413,6 +504,4 @@ def write_html(result: dict, path: Path) -> Path:
             out.append('<ul class="fail">' + "".join(f"<li>{e(f)}</li>" for f in c["failures"]) + "</ul>")
         png = base64.b64encode(figure_png(result, c)).decode("ascii")
         out.append(f'<img alt="{e(c["case"])}: distributions" src="data:image/png;base64,{png}"></section>')
-    out.append("</body></html>")
-    path.write_text("\n".join(out) + "\n", encoding="utf-8")
-    return path
+    return out
