@@ -23,6 +23,9 @@ PROMPTS = (
     "Number: 517\nIn words:",
 )
 MIX = {"sentiment": 0.5, "numbers": 0.5}
+# the numbers adapter's task: 32 of the 50 numbers its training held out, with their words (the
+# first 32 of edgepeft.demo.train's held-out draw); validate scores both sides' completions
+NUMBERS_TASKS = Path(__file__).parent / "numbers-heldout.jsonl"
 
 
 def _same_export(out: Path, base: Path, adapters: dict[str, Path]) -> bool:
@@ -62,9 +65,10 @@ def run_demo(out: Path, force: bool = False, max_new_tokens: int = 8) -> int:
     t_export = time.perf_counter() - t0
 
     print(f"\nValidating {out} against PyTorch + peft ({len(PROMPTS)} prompts, "
-          f"{max_new_tokens} greedy tokens each)...")
+          f"{max_new_tokens} greedy tokens each; the numbers task: {NUMBERS_TASKS.name})...")
     t1 = time.perf_counter()
-    result = validate(out, base, prompts=list(PROMPTS), max_new_tokens=max_new_tokens)
+    result = validate(out, base, prompts=list(PROMPTS), max_new_tokens=max_new_tokens,
+                      labelled={"numbers": NUMBERS_TASKS})
     print(format_report(result))
 
     m = Model(out)
@@ -75,6 +79,10 @@ def run_demo(out: Path, force: bool = False, max_new_tokens: int = 8) -> int:
                               ("mix 50/50", MIX)):
             text = m.generate_text(prompt, max_new_tokens=12, adapter=choice)
             print(f"    {label:<10} -> {json.dumps(text.splitlines()[0] if text.strip() else text, ensure_ascii=False)}")
+    task = next(c for c in result["cases"] if c["case"] == "numbers")
+    print(f"\nnumbers task ({task['task_rows']} held-out numbers, greedy): exact match torch "
+          f"{task['accuracy_torch']:.1%} / artifact {task['accuracy_artifact']:.1%}; token F1 torch "
+          f"{task['f1_torch']:.1%} / artifact {task['f1_artifact']:.1%}")
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(f"\nartifact {out}: {size / 1e6:.0f} MB; export {t_export:.0f}s, validation "
           f"{time.perf_counter() - t1:.0f}s; validation {'PASSED' if result['passed'] else 'FAILED'}")
