@@ -55,6 +55,8 @@ def main() -> int:
     ap.add_argument("--adapters", type=int, default=32)
     ap.add_argument("--max-new-tokens", type=int, default=8)
     ap.add_argument("--reuse", action="store_true", help="keep the adapters and builds of an earlier run")
+    ap.add_argument("--runs", default="serial,ray",
+                    help="the runs to make now; the others are read from an earlier run's report and timing")
     args = ap.parse_args()
 
     from edgepeft.demo.data import smollm2_dir
@@ -76,6 +78,9 @@ def main() -> int:
             cmd += ["--adapter", f"{n}={p}"]
         export_s[name] = round(run(cmd, f"export {name}"), 1)
         print(f"export {name}: {export_s[name]} s", flush=True)
+    times = WORK / "export.json"  # the builds' export times, kept for a --reuse run
+    export_s = {**(json.loads(times.read_text()) if times.exists() else {}), **export_s}
+    times.write_text(json.dumps(export_s))
 
     result = {"machine": machine_info(), "adapters": {n: str(p) for n, p in adapters.items()},
               "ranks": list(RANKS), "builds": {k: str(v) for k, v in builds.items()}, "export_seconds": export_s,
@@ -83,6 +88,10 @@ def main() -> int:
     reports = {}
     for how in ("serial", "ray"):
         report = WORK / f"report-{how}.json"
+        if how not in args.runs.split(","):  # an earlier run's, as it recorded itself
+            reports[how] = json.loads(report.read_text())
+            result["runs"][how] = json.loads((WORK / f"run-{how}.json").read_text())
+            continue
         cmd = CLI + ["validate", builds["fp32"], builds["int4"], "--reference", base, "--max-new-tokens",
                      args.max_new_tokens, "--report", report, "--quiet"] + (["--ray"] if how == "ray" else [])
         load0 = os.getloadavg()
@@ -94,7 +103,10 @@ def main() -> int:
         result["runs"][how] = {"wall_seconds": round(wall, 1), "report_seconds": reports[how]["seconds"],
                                "per_case": stats(per_case), "processes": len(pids),
                                "cases": len(per_case), "passed": reports[how]["passed"],
-                               "ray": reports[how].get("ray"), "loadavg_before": load0, "loadavg_after": load1}
+                               "ray": reports[how].get("ray"), "loadavg_before": load0, "loadavg_after": load1,
+                               "threads": reports[how]["artifacts"][0].get("threads"),
+                               "git_commit": result["machine"]["git_commit"], "date": time.strftime("%Y-%m-%d %H:%M")}
+        (WORK / f"run-{how}.json").write_text(json.dumps(result["runs"][how], indent=2))
         print(f"{how}: {wall:.0f} s wall, {len(per_case)} cases, per case median "
               f"{statistics.median(per_case):.1f} s", flush=True)
 
@@ -125,8 +137,8 @@ def main() -> int:
     lines = ["# Validation at release scale: serial and Ray", "",
              f"SmolLM2-135M, {args.adapters} random LoRAs (ranks {', '.join(map(str, RANKS))}), builds fused fp32 "
              f"and fused int4; {args.max_new_tokens} greedy tokens, the default held-out texts. Machine: "
-             f"{result['machine']['cpu_model']}, {result['machine']['cpu_count']} CPUs. One run each, "
-             f"serial first.", "",
+             f"{result['machine']['cpu_model']}, {result['machine']['cpu_count']} CPUs. One run each; torch and "
+             "onnxruntime on one thread per case in both (the default, `--threads 1`).", "",
              "| run | wall (s) | cases | per case median (min–max) s | processes | load before → after |",
              "|---|---|---|---|---|---|"]
     for how in ("serial", "ray"):

@@ -426,7 +426,8 @@ def validate(args) -> int:
                            overrides=overrides, max_new_tokens=args.max_new_tokens,
                            adapter_dirs=dict(_adapter_pairs(args.adapter)),
                            report=Path(args.report) if args.report else None,
-                           labelled=_labels(args.labels), limit=args.limit, quiet=args.quiet, ray=args.ray)
+                           labelled=_labels(args.labels), limit=args.limit, quiet=args.quiet, ray=args.ray,
+                           threads=args.threads or None)
     print(json.dumps(result, indent=2) if args.json else format_report(result))
     if not args.quiet:
         where = (Path(args.report) if args.report else Path(args.artifact[0]) / "report.json"
@@ -474,6 +475,9 @@ def _validate_args(p):
     p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                    help="run the cases as Ray tasks on the cluster at ADDRESS (ray://HOST:10001, HOST:6379, "
                         "auto), or without ADDRESS on a local Ray; needs pip install 'edgepeft[scale]'")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch and onnxruntime threads per case (default 1: a serial run and a --ray run give "
+                        "the same numbers; 0: every core, faster serially, the last digits may differ)")
     p.add_argument("--report", default=None,
                    help="where to write report.json, with report.md and report.html beside it "
                         "(default: in the artifact; several artifacts: validate-report.json here)")

@@ -85,9 +85,9 @@ def local_ray():
     """A Ray of 2 CPUs on 127.0.0.1, this module's own; validate --ray uses it as it is."""
     import ray
 
-    ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False,
-             logging_level=logging.WARNING)
-    yield ray
+    ctx = ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False,
+                   logging_level=logging.WARNING)
+    yield ctx.address_info["gcs_address"]
     ray.shutdown()
 
 
@@ -131,6 +131,21 @@ def test_ray_report_equals_serial(serial, builds, tmp_path, local_ray):
     assert result["ray"]["address"] == "local" and result["ray"]["cpus"] == 2
     pids = {run["pid"] for r in result["artifacts"] for run in r["runs"]}
     assert os.getpid() not in pids and pids, pids  # the cases ran in Ray's worker processes
+
+
+def test_ray_address_joins_a_running_cluster(serial, builds, tmp_path, local_ray):
+    """``--ray HOST:PORT`` from another process (the CLI, as a user runs it) joins this module's Ray."""
+    import subprocess
+
+    base, _, out, labelled = builds
+    report = tmp_path / "r.json"
+    r = subprocess.run([sys.executable, "-m", "edgepeft", "validate", str(out["traced"]), "--reference", str(base),
+                        "--labels", f"a0={labelled}", "--max-new-tokens", str(TOKENS), "--report", str(report),
+                        "--ray", local_ray, "--quiet"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(report.read_text())
+    assert result["cases"] == serial["artifacts"][0]["cases"]
+    assert result["ray"]["address"] == local_ray and "ran on Ray" in r.stdout
 
 
 def _ray_case_pids() -> list[int]:

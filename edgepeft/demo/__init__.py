@@ -68,7 +68,7 @@ def run_demo(out: Path, force: bool = False, max_new_tokens: int = 8) -> int:
           f"{max_new_tokens} greedy tokens each; the numbers task: {NUMBERS_TASKS.name})...")
     t1 = time.perf_counter()
     result = validate(out, base, prompts=list(PROMPTS), max_new_tokens=max_new_tokens,
-                      labelled={"numbers": NUMBERS_TASKS})
+                      labelled={"numbers": NUMBERS_TASKS}, threads=None)  # every core: the demo is not compared to a Ray run
     print(format_report(result))
 
     m = Model(out)

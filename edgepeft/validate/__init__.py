@@ -233,7 +233,7 @@ def validate(artifact_dir: Path, reference: Path, prompts: list[str] | None = No
              adapter_dirs: dict[str, Path] | None = None, report: Path | None = None,
              labelled: Path | Mapping[str | None, Path] | None = None, limit: int | None = None,
              quiet: bool = False, choices: list | None = None, overrides: Mapping[str, float] | None = None,
-             ray: str | None = None) -> dict:
+             ray: str | None = None, threads: int | None = 1) -> dict:
     """Compare an artifact with its PyTorch reference; see the module docstring.
 
     Args:
@@ -259,6 +259,10 @@ def validate(artifact_dir: Path, reference: Path, prompts: list[str] | None = No
             :func:`default_choices` (``edgepeft adapter add --validate``: the added adapter).
         overrides: budget fields to replace (``{"max_kl": 0.02}``).
         ray: run the cases as Ray tasks: a cluster address, or "" to start a local Ray.
+        threads: torch and onnxruntime threads per case (a Ray task reserves as many CPUs). The
+            last digits of the metrics depend on it, so a serial run and a Ray run give the same
+            numbers when it is the same; default 1 (one case per CPU on Ray). None: the
+            libraries' defaults (every core; a faster serial run, not comparable to the last digit).
 
     Returns:
         The report dict; ``report["passed"]`` is False when any case breaks the budget. Written
@@ -266,7 +270,7 @@ def validate(artifact_dir: Path, reference: Path, prompts: list[str] | None = No
     """
     return validate_many([artifact_dir], reference, prompts=prompts, texts=texts, max_new_tokens=max_new_tokens,
                          budget=budget, adapter_dirs=adapter_dirs, report=report, labelled=labelled, limit=limit,
-                         quiet=quiet, choices=choices, overrides=overrides, ray=ray)
+                         quiet=quiet, choices=choices, overrides=overrides, ray=ray, threads=threads)
 
 
 def validate_many(artifact_dirs: Sequence[Path], reference: Path, *, prompts: list[str] | None = None,
@@ -274,7 +278,7 @@ def validate_many(artifact_dirs: Sequence[Path], reference: Path, *, prompts: li
                   adapter_dirs: dict[str, Path] | None = None, report: Path | None = None,
                   labelled: Path | Mapping[str | None, Path] | None = None, limit: int | None = None,
                   quiet: bool = False, choices: list | None = None, overrides: Mapping[str, float] | None = None,
-                  ray: str | None = None) -> dict:
+                  ray: str | None = None, threads: int | None = 1) -> dict:
     """:func:`validate` of several artifacts of one base against one reference, in one report.
 
     One artifact: the report :func:`validate` describes. Several: ``{"reference", "artifacts":
@@ -282,6 +286,7 @@ def validate_many(artifact_dirs: Sequence[Path], reference: Path, *, prompts: li
     (default ``validate-report.json`` in the current directory). Each artifact's ``budget`` is its
     own precision's unless ``budget`` is given; ``overrides`` apply to each. ``ray``: see
     :func:`validate`; each report's ``runs`` says which process ran each case and for how long.
+    ``threads``: see :func:`validate`.
     """
     t0 = time.perf_counter()
     artifact_dirs = [Path(a) for a in artifact_dirs]
@@ -292,12 +297,14 @@ def validate_many(artifact_dirs: Sequence[Path], reference: Path, *, prompts: li
         if a.resolve() in seen:
             raise EdgepeftError(f"{a}: given twice; pass each artifact once.")
         seen.add(a.resolve())
+    if threads is not None and threads < 1:
+        raise EdgepeftError(f"threads={threads}: at least 1, or None for the libraries' defaults.")
     if ray is not None:
         from edgepeft.validate.scale import require_ray
 
         require_ray()  # before any work: exit 2 with the install line
+        threads = threads or 1  # a task reserves its CPUs
     source = resolve_base(reference, quiet)  # a GGUF file: its dequantized folder in the cache
-    threads = 1 if ray is not None else None  # a Ray task has one CPU (num_cpus=1)
     plans = [_plan(a, source.folder, Path(reference), prompts, texts, max_new_tokens, budget, overrides,
                    adapter_dirs, labelled, limit, choices, threads) for a in artifact_dirs]
     tasks = [(s, case) for s, cases, _ in plans for case in cases]
@@ -331,10 +338,13 @@ def validate_many(artifact_dirs: Sequence[Path], reference: Path, *, prompts: li
 
 def _serial(tasks: list, quiet: bool) -> list:
     """Every case in this process, in order: ``[(CaseResult, run)]``."""
+    import torch
+
     from edgepeft.validate import cases
 
     progress = bar(tasks, desc="validate", unit="case", quiet=quiet)
     outs = []
+    threads = torch.get_num_threads()  # a case sets its own; the caller gets back its setting
     try:
         for s, case in progress:
             progress.set_postfix_str(case.name if isinstance(case, PerRow) else case_name(case))
@@ -342,6 +352,7 @@ def _serial(tasks: list, quiet: bool) -> list:
     finally:
         progress.close()
         cases.forget()  # the models are this call's; a long-lived caller gets its memory back
+        torch.set_num_threads(threads)
     return outs
 
 
@@ -354,7 +365,7 @@ def _artifact_report(artifact_dir: Path, reference: Path, s: Settings, manifest:
     return {"artifact": str(artifact_dir), "reference": str(reference), "task": manifest["task"],
             "precision": manifest["precision"], "mode": manifest["mode"], "budget": asdict(s.budget),
             "graph_format": first.get("graph_format"), "providers": first.get("providers"),
-            "max_new_tokens": s.max_new_tokens if manifest["task"] == "causal-lm" else 0,
+            "max_new_tokens": s.max_new_tokens if manifest["task"] == "causal-lm" else 0, "threads": s.threads,
             "labelled": ", ".join(str(p) if n is None else f"{n}={p}" for n, p in sets.items()) or None,
             "cases": [asdict(r) for r in results],
             "passed": all(not r.failures for r in results),

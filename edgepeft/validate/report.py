@@ -393,12 +393,14 @@ def _overview(result: dict):
 
     if acc:
         ax = axes[3]
+        scored = [c.get("accuracy_torch") is not None for c in cases]
         t = [100 * (c.get("accuracy_torch") or 0) for c in cases]
         a = [100 * (c.get("accuracy_artifact") or 0) for c in cases]
         ax.barh(ys - 0.15, t, height=0.3, color=TORCH, label="torch")
         ax.barh(ys + 0.15, a, height=0.3, color=ARTIFACT, label="artifact")
         for i, (x, y) in enumerate(zip(t, a)):
-            ax.text(max(x, y) + 1, i, f"{x:.1f} / {y:.1f}", va="center", fontsize=8)
+            ax.text(max(x, y) + 1, i, f"{x:.1f} / {y:.1f}" if scored[i] else "not scored", va="center", fontsize=8,
+                    color="#222" if scored[i] else "#888")
         ax.set_xlim(0, 125)
         ax.set_title(f"{_acc_name(result)}: torch / artifact", fontsize=9.5)
         ax.set_xlabel("%")

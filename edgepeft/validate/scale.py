@@ -1,12 +1,14 @@
 """``edgepeft validate --ray``: the cases of one or several artifacts as Ray tasks.
 
-Each case is one task (:func:`edgepeft.validate.cases.run_case`, one CPU). Ray keeps its worker
+Each case is one task (:func:`edgepeft.validate.cases.run_case`) reserving as many CPUs as it
+runs threads (``Settings.threads``, default 1). Ray keeps its worker
 processes, and each keeps what it loaded (the artifact's sessions, the PyTorch reference, the
 token batches) for the next case it gets, so a worker loads an artifact and the reference once.
 A worker that dies mid-case (killed, out of memory, its machine gone) is a system failure that Ray
 retries on another worker (``max_retries``); the driver holds one result per task, so every case
 is counted once. Results come back in the serial order, and each case computes its own references
-with torch and onnxruntime on one thread, so the report is the serial one case by case.
+with torch and onnxruntime on the same number of threads as a serial run, so the report is the
+serial one case by case.
 
 The workers need the same paths as the driver (artifacts, reference, adapter folders): a shared
 file system on a cluster, or the same layout on every machine.
@@ -66,7 +68,8 @@ def run_on_ray(tasks: list, address: str, quiet: bool = False) -> tuple[list, di
         where = address or "local"
         cpus = int(ray.cluster_resources().get("CPU", 0))
         nodes = len([n for n in ray.nodes() if n.get("Alive")])
-        remote = ray.remote(num_cpus=1, max_retries=RETRIES, retry_exceptions=False)(validate_case)
+        per_case = max(s.threads or 1 for s, _ in tasks)  # CPUs a case reserves: its threads
+        remote = ray.remote(num_cpus=per_case, max_retries=RETRIES, retry_exceptions=False)(validate_case)
         t0 = time.perf_counter()
         refs = [remote.remote(s, case) for s, case in tasks]
         order = {r: k for k, r in enumerate(refs)}
@@ -86,7 +89,8 @@ def run_on_ray(tasks: list, address: str, quiet: bool = False) -> tuple[list, di
         if started:
             ray.shutdown()
     workers = len({(run["host"], run["pid"]) for _, run in outs})
-    info = {"address": where, "nodes": nodes, "cpus": cpus, "workers": workers, "seconds": round(wall, 2),
+    info = {"address": where, "nodes": nodes, "cpus": cpus, "cpus_per_case": per_case, "workers": workers,
+            "seconds": round(wall, 2),
             "summary": f"{len(outs)} cases on {workers} worker processes, {nodes} node(s), {cpus} CPUs, "
                        f"{wall:.1f} s"}
     return outs, info
