@@ -244,8 +244,9 @@ def _causal_case(art, ref, inp: _Inputs, s: Settings, choice) -> CaseResult:
 
     torch_ref = ref.get(choice)
     rows_of_case: list[dict] = []
-    batch_stats = [metrics.stats(art.logits(i, adapter=choice, attention_mask=m), torch_ref.logits(i, m),
-                                 m.astype(bool), rows_of_case) for i, m in inp.batches]
+    with torch_ref.held():
+        batch_stats = [metrics.stats(art.logits(i, adapter=choice, attention_mask=m), torch_ref.logits(i, m),
+                                     m.astype(bool), rows_of_case) for i, m in inp.batches]
     gen = art.generate(inp.ids, s.max_new_tokens, adapter=choice, attention_mask=inp.mask,
                        stop_at_eos=False)[:, inp.ids.shape[1]:]
     pt_gen = ref.greedy(choice, inp.ids, inp.mask, s.max_new_tokens)
@@ -292,7 +293,7 @@ def _per_row_case(art, ref, inp: _Inputs, s: Settings, case: PerRow) -> CaseResu
     i, m = inp.batches[0]
     first = None
     first_gen = np.zeros((inp.ids.shape[0], s.max_new_tokens), np.int64)
-    for choice in per_row:
+    for choice in per_row[:BATCH]:  # the choices some row is on
         pt = ref.get(choice).logits(i, m)
         first = np.zeros_like(pt) if first is None else first
         keep = [b for b in range(i.shape[0]) if mine[b] == choice]

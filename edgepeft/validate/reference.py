@@ -30,17 +30,37 @@ class Ref:
             prefix composition, which PEFT cannot run as one model), else None. Also run on each
             unpadded row alone: a row's left padding would sit between the prefix and its tokens,
             and a sliding window over cache slots (transformers' masks) would count it.
-        enter: a context manager factory to run inside (e.g. a mix's merged deltas).
+        enter: a context manager factory to run inside (e.g. a mix's merged deltas); entered
+            once by :meth:`held`, however many calls run inside it.
     """
 
     def __init__(self, model, prompt_learning=False, prefix=None, enter=None):
         self.model, self.prompt_learning, self.prefix = model, prompt_learning, prefix
         self.enter = enter or contextlib.nullcontext
+        self._depth = 0  # held() nesting: enter only at the outermost
+
+    @contextlib.contextmanager
+    def held(self):
+        """Run inside ``enter`` once for everything within: a mix of 32 LoRAs costs seconds to
+        apply, once per case instead of once per forward pass."""
+        if self._depth:
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
+            return
+        with self.enter():
+            self._depth = 1
+            try:
+                yield
+            finally:
+                self._depth = 0
 
     @torch.no_grad()
     def logits(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """Causal LM logits ``(B, S, V)`` at every position of the (left-padded) batch."""
-        with self.enter():
+        with self.held():
             if self.prompt_learning or self.prefix is not None:
                 out = None
                 for i in range(ids.shape[0]):
@@ -71,18 +91,19 @@ class Ref:
     @torch.no_grad()
     def classify_logits(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """Classifier logits ``(B, num_labels)`` of a right-padded batch."""
-        with self.enter():
+        with self.held():
             out = self.model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))
             return out.logits.float().numpy()
 
     def greedy(self, ids: np.ndarray, mask: np.ndarray, n: int) -> np.ndarray:
         """Greedy decoding by full recomputation (no cache): the plain definition. -> (B, n)."""
         new = []
-        for _ in range(n):
-            nxt = self.logits(ids, mask)[:, -1].argmax(-1)[:, None].astype(np.int64)  # (B, 1)
-            new.append(nxt)
-            ids = np.concatenate([ids, nxt], 1)
-            mask = np.concatenate([mask, np.ones_like(nxt)], 1)
+        with self.held():
+            for _ in range(n):
+                nxt = self.logits(ids, mask)[:, -1].argmax(-1)[:, None].astype(np.int64)  # (B, 1)
+                new.append(nxt)
+                ids = np.concatenate([ids, nxt], 1)
+                mask = np.concatenate([mask, np.ones_like(nxt)], 1)
         return np.concatenate(new, 1)
 
 
