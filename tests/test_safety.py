@@ -189,9 +189,9 @@ def _replace_adapter_file(art: Path, name: str, arrays: dict, base_fp: str) -> N
     from edgepeft.contract.adapter_files import write_adapter_files
 
     f = art / "adapters" / f"{name}.onnx_adapter"
-    write_adapter_files(arrays, f, "fp32", base_fp)
+    fields = write_adapter_files(arrays, f, "fp32", base_fp)  # both files: the runtime checks both
     m = json.loads((art / "manifest.json").read_text())
-    m["adapters"][name]["sha256"] = sha256_file(f)
+    m["adapters"][name].update(fields)
     (art / "manifest.json").write_text(json.dumps(m))
 
 
@@ -214,7 +214,8 @@ def test_runtime_refuses_adapter_of_another_base(capsys, tmp_path, llama_side, s
         Model(llama_side).add_adapter(side_c)
 
     art = shutil.copytree(llama_side, tmp_path / "art")
-    shutil.copy(side_c / "adapters" / "x.onnx_adapter", art / "adapters" / "x.onnx_adapter")
+    for suffix in (".onnx_adapter", ".safetensors"):
+        shutil.copy(side_c / "adapters" / f"x{suffix}", art / "adapters" / f"x{suffix}")
     m = json.loads((art / "manifest.json").read_text())
     m["adapters"]["x"] = m_c["adapters"]["x"]
     (art / "manifest.json").write_text(json.dumps(m))
@@ -223,7 +224,7 @@ def test_runtime_refuses_adapter_of_another_base(capsys, tmp_path, llama_side, s
         Model(art)
     m["adapters"]["x"]["base_fingerprint"] = m["base"]["fingerprint"]  # a forged entry
     (art / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(EdgepeftError, match=r"x.onnx_adapter: the file was exported for another base model"):
+    with pytest.raises(EdgepeftError, match=r"x.safetensors: the file was exported for another base model"):
         Model(art)
     code, out, _ = _run(capsys, "verify", art)
     assert code == 1 and "x.onnx_adapter: exported for another base" in out

@@ -1,9 +1,14 @@
 """Adapter files (``adapters/NAME.onnx_adapter`` and the ``.safetensors`` twin): writing them,
 reading them and checking them against their manifest entry.
 
-The Python runtime reads the ``.onnx_adapter`` (onnxruntime's AdapterFormat); runtimes without an
-AdapterFormat reader (onnxruntime's JavaScript API) read the ``.safetensors`` file. Both carry the
-base tag (:func:`edgepeft.contract.names.base_tag`) of the base weights they were exported for.
+Both carry the base tag (:func:`edgepeft.contract.names.base_tag`) of the base weights they were
+exported for. The runtimes read the ``.safetensors`` twin when the manifest entry lists one: the
+JavaScript API has no AdapterFormat reader, and in Python onnxruntime's reader reads the whole file
+into the heap, where (in a process that runs sessions) it stays after the copy: adding SmolLM2's
+``numbers`` adapter (10.5 MB of arrays) to a running model added 21.2 MB of RSS that way, 10.8 MB
+through safetensors' mapped reader (``benchmarks/bench_adapter_memory.py``). The ``.onnx_adapter``
+is read when the entry lists no twin (older artifacts), and is what onnxruntime's own adapter API
+takes.
 numpy, onnxruntime and safetensors are imported when a file is written or read.
 """
 
@@ -91,6 +96,20 @@ def read_adapter_file(path: Path, where: str) -> tuple[dict, int]:
                             "again.") from None
 
 
+def read_safetensors_file(path: Path, where: str) -> tuple[dict, int]:
+    """Arrays of an adapter's ``.safetensors`` twin (read through a file mapping: one copy in
+    memory) and its base tag (metadata ``base_tag``); as :func:`read_adapter_file`."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            tag = int((f.metadata() or {})["base_tag"])
+            return {k: f.get_tensor(k) for k in f.keys()}, tag
+    except Exception as e:  # safetensors raises its own SafetensorError; a missing tag a KeyError
+        raise EdgepeftError(f"{path}: cannot read adapter file ({type(e).__name__}: {e}); {where}. Export the "
+                            "artifact again.") from None
+
+
 def read_checked_adapter(root: Path, name: str, entry: dict, fingerprint: str) -> tuple[Path, str, dict]:
     """The arrays of adapter ``name`` of the artifact at ``root``, once its file matches its
     manifest entry: inside ``root``, present, the recorded sha256, made for base ``fingerprint``
@@ -104,15 +123,22 @@ def read_checked_adapter(root: Path, name: str, entry: dict, fingerprint: str) -
     """
     where = f"adapter {name!r} of {root / MANIFEST_NAME}"
     file = inside(root, entry["file"], where)
-    if not file.is_file():
-        raise EdgepeftError(f"{file}: missing ({where}). Export the artifact again.")
-    if sha256_file(file) != entry["sha256"]:
-        raise EdgepeftError(f"{file}: sha256 does not match the manifest ({where}); the file "
-                            "was changed or damaged. Export the artifact again.")
+    twin = entry.get("safetensors")
+    files = [(file, entry["sha256"])] + ([(inside(root, twin["file"], where), twin["sha256"])] if twin else [])
+    for f, sha in files:  # both, so a damaged .onnx_adapter is found here too
+        if not f.is_file():
+            raise EdgepeftError(f"{f}: missing ({where}). Export the artifact again.")
+        if sha256_file(f) != sha:
+            raise EdgepeftError(f"{f}: sha256 does not match the manifest ({where}); the file "
+                                "was changed or damaged. Export the artifact again.")
     if entry.get("base_fingerprint") != fingerprint:
         raise EdgepeftError(f"{file}: made for base {entry.get('base_fingerprint')}, this "
                             f"artifact's base is {fingerprint} ({where}).")
-    arrays, tag = read_adapter_file(file, where)
+    if twin:
+        file = files[1][0]
+        arrays, tag = read_safetensors_file(file, where)
+    else:
+        arrays, tag = read_adapter_file(file, where)
     if tag not in UNTAGGED and tag != base_tag(fingerprint):
         raise EdgepeftError(f"{file}: the file was exported for another base model (its tag "
                             f"{tag} is not {base_tag(fingerprint)}, from {fingerprint[:23]}...) ({where}). "
