@@ -102,10 +102,11 @@ def main() -> int:
                 opened.setdefault(reader, []).append(res["rss_open_mb"])
                 arrays_mb[name] = res["arrays_mb"]
     load1 = os.getloadavg()
-    ratio = {k: round(spread(runs)[k]["median"] / arrays_mb[k.split(",")[0]], 3) for k in runs}
+    added = spread(runs)
+    ratio = {k: round(d["median"] / arrays_mb[k.split(",")[0]], 3) for k, d in added.items()}
     result = {"machine": machine_info(), "artifact": str(artifact.relative_to(REPO) if artifact.is_relative_to(REPO)
                                                           else artifact),
-              "rounds": args.rounds, "arrays_mb": arrays_mb, "rss_added_mb": spread(runs),
+              "rounds": args.rounds, "arrays_mb": arrays_mb, "rss_added_mb": added,
               "rss_over_arrays": ratio, "rss_open_mb": spread(opened), "loadavg_before": load0, "loadavg_after": load1}
     lines = ["# Resident memory of a loaded adapter, by reader", "",
              f"Artifact `{result['artifact']}`; {args.rounds} interleaved rounds, each a fresh process with the "

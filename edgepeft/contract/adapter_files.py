@@ -134,11 +134,8 @@ def read_checked_adapter(root: Path, name: str, entry: dict, fingerprint: str) -
     if entry.get("base_fingerprint") != fingerprint:
         raise EdgepeftError(f"{file}: made for base {entry.get('base_fingerprint')}, this "
                             f"artifact's base is {fingerprint} ({where}).")
-    if twin:
-        file = files[1][0]
-        arrays, tag = read_safetensors_file(file, where)
-    else:
-        arrays, tag = read_adapter_file(file, where)
+    file = files[-1][0]  # the twin when there is one
+    arrays, tag = (read_safetensors_file if twin else read_adapter_file)(file, where)
     if tag not in UNTAGGED and tag != base_tag(fingerprint):
         raise EdgepeftError(f"{file}: the file was exported for another base model (its tag "
                             f"{tag} is not {base_tag(fingerprint)}, from {fingerprint[:23]}...) ({where}). "

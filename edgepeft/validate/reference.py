@@ -37,25 +37,21 @@ class Ref:
     def __init__(self, model, prompt_learning=False, prefix=None, enter=None):
         self.model, self.prompt_learning, self.prefix = model, prompt_learning, prefix
         self.enter = enter or contextlib.nullcontext
-        self._depth = 0  # held() nesting: enter only at the outermost
+        self._inside = False  # within held(): calls inside do not enter again
 
     @contextlib.contextmanager
     def held(self):
         """Run inside ``enter`` once for everything within: a mix of 32 LoRAs costs seconds to
         apply, once per case instead of once per forward pass."""
-        if self._depth:
-            self._depth += 1
-            try:
-                yield
-            finally:
-                self._depth -= 1
+        if self._inside:
+            yield
             return
         with self.enter():
-            self._depth = 1
+            self._inside = True
             try:
                 yield
             finally:
-                self._depth = 0
+                self._inside = False
 
     @torch.no_grad()
     def logits(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
