@@ -2,7 +2,7 @@
 
 Run from the repo root (needs the demo install; MiniLM needs the encoder benchmark's artifact)::
 
-    python benchmarks/bench_demo.py [--reuse] [--repeats 5] [--skip-minilm]
+    python benchmarks/bench_demo.py [--reuse] [--repeats 5] [--skip-minilm | --skip-smollm2]
 
 1. SmolLM2-135M-Instruct (``edgepeft demo``'s base) with the two demo LoRA adapters: exports (or,
    with ``--reuse``, reuses when made from the same base and adapter folders) a side-branch
@@ -131,6 +131,7 @@ def main(argv=None) -> int:
     ap.add_argument("--reuse", action="store_true", help="reuse exported artifacts when they exist")
     ap.add_argument("--repeats", type=int, default=5, help="fresh processes per row (default 5)")
     ap.add_argument("--skip-minilm", action="store_true", help="only SmolLM2")
+    ap.add_argument("--skip-smollm2", action="store_true", help="only MiniLM")
     ap.add_argument("--threads", type=int, default=None, help="default: the usable cores")
     ap.add_argument("--adapters-dir", type=Path, default=ADAPTERS, help="folder with numbers/ and sentiment/")
     ap.add_argument("--render", action="store_true",
@@ -150,13 +151,15 @@ def main(argv=None) -> int:
     from edgepeft.demo.data import smollm2_dir
 
     t0 = time.perf_counter()
-    base = Path(smollm2_dir())
-    side = ensure(base, RESULTS / "artifacts" / "side", "side", ("numbers", "sentiment"), args.reuse,
-                  args.adapters_dir.resolve())
-    lm = run_bench(side, out=RESULTS / "bench_smollm2", compare_torch=base, repeats=args.repeats,
-                   threads=args.threads)
-    print(format_bench(lm), flush=True)
-    md = [markdown(lm, TITLES["bench_smollm2"])]
+    md = []
+    if not args.skip_smollm2:
+        base = Path(smollm2_dir())
+        side = ensure(base, RESULTS / "artifacts" / "side", "side", ("numbers", "sentiment"), args.reuse,
+                      args.adapters_dir.resolve())
+        lm = run_bench(side, out=RESULTS / "bench_smollm2", compare_torch=base, repeats=args.repeats,
+                       threads=args.threads)
+        print(format_bench(lm), flush=True)
+        md.append(markdown(lm, TITLES["bench_smollm2"]))
     enc = RESULTS / "encoder" / "artifact"
     if not args.skip_minilm:
         src = Path(json.loads((enc / "manifest.json").read_text())["base"]["source"]) if (enc / "manifest.json").is_file() else None
@@ -169,6 +172,7 @@ def main(argv=None) -> int:
             md.append(markdown(cls, TITLES["bench_minilm"]))
     head = (f"<!-- python benchmarks/bench_demo.py --reuse --repeats {args.repeats}"
             + (f" --threads {args.threads}" if args.threads else "")
+            + "".join(f" --{f}" for f in ("skip-minilm", "skip-smollm2") if getattr(args, f.replace("-", "_")))
             + f"; {time.perf_counter() - t0:.0f} s -->\n\n")
     (RESULTS / "bench_demo.md").write_text(head + "\n".join(md))
     log(f"wrote {RESULTS / 'bench_demo.md'} ({time.perf_counter() - t0:.0f} s)")
