@@ -13,7 +13,11 @@ the two reports are compared case by case (they must be equal to the last digit)
 run's per-case times: an estimate of the wall time on N machines of C CPUs, labelled as such.
 
 One round each (the pair takes over half an hour here); the load average before and after each.
-JSON and table: ``docs/bench/validate-scale.{json,md}``.
+JSON and table: ``docs/bench/validate-scale.{json,md}``; every case's metrics and failures, from the
+serial report: ``docs/bench/validate-scale-cases.json``. To write that summary again from a kept report
+without running anything:
+
+    python benchmarks/bench_validate_scale.py --summarize benchmarks/results/validate-scale/report-serial.json
 """
 
 from __future__ import annotations
@@ -50,14 +54,70 @@ def stats(xs: list[float]) -> dict:
             "sum": round(sum(xs), 2), "n": len(xs)}
 
 
+def _sig(x, digits: int = 6):
+    """``x`` to ``digits`` significant digits (None stays None)."""
+    return None if x is None else float(f"{x:.{digits}g}")
+
+
+def summarize(report: Path, out: Path = REPO / "docs" / "bench" / "validate-scale-cases.json") -> dict:
+    """Per-case summary of a validate report: why each case passed or failed its artifact's budget.
+
+    For each artifact: its precision and budget, how many cases failed, the worst of each metric,
+    and per case: passed, failures (validate's own words), max |Δlogits|, top-1 agreement, mean KL,
+    greedy mismatches, the case's seconds (a worker's first cases include its loading). Written to
+    ``out`` (JSON only; the raw report stays under benchmarks/results/, which git ignores).
+    """
+    r = json.loads(Path(report).read_text())
+    run_file = Path(report).with_name(Path(report).name.replace("report-", "run-"))
+    run_info = json.loads(run_file.read_text()) if run_file.exists() else {}
+    artifacts = []
+    for a in r["artifacts"]:
+        seconds = {x["case"]: x["seconds"] for x in a.get("runs", [])}
+        cases = [{"case": c["case"], "passed": not c["failures"], "failures": c["failures"],
+                  "max_abs_logits": _sig(c["max_abs_logits"]), "top1_agreement": _sig(c["top1_agreement"]),
+                  "mean_kl": _sig(c["mean_kl"]), "greedy_mismatches": c["greedy_mismatches"],
+                  "greedy_tokens": c["greedy_tokens"], "positions": c["positions"],
+                  "seconds": seconds.get(c["case"])} for c in a["cases"]]
+        failed = [c for c in cases if not c["passed"]]
+        artifacts.append({
+            "artifact": Path(a["artifact"]).name, "precision": a["precision"], "mode": a.get("mode"),
+            "budget": a["budget"], "passed": a["passed"], "cases": len(cases), "cases_failed": len(failed),
+            "worst": {"max_abs_logits": max(c["max_abs_logits"] for c in cases),
+                      "min_top1_agreement": min(c["top1_agreement"] for c in cases),
+                      "max_mean_kl": max(c["mean_kl"] for c in cases),
+                      "min_top1_agreement_failed": min((c["top1_agreement"] for c in failed), default=None),
+                      "greedy_mismatches_total": sum(c["greedy_mismatches"] for c in cases)},
+            "per_case": cases})
+    summary = {"what": "per-case results of one validate report (a summary of it, values to 6 significant "
+                       "digits); failures are validate's own messages against the artifact's budget",
+               "report": str(path.relative_to(REPO)) if (path := Path(report).resolve()).is_relative_to(REPO)
+               else str(report),
+               "date": r.get("date"), "git_commit": run_info.get("git_commit"), "passed": r["passed"],
+               "seconds": r.get("seconds"), "threads": r["artifacts"][0].get("threads") if r["artifacts"] else None,
+               "artifacts": artifacts}
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    for a in artifacts:
+        w = a["worst"]
+        print(f"{a['artifact']}: {a['cases_failed']} of {a['cases']} cases fail; max |Δlogits| "
+              f"{w['max_abs_logits']:.3g}, min top-1 {w['min_top1_agreement']:.4%}, max mean KL {w['max_mean_kl']:.3g}")
+    print(f"wrote {out}")
+    return summary
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--summarize", type=Path, metavar="REPORT",
+                    help="only write docs/bench/validate-scale-cases.json from this validate report, then stop")
     ap.add_argument("--adapters", type=int, default=32)
     ap.add_argument("--max-new-tokens", type=int, default=8)
     ap.add_argument("--reuse", action="store_true", help="keep the adapters and builds of an earlier run")
     ap.add_argument("--runs", default="serial,ray",
                     help="the runs to make now; the others are read from an earlier run's report and timing")
     args = ap.parse_args()
+    if args.summarize:
+        summarize(args.summarize)
+        return 0
 
     from edgepeft.demo.data import smollm2_dir
 
@@ -161,6 +221,7 @@ def main() -> int:
     lines += ["", f"200 adapters × 4 builds serially at this median case time: about "
               f"{math.ceil(result['estimate']['release_800_cases_serial_seconds'] / 3600 * 10) / 10} h (estimate)."]
     write_result("validate-scale", result, lines)
+    summarize(WORK / "report-serial.json")  # result["cases_equal"] says whether the Ray report matches it
     return 0
 
 
