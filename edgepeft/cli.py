@@ -82,7 +82,20 @@ def export(args) -> int:
                        mode=args.mode, force=args.force, opset=args.opset, task=args.task, quant=quant,
                        allow_base_mismatch=args.allow_base_mismatch, target=target, graph=args.graph,
                        slots=args.slots)
+    from edgepeft.contract import check_adapter_name
+    from edgepeft.lifecycle.edit import mix_adapter, parse_mix
+
+    names = [n for n, _ in cfg.adapters]
+    for spec in args.mix_adapter or ():  # checked before the export, written after it (edgepeft adapter mix)
+        name, weights = parse_mix(spec)
+        check_adapter_name(name, f"--mix-adapter {spec}")
+        unknown = [n for n in weights if n not in names]
+        if unknown or name in names:
+            raise EdgepeftError(f"--mix-adapter {spec}: " + (f"no --adapter named {unknown[0]!r}" if unknown else
+                                f"{name!r} is already an --adapter name") + f" (adapters: {', '.join(names) or '(none)'}).")
     manifest = run_export(cfg, quiet=args.quiet)
+    for spec in args.mix_adapter or ():
+        manifest["adapters"][parse_mix(spec)[0]] = mix_adapter(Path(args.out), spec)
     print(f"{args.out}: {manifest['mode']} artifact, adapters: {', '.join(manifest['adapters']) or '(none)'}")
     t = manifest["target"]
     if t["ort_format"] or t.get("partitions") or t["not_applied"]:  # the default adds nothing to say
@@ -121,6 +134,10 @@ def _export_args(p):
                    help="empty adapter slots to keep for `edgepeft adapter add` later: all-linear, module "
                         "names (q_proj,v_proj), or per kind: lora:all-linear,ia3:k_proj,v_proj,down_proj "
                         "(kinds: lora, dora, ia3; a classifier also reserves its head)")
+    p.add_argument("--mix-adapter", action="append", metavar="NAME=A:W,B:W",
+                   help="also write a weighted mix of the exported adapters as one more adapter, as `edgepeft "
+                        "adapter mix` does (e.g. support=chat:0.7,sql:0.3; repeat for more): one .onnx_adapter "
+                        "that onnxruntime-genai can activate")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("--target", default=None, metavar="NAME_OR_FILE",
                    help="deployment profile: a name from `edgepeft targets` or a .toml file (default: cpu-x86_64)")
@@ -332,6 +349,11 @@ def _show(root: Path, m: dict) -> None:
             "MatMul", "Gemm", "MatMulInteger", "DynamicQuantizeLinear", "QuantizeLinear",
             "DequantizeLinear", "MatMulNBits", "Cast", "Gather", "GatherBlockQuantized", "GroupQueryAttention")}
         print("  ops: " + ", ".join(f"{k} x{v}" for k, v in special.items()))
+    genai = m.get("genai") or {"ready": False, "reason": "exported before edgepeft wrote onnxruntime-genai files"}
+    if genai.get("ready") and all((root / f["file"]).is_file() for f in genai.get("files", [])):
+        print("onnxruntime-genai: ready (" + ", ".join(f["file"] for f in genai["files"]) + ")")
+    else:
+        print(f"onnxruntime-genai: not ready ({genai.get('reason') or 'its files are missing'})")
     st = m.get("static")
     if st:
         print(f"static shapes: batch {st['batch']}, buckets {'/'.join(map(str, st['buckets']))}"

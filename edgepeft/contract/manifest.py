@@ -250,6 +250,13 @@ def target_files(m: dict) -> list[dict]:
     return list(target.get("files", [])) if isinstance(target, dict) else []
 
 
+def genai_files(m: dict) -> list[dict]:
+    """``{file, sha256}`` of what export wrote for onnxruntime-genai (``genai_config.json``,
+    ``genai.onnx``); none when the artifact is not onnxruntime-genai-ready."""
+    genai = m.get("genai")
+    return list(genai.get("files", [])) if isinstance(genai, dict) and genai.get("ready") else []
+
+
 def target_providers(m: dict) -> list[str]:
     """The execution providers the artifact's target asks for, in order (old manifests: CPU)."""
     target = m.get("target")

@@ -16,6 +16,9 @@ ADAPTER_FILE_FORMAT = "edgepeft-adapter"  # metadata "format" of an adapter's sa
 FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 BASE_CONFIG = "base_config.json"  # the base model's config, for adapters added after export
+# what onnxruntime-genai reads (fused causal-LM artifacts of LoRA-family adapters, edgepeft.export.genai):
+GENAI_CONFIG = "genai_config.json"
+GENAI_GRAPH = "genai.onnx"  # the fused graph with onnxruntime-genai's length inputs, same weights file
 MAX_MANIFEST_BYTES = 64 << 20  # a manifest is tens of KB; refuse absurd sizes before reading
 ADAPTER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 

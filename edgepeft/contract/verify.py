@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from edgepeft.contract.features import table_parts, widths
-from edgepeft.contract.manifest import graph_entries, read_manifest, target_files
+from edgepeft.contract.manifest import graph_entries, genai_files, read_manifest, target_files
 from edgepeft.contract.names import (MANIFEST_NAME, MAX_MANIFEST_BYTES, UNTAGGED, base_tag, inside, past_names, prefix_names,
                                      sha256_file, shared_input_name, slot_input_name, value_digest)
 from edgepeft.errors import EdgepeftError
@@ -39,6 +39,7 @@ def verify(root: Path) -> list[str]:
               if e.get("safetensors")]
     files += [(g["ort"]["file"], g["ort"]["sha256"]) for g in graphs if g.get("ort")]
     files += [(f["file"], f["sha256"]) for f in target_files(m)]
+    files += [(f["file"], f["sha256"]) for f in genai_files(m)]
     problems = []
     for rel, digest in files:
         try:

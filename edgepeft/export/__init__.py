@@ -6,7 +6,8 @@
 3. plan the adapter slots (:mod:`~edgepeft.export.plan`)
 4. build the graph(s): traced | fused | merged, and the adapter files (:mod:`~edgepeft.export.build`)
 5. quantize and save each graph (:mod:`~edgepeft.export.graphs`)
-6. add what the target asks for (:mod:`~edgepeft.export.bundle`)
+6. add what the target asks for (:mod:`~edgepeft.export.bundle`), and what onnxruntime-genai
+   reads where the artifact allows it (:mod:`~edgepeft.export.genai`)
 7. publish atomically: OUT is absent or complete, even if the process is killed
    (:mod:`~edgepeft.export.publish`)
 
@@ -25,6 +26,7 @@ from edgepeft.contract.packs import slot_schema
 from edgepeft.export.build import builder, choose_graph
 from edgepeft.export.bundle import target_bundle
 from edgepeft.export.config import GRAPHS, MODES, TASKS, ExportConfig
+from edgepeft.export.genai import write_genai
 from edgepeft.export.load import Base, load_base, read_adapters
 from edgepeft.export.manifest import manifest_head, write_base_config, write_manifest, write_tokenizer
 from edgepeft.export.publish import atomic_dir, remove_dead_temps
@@ -63,13 +65,16 @@ def export(cfg: ExportConfig, quiet: bool = False) -> dict:
 
 def write_artifact(cfg: ExportConfig, base: Base, adapters: list, root: Path, quiet: bool) -> dict:
     """Steps 3-6 into the (temporary) directory ``root``: graphs, adapter files, tokenizer, target
-    files, then the manifest, which is returned."""
+    files, onnxruntime-genai's files, then the manifest, which is returned."""
     manifest = manifest_head(cfg, base)
     manifest["tokenizer"] = write_tokenizer(cfg.base, root)
     write_base_config(base, root)
     build = builder(cfg, base)  # traced | fused | merged
     manifest.update(build(cfg, base, adapters, root, quiet))  # steps 3-5
     target_bundle(cfg.target, manifest, root, quiet)
+    manifest["genai"] = write_genai(manifest, root)  # genai_config.json + genai.onnx, or why not
+    log("onnxruntime-genai: " + ("ready" if manifest["genai"]["ready"] else f"not ready ({manifest['genai']['reason']})"),
+        quiet)
     if manifest["mode"] == "side":  # what an adapter pack must have been made for (contract.packs)
         manifest["slot_schema"] = slot_schema(manifest)
     write_manifest(manifest, root)
