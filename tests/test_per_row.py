@@ -233,6 +233,7 @@ def test_validate_checks_a_per_row_batch(artifacts, llama_base, monkeypatch):
     case = report["cases"][-1]
     assert case["case"].startswith("per-row(base|") and not case["failures"], case
     assert all(f"|{n}|" in case["case"] for n in ("chat", "sql", "code", "ia3", "dora")), case["case"]
+    assert case["positions"] == report["cases"][0]["positions"], "the per-row case compares every row, as a single case"
     real = adapters_module.row_weights
 
     def every_row_everything(*a, **k):  # rows weights all ones: each row runs every adapter

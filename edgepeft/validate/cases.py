@@ -80,7 +80,7 @@ class TaskSet:
 
 @dataclass(frozen=True)
 class PerRow:
-    """The per-row case: one batch whose row ``b`` runs ``choices[b % len(choices)]``."""
+    """The per-row case: every batch of the compared rows, row ``r`` on ``choices[r % len(choices)]``."""
 
     choices: tuple
 
@@ -286,27 +286,33 @@ def _with_tasks(art, ref, result: CaseResult, choice, sets: list, budget: Budget
 
 
 def _per_row_case(art, ref, inp: _Inputs, s: Settings, case: PerRow) -> CaseResult:
-    """The first batch and the prompts in one call each, row ``b`` on ``mine[b]``, against each
-    row's own choice's reference."""
-    per_row = list(case.choices)
-    mine = [per_row[b % len(per_row)] for b in range(BATCH)]  # row b's choice
-    i, m = inp.batches[0]
-    first = None
-    first_gen = np.zeros((inp.ids.shape[0], s.max_new_tokens), np.int64)
-    for choice in per_row[:BATCH]:  # the choices some row is on
-        pt = ref.get(choice).logits(i, m)
-        first = np.zeros_like(pt) if first is None else first
-        keep = [b for b in range(i.shape[0]) if mine[b] == choice]
-        first[keep] = pt[keep]
-        keep = [b for b in range(inp.ids.shape[0]) if mine[b % BATCH] == choice]
-        if keep:
-            first_gen[keep] = ref.greedy(choice, inp.ids, inp.mask, s.max_new_tokens)[keep]
+    """Every batch in one call each, row ``r`` (counted across the batches) on ``choices[r % n]``,
+    against that choice's reference on the same rows: as many positions as a single-choice case, so
+    the per-row verdict is not decided by a near-tie or two. Then the prompts generated in one call,
+    row ``b`` on ``choices[b % n]``."""
+    per_row, n = list(case.choices), len(case.choices)
     rows_of_case: list[dict] = []
-    batch_stats = [metrics.stats(art.logits(i, adapter=mine[:i.shape[0]], attention_mask=m), first, m.astype(bool),
-                                 rows_of_case)]
-    gen = art.generate(inp.ids, s.max_new_tokens, adapter=[mine[b % BATCH] for b in range(inp.ids.shape[0])],
-                       attention_mask=inp.mask, stop_at_eos=False)[:, inp.ids.shape[1]:]
-    return _causal_result(case.name, batch_stats, gen, first_gen, s.budget, rows_of_case, inp.pos[:int(m.sum())])
+    batch_stats, r0 = [], 0
+    for i, m in inp.batches:
+        on = np.arange(r0, r0 + i.shape[0]) % n  # (B,): each row's choice index
+        r0 += i.shape[0]
+        pt = None
+        for k in dict.fromkeys(on.tolist()):  # the choices some row of this batch is on
+            keep = np.flatnonzero(on == k)
+            part = ref.get(per_row[k]).logits(i[keep], m[keep])  # (rows, S, V); positions from the mask
+            pt = np.zeros((*i.shape, part.shape[-1]), np.float32) if pt is None else pt
+            pt[keep] = part
+        mine = [per_row[k] for k in on]
+        batch_stats.append(metrics.stats(art.logits(i, adapter=mine, attention_mask=m), pt, m.astype(bool),
+                                         rows_of_case))
+    on = np.arange(inp.ids.shape[0]) % n
+    pt_gen = np.zeros((inp.ids.shape[0], s.max_new_tokens), np.int64)
+    for k in dict.fromkeys(on.tolist()):
+        keep = np.flatnonzero(on == k)
+        pt_gen[keep] = ref.greedy(per_row[k], inp.ids, inp.mask, s.max_new_tokens)[keep]
+    gen = art.generate(inp.ids, s.max_new_tokens, adapter=[per_row[k] for k in on], attention_mask=inp.mask,
+                       stop_at_eos=False)[:, inp.ids.shape[1]:]
+    return _causal_result(case.name, batch_stats, gen, pt_gen, s.budget, rows_of_case, inp.pos)
 
 
 def _causal_result(name: str, batch_stats: list, gen: np.ndarray, pt_gen: np.ndarray, budget: Budget,
