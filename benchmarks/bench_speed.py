@@ -23,7 +23,9 @@ a dependency): llama.cpp (llama-cpp-python, built from source) on the GGUF the b
 from with the adapters converted by ``convert_lora_to_gguf.py``, and onnxruntime-genai (its builder,
 int4, cpu, ``adapter_path=numbers``: the LoRA baked in, so no swap; when the builder fails on the
 base's config as is, it is tried once more on a config copy with a flat ``rope_parameters``, and
-both attempts are recorded in the JSON's ``genai_build``). Each fused artifact's ``validate`` result
+both attempts are recorded in the JSON's ``genai_build``). onnxruntime-genai also runs each side
+artifact that export made ready for it (``genai_config.json``), ``numbers`` activated from its
+``.onnx_adapter``: the row "onnxruntime-genai on <row>". Each fused artifact's ``validate`` result
 (its precision's budget) is in the table.
 
 Output: a table on stdout, ``benchmarks/results/speed.json`` / ``speed.md`` (SmolLM2) or
@@ -290,14 +292,19 @@ def _timed_runs(generate, spec: dict) -> tuple[list[float], list[float], list[in
 
 
 def worker_genai(spec: dict) -> dict:
-    """onnxruntime-genai on the folder its builder wrote (int4, the LoRA baked in: no swap). Runs
-    under ``--peer-python``; the prompt is fed as token ids, greedy, ``stamps`` after each
-    ``generate_next_token``."""
+    """onnxruntime-genai on the folder its builder wrote (int4, the LoRA baked in: no swap), or on
+    an edgepeft artifact's ``genai_config.json`` with ``numbers`` activated from its
+    ``.onnx_adapter`` (``spec["adapter_file"]``). Runs under ``--peer-python``; the prompt is fed as
+    token ids, greedy, ``stamps`` after each ``generate_next_token``."""
     import numpy as np
     import onnxruntime_genai as og
 
     t = time.perf_counter()
     model = og.Model(spec["genai_dir"])
+    adapters = None
+    if spec.get("adapter_file"):
+        adapters = og.Adapters(model)
+        adapters.load(spec["adapter_file"], "numbers")
     load_s = time.perf_counter() - t
     prompt = np.asarray([spec["prompt"]], np.int32)
 
@@ -307,6 +314,8 @@ def worker_genai(spec: dict) -> dict:
         stamps, out = [], []
         t0 = time.perf_counter()
         gen = og.Generator(model, params)
+        if adapters is not None:
+            gen.set_active_adapter(adapters, "numbers")
         gen.append_tokens(prompt)
         while len(out) < n and not gen.is_done():
             gen.generate_next_token()
@@ -615,6 +624,11 @@ def main(argv=None) -> int:
             res["rows"][name] = {"error": exported[name]}
         else:
             jobs[name] = ("ort", {**spec, "artifact": str(exported[name][0])}, sys.executable)
+            art = exported[name][0]
+            if not args.skip_genai and name.endswith("-side") and (art / "genai_config.json").is_file():
+                jobs[f"onnxruntime-genai on {name}"] = ("genai", {**spec, "genai_dir": str(art),
+                                                                  "adapter_file": str(art / "adapters" / "numbers.onnx_adapter")},
+                                                        args.peer_python)
     rounds: dict[str, list[dict]] = {name: [] for name in jobs}
     for r in range(args.rounds):
         for name, (kind, job, python) in jobs.items():
