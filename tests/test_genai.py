@@ -149,3 +149,20 @@ def test_genai_int4(llama_base, llama_adapters, tmp_path):
     for prompt in PROMPTS:
         for name in (None, *llama_adapters, None):
             assert _og_tokens(model, adapters, name, prompt) == _edgepeft_tokens(m, name, prompt), (name, prompt)
+
+
+def test_genai_cpu_arm64_target(llama_base, llama_adapters, tmp_path):
+    """The phone CPU profile (cpu-arm64: int4, an .ort bundle) writes onnxruntime-genai's files by
+    default, and onnxruntime-genai gives edgepeft's greedy tokens on them."""
+    out = tmp_path / "arm64"
+    assert main(["export", str(llama_base), *[a for n, d in llama_adapters.items() for a in ("--adapter", f"{n}={d}")],
+                 "--target", "cpu-arm64", "--out", str(out), "--quiet"]) == 0
+    assert (out / GENAI_CONFIG).is_file() and (out / GENAI_GRAPH).is_file()
+    model = og.Model(str(out))
+    adapters = og.Adapters(model)
+    name = next(iter(llama_adapters))
+    adapters.load(str(out / "adapters" / f"{name}.onnx_adapter"), name)
+    m = Model(out)
+    for prompt in PROMPTS:
+        for choice in (None, name):
+            assert _og_tokens(model, adapters, choice, prompt) == _edgepeft_tokens(m, choice, prompt), (choice, prompt)
