@@ -300,7 +300,9 @@ def worker_genai(spec: dict) -> dict:
     import onnxruntime_genai as og
 
     t = time.perf_counter()
-    model = og.Model(spec["genai_dir"])
+    config = og.Config(spec["genai_dir"])  # the row's threads, as every other row (og's default: ORT's)
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": spec["threads"]}}}}))
+    model = og.Model(config)
     adapters = None
     if spec.get("adapter_file"):
         adapters = og.Adapters(model)
