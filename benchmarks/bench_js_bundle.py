@@ -29,19 +29,19 @@ from _common import REPO, machine_info, write_result  # noqa: E402
 JS = REPO / "runtimes" / "js"
 NODE_MODULES = JS / "node_modules"
 _IMPORT = re.compile(r"""(?:^|\n)\s*(?:import|export)\b[^;'"]*?from\s*['"](\.[^'"]+)['"]""")
+_DYNAMIC = re.compile(r"""import\(\s*['"](\.[^'"]+)['"]\s*\)""")
 
 
 def import_closure(entry: Path) -> list[Path]:
     """``entry`` and every file it reaches through relative imports (dynamic ones included)."""
     seen, todo = [], [entry.resolve()]
-    dynamic = re.compile(r"""import\(\s*['"](\.[^'"]+)['"]\s*\)""")
     while todo:
         f = todo.pop()
         if f in seen:
             continue
         seen.append(f)
         text = f.read_text()
-        for rel in _IMPORT.findall(text) + dynamic.findall(text):
+        for rel in _IMPORT.findall(text) + _DYNAMIC.findall(text):
             todo.append((f.parent / rel).resolve())
     return sorted(seen)
 

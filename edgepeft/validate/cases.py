@@ -297,7 +297,7 @@ def _per_row_case(art, ref, inp: _Inputs, s: Settings, case: PerRow) -> CaseResu
         on = np.arange(r0, r0 + i.shape[0]) % n  # (B,): each row's choice index
         r0 += i.shape[0]
         pt = None
-        for k in dict.fromkeys(on.tolist()):  # the choices some row of this batch is on
+        for k in np.unique(on):  # the choices some row of this batch is on
             keep = np.flatnonzero(on == k)
             part = ref.get(per_row[k]).logits(i[keep], m[keep])  # (rows, S, V); positions from the mask
             pt = np.zeros((*i.shape, part.shape[-1]), np.float32) if pt is None else pt
@@ -307,7 +307,7 @@ def _per_row_case(art, ref, inp: _Inputs, s: Settings, case: PerRow) -> CaseResu
                                          rows_of_case))
     on = np.arange(inp.ids.shape[0]) % n
     pt_gen = np.zeros((inp.ids.shape[0], s.max_new_tokens), np.int64)
-    for k in dict.fromkeys(on.tolist()):
+    for k in np.unique(on):
         keep = np.flatnonzero(on == k)
         pt_gen[keep] = ref.greedy(per_row[k], inp.ids, inp.mask, s.max_new_tokens)[keep]
     gen = art.generate(inp.ids, s.max_new_tokens, adapter=[per_row[k] for k in on], attention_mask=inp.mask,
