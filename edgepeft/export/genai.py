@@ -59,8 +59,6 @@ def not_ready(manifest: dict) -> str | None:
     for name, entry in manifest.get("adapters", {}).items():
         for i in entry.get("inputs", []):
             feeds.setdefault(i, (name, entry.get("kind")))
-        if entry.get("prefix"):
-            return f"adapter {name!r} ({entry.get('kind')}) seeds the KV cache"
     dtypes = {v["name"]: v.get("dtype") for v in graph.get("inputs", [])}
     want = _DTYPES.get(manifest.get("adapter_precision", "fp32"))
     for i in manifest.get("inputs", {}):
