@@ -344,6 +344,8 @@ class _SlotLayer(nn.Module):
         return parts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2:  # (B, in), a pooler or head dense: as (B, 1, in), so per-row inputs (N, 1, w) stay per row
+            return self.forward(x.unsqueeze(1)).squeeze(1)
         feats = sorted((kinds.feature(f) for f in self.slot.features), key=lambda f: f.order)  # stable
         h = x
         for f in feats:
