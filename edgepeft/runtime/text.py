@@ -56,7 +56,8 @@ def encode(texts_or_ids, attention_mask, manifest: dict, tokenizer: Callable, li
             tokens) are taken off; named in messages.
 
     Raises:
-        EdgepeftError: no rows, an empty row, ids out of range, sequences above ``limit``.
+        EdgepeftError: no rows, an empty row (or a mask row of zeros), ids out of range, sequences
+            above ``limit``.
     """
     if isinstance(texts_or_ids, str):
         texts_or_ids = [texts_or_ids]
@@ -67,6 +68,9 @@ def encode(texts_or_ids, attention_mask, manifest: dict, tokenizer: Callable, li
         rows = [r[:limit - 1] + r[-1:] if len(r) > limit else r for r in rows]  # keep [SEP]/</s>
     elif isinstance(texts_or_ids, np.ndarray) or (len(texts_or_ids) and isinstance(texts_or_ids[0], (int, np.integer))):
         ids, mask = batch_inputs(texts_or_ids, attention_mask, manifest["base"]["vocab_size"])
+        empty = np.flatnonzero(mask.sum(1) == 0)
+        if empty.size:  # as an empty text: nothing to classify (the graphs would differ on it, too)
+            raise EdgepeftError(f"attention_mask row {int(empty[0])} is all 0; every row needs at least one token.")
         if ids.shape[1] > limit:
             raise EdgepeftError(f"sequences of {ids.shape[1]} tokens exceed the model's {limit} "
                                 f"(after {reserved} virtual tokens); shorten them.")
