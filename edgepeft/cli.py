@@ -337,6 +337,8 @@ def _show(root: Path, m: dict) -> None:
         line = f"graph {rel}: {size / 1e6:.2f} MB, precision {m['precision']}{_scheme(m)}"
         if g.get("layout") == "fused":
             line += ", fused layout (GroupQueryAttention, one in-place KV buffer)"
+        if g.get("kernels") == "fused":
+            line += ", fused encoder (MultiHeadAttention on packed tokens, no padding computed)"
         if q:
             line += (f", {q['quantized_weight_nodes']}/{q['weight_nodes']} weight nodes quantized, "
                      f"{q['adapter_nodes']} adapter-branch nodes kept float")

@@ -1,7 +1,7 @@
 """The TypeScript runtime (runtimes/js) against the Python runtime on the same artifacts.
 
 Tiny artifacts are exported here (a LoRA / prefix / bottleneck / IA3 side artifact in fp32 and in
-int8 with fp16 adapter files, a merged artifact, an encoder classifier, a static-shape artifact
+int8 with fp16 adapter files, a merged artifact, an encoder classifier (traced and fused), a static-shape artifact
 with LoRAs of ranks 4 / 8 / 2, a LoHa + LoRA artifact, a VeRA artifact whose shared projections are
 graph defaults; fused-layout artifacts: fp32 side, int4 side with the fast options, merged), the
 Python runtime's
@@ -533,6 +533,20 @@ def build_cases(root: Path) -> Path:
                             # the rows' bottlenecks differ (a bottleneck applies to every row)
                             {"method": "classify", "ids": ids, "adapter": ["lora", "bottleneck"]}]),
                         "row_weights": _row_weights_cases(m)}
+    # the fused encoder (--graph auto with LoRA and IA3): MultiHeadAttention / BiasGelu on packed tokens
+    cls_fused = root / "cls-fused"
+    export(ExportConfig(base=enc, out=cls_fused, adapters=(("lora", cls_ads["lora"]), ("ia3", cls_ads["ia3"]))),
+           quiet=True)
+    mf = Model(cls_fused)
+    assert mf.manifest["graph"]["kernels"] == "fused"
+    fused_cases = []
+    for choice, inp in (("lora", texts), ("lora", ids), ("ia3", ids), (["lora", "ia3"], ids),
+                        (["ia3", "lora", "ia3"], texts)):
+        lg = mf.classify_logits(inp, adapter=choice)
+        fused_cases.append({"adapter": choice, "input": inp, "dims": list(lg.shape), "logits": _f32(lg),
+                            "probs": _f32(mf.classify(inp, adapter=choice)), "labels": lg.argmax(-1).tolist()})
+    artifacts["cls-fused"] = {"dir": str(cls_fused), "task": "classification", "tol": 1e-5,
+                              "adapters": mf.adapters, "classify": fused_cases}
     # the same encoder on a static profile: one graph per bucket (8, 16), texts right-padded to one
     from edgepeft.targets import load_target
 

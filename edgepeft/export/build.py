@@ -3,7 +3,8 @@
 - :func:`traced_side`: the traced base model with a side branch per planned slot; adapters are
   files of graph inputs (every architecture and adapter kind).
 - :func:`fused_side`: the fused-kernel graph of a causal LM of a known family
-  (``edgepeft.export.fused``) with packed LoRA / DoRA / IA3 inputs.
+  (``edgepeft.export.fused``) with packed LoRA / DoRA / IA3 inputs; :func:`fused_encoder_side`
+  the same for an encoder classifier (``edgepeft.export.fused_encoder``).
 - :func:`merged`: one graph per adapter, its delta folded into the weights (traced or fused).
 
 Each saves its graphs through step 5 (:func:`edgepeft.export.graphs.save_graph`: quantization)
@@ -19,18 +20,19 @@ import numpy as np
 import onnx
 import torch
 
-from edgepeft import families, kinds
+from edgepeft import kinds
 from edgepeft.kinds import kind_module
 from edgepeft.contract.adapter_files import write_adapter_files
 from edgepeft.contract.entries import adapter_entry, merged_adapter_entry
 from edgepeft.errors import EdgepeftError
-from edgepeft.export import causal_lm, encoder, fused
+from edgepeft.export import causal_lm, encoder, fused, fused_encoder
 from edgepeft.export.calibrate import fused_probe_feeds, quantization_feeds
 from edgepeft.export.config import ExportConfig
 from edgepeft.export.graphs import save_graph, static_graphs
 from edgepeft.export.load import Base
 from edgepeft.export.plan import plan_traced, side_branches
 from edgepeft.export.slots import free_rows, head_row_values, rows_manifest
+from edgepeft.contract import head_input_name
 from edgepeft.progress import bar, log
 
 
@@ -41,12 +43,17 @@ def choose_graph(cfg: ExportConfig, base: Base, adapters: list) -> tuple[str, st
     if cfg.graph != "auto":
         return cfg.graph, None
     why = cfg.why_not_fused()
-    if why is None and base.task != "causal-lm":
-        why = f"a {base.task} model (the fused graph is for causal LMs)"
+    if why is None and base.task == "classification" and cfg.slots:
+        why = "reserved slots on a classifier (the fused encoder does not reserve them)"
     if why is None:
         sides = {} if cfg.mode == "merged" else side_branches(cfg, base, adapters)
-        why = fused.unsupported(base.model, sides)
+        why = _fused_module(base).unsupported(base.model, sides)
     return ("generic", why) if why else ("fused", None)
+
+
+def _fused_module(base: Base):
+    """The fused builder of the base's task: decoders (``fused``) or encoder classifiers."""
+    return fused if base.task == "causal-lm" else fused_encoder
 
 
 def builder(cfg: ExportConfig, base: Base):
@@ -54,14 +61,16 @@ def builder(cfg: ExportConfig, base: Base):
     and ``cfg.mode``.
 
     Raises:
-        EdgepeftError: ``--graph fused`` for a model that is not a causal LM.
+        EdgepeftError: ``--graph fused`` with reserved slots on a classifier.
     """
-    if cfg.graph == "fused" and base.task != "causal-lm":
-        raise EdgepeftError(f"--graph fused is for causal LMs; {cfg.base} is a {base.task} model. "
+    if cfg.graph == "fused" and base.task == "classification" and cfg.slots:
+        raise EdgepeftError("--graph fused with --slots: the fused encoder does not reserve slots. "
                             "Use --graph generic.")
     if cfg.mode == "merged":
         return merged
-    return fused_side if cfg.graph == "fused" else traced_side
+    if cfg.graph != "fused":
+        return traced_side
+    return fused_side if base.task == "causal-lm" else fused_encoder_side
 
 
 def traced_side(cfg: ExportConfig, base: Base, adapters: list, root: Path, quiet: bool) -> dict:
@@ -104,20 +113,49 @@ def fused_side(cfg: ExportConfig, base: Base, adapters: list, root: Path, quiet:
     sides = side_branches(cfg, base, adapters)
     log("building fused graph", quiet)
     proto, defaults, used = fused.build_graph(model, sides, cfg.opset or 17)
-    fam = families.family(model.config)
+    table = fused.group_table(model)
     names = [n for n, _ in defaults]
     rows, values = fused.rows_manifest(used, names)
     probe = fused_probe_feeds(cfg, model, base.cache, defaults)
     parts = {"graph": {**save_graph(proto, root, "model.onnx", cfg.quant, names + list(rows) + list(values), probe=probe,
                                     quiet=quiet),
                        "layout": "fused", "positions": fused.positions(model)},
-             "slots": [{"layer": layer, "group": group, "modules": fused.group_modules(fam, layer)[group]}
+             "slots": [{"layer": layer, "group": group, "modules": table[(layer, group)]}
                        for layer, group in used],
              "inputs": {n: _fused_input(n, d) for n, d in defaults}, "rows": rows, "row_values": values}
     (root / "adapters").mkdir()
     parts["adapters"] = {}
     for a in adapters:
         arrays = fused.pack_adapter(model, sides[a.name], used)
+        parts["adapters"][a.name] = _write_adapter(cfg, base, a, arrays, root, sorted(arrays), None)
+    return parts
+
+
+def fused_encoder_side(cfg: ExportConfig, base: Base, adapters: list, root: Path, quiet: bool) -> dict:
+    """One fused encoder graph with packed adapter inputs for the projection groups any adapter
+    feeds and ``head.{param}`` inputs for the heads they carry; one file per adapter."""
+    model = base.model
+    sides = side_branches(cfg, base, adapters)
+    log("building fused encoder graph", quiet)
+    proto, defaults, used, heads = fused_encoder.build_graph(model, sides, cfg.opset or 17)
+    table = fused.group_table(model)
+    names = [n for n, _ in defaults]
+    rows, values = fused.rows_manifest(used, names)
+    values.update(head_row_values(heads))
+    params = dict(model.named_parameters())
+    head_inputs = {head_input_name(p): {"shape": list(params[p].shape), "mix": "one"} for p in heads}
+    calibration, probe = quantization_feeds(cfg, base.task, model, [], {}, [], base.cache, quiet)
+    graph_inputs = names + list(head_inputs) + list(rows) + list(values)
+    parts = {"graph": {**save_graph(proto, root, "model.onnx", cfg.quant, graph_inputs, calibration, probe,
+                                    quiet=quiet), "kernels": "fused"},
+             "slots": [{"layer": layer, "group": group, "modules": table[(layer, group)]} for layer, group in used],
+             "inputs": {**{n: _fused_input(n, d) for n, d in defaults}, **head_inputs},
+             "rows": rows, "row_values": values}
+    (root / "adapters").mkdir()
+    parts["adapters"] = {}
+    for a in adapters:
+        arrays = {**fused.pack_adapter(model, sides[a.name], used),
+                  **{head_input_name(p): v for p, v in sides[a.name].head.items()}}
         parts["adapters"][a.name] = _write_adapter(cfg, base, a, arrays, root, sorted(arrays), None)
     return parts
 
@@ -133,7 +171,12 @@ def merged(cfg: ExportConfig, base: Base, adapters: list, root: Path, quiet: boo
         model = copy.deepcopy(base.model)
         kind_module(a).merge(model, a)
         rel = f"merged/{a.name}.onnx"
-        if is_fused:
+        if is_fused and base.task == "classification":
+            proto, _, _, _ = fused_encoder.build_graph(model, {}, cfg.opset or 17)
+            calibration, probe = quantization_feeds(cfg, base.task, model, [], {}, [], base.cache, quiet)
+            del model
+            graph = {**save_graph(proto, root, rel, cfg.quant, [], calibration, probe, quiet=quiet), "kernels": "fused"}
+        elif is_fused:
             proto, _, _ = fused.build_graph(model, {}, cfg.opset or 17)
             probe = fused_probe_feeds(cfg, model, base.cache, [])
             positions = fused.positions(model)
@@ -147,7 +190,8 @@ def merged(cfg: ExportConfig, base: Base, adapters: list, root: Path, quiet: boo
             del model
         entries[a.name] = merged_adapter_entry(_kind_entry(a), graph, base.fingerprint,
                                                a.source)
-    return {"adapters": entries, "graph": {"per_adapter": True, **({"layout": "fused"} if is_fused else {})}}
+    kernels = {} if not is_fused else {"kernels": "fused"} if base.task == "classification" else {"layout": "fused"}
+    return {"adapters": entries, "graph": {"per_adapter": True, **kernels}}
 
 
 def _trace(cfg: ExportConfig, base: Base, model: torch.nn.Module, slots, specs, head_params) -> onnx.ModelProto:

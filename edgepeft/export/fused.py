@@ -59,7 +59,7 @@ from edgepeft.contract import past_names, present_names, rows_input_name
 from edgepeft.contract.names import rows_axis
 from edgepeft.contract.features import FUSED_FORMS, FUSED_LOW_RANK, FUSED_SCALES
 from edgepeft.errors import EdgepeftError
-from edgepeft.families.common import ACTIVATIONS, Family, head_dim, rotary_dim, rotary_positions
+from edgepeft.families.common import ACTIVATIONS, head_dim, rotary_dim, rotary_positions
 from edgepeft.kinds.common import SideBranch, to_numpy as _np
 
 
@@ -100,9 +100,10 @@ def activation(cfg) -> str:
     return getattr(cfg, "hidden_activation", None) or getattr(cfg, "hidden_act", "silu")
 
 
-def group_modules(fam: Family, layer: int) -> dict[str, list[str]]:
-    """``{group: [module path, ...]}`` of one layer, in packing order."""
-    return {g: [f"{fam.decoder}.layers.{layer}.{m}" for m in mods] for g, mods in fam.groups.items()}
+def group_table(model: torch.nn.Module) -> dict[tuple[int | str, str], list[str]]:
+    """``{(layer, group): [module path, ...]}`` of every weight group of ``model``'s family
+    (decoder or encoder), in graph order; each group's modules in packing order."""
+    return families.family(model.config).group_table(model.config)
 
 
 def positions(model: torch.nn.Module) -> int:
@@ -129,7 +130,8 @@ def unsupported(model: torch.nn.Module, sides: dict[str, SideBranch]) -> str | N
     if rotary % 16:
         return (f"a rotary width of {rotary} per head (GroupQueryAttention rotates a multiple of 16 "
                 "dimensions)")
-    modules = {m for i in range(cfg.num_hidden_layers) for ms in group_modules(fam, i).values() for m in ms}
+    table = group_table(model)
+    modules = {m for ms in table.values() for m in ms}
     for name, side in sides.items():
         if side.head or side.prompt is not None or side.prefix:
             return f"adapter {name!r} has a prompt, prefix or classification head"
@@ -137,30 +139,29 @@ def unsupported(model: torch.nn.Module, sides: dict[str, SideBranch]) -> str | N
             if kinds.feature(feat).fused is None or m not in modules:
                 return (f"adapter {name!r} has {m} ({feat}); the fused graph takes LoRA, DoRA and IA3 "
                         "on the attention and MLP projections")
-        why = None if side.reserved else _packing_problem(fam, cfg.num_hidden_layers, name, side)
+        why = None if side.reserved else packing_problem(table, name, side)
         if why:
             return why
     return None
 
 
-def _packing_problem(fam: Family, layers: int, name: str, side: SideBranch) -> str | None:
+def packing_problem(table: dict[tuple[int | str, str], list[str]], name: str, side: SideBranch) -> str | None:
     """Why one adapter's scales do not fit the packed groups, or None: a projection fed one scale
     twice, or an input scale that differs between the projections of one group (they read one
     input through one MatMul)."""
     by_module = _by_module(side)
-    for i in range(layers):
-        for mods in group_modules(fam, i).values():
-            ins = []
-            for m in mods:
-                fed = [place for feat, _ in by_module.get(m, ()) for place in places(feat).values()
-                       if place in FUSED_SCALES]
-                if len(fed) != len(set(fed)):
-                    return f"adapter {name!r} feeds {m} one scale twice ({', '.join(fed)})"
-                ins += [parts[part] for feat, parts in by_module.get(m, ())
-                        for part, place in places(feat).items() if place == "in"] or [None]
-            if any(v is not None for v in ins) and any(v is None or not np.array_equal(v, ins[0]) for v in ins):
-                return (f"adapter {name!r} scales the inputs of {', '.join(mods)} differently; the fused "
-                        "graph runs them as one MatMul on one input")
+    for mods in table.values():
+        ins = []
+        for m in mods:
+            fed = [place for feat, _ in by_module.get(m, ()) for place in places(feat).values()
+                   if place in FUSED_SCALES]
+            if len(fed) != len(set(fed)):
+                return f"adapter {name!r} feeds {m} one scale twice ({', '.join(fed)})"
+            ins += [parts[part] for feat, parts in by_module.get(m, ())
+                    for part, place in places(feat).items() if place == "in"] or [None]
+        if any(v is not None for v in ins) and any(v is None or not np.array_equal(v, ins[0]) for v in ins):
+            return (f"adapter {name!r} scales the inputs of {', '.join(mods)} differently; the fused "
+                    "graph runs them as one MatMul on one input")
     return None
 
 
@@ -186,18 +187,16 @@ def check_supported(model: torch.nn.Module, sides: dict[str, SideBranch]) -> Non
 def group_inputs(model: torch.nn.Module, sides: dict[str, SideBranch]) -> dict[tuple[int, str], tuple[str, ...]]:
     """``{(layer, group): fused inputs}`` of the groups at least one adapter touches, in graph
     order; the inputs (``AT``, ``BT``, ``in``, ``mag``, ``out``) those adapters' features feed."""
-    fam = families.family(model.config)
     fed: dict[str, set[str]] = {}
     for side in sides.values():
         for m, feat in side.layers:
             fed.setdefault(m, set()).update(places(feat).values())
     order = FUSED_LOW_RANK + FUSED_SCALES
     used = {}
-    for i in range(fam.text_config(model.config).num_hidden_layers):
-        for g, mods in group_modules(fam, i).items():
-            wanted = set().union(*(fed.get(m, set()) for m in mods))
-            if wanted:
-                used[(i, g)] = tuple(p for p in order if p in wanted)
+    for key, mods in group_table(model).items():
+        wanted = set().union(*(fed.get(m, set()) for m in mods))
+        if wanted:
+            used[key] = tuple(p for p in order if p in wanted)
     return used
 
 
@@ -220,12 +219,12 @@ def pack_adapter(model: torch.nn.Module, side: SideBranch, used: list[tuple[int,
         exact; ``scale.{layer}.{group}.in (in,)`` / ``.mag`` / ``.out (out_total,)``, each
         projection's part value minus its identity (zeros for the projections it does not scale).
     """
-    fam = families.family(model.config)
+    table = group_table(model)
     params = dict(model.named_parameters())
     by_module = _by_module(side)
     out: dict[str, np.ndarray] = {}
     for layer, group in used:
-        mods = group_modules(fam, layer)[group]
+        mods = table[(layer, group)]
         widths = [tuple(params[f"{m}.weight"].shape) for m in mods]  # (out, in) each
         low_rank: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in mods]  # per module: (A, B)
         scales = {place: [None] * len(mods) for place in FUSED_SCALES}
@@ -291,6 +290,99 @@ class _Graph:
         return name
 
 
+class Groups:
+    """The packed weight groups of a graph being built: each group's MatMul with the adapter
+    inputs its adapters feed, and those inputs' declarations. Shared by the decoder builder and
+    the encoder builder (``edgepeft.export.fused_encoder``)."""
+
+    def __init__(self, g: _Graph, model: torch.nn.Module, sides: dict[str, SideBranch]):
+        self.g = g
+        self.sd = model.state_dict()
+        self.used = group_inputs(model, sides)
+        self.table = group_table(model)
+        self.adapter_inputs: list[tuple[str, np.ndarray]] = []
+        self.rows_inputs: list[str] = []  # per-row weights of the low-rank groups (graph inputs, default ones)
+        self.offset_inputs: list[tuple[str, int]] = []  # per-row offsets of the scales, width (default zeros)
+        self._one = ""  # the scalar 1 the scales add, made on first use
+
+    def linear(self, x: str, layer: int | str, group: str) -> str:
+        """``x @ W^T (+ b)`` of one packed group, with the adapter inputs its adapters feed
+        (scales and the low-rank branch, in the order of the module docstring)."""
+        y, bias = self.linear_parts(x, layer, group)
+        return self.g.node("Add", [y, bias])[0] if bias else y
+
+    def linear_parts(self, x: str, layer: int | str, group: str, per_token=None) -> tuple[str, str | None]:
+        """:meth:`linear` without its bias, for a fused kernel that adds it (``SkipLayerNormalization``,
+        ``BiasGelu``, ``MultiHeadAttention``): ``(y, bias initializer or None)``. With an output
+        scale the bias is added here (the scale multiplies it too) and None returned.
+
+        ``per_token``: for ``x`` of packed tokens ``(T, in)`` rather than ``(B, S, in)``, maps a
+        per-row input ``(N, 1, W)`` to the value each token multiplies by, ``(T, W)`` (None: rows
+        broadcast over ``(B, S)`` as they are)."""
+        rows = per_token or (lambda name: name)
+        g, mods = self.g, self.table[(layer, group)]
+        prefix = f"{mods[0].rpartition('.')[0]}.{group}"  # e.g. model.layers.0.self_attn.qkv
+        w = np.concatenate([_np(self.sd[f"{m}.weight"]) for m in mods], axis=0)  # (out_total, in)
+        fed = self.used.get((layer, group), ())
+        if "in" in fed:
+            x = self.scaled(x, fused_input_name(layer, group, "in"), w.shape[1], rows)
+        (y,) = g.node("MatMul", [x, g.init(f"{prefix}.weight_t", w.T)])  # (B, S, out_total)
+        if "mag" in fed:
+            y = self.scaled(y, fused_input_name(layer, group, "mag"), w.shape[0], rows)
+        biases = [self.sd.get(f"{m}.bias") for m in mods]
+        bias = None
+        if any(b is not None for b in biases):
+            bias = g.init(f"{prefix}.bias", np.concatenate(
+                [_np(b) if b is not None else np.zeros(self.sd[f"{m}.weight"].shape[0], np.float32)
+                 for m, b in zip(mods, biases)]))
+        if "AT" in fed:
+            name_a, name_b = fused_input_name(layer, group, "AT"), fused_input_name(layer, group, "BT")
+            self.adapter_inputs.append((name_a, np.zeros((w.shape[1], 0), np.float32)))
+            self.adapter_inputs.append((name_b, np.zeros((0, w.shape[0]), np.float32)))
+            (t,) = g.node("MatMul", [x, name_a])  # (B, S, R)
+            self.rows_inputs.append(rows_name(layer, group))
+            (t,) = g.node("Mul", [t, rows(self.rows_inputs[-1])])  # (B, S, R) * (N, 1, R): each row's columns
+            (d,) = g.node("MatMul", [t, name_b])  # (B, S, out)
+            (y,) = g.node("Add", [y, d])
+        if "out" in fed:
+            if bias:
+                (y,) = g.node("Add", [y, bias])
+            return self.scaled(y, fused_input_name(layer, group, "out"), w.shape[0], rows), None
+        return y, bias
+
+    def scaled(self, x: str, name: str, width: int, rows=lambda name: name) -> str:
+        """``x * (1 + name + name.rows)`` over the last axis, ``name`` an adapter input ``(width,)``
+        whose identity default is zeros (the fed value is the scale minus 1), ``name.rows`` its
+        per-row offsets ``(N, 1, width)``, default zeros."""
+        g = self.g
+        self.adapter_inputs.append((name, np.zeros(width, np.float32)))
+        self.offset_inputs.append((rows_input_name(name), width))
+        if not self._one:
+            self._one = g.init("adapter_scale.one", np.array(1.0, np.float32))
+        (factor,) = g.node("Add", [name, self._one])  # (width,)
+        (factor,) = g.node("Add", [factor, rows(self.offset_inputs[-1][0])])  # (N, 1, width)
+        return g.node("Mul", [x, factor])[0]
+
+    def declare(self, inputs: list) -> None:
+        """Append the adapter inputs to the graph's ``inputs``, each with its identity default
+        as an initializer (an overridable input)."""
+        g = self.g
+        for name, default in self.adapter_inputs:
+            rank = f"rank.{name.rsplit('.', 1)[0]}"
+            place = name.rsplit(".", 1)[1]
+            shape = ([default.shape[0], rank] if place == "AT" else [rank, default.shape[1]] if place == "BT"
+                     else list(default.shape))
+            inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, shape))
+            g.init(name, default)
+        for name in self.rows_inputs:  # default (1, 1, 1) ones: every row alike
+            rank = f"rank.{name.rsplit('.', 1)[0]}"
+            inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, [rows_axis(name), 1, rank]))
+            g.init(name, np.ones((1, 1, 1), np.float32))
+        for name, width in self.offset_inputs:  # default (1, 1, width) zeros: every row alike
+            inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, [rows_axis(name), 1, width]))
+            g.init(name, np.zeros((1, 1, width), np.float32))
+
+
 class _Builder:
     """Builds one fused decoder graph; one method per piece of a layer."""
 
@@ -300,12 +392,9 @@ class _Builder:
         self.cfg = self.fam.text_config(model.config)
         self.sd = model.state_dict()
         self.eps = float(self.cfg.rms_norm_eps)
-        self.used = group_inputs(model, sides)
         self.g = _Graph()
-        self.adapter_inputs: list[tuple[str, np.ndarray]] = []
-        self.rows_inputs: list[str] = []  # per-row weights of the low-rank groups (graph inputs, default ones)
-        self.offset_inputs: list[tuple[str, int]] = []  # per-row offsets of the scales, width (default zeros)
-        self._one = ""  # the scalar 1 the scales add, made on first use
+        self.groups = Groups(self.g, model, sides)
+        self.linear = self.groups.linear
 
     def weight(self, name: str) -> np.ndarray:
         return _np(self.sd[name])
@@ -316,49 +405,6 @@ class _Builder:
 
     def rms_norm(self, x: str, name: str) -> str:
         return self.g.node("SimplifiedLayerNormalization", [x, self.norm_weight(name)], epsilon=self.eps, axis=-1)[0]
-
-    def linear(self, x: str, layer: int, group: str) -> str:
-        """``x @ W^T (+ b)`` of one packed group, with the adapter inputs its adapters feed
-        (scales and the low-rank branch, in the order of the module docstring)."""
-        g, mods = self.g, group_modules(self.fam, layer)[group]
-        prefix = f"{mods[0].rpartition('.')[0]}.{group}"  # e.g. model.layers.0.self_attn.qkv
-        w = np.concatenate([self.weight(f"{m}.weight") for m in mods], axis=0)  # (out_total, in)
-        fed = self.used.get((layer, group), ())
-        if "in" in fed:
-            x = self.scaled(x, fused_input_name(layer, group, "in"), w.shape[1])
-        (y,) = g.node("MatMul", [x, g.init(f"{prefix}.weight_t", w.T)])  # (B, S, out_total)
-        if "mag" in fed:
-            y = self.scaled(y, fused_input_name(layer, group, "mag"), w.shape[0])
-        biases = [self.sd.get(f"{m}.bias") for m in mods]
-        if any(b is not None for b in biases):
-            bias = np.concatenate([_np(b) if b is not None else np.zeros(self.sd[f"{m}.weight"].shape[0], np.float32)
-                                   for m, b in zip(mods, biases)])
-            (y,) = g.node("Add", [y, g.init(f"{prefix}.bias", bias)])
-        if "AT" in fed:
-            name_a, name_b = fused_input_name(layer, group, "AT"), fused_input_name(layer, group, "BT")
-            self.adapter_inputs.append((name_a, np.zeros((w.shape[1], 0), np.float32)))
-            self.adapter_inputs.append((name_b, np.zeros((0, w.shape[0]), np.float32)))
-            (t,) = g.node("MatMul", [x, name_a])  # (B, S, R)
-            self.rows_inputs.append(rows_name(layer, group))
-            (t,) = g.node("Mul", [t, self.rows_inputs[-1]])  # (B, S, R) * (N, 1, R): each row's columns
-            (d,) = g.node("MatMul", [t, name_b])  # (B, S, out)
-            (y,) = g.node("Add", [y, d])
-        if "out" in fed:
-            y = self.scaled(y, fused_input_name(layer, group, "out"), w.shape[0])
-        return y
-
-    def scaled(self, x: str, name: str, width: int) -> str:
-        """``x * (1 + name + name.rows)`` over the last axis, ``name`` an adapter input ``(width,)``
-        whose identity default is zeros (the fed value is the scale minus 1), ``name.rows`` its
-        per-row offsets ``(N, 1, width)``, default zeros."""
-        g = self.g
-        self.adapter_inputs.append((name, np.zeros(width, np.float32)))
-        self.offset_inputs.append((rows_input_name(name), width))
-        if not self._one:
-            self._one = g.init("adapter_scale.one", np.array(1.0, np.float32))
-        (factor,) = g.node("Add", [name, self._one])  # (width,)
-        (factor,) = g.node("Add", [factor, self.offset_inputs[-1][0]])  # (N, 1, width)
-        return g.node("Mul", [x, factor])[0]
 
     def head_norm(self, x: str, heads: int, name: str) -> str:
         """RMSNorm over each head: ``(B, S, H D) -> (B, S, H, D)`` -> norm -> ``(B, S, H D)``."""
@@ -470,20 +516,7 @@ class _Builder:
                 inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", kv_heads, "max_seq", d]))
             for name in present_names(i):
                 outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", kv_heads, "max_seq", d]))
-        for name, default in self.adapter_inputs:  # graph inputs with a default: overridable initializers
-            rank = f"rank.{name.rsplit('.', 1)[0]}"
-            place = name.rsplit(".", 1)[1]
-            shape = ([default.shape[0], rank] if place == "AT" else [rank, default.shape[1]] if place == "BT"
-                     else list(default.shape))
-            inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, shape))
-            g.init(name, default)
-        for name in self.rows_inputs:  # default (1, 1, 1) ones: every row alike
-            rank = f"rank.{name.rsplit('.', 1)[0]}"
-            inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, [rows_axis(name), 1, rank]))
-            g.init(name, np.ones((1, 1, 1), np.float32))
-        for name, width in self.offset_inputs:  # default (1, 1, width) zeros: every row alike
-            inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, [rows_axis(name), 1, width]))
-            g.init(name, np.zeros((1, 1, width), np.float32))
+        self.groups.declare(inputs)
         return helper.make_graph(g.nodes, "edgepeft-fused-decoder", inputs, outputs, g.inits)
 
 
@@ -510,4 +543,4 @@ def build_graph(model: torch.nn.Module, sides: dict[str, SideBranch], opset: int
                                                     helper.make_opsetid("com.microsoft", 1)],
                               producer_name="edgepeft")
     proto.ir_version = 8
-    return proto, builder.adapter_inputs, groups_used(model, sides)
+    return proto, builder.groups.adapter_inputs, groups_used(model, sides)

@@ -1,14 +1,15 @@
-"""Decoder families the fused graph builds (``edgepeft.export.fused``): one description per file.
+"""Model families the fused graphs build: one description per file.
 
-:data:`REGISTRY` (HF ``model_type`` -> the family's description, from its file) is the one list;
-:func:`family` looks a config up and refuses what is not in it.
+:data:`REGISTRY` (HF ``model_type`` -> a decoder's description, ``edgepeft.export.fused``) and
+:data:`ENCODERS` (-> an encoder classifier's, ``edgepeft.export.fused_encoder``) are the lists;
+:func:`family` looks a config up in both and refuses what is in neither.
 """
 
 from __future__ import annotations
 
 from edgepeft.errors import EdgepeftError
-from edgepeft.families import gemma2, gemma3, llama, mistral, phi3, qwen2, qwen3, smollm3
-from edgepeft.families.common import Family, Layer
+from edgepeft.families import bert, gemma2, gemma3, llama, mistral, phi3, qwen2, qwen3, roberta, smollm3
+from edgepeft.families.common import Encoder, Family, Layer
 
 REGISTRY = {
     "llama": llama.FAMILY,
@@ -22,17 +23,22 @@ REGISTRY = {
     "gemma2": gemma2.FAMILY,
 }
 
+ENCODERS = {
+    "bert": bert.ENCODER,
+    "roberta": roberta.ENCODER,
+}
 
-def family(cfg) -> Family:
-    """The description of ``cfg.model_type``.
+
+def family(cfg) -> Family | Encoder:
+    """The description of ``cfg.model_type`` (a decoder's or an encoder's).
 
     Raises:
         EdgepeftError: a model type without a description.
     """
-    fam = REGISTRY.get(cfg.model_type)
+    fam = REGISTRY.get(cfg.model_type) or ENCODERS.get(cfg.model_type)
     if fam is None:
-        raise EdgepeftError(f"model_type {cfg.model_type!r} (the fused graph knows {', '.join(REGISTRY)})")
+        raise EdgepeftError(f"model_type {cfg.model_type!r} (the fused graphs know {', '.join([*REGISTRY, *ENCODERS])})")
     return fam
 
 
-__all__ = ["REGISTRY", "Family", "Layer", "family"]
+__all__ = ["ENCODERS", "REGISTRY", "Encoder", "Family", "Layer", "family"]

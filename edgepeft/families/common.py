@@ -155,3 +155,74 @@ class Family:
             raise ValueError(f"a family's groups are qkv, o, gate_up, down; got {sorted(self.groups)}")
         if not {"attn_in", "mlp_in"} <= set(self.norms) <= {"attn_in", "attn_out", "mlp_in", "mlp_out"}:
             raise ValueError(f"a family's norms are attn_in, mlp_in (+ attn_out, mlp_out); got {sorted(self.norms)}")
+
+    def group_table(self, cfg) -> dict[tuple[int | str, str], list[str]]:
+        """``{(layer, group): [module path, ...]}`` of every weight group, in graph order."""
+        n = self.text_config(cfg).num_hidden_layers
+        return {(i, g): [f"{self.decoder}.layers.{i}.{m}" for m in mods]
+                for i in range(n) for g, mods in self.groups.items()}
+
+
+# Encoder classifiers, for the fused encoder builder (edgepeft.export.fused_encoder). Every family
+# has BERT's post-norm layer:
+#     x = LayerNorm(x + o(attention(q|k|v(x))))
+#     x = LayerNorm(x + down(gelu(up(x))))
+# with learned absolute positions and one token-type row, so a family differs only in names, how
+# it numbers positions and its head.
+BERT_GROUPS = {"qkv": ("attention.self.query", "attention.self.key", "attention.self.value"),
+               "o": ("attention.output.dense",),
+               "up": ("intermediate.dense",),
+               "down": ("output.dense",)}
+BERT_NORMS = {"attn": "attention.output.LayerNorm", "out": "output.LayerNorm"}
+ENCODER_ACTIVATIONS = ("gelu",)  # the intermediate activations the builder computes exactly (erf GELU)
+HEAD_ACTIVATIONS = ("tanh", None)
+
+
+@dataclass(frozen=True)
+class Encoder:
+    """One encoder family.
+
+    Attributes:
+        prefix: module path of the encoder model (``{prefix}.embeddings``, ``{prefix}.encoder.layer``).
+        head: the head's linears, applied in order to the first token's hidden state, each with
+            the activation after it (``tanh`` or None); the last gives the logits.
+        positions: ``index`` (each token's column, BERT) or ``non_pad`` (RoBERTa: the count of
+            tokens that are not ``pad_token_id`` up to and including it, plus ``pad_token_id``;
+            pads get ``pad_token_id``).
+    """
+
+    prefix: str
+    head: tuple[tuple[str, str | None], ...]
+    positions: str = "index"
+
+    def __post_init__(self):
+        if self.positions not in ("index", "non_pad"):
+            raise ValueError(f"an encoder's positions are 'index' or 'non_pad'; got {self.positions!r}")
+        if not self.head or any(act not in HEAD_ACTIVATIONS for _, act in self.head) or self.head[-1][1]:
+            raise ValueError(f"an encoder head is linears with tanh or no activation, the last without one; "
+                             f"got {self.head}")
+
+    def text_config(self, cfg):
+        return cfg
+
+    def group_table(self, cfg) -> dict[tuple[int | str, str], list[str]]:
+        """``{(layer, group): [module path, ...]}`` in graph order: each layer's q|k|v, o, up and
+        down, then each head linear as group ``("head", "0")``, ``("head", "1")``..."""
+        layers = f"{self.prefix}.encoder.layer"
+        table = {(i, g): [f"{layers}.{i}.{m}" for m in mods]
+                 for i in range(cfg.num_hidden_layers) for g, mods in BERT_GROUPS.items()}
+        table.update({("head", str(j)): [module] for j, (module, _) in enumerate(self.head)})
+        return table
+
+    def check(self, cfg) -> str | None:
+        """Why the builder does not compute this config exactly, or None."""
+        if getattr(cfg, "hidden_act", None) not in ENCODER_ACTIVATIONS:
+            return f"hidden_act {getattr(cfg, 'hidden_act', None)!r} (the fused encoder computes {', '.join(ENCODER_ACTIVATIONS)})"
+        kind = getattr(cfg, "position_embedding_type", "absolute") or "absolute"
+        if kind != "absolute":
+            return f"position_embedding_type {kind!r} (the fused encoder computes absolute positions)"
+        if getattr(cfg, "is_decoder", False) or getattr(cfg, "add_cross_attention", False):
+            return "a decoder configuration (the fused encoder is bidirectional self-attention)"
+        if cfg.hidden_size % cfg.num_attention_heads:
+            return f"hidden_size {cfg.hidden_size} not a multiple of num_attention_heads {cfg.num_attention_heads}"
+        return None

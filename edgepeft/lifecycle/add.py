@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from edgepeft import kinds
-from edgepeft.contract import BASE_CONFIG, MANIFEST_NAME, PROMPT_INPUT, value_digest
+from edgepeft.contract import BASE_CONFIG, MANIFEST_NAME, PROMPT_INPUT, head_input_name, value_digest
 from edgepeft.contract.entries import adapter_entry
 from edgepeft.contract.features import table_parts
 from edgepeft.errors import EdgepeftError
@@ -85,7 +85,8 @@ def add_adapter(root: Path, name: str, adapter_dir: Path, *, base: Path | None =
             from edgepeft.targets import check_ranks
 
             check_ranks(SimpleNamespace(name=manifest["target"]["name"], max_rank=max_rank), {name: side})
-        if (manifest["graph"] or {}).get("layout") == "fused":
+        graph = manifest["graph"] or {}
+        if graph.get("layout") == "fused" or graph.get("kernels") == "fused":
             arrays, prefix, defaults = _fused_arrays(manifest, model, a.kind, side, where), None, []
         else:
             arrays, prefix, defaults = _traced_arrays(manifest, a.kind, side, where)
@@ -232,10 +233,11 @@ def _traced_arrays(manifest: dict, kind: str, side: SideBranch, where: str
 def _fused_arrays(manifest: dict, model: torch.nn.Module, kind: str, side: SideBranch, where: str
                   ) -> dict[str, np.ndarray]:
     """The adapter packed for the fused graph's groups, each group and place it feeds an input of
-    the graph."""
-    from edgepeft.export import fused
+    the graph (and, on an encoder, the head it carries as ``head.{param}``)."""
+    from edgepeft.export import fused, fused_encoder
 
-    why = fused.unsupported(model, {kind: side})
+    builder = fused if manifest["task"] == "causal-lm" else fused_encoder
+    why = builder.unsupported(model, {kind: side})
     if why:
         raise EdgepeftError(f"{where}: the fused graph cannot take it: {why}. Export with --graph generic.")
     used = [(s["layer"], s["group"]) for s in manifest.get("slots", [])]
@@ -244,19 +246,20 @@ def _fused_arrays(manifest: dict, model: torch.nn.Module, kind: str, side: SideB
                for place in places if fused.fused_input_name(layer, group, place) not in inputs]
     if lacking:
         layer, group, place = lacking[0]
-        mods = sorted({m for m, _ in side.layers if m in fused.group_modules(_family(model), layer).get(group, [])})
+        mods = sorted({m for m, _ in side.layers if m in fused.group_table(model).get((layer, group), [])})
         raise EdgepeftError(f"{where}: the fused graph has no {place!r} input on layer {layer}'s {group} group, which "
                             f"the adapter changes ({len(lacking)} such inputs, e.g. {', '.join(mods)}); "
                             f"{_slots_hint(kind, [m for m, _ in side.layers])}.")
     arrays = fused.pack_adapter(model, side, used)
+    heads = {head_input_name(p): v for p, v in side.head.items()}
+    missing = sorted(n for n in heads if n not in inputs)
+    if missing:
+        raise EdgepeftError(f"{where}: the adapter carries a classification head ({missing[0]}) the fused graph "
+                            "has no input for: no adapter exported with it carried one. Export the artifact again "
+                            "with this adapter.")
+    arrays.update(heads)
     _check_shapes(arrays, inputs, where)
     return arrays
-
-
-def _family(model):
-    from edgepeft import families
-
-    return families.family(model.config)
 
 
 def _check_shapes(arrays: dict[str, np.ndarray], inputs: dict, where: str) -> None:
