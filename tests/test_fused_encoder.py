@@ -1,4 +1,4 @@
-"""The fused encoder (``edgepeft.export.fused_encoder``): BERT and RoBERTa classifiers built from
+"""The fused encoder (``edgepeft.export.fused_encoder``): BERT, RoBERTa and DistilBERT classifiers built from
 onnxruntime's fused kernels on packed tokens, against PyTorch + peft and the traced graph.
 
 Tiny bases without a head (each adapter carries its own); LoRA adapters of different ranks and
@@ -24,17 +24,26 @@ from edgepeft.validate import Budget, validate
 TIGHT = Budget(max_abs_logits=1e-4)
 
 
-@pytest.fixture(scope="module", params=["bert", "roberta"])
+# per family: the "wide" LoRA's targets (every attention projection, and BERT's pooler dense) and
+# the other kinds' (PEFT has no DistilBERT defaults)
+WIDE = {"bert": ["query", "key", "value", "dense"], "roberta": ["query", "key", "value", "dense"],
+        "distilbert": ["q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"]}
+KINDS = {"distilbert": {"lora": {"target_modules": ["q_lin", "v_lin"]},
+                        "dora": {"target_modules": ["q_lin", "v_lin", "lin2"]},
+                        "ia3": {"target_modules": ["q_lin", "v_lin", "lin2"], "feedforward_modules": ["lin2"]}}}
+
+
+@pytest.fixture(scope="module", params=["bert", "roberta", "distilbert"])
 def fused(request, tmp_path_factory):
     """(arch, base, adapters, fused artifact, traced artifact, labelled jsonl)."""
     arch = request.param
     root = tmp_path_factory.mktemp(f"fused-{arch}")
     base = make_encoder(arch, root / "base")
-    ads = {"qv": make_adapter(base, root / "qv", "lora", seed=1, task="SEQ_CLS"),
-           "wide": make_adapter(base, root / "wide", "lora", seed=2, task="SEQ_CLS", r=8,
-                                target_modules=["query", "key", "value", "dense"]),
-           "dora": make_adapter(base, root / "dora", "dora", seed=3, task="SEQ_CLS"),
-           "ia3": make_adapter(base, root / "ia3", "ia3", seed=4, task="SEQ_CLS")}
+    kw = KINDS.get(arch, {})
+    ads = {"qv": make_adapter(base, root / "qv", "lora", seed=1, task="SEQ_CLS", **kw.get("lora", {})),
+           "wide": make_adapter(base, root / "wide", "lora", seed=2, task="SEQ_CLS", r=8, target_modules=WIDE[arch]),
+           "dora": make_adapter(base, root / "dora", "dora", seed=3, task="SEQ_CLS", **kw.get("dora", {})),
+           "ia3": make_adapter(base, root / "ia3", "ia3", seed=4, task="SEQ_CLS", **kw.get("ia3", {}))}
     side, traced = root / "fused", root / "traced"
     export(ExportConfig(base=base, out=side, adapters=tuple(ads.items())), quiet=True)  # --graph auto
     export(ExportConfig(graph="generic", base=base, out=traced, adapters=tuple(ads.items())), quiet=True)
@@ -106,10 +115,10 @@ def test_merged_and_int8(fused, tmp_path):
     assert validate(int8, base, labelled=labelled)["passed"]
 
 
-def test_auto_falls_back_for_kinds_without_a_fused_form(fused, tmp_path, capsys):
+def test_auto_falls_back_for_kinds_without_a_fused_form(tmp_path, capsys):
     from edgepeft.cli import main
 
-    arch, base, ads, _, _, _ = fused
+    base = make_encoder("bert", tmp_path / "base")
     prompt = make_adapter(base, tmp_path / "prompt", "prompt", task="SEQ_CLS")
     bottleneck = make_bottleneck(base, tmp_path / "bn", task="SEQ_CLS", heads=["classifier"], seed=7)
     for adapter, why in ((prompt, "adapter 'a' has a prompt or prefix"), (bottleneck, "adapter 'a' has ")):

@@ -80,7 +80,7 @@ class _Builder:
         self.model, self.cfg = model, model.config
         self.fam = families.ENCODERS[model.config.model_type]
         self.sd = model.state_dict()
-        self.eps = float(self.cfg.layer_norm_eps)
+        self.eps = self.fam.eps(self.cfg)
         self.g = _Graph()
         self.groups = Groups(self.g, model, sides)
         self.heads = head_params(model, sides)
@@ -155,8 +155,7 @@ class _Builder:
         """One layer on the packed tokens ``x (T, H)``; attention runs on ``(B, S)`` (scattered
         there and gathered back), every MatMul and norm on the T tokens only."""
         g, cfg = self.g, self.cfg
-        path = f"{self.fam.prefix}.encoder.layer.{i}"
-        norms = {role: f"{path}.{n}" for role, n in families.common.BERT_NORMS.items()}
+        norms = {role: f"{self.fam.layer_path(i)}.{n}" for role, n in self.fam.norms.items()}
         qkv, bias = self.groups.linear_parts(x, i, "qkv", self.per_token)  # (T, 3 H)
         (zeros,) = g.node("ConstantOfShape", [self.scatter_shape])  # (B S, 3 H)
         (qkv,) = g.node("ScatterND", [zeros, g.node("Unsqueeze", [self.idx, "axis1"])[0], qkv])
@@ -193,7 +192,7 @@ class _Builder:
         for j, (module, act) in enumerate(self.fam.head):
             x = self.fed_linear(x, module) if f"{module}.weight" in self.heads else self.groups.linear(x, "head", str(j))
             if act:
-                (x,) = g.node("Tanh", [x])
+                (x,) = g.node({"tanh": "Tanh", "relu": "Relu"}[act], [x])
         return g.node("Squeeze", [x, "axis1"])[0]  # (B, num_labels)
 
     def fed_linear(self, x: str, module: str) -> str:

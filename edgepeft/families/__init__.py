@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 from edgepeft.errors import EdgepeftError
-from edgepeft.families import bert, gemma2, gemma3, llama, mistral, phi3, qwen2, qwen3, roberta, smollm3
+from edgepeft.families import bert, distilbert, gemma2, gemma3, llama, mistral, phi3, qwen2, qwen3, roberta, smollm3
 from edgepeft.families.common import Encoder, Family, Layer
 
 REGISTRY = {
@@ -26,6 +26,7 @@ REGISTRY = {
 ENCODERS = {
     "bert": bert.ENCODER,
     "roberta": roberta.ENCODER,
+    "distilbert": distilbert.ENCODER,
 }
 
 

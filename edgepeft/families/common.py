@@ -167,15 +167,15 @@ class Family:
 # has BERT's post-norm layer:
 #     x = LayerNorm(x + o(attention(q|k|v(x))))
 #     x = LayerNorm(x + down(gelu(up(x))))
-# with learned absolute positions and one token-type row, so a family differs only in names, how
-# it numbers positions and its head.
+# with learned (or stored sinusoidal) absolute positions and at most one token-type row, so a
+# family differs only in names, how it numbers positions and its head.
 BERT_GROUPS = {"qkv": ("attention.self.query", "attention.self.key", "attention.self.value"),
                "o": ("attention.output.dense",),
                "up": ("intermediate.dense",),
                "down": ("output.dense",)}
 BERT_NORMS = {"attn": "attention.output.LayerNorm", "out": "output.LayerNorm"}
 ENCODER_ACTIVATIONS = ("gelu",)  # the intermediate activations the builder computes exactly (erf GELU)
-HEAD_ACTIVATIONS = ("tanh", None)
+HEAD_ACTIVATIONS = ("tanh", "relu", None)
 
 
 @dataclass(frozen=True)
@@ -183,41 +183,59 @@ class Encoder:
     """One encoder family.
 
     Attributes:
-        prefix: module path of the encoder model (``{prefix}.embeddings``, ``{prefix}.encoder.layer``).
+        prefix: module path of the encoder model (``{prefix}.embeddings`` with
+            ``word_embeddings``, ``position_embeddings``, ``LayerNorm`` and, if the checkpoint
+            has them, ``token_type_embeddings``).
         head: the head's linears, applied in order to the first token's hidden state, each with
-            the activation after it (``tanh`` or None); the last gives the logits.
+            the activation after it (``tanh``, ``relu`` or None); the last gives the logits.
         positions: ``index`` (each token's column, BERT) or ``non_pad`` (RoBERTa: the count of
             tokens that are not ``pad_token_id`` up to and including it, plus ``pad_token_id``;
             pads get ``pad_token_id``).
+        layers: module path of the layer list under ``prefix``.
+        groups: each layer's q|k|v, o, up and down projections (paths under a layer).
+        norms: each layer's LayerNorms after attention (``attn``) and after the feed-forward (``out``).
+        activation: the config's feed-forward activation.
+        eps: the LayerNorms' epsilon from the config.
     """
 
     prefix: str
     head: tuple[tuple[str, str | None], ...]
     positions: str = "index"
+    layers: str = "encoder.layer"
+    groups: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: BERT_GROUPS)
+    norms: Mapping[str, str] = field(default_factory=lambda: BERT_NORMS)
+    activation: Callable[[object], str | None] = lambda cfg: getattr(cfg, "hidden_act", None)
+    eps: Callable[[object], float] = lambda cfg: float(cfg.layer_norm_eps)
 
     def __post_init__(self):
         if self.positions not in ("index", "non_pad"):
             raise ValueError(f"an encoder's positions are 'index' or 'non_pad'; got {self.positions!r}")
         if not self.head or any(act not in HEAD_ACTIVATIONS for _, act in self.head) or self.head[-1][1]:
-            raise ValueError(f"an encoder head is linears with tanh or no activation, the last without one; "
-                             f"got {self.head}")
+            raise ValueError(f"an encoder head is linears with {HEAD_ACTIVATIONS[:-1]} or no activation, the "
+                             f"last without one; got {self.head}")
+        if set(self.groups) != set(BERT_GROUPS) or set(self.norms) != set(BERT_NORMS):
+            raise ValueError(f"an encoder's groups are {sorted(BERT_GROUPS)} and norms {sorted(BERT_NORMS)}; "
+                             f"got {sorted(self.groups)}, {sorted(self.norms)}")
 
     def text_config(self, cfg):
         return cfg
 
+    def layer_path(self, i: int) -> str:
+        return f"{self.prefix}.{self.layers}.{i}"
+
     def group_table(self, cfg) -> dict[tuple[int | str, str], list[str]]:
         """``{(layer, group): [module path, ...]}`` in graph order: each layer's q|k|v, o, up and
         down, then each head linear as group ``("head", "0")``, ``("head", "1")``..."""
-        layers = f"{self.prefix}.encoder.layer"
-        table = {(i, g): [f"{layers}.{i}.{m}" for m in mods]
-                 for i in range(cfg.num_hidden_layers) for g, mods in BERT_GROUPS.items()}
+        table = {(i, g): [f"{self.layer_path(i)}.{m}" for m in mods]
+                 for i in range(cfg.num_hidden_layers) for g, mods in self.groups.items()}
         table.update({("head", str(j)): [module] for j, (module, _) in enumerate(self.head)})
         return table
 
     def check(self, cfg) -> str | None:
         """Why the builder does not compute this config exactly, or None."""
-        if getattr(cfg, "hidden_act", None) not in ENCODER_ACTIVATIONS:
-            return f"hidden_act {getattr(cfg, 'hidden_act', None)!r} (the fused encoder computes {', '.join(ENCODER_ACTIVATIONS)})"
+        act = self.activation(cfg)
+        if act not in ENCODER_ACTIVATIONS:
+            return f"activation {act!r} (the fused encoder computes {', '.join(ENCODER_ACTIVATIONS)})"
         kind = getattr(cfg, "position_embedding_type", "absolute") or "absolute"
         if kind != "absolute":
             return f"position_embedding_type {kind!r} (the fused encoder computes absolute positions)"
