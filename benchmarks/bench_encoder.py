@@ -488,9 +488,9 @@ def reusable(out: Path, kind: str, hp: dict, data: dict, minilm: Path) -> dict |
 
 
 def train_adapters(work: Path, minilm: Path, data: dict, hparams: dict, threads_arg: str,
-                   reuse: bool) -> dict:
+                   reuse: bool, kinds: tuple[str, ...] = KINDS) -> dict:
     out = {}
-    for kind in KINDS:
+    for kind in kinds:
         hp = hparams[kind]
         target = work / "adapters" / kind
         side = reusable(target, kind, hp, data, minilm) if reuse else None
@@ -513,7 +513,7 @@ def train_adapters(work: Path, minilm: Path, data: dict, hparams: dict, threads_
         sidecar(target).write_text(json.dumps({"data_sha256": data["train_sha256"], "bench": bench},
                                               indent=2) + "\n")
         out[kind] = {"dir": str(target), "reused": False, **bench}
-    for kind in KINDS:
+    for kind in kinds:
         tl = json.loads((Path(out[kind]["dir"]) / "train_log.json").read_text())
         s = tl["summary"]
         out[kind].update({"trainable_params": s["trainable_params"], "steps": s["steps"],
