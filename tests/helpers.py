@@ -262,3 +262,17 @@ def make_encoder(arch: str, path: Path, *, hidden: int = 64, layers: int = 2, he
     if tokenizer:
         make_tokenizer(path)
     return path
+
+
+def write_labelled(path: Path, rows: int = 40, seed: int = 0) -> Path:
+    """A jsonl of ``rows`` random ``{"text", "label"}`` rows over the tiny word-level vocabulary
+    (3-19 words, labels 0/1), for ``validate --labels`` on the tiny classifiers."""
+    import json
+
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    lines = [{"text": " ".join(f"w{i}" for i in rng.integers(3, VOCAB, rng.integers(3, 20))),
+              "label": int(rng.integers(0, 2))} for _ in range(rows)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    return path

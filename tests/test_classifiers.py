@@ -11,7 +11,7 @@ import json
 import numpy as np
 import pytest
 
-from helpers import CLASSIFIER_HEADS, ENCODER_ARCHS, VOCAB, make_adapter, make_bottleneck, make_encoder
+from helpers import CLASSIFIER_HEADS, ENCODER_ARCHS, make_adapter, make_bottleneck, make_encoder, write_labelled
 from edgepeft.errors import EdgepeftError
 from edgepeft.export import ExportConfig, export
 from edgepeft.runtime import Model
@@ -38,11 +38,7 @@ def encoder(request, tmp_path_factory):
                                         seed=7)
     side = root / "side"
     export(ExportConfig(graph="generic", base=base, out=side, adapters=tuple(ads.items())), quiet=True)
-    rng = np.random.default_rng(0)
-    rows = [{"text": " ".join(f"w{i}" for i in rng.integers(3, VOCAB, rng.integers(3, 20))),
-             "label": int(rng.integers(0, 2))} for _ in range(40)]
-    labelled = root / "labelled.jsonl"
-    labelled.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    labelled = write_labelled(root / "labelled.jsonl")
     return arch, base, ads, side, labelled
 
 

@@ -14,7 +14,7 @@ import json
 import numpy as np
 import pytest
 
-from helpers import VOCAB, make_adapter, make_bottleneck, make_encoder
+from helpers import VOCAB, make_adapter, make_bottleneck, make_encoder, write_labelled
 from edgepeft.errors import EdgepeftError
 from edgepeft.export import ExportConfig, export
 from edgepeft.quantize import QuantConfig
@@ -47,11 +47,7 @@ def fused(request, tmp_path_factory):
     side, traced = root / "fused", root / "traced"
     export(ExportConfig(base=base, out=side, adapters=tuple(ads.items())), quiet=True)  # --graph auto
     export(ExportConfig(graph="generic", base=base, out=traced, adapters=tuple(ads.items())), quiet=True)
-    rng = np.random.default_rng(0)
-    rows = [{"text": " ".join(f"w{i}" for i in rng.integers(3, VOCAB, rng.integers(3, 20))),
-             "label": int(rng.integers(0, 2))} for _ in range(40)]
-    labelled = root / "labelled.jsonl"
-    labelled.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    labelled = write_labelled(root / "labelled.jsonl")
     return arch, base, ads, side, traced, labelled
 
 

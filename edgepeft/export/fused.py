@@ -131,18 +131,25 @@ def unsupported(model: torch.nn.Module, sides: dict[str, SideBranch]) -> str | N
         return (f"a rotary width of {rotary} per head (GroupQueryAttention rotates a multiple of 16 "
                 "dimensions)")
     table = group_table(model)
-    modules = {m for ms in table.values() for m in ms}
     for name, side in sides.items():
         if side.head or side.prompt is not None or side.prefix:
             return f"adapter {name!r} has a prompt, prefix or classification head"
-        for m, feat in side.layers:
-            if kinds.feature(feat).fused is None or m not in modules:
-                return (f"adapter {name!r} has {m} ({feat}); the fused graph takes LoRA, DoRA and IA3 "
-                        "on the attention and MLP projections")
-        why = None if side.reserved else packing_problem(table, name, side)
+        why = layers_problem(table, name, side, "the attention and MLP projections")
         if why:
             return why
     return None
+
+
+def layers_problem(table: dict[tuple[int | str, str], list[str]], name: str, side: SideBranch,
+                   where: str) -> str | None:
+    """Why one adapter's layers do not fit the groups of ``table`` (``where`` names them for the
+    message), or None: a feature without a fused form, a module outside the groups, or scales
+    that do not pack (:func:`packing_problem`)."""
+    modules = {m for ms in table.values() for m in ms}
+    for m, feat in side.layers:
+        if kinds.feature(feat).fused is None or m not in modules:
+            return f"adapter {name!r} has {m} ({feat}); the fused graph takes LoRA, DoRA and IA3 on {where}"
+    return None if side.reserved else packing_problem(table, name, side)
 
 
 def packing_problem(table: dict[tuple[int | str, str], list[str]], name: str, side: SideBranch) -> str | None:
@@ -538,9 +545,13 @@ def build_graph(model: torch.nn.Module, sides: dict[str, SideBranch], opset: int
     """
     check_supported(model, sides)
     builder = _Builder(model, sides)
-    graph = builder.build()
+    return model_proto(builder.build(), opset), builder.groups.adapter_inputs, groups_used(model, sides)
+
+
+def model_proto(graph: onnx.GraphProto, opset: int) -> onnx.ModelProto:
+    """A built graph as a model of ``opset`` and onnxruntime's contrib domain (IR version 8)."""
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset),
                                                     helper.make_opsetid("com.microsoft", 1)],
                               producer_name="edgepeft")
     proto.ir_version = 8
-    return proto, builder.groups.adapter_inputs, groups_used(model, sides)
+    return proto

@@ -31,11 +31,11 @@ import onnx
 import torch
 from onnx import TensorProto, helper
 
-from edgepeft import families, kinds
+from edgepeft import families
 from edgepeft.contract import head_input_name, rows_input_name
 from edgepeft.contract.names import rows_axis
 from edgepeft.errors import EdgepeftError
-from edgepeft.export.fused import Groups, _Graph, group_inputs, group_table, packing_problem
+from edgepeft.export.fused import Groups, _Graph, group_inputs, group_table, layers_problem, model_proto
 from edgepeft.kinds.common import SideBranch, to_numpy as _np
 
 
@@ -49,7 +49,6 @@ def unsupported(model: torch.nn.Module, sides: dict[str, SideBranch]) -> str | N
     if why:
         return why
     table = group_table(model)
-    modules = {m for ms in table.values() for m in ms}
     heads = {m for m, _ in fam.head}
     for name, side in sides.items():
         if side.prompt is not None or side.prefix:
@@ -57,11 +56,7 @@ def unsupported(model: torch.nn.Module, sides: dict[str, SideBranch]) -> str | N
         stray = sorted({p.rpartition(".")[0] for p in side.head} - heads)
         if stray:
             return f"adapter {name!r} carries {stray[0]} as its head; the fused encoder's head is {', '.join(heads)}"
-        for m, feat in side.layers:
-            if kinds.feature(feat).fused is None or m not in modules:
-                return (f"adapter {name!r} has {m} ({feat}); the fused encoder takes LoRA, DoRA and IA3 "
-                        "on the attention, feed-forward and head linears")
-        why = None if side.reserved else packing_problem(table, name, side)
+        why = layers_problem(table, name, side, "the attention, feed-forward and head linears")
         if why:
             return why
     return None
@@ -258,9 +253,4 @@ def build_graph(model: torch.nn.Module, sides: dict[str, SideBranch], opset: int
     if why:
         raise EdgepeftError(f"--graph fused: {why}. Export with --graph generic.")
     builder = _Builder(model, sides)
-    graph = builder.build()
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset),
-                                                    helper.make_opsetid("com.microsoft", 1)],
-                              producer_name="edgepeft")
-    proto.ir_version = 8
-    return proto, builder.groups.adapter_inputs, list(group_inputs(model, sides)), builder.heads
+    return model_proto(builder.build(), opset), builder.groups.adapter_inputs, list(group_inputs(model, sides)), builder.heads
