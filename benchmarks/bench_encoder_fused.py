@@ -16,6 +16,8 @@ Run from the repo root (needs the demo install: MiniLM and the Rotten Tomatoes s
    ``fused`` (edgepeft's ``Model``). Two input modes:
    - ``ids48``: the issue's protocol: token ids in, every row truncated / padded to 48 tokens
      with its attention mask (``classify_logits(ids, mask)`` / ``model(input_ids, attention_mask)``);
+   - ``full48``: the same with every position real (each row the tokens of consecutive snippets
+     run together up to 48), so no padding is left for the fused graph to skip;
    - ``texts``: an app's call, tokenization included: ``Model.classify(texts)`` against
      transformers' tokenizer with ``padding=True`` (each side pads to the batch's longest text).
    Batch 1: 48 single snippets; batch 16: 6 batches of 16; per round a different slice of the
@@ -44,7 +46,7 @@ from bench_encoder import HPARAMS, MAX_LENGTH, prepare_data, read_rows, thread_e
 REPO = HERE.parent
 WORK = HERE / "results" / "encoder-fused"
 SYSTEMS = ("torch", "traced", "fused")
-MODES = ("ids48", "texts")
+MODES = ("ids48", "full48", "texts")
 PAD_TO = 48
 N1, N16 = 48, 6
 
@@ -72,6 +74,9 @@ def worker(spec: dict) -> dict:
     mask = np.zeros_like(ids)
     for i, r in enumerate(rows):
         ids[i, :len(r)], mask[i, :len(r)] = r, 1
+    stream = [t for r in rows for t in r]
+    full = np.array([stream[(k * PAD_TO) % (len(stream) - PAD_TO):][:PAD_TO] for k in range(len(rows))], np.int64)
+    ones = np.ones_like(full)
     if system == "torch":
         import torch
         from peft import PeftModel
@@ -103,7 +108,8 @@ def worker(spec: dict) -> dict:
         def on_texts(batch):
             return m.classify(batch, adapter="lora")
 
-    calls = {"ids48": (lambda a, b: on_ids(ids[a:b], mask[a:b])), "texts": (lambda a, b: on_texts(texts[a:b]))}
+    calls = {"ids48": (lambda a, b: on_ids(ids[a:b], mask[a:b])), "full48": (lambda a, b: on_ids(full[a:b], ones[a:b])),
+             "texts": (lambda a, b: on_texts(texts[a:b]))}
     out = {}
     for mode, call in calls.items():
         for _ in range(3):  # warm-up
