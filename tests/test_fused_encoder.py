@@ -1,10 +1,11 @@
-"""The fused encoder (``edgepeft.export.fused_encoder``): BERT, RoBERTa and DistilBERT classifiers built from
-onnxruntime's fused kernels on packed tokens, against PyTorch + peft and the traced graph.
+"""The fused encoder (``edgepeft.export.fused_encoder``): BERT, RoBERTa and DistilBERT classifiers
+built from onnxruntime's fused kernels on packed tokens, against PyTorch + peft and the traced graph.
 
 Tiny bases without a head (each adapter carries its own); LoRA adapters of different ranks and
-targets (one on the pooler / head dense), DoRA and IA3; every case of ``validate`` (each adapter,
-its head) within 1e-4 of PyTorch; each row its own adapter, rows padded either side, against the
-traced graph; a mask row of zeros refused; ``--graph auto`` picks it and falls back with the reason.
+targets (one on BERT's pooler), DoRA, IA3, prompt tuning and P-tuning; every case of ``validate``
+(each adapter with its head) within 1e-4 of PyTorch; each row its own adapter, rows padded either
+side, against the traced graph; a mask row of zeros refused; ``--graph auto`` picks it and falls
+back (bottlenecks) with the reason.
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ WIDE = {"bert": ["query", "key", "value", "dense"], "roberta": ["query", "key", 
         "distilbert": ["q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"]}
 KINDS = {"distilbert": {"lora": {"target_modules": ["q_lin", "v_lin"]},
                         "dora": {"target_modules": ["q_lin", "v_lin", "lin2"]},
-                        "ia3": {"target_modules": ["q_lin", "v_lin", "lin2"], "feedforward_modules": ["lin2"]}}}
+                        "ia3": {"target_modules": ["q_lin", "v_lin", "lin2"], "feedforward_modules": ["lin2"]},
+                        "prompt": {"token_dim": 64, "num_layers": 2, "num_attention_heads": 4},
+                        "p_tuning": {"token_dim": 64, "num_layers": 2, "num_attention_heads": 4}}}
 
 
 @pytest.fixture(scope="module", params=["bert", "roberta", "distilbert"])
@@ -43,7 +46,10 @@ def fused(request, tmp_path_factory):
     ads = {"qv": make_adapter(base, root / "qv", "lora", seed=1, task="SEQ_CLS", **kw.get("lora", {})),
            "wide": make_adapter(base, root / "wide", "lora", seed=2, task="SEQ_CLS", r=8, target_modules=WIDE[arch]),
            "dora": make_adapter(base, root / "dora", "dora", seed=3, task="SEQ_CLS", **kw.get("dora", {})),
-           "ia3": make_adapter(base, root / "ia3", "ia3", seed=4, task="SEQ_CLS", **kw.get("ia3", {}))}
+           "ia3": make_adapter(base, root / "ia3", "ia3", seed=4, task="SEQ_CLS", **kw.get("ia3", {})),
+           "prompt": make_adapter(base, root / "prompt", "prompt", seed=5, task="SEQ_CLS", **kw.get("prompt", {})),
+           "p_tuning": make_adapter(base, root / "p_tuning", "p_tuning", seed=6, task="SEQ_CLS",
+                                    **kw.get("p_tuning", {}))}
     side, traced = root / "fused", root / "traced"
     export(ExportConfig(base=base, out=side, adapters=tuple(ads.items())), quiet=True)  # --graph auto
     export(ExportConfig(graph="generic", base=base, out=traced, adapters=tuple(ads.items())), quiet=True)
@@ -57,12 +63,13 @@ def test_auto_builds_the_fused_encoder(fused):
     assert m["graph"]["kernels"] == "fused"
     ops = set(m["graph"]["ops"])
     assert {"MultiHeadAttention", "BiasGelu", "NonZero", "ScatterND"} <= ops and "Softmax" not in ops
+    assert m["inputs"]["prompt.embeds"] == {"shape": [None, 64], "mix": "one"}
     # LoRA on BERT's pooler (RoBERTa's head dense sits in the carried head, which peft leaves alone)
     assert ("head.0" in {f"{s['layer']}.{s['group']}" for s in m["slots"]}) == (arch == "bert")
 
 
 def test_every_case_matches_pytorch(fused):
-    """Each adapter (its head included) within 1e-4 of peft, same accuracy."""
+    """Each adapter (its head, its prompt included) within 1e-4 of peft, same accuracy."""
     _, base, ads, side, _, labelled = fused
     result = validate(side, base, budget=TIGHT, labelled=labelled)
     cases = {c["case"]: c for c in result["cases"]}
@@ -75,8 +82,8 @@ def test_every_case_matches_pytorch(fused):
 
 def test_equals_the_traced_graph_per_row_and_padded_either_side(fused):
     """Rows of one batch on different adapters (LoRA, DoRA, IA3, each with its head), left- or
-    right-padded: the traced graph's logits, row for row (the traced
-    classifier is checked against PyTorch in test_classifiers.py)."""
+    right-padded, and each prompt adapter on the whole batch: the traced graph's logits, row for
+    row (the traced classifier is checked against PyTorch in test_classifiers.py)."""
     _, _, _, side, traced, _ = fused
     f, t = Model(side), Model(traced)
     rng = np.random.default_rng(3)
@@ -91,6 +98,9 @@ def test_equals_the_traced_graph_per_row_and_padded_either_side(fused):
         tokens = ids if mask is right else np.stack([np.roll(row, 12 - n) for row, n in zip(ids, lengths)])
         np.testing.assert_allclose(f.classify_logits(tokens, adapter=choices, attention_mask=mask),
                                    t.classify_logits(tokens, adapter=choices, attention_mask=mask), atol=1e-5)
+    for name in ("prompt", "p_tuning"):
+        np.testing.assert_allclose(f.classify_logits(ids, adapter=name, attention_mask=right),
+                                   t.classify_logits(ids, adapter=name, attention_mask=right), atol=1e-5)
     empty = right.copy()
     empty[1] = 0  # nothing to classify, as an empty text
     for m in (f, t):
@@ -115,16 +125,14 @@ def test_auto_falls_back_for_kinds_without_a_fused_form(tmp_path, capsys):
     from edgepeft.cli import main
 
     base = make_encoder("bert", tmp_path / "base")
-    prompt = make_adapter(base, tmp_path / "prompt", "prompt", task="SEQ_CLS")
     bottleneck = make_bottleneck(base, tmp_path / "bn", task="SEQ_CLS", heads=["classifier"], seed=7)
-    for adapter, why in ((prompt, "adapter 'a' has a prompt or prefix"), (bottleneck, "adapter 'a' has ")):
-        out = tmp_path / f"o{len(why)}"
-        assert main(["export", str(base), "--adapter", f"a={adapter}", "--out", str(out)]) == 0
-        line = next(x for x in capsys.readouterr().err.splitlines() if "graph:" in x)
-        assert line.startswith("[edgepeft] graph: generic (the traced model; not fused: ") and why in line, line
-        assert "kernels" not in json.loads((out / "manifest.json").read_text())["graph"]
-    with pytest.raises(EdgepeftError, match="--graph fused: adapter 'a' has a prompt"):
-        export(ExportConfig(graph="fused", base=base, out=tmp_path / "x", adapters=(("a", prompt),)), quiet=True)
+    out = tmp_path / "o"
+    assert main(["export", str(base), "--adapter", f"a={bottleneck}", "--out", str(out)]) == 0
+    line = next(x for x in capsys.readouterr().err.splitlines() if "graph:" in x)
+    assert line.startswith("[edgepeft] graph: generic (the traced model; not fused: adapter 'a' has "), line
+    assert "bottleneck" in line and "kernels" not in json.loads((out / "manifest.json").read_text())["graph"]
+    with pytest.raises(EdgepeftError, match="--graph fused: adapter 'a' has .*bottleneck"):
+        export(ExportConfig(graph="fused", base=base, out=tmp_path / "x", adapters=(("a", bottleneck),)), quiet=True)
     assert not (tmp_path / "x").exists()
 
 

@@ -533,15 +533,16 @@ def build_cases(root: Path) -> Path:
                             # the rows' bottlenecks differ (a bottleneck applies to every row)
                             {"method": "classify", "ids": ids, "adapter": ["lora", "bottleneck"]}]),
                         "row_weights": _row_weights_cases(m)}
-    # the fused encoder (--graph auto with LoRA and IA3): MultiHeadAttention / BiasGelu on packed tokens
+    # the fused encoder (--graph auto with LoRA, IA3 and a prompt): MultiHeadAttention / BiasGelu on packed tokens
     cls_fused = root / "cls-fused"
-    export(ExportConfig(base=enc, out=cls_fused, adapters=(("lora", cls_ads["lora"]), ("ia3", cls_ads["ia3"]))),
-           quiet=True)
+    prompt = make_adapter(enc, root / "cls-prompt", "prompt", seed=4, task="SEQ_CLS")
+    export(ExportConfig(base=enc, out=cls_fused, adapters=(("lora", cls_ads["lora"]), ("ia3", cls_ads["ia3"]),
+                                                           ("prompt", prompt))), quiet=True)
     mf = Model(cls_fused)
     assert mf.manifest["graph"]["kernels"] == "fused"
     fused_cases = []
     for choice, inp in (("lora", texts), ("lora", ids), ("ia3", ids), (["lora", "ia3"], ids),
-                        (["ia3", "lora", "ia3"], texts)):
+                        (["ia3", "lora", "ia3"], texts), ("prompt", texts), ("prompt", ids)):
         lg = mf.classify_logits(inp, adapter=choice)
         fused_cases.append({"adapter": choice, "input": inp, "dims": list(lg.shape), "logits": _f32(lg),
                             "probs": _f32(mf.classify(inp, adapter=choice)), "labels": lg.argmax(-1).tolist()})

@@ -32,7 +32,6 @@ from edgepeft.export.graphs import save_graph, static_graphs
 from edgepeft.export.load import Base
 from edgepeft.export.plan import plan_traced, side_branches
 from edgepeft.export.slots import free_rows, head_row_values, rows_manifest
-from edgepeft.contract import head_input_name
 from edgepeft.progress import bar, log
 
 
@@ -133,29 +132,27 @@ def fused_side(cfg: ExportConfig, base: Base, adapters: list, root: Path, quiet:
 
 def fused_encoder_side(cfg: ExportConfig, base: Base, adapters: list, root: Path, quiet: bool) -> dict:
     """One fused encoder graph with packed adapter inputs for the projection groups any adapter
-    feeds and ``head.{param}`` inputs for the heads they carry; one file per adapter."""
+    feeds, ``head.{param}`` inputs for the heads they carry and ``prompt.embeds`` for their
+    prompts; one file per adapter."""
     model = base.model
     sides = side_branches(cfg, base, adapters)
     log("building fused encoder graph", quiet)
-    proto, defaults, used, heads = fused_encoder.build_graph(model, sides, cfg.opset or 17)
+    proto, defaults, used, heads, fed = fused_encoder.build_graph(model, sides, cfg.opset or 17)
     table = fused.group_table(model)
     names = [n for n, _ in defaults]
     rows, values = fused.rows_manifest(used, names)
     values.update(head_row_values(heads))
-    params = dict(model.named_parameters())
-    head_inputs = {head_input_name(p): {"shape": list(params[p].shape), "mix": "one"} for p in heads}
     calibration, probe = quantization_feeds(cfg, base.task, model, [], {}, [], base.cache, quiet)
-    graph_inputs = names + list(head_inputs) + list(rows) + list(values)
+    graph_inputs = names + list(fed) + list(rows) + list(values)
     parts = {"graph": {**save_graph(proto, root, "model.onnx", cfg.quant, graph_inputs, calibration, probe,
                                     quiet=quiet), "kernels": "fused"},
              "slots": [{"layer": layer, "group": group, "modules": table[(layer, group)]} for layer, group in used],
-             "inputs": {**{n: _fused_input(n, d) for n, d in defaults}, **head_inputs},
+             "inputs": {**{n: _fused_input(n, d) for n, d in defaults}, **fed},
              "rows": rows, "row_values": values}
     (root / "adapters").mkdir()
     parts["adapters"] = {}
     for a in adapters:
-        arrays = {**fused.pack_adapter(model, sides[a.name], used),
-                  **{head_input_name(p): v for p, v in sides[a.name].head.items()}}
+        arrays = fused_encoder.adapter_arrays(model, sides[a.name], used)
         parts["adapters"][a.name] = _write_adapter(cfg, base, a, arrays, root, sorted(arrays), None)
     return parts
 
@@ -172,7 +169,7 @@ def merged(cfg: ExportConfig, base: Base, adapters: list, root: Path, quiet: boo
         kind_module(a).merge(model, a)
         rel = f"merged/{a.name}.onnx"
         if is_fused and base.task == "classification":
-            proto, _, _, _ = fused_encoder.build_graph(model, {}, cfg.opset or 17)
+            proto = fused_encoder.build_graph(model, {}, cfg.opset or 17)[0]
             calibration, probe = quantization_feeds(cfg, base.task, model, [], {}, [], base.cache, quiet)
             del model
             graph = {**save_graph(proto, root, rel, cfg.quant, [], calibration, probe, quiet=quiet), "kernels": "fused"}

@@ -15,12 +15,16 @@ decoder (:class:`edgepeft.export.fused.Groups`); the head's linears are groups t
 adapter carries (PEFT ``modules_to_save``) is fed as in the traced graph: ``head.{param}`` with the
 base's head as default, and per-row offsets ``head.{param}.rows``.
 
+A prompt-tuning adapter (prompt tuning, P-tuning) feeds ``prompt.embeds (n, H)``, as in the
+traced graph: its rows go before the token embeddings and ``n`` ones before the mask, as PEFT does
+(``n = 0`` by default); the tokens are then packed from the embedded ``(B, n + S, H)``.
+
 Inputs ``input_ids (B, S)``, ``attention_mask (B, S)`` (right padding, as the runtime feeds it),
 the adapter inputs; output ``logits (B, num_labels)``: the traced graph's interface, so the
 runtimes run it as they run that one.
 
 Scope: the families of ``edgepeft.families.ENCODERS``, adapters whose features have a fused form
-(LoRA, DoRA, IA3), heads on the family's head linears. Prompt tuning, bottlenecks and other
+(LoRA, DoRA, IA3), prompts, heads on the family's head linears. Prefixes, bottlenecks and other
 kinds are refused with the reason (:func:`unsupported`); the traced graph handles them.
 """
 
@@ -32,7 +36,7 @@ import torch
 from onnx import TensorProto, helper
 
 from edgepeft import families
-from edgepeft.contract import head_input_name, rows_input_name
+from edgepeft.contract import PROMPT_INPUT, head_input_name, rows_input_name
 from edgepeft.contract.names import rows_axis
 from edgepeft.errors import EdgepeftError
 from edgepeft.export.fused import Groups, _Graph, group_inputs, group_table, layers_problem, model_proto
@@ -51,8 +55,8 @@ def unsupported(model: torch.nn.Module, sides: dict[str, SideBranch]) -> str | N
     table = group_table(model)
     heads = {m for m, _ in fam.head}
     for name, side in sides.items():
-        if side.prompt is not None or side.prefix:
-            return f"adapter {name!r} has a prompt or prefix"
+        if side.prefix:
+            return f"adapter {name!r} has a prefix"
         stray = sorted({p.rpartition(".")[0] for p in side.head} - heads)
         if stray:
             return f"adapter {name!r} carries {stray[0]} as its head; the fused encoder's head is {', '.join(heads)}"
@@ -60,6 +64,19 @@ def unsupported(model: torch.nn.Module, sides: dict[str, SideBranch]) -> str | N
         if why:
             return why
     return None
+
+
+def adapter_arrays(model: torch.nn.Module, side: SideBranch, used: list[tuple[int | str, str]]
+                   ) -> dict[str, np.ndarray]:
+    """One adapter's inputs of the fused encoder: its packed groups
+    (:func:`edgepeft.export.fused.pack_adapter`), the head it carries (``head.{param}``) and its
+    prompt (``prompt.embeds``)."""
+    from edgepeft.export.fused import pack_adapter
+
+    arrays = {**pack_adapter(model, side, used), **{head_input_name(p): v for p, v in side.head.items()}}
+    if side.prompt is not None:
+        arrays[PROMPT_INPUT] = side.prompt
+    return arrays
 
 
 def head_params(model: torch.nn.Module, sides: dict[str, SideBranch]) -> list[str]:
@@ -81,26 +98,39 @@ class _Builder:
         self.heads = head_params(model, sides)
         self.head_inputs: list[tuple[str, np.ndarray]] = []  # (name, default): the base's head
         self.head_rows: list[tuple[str, tuple[int, ...]]] = []  # per-row offsets, (name, shape of one row)
+        self.prompt = any(side.prompt is not None for side in sides.values())  # a prompt.embeds input
 
     def init(self, name: str) -> str:
         return self.g.init(name, _np(self.sd[name]))
 
-    def tokens(self) -> None:
-        """Which positions the graph computes: every token of the mask and each row's first
-        position (the head reads it, even from a row the mask empties), as indices into the
-        flattened ``(B S)`` positions: ``self.idx (T,)``, each one's row ``self.row (T,)`` and
-        column ``self.col (T,)``; and the shapes that scatter packed tokens back to ``(B, S)``."""
+    def prompted_mask(self) -> str:
+        """``attention_mask``, with ``n`` ones before it when the graph takes a prompt (``n`` the
+        rows of ``prompt.embeds``): ``(B, n + S)``."""
+        if not self.prompt:
+            return "attention_mask"
         g = self.g
-        (shape,) = g.node("Shape", ["input_ids"])  # (2,) = B, S
-        (s,) = g.node("Shape", ["input_ids"], start=1, end=2)  # (1,) = S
-        (b,) = g.node("Shape", ["input_ids"], start=0, end=1)  # (1,) = B
+        (self.b,) = g.node("Shape", ["input_ids"], start=0, end=1)  # (1,) = B
+        (self.n,) = g.node("Shape", [PROMPT_INPUT], start=0, end=1)  # (1,) = n
+        one = helper.make_tensor("one", TensorProto.INT64, [1], [1])
+        (ones,) = g.node("ConstantOfShape", [g.node("Concat", [self.b, self.n], axis=0)[0]], value=one)  # (B, n)
+        return g.node("Concat", [ones, "attention_mask"], axis=1)[0]  # (B, n + S)
+
+    def tokens(self, mask: str) -> None:
+        """Which positions of ``mask (B, S)`` the graph computes: every token of the mask and each
+        row's first position (the head reads it), as indices into the flattened ``(B S)``
+        positions: ``self.idx (T,)``, each one's row ``self.row (T,)`` and column ``self.col
+        (T,)``; and the shapes that scatter packed tokens back to ``(B, S)``."""
+        g = self.g
+        (shape,) = g.node("Shape", [mask])  # (2,) = B, S
+        (s,) = g.node("Shape", [mask], start=1, end=2)  # (1,) = S
+        (b,) = g.node("Shape", [mask], start=0, end=1)  # (1,) = B
         (first,) = g.node("Equal", [g.node("Range", [g.init("zero", np.array(0, np.int64)),
                                                       g.node("Squeeze", [s])[0],
                                                       g.init("one", np.array(1, np.int64))])[0], "zero"])  # (S,)
-        (sel,) = g.node("Or", [g.node("Cast", ["attention_mask"], to=TensorProto.BOOL)[0], first])  # (B, S)
+        (sel,) = g.node("Or", [g.node("Cast", [mask], to=TensorProto.BOOL)[0], first])  # (B, S)
         flat = g.init("flat", np.array([-1], np.int64))
         (nz,) = g.node("NonZero", [g.node("Reshape", [sel, flat])[0]])  # (1, T)
-        (self.idx,) = g.node("Squeeze", [nz, g.init("axis0", np.array([0], np.int64))])  # (T,)
+        (self.idx,) = g.node("Squeeze", [nz, "axis0"])  # (T,)
         (self.row,) = g.node("Div", [self.idx, s])  # (T,)
         (self.col,) = g.node("Mod", [self.idx, s])  # (T,)
         counts = g.node("ReduceSum", [g.node("Cast", [sel], to=TensorProto.INT64)[0],
@@ -123,10 +153,20 @@ class _Builder:
         return self.per_row[name]
 
     def embeddings(self) -> str:
-        """``LayerNorm(word[ids] + position[position id] + token_type[0])`` of the packed tokens, ``(T, H)``."""
+        """``LayerNorm(word[ids] + position[position id] + token_type[0])`` of the packed tokens,
+        ``(T, H)``; with a prompt, its rows take the place of the first ``n`` words."""
         g, emb = self.g, f"{self.fam.prefix}.embeddings"
-        (ids,) = g.node("Gather", [g.node("Reshape", ["input_ids", "flat"])[0], self.idx])  # (T,)
-        (x,) = g.node("Gather", [self.init(f"{emb}.word_embeddings.weight"), ids])  # (T, H)
+        words = self.init(f"{emb}.word_embeddings.weight")  # (V, H)
+        if self.prompt:
+            h = self.cfg.hidden_size
+            (x,) = g.node("Gather", [words, "input_ids"])  # (B, S, H)
+            shape = g.node("Concat", [self.b, self.n, g.init("prompt.width", np.array([h], np.int64))], axis=0)[0]
+            (p,) = g.node("Expand", [g.node("Unsqueeze", [PROMPT_INPUT, "axis0"])[0], shape])  # (B, n, H)
+            (x,) = g.node("Concat", [p, x], axis=1)  # (B, n + S, H)
+            (x,) = g.node("Gather", [g.node("Reshape", [x, "tokens.shape"])[0], self.idx])  # (T, H)
+        else:
+            (ids,) = g.node("Gather", [g.node("Reshape", ["input_ids", "flat"])[0], self.idx])  # (T,)
+            (x,) = g.node("Gather", [words, ids])  # (T, H)
         table = _np(self.sd[f"{emb}.position_embeddings.weight"])  # (P, H)
         if f"{emb}.token_type_embeddings.weight" in self.sd:  # the runtime feeds no token types: row 0
             table = table + _np(self.sd[f"{emb}.token_type_embeddings.weight"])[0]
@@ -141,6 +181,8 @@ class _Builder:
         if self.fam.positions == "index":
             return self.col
         pad = g.init("positions.pad", np.array(int(self.cfg.pad_token_id), np.int64))
+        if self.prompt:  # from embeddings HF cannot tell pads: every position counts, from pad + 1
+            return g.node("Add", [g.node("Add", [self.col, pad])[0], "one"])[0]
         (real,) = g.node("Cast", [g.node("Not", [g.node("Equal", ["input_ids", pad])[0]])[0]], to=TensorProto.INT64)
         (count,) = g.node("CumSum", [real, g.init("positions.axis", np.array(1, np.int64))])  # (B, S)
         (pos,) = g.node("Add", [g.node("Mul", [count, real])[0], pad])  # pads: pad_token_id
@@ -160,8 +202,7 @@ class _Builder:
         (a,) = g.node("MultiHeadAttention", [q, k, v, bias or "", mask], domain="com.microsoft",
                       num_heads=int(cfg.num_attention_heads),
                       scale=float((h // cfg.num_attention_heads) ** -0.5))  # (B, S, H)
-        (a,) = g.node("Gather", [g.node("Reshape", [a, g.init("tokens.shape", np.array([-1, h], np.int64))])[0],
-                                 self.idx])  # (T, H)
+        (a,) = g.node("Gather", [g.node("Reshape", [a, "tokens.shape"])[0], self.idx])  # (T, H)
         x = self.add_norm(*self.groups.linear_parts(a, i, "o", self.per_token), x, norms["attn"])
         up, bias = self.groups.linear_parts(x, i, "up", self.per_token)  # (T, I)
         (act,) = (g.node("BiasGelu", [up, bias], domain="com.microsoft") if bias
@@ -211,8 +252,11 @@ class _Builder:
 
     def build(self) -> onnx.GraphProto:
         g = self.g
-        (mask,) = g.node("Cast", ["attention_mask"], to=TensorProto.INT32)  # (B, S): 1 = a token
-        self.tokens()
+        g.init("tokens.shape", np.array([-1, self.cfg.hidden_size], np.int64))
+        g.init("axis0", np.array([0], np.int64))
+        full = self.prompted_mask()  # (B, n + S)
+        (mask,) = g.node("Cast", [full], to=TensorProto.INT32)  # 1 = a token (or a prompt row)
+        self.tokens(full)
         x = self.embeddings()
         for i in range(self.cfg.num_hidden_layers):
             x = self.layer(x, i, mask)
@@ -223,6 +267,9 @@ class _Builder:
         for name, default in self.head_inputs:
             inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, list(default.shape)))
             g.init(name, default)
+        if self.prompt:  # default (0, H): no prompt
+            inputs.append(helper.make_tensor_value_info(PROMPT_INPUT, TensorProto.FLOAT, ["prompt_len", self.cfg.hidden_size]))
+            g.init(PROMPT_INPUT, np.zeros((0, self.cfg.hidden_size), np.float32))
         for name, shape in self.head_rows:  # default zeros, (1, *shape): every row the fed head
             inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, [rows_axis(name), *shape]))
             g.init(name, np.zeros((1, *shape), np.float32))
@@ -232,19 +279,20 @@ class _Builder:
 
 
 def build_graph(model: torch.nn.Module, sides: dict[str, SideBranch], opset: int = 17
-                ) -> tuple[onnx.ModelProto, list[tuple[str, np.ndarray]], list[tuple[int | str, str]], list[str]]:
+                ) -> tuple[onnx.ModelProto, list[tuple[str, np.ndarray]], list[tuple[int | str, str]], list[str], dict]:
     """The fused encoder graph of ``model`` (fp32 weights as initializers).
 
     Args:
         model: a ``*ForSequenceClassification`` of a family in ``edgepeft.families.ENCODERS``
             (merged weights for a merged artifact).
         sides: the adapters' side branches; their targets decide which groups get inputs, their
-            heads which head linears are inputs.
+            heads which head linears are inputs, their prompts whether ``prompt.embeds`` is one.
         opset: ONNX opset of the default domain.
 
     Returns:
-        ``(model proto, [(group input, identity default)], used groups, head params)``; a run
-        that feeds nothing is the base model with its own head.
+        ``(model proto, [(group input, identity default)], used groups, head params, {head or
+        prompt input: its manifest entry})``; a run that feeds nothing is the base model with its
+        own head.
 
     Raises:
         EdgepeftError: what :func:`unsupported` finds.
@@ -253,4 +301,8 @@ def build_graph(model: torch.nn.Module, sides: dict[str, SideBranch], opset: int
     if why:
         raise EdgepeftError(f"--graph fused: {why}. Export with --graph generic.")
     builder = _Builder(model, sides)
-    return model_proto(builder.build(), opset), builder.groups.adapter_inputs, list(group_inputs(model, sides)), builder.heads
+    proto = model_proto(builder.build(), opset)
+    fed = {name: {"shape": list(default.shape), "mix": "one"} for name, default in builder.head_inputs}
+    if builder.prompt:
+        fed[PROMPT_INPUT] = {"shape": [None, int(model.config.hidden_size)], "mix": "one"}
+    return proto, builder.groups.adapter_inputs, list(group_inputs(model, sides)), builder.heads, fed

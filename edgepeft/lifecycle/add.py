@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from edgepeft import kinds
-from edgepeft.contract import BASE_CONFIG, MANIFEST_NAME, PROMPT_INPUT, head_input_name, value_digest
+from edgepeft.contract import BASE_CONFIG, MANIFEST_NAME, PROMPT_INPUT, value_digest
 from edgepeft.contract.entries import adapter_entry
 from edgepeft.contract.features import table_parts
 from edgepeft.errors import EdgepeftError
@@ -250,14 +250,15 @@ def _fused_arrays(manifest: dict, model: torch.nn.Module, kind: str, side: SideB
         raise EdgepeftError(f"{where}: the fused graph has no {place!r} input on layer {layer}'s {group} group, which "
                             f"the adapter changes ({len(lacking)} such inputs, e.g. {', '.join(mods)}); "
                             f"{_slots_hint(kind, [m for m, _ in side.layers])}.")
-    arrays = fused.pack_adapter(model, side, used)
-    heads = {head_input_name(p): v for p, v in side.head.items()}
-    missing = sorted(n for n in heads if n not in inputs)
-    if missing:
-        raise EdgepeftError(f"{where}: the adapter carries a classification head ({missing[0]}) the fused graph "
-                            "has no input for: no adapter exported with it carried one. Export the artifact again "
-                            "with this adapter.")
-    arrays.update(heads)
+    if manifest["task"] == "causal-lm":
+        arrays = fused.pack_adapter(model, side, used)
+    else:
+        arrays = fused_encoder.adapter_arrays(model, side, used)
+        missing = sorted(n for n in arrays if n not in inputs)
+        if missing:
+            what = "a prompt" if missing[0] == PROMPT_INPUT else f"a classification head ({missing[0]})"
+            raise EdgepeftError(f"{where}: the adapter carries {what} the fused graph has no input for: no adapter "
+                                "exported with it carried one. Export the artifact again with this adapter.")
     _check_shapes(arrays, inputs, where)
     return arrays
 
