@@ -122,11 +122,7 @@ def fused_side(cfg: ExportConfig, base: Base, adapters: list, root: Path, quiet:
              "slots": [{"layer": layer, "group": group, "modules": table[(layer, group)]}
                        for layer, group in used],
              "inputs": {n: _fused_input(n, d) for n, d in defaults}, "rows": rows, "row_values": values}
-    (root / "adapters").mkdir()
-    parts["adapters"] = {}
-    for a in adapters:
-        arrays = fused.pack_adapter(model, sides[a.name], used)
-        parts["adapters"][a.name] = _write_adapter(cfg, base, a, arrays, root, sorted(arrays), None)
+    parts["adapters"] = _write_packed(cfg, base, adapters, root, lambda a: fused.pack_adapter(model, sides[a.name], used))
     return parts
 
 
@@ -149,12 +145,20 @@ def fused_encoder_side(cfg: ExportConfig, base: Base, adapters: list, root: Path
              "slots": [{"layer": layer, "group": group, "modules": table[(layer, group)]} for layer, group in used],
              "inputs": {**{n: _fused_input(n, d) for n, d in defaults}, **fed},
              "rows": rows, "row_values": values}
-    (root / "adapters").mkdir()
-    parts["adapters"] = {}
-    for a in adapters:
-        arrays = fused_encoder.adapter_arrays(model, sides[a.name], used)
-        parts["adapters"][a.name] = _write_adapter(cfg, base, a, arrays, root, sorted(arrays), None)
+    parts["adapters"] = _write_packed(cfg, base, adapters, root,
+                                      lambda a: fused_encoder.adapter_arrays(model, sides[a.name], used))
     return parts
+
+
+def _write_packed(cfg: ExportConfig, base: Base, adapters: list, root: Path, arrays_of) -> dict:
+    """``root/adapters/``: each adapter's file of the inputs ``arrays_of(adapter)`` gives (a fused
+    graph's: every array is an input); returns their manifest entries."""
+    (root / "adapters").mkdir()
+    entries = {}
+    for a in adapters:
+        arrays = arrays_of(a)
+        entries[a.name] = _write_adapter(cfg, base, a, arrays, root, sorted(arrays), None)
+    return entries
 
 
 def merged(cfg: ExportConfig, base: Base, adapters: list, root: Path, quiet: bool) -> dict:
