@@ -2,10 +2,10 @@
 built from onnxruntime's fused kernels on packed tokens, against PyTorch + peft and the traced graph.
 
 Tiny bases without a head (each adapter carries its own); LoRA adapters of different ranks and
-targets (one on BERT's pooler), DoRA, IA3, prompt tuning and P-tuning; every case of ``validate``
-(each adapter with its head) within 1e-4 of PyTorch; each row its own adapter, rows padded either
-side, against the traced graph; a mask row of zeros refused; ``--graph auto`` picks it and falls
-back (bottlenecks) with the reason.
+targets (one on BERT's pooler), DoRA, IA3, prompt tuning, P-tuning and a Houlsby bottleneck; every
+case of ``validate`` (each adapter with its head) within 1e-4 of PyTorch; each row its own adapter,
+rows padded either side, against the traced graph; a mask row of zeros refused; ``--graph auto``
+picks it and falls back (reserved slots) with the reason.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import json
 import numpy as np
 import pytest
 
-from helpers import VOCAB, make_adapter, make_bottleneck, make_encoder, write_labelled
+from helpers import CLASSIFIER_HEADS, VOCAB, make_adapter, make_bottleneck, make_encoder, write_labelled
 from edgepeft.errors import EdgepeftError
 from edgepeft.export import ExportConfig, export
 from edgepeft.quantize import QuantConfig
@@ -49,7 +49,9 @@ def fused(request, tmp_path_factory):
            "ia3": make_adapter(base, root / "ia3", "ia3", seed=4, task="SEQ_CLS", **kw.get("ia3", {})),
            "prompt": make_adapter(base, root / "prompt", "prompt", seed=5, task="SEQ_CLS", **kw.get("prompt", {})),
            "p_tuning": make_adapter(base, root / "p_tuning", "p_tuning", seed=6, task="SEQ_CLS",
-                                    **kw.get("p_tuning", {}))}
+                                    **kw.get("p_tuning", {})),
+           "bottleneck": make_bottleneck(base, root / "bottleneck", task="SEQ_CLS", heads=CLASSIFIER_HEADS[arch],
+                                         seed=7)}
     side, traced = root / "fused", root / "traced"
     export(ExportConfig(base=base, out=side, adapters=tuple(ads.items())), quiet=True)  # --graph auto
     export(ExportConfig(graph="generic", base=base, out=traced, adapters=tuple(ads.items())), quiet=True)
@@ -64,6 +66,7 @@ def test_auto_builds_the_fused_encoder(fused):
     ops = set(m["graph"]["ops"])
     assert {"MultiHeadAttention", "BiasGelu", "NonZero", "ScatterND"} <= ops and "Softmax" not in ops
     assert m["inputs"]["prompt.embeds"] == {"shape": [None, 64], "mix": "one"}
+    assert {"gelu_DT", "gelu_db", "gelu_UT", "gelu_ub"} <= {n.rpartition(".")[2] for n in m["inputs"]}
     # LoRA on BERT's pooler (RoBERTa's head dense sits in the carried head, which peft leaves alone)
     assert ("head.0" in {f"{s['layer']}.{s['group']}" for s in m["slots"]}) == (arch == "bert")
 
@@ -98,7 +101,7 @@ def test_equals_the_traced_graph_per_row_and_padded_either_side(fused):
         tokens = ids if mask is right else np.stack([np.roll(row, 12 - n) for row, n in zip(ids, lengths)])
         np.testing.assert_allclose(f.classify_logits(tokens, adapter=choices, attention_mask=mask),
                                    t.classify_logits(tokens, adapter=choices, attention_mask=mask), atol=1e-5)
-    for name in ("prompt", "p_tuning"):
+    for name in ("prompt", "p_tuning", "bottleneck"):
         np.testing.assert_allclose(f.classify_logits(ids, adapter=name, attention_mask=right),
                                    t.classify_logits(ids, adapter=name, attention_mask=right), atol=1e-5)
     empty = right.copy()
@@ -121,18 +124,18 @@ def test_merged_and_int8(fused, tmp_path):
     assert validate(int8, base, labelled=labelled)["passed"]
 
 
-def test_auto_falls_back_for_kinds_without_a_fused_form(tmp_path, capsys):
+def test_auto_falls_back_for_reserved_slots(tmp_path, capsys):
+    """``--slots`` on a classifier: the traced graph, with the reason; ``--graph fused`` refuses."""
     from edgepeft.cli import main
 
     base = make_encoder("bert", tmp_path / "base")
-    bottleneck = make_bottleneck(base, tmp_path / "bn", task="SEQ_CLS", heads=["classifier"], seed=7)
     out = tmp_path / "o"
-    assert main(["export", str(base), "--adapter", f"a={bottleneck}", "--out", str(out)]) == 0
+    assert main(["export", str(base), "--slots", "all-linear", "--out", str(out)]) == 0
     line = next(x for x in capsys.readouterr().err.splitlines() if "graph:" in x)
-    assert line.startswith("[edgepeft] graph: generic (the traced model; not fused: adapter 'a' has "), line
-    assert "bottleneck" in line and "kernels" not in json.loads((out / "manifest.json").read_text())["graph"]
-    with pytest.raises(EdgepeftError, match="--graph fused: adapter 'a' has .*bottleneck"):
-        export(ExportConfig(graph="fused", base=base, out=tmp_path / "x", adapters=(("a", bottleneck),)), quiet=True)
+    assert line.startswith("[edgepeft] graph: generic (the traced model; not fused: reserved slots on a classifier"), line
+    assert "kernels" not in json.loads((out / "manifest.json").read_text())["graph"]
+    assert main(["export", str(base), "--slots", "all-linear", "--graph", "fused", "--out", str(tmp_path / "x")]) == 2
+    assert "the fused encoder does not reserve slots" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
 

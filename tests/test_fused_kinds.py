@@ -201,3 +201,28 @@ def test_fused_int4_keeps_scales_float(tmp_path):
     result = validate(out, base, prompts=prompts, texts=texts, max_new_tokens=8, quiet=True)
     assert result["budget"]["min_top1"] == 0.9 and result["budget"]["max_kl"] == 0.2  # the int4 default
     assert result["passed"], {c["case"]: c["failures"] for c in result["cases"]}
+
+
+def test_bottlenecks_run_in_the_fused_graph(llama_base, tmp_path):
+    """Houlsby (GELU, after o_proj and down_proj) and Pfeiffer (ReLU, after down_proj) bottlenecks
+    are the fused graph's residual branch on a group's output: ``--graph auto`` builds it, every
+    case validates against PyTorch, and mixes (two bottlenecks, a bottleneck with a LoRA on the same
+    projection) equal the traced graph."""
+    from helpers import make_bottleneck
+
+    ads = {"houlsby": make_bottleneck(llama_base, tmp_path / "houlsby", seed=5),
+           "pfeiffer": make_bottleneck(llama_base, tmp_path / "pfeiffer", seed=6, config="pfeiffer", act="relu"),
+           "lora": make_lora(llama_base, tmp_path / "lora", r=4, lora_alpha=8, target_modules=["o_proj", "down_proj"])}
+    fused, traced = tmp_path / "fused", tmp_path / "traced"
+    export(ExportConfig(base=llama_base, out=fused, adapters=tuple(ads.items())), quiet=True)
+    export(ExportConfig(base=llama_base, out=traced, adapters=tuple(ads.items()), graph="generic"), quiet=True)
+    f, t = Model(fused), Model(traced)
+    assert f.fused and any(n.startswith("residual.") for n in f.manifest["inputs"])
+    result = validate(fused, llama_base, max_new_tokens=8, budget=STRICT, quiet=True)
+    assert result["passed"], {c["case"]: c["failures"] for c in result["cases"] if c["failures"]}
+    assert {"houlsby", "pfeiffer"} <= {c["case"] for c in result["cases"]}
+    ids = np.array([[5, 9, 11, 40, 7, 8], [0, 0, 12, 13, 14, 15]])
+    mask = (np.arange(6) >= np.array([[0], [2]])).astype(np.int64)
+    for choice in ("houlsby", {"houlsby": 0.6, "pfeiffer": 0.4}, {"houlsby": 1.0, "lora": 1.0}):
+        np.testing.assert_allclose(f.logits(ids, adapter=choice, attention_mask=mask)[mask == 1],
+                                   t.logits(ids, adapter=choice, attention_mask=mask)[mask == 1], atol=1e-4)

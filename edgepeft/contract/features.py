@@ -40,6 +40,8 @@ computes, per packed group (``x (B, S, in)``, ``y (B, S, out)``, ``out`` the gro
     y = y + b                           the base bias, if any
     y = y + (x AT) BT                   AT/BT  the low-rank branch, ranks concatenated
     y = y * (1 + scale.out)             out    a per-output scale of the whole output (out,)
+    y = y + act(y DT + db) UT + ub      {act}_DT / _db / _UT / _ub: a residual bottleneck MLP on
+                                               the output, per activation, hidden units concatenated
 
 so a fused scale input holds its part's value *minus the part's identity*: zero is the identity
 of every fused input (what a group an adapter does not touch, or a projection of the group it
@@ -86,14 +88,27 @@ WIDTHS = ("in", "out")
 # The fused graph's per-group inputs (see the module docstring): low-rank A^T / B^T and three scales.
 FUSED_LOW_RANK = ("AT", "BT")
 FUSED_SCALES = ("in", "mag", "out")
-# the shape of the part that feeds each fused input (AT / BT are A / B transposed)
-_FUSED_PART_SHAPES = {"AT": (RANK, "in"), "BT": ("out", RANK), "in": ("in",), "mag": ("out",), "out": ("out",)}
+# The residual bottleneck on a group's output, one set of inputs per activation: down^T (out, r),
+# its bias (r,), up^T (r, out), its bias (out,).
+FUSED_BOTTLENECK_ACTS = ("relu", "gelu", "silu")
+FUSED_BOTTLENECK = tuple(f"{act}_{p}" for act in FUSED_BOTTLENECK_ACTS for p in ("DT", "db", "UT", "ub"))
+# the shape of the part that feeds each fused input (AT / BT / DT / UT are A / B / down / up transposed)
+_FUSED_PART_SHAPES = {"AT": (RANK, "in"), "BT": ("out", RANK), "in": ("in",), "mag": ("out",), "out": ("out",),
+                      **{f"{a}_{p}": shape for a in FUSED_BOTTLENECK_ACTS
+                         for p, shape in (("DT", (RANK, "out")), ("db", (RANK,)), ("UT", ("out", RANK)),
+                                          ("ub", ("out",)))}}
+# each fused input's mix rule and rank axis (None: no rank) in the graph's (transposed) layout
+FUSED_MIX = {"AT": ("cat1", 1), "BT": ("cat0w", 0), **{s: ("one", None) for s in FUSED_SCALES},
+             **{f"{a}_{p}": rule for a in FUSED_BOTTLENECK_ACTS
+                for p, rule in (("DT", ("cat1", 1)), ("db", ("cat0", 0)), ("UT", ("cat0w", 0)), ("ub", ("sumw", None)))}}
 # fused form -> {part name: the fused input it feeds}; a feature's parts must match its form's.
 FUSED_FORMS = {
     "low_rank": {"A": "AT", "B": "BT"},  # LoRA
     "low_rank+mag": {"A": "AT", "B": "BT", "mag": "mag"},  # DoRA: low rank and a scale before the bias
     "in_scale": {"scale": "in"},  # a scale of the input
     "out_scale": {"scale": "out"},  # a scale of the output, bias and low rank included
+    **{f"bottleneck_{a}": {"down": f"{a}_DT", "down_bias": f"{a}_db", "up": f"{a}_UT", "up_bias": f"{a}_ub"}
+       for a in FUSED_BOTTLENECK_ACTS},  # a residual bottleneck MLP on the output
 }
 
 

@@ -23,6 +23,7 @@ import torch
 from edgepeft import kinds
 from edgepeft.kinds import kind_module
 from edgepeft.contract.adapter_files import write_adapter_files
+from edgepeft.contract.features import FUSED_MIX
 from edgepeft.contract.entries import adapter_entry, merged_adapter_entry
 from edgepeft.errors import EdgepeftError
 from edgepeft.export import causal_lm, encoder, fused, fused_encoder
@@ -210,14 +211,12 @@ def _kind_entry(a) -> dict:
 
 
 def _fused_input(name: str, default: np.ndarray) -> dict:
-    """Manifest entry of a fused adapter input (``edgepeft.export.fused``): ``*.AT (in, r)`` mixes
-    along axis 1, ``*.BT (r, out)`` along axis 0 (weighted); a scale ``(in,)`` / ``(out,)`` is
-    taken from one adapter (``one``: a product of scales is no weighted sum)."""
-    if name.endswith(".AT"):
-        return {"shape": [int(default.shape[0]), None], "mix": "cat1"}
-    if name.endswith(".BT"):
-        return {"shape": [None, int(default.shape[1])], "mix": "cat0w"}
-    return {"shape": [int(d) for d in default.shape], "mix": "one"}
+    """Manifest entry of a fused adapter input (``edgepeft.export.fused``): its mix rule and rank
+    axis from ``contract.features.FUSED_MIX`` (``*.AT (in, r)`` mixes along axis 1, ``*.BT (r,
+    out)`` along axis 0 weighted; a scale is taken from one adapter: a product of scales is no
+    weighted sum; a bottleneck's ``DT`` / ``db`` / ``UT`` concatenate hidden units, ``ub`` sums)."""
+    rule, axis = FUSED_MIX[name.rsplit(".", 1)[1]]
+    return {"shape": [None if i == axis else int(d) for i, d in enumerate(default.shape)], "mix": rule}
 
 
 def _write_adapter(cfg: ExportConfig, base: Base, a, arrays: dict[str, np.ndarray], root: Path,

@@ -27,6 +27,9 @@ that read the same input (q|k|v, gate|up) into one MatMul; per group the graph c
                                   (in, R), (N, 1, R), (R, out): LoRA / DoRA (B = g s B), rows
                                   weighting each row's rank columns (default ones: all alike)
     y = y * (1 + scale.{i}.{g}.out)      (out,)     IA3 on an output, bias and LoRA included
+    y = y + act(y DT + db) UT + ub                  a bottleneck adapter per activation:
+                                  residual.{i}.{g}.{act}_DT (out, R), _db (R,), _UT (R, out),
+                                  _ub (out,); hidden units of several adapters concatenated
 
 where each scale ``s`` is ``s + s.rows`` with ``s.rows (N, 1, width)`` its per-row offsets
 (default zeros: every row alike), so each row of a batch can run its own adapter.
@@ -57,7 +60,8 @@ from onnx import TensorProto, helper, numpy_helper
 from edgepeft import families, kinds
 from edgepeft.contract import past_names, present_names, rows_input_name
 from edgepeft.contract.names import rows_axis
-from edgepeft.contract.features import FUSED_FORMS, FUSED_LOW_RANK, FUSED_SCALES
+from edgepeft.contract.features import (FUSED_BOTTLENECK, FUSED_BOTTLENECK_ACTS, FUSED_FORMS, FUSED_LOW_RANK, FUSED_MIX,
+                                        FUSED_SCALES)
 from edgepeft.errors import EdgepeftError
 from edgepeft.families.common import ACTIVATIONS, head_dim, rotary_dim, rotary_positions
 from edgepeft.kinds.common import SideBranch, to_numpy as _np
@@ -65,8 +69,17 @@ from edgepeft.kinds.common import SideBranch, to_numpy as _np
 
 def fused_input_name(layer: int, group: str, place: str) -> str:
     """Graph input of one packed group: ``lora.{layer}.{group}.AT (in, R)`` / ``.BT (R, out)``,
-    ``scale.{layer}.{group}.in (in,)`` / ``.mag (out,)`` / ``.out (out,)``."""
-    return f"{'lora' if place in FUSED_LOW_RANK else 'scale'}.{layer}.{group}.{place}"
+    ``scale.{layer}.{group}.in (in,)`` / ``.mag (out,)`` / ``.out (out,)``,
+    ``residual.{layer}.{group}.{act}_DT (out, R)`` / ``_db (R,)`` / ``_UT (R, out)`` / ``_ub (out,)``."""
+    kind = "lora" if place in FUSED_LOW_RANK else "residual" if place in FUSED_BOTTLENECK else "scale"
+    return f"{kind}.{layer}.{group}.{place}"
+
+
+def rank_name(name: str) -> str:
+    """The rank dimension of a fused input: shared by one group's AT / BT, and by one bottleneck's
+    DT / db / UT (``rank.residual.0.o.relu``)."""
+    head, _, place = name.rpartition(".")
+    return f"rank.{head}" + (f".{place.rpartition('_')[0]}" if place in FUSED_BOTTLENECK else "")
 
 
 def lora_group_names(layer: int, group: str) -> tuple[str, str]:
@@ -198,7 +211,7 @@ def group_inputs(model: torch.nn.Module, sides: dict[str, SideBranch]) -> dict[t
     for side in sides.values():
         for m, feat in side.layers:
             fed.setdefault(m, set()).update(places(feat).values())
-    order = FUSED_LOW_RANK + FUSED_SCALES
+    order = FUSED_LOW_RANK + FUSED_SCALES + FUSED_BOTTLENECK
     used = {}
     for key, mods in group_table(model).items():
         wanted = set().union(*(fed.get(m, set()) for m in mods))
@@ -235,16 +248,23 @@ def pack_adapter(model: torch.nn.Module, side: SideBranch, used: list[tuple[int,
         widths = [tuple(params[f"{m}.weight"].shape) for m in mods]  # (out, in) each
         low_rank: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in mods]  # per module: (A, B)
         scales = {place: [None] * len(mods) for place in FUSED_SCALES}
+        bottlenecks = {act: [[] for _ in mods] for act in FUSED_BOTTLENECK_ACTS}  # per module: (down, db, up, ub)
         for j, m in enumerate(mods):
             for feat, parts in by_module.get(m, ()):
                 part_of = {place: part for part, place in places(feat).items()}  # fused input -> part
                 if "AT" in part_of:
                     low_rank[j].append((parts[part_of["AT"]], parts[part_of["BT"]]))
+                for act in FUSED_BOTTLENECK_ACTS:
+                    if f"{act}_DT" in part_of:
+                        bottlenecks[act][j].append(tuple(parts[part_of[f"{act}_{p}"]] for p in ("DT", "db", "UT", "ub")))
                 for place in scales.keys() & part_of.keys():
                     identity = kinds.feature(feat).part(part_of[place]).identity
                     scales[place][j] = parts[part_of[place]] - np.float32(identity)  # 0: the identity
         if any(low_rank):
             out.update(_pack_low_rank(layer, group, widths, low_rank))
+        for act, per_module in bottlenecks.items():
+            if any(per_module):
+                out.update(_pack_bottleneck(layer, group, act, widths, per_module))
         for place, values in scales.items():
             if any(v is not None for v in values):
                 out[fused_input_name(layer, group, place)] = _pack_scale(place, widths, values)
@@ -266,6 +286,27 @@ def _pack_low_rank(layer: int, group: str, widths: list[tuple[int, int]],
         r0 += r
     name_a, name_b = fused_input_name(layer, group, "AT"), fused_input_name(layer, group, "BT")
     return {name_a: np.ascontiguousarray(a.T), name_b: np.ascontiguousarray(b.T)}  # (in, R), (R, out)
+
+
+def _pack_bottleneck(layer: int, group: str, act: str, widths: list[tuple[int, int]],
+                     per_module: list[list[tuple[np.ndarray, ...]]]) -> dict[str, np.ndarray]:
+    """``DT (out_total, R)``, ``db (R,)``, ``UT (R, out_total)``, ``ub (out_total,)`` of one group's
+    bottlenecks of activation ``act`` from each module's ``(down (r, out), down_bias (r,), up (out, r),
+    up_bias (out,))``: each module's hidden units read and write only its own output columns, so the
+    packed branch is exact."""
+    flat = [(j, *parts) for j, ps in enumerate(per_module) for parts in ps]
+    offsets = np.cumsum([0] + [o for o, _ in widths])  # each module's first output column
+    total, rank = int(offsets[-1]), sum(d.shape[0] for _, d, _, _, _ in flat)
+    dt, db = np.zeros((total, rank), np.float32), np.zeros(rank, np.float32)
+    ut, ub = np.zeros((rank, total), np.float32), np.zeros(total, np.float32)
+    r0 = 0
+    for j, down, down_bias, up, up_bias in flat:
+        r, cols = down.shape[0], slice(offsets[j], offsets[j + 1])
+        dt[cols, r0:r0 + r], db[r0:r0 + r] = down.T, down_bias
+        ut[r0:r0 + r, cols] = up.T
+        ub[cols] += up_bias
+        r0 += r
+    return {fused_input_name(layer, group, f"{act}_{p}"): v for p, v in (("DT", dt), ("db", db), ("UT", ut), ("ub", ub))}
 
 
 def _pack_scale(place: str, widths: list[tuple[int, int]], values: list[np.ndarray | None]) -> np.ndarray:
@@ -351,11 +392,31 @@ class Groups:
             (t,) = g.node("Mul", [t, rows(self.rows_inputs[-1])])  # (B, S, R) * (N, 1, R): each row's columns
             (d,) = g.node("MatMul", [t, name_b])  # (B, S, out)
             (y,) = g.node("Add", [y, d])
+        acts = [act for act in FUSED_BOTTLENECK_ACTS if f"{act}_DT" in fed]
+        if bias and ("out" in fed or acts):  # both act on the whole output, bias included
+            (y,) = g.node("Add", [y, bias])
+            bias = None
         if "out" in fed:
-            if bias:
-                (y,) = g.node("Add", [y, bias])
-            return self.scaled(y, fused_input_name(layer, group, "out"), w.shape[0], rows), None
+            y = self.scaled(y, fused_input_name(layer, group, "out"), w.shape[0], rows)
+        for act in acts:
+            y = self.bottleneck(y, layer, group, act, w.shape[0])
         return y, bias
+
+    def bottleneck(self, y: str, layer: int | str, group: str, act: str, width: int) -> str:
+        """``y + act(y DT + db) UT + ub``: the residual bottleneck MLPs of activation ``act`` on the
+        group's output ``y (.., out)``; rank-0 defaults (no hidden units) are the identity."""
+        g = self.g
+        dt, db, ut, ub = (fused_input_name(layer, group, f"{act}_{p}") for p in ("DT", "db", "UT", "ub"))
+        self.adapter_inputs += [(dt, np.zeros((width, 0), np.float32)), (db, np.zeros(0, np.float32)),
+                                (ut, np.zeros((0, width), np.float32)), (ub, np.zeros(width, np.float32))]
+        (z,) = g.node("MatMul", [y, dt])  # (.., R)
+        if act == "gelu":  # exact (erf), as the kind's torch maths
+            (z,) = g.node("BiasGelu", [z, db], domain="com.microsoft")
+        else:
+            (z,) = g.node("Add", [z, db])
+            (z,) = (g.node("Relu", [z]) if act == "relu" else g.node("Mul", [z, g.node("Sigmoid", [z])[0]]))
+        (u,) = g.node("MatMul", [z, ut])  # (.., out)
+        return g.node("Add", [y, g.node("Add", [u, ub])[0]])[0]
 
     def scaled(self, x: str, name: str, width: int, rows=lambda name: name) -> str:
         """``x * (1 + name + name.rows)`` over the last axis, ``name`` an adapter input ``(width,)``
@@ -375,10 +436,8 @@ class Groups:
         as an initializer (an overridable input)."""
         g = self.g
         for name, default in self.adapter_inputs:
-            rank = f"rank.{name.rsplit('.', 1)[0]}"
-            place = name.rsplit(".", 1)[1]
-            shape = ([default.shape[0], rank] if place == "AT" else [rank, default.shape[1]] if place == "BT"
-                     else list(default.shape))
+            axis = FUSED_MIX[name.rsplit(".", 1)[1]][1]  # the rank axis, or None
+            shape = [rank_name(name) if i == axis else d for i, d in enumerate(default.shape)]
             inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, shape))
             g.init(name, default)
         for name in self.rows_inputs:  # default (1, 1, 1) ones: every row alike

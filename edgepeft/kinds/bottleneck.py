@@ -70,7 +70,8 @@ def _bottleneck_out(act, y: torch.Tensor, h: torch.Tensor, base: nn.Module, p: d
 FEATURES = tuple(
     Feature(f"bottleneck_{name}", (Part("down", ("r", "out"), 0.0, "cat0"), Part("down_bias", ("r",), 0.0, "cat0"),
                                    Part("up", ("out", "r"), 0.0, "cat1w"), Part("up_bias", ("out",), 0.0, "sumw")),
-            order=50, on_output=lambda y, h, base, p, act=act: _bottleneck_out(act, y, h, base, p))
+            order=50, on_output=lambda y, h, base, p, act=act: _bottleneck_out(act, y, h, base, p),
+            fused=f"bottleneck_{name}")
     for name, act in ACTIVATIONS.items())
 
 
