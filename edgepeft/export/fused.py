@@ -271,6 +271,9 @@ def pack_adapter(model: torch.nn.Module, side: SideBranch, used: list[tuple[int,
     return out
 
 
+adapter_arrays = pack_adapter  # one adapter's graph inputs, as fused_encoder.adapter_arrays (which adds head and prompt)
+
+
 def _pack_low_rank(layer: int, group: str, widths: list[tuple[int, int]],
                    pairs: list[list[tuple[np.ndarray, np.ndarray]]]) -> dict[str, np.ndarray]:
     """``AT (in, R)``, ``BT (R, out_total)`` of one group from each module's ``(A (r, in), B (out, r))``."""
@@ -360,9 +363,10 @@ class Groups:
         return self.g.node("Add", [y, bias])[0] if bias else y
 
     def linear_parts(self, x: str, layer: int | str, group: str, per_token=None) -> tuple[str, str | None]:
-        """:meth:`linear` without its bias, for a fused kernel that adds it (``SkipLayerNormalization``,
-        ``BiasGelu``, ``MultiHeadAttention``): ``(y, bias initializer or None)``. With an output
-        scale the bias is added here (the scale multiplies it too) and None returned.
+        """:meth:`linear` without its bias, for a fused kernel that adds it (``BiasGelu``,
+        ``MultiHeadAttention``) or an Add the caller makes anyway: ``(y, bias initializer or None)``.
+        With an output scale or a bottleneck the bias is added here (they act on the whole output)
+        and None returned.
 
         ``per_token``: for ``x`` of packed tokens ``(T, in)`` rather than ``(B, S, in)``, maps a
         per-row input ``(N, 1, W)`` to the value each token multiplies by, ``(T, W)`` (None: rows
@@ -456,10 +460,10 @@ class _Builder:
         self.model = model
         self.fam = families.family(model.config)
         self.cfg = self.fam.text_config(model.config)
-        self.sd = model.state_dict()
         self.eps = float(self.cfg.rms_norm_eps)
         self.g = _Graph()
         self.groups = Groups(self.g, model, sides)
+        self.sd = self.groups.sd
         self.linear = self.groups.linear
 
     def weight(self, name: str) -> np.ndarray:
@@ -604,7 +608,7 @@ def build_graph(model: torch.nn.Module, sides: dict[str, SideBranch], opset: int
     """
     check_supported(model, sides)
     builder = _Builder(model, sides)
-    return model_proto(builder.build(), opset), builder.groups.adapter_inputs, groups_used(model, sides)
+    return model_proto(builder.build(), opset), builder.groups.adapter_inputs, list(builder.groups.used)
 
 
 def model_proto(graph: onnx.GraphProto, opset: int) -> onnx.ModelProto:

@@ -10,8 +10,8 @@ dict, per layer (``x (B, S, H)``)::
 
 after word + position (+ token-type row 0) embeddings and their LayerNorm; then the family's head
 on the first token (BERT: pooler dense + tanh, classifier). The projection groups and their
-adapter inputs (LoRA ``AT`` / ``BT``, DoRA and IA3 scales, per-row weights) are those of the fused
-decoder (:class:`edgepeft.export.fused.Groups`); the head's linears are groups too, and a head an
+adapter inputs (LoRA ``AT`` / ``BT``, DoRA and IA3 scales, bottlenecks, per-row weights) are
+those of the fused decoder (:class:`edgepeft.export.fused.Groups`); the head's linears are groups too, and a head an
 adapter carries (PEFT ``modules_to_save``) is fed as in the traced graph: ``head.{param}`` with the
 base's head as default, and per-row offsets ``head.{param}.rows``.
 
@@ -24,8 +24,8 @@ the adapter inputs; output ``logits (B, num_labels)``: the traced graph's interf
 runtimes run it as they run that one.
 
 Scope: the families of ``edgepeft.families.ENCODERS``, adapters whose features have a fused form
-(LoRA, DoRA, IA3), prompts, heads on the family's head linears. Prefixes, bottlenecks and other
-kinds are refused with the reason (:func:`unsupported`); the traced graph handles them.
+(LoRA, DoRA, IA3, bottlenecks), prompts, heads on the family's head linears. Other kinds (VeRA)
+are refused with the reason (:func:`unsupported`); the traced graph handles them.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from edgepeft import families
 from edgepeft.contract import PROMPT_INPUT, head_input_name, rows_input_name
 from edgepeft.contract.names import rows_axis
 from edgepeft.errors import EdgepeftError
-from edgepeft.export.fused import Groups, _Graph, group_inputs, group_table, layers_problem, model_proto
+from edgepeft.export.fused import Groups, _Graph, group_table, layers_problem, model_proto, pack_adapter
 from edgepeft.kinds.common import SideBranch, to_numpy as _np
 
 
@@ -71,8 +71,6 @@ def adapter_arrays(model: torch.nn.Module, side: SideBranch, used: list[tuple[in
     """One adapter's inputs of the fused encoder: its packed groups
     (:func:`edgepeft.export.fused.pack_adapter`), the head it carries (``head.{param}``) and its
     prompt (``prompt.embeds``)."""
-    from edgepeft.export.fused import pack_adapter
-
     arrays = {**pack_adapter(model, side, used), **{head_input_name(p): v for p, v in side.head.items()}}
     if side.prompt is not None:
         arrays[PROMPT_INPUT] = side.prompt
@@ -89,12 +87,12 @@ class _Builder:
     """Builds one fused encoder graph; one method per piece."""
 
     def __init__(self, model: torch.nn.Module, sides: dict[str, SideBranch]):
-        self.model, self.cfg = model, model.config
+        self.cfg = model.config
         self.fam = families.ENCODERS[model.config.model_type]
-        self.sd = model.state_dict()
         self.eps = self.fam.eps(self.cfg)
         self.g = _Graph()
         self.groups = Groups(self.g, model, sides)
+        self.sd = self.groups.sd
         self.heads = head_params(model, sides)
         self.head_inputs: list[tuple[str, np.ndarray]] = []  # (name, default): the base's head
         self.head_rows: list[tuple[str, tuple[int, ...]]] = []  # per-row offsets, (name, shape of one row)
@@ -211,8 +209,8 @@ class _Builder:
 
     def add_norm(self, y: str, bias: str | None, residual: str, norm: str) -> str:
         """``LayerNorm(y + bias + residual)``: two Adds and a ``LayerNormalization`` on the 2-D
-        packed tokens (onnxruntime 1.32's ``SkipLayerNormalization`` took 3x as long on CPU for
-        (768, 384) in a micro-benchmark; onnxruntime fuses it only for 3-D inputs)."""
+        packed tokens (onnxruntime 1.32's ``SkipLayerNormalization`` was slower on CPU in a scratch
+        micro-benchmark; onnxruntime fuses it only for 3-D inputs)."""
         g = self.g
         (y,) = g.node("Add", [y, residual])
         if bias:
@@ -305,4 +303,4 @@ def build_graph(model: torch.nn.Module, sides: dict[str, SideBranch], opset: int
     fed = {name: {"shape": list(default.shape), "mix": "one"} for name, default in builder.head_inputs}
     if builder.prompt:
         fed[PROMPT_INPUT] = {"shape": [None, int(model.config.hidden_size)], "mix": "one"}
-    return proto, builder.groups.adapter_inputs, list(group_inputs(model, sides)), builder.heads, fed
+    return proto, builder.groups.adapter_inputs, list(builder.groups.used), builder.heads, fed

@@ -250,15 +250,12 @@ def _fused_arrays(manifest: dict, model: torch.nn.Module, kind: str, side: SideB
         raise EdgepeftError(f"{where}: the fused graph has no {place!r} input on layer {layer}'s {group} group, which "
                             f"the adapter changes ({len(lacking)} such inputs, e.g. {', '.join(mods)}); "
                             f"{_slots_hint(kind, [m for m, _ in side.layers])}.")
-    if manifest["task"] == "causal-lm":
-        arrays = fused.pack_adapter(model, side, used)
-    else:
-        arrays = fused_encoder.adapter_arrays(model, side, used)
-        missing = sorted(n for n in arrays if n not in inputs)
-        if missing:
-            what = "a prompt" if missing[0] == PROMPT_INPUT else f"a classification head ({missing[0]})"
-            raise EdgepeftError(f"{where}: the adapter carries {what} the fused graph has no input for: no adapter "
-                                "exported with it carried one. Export the artifact again with this adapter.")
+    arrays = builder.adapter_arrays(model, side, used)
+    missing = sorted(n for n in arrays if n not in inputs)  # an encoder's head or prompt (groups: checked above)
+    if missing:
+        what = "a prompt" if missing[0] == PROMPT_INPUT else f"a classification head ({missing[0]})"
+        raise EdgepeftError(f"{where}: the adapter carries {what} the fused graph has no input for: no adapter "
+                            "exported with it carried one. Export the artifact again with this adapter.")
     _check_shapes(arrays, inputs, where)
     return arrays
 
