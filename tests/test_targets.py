@@ -160,8 +160,9 @@ def test_ort_runs_on_cpu_and_matches_onnx_with_swaps_and_mixes(nnapi_out, llama_
     out, _ = nnapi_out
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        ort_model = Model(out)  # auto: the .ort; the target's NNAPI is not in this build
+        ort_model = Model(out, format="ort")  # the target's NNAPI is not in this build
     assert ort_model.format == "ort" and ort_model.providers == ["CPUExecutionProvider"]
+    assert ort_model._layouts[None].shared is None  # each .ort file holds its own weights
     fallback = [w for w in caught if issubclass(w.category, ProviderFallbackWarning)]
     assert len(fallback) == 1 and "NnapiExecutionProvider" in str(fallback[0].message)
     onnx_model = Model(llama_side)
@@ -208,7 +209,7 @@ def test_verify_covers_bundle_files(nnapi_out, tmp_path):
     with open(copy / "model.s128.ort", "ab") as f:
         f.write(b"\0")
     with pytest.raises(EdgepeftError, match="model.s128.ort: sha256"):
-        Model(copy)
+        Model(copy, format="ort")  # (auto loads the .onnx graphs, which share the weights)
 
 
 def test_inspect_shows_target_and_partitions(nnapi_out, capsys):
@@ -322,6 +323,8 @@ def test_static_graphs_fix_every_shape_and_share_the_weights(small_static):
         assert b["data_file"] == "model.onnx.data" and b["data_sha256"] == m["graph"]["data_sha256"]
         ops = {n.op_type for n in g.graph.node}
         assert "Reciprocal" not in ops and "Reciprocal" in {n.op_type for n in dynamic.graph.node}
+        # torch's per-node records (module, FX node: ~90 % of the file, kept per session) are dropped
+        assert not any(n.doc_string or n.metadata_props for x in (dynamic, g) for n in x.graph.node)
         expands = [sum(n.op_type == "Expand" for n in x.graph.node) for x in (dynamic, g)]
         assert expands[1] <= expands[0] - 4  # repeat_kv of k and v in both layers became Concats
         assert (out / b["file"]).stat().st_size < 2 * (out / "model.onnx").stat().st_size
@@ -356,6 +359,50 @@ def test_static_runtime_refuses_what_does_not_fit(small_static):
                                             r"tokens take 29 slots .* context_length 24"):
         small_static.generate([list(range(3, 12))], 20)
     assert small_static.generate([list(range(3, 12))], 15, stop_at_eos=False).shape == (1, 24)
+
+
+def test_static_buckets_share_one_copy_of_the_weights(nnapi_out, tmp_path):
+    """Two bucket sessions, one memory-mapped copy: auto loads the .onnx graphs with the data
+    file's tensors as shared buffers (not prepacked); the outputs equal each session's own copy
+    (share_weights=False) and the .ort files'. A truncated data file is refused by name."""
+    import shutil
+
+    import onnx
+
+    out, _ = nnapi_out
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ProviderFallbackWarning)
+        shared = Model(out)
+        own = Model(out, format="onnx", share_weights=False)
+        ort_model = Model(out, format="ort")
+    layout = shared._layouts[None]
+    assert shared.format == "onnx" and sorted(layout.buckets) == [1, 128]
+    proto = onnx.load(str(out / "model.s128.onnx"), load_external_data=False)
+    external = {t.name for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL} - {
+        i.name for i in proto.graph.input}
+    assert set(layout.shared) == external and len(external) > 10
+    for session in layout.buckets.values():
+        assert session.get_session_options().get_session_config_entry("session.disable_prepacking") == "1"
+    assert own._layouts[None].shared is None
+    for session in own._layouts[None].buckets.values():
+        with pytest.raises(RuntimeError, match="does not have configuration"):  # prepacked, as by default
+            session.get_session_options().get_session_config_entry("session.disable_prepacking")
+    ids = np.random.default_rng(1).integers(3, 96, (1, 9))  # a chunk of 128, then steps of 1
+    for choice in (None, "sql", {"chat": 0.5, "sql": 0.5}):
+        want = own.logits(ids, adapter=choice)
+        np.testing.assert_array_equal(shared.logits(ids, adapter=choice), want)
+        np.testing.assert_allclose(ort_model.logits(ids, adapter=choice), want, atol=1e-5)
+    np.testing.assert_array_equal(shared.generate(ids, 5, adapter="sql", stop_at_eos=False),
+                                  own.generate(ids, 5, adapter="sql", stop_at_eos=False))
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    data = broken / "model.onnx.data"
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    with pytest.raises(EdgepeftError, match=r"model\.s1\.onnx: initializer '.*' does not fit model\.onnx\.data "
+                                            r".*the artifact is damaged"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ProviderFallbackWarning)
+            Model(broken)
 
 
 def test_static_encoder_pads_to_buckets(tmp_path):

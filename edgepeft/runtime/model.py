@@ -49,7 +49,7 @@ __all__ = ["AdapterChoice", "Model", "ProviderFallbackWarning", "batch_inputs", 
 
 
 def open_layouts(opener: SessionOpener, manifest: dict, cache: list[tuple[int, int]],
-                 keep: Callable[[], int]) -> dict[str | None, Layout]:
+                 keep: Callable[[], int], share_weights: bool = True) -> dict[str | None, Layout]:
     """The layout of each graph, chosen once from the manifest: ``{None: layout}`` for a
     side-branch artifact, ``{adapter: layout}`` for a merged one (one graph per adapter).
 
@@ -58,6 +58,7 @@ def open_layouts(opener: SessionOpener, manifest: dict, cache: list[tuple[int, i
         manifest: ``mode``, ``static``, ``graph.layout``, ``inputs``.
         cache: ``[(kv_heads, head_dim)]`` per layer.
         keep: how many adapter bindings a fused layout keeps.
+        share_weights: see :class:`StaticLayout`.
     """
     inputs = manifest.get("inputs", {})
     fused = manifest["graph"].get("layout") == "fused"
@@ -71,7 +72,7 @@ def open_layouts(opener: SessionOpener, manifest: dict, cache: list[tuple[int, i
     if manifest["mode"] == "merged":
         return {name: one(entry["graph"], None) for name, entry in manifest["adapters"].items()}
     if manifest.get("static"):
-        return {None: StaticLayout(opener, manifest, list(inputs), cache)}
+        return {None: StaticLayout(opener, manifest, list(inputs), cache, share_weights)}
     return {None: one(manifest["graph"], list(inputs))}
 
 
@@ -84,8 +85,16 @@ class Model:
             (manifest). Those this onnxruntime build lacks are dropped with one
             :class:`ProviderFallbackWarning`; CPU always comes last.
         threads: intra-op threads, default onnxruntime's choice.
-        format: ``auto`` (default: the ``.ort`` graph when the artifact has one, else ``.onnx``),
-            ``onnx``, or ``ort`` (an error if the artifact has no ``.ort``).
+        format: ``auto`` (default: the ``.ort`` graph when the artifact has one, else ``.onnx``;
+            but a static-shape artifact of several buckets loads its ``.onnx`` graphs when they
+            are there and ``share_weights``), ``onnx``, or ``ort`` (an error if the artifact has
+            no ``.ort``).
+        trusted_keys, revoked: which signed adapter packs :meth:`add_adapter` accepts.
+        share_weights: a static-shape artifact of several sequence buckets opens one session per
+            bucket; True (default): they share one memory-mapped copy of the weights, which
+            onnxruntime then does not prepack (on CPU a call takes longer:
+            ``docs/targets.md``, "Memory at run time"); False: each session holds its own prepacked
+            copy. With ``format="ort"`` each session loads its ``.ort`` file's own copy.
 
     Raises:
         EdgepeftError: a missing or altered file (checksums), an adapter whose shapes do not match
@@ -94,7 +103,8 @@ class Model:
 
     def __init__(self, path: str | Path, providers: Sequence[str] | None = None,
                  threads: int | None = None, format: str = "auto", *,
-                 trusted_keys: Sequence[str | Path] | None = None, revoked: Sequence[str] = ()):
+                 trusted_keys: Sequence[str | Path] | None = None, revoked: Sequence[str] = (),
+                 share_weights: bool = True):
         self.path = Path(path)
         # adapter packs: None accepts unsigned packs; a list accepts only packs signed by one of these
         # keys (each "ed25519:BASE64" or a KEY.pub file), none of them revoked (key ids or keys)
@@ -119,7 +129,8 @@ class Model:
         self._opener = SessionOpener(self.path, self.manifest, self.providers, cache, threads, format)
         # adapter=None / a name / a mix -> (layout, feeds, KV-cache seed): see _choose
         self._layouts = open_layouts(self._opener, self.manifest, cache,
-                                     lambda: 2 * MIX_CACHE_SIZE + len(self.manifest["adapters"]) + 1)
+                                     lambda: 2 * MIX_CACHE_SIZE + len(self.manifest["adapters"]) + 1,
+                                     share_weights)
         self._store = None if self.merged else AdapterStore(self.path, self.manifest, cache,
                                                              self._layouts[None].feeding)
         self.format = self._opener.format  # "onnx" or "ort": what the sessions were loaded from

@@ -6,6 +6,7 @@ opens the file). Standard library only.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 from edgepeft.errors import EdgepeftError
 
@@ -85,3 +86,66 @@ def external_data_locations(path: Path) -> list[str]:
             elif field in _PB_MESSAGES[kind]:
                 stack.append((_PB_MESSAGES[kind][field], value, depth + 1))
     return locations
+
+
+class ExternalTensor(NamedTuple):
+    """One initializer of a graph stored in an external data file: where its bytes are."""
+
+    name: str
+    data_type: int  # TensorProto.DataType
+    dims: tuple[int, ...]
+    location: str
+    offset: int
+    length: int
+
+
+def external_initializers(path: Path) -> list[ExternalTensor]:
+    """The initializers of the main graph of ``path`` whose bytes live in an external data file,
+    less those that are also graph inputs (overridable defaults: adapter inputs), read without onnx.
+
+    Raises:
+        EdgepeftError: the file is not a parseable ONNX protobuf.
+    """
+    model = dict(_pb_fields(memoryview(path.read_bytes()), path))
+    graph = model.get(7)
+    if not isinstance(graph, memoryview):
+        return []
+    fields = list(_pb_fields(graph, path))
+    inputs = {bytes(dict(_pb_fields(v, path)).get(1, b"")).decode("utf-8", "replace")
+              for f, v in fields if f == 11 and isinstance(v, memoryview)}  # GraphProto.input: ValueInfoProto.name
+    out = []
+    for field, value in fields:
+        if field != 5 or not isinstance(value, memoryview):  # GraphProto.initializer
+            continue
+        dims, name, dtype, ext = [], "", 0, {}
+        for f, v in _pb_fields(value, path):
+            if f == 1:  # dims: repeated int64, packed or not
+                dims += ([d for _, d in _pb_fields_varints(v, path)] if isinstance(v, memoryview) else [v])
+            elif f == 2:
+                dtype = v
+            elif f == 8 and isinstance(v, memoryview):
+                name = bytes(v).decode("utf-8", "replace")
+            elif f == _PB_TENSOR_EXTERNAL_DATA and isinstance(v, memoryview):
+                entry = dict(_pb_fields(v, path))
+                if isinstance(entry.get(1), memoryview) and isinstance(entry.get(2), memoryview):
+                    ext[bytes(entry[1]).decode()] = bytes(entry[2]).decode("utf-8", "replace")
+        if "location" in ext and name not in inputs:
+            out.append(ExternalTensor(name, dtype, tuple(dims), ext["location"], int(ext.get("offset", 0)),
+                                      int(ext["length"]) if "length" in ext else -1))
+    return out
+
+
+def _pb_fields_varints(buf: memoryview, path: Path) -> list[tuple[int, int]]:
+    """The values of a packed repeated varint field, as ``(0, value)`` pairs."""
+    out, value, shift = [], 0, 0
+    for b in bytes(buf):
+        value |= (b & 0x7F) << shift
+        shift += 7
+        if shift > 70:
+            raise EdgepeftError(f"{path}: not a valid ONNX file (truncated or damaged). Export the artifact again.")
+        if b < 0x80:
+            out.append((0, value))
+            value = shift = 0
+    if shift:
+        raise EdgepeftError(f"{path}: not a valid ONNX file (truncated or damaged). Export the artifact again.")
+    return out

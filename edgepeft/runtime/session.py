@@ -11,13 +11,17 @@ from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import onnxruntime as ort
 
 from edgepeft.contract import MANIFEST_NAME, inside, past_names, sha256_file, target_providers
 from edgepeft.errors import EdgepeftError
-from edgepeft.runtime.onnx_proto import external_data_locations
+from edgepeft.runtime.onnx_proto import external_data_locations, external_initializers
 
 FORMATS = ("auto", "onnx", "ort")
+# TensorProto.DataType -> numpy, for weights shared from a memory-mapped data file
+_NP_TYPES = {1: np.float32, 2: np.uint8, 3: np.int8, 4: np.uint16, 5: np.int16, 6: np.int32, 7: np.int64,
+             9: np.bool_, 10: np.float16, 11: np.float64, 12: np.uint32, 13: np.uint64}
 
 
 class ProviderFallbackWarning(RuntimeWarning):
@@ -75,13 +79,59 @@ class SessionOpener:
                  threads: int | None, format: str):
         self.root, self.manifest, self.providers, self.cache = root, manifest, providers, cache
         self._want = format
+        self._threads = threads
         self.format: str | None = None
-        self.options = ort.SessionOptions()
-        self.options.log_severity_level = 3  # adapter defaults are overridable initializers by design
-        if threads:
-            self.options.intra_op_num_threads = threads
+        self.options = self._new_options()
 
-    def open(self, graph: dict, adapter_inputs: Collection[str] | None = None, fixed: bool = False) -> Opened:
+    def _new_options(self) -> ort.SessionOptions:
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # adapter defaults are overridable initializers by design
+        if self._threads:
+            options.intra_op_num_threads = self._threads
+        return options
+
+    def shared_weights(self, graphs: list[dict]) -> dict[str, ort.OrtValue] | None:
+        """One copy of the weights for the sessions of ``graphs`` (a static artifact's bucket
+        graphs, which keep their weights in one data file): every initializer the first graph
+        stores there, as read-only views of one memory map of the file; None when the sessions
+        are to load ``.ort`` files (``format="ort"``, or ``auto`` on a bundle of ``.ort`` files
+        only: the weights are inside each file).
+
+        :meth:`open` with these gives each session the same buffers (onnxruntime's
+        ``add_initializer``) and turns prepacking off for it: a prepacked weight is a copy per
+        session, and onnxruntime's Python API has no container to share those.
+
+        Raises:
+            EdgepeftError: the graph or its data file is missing, altered or inconsistent.
+        """
+        if self._want == "ort" or not graphs:
+            return None
+        where = f"{self.root / MANIFEST_NAME}"
+        if self._want == "auto" and all(g.get("ort") for g in graphs) and not all(
+                inside(self.root, f, where).is_file() for g in graphs for f in (g["file"], g["data_file"])):
+            return None  # a bundle of .ort files only: auto loads those
+        file = self._onnx_file(graphs[0], where)
+        data = inside(self.root, graphs[0]["data_file"], where).resolve()
+        tensors = [t for t in external_initializers(file) if (file.parent / t.location).resolve() == data]
+        if not tensors:
+            return None
+        mapped = np.memmap(data, np.uint8, "r")
+        values = {}
+        for t in tensors:
+            dtype = _NP_TYPES.get(t.data_type)
+            if dtype is None:  # e.g. bfloat16: numpy has no type for it; that session loads it itself
+                continue
+            size = int(np.prod(t.dims, dtype=np.int64)) * np.dtype(dtype).itemsize
+            if t.length not in (-1, size) or t.offset + size > mapped.size:
+                raise EdgepeftError(f"{file}: initializer {t.name!r} does not fit {data.name} (offset {t.offset}, "
+                                    f"{size} bytes of a {mapped.size}-byte file); the artifact is damaged. "
+                                    "Export it again.")
+            array = mapped[t.offset:t.offset + size].view(dtype).reshape(t.dims)
+            values[t.name] = ort.OrtValue.ortvalue_from_numpy(array)  # no copy: a view of the map
+        return values
+
+    def open(self, graph: dict, adapter_inputs: Collection[str] | None = None, fixed: bool = False,
+             shared: dict[str, ort.OrtValue] | None = None) -> Opened:
         """A session on one graph entry of the manifest, checked.
 
         Args:
@@ -90,13 +140,22 @@ class SessionOpener:
                 not checked (merged graphs).
             fixed: the graph has fixed shapes (static targets): adapter inputs may be plain
                 inputs, and none may have a symbolic dim.
+            shared: weights from :meth:`shared_weights`: the session takes these buffers (its
+                ``.onnx`` graph, not prepacked) instead of loading its own copy.
 
         Raises:
             EdgepeftError: a missing, altered or unloadable file, external data outside the
                 artifact, or a graph that does not match the manifest.
         """
         where = f"{self.root / MANIFEST_NAME}"
-        if graph.get("ort") and self._want != "onnx":
+        options = self.options
+        if shared is not None:
+            file = self._onnx_file(graph, where)
+            options = self._new_options()
+            options.add_session_config_entry("session.disable_prepacking", "1")
+            for name, value in shared.items():
+                options.add_initializer(name, value)
+        elif graph.get("ort") and self._want != "onnx":
             file = self._ort_file(graph, where)
         elif self._want == "ort":
             raise EdgepeftError(f"{self.root}: the artifact has no .ort graph for {graph['file']}; export "
@@ -105,7 +164,7 @@ class SessionOpener:
         else:
             file = self._onnx_file(graph, where)
         try:
-            session = ort.InferenceSession(str(file), self.options, providers=self.providers)
+            session = ort.InferenceSession(str(file), options, providers=self.providers)
         except Exception as e:  # onnxruntime's Fail, InvalidProtobuf, InvalidGraph, NoSuchFile, ...
             raise EdgepeftError(f"{file}: onnxruntime cannot load it ({type(e).__name__}: "
                                 f"{str(e)[:300]}). Export the artifact again.") from None

@@ -25,10 +25,14 @@ class StaticLayout:
         manifest: the artifact's manifest (``static``, ``graph.buckets``, ``graph.inputs``).
         adapter_inputs: the manifest's adapter input names.
         cache: ``[(kv_heads, head_dim)]`` per layer (empty for classifiers).
+        share_weights: with several buckets, their sessions share one memory-mapped copy of the
+            weights (:meth:`SessionOpener.shared_weights`: the ``.onnx`` graphs, not prepacked);
+            False: each session loads and prepacks its own copy (faster calls on CPU, one copy of
+            the weights per bucket). ``.ort`` files (``format="ort"``) carry their own copy.
     """
 
     def __init__(self, opener: SessionOpener, manifest: dict, adapter_inputs: Collection[str],
-                 cache: list[tuple[int, int]]):
+                 cache: list[tuple[int, int]], share_weights: bool = True):
         self.root = opener.root
         self.static = manifest["static"]  # batch, max_rank, context (causal LMs)
         # per-row weights (batch, 1, max_rank), default ones, and offsets (batch, 1, width), default zeros
@@ -36,8 +40,11 @@ class StaticLayout:
         self.cache = cache
         self.pad_id = (manifest.get("tokenizer") or {}).get("pad_token_id") or 0
         self.buckets = {}
-        for entry in manifest["graph"]["buckets"]:
-            opened = opener.open(entry, adapter_inputs, fixed=True)
+        entries = manifest["graph"]["buckets"]
+        # kept here: the sessions read these buffers (onnxruntime holds no reference to them)
+        self.shared = opener.shared_weights(entries) if share_weights and len(entries) > 1 else None
+        for entry in entries:
+            opened = opener.open(entry, adapter_inputs, fixed=True, shared=self.shared)
             self.buckets[entry["seq"]] = opened.session
         self.longest = max(self.buckets)  # the longest fixed-shape graph
         self.fixed = dict(opened.shapes)  # each adapter input's fixed shape
