@@ -60,6 +60,12 @@ export type AdapterChoices = AdapterChoice | AdapterChoice[];
 export interface LoadOptions {
   /** Extra onnxruntime session options (execution providers, threads, ...). */
   sessionOptions?: InferenceSession.SessionOptions;
+  /** A static-shape artifact of several sequence buckets opens one session per bucket. Where the
+   * weights are read from the artifact's folder (node, React Native), true (default): the sessions
+   * do not prepack them, so all of them read the one memory-mapped data file: one copy in physical
+   * memory (calls on CPU take longer; Python's `share_weights`). false: each session holds its own
+   * prepacked copy. (Browsers hand each session the file's bytes: a copy per session either way.) */
+  shareWeights?: boolean;
   /** Adapter packs (`addAdapter`) must be signed by one of these public keys, each
    * `ed25519:BASE64` as `edgepeft keygen` writes to KEY.pub (the node entry also takes the file).
    * Unset: unsigned packs are accepted and signatures are not checked (development). */
@@ -238,8 +244,10 @@ export class Model {
   private async initStatic(names: Set<string>, options: LoadOptions): Promise<void> {
     const m = this.manifest;
     const spec = m.static as StaticSpec;
-    for (const entry of (m.graph.buckets ?? []) as (GraphEntry & { seq: number })[]) {
-      this.buckets.set(entry.seq, await this.session(entry, names, options, true));
+    const entries = (m.graph.buckets ?? []) as (GraphEntry & { seq: number })[];
+    const share = entries.length > 1 && options.shareWeights !== false;
+    for (const entry of entries) {
+      this.buckets.set(entry.seq, await this.session(entry, names, options, true, share));
     }
     this.sessions.set(null, this.buckets.get(Math.max(...this.buckets.keys()))!);
     for (const [k, v] of Object.entries(m.inputs)) this.fixed[k] = v.shape.map((d) => d ?? spec.max_rank);
@@ -278,7 +286,7 @@ export class Model {
   }
 
   private async session(graph: GraphEntry, adapterInputs: Set<string>, options: LoadOptions,
-                        fixedShapes = false): Promise<InferenceSession> {
+                        fixedShapes = false, shareWeights = false): Promise<InferenceSession> {
     const file = inside(graph.file, this.where, this.source.describe(''));
     const bytes = await this.readChecked(file, graph.sha256, this.where);
     const dir = file.includes('/') ? file.slice(0, file.lastIndexOf('/') + 1) : '';
@@ -314,7 +322,9 @@ export class Model {
     const weights: InferenceSession.SessionOptions = folder === undefined
       ? { externalData: [...data].map(([path, d]) => ({ path, data: d })) }
       : { extra: { ...(user.extra as object), session: { ...((user.extra as any)?.session),
-          model_external_initializers_file_folder_path: folder } } };
+          model_external_initializers_file_folder_path: folder,
+          // unpacked, the weights stay the mapped file's pages, which every bucket session shares
+          ...(shareWeights ? { disable_prepacking: '1' } : {}) } } };
     let session: InferenceSession;
     try {
       session = await this.ort.InferenceSession.create(model, { logSeverityLevel: 3, ...user, ...weights });
