@@ -61,7 +61,7 @@ export interface LoadOptions {
   /** Extra onnxruntime session options (execution providers, threads, ...). */
   sessionOptions?: InferenceSession.SessionOptions;
   /** A static-shape artifact of several sequence buckets opens one session per bucket. Where the
-   * weights are read from the artifact's folder (node, React Native), true (default): the sessions
+   * weights are read from the artifact's folder (node; a Source with `folder`), true (default): the sessions
    * do not prepack them, so all of them read the one memory-mapped data file: one copy in physical
    * memory (calls on CPU take longer; Python's `share_weights`). false: each session holds its own
    * prepacked copy. (Browsers hand each session the file's bytes: a copy per session either way.) */
