@@ -4,6 +4,7 @@ Run from the repo root after ``bench_speed.py --only fused-int4-side`` exported 
 
     python benchmarks/fused_int4_profile.py profile        # per op type / category, bytes per step
     python benchmarks/fused_int4_profile.py compare --rounds 5 [--peer-python P]   # variants, interleaved
+    python benchmarks/fused_int4_profile.py accuracy --variants offset4 offset4x2 nooffset   # KL vs exported
 
 A benchmark-only experiment: the variants are rewrites of the exported ``model.onnx`` (saved beside
 it, sharing its ``model.onnx.data``), never changes to ``edgepeft/export/fused.py``:
@@ -16,6 +17,10 @@ it, sharing its ``model.onnx.data``), never changes to ``edgepeft/export/fused.p
 - ``reducesum``: HQQ's block sums as ``Reshape + ReduceSum`` instead of a MatMul with the 0/1 matrix E;
 - ``offset8``: HQQ's offset ``(x E) C`` with ``C`` as an 8-bit ``MatMulNBits`` (compute in float)
   instead of an fp32 MatMul: a quarter of the offset bytes (NOT exact: ``C`` rounded to 8 bits);
+- ``offset4`` / ``offset4x2``: HQQ's offset ``(x E) C`` moved into the 4-bit MatMul: the block
+  sums appended to ``x`` (``Concat``) and ``-C`` as one (two: its rounding residual too) extra
+  block(s) of 4-bit rows of the weight, so no fp32 ``C`` is read (NOT exact: ``C`` on a 4-bit grid,
+  and the block sums quantized to int8 as activations at accuracy level 4);
 - ``nooffset``: HQQ's exact offset terms dropped (NOT exact: an upper bound of what removing their
   cost, e.g. by folding them elsewhere or integer zero points that need none, could win).
 
@@ -41,7 +46,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 ART = RESULTS / "speed" / "fused-int4-side"
-VARIANTS = ("base", "perproj", "reducesum", "nooffset", "offset8", "nospin", "t1")
+VARIANTS = ("base", "perproj", "reducesum", "nooffset", "offset8", "offset4", "offset4x2", "nospin", "t1")
 _DTYPE_BYTES = {1: 4, 2: 1, 3: 1, 6: 4, 7: 8, 10: 2, 16: 2, 21: 0.5, 22: 0.5}
 
 
@@ -173,6 +178,79 @@ def _replace_nodes(proto, nodes):
     return proto
 
 
+def offset4(proto, levels: int = 1):
+    """HQQ's offset ``- (x E) C`` inside the 4-bit MatMul: ``MatMulNBits(x; q) - (x E) C`` becomes
+    ``MatMulNBits([x, x E'] ; [q; q_C])`` with ``-C`` as extra rows of the 4-bit weight (one block of
+    32 rows per 32 blocks of ``x``; ``E'`` pads the block sums to it), quantized per output column
+    round-to-nearest with an integer zero point; ``levels`` 2 adds the rounding residual as a second
+    block (NOT exact: error at most ``scale / 2`` of ``C``'s 4-bit grid per level)."""
+    from onnx import helper, numpy_helper
+
+    g = proto.graph
+    inits = {i.name: i for i in g.initializer}
+    producer = {o: n for n in g.node for o in n.output}
+    drop, new_nodes, replaced = set(), [], {}
+    for node in g.node:
+        if not node.name.endswith("/exact"):
+            continue
+        mm, off = producer[node.input[0]], producer[node.input[1]]
+        bs = producer[off.input[0]]
+        a = {x.name: helper.get_attribute_value(x) for x in mm.attribute}
+        k, n, block = a["K"], a["N"], a["block_size"]
+        c = numpy_helper.to_array(inits[off.input[1]], str(ART)).astype(np.float64)  # (blocks, N)
+        blocks = c.shape[0]
+        extra = -(-blocks // block)  # extra K blocks per level
+        rows = extra * block
+        e = np.zeros((k, rows), np.float32)
+        e[:, :blocks] = numpy_helper.to_array(inits[bs.input[1]], str(ART))
+        qs, ss, zs = [], [], []
+        resid = -c.T  # (N, blocks)
+        for _ in range(levels):
+            lo, hi = resid.min(1, keepdims=True), resid.max(1, keepdims=True)
+            scale = np.where(hi > lo, (hi - lo) / 15.0, 1.0)
+            zp = np.clip(np.round(-lo / scale), 0, 15)
+            q = np.clip(np.round(resid / scale) + zp, 0, 15)
+            full = np.zeros((n, rows)); full[:, :blocks] = q; full[:, blocks:] = zp  # padding: exactly 0
+            qs.append(full); ss.append(np.repeat(scale, extra, 1)); zs.append(np.repeat(zp, extra, 1))
+            resid = resid - (q - zp) * scale
+        # the base weight's packed blobs (N, k_blocks, 16), scales (N*k_blocks,), zero points (N, ceil(k_blocks/2))
+        qb = numpy_helper.to_array(inits[mm.input[1]], str(ART))
+        sb = numpy_helper.to_array(inits[mm.input[2]], str(ART)).reshape(n, -1)
+        zb = numpy_helper.to_array(inits[mm.input[3]], str(ART))
+        kb = k // block
+        zfull = np.stack([(zb >> 4 * (j % 2))[:, j // 2] & 15 for j in range(kb)], 1)
+        q_new = np.concatenate(qs, 1).astype(np.uint8).reshape(n, -1, block)  # (N, extra*levels, block)
+        blobs = (q_new[..., 0::2] | (q_new[..., 1::2] << 4)).astype(np.uint8)
+        qb2 = np.concatenate([qb, blobs], 1)
+        sb2 = np.concatenate([sb] + ss, 1).astype(np.float32)
+        z2 = np.concatenate([zfull] + zs, 1).astype(np.uint8)
+        kb2 = z2.shape[1]
+        zp2 = np.zeros((n, (kb2 + 1) // 2), np.uint8)
+        for j in range(kb2):
+            zp2[:, j // 2] |= z2[:, j] << (4 * (j % 2))
+        name = mm.name
+        g.initializer.extend([numpy_helper.from_array(qb2, f"{name}_q4x"), numpy_helper.from_array(sb2.reshape(-1), f"{name}_s4x"),
+                              numpy_helper.from_array(zp2.reshape(-1) if zb.ndim == 1 else zp2, f"{name}_z4x")])
+        ename = f"blocksum_pad_{k}x{rows}"
+        if ename not in inits:
+            inits[ename] = numpy_helper.from_array(e, ename)
+            g.initializer.append(inits[ename])
+        x = mm.input[0]
+        ins = [x] + [f"{name}/bs"] * levels
+        replaced[node.name] = [helper.make_node("MatMul", [x, ename], [f"{name}/bs"], name=f"{name}/bs"),
+                               helper.make_node("Concat", ins, [f"{name}/xa"], name=f"{name}/xa", axis=-1),
+                               helper.make_node("MatMulNBits", [f"{name}/xa", f"{name}_q4x", f"{name}_s4x", f"{name}_z4x"],
+                                                list(node.output), name=name, domain="com.microsoft",
+                                                **{**a, "K": k + rows * levels})]
+        drop |= {mm.name, off.name, bs.name}
+    for node in g.node:
+        if node.name in replaced:
+            new_nodes += replaced[node.name]
+        elif node.name not in drop:
+            new_nodes.append(node)
+    return _replace_nodes(proto, new_nodes)
+
+
 def nooffset(proto):
     """Drop HQQ's ``- (x E) C`` terms: each ``Sub`` of an ``/exact`` node becomes an Identity."""
     from onnx import helper
@@ -239,10 +317,11 @@ def variant_model(name: str) -> tuple[Path, dict[str, np.ndarray], dict[str, str
                 feeds[f"lora.{layer}.qkv.BT.{p}"] = np.ascontiguousarray(bt[r0:r0 + rs[j], edges[j]:edges[j + 1]])
                 r0 += rs[j]
         return path, feeds, config
-    if name in ("reducesum", "nooffset", "offset8"):
+    if name in ("reducesum", "nooffset", "offset8", "offset4", "offset4x2"):
         path = ART / f"model.exp-{name}.onnx"
         if not path.is_file():
-            _save({"reducesum": reducesum, "nooffset": nooffset, "offset8": offset8}[name](_load()), name)
+            _save({"reducesum": reducesum, "nooffset": nooffset, "offset8": offset8, "offset4": offset4,
+                   "offset4x2": lambda p: offset4(p, 2)}[name](_load()), name)
         return path, feeds, config
     if name == "nospin":
         config["session.intra_op.allow_spinning"] = "0"
@@ -453,9 +532,82 @@ def compare(args) -> dict:
     return out
 
 
+def _teacher_forced_logits(path: Path, feeds: dict[str, np.ndarray], ids: list[int], chunk: int = 120) -> np.ndarray:
+    """Log-softmax logits of ``ids`` run through the graph at ``path`` in chunks of ``chunk`` tokens,
+    each chunk from an empty KV cache: ``(len(ids), vocab)``."""
+    import onnxruntime as ort
+
+    from edgepeft.contract import past_names
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    shapes = {i.name: i.shape for i in sess.get_inputs()}
+    layers = sum(1 for n in shapes if n.startswith("past.") and n.endswith(".key"))
+    _, h, _, d = shapes["past.0.key"]
+    names = {i.name for i in sess.get_inputs()} | {i.name for i in sess.get_overridable_initializers()}
+    out = []
+    for start in range(0, len(ids), chunk):
+        seq = ids[start:start + chunk]
+        f = {k: v for k, v in feeds.items() if k in names}
+        f.update({p: np.zeros((1, h, len(seq), d), np.float32) for i in range(layers) for p in past_names(i)})
+        f.update(input_ids=np.array([seq], np.int64), seqlens_k=np.array([len(seq) - 1], np.int32),
+                 total_sequence_length=np.array(len(seq), np.int32))
+        out.append(sess.run(["logits"], f)[0][0])
+    x = np.concatenate(out).astype(np.float64)
+    x -= x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def _accuracy_level(path: Path, level: int) -> Path:
+    """A copy of the graph at ``path`` (beside it, same data file) with every MatMulNBits at
+    ``accuracy_level`` ``level``."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    for node in proto.graph.node:
+        for a in node.attribute:
+            if node.op_type == "MatMulNBits" and a.name == "accuracy_level":
+                a.i = level
+    dst = path.with_name(f"{path.stem}.level{level}.onnx")
+    onnx.save(proto, str(dst))
+    return dst
+
+
+def accuracy(args) -> dict:
+    """KL and top-1 agreement of each variant against the graph as exported (``base``, exact
+    offsets), teacher-forced on the held-out calibration text, with the numbers adapter and the
+    base; at the exported accuracy level (int8 activations) and at level 0 (float activations),
+    which separates the error of a variant's weights from that of quantizing its activations."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(ART / "tokenizer" / "tokenizer.json"))
+    text = (ROOT / "edgepeft" / "calibration" / "heldout.txt").read_text()
+    ids = tok.encode(text).ids[:args.positions]
+    out = {"positions": len(ids)}
+    for level in (None, 0):
+        ref_path = ART / "model.onnx" if level is None else _accuracy_level(ART / "model.onnx", level)
+        for adapter in ("numbers", None):
+            feeds = _adapter(adapter) if adapter else {}
+            ref = _teacher_forced_logits(ref_path, feeds, ids)
+            for name in args.variants:
+                if name in ("base", "nospin", "t1"):
+                    continue
+                path, _, _ = variant_model(name)
+                if level is not None:
+                    path = _accuracy_level(path, level)
+                got = _teacher_forced_logits(path, feeds, ids)
+                kl = (np.exp(ref) * (ref - got)).sum(-1)
+                out[f"{name}/{adapter or 'base'}/level{'-as-exported' if level is None else level}"] = {
+                    "mean_kl": float(kl.mean()), "max_kl": float(kl.max()),
+                    "top1_agreement": float((ref.argmax(-1) == got.argmax(-1)).mean())}
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("what", choices=("profile", "compare"), nargs="?", default="profile")
+    ap.add_argument("what", choices=("profile", "compare", "accuracy"), nargs="?", default="profile")
+    ap.add_argument("--positions", type=int, default=480, help="accuracy: held-out tokens, teacher-forced")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
@@ -474,7 +626,7 @@ def main(argv=None) -> int:
     dst = RESULTS / "fused_int4_profile.json"
     res = json.loads(dst.read_text()) if dst.is_file() else {}
     res[args.what] = {"date": time.strftime("%Y-%m-%d %H:%M"), "loadavg_start": os.getloadavg(),
-                      **(profile(args) if args.what == "profile" else compare(args)),
+                      **{"profile": profile, "compare": compare, "accuracy": accuracy}[args.what](args),
                       "loadavg_end": os.getloadavg()}
     dst.write_text(json.dumps(res, indent=2) + "\n")
     print(json.dumps(res[args.what], indent=2))
