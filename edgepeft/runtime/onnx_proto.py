@@ -24,32 +24,34 @@ _PB_MESSAGES = {
 _PB_TENSOR_EXTERNAL_DATA = 13  # TensorProto.external_data: repeated {key = 1, value = 2}
 
 
+def _varint(buf: memoryview, i: int, path: Path) -> tuple[int, int]:
+    """The varint at ``buf[i]`` and the index after it."""
+    out = shift = 0
+    while True:
+        if i >= len(buf) or shift > 63:
+            raise EdgepeftError(f"{path}: not a valid ONNX file (truncated or damaged). Export the "
+                                "artifact again.")
+        b = buf[i]
+        out |= (b & 0x7F) << shift
+        i, shift = i + 1, shift + 7
+        if b < 0x80:
+            return out, i
+
+
 def _pb_fields(buf: memoryview, path: Path):
     """(field number, value) of one protobuf message; value is a memoryview for length-delimited."""
-    def varint(i: int) -> tuple[int, int]:
-        out = shift = 0
-        while True:
-            if i >= len(buf) or shift > 63:
-                raise EdgepeftError(f"{path}: not a valid ONNX file (truncated or damaged). Export the "
-                                    "artifact again.")
-            b = buf[i]
-            out |= (b & 0x7F) << shift
-            i, shift = i + 1, shift + 7
-            if b < 0x80:
-                return out, i
-
     i = 0
     while i < len(buf):
-        key, i = varint(i)
+        key, i = _varint(buf, i, path)
         wire, value = key & 7, None
         if wire == 0:
-            value, i = varint(i)
+            value, i = _varint(buf, i, path)
         elif wire == 1:
             i += 8
         elif wire == 5:
             i += 4
         elif wire == 2:
-            size, i = varint(i)
+            size, i = _varint(buf, i, path)
             value, i = buf[i:i + size], i + size
         else:
             i = len(buf) + 1
@@ -79,10 +81,9 @@ def external_data_locations(path: Path) -> list[str]:
                 continue
             if kind == "tensor":
                 if field == _PB_TENSOR_EXTERNAL_DATA:
-                    entry = dict(_pb_fields(value, path))
-                    if isinstance(entry.get(1), memoryview) and bytes(entry[1]) == b"location":
-                        loc = entry.get(2)
-                        locations.append(bytes(loc).decode("utf-8", "replace") if isinstance(loc, memoryview) else "")
+                    key, loc = _external_data_entry(value, path)
+                    if key == "location":
+                        locations.append(loc)
             elif field in _PB_MESSAGES[kind]:
                 stack.append((_PB_MESSAGES[kind][field], value, depth + 1))
     return locations
@@ -120,32 +121,33 @@ def external_initializers(path: Path) -> list[ExternalTensor]:
         dims, name, dtype, ext = [], "", 0, {}
         for f, v in _pb_fields(value, path):
             if f == 1:  # dims: repeated int64, packed or not
-                dims += ([d for _, d in _pb_fields_varints(v, path)] if isinstance(v, memoryview) else [v])
+                dims += _packed_varints(v, path) if isinstance(v, memoryview) else [v]
             elif f == 2:
                 dtype = v
             elif f == 8 and isinstance(v, memoryview):
                 name = bytes(v).decode("utf-8", "replace")
             elif f == _PB_TENSOR_EXTERNAL_DATA and isinstance(v, memoryview):
-                entry = dict(_pb_fields(v, path))
-                if isinstance(entry.get(1), memoryview) and isinstance(entry.get(2), memoryview):
-                    ext[bytes(entry[1]).decode()] = bytes(entry[2]).decode("utf-8", "replace")
+                key, text = _external_data_entry(v, path)
+                ext[key] = text
         if "location" in ext and name not in inputs:
             out.append(ExternalTensor(name, dtype, tuple(dims), ext["location"], int(ext.get("offset", 0)),
                                       int(ext["length"]) if "length" in ext else -1))
     return out
 
 
-def _pb_fields_varints(buf: memoryview, path: Path) -> list[tuple[int, int]]:
-    """The values of a packed repeated varint field, as ``(0, value)`` pairs."""
-    out, value, shift = [], 0, 0
-    for b in bytes(buf):
-        value |= (b & 0x7F) << shift
-        shift += 7
-        if shift > 70:
-            raise EdgepeftError(f"{path}: not a valid ONNX file (truncated or damaged). Export the artifact again.")
-        if b < 0x80:
-            out.append((0, value))
-            value = shift = 0
-    if shift:
-        raise EdgepeftError(f"{path}: not a valid ONNX file (truncated or damaged). Export the artifact again.")
+def _packed_varints(buf: memoryview, path: Path) -> list[int]:
+    """The values of a packed repeated varint field (a run of varints)."""
+    out, i = [], 0
+    while i < len(buf):
+        value, i = _varint(buf, i, path)
+        out.append(value)
     return out
+
+
+def _external_data_entry(buf: memoryview, path: Path) -> tuple[str, str]:
+    """``(key, value)`` of one ``TensorProto.external_data`` entry (StringStringEntryProto); a
+    missing part is ``""``."""
+    entry = dict(_pb_fields(buf, path))
+    key, value = (bytes(v).decode("utf-8", "replace") if isinstance(v, memoryview) else ""
+                  for v in (entry.get(1), entry.get(2)))
+    return key, value
