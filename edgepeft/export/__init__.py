@@ -21,17 +21,28 @@ import dataclasses
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from edgepeft.contract.packs import slot_schema
-from edgepeft.export.build import builder, choose_graph
-from edgepeft.export.bundle import target_bundle
-from edgepeft.export.config import GRAPHS, MODES, TASKS, ExportConfig
-from edgepeft.export.genai import write_genai
-from edgepeft.export.load import Base, load_base, read_adapters
-from edgepeft.export.manifest import manifest_head, write_base_config, write_manifest, write_tokenizer
-from edgepeft.export.publish import atomic_dir, remove_dead_temps
-from edgepeft.gguf import resolve_base
 from edgepeft.progress import log
+
+if TYPE_CHECKING:
+    from edgepeft.export.config import ExportConfig
+    from edgepeft.export.load import Base
+
+# The stages import torch, transformers and onnx; they load when an export runs, so that a tool
+# that needs one light module of this package (``adapter add``: the fused packing, slot padding)
+# does not pay for them.
+_LAZY = {"Base": "edgepeft.export.load", "load_base": "edgepeft.export.load",
+         **dict.fromkeys(("GRAPHS", "MODES", "TASKS", "ExportConfig"), "edgepeft.export.config")}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["GRAPHS", "MODES", "TASKS", "Base", "ExportConfig", "export", "load_base", "write_artifact"]
 
@@ -46,6 +57,11 @@ def export(cfg: ExportConfig, quiet: bool = False) -> dict:
     Raises:
         EdgepeftError: bad base model (or GGUF file), adapters, or an OUT that exists.
     """
+    from edgepeft.export.build import choose_graph
+    from edgepeft.export.load import load_base, read_adapters
+    from edgepeft.export.publish import atomic_dir, remove_dead_temps
+    from edgepeft.gguf import resolve_base
+
     t0 = time.perf_counter()
     remove_dead_temps(cfg.out)  # what killed exports to OUT left
     log(f"loading base model {cfg.base}", quiet)
@@ -66,6 +82,12 @@ def export(cfg: ExportConfig, quiet: bool = False) -> dict:
 def write_artifact(cfg: ExportConfig, base: Base, adapters: list, root: Path, quiet: bool) -> dict:
     """Steps 3-6 into the (temporary) directory ``root``: graphs, adapter files, tokenizer, target
     files, onnxruntime-genai's files, then the manifest, which is returned."""
+    from edgepeft.export.build import builder
+    from edgepeft.export.bundle import target_bundle
+    from edgepeft.export.genai import write_genai
+    from edgepeft.export.manifest import manifest_head, write_base_config, write_manifest, write_tokenizer
+    from edgepeft.contract.packs import slot_schema
+
     manifest = manifest_head(cfg, base)
     manifest["tokenizer"] = write_tokenizer(cfg.base, root)
     write_base_config(base, root)

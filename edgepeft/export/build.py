@@ -26,7 +26,7 @@ from edgepeft.contract.adapter_files import write_adapter_files
 from edgepeft.contract.features import FUSED_MIX
 from edgepeft.contract.entries import adapter_entry, merged_adapter_entry
 from edgepeft.errors import EdgepeftError
-from edgepeft.export import causal_lm, encoder, fused, fused_encoder
+from edgepeft.export import causal_lm, encoder, fused, fused_encoder, fused_layout
 from edgepeft.export.calibrate import fused_probe_feeds, quantization_feeds
 from edgepeft.export.config import ExportConfig
 from edgepeft.export.graphs import save_graph, static_graphs
@@ -47,13 +47,13 @@ def choose_graph(cfg: ExportConfig, base: Base, adapters: list) -> tuple[str, st
         why = "reserved slots on a classifier (the fused encoder does not reserve them)"
     if why is None:
         sides = {} if cfg.mode == "merged" else side_branches(cfg, base, adapters)
-        why = _fused_module(base).unsupported(base.model, sides)
+        why = _fused_unsupported(base)(base.model, sides)
     return ("generic", why) if why else ("fused", None)
 
 
-def _fused_module(base: Base):
-    """The fused builder of the base's task: decoders (``fused``) or encoder classifiers."""
-    return fused if base.task == "causal-lm" else fused_encoder
+def _fused_unsupported(base: Base):
+    """Why the fused graph of the base's task (decoders, encoder classifiers) cannot take it."""
+    return fused_layout.unsupported if base.task == "causal-lm" else fused_layout.encoder_unsupported
 
 
 def builder(cfg: ExportConfig, base: Base):
@@ -113,17 +113,17 @@ def fused_side(cfg: ExportConfig, base: Base, adapters: list, root: Path, quiet:
     sides = side_branches(cfg, base, adapters)
     log("building fused graph", quiet)
     proto, defaults, used = fused.build_graph(model, sides, cfg.opset or 17)
-    table = fused.group_table(model)
+    table = fused_layout.group_table(model)
     names = [n for n, _ in defaults]
-    rows, values = fused.rows_manifest(used, names)
+    rows, values = fused_layout.rows_manifest(used, names)
     probe = fused_probe_feeds(cfg, model, base.cache, defaults)
     parts = {"graph": {**save_graph(proto, root, "model.onnx", cfg.quant, names + list(rows) + list(values), probe=probe,
                                     quiet=quiet),
-                       "layout": "fused", "positions": fused.positions(model)},
+                       "layout": "fused", "positions": fused_layout.positions(model)},
              "slots": [{"layer": layer, "group": group, "modules": table[(layer, group)]}
                        for layer, group in used],
              "inputs": {n: _fused_input(n, d) for n, d in defaults}, "rows": rows, "row_values": values}
-    parts["adapters"] = _write_packed(cfg, base, adapters, root, lambda a: fused.pack_adapter(model, sides[a.name], used))
+    parts["adapters"] = _write_packed(cfg, base, adapters, root, lambda a: fused_layout.pack_adapter(model, sides[a.name], used))
     return parts
 
 
@@ -135,9 +135,9 @@ def fused_encoder_side(cfg: ExportConfig, base: Base, adapters: list, root: Path
     sides = side_branches(cfg, base, adapters)
     log("building fused encoder graph", quiet)
     proto, defaults, used, heads, fed = fused_encoder.build_graph(model, sides, cfg.opset or 17)
-    table = fused.group_table(model)
+    table = fused_layout.group_table(model)
     names = [n for n, _ in defaults]
-    rows, values = fused.rows_manifest(used, names)
+    rows, values = fused_layout.rows_manifest(used, names)
     values.update(head_row_values(heads))
     calibration, probe = quantization_feeds(cfg, base.task, model, [], {}, [], base.cache, quiet)
     graph_inputs = names + list(fed) + list(rows) + list(values)
@@ -147,7 +147,7 @@ def fused_encoder_side(cfg: ExportConfig, base: Base, adapters: list, root: Path
              "inputs": {**{n: _fused_input(n, d) for n, d in defaults}, **fed},
              "rows": rows, "row_values": values}
     parts["adapters"] = _write_packed(cfg, base, adapters, root,
-                                      lambda a: fused_encoder.adapter_arrays(model, sides[a.name], used))
+                                      lambda a: fused_layout.encoder_adapter_arrays(model, sides[a.name], used))
     return parts
 
 
@@ -181,7 +181,7 @@ def merged(cfg: ExportConfig, base: Base, adapters: list, root: Path, quiet: boo
         elif is_fused:
             proto, _, _ = fused.build_graph(model, {}, cfg.opset or 17)
             probe = fused_probe_feeds(cfg, model, base.cache, [])
-            positions = fused.positions(model)
+            positions = fused_layout.positions(model)
             del model
             graph = {**save_graph(proto, root, rel, cfg.quant, [], probe=probe, quiet=quiet), "layout": "fused",
                      "positions": positions}

@@ -39,42 +39,9 @@ from edgepeft import families
 from edgepeft.contract import PROMPT_INPUT, head_input_name, rows_input_name
 from edgepeft.contract.names import rows_axis
 from edgepeft.errors import EdgepeftError
-from edgepeft.export.fused import Groups, _Graph, group_table, layers_problem, model_proto, pack_adapter
+from edgepeft.export.fused import Groups, _Graph, model_proto
+from edgepeft.export.fused_layout import encoder_unsupported as unsupported
 from edgepeft.kinds.common import SideBranch, to_numpy as _np
-
-
-def unsupported(model: torch.nn.Module, sides: dict[str, SideBranch]) -> str | None:
-    """Why the fused encoder cannot compute ``model`` with these adapters exactly, or None (one
-    phrase, as :func:`edgepeft.export.fused.unsupported`)."""
-    fam = families.ENCODERS.get(model.config.model_type)
-    if fam is None:
-        return f"model_type {model.config.model_type!r} (the fused encoder knows {', '.join(families.ENCODERS)})"
-    why = fam.check(model.config)
-    if why:
-        return why
-    table = group_table(model)
-    heads = {m for m, _ in fam.head}
-    for name, side in sides.items():
-        if side.prefix:
-            return f"adapter {name!r} has a prefix"
-        stray = sorted({p.rpartition(".")[0] for p in side.head} - heads)
-        if stray:
-            return f"adapter {name!r} carries {stray[0]} as its head; the fused encoder's head is {', '.join(heads)}"
-        why = layers_problem(table, name, side, "the attention, feed-forward and head linears")
-        if why:
-            return why
-    return None
-
-
-def adapter_arrays(model: torch.nn.Module, side: SideBranch, used: list[tuple[int | str, str]]
-                   ) -> dict[str, np.ndarray]:
-    """One adapter's inputs of the fused encoder: its packed groups
-    (:func:`edgepeft.export.fused.pack_adapter`), the head it carries (``head.{param}``) and its
-    prompt (``prompt.embeds``)."""
-    arrays = {**pack_adapter(model, side, used), **{head_input_name(p): v for p, v in side.head.items()}}
-    if side.prompt is not None:
-        arrays[PROMPT_INPUT] = side.prompt
-    return arrays
 
 
 def head_params(model: torch.nn.Module, sides: dict[str, SideBranch]) -> list[str]:

@@ -37,7 +37,7 @@ from edgepeft.contract import head_input_name, rows_input_name, shared_input_nam
 from edgepeft.contract.features import Part, widths
 from edgepeft.errors import EdgepeftError
 from edgepeft import kinds
-from edgepeft.kinds.common import SideBranch
+from edgepeft.kinds.common import SideBranch, is_conv1d
 
 SAMPLE_RANK = 7  # sample size of every dynamic rank axis in the export (>= 2, unlike other dims)
 SAMPLE_BATCH = 2  # the exporters' sample batch (causal_lm.py, encoder.py): per-row weights match it
@@ -80,10 +80,8 @@ class InputSpec:
 
 
 def _linear_dims(m: nn.Module) -> tuple[int, int]:
-    from transformers.pytorch_utils import Conv1D
-
     w = m.weight
-    return (int(w.shape[0]), int(w.shape[1])) if isinstance(m, Conv1D) else (int(w.shape[1]), int(w.shape[0]))
+    return (int(w.shape[0]), int(w.shape[1])) if is_conv1d(m) else (int(w.shape[1]), int(w.shape[0]))
 
 
 def plan_slots(model: nn.Module, sides: list[SideBranch]) -> list[Slot]:

@@ -31,9 +31,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
-from edgepeft.kinds.common import (CONFIG_NAME, SAFETENSORS_NAME, Reference, TrainSpec, config_names,
+from edgepeft.kinds.common import (is_conv1d, is_linear, CONFIG_NAME, SAFETENSORS_NAME, Reference, TrainSpec, config_names,
                                    module_names_summary, read_config, read_tensors)
 from edgepeft.contract.features import Feature, Part
 from edgepeft.errors import EdgepeftError
@@ -156,13 +155,13 @@ class BottleneckAdapter(nn.Module):
 
 def out_features(module: nn.Module) -> int:
     """Output features ``d`` of an ``nn.Linear`` or a GPT-2 ``Conv1D`` (weight stored ``(in, out)``)."""
-    if isinstance(module, Conv1D):
+    if is_conv1d(module):
         return int(module.weight.shape[1])
     return int(module.weight.shape[0])
 
 
 def _linears(model: nn.Module) -> dict[str, nn.Module]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))}
+    return {n: m for n, m in model.named_modules() if is_linear(m)}
 
 
 def default_targets(model: nn.Module, config: str) -> list[str]:

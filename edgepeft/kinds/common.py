@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -307,6 +308,19 @@ def split_head(tensors: dict[str, torch.Tensor], config: dict, model: nn.Module,
     return rest, {n: t.float() for n, t in head.items()}
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """A GPT-2 ``Conv1D`` (weight stored ``(in, out)``). It is transformers' class, and no module is
+    one before ``transformers.pytorch_utils`` is imported: so a tool that never imports
+    transformers (``adapter add`` on the artifact's module table) does not import it for this."""
+    conv1d = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+    return conv1d is not None and isinstance(module, conv1d)
+
+
+def is_linear(module: nn.Module) -> bool:
+    """A layer an adapter can target: ``nn.Linear`` or GPT-2's ``Conv1D``."""
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
 def linear_modules(model: nn.Module, targets: tuple[str, ...], where: str) -> list[str]:
     """The linear layers ``targets`` name, in model order, by PEFT's rules for a list of names: a
     module matches a name it equals or ends with after a dot; ``("all-linear",)``: every linear
@@ -315,11 +329,9 @@ def linear_modules(model: nn.Module, targets: tuple[str, ...], where: str) -> li
     Raises:
         EdgepeftError: a name that matches no linear layer (listing the ones there are).
     """
-    from transformers.pytorch_utils import Conv1D
-
     head = model.get_output_embeddings()
     prefix = getattr(model, "base_model_prefix", "")
-    linear = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D)) and m is not head
+    linear = [n for n, m in model.named_modules() if is_linear(m) and m is not head
               and not (prefix and hasattr(model, prefix) and not n.startswith(prefix + "."))]
     if tuple(targets) == ("all-linear",):
         return linear

@@ -15,9 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
-from edgepeft.kinds.common import (Reference, SideBranch, TrainSpec, config_names, head_to_numpy,
+from edgepeft.kinds.common import (is_conv1d, is_linear, Reference, SideBranch, TrainSpec, config_names, head_to_numpy,
                                    merge_head, model_type, module_names_summary, peft_add, peft_key,
                                    peft_load, peft_select, peft_task_type, read_tensors, split_head)
 from edgepeft.contract.features import Feature, Part
@@ -67,7 +66,7 @@ def read(name: str, adapter_dir: Path, config: dict, model: nn.Module,
     weights_file, tensors = read_tensors(adapter_dir)
     tensors, head = split_head(tensors, config, model, weights_file, task)
     ff_names = config_names(config, "feedforward_modules", adapter_dir / "adapter_config.json")
-    named = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))}
+    named = {n: m for n, m in model.named_modules() if is_linear(m)}
     modules = {}
     for key, t in tensors.items():
         body = peft_key(key)
@@ -80,7 +79,7 @@ def read(name: str, adapter_dir: Path, config: dict, model: nn.Module,
                                 f"have as a linear layer: this adapter was made for another base. "
                                 f"Linear layers: {module_names_summary(list(named))}.")
         base = named[mod]
-        transposed = isinstance(base, Conv1D)
+        transposed = is_conv1d(base)
         w = base.weight.T if transposed else base.weight  # (out, in)
         # PEFT stores (1, in) for feed-forward layers and (out, 1) otherwise.
         ff = tuple(t.shape) == (1, w.shape[1]) and (

@@ -32,11 +32,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from edgepeft.contract.features import Feature, Part
 from edgepeft.errors import EdgepeftError
-from edgepeft.kinds.common import (CONFIG_NAME, Reference, SideBranch, TrainSpec, config_int, head_to_numpy,
+from edgepeft.kinds.common import (is_conv1d, is_linear, CONFIG_NAME, Reference, SideBranch, TrainSpec, config_int, head_to_numpy,
                                    merge_head, model_type, module_names_summary, peft_key, peft_load,
                                    peft_task_type, read_tensors, split_head, to_numpy)
 
@@ -152,7 +151,7 @@ def read(name: str, adapter_dir: Path, config: dict, model: nn.Module,
     if a.ndim != 2 or b.ndim != 2 or a.shape[0] != r or b.shape[1] != r:
         raise EdgepeftError(f"{weights_file}: vera_A {tuple(a.shape)} and vera_B {tuple(b.shape)} must be "
                             f"(r, max_in) and (max_out, r) with r = {r} (adapter_config.json).")
-    named = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))}
+    named = {n: m for n, m in model.named_modules() if is_linear(m)}
     modules = {}
     for mod in sorted(layers):
         if mod not in named:
@@ -173,7 +172,7 @@ def _module(mod: str, parts: dict, base: nn.Module, a: torch.Tensor, b: torch.Te
     if set(parts) != {"d", "b"}:
         raise EdgepeftError(f"{weights_file}: {mod} has only vera_lambda_{next(iter(parts))}; the file is "
                             "incomplete. Save the adapter again.")
-    transposed = isinstance(base, Conv1D)
+    transposed = is_conv1d(base)
     out_f, in_f = (base.weight.shape[1], base.weight.shape[0]) if transposed else tuple(base.weight.shape)
     d, lb = parts["d"].float(), parts["b"].float()
     if tuple(d.shape) != (a.shape[0],) or tuple(lb.shape) != (out_f,):
