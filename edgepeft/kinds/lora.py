@@ -16,6 +16,7 @@ Every adapter kind module exposes the same names:
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -23,9 +24,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
-from edgepeft.kinds.common import (Reference, SideBranch, TrainSpec, config_float, config_int,
+from edgepeft.kinds import peft_rules
+from edgepeft.kinds.common import (is_conv1d, is_linear, Reference, SideBranch, TrainSpec, config_float, config_int,
                                    config_names, config_pattern, head_to_numpy, merge_head, model_type,
                                    module_names_summary, peft_add, peft_delta_mix, peft_key, peft_load, peft_select,
                                    peft_task_type, read_tensors, split_head, to_numpy)
@@ -127,14 +128,12 @@ class LoraAdapter:
 
 def _adaptable(model: nn.Module) -> dict[str, nn.Module]:
     """Modules LoRA can target in edgepeft: ``nn.Linear`` and GPT-2 ``Conv1D``."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))}
+    return {n: m for n, m in model.named_modules() if is_linear(m)}
 
 
 def _expected_targets(config: dict, model: nn.Module, path: Path) -> set[str]:
-    """Module names PEFT would wrap for this config on this model (PEFT's own matching rules)."""
-    from peft import LoraConfig
-    from peft.tuners.tuners_utils import check_target_module_exists
-
+    """Module names PEFT would wrap for this config on this model (PEFT's own matching rules,
+    :mod:`edgepeft.kinds.peft_rules`)."""
     target = config.get("target_modules")
     if isinstance(target, str) and target.lower() == "all-linear":  # PEFT: every linear but the head
         head = model.get_output_embeddings()
@@ -143,28 +142,19 @@ def _expected_targets(config: dict, model: nn.Module, path: Path) -> set[str]:
         raise EdgepeftError(f"{path}: target_modules is empty; PEFT records the adapted modules "
                             "there. Re-save the adapter with PEFT.")
     config_names(config, "target_modules", path)  # a name, a regex or a list of names
-    known = {f for f in LoraConfig.__dataclass_fields__}
-    # PEFT's own matching rules, run on fields of an untrusted file: whatever PEFT raises on a
-    # field of the wrong type or a broken regex means "PEFT rejects this config".
+    # PEFT's rules, run on fields of an untrusted file: a field of the wrong type or a broken
+    # regex means "PEFT rejects this config".
     try:
-        cfg = LoraConfig(**{k: v for k, v in config.items() if k in known and k != "peft_type"})
-        found = set()
-        for n in dict(model.named_modules()):
-            hit = check_target_module_exists(cfg, n)
-            if hit and type(hit).__name__ != "_ExcludedModule":
-                found.add(n)
-    except Exception as e:  # noqa: BLE001 - TypeError, ValueError, re.error, AttributeError, ...
+        peft_rules.check_target_fields(config)
+        return {n for n in dict(model.named_modules()) if peft_rules.target_match(config, n) is True}
+    except (ValueError, TypeError, re.error) as e:
         raise EdgepeftError(f"{path}: PEFT rejects this LoRA config ({type(e).__name__}: "
                             f"{str(e)[:200]}). Re-save the adapter with PEFT.") from None
-    return found
 
 
 def _pattern(patterns: dict, module: str, default):
     """PEFT's rank_pattern / alpha_pattern lookup: a key matches a dotted suffix of the name."""
-    from peft.utils.other import get_pattern_key
-
-    key = get_pattern_key(list(patterns), module)
-    return patterns.get(key, default)
+    return patterns.get(peft_rules.pattern_key(list(patterns), module), default)
 
 
 def read(name: str, adapter_dir: Path, config: dict, model: nn.Module,
@@ -249,7 +239,7 @@ def read(name: str, adapter_dir: Path, config: dict, model: nn.Module,
                                 "lora_magnitude_vector). The file is incomplete; save it again.")
         a, b = p["A"].float(), p["B"].float()
         base = adaptable[mod_name]
-        out_f, in_f = (base.weight.shape[1], base.weight.shape[0]) if isinstance(base, Conv1D) \
+        out_f, in_f = (base.weight.shape[1], base.weight.shape[0]) if is_conv1d(base) \
             else tuple(base.weight.shape)
         r = a.shape[0] if a.ndim == 2 else -1
         if a.ndim != 2 or b.ndim != 2 or a.shape[1] != in_f or b.shape != (out_f, r):
@@ -276,7 +266,7 @@ def read(name: str, adapter_dir: Path, config: dict, model: nn.Module,
             if mag.shape != (out_f,) or not torch.isfinite(mag).all():
                 raise EdgepeftError(f"{weights_file}: {mod_name}: DoRA magnitude has shape "
                                     f"{tuple(p['m'].shape)}, expected ({out_f},), finite.")
-        modules[mod_name] = LoraModule(a, b, scale, isinstance(base, Conv1D), mag)
+        modules[mod_name] = LoraModule(a, b, scale, is_conv1d(base), mag)
     return LoraAdapter(name, adapter_dir, weights_file, r0, alpha0, rslora, modules,
                        "dora" if dora else KIND, dora, head)
 
