@@ -193,6 +193,13 @@ def test_merged_old_and_int8_static_artifacts_are_refused(llama_base, adapters, 
     code, _, err = cli(capsys, "adapter", "add", merged, "--adapter", f"x={adapters['ia3']}")
     assert code == 2 and "merged artifact" in err
     old = _export(llama_base, tmp_path / "old", "fused", slots="all-linear")
+    # as an artifact exported before base_modules.json was kept: transformers builds the tree, and says so
+    manifest = json.loads((old / "manifest.json").read_text())
+    (old / manifest["base"].pop("modules")).unlink()
+    (old / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    code, _, err = cli(capsys, "adapter", "add", old, "--adapter", f"x={adapters['lora']}")
+    assert code == 0 and "building it with transformers" in err
+    assert cli(capsys, "adapter", "remove", old, "x")[0] == 0
     (old / "base_config.json").unlink()  # as an artifact exported before base_config.json was kept
     code, _, err = cli(capsys, "adapter", "add", old, "--adapter", f"x={adapters['lora']}")
     assert code == 2 and "--base" in err

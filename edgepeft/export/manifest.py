@@ -17,6 +17,7 @@ from edgepeft.contract import BASE_CONFIG, FORMAT, FORMAT_VERSION, MANIFEST_NAME
 from edgepeft.export.base import save_tokenizer
 from edgepeft.export.config import ExportConfig
 from edgepeft.export.load import Base
+from edgepeft.export.module_table import MODULE_TABLE, write_module_table
 from edgepeft.quantize.budgets import BUDGETS
 
 
@@ -33,7 +34,8 @@ def manifest_head(cfg: ExportConfig, base: Base) -> dict:
                  "fingerprint": base.fingerprint,
                  **({"gguf": base.gguf} if base.gguf else {}),  # the GGUF file the weights came from
                  "vocab_size": int(model.config.get_text_config().vocab_size),
-                 "config": BASE_CONFIG},  # its module names and shapes: ``edgepeft adapter add``
+                 "config": BASE_CONFIG,  # its config and module tree: ``edgepeft adapter add``
+                 "modules": MODULE_TABLE},
         "graph": None, "slots": [], "inputs": {}, "adapters": {}, "tokenizer": None,
     }
     if cfg.slots:
@@ -61,10 +63,11 @@ def write_tokenizer(base_dir: Path, root: Path) -> dict | None:
 
 
 def write_base_config(base: Base, root: Path) -> None:
-    """``root/base_config.json``: the base model's config, from which ``edgepeft adapter add``
-    builds its module tree on the meta device (names and shapes, no weights) to read an adapter
-    against the graph without the base folder."""
+    """``root/base_config.json``: the base model's config, and ``root/base_modules.json``: its module tree (:mod:`edgepeft.export.module_table`), from
+    which ``edgepeft adapter add`` reads an adapter against the graph without the base folder and
+    without transformers."""
     base.model.config.to_json_file(str(root / BASE_CONFIG))
+    write_module_table(base.model, root)
 
 
 def write_manifest(manifest: dict, root: Path) -> None:

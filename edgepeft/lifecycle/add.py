@@ -4,9 +4,12 @@ without exporting a graph.
 A side-branch graph depends on which layers have slots and of which feature, never on an adapter's
 values or rank (``../shared/DESIGN.md``). So adding an adapter is reading its PEFT tensors against
 the base's module tree, folding its scale as an export does (the kind's ``side``), packing the
-arrays as the graph's layout takes them and writing the adapter file. The module tree is built on
-the meta device from the config the artifact recorded (``base_config.json``): names and shapes, no
-weights. A kind whose arrays depend on the base weights (DoRA's row norms) needs ``--base``.
+arrays as the graph's layout takes them and writing the adapter file. The module tree is the one
+the artifact recorded (:mod:`edgepeft.export.module_table`), rebuilt on the meta device with
+torch alone: names and shapes, no weights, no transformers. A kind whose arrays depend on the
+base weights (DoRA's row norms) needs ``--base``. LoRA (and DoRA) are read with edgepeft's copy of
+PEFT's target matching (:mod:`edgepeft.kinds.peft_rules`), so the common case imports neither
+transformers nor peft.
 
 Refused, with the reason: an adapter that needs slots, features, ranks or a head the graph lacks
 (with the ``--slots`` to export with), one trained on another base (``edgepeft.json``, PEFT's
@@ -33,6 +36,7 @@ from edgepeft.errors import EdgepeftError
 from edgepeft.kinds import kind_module, read_adapter
 from edgepeft.export.slots import pad_axis
 from edgepeft.kinds.common import SideBranch
+from edgepeft.export.module_table import MODULE_TABLE, skeleton
 from edgepeft.lifecycle.edit import editing, new_adapter_files, new_name, remove_adapter, side_artifact, write_manifest_atomic
 from edgepeft.progress import log
 
@@ -111,8 +115,9 @@ def add_adapter(root: Path, name: str, adapter_dir: Path, *, base: Path | None =
 
 
 def _base_model(root: Path, manifest: dict, base: Path | None) -> tuple[torch.nn.Module, str]:
-    """The base's module tree and the fingerprint to tag the file with: built on the meta device
-    from ``base_config.json`` (no weights), or ``base`` loaded and checked against the artifact."""
+    """The base's module tree and the fingerprint to tag the file with: the tree the artifact
+    recorded (meta tensors: names and shapes, no weights; an older artifact: built by transformers
+    from ``base_config.json``), or ``base`` loaded and checked against the artifact."""
     fp = manifest["base"]["fingerprint"]
     task = manifest["task"]
     if base is not None:
@@ -129,10 +134,15 @@ def _base_model(root: Path, manifest: dict, base: Path | None) -> tuple[torch.nn
             raise EdgepeftError(f"--base {base}: its weights (fingerprint {got[:23]}...) are not the ones {root} "
                                 f"was exported from ({fp[:23]}...). Pass the base the artifact was exported from.")
         return model, fp
+    model = skeleton(root, manifest)  # the module tree export recorded: no transformers needed
+    if model is not None:
+        return model, fp
     config_file = root / manifest["base"].get("config", BASE_CONFIG)
     if not config_file.is_file():
         raise EdgepeftError(f"{config_file}: missing; {root} was exported before edgepeft kept the base's config. "
                             "Pass --base DIR (the base it was exported from), or export the artifact again.")
+    log(f"{root} was exported before edgepeft kept the base's module tree ({MODULE_TABLE}); building it "
+        "with transformers (a few seconds more)", False)
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     try:
@@ -234,10 +244,10 @@ def _fused_arrays(manifest: dict, model: torch.nn.Module, kind: str, side: SideB
                   ) -> dict[str, np.ndarray]:
     """The adapter packed for the fused graph's groups, each group and place it feeds an input of
     the graph (and, on an encoder, the head it carries as ``head.{param}``)."""
-    from edgepeft.export import fused, fused_encoder
+    from edgepeft.export import fused_layout as fused
 
-    builder = fused if manifest["task"] == "causal-lm" else fused_encoder
-    why = builder.unsupported(model, {kind: side})
+    decoder = manifest["task"] == "causal-lm"
+    why = (fused.unsupported if decoder else fused.encoder_unsupported)(model, {kind: side})
     if why:
         raise EdgepeftError(f"{where}: the fused graph cannot take it: {why}. Export with --graph generic.")
     used = [(s["layer"], s["group"]) for s in manifest.get("slots", [])]
@@ -250,7 +260,7 @@ def _fused_arrays(manifest: dict, model: torch.nn.Module, kind: str, side: SideB
         raise EdgepeftError(f"{where}: the fused graph has no {place!r} input on layer {layer}'s {group} group, which "
                             f"the adapter changes ({len(lacking)} such inputs, e.g. {', '.join(mods)}); "
                             f"{_slots_hint(kind, [m for m, _ in side.layers])}.")
-    arrays = builder.adapter_arrays(model, side, used)
+    arrays = (fused.pack_adapter if decoder else fused.encoder_adapter_arrays)(model, side, used)
     missing = sorted(n for n in arrays if n not in inputs)  # an encoder's head or prompt (groups: checked above)
     if missing:
         what = "a prompt" if missing[0] == PROMPT_INPUT else f"a classification head ({missing[0]})"
