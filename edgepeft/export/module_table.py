@@ -53,7 +53,10 @@ def write_module_table(model: nn.Module, root: Path) -> str:
                for name, m in model.named_modules()]
 
     def embeddings(get) -> str | None:
-        m = get()
+        try:
+            m = get()
+        except (NotImplementedError, AttributeError):  # a model class without that accessor
+            return None
         return next((n for n, x in model.named_modules() if x is m), None) if m is not None else None
 
     config = model.config
@@ -181,7 +184,7 @@ def skeleton(root: Path, manifest: dict) -> Skeleton | None:
             owner, _, leaf = name.rpartition(".")
             src_owner, _, src_leaf = source.rpartition(".")
             setattr(model.get_submodule(owner), leaf, getattr(model.get_submodule(src_owner), src_leaf))
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as e:
         raise EdgepeftError(f"{table_file}: not a module table this edgepeft reads ({type(e).__name__}: {e}); "
                             "the artifact is damaged. Export it again, or pass --base DIR.") from None
     return model.eval()
