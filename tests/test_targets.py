@@ -381,12 +381,15 @@ def test_static_buckets_share_one_copy_of_the_weights(nnapi_out, tmp_path):
     external = {t.name for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL} - {
         i.name for i in proto.graph.input}
     assert set(layout.shared) == external and len(external) > 10
-    for session in layout.buckets.values():
-        assert session.get_session_options().get_session_config_entry("session.disable_prepacking") == "1"
+    for session in layout.buckets.values():  # not prepacked, one arena for all
+        options = session.get_session_options()
+        assert options.get_session_config_entry("session.disable_prepacking") == "1"
+        assert options.get_session_config_entry("session.use_env_allocators") == "1"
     assert own._layouts[None].shared is None
     for session in own._layouts[None].buckets.values():
-        with pytest.raises(RuntimeError, match="does not have configuration"):  # prepacked, as by default
-            session.get_session_options().get_session_config_entry("session.disable_prepacking")
+        for entry in ("session.disable_prepacking", "session.use_env_allocators"):  # as by default
+            with pytest.raises(RuntimeError, match="does not have configuration"):
+                session.get_session_options().get_session_config_entry(entry)
     ids = np.random.default_rng(1).integers(3, 96, (1, 9))  # a chunk of 128, then steps of 1
     for choice in (None, "sql", {"chat": 0.5, "sql": 0.5}):
         want = own.logits(ids, adapter=choice)

@@ -61,6 +61,21 @@ class Opened(NamedTuple):
     defaults: frozenset[str]
 
 
+_ENV_ARENA: list[bool] = []
+
+
+def _register_env_arena() -> None:
+    """Register onnxruntime's process-wide CPU arena, once per process. Sessions opened with
+    ``session.use_env_allocators`` take their working memory (activations, scratch) from it rather
+    than from an arena each: a static artifact's bucket sessions run one at a time, so one arena
+    holds what the largest bucket needs instead of every bucket keeping its own (2 MB or so per
+    MiniLM session, measured in ``benchmarks/bench_static_memory.py``)."""
+    if not _ENV_ARENA:
+        info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+        ort.create_and_register_allocator(info, None)  # None: onnxruntime's default arena settings
+        _ENV_ARENA.append(True)
+
+
 class SessionOpener:
     """Opens the graphs of one artifact with one set of providers and options.
 
@@ -99,7 +114,8 @@ class SessionOpener:
 
         :meth:`open` with these gives each session the same buffers (onnxruntime's
         ``add_initializer``) and turns prepacking off for it: a prepacked weight is a copy per
-        session, and onnxruntime's Python API has no container to share those.
+        session, and onnxruntime's Python API has no container to share those. Those sessions
+        also share one CPU arena for their working memory (:func:`_register_env_arena`).
 
         Raises:
             EdgepeftError: the graph or its data file is missing, altered or inconsistent.
@@ -153,6 +169,8 @@ class SessionOpener:
             file = self._onnx_file(graph, where)
             options = self._new_options()
             options.add_session_config_entry("session.disable_prepacking", "1")
+            _register_env_arena()  # one CPU arena for all sessions of the shared weights
+            options.add_session_config_entry("session.use_env_allocators", "1")
             for name, value in shared.items():
                 options.add_initializer(name, value)
         elif graph.get("ort") and self._want != "onnx":
