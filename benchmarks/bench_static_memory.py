@@ -17,7 +17,8 @@ system, round), rounds interleaved:
   2026-12-07 this was all there was);
 - ``py-onnx-shared``: Python ``Model(format="onnx")`` (what ``Model()`` loads since, for two
   buckets or more): the bucket sessions take one memory-mapped copy of the weights
-  (``add_initializer``), not prepacked (with one bucket nothing is shared: as ``py-onnx-own``);
+  (``add_initializer``), not prepacked, and one CPU arena (onnxruntime's env allocator, since
+  2026-12-07) (with one bucket nothing is shared: as ``py-onnx-own``);
 - ``node-own`` / ``node-shared``: the node runtime, ``shareWeights: false`` / default (the
   sessions do not prepack, so all read the one file onnxruntime maps: shared pages).
 
