@@ -105,13 +105,13 @@ def test_damaged_table_is_refused_by_name(tmp_path):
 
 
 # ------------------------------------------------------------------ PEFT's rules
-def _peft(config: dict, names: list[str]):
+def _peft(config: dict, names: list[str], kind: str = "lora"):
     """PEFT's decision per module name, or the exception type its config raises."""
-    from peft import LoraConfig
+    from peft import LoHaConfig, LoraConfig
     from peft.tuners.tuners_utils import check_target_module_exists
 
     try:
-        cfg = LoraConfig(**config)
+        cfg = (LoraConfig if kind == "lora" else LoHaConfig)(**config)
     except (ValueError, TypeError) as e:
         return type(e).__name__
     out = []
@@ -121,9 +121,9 @@ def _peft(config: dict, names: list[str]):
     return out
 
 
-def _ours(config: dict, names: list[str]):
+def _ours(config: dict, names: list[str], kind: str = "lora"):
     try:
-        peft_rules.check_target_fields(config)
+        peft_rules.check_target_fields(config, regex_layers=kind == "loha")
     except (ValueError, TypeError) as e:
         return type(e).__name__
     return [peft_rules.target_match(config, n) for n in names]
@@ -141,15 +141,32 @@ def test_target_rules_decide_as_peft_does():
     names = [n for n, _ in _causal("llama", ARCHS["llama"]).named_modules()]
     names += [n for n, _ in _causal("gpt2", ARCHS["gpt2"]).named_modules()]
     names += [n for n, _ in _classifier("bert").named_modules()]
-    checked, refused = 0, 0
-    for target, layers, pattern, exclude, saved in itertools.product(TARGETS, LAYERS, PATTERNS, EXCLUDES, SAVED):
-        config = {"target_modules": target, "layers_to_transform": layers, "layers_pattern": pattern,
-                  "exclude_modules": exclude, "modules_to_save": saved}
-        want = _peft(config, names)
-        assert _ours(config, names) == want, config
-        checked += 1
-        refused += isinstance(want, str)
-    assert checked == 2700 and 0 < refused < checked  # both branches exercised
+    for kind, refusals in (("lora", (0.3, 0.7)), ("loha", (0.05, 0.3))):
+        checked, refused = 0, 0
+        for target, layers, pattern, exclude, saved in itertools.product(TARGETS, LAYERS, PATTERNS, EXCLUDES, SAVED):
+            config = {"target_modules": target, "layers_to_transform": layers, "layers_pattern": pattern,
+                      "exclude_modules": exclude, "modules_to_save": saved}
+            want = _peft(config, names, kind)
+            assert _ours(config, names, kind) == want, (kind, config)
+            checked += 1
+            refused += isinstance(want, str)
+        assert checked == 2700 and refusals[0] < refused / checked < refusals[1], (kind, refused)  # both branches
+
+
+@pytest.mark.parametrize("arch,task", [("llama", None), ("gpt2", None), ("bert", "SEQ_CLS"), ("bert", None)])
+def test_all_linear_expands_as_peft_s(tmp_path, arch, task):
+    """PEFT's all-linear expansion on the real model equals ours on the model and on its skeleton."""
+    from peft import LoHaConfig
+    from peft.tuners.tuners_utils import _maybe_include_all_linear_layers
+
+    model = _classifier(arch) if arch == "bert" else _causal(arch, ARCHS[arch])
+    want = set(_maybe_include_all_linear_layers(LoHaConfig(target_modules="all-linear", task_type=task),
+                                                model).target_modules)
+    for m in (model, _recorded(model, tmp_path)):
+        linear = [n for n, x in m.named_modules() if is_linear(x)]
+        got = peft_rules.all_linear({"target_modules": "ALL-LINEAR", "task_type": task}, m, linear)["target_modules"]
+        assert set(got) == want and len(got) == len(want)
+    assert ("lm_head" in want) is False and (arch != "bert" or ("classifier" in want) == (task is None))
 
 
 def test_pattern_key_is_peft_s():

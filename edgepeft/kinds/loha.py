@@ -21,6 +21,7 @@ Only ``nn.Linear`` layers: PEFT 0.21 cannot put LoHa on GPT-2's ``Conv1D``, and 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +29,8 @@ import torch
 from torch import nn
 
 from edgepeft.errors import EdgepeftError
-from edgepeft.kinds.common import (Reference, SideBranch, TrainSpec, config_float, config_int,
+from edgepeft.kinds import peft_rules
+from edgepeft.kinds.common import (is_linear, Reference, SideBranch, TrainSpec, config_float, config_int,
                                    config_names, config_pattern, head_to_numpy, merge_head,
                                    model_type, module_names_summary, peft_add, peft_delta_mix, peft_key, peft_load,
                                    peft_select, peft_task_type, read_tensors, split_head, to_numpy)
@@ -113,36 +115,27 @@ class LohaAdapter:
 
 def _expected_targets(config: dict, model: nn.Module, path: Path) -> set[str]:
     """Module names PEFT would wrap for this config on this model (PEFT's own matching rules,
-    ``all-linear`` expanded by PEFT too, so its head exclusions and ``exclude_modules`` hold)."""
-    from peft import LoHaConfig
-    from peft.tuners.tuners_utils import _maybe_include_all_linear_layers, check_target_module_exists
-
+    :mod:`edgepeft.kinds.peft_rules`; ``all-linear`` expanded as PEFT expands it, so its head
+    exclusions and ``exclude_modules`` hold)."""
     if not config.get("target_modules"):
         raise EdgepeftError(f"{path}: target_modules is empty; PEFT records the adapted modules "
                             "there. Re-save the adapter with PEFT.")
     config_names(config, "target_modules", path)  # a name, a regex or a list of names
-    known = set(LoHaConfig.__dataclass_fields__)
-    # PEFT's own matching rules, run on fields of an untrusted file: whatever PEFT raises on a
-    # field of the wrong type or a broken regex means "PEFT rejects this config".
+    # PEFT's rules, run on fields of an untrusted file: a field of the wrong type or a broken
+    # regex means "PEFT rejects this config".
     try:
-        cfg = LoHaConfig(**{k: v for k, v in config.items() if k in known and k != "peft_type"})
-        cfg = _maybe_include_all_linear_layers(cfg, model)
-        found = set()
-        for n in dict(model.named_modules()):
-            hit = check_target_module_exists(cfg, n)
-            if hit and type(hit).__name__ != "_ExcludedModule":
-                found.add(n)
-    except Exception as e:  # noqa: BLE001 - TypeError, ValueError, re.error, AttributeError, ...
+        peft_rules.check_target_fields(config, regex_layers=True)
+        names = list(dict(model.named_modules()))
+        config = peft_rules.all_linear(config, model, [n for n, m in model.named_modules() if is_linear(m)])
+        return {n for n in names if peft_rules.target_match(config, n) is True}
+    except (ValueError, TypeError, re.error) as e:
         raise EdgepeftError(f"{path}: PEFT rejects this LoHa config ({type(e).__name__}: "
                             f"{str(e)[:200]}). Re-save the adapter with PEFT.") from None
-    return found
 
 
 def _pattern(patterns: dict, module: str, default):
     """PEFT's rank_pattern / alpha_pattern lookup: a key matches a dotted suffix of the name."""
-    from peft.utils.other import get_pattern_key
-
-    return patterns.get(get_pattern_key(list(patterns), module), default)
+    return patterns.get(peft_rules.pattern_key(list(patterns), module), default)
 
 
 def _group(tensors: dict[str, torch.Tensor], weights_file: Path) -> dict[str, dict[str, torch.Tensor]]:

@@ -9,10 +9,13 @@ PEFT's by ``tests/test_peft_rules.py``, which runs both on a grid of configs and
 - :func:`check_target_fields`: the ``LoraConfig.__post_init__`` checks of those fields (a regex
   with ``layers_to_transform`` or ``layers_pattern``; ``layers_pattern`` without
   ``layers_to_transform``), plus the types PEFT's code assumes;
-- :func:`pattern_key`: ``peft.utils.other.get_pattern_key`` (``rank_pattern`` / ``alpha_pattern``).
+- :func:`pattern_key`: ``peft.utils.other.get_pattern_key`` (``rank_pattern`` / ``alpha_pattern``);
+- :func:`all_linear`: ``peft.tuners.tuners_utils._maybe_include_all_linear_layers``, which turns
+  ``target_modules="all-linear"`` into module names (LoHa reads it so; edgepeft's LoRA reader
+  keeps its own, older expansion).
 
-Kinds that construct PEFT's own config classes for more than this (IA3, LoHa, VeRA, prompt
-learning) still import peft.
+``LoraConfig`` refuses a regex ``target_modules`` with ``layers_to_transform`` or
+``layers_pattern``; ``LoHaConfig`` does not (``check_target_fields(..., regex_layers=True)``).
 """
 
 from __future__ import annotations
@@ -30,8 +33,9 @@ def _str_or_names(config: dict, key: str) -> str | list[str] | None:
     raise ValueError(f"{key} must be a string, a list of strings or null, not {v!r}")
 
 
-def check_target_fields(config: dict) -> None:
-    """What ``LoraConfig(**config)`` refuses about the target fields.
+def check_target_fields(config: dict, regex_layers: bool = False) -> None:
+    """What ``LoraConfig(**config)`` (``regex_layers``: ``LoHaConfig``) refuses about the target
+    fields.
 
     Raises:
         ValueError: the reason, in PEFT's words where PEFT has them.
@@ -47,9 +51,9 @@ def check_target_fields(config: dict) -> None:
                                    or isinstance(layers, list) and all(isinstance(x, int) and not isinstance(x, bool)
                                                                        for x in layers)):
         raise ValueError(f"layers_to_transform must be an integer, a list of integers or null, not {layers!r}")
-    if isinstance(target, str) and layers is not None:
+    if isinstance(target, str) and layers is not None and not regex_layers:
         raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a str.")
-    if isinstance(target, str) and pattern is not None:
+    if isinstance(target, str) and pattern is not None and not regex_layers:
         raise ValueError("`layers_pattern` cannot be used when `target_modules` is a str.")
     if pattern and layers is None:
         raise ValueError("When `layers_pattern` is specified, `layers_to_transform` must also be specified. ")
@@ -102,3 +106,23 @@ def pattern_key(keys: Sequence[str], name: str) -> str:
         if re.match(rf"(.*\.)?({key})$", name):
             return key
     return name
+
+
+SEQ_CLS_HEAD_NAMES = ("score", "classifier")  # peft.utils.constants.SEQ_CLS_HEAD_NAMES
+
+
+def all_linear(config: dict, model, linear: list[str]) -> dict:
+    """``config`` with ``target_modules="all-linear"`` (any case) replaced by the names PEFT
+    expands it to: the linear layers ``linear`` (the base's ``nn.Linear`` / ``Conv1D`` names) but
+    the output embeddings, or, on a classifier without them (``task_type`` SEQ_CLS), its head
+    (``score`` / ``classifier``). ``model``: the base (a transformers model or the skeleton of
+    one); other configs are returned as they are."""
+    target = config.get("target_modules")
+    if not (isinstance(target, str) and target.lower() == "all-linear"):
+        return config
+    names = dict(model.named_modules())
+    head = model.get_output_embeddings()
+    if head is None and config.get("task_type") == "SEQ_CLS":
+        head = next((getattr(model, n) for n in SEQ_CLS_HEAD_NAMES if getattr(model, n, None) is not None), None)
+    skip = {n for n, m in names.items() if head is not None and m is head}
+    return {**config, "target_modules": [n for n in linear if n not in skip]}
