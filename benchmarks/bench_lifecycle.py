@@ -16,8 +16,9 @@ rank-16 all-linear LoRA (B scaled up so it visibly changes the output).
   (``--graph generic``).
 - ``slots``: greedy decode of the base (batch 1, 16 prompt tokens, ``--new-tokens``) on three int4
   fused artifacts without adapters: no slots, ``--slots q_proj,v_proj`` (the q|k|v groups) and
-  ``--slots all-linear`` (rank-0 inputs on every projection group), ``--rounds`` interleaved
-  rounds; the ratio of medians is the slots' cost.
+  ``--slots all-linear`` (rank-0 inputs on every projection group), and a second instance of the
+  no-slots artifact (the noise floor: two loads of one graph); ``--rounds`` rounds, the order
+  rotated; the ratio of medians and the paired per-round ratios are the slots' cost.
 
 Medians and spread, the load average before and after; JSON and table in
 ``docs/bench/lifecycle-add.{json,md}`` and ``docs/bench/lifecycle-slots.{json,md}``.
@@ -156,33 +157,49 @@ def add_part(base: Path, lora: Path, args, export_s: dict) -> None:
 
 
 def slots_part(keys: list[str], args) -> None:
+    """Decode of each artifact, and of a second instance of the no-slots artifact (``no-slots
+    again``): the ratio of two loads of the same graph is what this machine cannot tell apart
+    (where each session's weights landed, core and cache state), the floor under any slot cost
+    measured here. Each round runs every model once, in an order rotated round by round; per
+    round, each model's time over the no-slots model's time of the same round (paired ratios:
+    median and quartiles), beside the ratio of the medians."""
     import numpy as np
 
     from edgepeft.runtime import Model
 
     models = {k: Model(WORK / k, threads=args.threads) for k in keys}
+    models["no-slots again"] = Model(WORK / "no-slots", threads=args.threads)
+    names = list(models)
     ids = np.random.default_rng(0).integers(100, 40000, size=(1, 16))
     n = args.new_tokens
     for m in models.values():
         m.generate(ids, 8, stop_at_eos=False)  # warm-up
     load = [os.getloadavg()]
     rates: dict[str, list[float]] = {k: [] for k in models}
-    for _ in range(args.rounds):
-        for k, m in models.items():
+    for r in range(args.rounds):
+        for k in names[r % len(names):] + names[:r % len(names)]:
             t = time.perf_counter()
-            m.generate(ids, n, stop_at_eos=False)
+            models[k].generate(ids, n, stop_at_eos=False)
             rates[k].append(n / (time.perf_counter() - t))
     load.append(os.getloadavg())
     med = {k: statistics.median(v) for k, v in rates.items()}
     nodes = {k: len(m.manifest.get("slots", [])) for k, m in models.items()}
+    paired = {k: [a / b for a, b in zip(rates["no-slots"], rates[k])] for k in names if k != "no-slots"}
+    quartiles = {k: statistics.quantiles(v, n=4) for k, v in paired.items()}
     res = {"machine": machine_info(), "loadavg": load, "rounds": args.rounds, "threads": args.threads,
            "new_tokens": n, "slotted_groups": nodes, "decode_tok_s": spread(rates),
-           "ratios": {f"{k} time / no-slots time": med["no-slots"] / med[k] for k in keys if k != "no-slots"}}
+           "ratios": {f"{k} time / no-slots time": med["no-slots"] / med[k] for k in names if k != "no-slots"},
+           "paired_ratios": {f"{k} time / no-slots time": {"median": statistics.median(v), "q1": quartiles[k][0],
+                                                            "q3": quartiles[k][2], "all": v}
+                             for k, v in paired.items()}}
     lines = ["| base decode | slotted groups | tok/s median | min | max |", "|---|---|---|---|---|"]
     lines += [f"| {k} | {nodes[k]} |" + row.split("|", 2)[2] for k, row in zip(rates, spread_rows(rates))]
-    lines += ["", "| ratio | value |", "|---|---|"] + [f"| {k} | {v:.3f} |" for k, v in res["ratios"].items()]
-    lines += ["", f"load average {load[0][0]:.2f} -> {load[1][0]:.2f}; {args.rounds} interleaved rounds, "
-              f"{args.threads} threads, int4 fused, batch 1, {n} new tokens"]
+    lines += ["", "| time / no-slots time | ratio of medians | paired: median | q1 | q3 |", "|---|---|---|---|---|"]
+    lines += [f"| {k} | {med['no-slots'] / med[k]:.3f} | {statistics.median(v):.3f} | {quartiles[k][0]:.3f} | "
+              f"{quartiles[k][2]:.3f} |" for k, v in paired.items()]
+    lines += ["", f"load average {load[0][0]:.2f} -> {load[1][0]:.2f}; {args.rounds} rounds, order rotated, "
+              f"{args.threads} threads, int4 fused, batch 1, {n} new tokens; 'no-slots again' is a second "
+              "instance of the no-slots artifact (the noise floor)"]
     write_result("lifecycle-slots", res, lines)
 
 
