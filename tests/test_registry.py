@@ -18,7 +18,7 @@ PROTOCOL = ("NAMES", "FEATURES", "MERGEABLE", "read", "merge", "side", "manifest
 ALLOWED = {
     # The fused graph's low-rank inputs keep their artifact names (lora.{layer}.{group}.AT / .BT);
     # kinds opt in with a fused form (Feature.fused, contract.features.FUSED_FORMS).
-    "export/fused.py": {"lora"},
+    "export/fused_layout.py": {"lora"},
     # OpenAI's request field for the text to complete, not prompt tuning.
     "serve/app.py": {"prompt"},
 }
