@@ -47,7 +47,7 @@ positions are each row's own.
 Scope: the families of ``edgepeft.families`` and adapters whose features have a fused form, on
 the attention and MLP projections; an input scale on a packed group needs the same scale on all
 its projections (they share one input). Anything else is refused with the reason
-(:func:`unsupported`); the traced graph handles it.
+(:func:`edgepeft.export.fused_layout.unsupported`); the traced graph handles it.
 """
 
 from __future__ import annotations
@@ -350,7 +350,7 @@ def build_graph(model: torch.nn.Module, sides: dict[str, SideBranch], opset: int
         the identity (rank-0 AT / BT, zero scales), so a run that feeds nothing is the base model.
 
     Raises:
-        EdgepeftError: what :func:`unsupported` finds.
+        EdgepeftError: what :func:`edgepeft.export.fused_layout.unsupported` finds.
     """
     check_supported(model, sides)
     builder = _Builder(model, sides)

@@ -7,9 +7,9 @@ the base's module tree, folding its scale as an export does (the kind's ``side``
 arrays as the graph's layout takes them and writing the adapter file. The module tree is the one
 the artifact recorded (:mod:`edgepeft.export.module_table`), rebuilt on the meta device with
 torch alone: names and shapes, no weights, no transformers. A kind whose arrays depend on the
-base weights (DoRA's row norms) needs ``--base``. LoRA (and DoRA) are read with edgepeft's copy of
-PEFT's target matching (:mod:`edgepeft.kinds.peft_rules`), so the common case imports neither
-transformers nor peft.
+base weights (DoRA's row norms) needs ``--base``. LoRA, DoRA and LoHa adapters are read with
+edgepeft's copy of PEFT's target matching (:mod:`edgepeft.kinds.peft_rules`), so adding a LoRA
+or IA3 adapter imports neither transformers nor peft.
 
 Refused, with the reason: an adapter that needs slots, features, ranks or a head the graph lacks
 (with the ``--slots`` to export with), one trained on another base (``edgepeft.json``, PEFT's
@@ -244,23 +244,23 @@ def _fused_arrays(manifest: dict, model: torch.nn.Module, kind: str, side: SideB
                   ) -> dict[str, np.ndarray]:
     """The adapter packed for the fused graph's groups, each group and place it feeds an input of
     the graph (and, on an encoder, the head it carries as ``head.{param}``)."""
-    from edgepeft.export import fused_layout as fused
+    from edgepeft.export import fused_layout as layout
 
     decoder = manifest["task"] == "causal-lm"
-    why = (fused.unsupported if decoder else fused.encoder_unsupported)(model, {kind: side})
+    why = (layout.unsupported if decoder else layout.encoder_unsupported)(model, {kind: side})
     if why:
         raise EdgepeftError(f"{where}: the fused graph cannot take it: {why}. Export with --graph generic.")
     used = [(s["layer"], s["group"]) for s in manifest.get("slots", [])]
     inputs = manifest["inputs"]
-    lacking = [(layer, group, place) for (layer, group), places in fused.group_inputs(model, {kind: side}).items()
-               for place in places if fused.fused_input_name(layer, group, place) not in inputs]
+    lacking = [(layer, group, place) for (layer, group), places in layout.group_inputs(model, {kind: side}).items()
+               for place in places if layout.fused_input_name(layer, group, place) not in inputs]
     if lacking:
         layer, group, place = lacking[0]
-        mods = sorted({m for m, _ in side.layers if m in fused.group_table(model).get((layer, group), [])})
+        mods = sorted({m for m, _ in side.layers if m in layout.group_table(model).get((layer, group), [])})
         raise EdgepeftError(f"{where}: the fused graph has no {place!r} input on layer {layer}'s {group} group, which "
                             f"the adapter changes ({len(lacking)} such inputs, e.g. {', '.join(mods)}); "
                             f"{_slots_hint(kind, [m for m, _ in side.layers])}.")
-    arrays = (fused.pack_adapter if decoder else fused.encoder_adapter_arrays)(model, side, used)
+    arrays = (layout.pack_adapter if decoder else layout.encoder_adapter_arrays)(model, side, used)
     missing = sorted(n for n in arrays if n not in inputs)  # an encoder's head or prompt (groups: checked above)
     if missing:
         what = "a prompt" if missing[0] == PROMPT_INPUT else f"a classification head ({missing[0]})"
