@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgepeft.kinds.common import (is_conv1d, is_linear, CONFIG_NAME, SAFETENSORS_NAME, Reference, TrainSpec, config_names,
-                                   module_names_summary, read_config, read_tensors)
+from edgepeft.kinds.common import (CONFIG_NAME, Reference, SAFETENSORS_NAME, TrainSpec, config_names, is_conv1d,
+                                   is_linear, module_names_summary, read_config, read_tensors)
 from edgepeft.contract.features import Feature, Part
 from edgepeft.errors import EdgepeftError
 

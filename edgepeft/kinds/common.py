@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from edgepeft.contract.names import read_json_file
+from edgepeft.kinds import peft_rules
 from edgepeft.errors import EdgepeftError
 
 CONFIG_NAME = "adapter_config.json"
@@ -319,6 +320,36 @@ def is_conv1d(module: nn.Module) -> bool:
 def is_linear(module: nn.Module) -> bool:
     """A layer an adapter can target: ``nn.Linear`` or GPT-2's ``Conv1D``."""
     return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def peft_targets(config: dict, model: nn.Module, path: Path, what: str, regex_layers: bool = False) -> set[str]:
+    """Module names PEFT would wrap for ``config`` (an ``adapter_config.json``) on ``model``, by
+    PEFT's own rules (:mod:`edgepeft.kinds.peft_rules`, peft not imported): ``all-linear``
+    expanded as PEFT expands it, then ``target_modules`` / ``layers_to_transform`` /
+    ``exclude_modules`` / ``modules_to_save``. ``what``: the config's kind for the message
+    (``LoRA``); ``regex_layers``: the config class allows a regex with layer indexes (LoHa).
+
+    Raises:
+        EdgepeftError: an empty ``target_modules``, or fields PEFT rejects (wrong types, a broken
+            regex, contradicting fields).
+    """
+    if not config.get("target_modules"):
+        raise EdgepeftError(f"{path}: target_modules is empty; PEFT records the adapted modules "
+                            "there. Re-save the adapter with PEFT.")
+    config_names(config, "target_modules", path)  # a name, a regex or a list of names
+    # fields of an untrusted file: a wrong type or a broken regex means "PEFT rejects this config"
+    try:
+        peft_rules.check_target_fields(config, regex_layers)
+        config = peft_rules.all_linear(config, model, [n for n, m in model.named_modules() if is_linear(m)])
+        return {n for n, _ in model.named_modules() if peft_rules.target_match(config, n) is True}
+    except (ValueError, TypeError, re.error) as e:
+        raise EdgepeftError(f"{path}: PEFT rejects this {what} config ({type(e).__name__}: "
+                            f"{str(e)[:200]}). Re-save the adapter with PEFT.") from None
+
+
+def peft_pattern(patterns: dict, module: str, default):
+    """PEFT's ``rank_pattern`` / ``alpha_pattern`` lookup: a key matches a dotted suffix of the name."""
+    return patterns.get(peft_rules.pattern_key(list(patterns), module), default)
 
 
 def linear_modules(model: nn.Module, targets: tuple[str, ...], where: str) -> list[str]:

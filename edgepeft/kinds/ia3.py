@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgepeft.kinds.common import (is_conv1d, is_linear, Reference, SideBranch, TrainSpec, config_names, head_to_numpy,
-                                   merge_head, model_type, module_names_summary, peft_add, peft_key,
+from edgepeft.kinds.common import (Reference, SideBranch, TrainSpec, config_names, head_to_numpy, is_conv1d,
+                                   is_linear, merge_head, model_type, module_names_summary, peft_add, peft_key,
                                    peft_load, peft_select, peft_task_type, read_tensors, split_head)
 from edgepeft.contract.features import Feature, Part
 from edgepeft.errors import EdgepeftError

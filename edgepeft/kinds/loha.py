@@ -21,7 +21,6 @@ Only ``nn.Linear`` layers: PEFT 0.21 cannot put LoHa on GPT-2's ``Conv1D``, and 
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,11 +28,10 @@ import torch
 from torch import nn
 
 from edgepeft.errors import EdgepeftError
-from edgepeft.kinds import peft_rules
-from edgepeft.kinds.common import (is_linear, Reference, SideBranch, TrainSpec, config_float, config_int,
-                                   config_names, config_pattern, head_to_numpy, merge_head,
-                                   model_type, module_names_summary, peft_add, peft_delta_mix, peft_key, peft_load,
-                                   peft_select, peft_task_type, read_tensors, split_head, to_numpy)
+from edgepeft.kinds.common import (Reference, SideBranch, TrainSpec, config_float, config_int, config_pattern,
+                                   head_to_numpy, merge_head, model_type, module_names_summary, peft_add,
+                                   peft_delta_mix, peft_key, peft_load, peft_pattern, peft_select, peft_targets,
+                                   peft_task_type, read_tensors, split_head, to_numpy)
 
 KIND = "loha"
 NAMES = (KIND,)
@@ -113,31 +111,6 @@ class LohaAdapter:
         return self.alpha / self.rank
 
 
-def _expected_targets(config: dict, model: nn.Module, path: Path) -> set[str]:
-    """Module names PEFT would wrap for this config on this model (PEFT's own matching rules,
-    :mod:`edgepeft.kinds.peft_rules`; ``all-linear`` expanded as PEFT expands it, so its head
-    exclusions and ``exclude_modules`` hold)."""
-    if not config.get("target_modules"):
-        raise EdgepeftError(f"{path}: target_modules is empty; PEFT records the adapted modules "
-                            "there. Re-save the adapter with PEFT.")
-    config_names(config, "target_modules", path)  # a name, a regex or a list of names
-    # PEFT's rules, run on fields of an untrusted file: a field of the wrong type or a broken
-    # regex means "PEFT rejects this config".
-    try:
-        peft_rules.check_target_fields(config, regex_layers=True)
-        names = list(dict(model.named_modules()))
-        config = peft_rules.all_linear(config, model, [n for n, m in model.named_modules() if is_linear(m)])
-        return {n for n in names if peft_rules.target_match(config, n) is True}
-    except (ValueError, TypeError, re.error) as e:
-        raise EdgepeftError(f"{path}: PEFT rejects this LoHa config ({type(e).__name__}: "
-                            f"{str(e)[:200]}). Re-save the adapter with PEFT.") from None
-
-
-def _pattern(patterns: dict, module: str, default):
-    """PEFT's rank_pattern / alpha_pattern lookup: a key matches a dotted suffix of the name."""
-    return patterns.get(peft_rules.pattern_key(list(patterns), module), default)
-
-
 def _group(tensors: dict[str, torch.Tensor], weights_file: Path) -> dict[str, dict[str, torch.Tensor]]:
     """``{module: {hada_w1_a: t, ...}}`` from the file's keys.
 
@@ -176,7 +149,7 @@ def _check_targets(groups: dict, config: dict, model: nn.Module, weights_file: P
             f"{weights_file}: weights for {len(unknown)} module(s) the base model does not have "
             f"(e.g. {unknown[0]!r}): this adapter was made for another base model. Linear layers "
             f"that exist: {module_names_summary(list(linears))}.")
-    expected = _expected_targets(config, model, cfg_path)
+    expected = peft_targets(config, model, cfg_path, "LoHa", regex_layers=True)
     if not expected:
         raise EdgepeftError(
             f"{cfg_path}: target_modules={config.get('target_modules')!r} matches no module of the "
@@ -256,8 +229,8 @@ def read(name: str, adapter_dir: Path, config: dict, model: nn.Module,
     alpha_pattern = config_pattern(config, "alpha_pattern", cfg_path)
     modules = {}
     for mod_name in sorted(groups):
-        r_cfg = int(_pattern(rank_pattern, mod_name, r0))
-        alpha = float(_pattern(alpha_pattern, mod_name, alpha0))
+        r_cfg = int(peft_pattern(rank_pattern, mod_name, r0))
+        alpha = float(peft_pattern(alpha_pattern, mod_name, alpha0))
         modules[mod_name] = _module(mod_name, groups[mod_name], linears[mod_name], r_cfg, alpha, weights_file)
     return LohaAdapter(name, adapter_dir, weights_file, r0, alpha0, modules, head)
 

@@ -16,7 +16,6 @@ Every adapter kind module exposes the same names:
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -25,11 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgepeft.kinds import peft_rules
-from edgepeft.kinds.common import (is_conv1d, is_linear, Reference, SideBranch, TrainSpec, config_float, config_int,
-                                   config_names, config_pattern, head_to_numpy, merge_head, model_type,
-                                   module_names_summary, peft_add, peft_delta_mix, peft_key, peft_load, peft_select,
-                                   peft_task_type, read_tensors, split_head, to_numpy)
+from edgepeft.kinds.common import (Reference, SideBranch, TrainSpec, config_float, config_int, config_pattern,
+                                   head_to_numpy, is_conv1d, is_linear, merge_head, model_type, module_names_summary,
+                                   peft_add, peft_delta_mix, peft_key, peft_load, peft_pattern, peft_select,
+                                   peft_targets, peft_task_type, read_tensors, split_head, to_numpy)
 from edgepeft.contract.features import Feature, Part
 from edgepeft.errors import EdgepeftError
 
@@ -131,32 +129,6 @@ def _adaptable(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if is_linear(m)}
 
 
-def _expected_targets(config: dict, model: nn.Module, path: Path) -> set[str]:
-    """Module names PEFT would wrap for this config on this model (PEFT's own matching rules,
-    :mod:`edgepeft.kinds.peft_rules`)."""
-    target = config.get("target_modules")
-    if isinstance(target, str) and target.lower() == "all-linear":  # PEFT: every linear but the head
-        head = model.get_output_embeddings()
-        return {n for n, m in _adaptable(model).items() if m is not head}
-    if not target:
-        raise EdgepeftError(f"{path}: target_modules is empty; PEFT records the adapted modules "
-                            "there. Re-save the adapter with PEFT.")
-    config_names(config, "target_modules", path)  # a name, a regex or a list of names
-    # PEFT's rules, run on fields of an untrusted file: a field of the wrong type or a broken
-    # regex means "PEFT rejects this config".
-    try:
-        peft_rules.check_target_fields(config)
-        return {n for n in dict(model.named_modules()) if peft_rules.target_match(config, n) is True}
-    except (ValueError, TypeError, re.error) as e:
-        raise EdgepeftError(f"{path}: PEFT rejects this LoRA config ({type(e).__name__}: "
-                            f"{str(e)[:200]}). Re-save the adapter with PEFT.") from None
-
-
-def _pattern(patterns: dict, module: str, default):
-    """PEFT's rank_pattern / alpha_pattern lookup: a key matches a dotted suffix of the name."""
-    return patterns.get(peft_rules.pattern_key(list(patterns), module), default)
-
-
 def read(name: str, adapter_dir: Path, config: dict, model: nn.Module,
          task: str = "causal-lm") -> LoraAdapter:
     """Read a PEFT LoRA directory and check every tensor against ``model``.
@@ -209,7 +181,7 @@ def read(name: str, adapter_dir: Path, config: dict, model: nn.Module,
             f"{weights_file}: weights for {len(unknown)} module(s) the base model does not have "
             f"(e.g. {unknown[0]!r}): this adapter was made for another base model. Modules that "
             f"exist: {module_names_summary(list(adaptable))}.")
-    expected = _expected_targets(config, model, cfg_path)
+    expected = peft_targets(config, model, cfg_path, "LoRA")
     if not expected:
         raise EdgepeftError(
             f"{cfg_path}: target_modules={config.get('target_modules')!r} matches no module of the "
@@ -250,7 +222,7 @@ def read(name: str, adapter_dir: Path, config: dict, model: nn.Module,
         if r < 1:
             raise EdgepeftError(f"{weights_file}: {mod_name}: lora_A has rank 0 (shape "
                                 f"{tuple(a.shape)}); the file is damaged. Save the adapter again.")
-        r_cfg = int(_pattern(rank_pattern, mod_name, r0))
+        r_cfg = int(peft_pattern(rank_pattern, mod_name, r0))
         if r_cfg != r:
             raise EdgepeftError(f"{weights_file}: {mod_name}: config says rank {r_cfg} "
                                 f"(r / rank_pattern) but the tensors have rank {r}.")
@@ -258,7 +230,7 @@ def read(name: str, adapter_dir: Path, config: dict, model: nn.Module,
             if not torch.isfinite(t).all():
                 raise EdgepeftError(f"{weights_file}: {mod_name}.{part}.weight contains NaN or Inf; "
                                     "the training diverged. Retrain or use an earlier checkpoint.")
-        alpha = float(_pattern(alpha_pattern, mod_name, alpha0))
+        alpha = float(peft_pattern(alpha_pattern, mod_name, alpha0))
         scale = alpha / (math.sqrt(r) if rslora else r)
         mag = None
         if dora:

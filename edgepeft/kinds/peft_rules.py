@@ -1,8 +1,9 @@
 """PEFT 0.21's rules for which modules an adapter config targets, without importing peft.
 
 ``import peft`` imports transformers' model code: about 5 s on a 2-core machine, most of
-``edgepeft adapter add``'s time, for three small functions. These are copies of them, kept equal to
-PEFT's by ``tests/test_peft_rules.py``, which runs both on a grid of configs and module names:
+``edgepeft adapter add``'s time, for a few small functions. These are copies of them, kept equal to
+PEFT's by ``tests/test_add_light.py``, which runs both on a grid of configs and module names
+(``edgepeft.kinds.common.peft_targets`` applies them):
 
 - :func:`target_match`: ``peft.tuners.tuners_utils.check_target_module_exists`` on a config
   normalized as ``LoraConfig.__post_init__`` does (lists become sets);
@@ -11,8 +12,7 @@ PEFT's by ``tests/test_peft_rules.py``, which runs both on a grid of configs and
   ``layers_to_transform``), plus the types PEFT's code assumes;
 - :func:`pattern_key`: ``peft.utils.other.get_pattern_key`` (``rank_pattern`` / ``alpha_pattern``);
 - :func:`all_linear`: ``peft.tuners.tuners_utils._maybe_include_all_linear_layers``, which turns
-  ``target_modules="all-linear"`` into module names (LoHa reads it so; edgepeft's LoRA reader
-  keeps its own, older expansion).
+  ``target_modules="all-linear"`` into module names.
 
 ``LoraConfig`` refuses a regex ``target_modules`` with ``layers_to_transform`` or
 ``layers_pattern``; ``LoHaConfig`` does not (``check_target_fields(..., regex_layers=True)``).

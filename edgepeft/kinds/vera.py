@@ -35,9 +35,9 @@ from torch import nn
 
 from edgepeft.contract.features import Feature, Part
 from edgepeft.errors import EdgepeftError
-from edgepeft.kinds.common import (is_conv1d, is_linear, CONFIG_NAME, Reference, SideBranch, TrainSpec, config_int, head_to_numpy,
-                                   merge_head, model_type, module_names_summary, peft_key, peft_load,
-                                   peft_task_type, read_tensors, split_head, to_numpy)
+from edgepeft.kinds.common import (CONFIG_NAME, Reference, SideBranch, TrainSpec, config_int, head_to_numpy,
+                                   is_conv1d, is_linear, merge_head, model_type, module_names_summary, peft_key,
+                                   peft_load, peft_task_type, read_tensors, split_head, to_numpy)
 
 KIND = "vera"
 NAMES = (KIND,)
