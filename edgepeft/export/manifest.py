@@ -63,9 +63,9 @@ def write_tokenizer(base_dir: Path, root: Path) -> dict | None:
 
 
 def write_base_config(base: Base, root: Path) -> None:
-    """``root/base_config.json``: the base model's config, and ``root/base_modules.json``: its module tree (:mod:`edgepeft.export.module_table`), from
-    which ``edgepeft adapter add`` reads an adapter against the graph without the base folder and
-    without transformers."""
+    """``root/base_config.json``: the base model's config, and ``root/base_modules.json``: its
+    module tree (:mod:`edgepeft.export.module_table`), from which ``edgepeft adapter add`` reads an
+    adapter against the graph without the base folder and without transformers."""
     base.model.config.to_json_file(str(root / BASE_CONFIG))
     write_module_table(base.model, root)
 

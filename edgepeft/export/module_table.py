@@ -37,8 +37,8 @@ MODULE_TABLE = "base_modules.json"
 TABLE_VERSION = 1
 
 
-def write_module_table(model: nn.Module, root: Path) -> str:
-    """``root/base_modules.json`` of ``model`` (see the module docstring); returns the file name."""
+def write_module_table(model: nn.Module, root: Path) -> None:
+    """``root/base_modules.json`` of ``model`` (see the module docstring)."""
     first: dict[int, str] = {}
     ties = {}
     for name, p in model.named_parameters(remove_duplicate=False):
@@ -68,7 +68,6 @@ def write_module_table(model: nn.Module, root: Path) -> str:
              "attribute_map": dict(getattr(config, "attribute_map", {})),
              "text_attribute_map": dict(getattr(text, "attribute_map", {})) if text is not config else None}
     (root / MODULE_TABLE).write_text(json.dumps(table, separators=(",", ":")) + "\n", encoding="utf-8")
-    return MODULE_TABLE
 
 
 def _layer_kind(m: nn.Module) -> str | None:
@@ -101,9 +100,6 @@ class RecordedConfig:
 
     def get_text_config(self, *args, **kwargs) -> "RecordedConfig":
         return self.text_config if "text_config" in self._values and self._text_map is not None else self
-
-    def to_dict(self) -> dict:
-        return dict(self._values)
 
 
 class Skeleton(nn.Module):

@@ -6,6 +6,7 @@ manifest says). numpy + onnxruntime only.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Collection, Sequence
 from pathlib import Path
@@ -61,19 +62,15 @@ class Opened(NamedTuple):
     defaults: frozenset[str]
 
 
-_ENV_ARENA: list[bool] = []
-
-
+@functools.cache
 def _register_env_arena() -> None:
     """Register onnxruntime's process-wide CPU arena, once per process. Sessions opened with
     ``session.use_env_allocators`` take their working memory (activations, scratch) from it rather
     than from an arena each: a static artifact's bucket sessions run one at a time, so one arena
     holds what the largest bucket needs instead of every bucket keeping its own (2 MB or so per
-    MiniLM session, measured in ``benchmarks/bench_static_memory.py``)."""
-    if not _ENV_ARENA:
-        info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
-        ort.create_and_register_allocator(info, None)  # None: onnxruntime's default arena settings
-        _ENV_ARENA.append(True)
+    MiniLM session, measured in ``benchmarks/bench_static_memory.py``). Once per process (cached)."""
+    info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+    ort.create_and_register_allocator(info, None)  # None: onnxruntime's default arena settings
 
 
 class SessionOpener:
