@@ -63,6 +63,12 @@ ROWS = {
     "fused-int4-side-protect": ("fused", "int4", "side", {**FAST, "protect": 0.63}),
     # before --widths source (the default since): every base MatMul 4-bit, off Q5_0/Q6_K/Q8_0 grids
     "fused-int4-side-uniform": ("fused", "int4", "side", {**FAST, "widths": "uniform"}),
+    # issue 24 item 1, candidate int4 layouts (bytes per weight against speed and KL): larger HQQ
+    # blocks (fewer scales, block sums and zero-point offsets per weight), float compute (accuracy
+    # level 0: onnxruntime prepacks no int8 block sums)
+    "fused-int4-side-b64": ("fused", "int4", "side", {**FAST, "block_size": 64}),
+    "fused-int4-side-b128": ("fused", "int4", "side", {**FAST, "block_size": 128}),
+    "fused-int4-side-acc0": ("fused", "int4", "side", {"head_bits": 8}),
 }
 
 
@@ -70,7 +76,7 @@ ROWS = {
 def _rss() -> dict:
     out = {}
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(("VmHWM", "VmRSS")):
+        if line.startswith(("VmHWM", "VmRSS", "RssAnon", "RssFile")):
             out[line.split(":")[0]] = int(line.split()[1]) / 1024
     return out
 
@@ -97,9 +103,11 @@ def worker_ort(spec: dict) -> dict:
 
     from edgepeft.runtime import Model
 
+    before = _rss()  # the runtime imported, nothing loaded
     t = time.perf_counter()
     m = Model(spec["artifact"], threads=spec["threads"])
     load_s = time.perf_counter() - t
+    loaded = _rss()
     ids = np.asarray([spec["prompt"]], np.int64)
     choice = None if m.merged else "numbers"
     key = m.adapters[0] if m.merged else None
@@ -142,7 +150,12 @@ def worker_ort(spec: dict) -> dict:
             res.update(_swaps_fused(m, ids, spec))
         else:
             res["swap_ms"] = _median_ms(lambda i: m._store.feeds(("numbers", spec.get("other", "sentiment"))[i % 2]), 2000)
-    res.update({"peak_rss_mb": _rss()["VmHWM"], "rss_mb": _rss()["VmRSS"]})
+    end = _rss()
+    res.update({"peak_rss_mb": end["VmHWM"], "rss_mb": end["VmRSS"],
+                # what loading the artifact (weights as onnxruntime keeps them, graph, adapters) added:
+                # anonymous memory (prepacked copies, heap) and file pages (the weights file, mapped)
+                "load_anon_mb": loaded["RssAnon"] - before["RssAnon"], "load_file_mb": loaded["RssFile"] - before["RssFile"],
+                "import_rss_mb": before["VmRSS"]})
     return res
 
 
@@ -528,13 +541,14 @@ def _load(r: dict) -> str:
 def markdown(res: dict) -> str:
     lines = [f"<!-- {res['date']}: {res['config']} -->", "",
              "| system | decode tok/s | rounds (min–max) | vs llama.cpp | vs merged (time/token) | prefill ms | swap ms | "
-             "step after swap / steady | peak RSS MB | size MB | validate (min top-1, max KL) | load 1m before → after |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "step after swap / steady | peak RSS MB | loading added: anon / file MB | size MB | validate (min top-1, max KL) | "
+             "load 1m before → after |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     peer = next((r.get("decode_tok_s") for n, r in res["rows"].items() if n.startswith("llama.cpp")), None)
     for name, r in res["rows"].items():
         if "decode_tok_s" not in r:
             why = r.get("skipped") or r.get("error")
-            lines.append(f"| {name} | {' '.join(why) if isinstance(why, list) else why} ||||||||||{_load(r)} |")
+            lines.append(f"| {name} | {' '.join(why) if isinstance(why, list) else why} |||||||||||{_load(r)} |")
             continue
         steps = (f"{r['after_swap_ms']:.2f} / {r['steady_ms']:.2f} ms = {r['after_swap_ms'] / r['steady_ms']:.2f}x"
                  if r.get("after_swap_ms") else "—")
@@ -542,8 +556,9 @@ def markdown(res: dict) -> str:
         val = (f"{'pass' if v['passed'] else 'FAIL'}: {v['min_top1'] * 100:.2f} %, {v['max_kl']:.1e}"
                if v and "passed" in v else (v.get("error", "—") if v else "—"))
         vs_peer = f"{r['decode_tok_s'] / peer:.2f}x" if peer else "—"
+        added = f"{r['load_anon_mb']:.0f} / {r['load_file_mb']:.0f}" if "load_anon_mb" in r else "—"
         lines.append(f"| {name} | {r['decode_tok_s']:.1f} | {_spread(r)} | {vs_peer} | {_f(r.get('vs_merged'), '.2f')} "
-                     f"| {r['prefill_ms']:.1f} | {_f(r.get('swap_ms'), '.4f')} | {steps} | {r['peak_rss_mb']:.0f} "
+                     f"| {r['prefill_ms']:.1f} | {_f(r.get('swap_ms'), '.4f')} | {steps} | {r['peak_rss_mb']:.0f} | {added} "
                      f"| {_f(r.get('size_mb'), '.0f')} | {val} | {_load(r)} |")
     return "\n".join(lines) + "\n"
 
@@ -584,6 +599,8 @@ def main(argv=None) -> int:
     ap.add_argument("--peer-python", default=os.environ.get("EDGEPEFT_BENCH_PYTHON", sys.executable),
                     help="python of the venv with llama-cpp-python and onnxruntime-genai (neither is a dependency); "
                          "the llama.cpp and genai rows run under it (default $EDGEPEFT_BENCH_PYTHON or this python)")
+    ap.add_argument("--stem", default=None,
+                    help="name of the result files in benchmarks/results (default speed / speed-MODEL)")
     ap.add_argument("--worker", nargs=2, metavar=("KIND", "SPEC"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
@@ -648,7 +665,7 @@ def main(argv=None) -> int:
     if not args.skip_validate:
         _validate_rows(res, names, exported, bench)
     res["machine"]["loadavg_end"] = os.getloadavg()
-    stem = "speed" if args.model == "smollm2" else f"speed-{args.model}"
+    stem = args.stem or ("speed" if args.model == "smollm2" else f"speed-{args.model}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{stem}.json").write_text(json.dumps(res, indent=2) + "\n")
     md = markdown(res)

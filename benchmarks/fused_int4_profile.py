@@ -21,6 +21,14 @@ it, sharing its ``model.onnx.data``), never changes to ``edgepeft/export/fused.p
   sums appended to ``x`` (``Concat``) and ``-C`` as one (two: its rounding residual too) extra
   block(s) of 4-bit rows of the weight, so no fp32 ``C`` is read (NOT exact: ``C`` on a 4-bit grid,
   and the block sums quantized to int8 as activations at accuracy level 4);
+- ``norows``: the per-row weighting of the LoRA rank columns (``Mul`` by ``lora.{i}.{g}.rows``)
+  dropped: exact while every row runs the same adapter, as here; an upper bound of what folding the
+  rows into ``BT`` (a batched ``(N, R, out)`` B) could win;
+- ``einsum``: each LoRA group's ``MatMul(x, AT)``, rows ``Mul`` and ``MatMul(., BT)`` as one ``Einsum``
+  (``...i,ir,...r,ro->...o``): one kernel launch instead of three, the same sums;
+- ``prepackfile``: ``base`` as onnxruntime's optimized model with its prepacked weights written
+  into the weights file (``session.save_external_prepacked_constant_initializers``, once, on this
+  CPU: the prepacked layout is the CPU's), so a load maps them instead of packing a heap copy;
 - ``nooffset``: HQQ's exact offset terms dropped (NOT exact: an upper bound of what removing their
   cost, e.g. by folding them elsewhere or integer zero points that need none, could win).
 
@@ -46,7 +54,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 ART = RESULTS / "speed" / "fused-int4-side"
-VARIANTS = ("base", "perproj", "reducesum", "nooffset", "offset8", "offset4", "offset4x2", "nospin", "t1")
+VARIANTS = ("base", "perproj", "reducesum", "norows", "einsum", "prepackfile", "nooffset", "offset8", "offset4", "offset4x2", "nospin", "t1")
 _DTYPE_BYTES = {1: 4, 2: 1, 3: 1, 6: 4, 7: 8, 10: 2, 16: 2, 21: 0.5, 22: 0.5}
 
 
@@ -266,6 +274,41 @@ def nooffset(proto):
     return _replace_nodes(proto, new_nodes)
 
 
+def norows(proto):
+    """Drop the ``Mul`` of each LoRA group's rank columns by its per-row weights (``.rows`` inputs)."""
+    from onnx import helper
+
+    rows = {i.name for i in proto.graph.input if i.name.endswith(".rows")}
+    new_nodes = []
+    for node in proto.graph.node:
+        if node.op_type == "Mul" and node.input[1] in rows:
+            node = helper.make_node("Identity", [node.input[0]], list(node.output), name=node.name)
+        new_nodes.append(node)
+    return _replace_nodes(proto, new_nodes)
+
+
+def einsum(proto):
+    """``MatMul(x, AT) -> Mul(., rows) -> MatMul(., BT)`` of each LoRA group as one ``Einsum``."""
+    from onnx import helper
+
+    nodes = list(proto.graph.node)
+    by_out = {o: n for n in nodes for o in n.output}
+    drop, new_nodes = set(), []
+    for node in nodes:
+        bt = node.input[1] if node.op_type == "MatMul" else ""
+        if not bt.endswith(".BT"):
+            continue
+        mul = by_out[node.input[0]]
+        first = by_out[mul.input[0]]
+        drop |= {id(mul), id(first)}
+        node.CopyFrom(helper.make_node("Einsum", [first.input[0], first.input[1], mul.input[1], bt], list(node.output),
+                                       name=node.name, equation="...i,ir,...r,ro->...o"))
+    for node in nodes:
+        if id(node) not in drop:
+            new_nodes.append(node)
+    return _replace_nodes(proto, new_nodes)
+
+
 def _adapter(name: str = "numbers") -> dict[str, np.ndarray]:
     from edgepeft.runtime import Model
 
@@ -317,11 +360,25 @@ def variant_model(name: str) -> tuple[Path, dict[str, np.ndarray], dict[str, str
                 feeds[f"lora.{layer}.qkv.BT.{p}"] = np.ascontiguousarray(bt[r0:r0 + rs[j], edges[j]:edges[j + 1]])
                 r0 += rs[j]
         return path, feeds, config
-    if name in ("reducesum", "nooffset", "offset8", "offset4", "offset4x2"):
+    if name in ("reducesum", "norows", "einsum", "nooffset", "offset8", "offset4", "offset4x2"):
         path = ART / f"model.exp-{name}.onnx"
         if not path.is_file():
-            _save({"reducesum": reducesum, "nooffset": nooffset, "offset8": offset8, "offset4": offset4,
+            _save({"reducesum": reducesum, "norows": norows, "einsum": einsum, "nooffset": nooffset, "offset8": offset8, "offset4": offset4,
                    "offset4x2": lambda p: offset4(p, 2)}[name](_load()), name)
+        return path, feeds, config
+    if name == "prepackfile":
+        path = ART / "model.exp-prepackfile.onnx"
+        if not path.is_file():
+            import onnxruntime as ort
+
+            so = ort.SessionOptions()
+            so.log_severity_level = 3
+            so.optimized_model_filepath = str(path)
+            for k, v in {"session.optimized_model_external_initializers_file_name": path.name + ".data",
+                         "session.optimized_model_external_initializers_min_size_in_bytes": "1024",
+                         "session.save_external_prepacked_constant_initializers": "1"}.items():
+                so.add_session_config_entry(k, v)
+            ort.InferenceSession(str(ART / "model.onnx"), so, providers=["CPUExecutionProvider"])
         return path, feeds, config
     if name == "nospin":
         config["session.intra_op.allow_spinning"] = "0"
@@ -329,12 +386,20 @@ def variant_model(name: str) -> tuple[Path, dict[str, np.ndarray], dict[str, str
 
 
 # ------------------------------------------------------------------ worker: one variant, one process
+def _status() -> dict[str, float]:
+    """This process's VmHWM, VmRSS, RssAnon and RssFile in MB."""
+    keys = ("VmHWM", "VmRSS", "RssAnon", "RssFile")
+    lines = Path("/proc/self/status").read_text().splitlines()
+    return {ln.split(":")[0]: int(ln.split()[1]) / 1024 for ln in lines if ln.startswith(keys)}
+
+
 def run_variant(name: str, threads: int, runs: int, prompt: list[int], new_tokens: int, profile: bool) -> dict:
     import onnxruntime as ort
 
     from edgepeft.contract import past_names, present_names
 
     path, feeds, config = variant_model(name)
+    before = _status()
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1 if name == "t1" else threads
     so.inter_op_num_threads = 1
@@ -345,6 +410,7 @@ def run_variant(name: str, threads: int, runs: int, prompt: list[int], new_token
         so.enable_profiling = True
         so.profile_file_prefix = str(RESULTS / f"ortprof-{name}")
     sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    loaded = _status()
     shapes = {i.name: i.shape for i in sess.get_inputs()}
     vocab = sess.get_outputs()[0].shape[2]  # logits (B, S, V)
     n_layers = sum(1 for n in shapes if n.startswith("past.") and n.endswith(".key"))
@@ -398,7 +464,10 @@ def run_variant(name: str, threads: int, runs: int, prompt: list[int], new_token
     for _ in range(runs):
         stamps, tokens = generate(new_tokens)
         rates.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
-    res = {"decode_tok_s": statistics.median(rates), "rates": rates, "tokens": tokens}
+    end = _status()
+    res = {"decode_tok_s": statistics.median(rates), "rates": rates, "tokens": tokens,
+           "peak_rss_mb": end["VmHWM"], "rss_mb": end["VmRSS"],  # loading added (adapter arrays: numpy, before):
+           "load_anon_mb": loaded["RssAnon"] - before["RssAnon"], "load_file_mb": loaded["RssFile"] - before["RssFile"]}
     if profile:
         res["profile"] = sess.end_profiling()
     return res
@@ -524,6 +593,10 @@ def compare(args) -> dict:
                   "load": [(x["load_before"], x["load_after"]) for x in rs],
                   "errors": [x["error"] for x in rs if "error" in x],
                   "tokens_same_as_base": None}
+        for m in ("peak_rss_mb", "rss_mb", "load_anon_mb", "load_file_mb"):
+            vals = [x[m] for x in rs if m in x]
+            if vals:
+                out[k][m] = statistics.median(vals)
         if k == "base":
             base = rs[-1].get("tokens")
     for k, rs in rounds.items():
