@@ -32,6 +32,10 @@ it, sharing its ``model.onnx.data``), never changes to ``edgepeft/export/fused.p
 - ``nooffset``: HQQ's exact offset terms dropped (NOT exact: an upper bound of what removing their
   cost, e.g. by folding them elsewhere or integer zero points that need none, could win).
 
+Memory per variant: ``load_anon_mb`` / ``load_file_mb`` are what creating the session added
+(anonymous: prepacked copies and heap; file-backed: the mapped weights file). ``peak_rss_mb`` also
+counts the ``Model`` the adapter feeds are read with, so it is not comparable with ``bench_speed``'s.
+
 Each (variant, round) runs in its own process: prefill 32 tokens, 64 greedy decode steps, ``--runs``
 times, decode tok/s = median; ``llama.cpp`` (the same LoRA, ``bench_speed``'s worker under
 ``--peer-python``) takes its turn in each round. Output: ``benchmarks/results/fused_int4_profile.json``.
