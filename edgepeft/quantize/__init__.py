@@ -723,7 +723,9 @@ def integer_zero_points(model: onnx.ModelProto) -> int:
     57 ms in fp32; rewritten, 48 ms at the same KL).
     Split ``z = zi + f`` with ``zi = round(z)``: ``x W = MatMulNBits(x; q, s, zi) - (x E) C`` where
     ``E`` ``(K, K/block)`` sums each block of ``x`` and ``C[b, n] = f[n, b] s[n, b]`` — two small
-    float MatMuls (~4 % of the FLOPs) that keep the result exact.
+    float MatMuls (~4 % of the FLOPs) that keep the result exact. A ``K`` that is not a multiple
+    of the block (SmolLM2's 576 in blocks of 128) ends in a partial block, which ``E`` sums as far
+    as it goes; left with float zero points, such a MatMul ran 8x slower.
 
     Returns:
         How many nodes were rewritten.
@@ -739,9 +741,9 @@ def integer_zero_points(model: onnx.ModelProto) -> int:
         zp = inits[node.input[3]]
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         k, n, bits, block = attrs["K"], attrs["N"], attrs["bits"], attrs["block_size"]
-        if zp.data_type != onnx.TensorProto.FLOAT or bits != 4 or k % block:
+        if zp.data_type != onnx.TensorProto.FLOAT or bits != 4:
             continue
-        blocks = k // block
+        blocks = -(-k // block)  # the last one partial when block does not divide K
         z = numpy_helper.to_array(zp).reshape(n, blocks)
         scale = numpy_helper.to_array(inits[node.input[2]]).reshape(n, blocks)
         zi = np.clip(np.round(z), 0, 15).astype(np.uint8)
@@ -751,7 +753,7 @@ def integer_zero_points(model: onnx.ModelProto) -> int:
         name = node.input[3]
         summer = f"blocksum_{k}x{block}"  # one per shape, shared by every MatMul of that K
         extra = [numpy_helper.from_array(packed, f"{name}_u4"),
-                 numpy_helper.from_array(np.repeat(np.eye(blocks, dtype=np.float32), block, axis=0), summer),  # (K, blocks)
+                 numpy_helper.from_array(np.repeat(np.eye(blocks, dtype=np.float32), block, axis=0)[:k], summer),  # (K, blocks)
                  numpy_helper.from_array(((z - zi) * scale).T.astype(np.float32), f"{name}_offset")]  # (blocks, N)
         if summer in shared:
             extra[1] = shared[summer]
