@@ -20,7 +20,10 @@ system, round), rounds interleaved:
   (``add_initializer``), not prepacked, and one CPU arena (onnxruntime's env allocator, since
   2026-12-07) (with one bucket nothing is shared: as ``py-onnx-own``);
 - ``node-own`` / ``node-shared``: the node runtime, ``shareWeights: false`` / default (the
-  sessions do not prepack, so all read the one file onnxruntime maps: shared pages).
+  sessions do not prepack, so all read the one file onnxruntime maps: shared pages);
+- ``node-shared-noarena``: ``node-shared`` with ``enableCpuMemArena: false`` (onnxruntime-node
+  cannot give its sessions one arena, as Python does; without an arena each call's working
+  memory is returned after the call).
 
 Per run: resident memory (``VmRSS``) and proportional set size (``Pss`` of
 ``/proc/self/smaps_rollup``: a page mapped by several sessions counts once) above the bare runtime,
@@ -55,7 +58,7 @@ WORK = HERE / "results" / "static-memory"
 BUCKETS = {"1 bucket": [64], "2 buckets": [32, 64], "4 buckets": [16, 32, 48, 64]}
 SYSTEMS = {"py-ort": {"format": "ort", "share": False}, "py-onnx-own": {"format": "onnx", "share": False},
            "py-onnx-shared": {"format": "onnx", "share": True}, "node-own": {"share": False},
-           "node-shared": {"share": True}}
+           "node-shared": {"share": True}, "node-shared-noarena": {"share": True, "arena": False}}
 NODE_SCRIPT = HERE / "static_memory_node.mjs"
 
 
@@ -144,6 +147,9 @@ def disk(art: Path) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--systems", nargs="*", default=list(SYSTEMS), choices=list(SYSTEMS),
+                    help="which systems (py-onnx-own is always run: the ratios' reference)")
+    ap.add_argument("--name", default="static-memory", help="result files docs/bench/NAME.json and .md")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.worker:
@@ -157,7 +163,7 @@ def main(argv=None) -> int:
     adapter = make_adapter(minilm, WORK / "lora")
     arts = {name: export(minilm, adapter, name, b) for name, b in BUCKETS.items()}
     node = shutil.which("node") and (REPO / "runtimes" / "js" / "dist" / "node.js").is_file()
-    systems = [k for k in SYSTEMS if node or not k.startswith("node")]
+    systems = [k for k in SYSTEMS if (k in a.systems or k == "py-onnx-own") and (node or not k.startswith("node"))]
     runs = []
     for r in range(a.rounds):
         for name in BUCKETS:
@@ -206,7 +212,7 @@ def main(argv=None) -> int:
     lines += ["", f"Weights file (fp32): {sizes['1 bucket']['weights_file_mb']:.1f} MB. Load average (1 min) "
               f"{load_before:.2f} → {res['load_after']:.2f}. Medians of {a.rounds} rounds, a fresh process each; "
               "1 intra-op thread. RSS and PSS spreads are in the JSON."]
-    write_result("static-memory", res, lines)
+    write_result(a.name, res, lines)
     return 0
 
 

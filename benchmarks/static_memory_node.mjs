@@ -7,7 +7,8 @@ const status = (k) => +fs.readFileSync('/proc/self/status', 'utf8').match(new Re
 const pss = () => +fs.readFileSync('/proc/self/smaps_rollup', 'utf8').match(/\nPss:\s+(\d+)/)[1] / 1024;
 const median = (xs) => { const s = [...xs].sort((a, b) => a - b); return (s[(s.length - 1) >> 1] + s[s.length >> 1]) / 2; };
 const base = { rss: status('VmRSS'), pss: pss() };
-const m = await Model.load(spec.artifact, { shareWeights: spec.share, sessionOptions: { intraOpNumThreads: 1 } });
+const m = await Model.load(spec.artifact, { shareWeights: spec.share,
+  sessionOptions: { intraOpNumThreads: 1, enableCpuMemArena: spec.arena !== false } });
 const opened = status('VmRSS');
 const ms = {};
 for (const seq of spec.buckets) {  // one call per bucket: ids of a length that picks it ([CLS] 101 first)
