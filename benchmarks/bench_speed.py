@@ -73,7 +73,8 @@ ROWS = {
 
 
 # ------------------------------------------------------------------ workers (one process per row)
-def _rss() -> dict:
+def proc_status() -> dict:
+    """This process's VmHWM, VmRSS, RssAnon and RssFile, MB (also read by ``fused_int4_profile.py``)."""
     out = {}
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(("VmHWM", "VmRSS", "RssAnon", "RssFile")):
@@ -103,11 +104,11 @@ def worker_ort(spec: dict) -> dict:
 
     from edgepeft.runtime import Model
 
-    before = _rss()  # the runtime imported, nothing loaded
+    before = proc_status()  # the runtime imported, nothing loaded
     t = time.perf_counter()
     m = Model(spec["artifact"], threads=spec["threads"])
     load_s = time.perf_counter() - t
-    loaded = _rss()
+    loaded = proc_status()
     ids = np.asarray([spec["prompt"]], np.int64)
     choice = None if m.merged else "numbers"
     key = m.adapters[0] if m.merged else None
@@ -150,7 +151,7 @@ def worker_ort(spec: dict) -> dict:
             res.update(_swaps_fused(m, ids, spec))
         else:
             res["swap_ms"] = _median_ms(lambda i: m._store.feeds(("numbers", spec.get("other", "sentiment"))[i % 2]), 2000)
-    end = _rss()
+    end = proc_status()
     res.update({"peak_rss_mb": end["VmHWM"], "rss_mb": end["VmRSS"],
                 # what loading the artifact (weights as onnxruntime keeps them, graph, adapters) added:
                 # anonymous memory (prepacked copies, heap) and file pages (the weights file, mapped)
@@ -234,7 +235,7 @@ def worker_torch(spec: dict) -> dict:
     swap_ms = _median_ms(lambda i: model.set_adapter((spec.get("other", "sentiment"), "numbers")[i % 2]), 200)
     return {"load_s": load_s, "decode_tok_s": statistics.median(rates), "prefill_ms": statistics.median(prefill),
             "tokens": out[0, ids.shape[1]:].tolist(), "swap_ms": swap_ms,
-            "peak_rss_mb": _rss()["VmHWM"], "rss_mb": _rss()["VmRSS"]}
+            "peak_rss_mb": proc_status()["VmHWM"], "rss_mb": proc_status()["VmRSS"]}
 
 
 def worker_llamacpp(spec: dict) -> dict:
@@ -289,7 +290,7 @@ def worker_llamacpp(spec: dict) -> dict:
             bucket.append((time.perf_counter() - t) * 1e3)
     return {"load_s": load_s, "decode_tok_s": statistics.median(rates), "prefill_ms": statistics.median(prefill),
             "tokens": out, "swap_ms": swap_ms, "after_swap_ms": statistics.median(after),
-            "steady_ms": statistics.median(steady), "peak_rss_mb": _rss()["VmHWM"], "rss_mb": _rss()["VmRSS"]}
+            "steady_ms": statistics.median(steady), "peak_rss_mb": proc_status()["VmHWM"], "rss_mb": proc_status()["VmRSS"]}
 
 
 def _timed_runs(generate, spec: dict) -> tuple[list[float], list[float], list[int]]:
@@ -340,7 +341,7 @@ def worker_genai(spec: dict) -> dict:
 
     rates, prefill, out = _timed_runs(generate, spec)
     return {"load_s": load_s, "decode_tok_s": statistics.median(rates), "prefill_ms": statistics.median(prefill),
-            "tokens": out, "peak_rss_mb": _rss()["VmHWM"], "rss_mb": _rss()["VmRSS"]}
+            "tokens": out, "peak_rss_mb": proc_status()["VmHWM"], "rss_mb": proc_status()["VmRSS"]}
 
 
 def worker(kind: str, spec: dict) -> dict:

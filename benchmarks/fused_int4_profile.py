@@ -355,6 +355,11 @@ def _qkv_shape(feeds) -> tuple[dict[int, list[int]], list[int]]:
     return ranks, heads_out
 
 
+# variants that are a rewrite of the exported graph: name -> rewrite(proto) -> proto
+REWRITES = {"reducesum": reducesum, "norows": norows, "einsum": einsum, "nooffset": nooffset, "offset8": offset8,
+            "offset4": offset4, "offset4x2": lambda p: offset4(p, 2)}
+
+
 def variant_model(name: str) -> tuple[Path, dict[str, np.ndarray], dict[str, str]]:
     """(model path, adapter feeds, session config entries) of one variant."""
     feeds = _adapter()
@@ -372,11 +377,10 @@ def variant_model(name: str) -> tuple[Path, dict[str, np.ndarray], dict[str, str
                 feeds[f"lora.{layer}.qkv.BT.{p}"] = np.ascontiguousarray(bt[r0:r0 + rs[j], edges[j]:edges[j + 1]])
                 r0 += rs[j]
         return path, feeds, config
-    if name in ("reducesum", "norows", "einsum", "nooffset", "offset8", "offset4", "offset4x2"):
+    if name in REWRITES:
         path = ART / f"model.exp-{name}.onnx"
         if not path.is_file():
-            _save({"reducesum": reducesum, "norows": norows, "einsum": einsum, "nooffset": nooffset, "offset8": offset8, "offset4": offset4,
-                   "offset4x2": lambda p: offset4(p, 2)}[name](_load()), name)
+            _save(REWRITES[name](_load()), name)
         return path, feeds, config
     if name == "prepackfile":
         path = ART / "model.exp-prepackfile.onnx"
@@ -398,15 +402,9 @@ def variant_model(name: str) -> tuple[Path, dict[str, np.ndarray], dict[str, str
 
 
 # ------------------------------------------------------------------ worker: one variant, one process
-def _status() -> dict[str, float]:
-    """This process's VmHWM, VmRSS, RssAnon and RssFile in MB."""
-    keys = ("VmHWM", "VmRSS", "RssAnon", "RssFile")
-    lines = Path("/proc/self/status").read_text().splitlines()
-    return {ln.split(":")[0]: int(ln.split()[1]) / 1024 for ln in lines if ln.startswith(keys)}
-
-
 def run_variant(name: str, threads: int, runs: int, prompt: list[int], new_tokens: int, profile: bool) -> dict:
     import onnxruntime as ort
+    from bench_speed import proc_status as _status  # this script's folder is on sys.path
 
     from edgepeft.contract import past_names, present_names
 
